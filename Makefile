@@ -1,0 +1,26 @@
+# The two commands of the README: `make demo` and `make test`.
+# Both install what they need first (scripts/setup.sh, idempotent).
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO_ARGS ?= --mode proxy
+
+.PHONY: setup demo test test-unit test-net clean-netns
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(PY) -m arr demo $(DEMO_ARGS)
+
+test: setup
+	$(PY) -m pytest -q -ra
+
+test-unit: setup
+	$(PY) -m pytest -q -ra tests/unit
+
+test-net: setup
+	$(PY) -m pytest -q -ra -m net tests/net
+
+# Remove namespaces left by a crashed run (only the test bed's own prefix).
+clean-netns: setup
+	$(PY) -c "from arr.testbed import cleanup_stale; print(cleanup_stale())"

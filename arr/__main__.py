@@ -1,0 +1,3 @@
+from arr.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,451 @@
+"""Configuration: TOML into frozen dataclasses, validated once at load time.
+
+Every error is a ``ConfigError`` whose message starts with the dotted path of
+the offending field (``pools.web.targets[1].address: ...``), so an operator can
+fix the file without reading code. Two shapes are accepted: the minimal one
+(top-level ``[[targets]]`` and ``[policy]``, which form the pool ``default``)
+and the full one (named ``[pools.NAME]`` plus ``[[rules]]`` selecting them).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from arr.pool import HealthRule, Target
+
+MODES = ("nat", "proxy")
+FALLBACKS = ("proxy", "503")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, prefixed with the dotted path of the field."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one client may cost the router before it is answered 4xx."""
+
+    header_bytes: int = 64 * 1024
+    header_timeout: float = 10.0
+    body_buffer: int = 64 * 1024
+    """Body bytes read before the decision (larger bodies stream after it)."""
+    max_body: int = 1 << 30
+    """Largest request body accepted (413 beyond); 0 means unlimited."""
+    body_timeout: float = 30.0
+    """Longest wait for the next body chunk (408 when exceeded)."""
+    keepalive_timeout: float = 60.0
+    max_connections: int = 10_000
+    max_requests_per_connection: int = 10_000
+
+
+@dataclass(frozen=True)
+class Upstream:
+    connect_timeout: float = 3.0
+    read_timeout: float = 60.0
+    """Longest silence from a target before 504 (or an aborted response)."""
+    retries: int = 1
+    """Other targets tried after a connect failure (the request is not yet sent)."""
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    listen: tuple[str, int] = ("127.0.0.1", 8080)
+    mode: str = "nat"
+    fallback: str = "proxy"
+    """What a failed or impossible handoff becomes: relay (``proxy``) or ``503``."""
+    secret_file: str | None = None
+    metrics: tuple[str, int] | None = None
+    drain_timeout: float = 10.0
+    access_log: bool = True
+    health_path: str | None = "/_arr/health"
+    """Answered locally (router liveness); None disables it."""
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    name: str
+    targets: tuple[Target, ...]
+    policy: str = "round-robin"
+    policy_options: Mapping[str, Any] = field(default_factory=dict)
+    health: HealthRule | None = None
+    """Active checks; None means passive detection only."""
+
+
+@dataclass(frozen=True)
+class RuleSettings:
+    pool: str
+    host: str | None = None
+    path_prefix: str | None = None
+    path_regex: str | None = None
+    method: str | None = None
+    header: tuple[str, str | None] | None = None
+    cookie: tuple[str, str | None] | None = None
+
+
+@dataclass(frozen=True)
+class LocalRoute:
+    """A small object answered in-process for an exact path."""
+
+    path: str
+    body: bytes
+    status: int = 200
+    content_type: str = "text/plain; charset=utf-8"
+
+
+@dataclass(frozen=True)
+class Config:
+    router: RouterSettings = field(default_factory=RouterSettings)
+    limits: Limits = field(default_factory=Limits)
+    upstream: Upstream = field(default_factory=Upstream)
+    pools: tuple[PoolSettings, ...] = ()
+    rules: tuple[RuleSettings, ...] = ()
+    default_pool: str | None = None
+    local: tuple[LocalRoute, ...] = ()
+
+
+# ---------------------------------------------------------------- parsing
+
+def parse_address(text: Any, where: str, *, default_port: int | None = None,
+                  ephemeral_ok: bool = False) -> tuple[str, int]:
+    """'10.0.0.1:80', '[::1]:80' or (with a default port) a bare host.
+
+    Port 0 (let the kernel pick) only where ``ephemeral_ok``: a listener may,
+    a target may not."""
+    if not isinstance(text, str) or not text:
+        raise ConfigError(f"{where}: expected 'host:port' as a string, got {text!r}")
+    if text.startswith("["):  # [v6]:port
+        close = text.find("]")
+        rest = text[close + 1:] if close > 0 else "?"
+        if close < 0 or (rest and not rest.startswith(":")):
+            raise ConfigError(f"{where}: malformed address {text!r}")
+        host, port_text = text[1:close], rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:  # a bare IPv4 host or a bare IPv6 literal
+        host, port_text = text, ""
+    if not port_text:
+        if default_port is None:
+            raise ConfigError(f"{where}: expected 'host:port', got {text!r} (missing port)")
+        port = default_port
+    else:
+        try:
+            port = int(port_text)
+        except ValueError:
+            raise ConfigError(f"{where}: port {port_text!r} in {text!r} is not a number") from None
+    if not (0 if ephemeral_ok else 1) <= port < 65536:
+        raise ConfigError(f"{where}: port {port} out of range 1-65535")
+    if not host:
+        raise ConfigError(f"{where}: missing host in {text!r}")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise ConfigError(
+                f"{where}: {host!r} is not an IP address (names are not resolved, "
+                "so that routing never waits on DNS)") from None
+    return host, port
+
+
+class _Section:
+    """A TOML table being validated: typed getters, and unknown keys reported."""
+
+    def __init__(self, data: Any, where: str) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a table, got {type(data).__name__}")
+        self.data = data
+        self.where = where
+        self.used: set[str] = set()
+
+    def path(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+        self.used.add(key)
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        # bool is an int in Python; a 'true' where a number belongs is a typo.
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            raise ConfigError(f"{self.path(key)}: expected {_kind_name(kind)}, got a boolean")
+        if not isinstance(value, kind):
+            raise ConfigError(f"{self.path(key)}: expected {_kind_name(kind)}, got {value!r}")
+        return value
+
+    def number(self, key: str, default: float, *, minimum: float = 0.0, integer: bool = False,
+               allow_zero: bool = True) -> Any:
+        value = self.get(key, int if integer else (int, float), default)
+        if value < minimum or (not allow_zero and value == 0):
+            bound = f"> {minimum}" if not allow_zero and minimum == 0 else f">= {minimum}"
+            raise ConfigError(f"{self.path(key)}: must be {bound}, got {value!r}")
+        return value
+
+    def choice(self, key: str, options: tuple[str, ...], default: str) -> str:
+        value = self.get(key, str, default)
+        if value not in options:
+            raise ConfigError(f"{self.path(key)}: must be one of {', '.join(options)}; got {value!r}")
+        return value
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(
+                f"{self.where or 'top level'}: unknown key {unknown[0]!r} "
+                f"(expected one of: {', '.join(sorted(self.used))})")
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+             list: "a list", dict: "a table"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _router(data: Any) -> RouterSettings:
+    s = _Section(data, "router")
+    listen = parse_address(s.get("listen", str, "127.0.0.1:8080"), s.path("listen"), ephemeral_ok=True)
+    metrics_text = s.get("metrics", str)
+    settings = RouterSettings(
+        listen=listen,
+        mode=s.choice("mode", MODES, "nat"),
+        fallback=s.choice("fallback", FALLBACKS, "proxy"),
+        secret_file=s.get("secret_file", str),
+        metrics=parse_address(metrics_text, s.path("metrics"), ephemeral_ok=True) if metrics_text else None,
+        drain_timeout=s.number("drain_timeout", 10.0),
+        access_log=s.get("access_log", bool, True),
+        health_path=s.get("health_path", str, "/_arr/health") or None,
+    )
+    if settings.health_path is not None and not settings.health_path.startswith("/"):
+        raise ConfigError(f"router.health_path: must start with '/', got {settings.health_path!r}")
+    s.finish()
+    return settings
+
+
+def _limits(data: Any) -> Limits:
+    s = _Section(data, "limits")
+    d = Limits()
+    limits = Limits(
+        header_bytes=s.number("header_bytes", d.header_bytes, minimum=1024, integer=True),
+        header_timeout=s.number("header_timeout", d.header_timeout, allow_zero=False),
+        body_buffer=s.number("body_buffer", d.body_buffer, integer=True),
+        max_body=s.number("max_body", d.max_body, integer=True),
+        body_timeout=s.number("body_timeout", d.body_timeout, allow_zero=False),
+        keepalive_timeout=s.number("keepalive_timeout", d.keepalive_timeout, allow_zero=False),
+        max_connections=s.number("max_connections", d.max_connections, minimum=1, integer=True),
+        max_requests_per_connection=s.number(
+            "max_requests_per_connection", d.max_requests_per_connection, minimum=1, integer=True),
+    )
+    s.finish()
+    return limits
+
+
+def _upstream(data: Any) -> Upstream:
+    s = _Section(data, "upstream")
+    d = Upstream()
+    upstream = Upstream(
+        connect_timeout=s.number("connect_timeout", d.connect_timeout, allow_zero=False),
+        read_timeout=s.number("read_timeout", d.read_timeout, allow_zero=False),
+        retries=s.number("retries", d.retries, integer=True),
+    )
+    s.finish()
+    return upstream
+
+
+def _target(data: Any, where: str) -> Target:
+    s = _Section(data, where)
+    address = s.get("address", str)
+    if address is None:
+        raise ConfigError(f"{where}.address: required (the target's HTTP 'ip:port')")
+    host, port = parse_address(address, s.path("address"))
+    agent_text = s.get("agent", str)
+    target = Target(
+        host=host, port=port,
+        weight=s.number("weight", 1, integer=True),
+        agent=parse_address(agent_text, s.path("agent")) if agent_text else None,
+        name=s.get("name", str, ""),
+    )
+    s.finish()
+    return target
+
+
+def _health(data: Any, where: str) -> HealthRule:
+    s = _Section(data, where)
+    d = HealthRule()
+    path = s.get("path", str, d.path)
+    if not path.startswith("/"):
+        raise ConfigError(f"{where}.path: must start with '/', got {path!r}")
+    status = s.get("expect_status", list, list(d.expect_status))
+    if (len(status) != 2 or not all(isinstance(x, int) for x in status)
+            or not 100 <= status[0] <= status[1] <= 599):
+        raise ConfigError(f"{where}.expect_status: expected [low, high] within 100-599, got {status!r}")
+    rule = HealthRule(
+        path=path,
+        interval=s.number("interval", d.interval, allow_zero=False),
+        timeout=s.number("timeout", d.timeout, allow_zero=False),
+        rise=s.number("rise", d.rise, minimum=1, integer=True),
+        fall=s.number("fall", d.fall, minimum=1, integer=True),
+        expect_status=(status[0], status[1]),
+    )
+    s.finish()
+    return rule
+
+
+def _policy(data: Any, where: str) -> tuple[str, dict[str, Any]]:
+    from arr.policies import make_balancer
+
+    if isinstance(data, str):
+        data = {"kind": data}
+    s = _Section(data, where)
+    kind = s.get("kind", str, "round-robin")
+    options = {k: v for k, v in data.items() if k != "kind"}
+    try:
+        make_balancer(kind, dict(options))  # validate now, build per pool later
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return kind, options
+
+
+def _pool(name: str, data: Any, where: str) -> PoolSettings:
+    s = _Section(data, where)
+    targets_data = s.get("targets", list, [])
+    targets = tuple(_target(t, f"{s.path('targets')}[{i}]") for i, t in enumerate(targets_data))
+    if not targets:
+        raise ConfigError(f"{s.path('targets')}: a pool needs at least one target")
+    names = [t.name for t in targets]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate:
+        raise ConfigError(f"{s.path('targets')}: target {duplicate!r} is listed twice")
+    kind, options = _policy(s.get("policy", (dict, str), {"kind": "round-robin"}), s.path("policy"))
+    health_data = s.get("health", dict)
+    pool = PoolSettings(
+        name=name, targets=targets, policy=kind, policy_options=options,
+        health=_health(health_data, s.path("health")) if health_data is not None else None,
+    )
+    s.finish()
+    return pool
+
+
+def _match_pair(value: Any, where: str) -> tuple[str, str | None]:
+    s = _Section(value, where)
+    name = s.get("name", str)
+    if not name:
+        raise ConfigError(f"{where}.name: required")
+    pair = (name, s.get("value", str))
+    s.finish()
+    return pair
+
+
+def _rule(data: Any, where: str, pools: set[str]) -> RuleSettings:
+    s = _Section(data, where)
+    pool = s.get("pool", str)
+    if pool is None:
+        raise ConfigError(f"{where}.pool: required (the pool this rule selects)")
+    if pool not in pools:
+        raise ConfigError(f"{where}.pool: no pool named {pool!r} (have: {', '.join(sorted(pools))})")
+    header, cookie = s.get("header", dict), s.get("cookie", dict)
+    rule = RuleSettings(
+        pool=pool,
+        host=s.get("host", str),
+        path_prefix=s.get("path_prefix", str),
+        path_regex=s.get("path_regex", str),
+        method=s.get("method", str),
+        header=_match_pair(header, f"{where}.header") if header is not None else None,
+        cookie=_match_pair(cookie, f"{where}.cookie") if cookie is not None else None,
+    )
+    s.finish()
+    return rule
+
+
+def _local(data: Any, where: str, base: Path) -> LocalRoute:
+    s = _Section(data, where)
+    path = s.get("path", str)
+    if not path or not path.startswith("/"):
+        raise ConfigError(f"{where}.path: required, and must start with '/'")
+    body_text, file_name = s.get("body", str), s.get("file", str)
+    if (body_text is None) == (file_name is None):
+        raise ConfigError(f"{where}: give exactly one of 'body' or 'file'")
+    if file_name is not None:
+        file_path = (base / file_name) if not Path(file_name).is_absolute() else Path(file_name)
+        try:
+            body = file_path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{where}.file: cannot read {str(file_path)!r}: {exc.strerror}") from None
+    else:
+        body = body_text.encode()
+    route = LocalRoute(
+        path=path, body=body,
+        status=s.number("status", 200, minimum=200, integer=True),
+        content_type=s.get("content_type", str, "text/plain; charset=utf-8"),
+    )
+    s.finish()
+    return route
+
+
+def config_from_dict(data: Mapping[str, Any], base: Path = Path(".")) -> Config:
+    top = _Section(dict(data), "")
+    router = _router(top.get("router", dict, {}))
+    limits = _limits(top.get("limits", dict, {}))
+    upstream = _upstream(top.get("upstream", dict, {}))
+
+    pools: list[PoolSettings] = []
+    flat_targets = top.get("targets", list)
+    flat_policy = top.get("policy", (dict, str))
+    flat_health = top.get("health", dict)
+    if flat_targets is not None:
+        flat = {"targets": flat_targets}
+        if flat_policy is not None:
+            flat["policy"] = flat_policy
+        if flat_health is not None:
+            flat["health"] = flat_health
+        pools.append(_pool("default", flat, ""))
+    elif flat_policy is not None or flat_health is not None:
+        raise ConfigError("policy: a top-level [policy] or [health] needs top-level [[targets]] "
+                          "(with [pools.NAME], put policy and health inside each pool)")
+    for name, pool_data in top.get("pools", dict, {}).items():
+        if name == "default" and flat_targets is not None:
+            raise ConfigError("pools.default: clashes with the pool formed by top-level [[targets]]")
+        pools.append(_pool(name, pool_data, f"pools.{name}"))
+
+    pool_names = {p.name for p in pools}
+    rules = tuple(_rule(r, f"rules[{i}]", pool_names)
+                  for i, r in enumerate(top.get("rules", list, [])))
+    default_pool = top.get("default_pool", str)
+    if default_pool is not None and default_pool not in pool_names:
+        raise ConfigError(f"default_pool: no pool named {default_pool!r} "
+                          f"(have: {', '.join(sorted(pool_names))})")
+    if default_pool is None and len(pools) == 1:
+        default_pool = pools[0].name
+    elif default_pool is None and "default" in pool_names:
+        default_pool = "default"
+    local = tuple(_local(r, f"local[{i}]", base) for i, r in enumerate(top.get("local", list, [])))
+    top.finish()
+
+    config = Config(router=router, limits=limits, upstream=upstream, pools=tuple(pools),
+                    rules=rules, default_pool=default_pool, local=local)
+    _validate_rules(config)
+    return config
+
+
+def _validate_rules(config: Config) -> None:
+    """Compile the routing once so a bad regex is a config error, not a 500."""
+    from arr.routing import build_routing
+
+    try:
+        build_routing(config)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return config_from_dict(data, base=path.parent)

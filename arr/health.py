@@ -1,0 +1,110 @@
+"""Target health: active HTTP checks and passive failure detection.
+
+Pools with a ``HealthRule`` are probed every ``interval``; ``rise``/``fall``
+consecutive results flip a target. Connect failures seen by the relay count as
+failed checks too, so a dead target leaves the pool without waiting for the
+next probe. A pool without active checks still drops a target after ``fall``
+connect failures, and lets it back after ``PASSIVE_COOLDOWN`` seconds: with no
+probe, trying again is the only way to learn it recovered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from arr.pool import HealthRule
+
+if TYPE_CHECKING:
+    from arr.metrics import Metrics
+    from arr.pool import Pool, TargetState
+
+log = logging.getLogger("arr.health")
+
+PASSIVE_RULE = HealthRule()
+PASSIVE_COOLDOWN = 10.0
+
+
+async def probe(member: "TargetState", rule: HealthRule) -> bool:
+    """One HTTP/1.1 GET of ``rule.path``; True if the status is in range."""
+    host, port = member.target.address
+    writer = None
+    try:
+        async with asyncio.timeout(rule.timeout):
+            reader, writer = await asyncio.open_connection(host, port)
+            host_header = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            writer.write(f"GET {rule.path} HTTP/1.1\r\nHost: {host_header}\r\n"
+                         "User-Agent: arr-health\r\nConnection: close\r\n\r\n".encode())
+            status_line = await reader.readline()
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        if writer is not None:
+            writer.close()
+    parts = status_line.split(None, 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+        return False
+    low, high = rule.expect_status
+    return low <= int(parts[1]) <= high
+
+
+class HealthMonitor:
+    def __init__(self, pools: dict[str, "Pool"], metrics: "Metrics") -> None:
+        self.pools = pools
+        self.metrics = metrics
+        self._tasks: list[asyncio.Task[None]] = []
+        self._revivals: dict["TargetState", asyncio.TimerHandle] = {}
+        for pool in pools.values():
+            for member in pool.members:
+                self._publish(pool, member)
+
+    def _publish(self, pool: "Pool", member: "TargetState") -> None:
+        self.metrics.target_up.labels(pool.name, member.name).set(1 if member.available else 0)
+
+    def start(self) -> None:
+        for pool in self.pools.values():
+            if pool.health is not None:
+                self._tasks.append(asyncio.create_task(self._run(pool, pool.health),
+                                                       name=f"health:{pool.name}"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        for handle in self._revivals.values():
+            handle.cancel()
+        self._revivals.clear()
+
+    async def _run(self, pool: "Pool", rule: HealthRule) -> None:
+        while True:
+            results = await asyncio.gather(*(probe(m, rule) for m in pool.members))
+            for member, ok in zip(pool.members, results):
+                self.metrics.health_checks.labels(pool.name, member.name, "ok" if ok else "fail").inc()
+                self.observe(pool, member, ok, rule)
+            await asyncio.sleep(rule.interval)
+
+    def observe(self, pool: "Pool", member: "TargetState", ok: bool, rule: HealthRule) -> None:
+        if member.record_check(ok, rule):
+            log.warning("target %s in pool %s is now %s", member.name, pool.name,
+                        "up" if member.healthy else "down")
+            self._publish(pool, member)
+
+    def passive_failure(self, member: "TargetState", pool: "Pool | None") -> None:
+        """A connect failure seen by the relay."""
+        if pool is None:
+            return
+        rule = pool.health or PASSIVE_RULE
+        was_healthy = member.healthy
+        self.observe(pool, member, False, rule)
+        if was_healthy and not member.healthy and pool.health is None:
+            loop = asyncio.get_running_loop()
+            self._revivals[member] = loop.call_later(PASSIVE_COOLDOWN, self._revive, pool, member)
+
+    def _revive(self, pool: "Pool", member: "TargetState") -> None:
+        self._revivals.pop(member, None)
+        member.healthy = True
+        member.consecutive_failures = 0
+        log.warning("target %s in pool %s is back after the passive cool-down", member.name, pool.name)
+        self._publish(pool, member)

@@ -1,0 +1,88 @@
+"""Prometheus metrics of one router, on a registry of its own.
+
+A registry per router (not the process-global default) lets a program embed
+several routers, and tests read exact values without cross-talk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+log = logging.getLogger("arr.metrics")
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "arr_requests", "Requests answered, by decision executed, status and target.",
+            ("decision", "status", "target"), registry=r)
+        self.latency = Histogram(
+            "arr_request_duration_seconds",
+            "From the end of the request head to the end of the response, by decision.",
+            ("decision",), buckets=LATENCY_BUCKETS, registry=r)
+        self.active_connections = Gauge(
+            "arr_active_connections", "Client connections open on the router.", registry=r)
+        self.connections = Counter(
+            "arr_connections", "Client connections accepted.", registry=r)
+        self.refused_connections = Counter(
+            "arr_refused_connections",
+            "Client connections answered 503 because max_connections was reached.", registry=r)
+        self.client_errors = Counter(
+            "arr_client_errors", "Requests rejected before any decision, by reason.",
+            ("reason", "status"), registry=r)
+        self.fallbacks = Counter(
+            "arr_handoff_fallbacks", "Handoff decisions executed otherwise, by reason.",
+            ("reason",), registry=r)
+        self.target_up = Gauge(
+            "arr_target_up", "1 if the target takes traffic (healthy, not draining).",
+            ("pool", "target"), registry=r)
+        self.health_checks = Counter(
+            "arr_health_checks", "Active health checks, by result.",
+            ("pool", "target", "result"), registry=r)
+        self.upstream_errors = Counter(
+            "arr_upstream_errors", "Failures talking to targets, by kind.",
+            ("target", "kind"), registry=r)
+        self.proxied_bytes = Counter(
+            "arr_proxied_bytes", "Body bytes relayed by the router, by direction.",
+            ("direction",), registry=r)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """A sample's current value (0 when absent); for tests and `arr demo`."""
+        found = self.registry.get_sample_value(name, labels or {})
+        return found if found is not None else 0.0
+
+
+async def serve_metrics(metrics: Metrics, host: str, port: int) -> asyncio.AbstractServer:
+    """A minimal HTTP endpoint for scrapers: any GET answers the exposition."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            ok = head.startswith(b"GET ")
+            body = metrics.exposition() if ok else b"only GET\n"
+            status = b"200 OK" if ok else b"405 Method Not Allowed"
+            content_type = CONTENT_TYPE_LATEST.encode() if ok else b"text/plain"
+            writer.write(b"HTTP/1.1 " + status + b"\r\ncontent-type: " + content_type
+                         + b"\r\ncontent-length: " + str(len(body)).encode()
+                         + b"\r\nconnection: close\r\n\r\n" + body)
+            await writer.drain()
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(answer, host, port)
+    log.info("metrics on http://%s:%d/metrics", host, port)
+    return server

@@ -1,0 +1,393 @@
+"""The one place in arr that talks netlink (via pyroute2).
+
+Everything here takes the *name* of a network namespace registered under
+``/var/run/netns`` (the ``ip netns`` convention) and acts inside it. The
+calling thread never changes namespace: netlink sockets are opened inside the
+target namespace by pyroute2, and the few things that have to be done from
+inside a namespace (``/proc/sys`` writes, opening a socket there) run in a
+short-lived helper thread that enters the namespace and then exits.
+
+Sections:
+
+* namespaces: :func:`netns_create`, :func:`netns_delete`, :func:`netns_list`,
+  :func:`netns_exists`, :func:`netns_pids`, :func:`run_in_netns`,
+  :func:`socket_in_netns`
+* links: :func:`veth_create`, :func:`bridge_create`, :func:`link_set_master`,
+  :func:`link_up`, :func:`link_index`, :func:`link_names`
+* addresses and routes: :func:`addr_add`, :func:`route_add`,
+  :func:`route_add_default`
+* sysctls: :func:`sysctl_set`, :func:`sysctl_get`
+* counters: :func:`link_counters`
+* (later) tc / clsact / bpf attach.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import os
+import socket
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping, TypeVar
+
+from pyroute2 import IPRoute
+from pyroute2 import netns as _pr_netns
+from pyroute2.netlink.exceptions import NetlinkError
+
+NETNS_RUN_DIR = "/var/run/netns"
+IFNAMSIZ_MAX = 15  # usable characters of an interface name
+_CLONE_NEWNET = 0x40000000
+
+T = TypeVar("T")
+
+
+class NetlinkOpError(RuntimeError):
+    """A netlink operation failed; the message says which one and where."""
+
+
+# --------------------------------------------------------------------------
+# namespaces
+# --------------------------------------------------------------------------
+
+
+def _ns_path(name: str) -> str:
+    if not name or "/" in name or name in (".", ".."):
+        raise ValueError(f"bad netns name: {name!r}")
+    return os.path.join(NETNS_RUN_DIR, name)
+
+
+def netns_create(name: str) -> None:
+    """Create a network namespace registered as /var/run/netns/NAME.
+
+    Fails if it already exists. Works like ``ip netns add`` (pyroute2 does
+    the unshare in a child process, the caller is not moved).
+    """
+    if netns_exists(name):
+        raise NetlinkOpError(f"netns {name!r} already exists")
+    _pr_netns.create(name)
+    if not netns_exists(name):  # pragma: no cover - defensive
+        raise NetlinkOpError(f"netns {name!r} was not created")
+
+
+def netns_delete(name: str, missing_ok: bool = True) -> bool:
+    """Unregister a namespace (veths in it go away with it).
+
+    Returns True if something was removed. The kernel frees the namespace
+    once no process lives in it any more (see :func:`netns_pids`).
+    """
+    path = _ns_path(name)
+    if not os.path.exists(path):
+        if missing_ok:
+            return False
+        raise NetlinkOpError(f"netns {name!r} does not exist")
+    _pr_netns.remove(name)
+    return True
+
+
+def netns_list(prefix: str = "") -> list[str]:
+    """Names of registered namespaces (optionally only those with PREFIX)."""
+    try:
+        names = os.listdir(NETNS_RUN_DIR)
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if n.startswith(prefix))
+
+
+def netns_exists(name: str) -> bool:
+    return os.path.exists(_ns_path(name))
+
+
+def netns_pids(name: str) -> list[int]:
+    """PIDs of processes whose network namespace is NAME (like ``ip netns pids``)."""
+    try:
+        st = os.stat(_ns_path(name))
+    except FileNotFoundError:
+        return []
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            pst = os.stat(f"/proc/{entry}/ns/net")
+        except OSError:
+            continue
+        if (pst.st_ino, pst.st_dev) == (st.st_ino, st.st_dev):
+            pids.append(int(entry))
+    return sorted(pids)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def run_in_netns(name: str, fn: Callable[[], T]) -> T:
+    """Run FN in a fresh thread that has joined namespace NAME; return its result.
+
+    The thread exits afterwards, so no thread of the caller is left in
+    another namespace. Sockets created inside FN stay bound to NAME.
+    """
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            fd = os.open(_ns_path(name), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _libc.setns(fd, _CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns({name}): {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            result.append(fn())
+        except BaseException as e:  # noqa: BLE001 - re-raised in caller
+            error.append(e)
+
+    t = threading.Thread(target=body, name=f"netns-{name}", daemon=True)
+    t.start()
+    t.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+def socket_in_netns(
+    name: str,
+    family: int = socket.AF_INET,
+    type: int = socket.SOCK_STREAM,  # noqa: A002 - mirrors socket.socket
+    proto: int = 0,
+) -> socket.socket:
+    """A socket living in namespace NAME, usable from any thread."""
+    return run_in_netns(name, lambda: socket.socket(family, type, proto))
+
+
+# --------------------------------------------------------------------------
+# netlink plumbing
+# --------------------------------------------------------------------------
+
+
+_NETLINK_ROUTE = 0
+
+
+@contextmanager
+def ipr(ns: str) -> Iterator[IPRoute]:
+    """An IPRoute bound to namespace NS (never creates the namespace).
+
+    The rtnetlink socket is opened in NS by a short-lived thread (see
+    :func:`run_in_netns`) and handed to pyroute2 by fd: much cheaper than
+    pyroute2's own ``netns=`` path, which forks a helper process per socket.
+    """
+    if not netns_exists(ns):
+        raise NetlinkOpError(f"netns {ns!r} does not exist")
+    sock = socket_in_netns(ns, socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_ROUTE)
+    fd = sock.detach()  # pyroute2 owns (and closes) the fd from here on
+    try:
+        ip = IPRoute(fileno=fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    with ip:
+        yield ip
+
+
+def _call(what: str, ns: str, fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except NetlinkError as e:
+        raise NetlinkOpError(f"{what} in netns {ns!r}: {e}") from e
+
+
+def _check_ifname(ifname: str) -> None:
+    if not ifname or len(ifname) > IFNAMSIZ_MAX or "/" in ifname or " " in ifname:
+        raise ValueError(f"bad interface name {ifname!r} (1..{IFNAMSIZ_MAX} chars)")
+
+
+def _index(ip: IPRoute, ns: str, ifname: str) -> int:
+    idx = ip.link_lookup(ifname=ifname)
+    if not idx:
+        raise NetlinkOpError(f"no interface {ifname!r} in netns {ns!r}")
+    return int(idx[0])
+
+
+# --------------------------------------------------------------------------
+# links
+# --------------------------------------------------------------------------
+
+
+def link_index(ns: str, ifname: str) -> int:
+    with ipr(ns) as ip:
+        return _index(ip, ns, ifname)
+
+
+def link_names(ns: str) -> list[str]:
+    with ipr(ns) as ip:
+        return sorted(str(m.get_attr("IFLA_IFNAME")) for m in ip.get_links())
+
+
+def veth_create(ns_a: str, if_a: str, ns_b: str, if_b: str) -> None:
+    """Create a veth pair: IF_A in NS_A, its peer IF_B directly in NS_B.
+
+    Both ends start down. Nothing is ever created in the caller's namespace.
+    """
+    _check_ifname(if_a)
+    _check_ifname(if_b)
+    if not netns_exists(ns_b):
+        raise NetlinkOpError(f"netns {ns_b!r} does not exist")
+    fd = os.open(_ns_path(ns_b), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with ipr(ns_a) as ip:
+            _call(
+                f"veth {if_a}<->{ns_b}/{if_b}",
+                ns_a,
+                lambda: ip.link(
+                    "add",
+                    ifname=if_a,
+                    kind="veth",
+                    peer={"ifname": if_b, "net_ns_fd": fd},
+                ),
+            )
+    finally:
+        os.close(fd)
+
+
+def bridge_create(ns: str, name: str) -> None:
+    """Create a Linux bridge NAME in NS (STP off: ports forward at once)."""
+    _check_ifname(name)
+    with ipr(ns) as ip:
+        _call(f"bridge {name}", ns, lambda: ip.link("add", ifname=name, kind="bridge", br_stp_state=0))
+
+
+def link_set_master(ns: str, ifname: str, master: str) -> None:
+    with ipr(ns) as ip:
+        idx, midx = _index(ip, ns, ifname), _index(ip, ns, master)
+        _call(f"{ifname} master {master}", ns, lambda: ip.link("set", index=idx, master=midx))
+
+
+def link_up(ns: str, ifname: str) -> None:
+    with ipr(ns) as ip:
+        idx = _index(ip, ns, ifname)
+        _call(f"{ifname} up", ns, lambda: ip.link("set", index=idx, state="up"))
+
+
+# --------------------------------------------------------------------------
+# addresses and routes
+# --------------------------------------------------------------------------
+
+
+def addr_add(ns: str, ifname: str, cidr: str) -> None:
+    """Add an address like ``10.200.1.11/24`` to IFNAME in NS."""
+    iface = ipaddress.ip_interface(cidr)
+    with ipr(ns) as ip:
+        idx = _index(ip, ns, ifname)
+        _call(
+            f"addr {cidr} on {ifname}",
+            ns,
+            lambda: ip.addr(
+                "add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen
+            ),
+        )
+
+
+def route_add(ns: str, dst: str, gateway: str) -> None:
+    """Route DST (a CIDR) via GATEWAY in NS."""
+    net = ipaddress.ip_network(dst, strict=True)
+    with ipr(ns) as ip:
+        _call(
+            f"route {dst} via {gateway}",
+            ns,
+            lambda: ip.route("add", dst=str(net.network_address), dst_len=net.prefixlen, gateway=gateway),
+        )
+
+
+def route_add_default(ns: str, gateway: str) -> None:
+    with ipr(ns) as ip:
+        _call(f"default via {gateway}", ns, lambda: ip.route("add", dst="default", gateway=gateway))
+
+
+def routes(ns: str) -> list[dict[str, object]]:
+    """Main-table IPv4 routes in NS as plain dicts (dst, dst_len, gateway, oif)."""
+    out = []
+    with ipr(ns) as ip:
+        for r in ip.get_routes(family=socket.AF_INET, table=254):
+            out.append(
+                {
+                    "dst": r.get_attr("RTA_DST") or "default",
+                    "dst_len": r["dst_len"],
+                    "gateway": r.get_attr("RTA_GATEWAY"),
+                    "oif": r.get_attr("RTA_OIF"),
+                }
+            )
+    return out
+
+
+# --------------------------------------------------------------------------
+# sysctls (per namespace: /proc/sys/net/* is per netns)
+# --------------------------------------------------------------------------
+
+
+def _sysctl_path(key: str) -> str:
+    if ".." in key or key.startswith("/"):
+        raise ValueError(f"bad sysctl key {key!r}")
+    return "/proc/sys/" + key.replace(".", "/")
+
+
+def sysctl_set(ns: str, settings: Mapping[str, str | int]) -> None:
+    """Write sysctls (``{"net.ipv4.ip_forward": 1}``) inside NS only."""
+    items = [(_sysctl_path(k), str(v)) for k, v in settings.items()]
+
+    def write() -> None:
+        for path, value in items:
+            with open(path, "w") as f:
+                f.write(value)
+
+    run_in_netns(ns, write)
+
+
+def sysctl_get(ns: str, key: str) -> str:
+    path = _sysctl_path(key)
+
+    def read() -> str:
+        with open(path) as f:
+            return f.read().strip()
+
+    return run_in_netns(ns, read)
+
+
+# --------------------------------------------------------------------------
+# counters
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Counters:
+    rx_bytes: int
+    tx_bytes: int
+    rx_packets: int
+    tx_packets: int
+
+    def __sub__(self, other: Counters) -> Counters:
+        return Counters(
+            self.rx_bytes - other.rx_bytes,
+            self.tx_bytes - other.tx_bytes,
+            self.rx_packets - other.rx_packets,
+            self.tx_packets - other.tx_packets,
+        )
+
+
+def link_counters(ns: str) -> dict[str, Counters]:
+    """Per-interface byte/packet counters in NS (IFLA_STATS64)."""
+    out: dict[str, Counters] = {}
+    with ipr(ns) as ip:
+        for m in ip.get_links():
+            st = m.get_attr("IFLA_STATS64") or m.get_attr("IFLA_STATS")
+            name = str(m.get_attr("IFLA_IFNAME"))
+            if st is None:
+                out[name] = Counters(0, 0, 0, 0)
+                continue
+            out[name] = Counters(
+                rx_bytes=int(st["rx_bytes"]),
+                tx_bytes=int(st["tx_bytes"]),
+                rx_packets=int(st["rx_packets"]),
+                tx_packets=int(st["tx_packets"]),
+            )
+    return out

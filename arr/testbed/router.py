@@ -1,0 +1,176 @@
+"""Run ``arr serve`` inside a test-bed cluster's router namespace.
+
+Shared by ``arr demo`` and the network tests, so both exercise the real
+command an operator runs, configured the way an operator would configure it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from arr.testbed.cluster import Cluster, TestbedError
+
+METRICS_PORT = 9100
+ROUTER_PORT = 80
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """A small TOML writer for the config shapes arr reads (tables, arrays of tables)."""
+    lines: list[str] = []
+    scalars = {k: v for k, v in data.items()
+               if not isinstance(v, dict) and not (isinstance(v, list) and v and isinstance(v[0], dict))}
+    for key, value in scalars.items():
+        lines.append(f"{key} = {_toml_value(value)}")
+    for key, value in data.items():
+        if key in scalars:
+            continue
+        if isinstance(value, dict):
+            if value and all(isinstance(v, dict) for v in value.values()) and key == "pools":
+                for name, pool in value.items():
+                    lines.append(f"\n[pools.{name}]")
+                    lines.extend(f"{k} = {_toml_value(v)}" for k, v in pool.items())
+                continue
+            lines.append(f"\n[{key}]")
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in value.items())
+        else:
+            for item in value:
+                lines.append(f"\n[[{key}]]")
+                lines.extend(f"{k} = {_toml_value(v)}" for k, v in item.items())
+    return "\n".join(lines) + "\n"
+
+
+def default_config(cluster: Cluster, mode: str = "proxy", **sections: Any) -> dict[str, Any]:
+    """One pool with every target of the cluster, round-robin, health-checked."""
+    config: dict[str, Any] = {
+        "router": {"listen": f"{cluster.vip}:{ROUTER_PORT}", "mode": mode,
+                   "metrics": f"127.0.0.1:{METRICS_PORT}", "access_log": False},
+        "targets": [{"address": f"{t.ip}:{cluster.spec.target_port}", "name": t.name,
+                     "agent": f"{t.ip}:7070"} for t in cluster.targets],
+        "policy": {"kind": "round-robin"},
+        "health": {"path": "/health", "interval": 0.5, "rise": 2, "fall": 2, "timeout": 0.5},
+    }
+    for name, value in sections.items():
+        if isinstance(value, dict) and isinstance(config.get(name), dict):
+            config[name] = {**config[name], **value}
+        else:
+            config[name] = value
+    return config
+
+
+@dataclass
+class RouterProcess:
+    """``arr serve`` in the router namespace, stopped by PID on ``stop``."""
+
+    cluster: Cluster
+    config: dict[str, Any]
+    name: str = "router"
+    proc: subprocess.Popen | None = None
+    log_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log_path = self.cluster.workdir / f"{self.name}.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.cluster.vip}:{ROUTER_PORT}"
+
+    def start(self, timeout: float = 15.0) -> "RouterProcess":
+        config_path = self.cluster.workdir / f"{self.name}.toml"
+        config_path.write_text(to_toml(self.config))
+        project_root = str(Path(__file__).resolve().parents[2])
+        env = {"PYTHONPATH": os.pathsep.join(filter(None, [project_root, os.environ.get("PYTHONPATH")]))}
+        with self.log_path.open("ab") as log:
+            self.proc = self.cluster.popen(
+                self.cluster.router,
+                [sys.executable, "-m", "arr", "serve", "--config", str(config_path)],
+                stdout=log, stderr=subprocess.STDOUT, env=env)
+        host, port = self.config["router"]["listen"].rsplit(":", 1)
+        deadline = time.monotonic() + timeout
+        while not self.cluster.port_open(self.cluster.router, host, int(port), timeout=0.2):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise TestbedError(f"arr serve did not come up:\n{self.log_tail()}")
+            time.sleep(0.05)
+        return self
+
+    def wait_healthy(self, count: int | None = None, timeout: float = 10.0) -> None:
+        """Until ``count`` targets (default all) report up in the router's metrics."""
+        want = len(self.cluster.targets) if count is None else count
+        deadline = time.monotonic() + timeout
+        while self.metric_sum("arr_target_up") < want:
+            if time.monotonic() > deadline:
+                raise TestbedError(f"only {self.metric_sum('arr_target_up'):.0f}/{want} targets up")
+            time.sleep(0.1)
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        code = self.cluster.stop_process(self.proc, grace=10.0)
+        self.proc = None
+        return code
+
+    def log_tail(self, limit: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-limit:]
+        except OSError:
+            return ""
+
+    def metrics_text(self) -> str:
+        cp = self.cluster.exec(self.cluster.router, [
+            "curl", "-sS", "--noproxy", "*", "--max-time", "5",
+            f"http://127.0.0.1:{METRICS_PORT}/metrics"], check=True)
+        return cp.stdout
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample as ``{'name{labels}': value}`` (labels as printed)."""
+        samples: dict[str, float] = {}
+        for line in self.metrics_text().splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                samples[key] = float(value)
+        return samples
+
+    def metric_sum(self, name: str, **labels: str) -> float:
+        """Sum of ``name`` over the samples whose labels include ``labels``."""
+        total = 0.0
+        for key, value in self.metrics().items():
+            sample, _, label_text = key.partition("{")
+            if sample != name:
+                continue
+            found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', label_text))
+            if all(found.get(k) == v for k, v in labels.items()):
+                total += value
+        return total
+
+    def __enter__(self) -> "RouterProcess":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def router_interface_bytes(cluster: Cluster) -> int:
+    """Bytes that crossed every interface of the router namespace, both directions."""
+    counters = cluster.interface_bytes(cluster.router)
+    return sum(c.rx_bytes + c.tx_bytes for name, c in counters.items() if name != "lo")

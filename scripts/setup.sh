@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs everything arr's demo and tests need; safe to run again (idempotent).
+#   system: nginx (targets), curl (client), iproute2/nftables/ethtool/procps (test bed)
+#   python: a virtualenv in .venv with arr and its dev extras
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+for tool in nginx:nginx-light curl:curl ip:iproute2 nft:nftables ethtool:ethtool nstat:iproute2 ss:iproute2 pgrep:procps; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool#*:}")
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: missing ${need_apt[*]}; run as root (or install them) first" >&2
+    exit 1
+  fi
+  echo "setup: installing ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+# Reinstall only when the project's metadata changed since the last install.
+stamp=.venv/.arr-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q -e '.[dev]'
+  touch "$stamp"
+fi
+echo "setup: ok ($(.venv/bin/python --version), $(nginx -v 2>&1))"

@@ -1,0 +1,71 @@
+"""Fixtures for the network test bed (tests that need root and namespaces).
+
+* ``cluster``: a factory, ``cluster(targets=2, topology="gateway", ...)`` ->
+  a started :class:`arr.testbed.Cluster`; every cluster it made is closed at
+  teardown and checked to have left nothing behind.
+* A session fixture removes namespaces left by a crashed earlier run
+  (``arr.testbed.cleanup_stale``: only our prefix, never a live cluster).
+
+Not root -> the tests fail loudly (CI runs as root); they never skip.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Callable, Iterator
+
+import pytest
+
+from arr.testbed import Cluster, ClusterSpec, cleanup_stale
+
+REQUIRED_TOOLS = ("ip", "curl", "/usr/sbin/nginx")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "net: needs root and network namespaces (arr.testbed)")
+
+
+def _preflight() -> None:
+    if os.geteuid() != 0:
+        pytest.fail(
+            "tests/net need root (network namespaces, veths, nginx in netns); "
+            "run them as root: CI does. They are not skipped on purpose.",
+            pytrace=False,
+        )
+    missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
+    if missing:
+        pytest.fail(f"tests/net need these tools installed: {missing}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def netbed() -> Iterator[None]:
+    """Root check + stale cleanup, once per session."""
+    _preflight()
+    removed = cleanup_stale()
+    if removed:
+        print(f"[arr.testbed] removed stale namespaces: {removed}")
+    yield
+
+
+@pytest.fixture
+def cluster(netbed: None) -> Iterator[Callable[..., Cluster]]:
+    made: list[Cluster] = []
+
+    def make(spec: ClusterSpec | None = None, **kw) -> Cluster:
+        c = Cluster(spec or ClusterSpec(**kw))
+        made.append(c)
+        return c.start()
+
+    yield make
+
+    errors = []
+    for c in made:
+        try:
+            c.close()
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+    for c in made:
+        assert not c.leftovers(), f"cluster {c.id} left behind: {c.leftovers()}"
+    if errors:
+        raise errors[0]
