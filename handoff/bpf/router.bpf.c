@@ -1,0 +1,190 @@
+// SPDX-License-Identifier: (GPL-2.0 OR Apache-2.0)
+/*
+ * Router side of the handoff, attached with tc (clsact, direct action).
+ *
+ * ingress: a handed-off client's packets are rewritten onto the forwarding
+ *          connection and redirected to the target before the router's stack
+ *          could answer them with a RST; the target's packets on a forwarding
+ *          connection being set up are watched (SYN-ACK options, TSval); the
+ *          target's mirrored request ACKs are trimmed to pure ACKs.
+ * egress:  the router's SYN on a watched forwarding connection announces the
+ *          client's MSS and only the options the client negotiated.
+ */
+#include "arr_handoff.h"
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct flow_key);
+	__type(value, struct flow_entry);
+} arr_ingress SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct flow_key);
+	__type(value, struct watch_entry);
+} arr_watch SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} arr_router_stats SEC(".maps");
+
+static __always_inline void count(__u32 stat)
+{
+	__u64 *n = bpf_map_lookup_elem(&arr_router_stats, &stat);
+
+	if (n)
+		*n += 1;
+}
+
+/* The target's SYN-ACK options and its latest TSval, for the translation. */
+static __always_inline void record_target(struct __sk_buff *skb, const struct pkt *p,
+					  struct watch_entry *w)
+{
+	struct opt_walk walk = {};
+
+	walk.mode = OPT_RECORD;
+	if (opt_load(skb, p, &walk) < 0 || opt_apply(skb, p, &walk) < 0)
+		return;
+	if (walk.seen & WATCH_OPT_TS)
+		w->target_tsval = walk.tsval;
+	if ((p->flags & (TCPF_SYN | TCPF_ACK)) == (TCPF_SYN | TCPF_ACK)) {
+		w->synack_mss = walk.mss_seen;
+		w->synack_wscale = walk.wscale_seen;
+		w->synack_opts = walk.seen;
+		count(STAT_SYNACK_RECORDED);
+	}
+}
+
+/* A clone of a target packet that acknowledged the request: keep only what
+ * the router's forwarding socket needs (the ACK) and none of the response. */
+static __always_inline int trim_mirror(struct __sk_buff *skb, const struct pkt *p,
+				       struct watch_entry *w)
+{
+	__u8 hdr[60];
+	__u32 headers = p->l4 + p->tcp_len;
+	__u32 hlen = p->tcp_len;
+	__be16 old_tot = bpf_htons(p->ip_total), new_tot;
+	struct {
+		__be32 saddr, daddr;
+		__u8 zero, proto;
+		__be16 len;
+	} pseudo;
+	__s64 sum;
+
+	if (p->flags & TCPF_RST)
+		return TC_ACT_OK;
+	if (hlen > 60)
+		return TC_ACT_SHOT;
+	if (skb->len > headers && bpf_skb_change_tail(skb, headers, 0) < 0)
+		return TC_ACT_SHOT;
+	new_tot = bpf_htons(headers - p->l3);
+	if (bpf_l3_csum_replace(skb, p->l3 + 10, old_tot, new_tot, 2) < 0 ||
+	    bpf_skb_store_bytes(skb, p->l3 + 2, &new_tot, 2, 0) < 0)
+		return TC_ACT_SHOT;
+	if (bpf_skb_load_bytes(skb, p->l4, hdr, hlen) < 0)
+		return TC_ACT_SHOT;
+	put_be32(&hdr[4], w->rcv_nxt);
+	hdr[13] &= ~(TCPF_FIN | TCPF_PSH);
+	hdr[16] = 0;
+	hdr[17] = 0;
+	pseudo.saddr = p->key.saddr;
+	pseudo.daddr = p->key.daddr;
+	pseudo.zero = 0;
+	pseudo.proto = IPPROTO_TCP;
+	pseudo.len = bpf_htons(hlen);
+	sum = bpf_csum_diff(NULL, 0, (__be32 *)&pseudo, sizeof(pseudo), 0);
+	if (sum < 0)
+		return TC_ACT_SHOT;
+	sum = bpf_csum_diff(NULL, 0, (__be32 *)hdr, hlen, sum);
+	if (sum < 0)
+		return TC_ACT_SHOT;
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	hdr[16] = (~sum >> 8) & 0xff;
+	hdr[17] = ~sum & 0xff;
+	if (bpf_skb_store_bytes(skb, p->l4, hdr, hlen, BPF_F_RECOMPUTE_CSUM) < 0)
+		return TC_ACT_SHOT;
+	__sync_fetch_and_add(&w->mirrored, 1);
+	count(STAT_MIRROR_TRIMMED);
+	return TC_ACT_OK;
+}
+
+SEC("tc")
+int arr_router_ingress(struct __sk_buff *skb)
+{
+	struct flow_entry *e;
+	struct watch_entry *w;
+	struct xlate x;
+	struct pkt p;
+	__u32 stat = STAT_REWRITTEN;
+	int verdict;
+
+	if (parse_tcp4(skb, &p) < 0)
+		return TC_ACT_OK;
+	e = bpf_map_lookup_elem(&arr_ingress, &p.key);
+	if (e) {
+		if (e->state != FLOW_ACTIVE) {
+			/* The client retransmits; by then its state is read and the
+			 * entry is active (or gone, after a fallback). */
+			count(STAT_HELD);
+			return TC_ACT_SHOT;
+		}
+		x = e->x;
+		account(e, skb, p.flags);
+		if (apply_xlate(skb, &p, &x) < 0) {
+			__sync_fetch_and_add(&e->errors, 1);
+			count(STAT_REWRITE_FAILED);
+			return TC_ACT_SHOT;
+		}
+		verdict = forward(skb, &x, &stat);
+		count(stat);
+		return verdict;
+	}
+	w = bpf_map_lookup_elem(&arr_watch, &p.key);
+	if (!w)
+		return TC_ACT_OK;
+	if (w->state == WATCH_HANDED_OFF)
+		return trim_mirror(skb, &p, w);
+	record_target(skb, &p, w);
+	return TC_ACT_OK;
+}
+
+SEC("tc")
+int arr_router_egress(struct __sk_buff *skb)
+{
+	struct opt_walk walk = {};
+	struct flow_key reverse;
+	struct watch_entry *w;
+	struct pkt p;
+
+	if (parse_tcp4(skb, &p) < 0)
+		return TC_ACT_OK;
+	if ((p.flags & (TCPF_SYN | TCPF_ACK)) != TCPF_SYN)
+		return TC_ACT_OK;
+	reverse.saddr = p.key.daddr;
+	reverse.daddr = p.key.saddr;
+	reverse.sport = p.key.dport;
+	reverse.dport = p.key.sport;
+	w = bpf_map_lookup_elem(&arr_watch, &reverse);
+	if (!w)
+		return TC_ACT_OK;
+	walk.mode = OPT_NORMALISE;
+	walk.mss = w->client_mss;
+	walk.sack_ok = w->client_sack;
+	walk.ts_ok = w->client_ts;
+	if (opt_load(skb, &p, &walk) < 0 || opt_apply(skb, &p, &walk) < 0)
+		return TC_ACT_OK;
+	if (walk.changed) {
+		__sync_fetch_and_add(&w->syn_rewrites, 1);
+		count(STAT_SYN_NORMALISED);
+	}
+	return TC_ACT_OK;
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

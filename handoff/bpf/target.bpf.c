@@ -1,0 +1,89 @@
+// SPDX-License-Identifier: (GPL-2.0 OR Apache-2.0)
+/*
+ * Target side of the handoff, attached with tc (clsact, direct action) on
+ * egress of the interface that leads to the router.
+ *
+ * The target's unmodified server answers on the forwarding connection
+ * (target -> router); each such packet is rewritten onto the client's
+ * connection (vip -> client) and sent straight to the client. While the
+ * router still waits for its request to be acknowledged, packets that
+ * acknowledge it are also cloned, unrewritten, to the router.
+ */
+#include "arr_handoff.h"
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct flow_key);
+	__type(value, struct flow_entry);
+} arr_egress SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} arr_target_stats SEC(".maps");
+
+static __always_inline void count(__u32 stat)
+{
+	__u64 *n = bpf_map_lookup_elem(&arr_target_stats, &stat);
+
+	if (n)
+		*n += 1;
+}
+
+/* Clone to the router the packets that (newly) acknowledge the request, and
+ * pure ACKs (cheap, and they carry retransmission dupacks) until told to stop. */
+static __always_inline void mirror(struct __sk_buff *skb, const struct pkt *p, struct flow_entry *e)
+{
+	__be32 ack_be;
+	__u32 ack;
+	int advances;
+
+	if (bpf_skb_load_bytes(skb, p->l4 + 8, &ack_be, 4) < 0)
+		return;
+	ack = bpf_ntohl(ack_be);
+	advances = seq_after(ack, e->mirrored_ack) && !seq_after(e->mirrored_ack, e->mirror_until) &&
+		   e->mirrored_ack != e->mirror_until;
+	if (!advances && payload_len(p) != 0)
+		return;
+	if (advances)
+		e->mirrored_ack = ack;
+	skb->mark = ARR_MIRROR_MARK;
+	if (bpf_clone_redirect(skb, skb->ifindex, 0) == 0)
+		count(STAT_MIRRORED);
+	skb->mark = 0;
+}
+
+SEC("tc")
+int arr_target_egress(struct __sk_buff *skb)
+{
+	struct flow_entry *e;
+	struct xlate x;
+	struct pkt p;
+	__u32 stat = STAT_REWRITTEN;
+	int verdict;
+
+	if (skb->mark == ARR_MIRROR_MARK)
+		return TC_ACT_OK;
+	if (parse_tcp4(skb, &p) < 0)
+		return TC_ACT_OK;
+	e = bpf_map_lookup_elem(&arr_egress, &p.key);
+	if (!e || e->state != FLOW_ACTIVE)
+		return TC_ACT_OK;
+	if (e->flags & FLOW_F_MIRROR)
+		mirror(skb, &p, e);
+	x = e->x;
+	account(e, skb, p.flags);
+	if (apply_xlate(skb, &p, &x) < 0) {
+		__sync_fetch_and_add(&e->errors, 1);
+		count(STAT_REWRITE_FAILED);
+		return TC_ACT_SHOT;
+	}
+	verdict = forward(skb, &x, &stat);
+	count(stat);
+	return verdict;
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

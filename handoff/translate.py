@@ -1,0 +1,141 @@
+"""The translation of a handed-off connection: the reference model.
+
+This is the specification the BPF programs implement (blueprint section 3):
+pure integer arithmetic on the TCP/IP fields, no I/O. ``compute_translations``
+turns what the router read from its two sockets into one ``Translation`` per
+direction; ``translate_fields`` applies one to a packet's fields.
+
+All sequence and timestamp arithmetic is modulo 2**32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+MOD = 1 << 32
+TS_MARGIN = 1 << 20
+"""M of the blueprint: ticks added so translated TSvals are never older than
+what the peer already saw from the router, including the request retransmissions
+the router may still send on the forwarding connection (about 17 minutes at 1 kHz)."""
+
+
+def wrap(value: int) -> int:
+    return value % MOD
+
+
+@dataclass(frozen=True)
+class Translation:
+    """How one direction's packets are rewritten. Matching is by the map key."""
+
+    saddr: str
+    daddr: str
+    sport: int
+    dport: int
+    seq_delta: int
+    """Added to seq."""
+    ack_delta: int
+    """Subtracted from ack and from every SACK edge."""
+    tsval_delta: int
+    """Added to TSval."""
+    tsecr_delta: int
+    """Subtracted from TSecr."""
+    wscale_in: int
+    """Shift of the window field as it arrives (the sender's shift)."""
+    wscale_out: int
+    """Shift the receiver applies (what the router announced to it)."""
+
+
+@dataclass(frozen=True)
+class SocketState:
+    """What the router read from one of its sockets (TCP_REPAIR, TCP_INFO, ...)."""
+
+    local: tuple[str, int]
+    remote: tuple[str, int]
+    snd_nxt: int
+    """Next sequence number the router sends (TCP_QUEUE_SEQ on the send queue)."""
+    rcv_nxt: int
+    """Next sequence number the router expects (TCP_QUEUE_SEQ on the receive queue)."""
+    snd_wscale: int
+    """The peer's window shift (it scales the windows it sends by this)."""
+    rcv_wscale: int
+    """The router's announced shift (the peer scales by this what it receives)."""
+    ts_clock: int
+    """The socket's timestamp clock now (TCP_TIMESTAMP)."""
+    timestamps: bool
+    sack: bool
+    mss: int
+
+
+@dataclass(frozen=True)
+class HandoffInputs:
+    client: SocketState
+    """The accepted client connection (local = v_ip:v_port)."""
+    forward: SocketState
+    """The forwarding connection to the target, before the request is sent on it."""
+    request_len: int
+    """R': bytes the router sends on the forwarding connection (the request, rewritten)."""
+    client_syn_tsval: int
+    """The client's TSval in its SYN (TCP_SAVED_SYN)."""
+    target_tsval: int
+    """The latest target TSval the router's watch entry recorded."""
+
+
+def compute_translations(inputs: HandoffInputs, margin: int = TS_MARGIN
+                         ) -> tuple[Translation, Translation]:
+    """(client -> target at router ingress, target -> client at target egress)."""
+    c, f = inputs.client, inputs.forward
+    d_in = wrap(f.snd_nxt + inputs.request_len - c.rcv_nxt)
+    d_out = wrap(c.snd_nxt - f.rcv_nxt)
+    if c.timestamps:
+        ts_out = wrap(c.ts_clock + margin - inputs.target_tsval)
+        ts_in = wrap(f.ts_clock + margin - inputs.client_syn_tsval)
+    else:
+        ts_out = ts_in = 0
+    to_target = Translation(
+        saddr=f.local[0], daddr=f.remote[0], sport=f.local[1], dport=f.remote[1],
+        seq_delta=d_in, ack_delta=d_out, tsval_delta=ts_in, tsecr_delta=ts_out,
+        wscale_in=c.snd_wscale, wscale_out=f.rcv_wscale,
+    )
+    to_client = Translation(
+        saddr=c.local[0], daddr=c.remote[0], sport=c.local[1], dport=c.remote[1],
+        seq_delta=d_out, ack_delta=d_in, tsval_delta=ts_out, tsecr_delta=ts_in,
+        wscale_in=f.snd_wscale, wscale_out=c.rcv_wscale,
+    )
+    return to_target, to_client
+
+
+def rescale_window(window: int, shift_in: int, shift_out: int) -> int:
+    """The 16-bit window field as the receiver must read it; a non-zero window
+    never becomes zero (that would stall the sender until it probes)."""
+    real = window << shift_in
+    scaled = min(real >> shift_out, 0xFFFF)
+    return 1 if scaled == 0 and window != 0 else scaled
+
+
+@dataclass(frozen=True)
+class TcpFields:
+    """The fields of a TCP/IPv4 segment the translation touches."""
+
+    saddr: str
+    daddr: str
+    sport: int
+    dport: int
+    seq: int
+    ack: int
+    window: int
+    tsval: int | None = None
+    tsecr: int | None = None
+    sack: tuple[tuple[int, int], ...] = ()
+
+
+def translate_fields(fields: TcpFields, x: Translation) -> TcpFields:
+    return replace(
+        fields,
+        saddr=x.saddr, daddr=x.daddr, sport=x.sport, dport=x.dport,
+        seq=wrap(fields.seq + x.seq_delta),
+        ack=wrap(fields.ack - x.ack_delta),
+        window=rescale_window(fields.window, x.wscale_in, x.wscale_out),
+        tsval=None if fields.tsval is None else wrap(fields.tsval + x.tsval_delta),
+        tsecr=None if fields.tsecr is None else wrap(fields.tsecr - x.tsecr_delta),
+        sack=tuple((wrap(a - x.ack_delta), wrap(b - x.ack_delta)) for a, b in fields.sack),
+    )
