@@ -75,6 +75,7 @@ static __always_inline int trim_mirror(struct __sk_buff *skb, const struct pkt *
 		__be16 len;
 	} pseudo;
 	__s64 sum;
+	__u16 check;
 
 	if (p->flags & TCPF_RST)
 		return TC_ACT_OK;
@@ -106,8 +107,9 @@ static __always_inline int trim_mirror(struct __sk_buff *skb, const struct pkt *
 	sum = (sum & 0xffff) + (sum >> 16);
 	sum = (sum & 0xffff) + (sum >> 16);
 	sum = (sum & 0xffff) + (sum >> 16);
-	hdr[16] = (~sum >> 8) & 0xff;
-	hdr[17] = ~sum & 0xff;
+	/* csum_diff sums in host order: the folded result is stored as is. */
+	check = ~sum;
+	__builtin_memcpy(&hdr[16], &check, sizeof(check));
 	if (bpf_skb_store_bytes(skb, p->l4, hdr, hlen, BPF_F_RECOMPUTE_CSUM) < 0)
 		return TC_ACT_SHOT;
 	__sync_fetch_and_add(&w->mirrored, 1);

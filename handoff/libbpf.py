@@ -1,0 +1,239 @@
+"""A thin ctypes shell over the system's libbpf (libbpf.so.1).
+
+Only what arr needs: open and load an object with its maps pinned (reusing
+pinned maps that already exist, so a restart keeps live connections), find
+programs and maps, map element operations, and BPF_PROG_TEST_RUN. Errors are
+``BpfError`` with the errno text; nothing here knows about handoff policy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from pathlib import Path
+from typing import Generic, Iterator, Type, TypeVar
+
+BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
+
+K = TypeVar("K", bound=ctypes.Structure)
+V = TypeVar("V", bound=ctypes.Structure)
+
+
+class BpfError(OSError):
+    pass
+
+
+def _load_library() -> ctypes.CDLL:
+    name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+    try:
+        lib = ctypes.CDLL(name, use_errno=True)
+    except OSError as exc:
+        raise BpfError(errno.ENOENT, f"libbpf not found ({exc}); install libbpf1 (apt) ") from None
+    c_void_p, c_char_p, c_int, c_uint32 = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint32
+    signatures = {
+        "bpf_object__open_file": (c_void_p, [c_char_p, c_void_p]),
+        "bpf_object__load": (c_int, [c_void_p]),
+        "bpf_object__close": (None, [c_void_p]),
+        "bpf_object__find_program_by_name": (c_void_p, [c_void_p, c_char_p]),
+        "bpf_object__find_map_by_name": (c_void_p, [c_void_p, c_char_p]),
+        "bpf_object__next_map": (c_void_p, [c_void_p, c_void_p]),
+        "bpf_map__name": (c_char_p, [c_void_p]),
+        "bpf_map__set_pin_path": (c_int, [c_void_p, c_char_p]),
+        "bpf_map__fd": (c_int, [c_void_p]),
+        "bpf_program__fd": (c_int, [c_void_p]),
+        "bpf_obj_get": (c_int, [c_char_p]),
+        "bpf_map_update_elem": (c_int, [c_int, c_void_p, c_void_p, ctypes.c_uint64]),
+        "bpf_map_lookup_elem": (c_int, [c_int, c_void_p, c_void_p]),
+        "bpf_map_delete_elem": (c_int, [c_int, c_void_p]),
+        "bpf_map_get_next_key": (c_int, [c_int, c_void_p, c_void_p]),
+        "bpf_prog_test_run_opts": (c_int, [c_int, c_void_p]),
+        "libbpf_set_print": (c_void_p, [c_void_p]),
+    }
+    for fn, (restype, argtypes) in signatures.items():
+        func = getattr(lib, fn)
+        func.restype, func.argtypes = restype, argtypes
+    del c_uint32
+    return lib
+
+
+_lib: ctypes.CDLL | None = None
+
+
+def lib() -> ctypes.CDLL:
+    global _lib
+    if _lib is None:
+        _lib = _load_library()
+    return _lib
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        # libbpf 1.x returns -errno and also sets errno.
+        code = -result if result < -1 else ctypes.get_errno() or errno.EINVAL
+        raise BpfError(code, f"{what}: {os.strerror(code)}")
+    return result
+
+
+class BpfObject:
+    """A loaded BPF object file; its maps pinned under ``pin_dir`` by name."""
+
+    def __init__(self, path: str | Path, pin_dir: str | Path | None = None) -> None:
+        self.path = Path(path)
+        self._lib = lib()
+        handle = self._lib.bpf_object__open_file(str(self.path).encode(), None)
+        if not handle:
+            code = ctypes.get_errno() or errno.EINVAL
+            raise BpfError(code, f"opening {self.path}: {os.strerror(code)}")
+        self._obj: int | None = handle
+        try:
+            if pin_dir is not None:
+                Path(pin_dir).mkdir(parents=True, exist_ok=True)
+                for name, bpf_map in self._maps():
+                    # An existing pin of a compatible map is reused at load: this
+                    # is how a restart keeps the connections already handed off.
+                    _check(self._lib.bpf_map__set_pin_path(bpf_map, f"{pin_dir}/{name}".encode()),
+                           f"pin path of map {name}")
+            _check(self._lib.bpf_object__load(handle), f"loading {self.path} (see the verifier log above)")
+        except BaseException:
+            self.close()
+            raise
+
+    def _maps(self) -> Iterator[tuple[str, int]]:
+        bpf_map = self._lib.bpf_object__next_map(self._obj, None)
+        while bpf_map:
+            yield self._lib.bpf_map__name(bpf_map).decode(), bpf_map
+            bpf_map = self._lib.bpf_object__next_map(self._obj, bpf_map)
+
+    def program_fd(self, name: str) -> int:
+        prog = self._lib.bpf_object__find_program_by_name(self._obj, name.encode())
+        if not prog:
+            raise BpfError(errno.ENOENT, f"{self.path} has no program {name!r}")
+        return _check(self._lib.bpf_program__fd(prog), f"fd of program {name}")
+
+    def map_fd(self, name: str) -> int:
+        bpf_map = self._lib.bpf_object__find_map_by_name(self._obj, name.encode())
+        if not bpf_map:
+            raise BpfError(errno.ENOENT, f"{self.path} has no map {name!r}")
+        return _check(self._lib.bpf_map__fd(bpf_map), f"fd of map {name}")
+
+    def close(self) -> None:
+        """Close the object. Attached programs and pinned maps stay in the kernel."""
+        if self._obj:
+            self._lib.bpf_object__close(self._obj)
+            self._obj = None
+
+    def __enter__(self) -> "BpfObject":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class BpfMap(Generic[K, V]):
+    """Typed access to a map; keys and values are ctypes structures."""
+
+    def __init__(self, fd: int, key_type: Type[K], value_type: Type[V], *, owned: bool = False) -> None:
+        self.fd = fd
+        self.key_type = key_type
+        self.value_type = value_type
+        self._owned = owned
+        self._lib = lib()
+
+    @classmethod
+    def pinned(cls, path: str | Path, key_type: Type[K], value_type: Type[V]) -> "BpfMap[K, V]":
+        fd = lib().bpf_obj_get(str(path).encode())
+        _check(fd, f"opening pinned map {path}")
+        return cls(fd, key_type, value_type, owned=True)
+
+    def lookup(self, key: K) -> V | None:
+        value = self.value_type()
+        rc = self._lib.bpf_map_lookup_elem(self.fd, ctypes.byref(key), ctypes.byref(value))
+        if rc < 0:
+            if ctypes.get_errno() == errno.ENOENT or rc == -errno.ENOENT:
+                return None
+            _check(rc, "map lookup")
+        return value
+
+    def update(self, key: K, value: V, flags: int = BPF_ANY) -> None:
+        _check(self._lib.bpf_map_update_elem(self.fd, ctypes.byref(key), ctypes.byref(value), flags),
+               "map update")
+
+    def delete(self, key: K) -> bool:
+        rc = self._lib.bpf_map_delete_elem(self.fd, ctypes.byref(key))
+        if rc < 0:
+            if rc == -errno.ENOENT or ctypes.get_errno() == errno.ENOENT:
+                return False
+            _check(rc, "map delete")
+        return True
+
+    def keys(self) -> list[K]:
+        keys: list[K] = []
+        current: K | None = None
+        while True:
+            following = self.key_type()
+            rc = self._lib.bpf_map_get_next_key(
+                self.fd, ctypes.byref(current) if current is not None else None, ctypes.byref(following))
+            if rc < 0:
+                break
+            keys.append(following)
+            current = following
+        return keys
+
+    def items(self) -> list[tuple[K, V]]:
+        found = []
+        for key in self.keys():
+            value = self.lookup(key)
+            if value is not None:  # deleted meanwhile
+                found.append((key, value))
+        return found
+
+    def close(self) -> None:
+        if self._owned and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class _TestRunOpts(ctypes.Structure):
+    # struct bpf_test_run_opts (libbpf 1.x, bpf.h)
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("data_in", ctypes.c_void_p),
+        ("data_out", ctypes.c_void_p),
+        ("data_size_in", ctypes.c_uint32),
+        ("data_size_out", ctypes.c_uint32),
+        ("ctx_in", ctypes.c_void_p),
+        ("ctx_out", ctypes.c_void_p),
+        ("ctx_size_in", ctypes.c_uint32),
+        ("ctx_size_out", ctypes.c_uint32),
+        ("retval", ctypes.c_uint32),
+        ("repeat", ctypes.c_int),
+        ("duration", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("cpu", ctypes.c_uint32),
+        ("batch_size", ctypes.c_uint32),
+    ]
+
+
+def test_run(prog_fd: int, packet: bytes, *, ctx: bytes | None = None, repeat: int = 1
+             ) -> tuple[int, bytes]:
+    """Run a program on one packet (BPF_PROG_TEST_RUN): (verdict, packet out)."""
+    data_in = ctypes.create_string_buffer(packet, len(packet))
+    out_size = len(packet) + 256
+    data_out = ctypes.create_string_buffer(out_size)
+    opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts))
+    opts.data_in = ctypes.cast(data_in, ctypes.c_void_p)
+    opts.data_size_in = len(packet)
+    opts.data_out = ctypes.cast(data_out, ctypes.c_void_p)
+    opts.data_size_out = out_size
+    opts.repeat = repeat
+    if ctx is not None:
+        ctx_in = ctypes.create_string_buffer(ctx, len(ctx))
+        opts.ctx_in = ctypes.cast(ctx_in, ctypes.c_void_p)
+        opts.ctx_size_in = len(ctx)
+    _check(lib().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)), "BPF_PROG_TEST_RUN")
+    return opts.retval, data_out.raw[:opts.data_size_out]
+
+
+test_run.__test__ = False  # type: ignore[attr-defined]  # not a pytest test

@@ -1,0 +1,129 @@
+"""The map layouts of handoff/bpf/arr_handoff.h, field for field, in ctypes.
+
+tests/unit/test_bpf_layout.py checks these sizes and offsets against the
+BTF of the compiled objects, so the two cannot drift apart silently.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import socket
+import struct
+from dataclasses import dataclass
+
+from handoff.translate import Translation
+
+FLOW_HOLD, FLOW_ACTIVE = 1, 2
+FLOW_F_FIN, FLOW_F_RST, FLOW_F_MIRROR = 1, 2, 4
+WATCH_CONNECTING, WATCH_HANDED_OFF = 1, 2
+WATCH_OPT_SACK, WATCH_OPT_TS, WATCH_OPT_WSCALE = 1, 2, 4
+
+STAT_NAMES = ("rewritten", "held", "redirect_neigh", "fib_failed", "parse_skipped", "mirrored",
+              "mirror_trimmed", "syn_normalised", "synack_recorded", "rewrite_failed")
+
+
+def _ip(text: str) -> int:
+    """An IPv4 address as the u32 the kernel stores (network order in memory)."""
+    return struct.unpack("=I", socket.inet_aton(text))[0]
+
+
+def _ip_text(value: int) -> str:
+    return socket.inet_ntoa(struct.pack("=I", value))
+
+
+def _port(port: int) -> int:
+    return socket.htons(port)
+
+
+class FlowKey(ctypes.Structure):
+    _fields_ = [("saddr", ctypes.c_uint32), ("daddr", ctypes.c_uint32),
+                ("sport", ctypes.c_uint16), ("dport", ctypes.c_uint16)]
+
+    @classmethod
+    def of(cls, src: tuple[str, int], dst: tuple[str, int]) -> "FlowKey":
+        return cls(_ip(src[0]), _ip(dst[0]), _port(src[1]), _port(dst[1]))
+
+    @property
+    def src(self) -> tuple[str, int]:
+        return _ip_text(self.saddr), socket.ntohs(self.sport)
+
+    @property
+    def dst(self) -> tuple[str, int]:
+        return _ip_text(self.daddr), socket.ntohs(self.dport)
+
+    def reversed(self) -> "FlowKey":
+        return FlowKey(self.daddr, self.saddr, self.dport, self.sport)
+
+    def __repr__(self) -> str:
+        return "FlowKey(%s:%d -> %s:%d)" % (*self.src, *self.dst)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FlowKey) and bytes(self) == bytes(other)
+
+    def __hash__(self) -> int:
+        return hash(bytes(self))
+
+
+class Xlate(ctypes.Structure):
+    _fields_ = [("saddr", ctypes.c_uint32), ("daddr", ctypes.c_uint32),
+                ("sport", ctypes.c_uint16), ("dport", ctypes.c_uint16),
+                ("seq_delta", ctypes.c_uint32), ("ack_delta", ctypes.c_uint32),
+                ("tsval_delta", ctypes.c_uint32), ("tsecr_delta", ctypes.c_uint32),
+                ("wscale_in", ctypes.c_uint8), ("wscale_out", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8 * 2)]
+
+    @classmethod
+    def of(cls, t: Translation) -> "Xlate":
+        return cls(_ip(t.saddr), _ip(t.daddr), _port(t.sport), _port(t.dport),
+                   t.seq_delta, t.ack_delta, t.tsval_delta, t.tsecr_delta, t.wscale_in, t.wscale_out)
+
+    def translation(self) -> Translation:
+        return Translation(_ip_text(self.saddr), _ip_text(self.daddr), socket.ntohs(self.sport),
+                           socket.ntohs(self.dport), self.seq_delta, self.ack_delta,
+                           self.tsval_delta, self.tsecr_delta, self.wscale_in, self.wscale_out)
+
+
+class FlowEntry(ctypes.Structure):
+    _fields_ = [("x", Xlate), ("state", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("mirror_until", ctypes.c_uint32), ("mirrored_ack", ctypes.c_uint32),
+                ("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64),
+                ("last_seen_ns", ctypes.c_uint64), ("created_ns", ctypes.c_uint64),
+                ("errors", ctypes.c_uint64)]
+
+
+class WatchEntry(ctypes.Structure):
+    _fields_ = [("state", ctypes.c_uint32), ("client_mss", ctypes.c_uint16),
+                ("client_sack", ctypes.c_uint8), ("client_ts", ctypes.c_uint8),
+                ("target_tsval", ctypes.c_uint32), ("rcv_nxt", ctypes.c_uint32),
+                ("synack_mss", ctypes.c_uint16), ("synack_wscale", ctypes.c_uint8),
+                ("synack_opts", ctypes.c_uint8), ("pad", ctypes.c_uint32),
+                ("mirrored", ctypes.c_uint64), ("syn_rewrites", ctypes.c_uint64)]
+
+
+class StatIndex(ctypes.Structure):
+    _fields_ = [("index", ctypes.c_uint32)]
+
+
+@dataclass(frozen=True)
+class FlowSummary:
+    """A flow entry as ``arr conns`` and the GC see it."""
+
+    key: tuple[tuple[str, int], tuple[str, int]]
+    to: tuple[tuple[str, int], tuple[str, int]]
+    state: str
+    flags: tuple[str, ...]
+    packets: int
+    bytes: int
+    idle_s: float | None
+    errors: int
+
+    @classmethod
+    def of(cls, key: FlowKey, entry: FlowEntry, now_ns: int) -> "FlowSummary":
+        x = entry.x.translation()
+        flags = tuple(name for bit, name in ((FLOW_F_FIN, "fin"), (FLOW_F_RST, "rst"),
+                                             (FLOW_F_MIRROR, "mirror")) if entry.flags & bit)
+        last = entry.last_seen_ns or entry.created_ns
+        return cls(key=(key.src, key.dst), to=((x.saddr, x.sport), (x.daddr, x.dport)),
+                   state={FLOW_HOLD: "hold", FLOW_ACTIVE: "active"}.get(entry.state, str(entry.state)),
+                   flags=flags, packets=entry.packets, bytes=entry.bytes,
+                   idle_s=(now_ns - last) / 1e9 if last else None, errors=entry.errors)
