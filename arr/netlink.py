@@ -18,7 +18,13 @@ Sections:
   :func:`route_add_default`
 * sysctls: :func:`sysctl_set`, :func:`sysctl_get`
 * counters: :func:`link_counters`
-* (later) tc / clsact / bpf attach.
+* interfaces of routes and addresses: :func:`route_interface`,
+  :func:`address_interface`
+* tc: :func:`bpf_attach`, :func:`bpf_detach`, :func:`bpf_filters` (clsact,
+  cls_bpf direct-action)
+
+Functions of the last two sections also accept ``ns=None``: the caller's own
+namespace, which is where ``arr serve`` and ``arr agent`` run.
 """
 
 from __future__ import annotations
@@ -170,13 +176,18 @@ _NETLINK_ROUTE = 0
 
 
 @contextmanager
-def ipr(ns: str) -> Iterator[IPRoute]:
-    """An IPRoute bound to namespace NS (never creates the namespace).
+def ipr(ns: str | None) -> Iterator[IPRoute]:
+    """An IPRoute bound to namespace NS (never creates the namespace); None:
+    the caller's own namespace.
 
     The rtnetlink socket is opened in NS by a short-lived thread (see
     :func:`run_in_netns`) and handed to pyroute2 by fd: much cheaper than
     pyroute2's own ``netns=`` path, which forks a helper process per socket.
     """
+    if ns is None:
+        with IPRoute() as own:
+            yield own
+        return
     if not netns_exists(ns):
         raise NetlinkOpError(f"netns {ns!r} does not exist")
     sock = socket_in_netns(ns, socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_ROUTE)
@@ -391,3 +402,111 @@ def link_counters(ns: str) -> dict[str, Counters]:
                 tx_packets=int(st["tx_packets"]),
             )
     return out
+
+
+# --------------------------------------------------------------------------
+# interfaces of routes and addresses
+# --------------------------------------------------------------------------
+
+
+def route_interface(ns: str | None, dst: str) -> tuple[int, str]:
+    """(ifindex, ifname) the kernel would send to DST through."""
+    with ipr(ns) as ip:
+        found = _call(f"route get {dst}", str(ns), lambda: ip.route("get", dst=dst))
+        if not found or found[0].get_attr("RTA_OIF") is None:
+            raise NetlinkOpError(f"no route to {dst} in netns {ns!r}")
+        index = int(found[0].get_attr("RTA_OIF"))
+        return index, str(ip.get_links(index)[0].get_attr("IFLA_IFNAME"))
+
+
+def address_interface(ns: str | None, address: str) -> tuple[int, str]:
+    """(ifindex, ifname) of the interface that carries ADDRESS."""
+    with ipr(ns) as ip:
+        for msg in ip.get_addr():
+            if msg.get_attr("IFA_ADDRESS") == address or msg.get_attr("IFA_LOCAL") == address:
+                index = int(msg["index"])
+                return index, str(ip.get_links(index)[0].get_attr("IFLA_IFNAME"))
+    raise NetlinkOpError(f"no interface has address {address} in netns {ns!r}")
+
+
+# --------------------------------------------------------------------------
+# tc: clsact + cls_bpf (direct action)
+# --------------------------------------------------------------------------
+
+TC_PARENT = {"ingress": 0xFFFFFFF2, "egress": 0xFFFFFFF3}
+ARR_TC_PRIORITY = 0xA77  # our filters' preference: lets us find and replace only ours
+_ETH_P_ALL = 0x0003
+
+
+@dataclass(frozen=True)
+class BpfFilter:
+    direction: str
+    priority: int
+    handle: int
+    name: str
+    prog_id: int | None
+
+
+def _tc_parent(direction: str) -> int:
+    try:
+        return TC_PARENT[direction]
+    except KeyError:
+        raise ValueError(f"direction must be 'ingress' or 'egress', not {direction!r}") from None
+
+
+def bpf_attach(ns: str | None, ifname: str, direction: str, prog_fd: int, name: str,
+               priority: int = ARR_TC_PRIORITY) -> None:
+    """Attach a BPF program as a direct-action classifier on IFNAME.
+
+    Adds the clsact qdisc if missing. An existing filter at PRIORITY is
+    replaced in place, so a restart never leaves a moment without one.
+    """
+    parent = _tc_parent(direction)
+    with ipr(ns) as ip:
+        index = _index(ip, str(ns), ifname)
+        try:
+            ip.tc("add", "clsact", index)
+        except NetlinkError as e:
+            if e.code != 17:  # EEXIST: already there (ours or someone's), keep it
+                raise NetlinkOpError(f"adding clsact on {ifname} in netns {ns!r}: {e}") from e
+        _call(f"attaching {name} to {ifname} {direction}", str(ns), lambda: ip.tc(
+            "replace-filter", "bpf", index, 1, fd=prog_fd, name=name, parent=parent,
+            prio=priority, protocol=_ETH_P_ALL, classid=1, direct_action=True))
+
+
+def bpf_detach(ns: str | None, ifname: str, direction: str, priority: int = ARR_TC_PRIORITY) -> bool:
+    """Remove our filter (only ours) from IFNAME; False if there was none."""
+    parent = _tc_parent(direction)
+    with ipr(ns) as ip:
+        try:
+            index = _index(ip, str(ns), ifname)
+        except NetlinkOpError:
+            return False
+        try:
+            ip.tc("del-filter", "bpf", index, 1, parent=parent, prio=priority, protocol=_ETH_P_ALL)
+        except NetlinkError as e:
+            if e.code in (2, 22):  # ENOENT / EINVAL: no such filter
+                return False
+            raise NetlinkOpError(f"detaching from {ifname} {direction} in netns {ns!r}: {e}") from e
+        return True
+
+
+def bpf_filters(ns: str | None, ifname: str, direction: str) -> list[BpfFilter]:
+    """The bpf classifiers on IFNAME's clsact hook (anyone's)."""
+    parent = _tc_parent(direction)
+    found = []
+    with ipr(ns) as ip:
+        index = _index(ip, str(ns), ifname)
+        try:
+            filters = ip.get_filters(index, parent=parent)
+        except NetlinkError:
+            return []
+        for f in filters:
+            if f.get_attr("TCA_KIND") != "bpf" or not f["handle"]:
+                continue
+            options = f.get_attr("TCA_OPTIONS")
+            found.append(BpfFilter(
+                direction=direction, priority=f["info"] >> 16, handle=f["handle"],
+                name=str(options.get_attr("TCA_BPF_NAME")) if options else "",
+                prog_id=options.get_attr("TCA_BPF_ID") if options else None))
+    return found

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from handoff.translate import Translation
 
 FLOW_HOLD, FLOW_ACTIVE = 1, 2
-FLOW_F_FIN, FLOW_F_RST, FLOW_F_MIRROR = 1, 2, 4
-WATCH_CONNECTING, WATCH_HANDED_OFF = 1, 2
+FLOW_F_FIN, FLOW_F_RST = 1, 2
+WATCH_CONNECTING, WATCH_HANDED_OFF, WATCH_CLOSED = 1, 2, 3
 WATCH_OPT_SACK, WATCH_OPT_TS, WATCH_OPT_WSCALE = 1, 2, 4
 
 STAT_NAMES = ("rewritten", "held", "redirect_neigh", "fib_failed", "parse_skipped", "mirrored",
-              "mirror_trimmed", "syn_normalised", "synack_recorded", "rewrite_failed")
+              "mirror_trimmed", "syn_normalised", "synack_recorded", "rewrite_failed",
+              "dropped_after_close")
 
 
 def _ip(text: str) -> int:
@@ -85,10 +86,13 @@ class Xlate(ctypes.Structure):
 
 class FlowEntry(ctypes.Structure):
     _fields_ = [("x", Xlate), ("state", ctypes.c_uint32), ("flags", ctypes.c_uint32),
-                ("mirror_until", ctypes.c_uint32), ("mirrored_ack", ctypes.c_uint32),
                 ("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64),
                 ("last_seen_ns", ctypes.c_uint64), ("created_ns", ctypes.c_uint64),
                 ("errors", ctypes.c_uint64)]
+
+
+class MirrorState(ctypes.Structure):
+    _fields_ = [("mirror_until", ctypes.c_uint32), ("mirrored_ack", ctypes.c_uint32)]
 
 
 class WatchEntry(ctypes.Structure):
@@ -120,8 +124,8 @@ class FlowSummary:
     @classmethod
     def of(cls, key: FlowKey, entry: FlowEntry, now_ns: int) -> "FlowSummary":
         x = entry.x.translation()
-        flags = tuple(name for bit, name in ((FLOW_F_FIN, "fin"), (FLOW_F_RST, "rst"),
-                                             (FLOW_F_MIRROR, "mirror")) if entry.flags & bit)
+        flags = tuple(name for bit, name in ((FLOW_F_FIN, "fin"), (FLOW_F_RST, "rst"))
+                      if entry.flags & bit)
         last = entry.last_seen_ns or entry.created_ns
         return cls(key=(key.src, key.dst), to=((x.saddr, x.sport), (x.daddr, x.dport)),
                    state={FLOW_HOLD: "hold", FLOW_ACTIVE: "active"}.get(entry.state, str(entry.state)),

@@ -56,7 +56,6 @@ enum flow_state {
 /* flow_entry.flags, set by the programs (atomically), read by userspace. */
 #define FLOW_F_FIN (1U << 0)    /* a FIN went through in this entry's direction */
 #define FLOW_F_RST (1U << 1)    /* a RST went through in this entry's direction */
-#define FLOW_F_MIRROR (1U << 2) /* target: clone request ACKs to the router */
 
 /* Router ingress (key: the client's packets, client -> vip) and target egress
  * (key: the target's packets on the forwarding connection, target -> router). */
@@ -64,8 +63,6 @@ struct flow_entry {
 	struct xlate x;
 	__u32 state;
 	__u32 flags;
-	__u32 mirror_until; /* target: forwarding seq after the request (f0 + R') */
-	__u32 mirrored_ack; /* target: highest ack cloned to the router so far */
 	__u64 packets;
 	__u64 bytes;
 	__u64 last_seen_ns; /* bpf_ktime_get_ns() of the last packet (0: none yet) */
@@ -73,9 +70,18 @@ struct flow_entry {
 	__u64 errors;       /* packets that could not be rewritten or delivered */
 };
 
+/* Target: while the router waits for its request to be acknowledged (same key
+ * as the flow entry). A map of its own so that userspace can stop mirroring by
+ * deleting it, without rewriting the flow entry the program updates. */
+struct mirror_state {
+	__u32 mirror_until; /* forwarding seq after the request (f0 + R') */
+	__u32 mirrored_ack; /* highest ack cloned to the router so far */
+};
+
 enum watch_state {
 	WATCH_CONNECTING = 1, /* record the target's SYN-ACK, normalise our SYN */
 	WATCH_HANDED_OFF = 2, /* turn mirrored copies into pure ACKs at rcv_nxt */
+	WATCH_CLOSED = 3,     /* socket closed silently: drop, or its RST would kill the target's side */
 };
 
 /* Router: its forwarding connection, keyed as the target's packets arrive
@@ -111,6 +117,7 @@ enum arr_stat {
 	STAT_SYN_NORMALISED,
 	STAT_SYNACK_RECORDED,
 	STAT_REWRITE_FAILED,
+	STAT_DROPPED_AFTER_CLOSE,
 	STAT_MAX,
 };
 

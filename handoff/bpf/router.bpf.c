@@ -153,6 +153,10 @@ int arr_router_ingress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	if (w->state == WATCH_HANDED_OFF)
 		return trim_mirror(skb, &p, w);
+	if (w->state == WATCH_CLOSED) {
+		count(STAT_DROPPED_AFTER_CLOSE);
+		return TC_ACT_SHOT;
+	}
 	record_target(skb, &p, w);
 	return TC_ACT_OK;
 }

@@ -19,6 +19,13 @@ struct {
 } arr_egress SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct flow_key);
+	__type(value, struct mirror_state);
+} arr_mirror SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, STAT_MAX);
 	__type(key, __u32);
@@ -35,7 +42,7 @@ static __always_inline void count(__u32 stat)
 
 /* Clone to the router the packets that (newly) acknowledge the request, and
  * pure ACKs (cheap, and they carry retransmission dupacks) until told to stop. */
-static __always_inline void mirror(struct __sk_buff *skb, const struct pkt *p, struct flow_entry *e)
+static __always_inline void mirror(struct __sk_buff *skb, const struct pkt *p, struct mirror_state *m)
 {
 	__be32 ack_be;
 	__u32 ack;
@@ -44,12 +51,11 @@ static __always_inline void mirror(struct __sk_buff *skb, const struct pkt *p, s
 	if (bpf_skb_load_bytes(skb, p->l4 + 8, &ack_be, 4) < 0)
 		return;
 	ack = bpf_ntohl(ack_be);
-	advances = seq_after(ack, e->mirrored_ack) && !seq_after(e->mirrored_ack, e->mirror_until) &&
-		   e->mirrored_ack != e->mirror_until;
+	advances = seq_after(ack, m->mirrored_ack) && seq_after(m->mirror_until, m->mirrored_ack);
 	if (!advances && payload_len(p) != 0)
 		return;
 	if (advances)
-		e->mirrored_ack = ack;
+		m->mirrored_ack = ack;
 	skb->mark = ARR_MIRROR_MARK;
 	if (bpf_clone_redirect(skb, skb->ifindex, 0) == 0)
 		count(STAT_MIRRORED);
@@ -59,6 +65,7 @@ static __always_inline void mirror(struct __sk_buff *skb, const struct pkt *p, s
 SEC("tc")
 int arr_target_egress(struct __sk_buff *skb)
 {
+	struct mirror_state *m;
 	struct flow_entry *e;
 	struct xlate x;
 	struct pkt p;
@@ -72,8 +79,9 @@ int arr_target_egress(struct __sk_buff *skb)
 	e = bpf_map_lookup_elem(&arr_egress, &p.key);
 	if (!e || e->state != FLOW_ACTIVE)
 		return TC_ACT_OK;
-	if (e->flags & FLOW_F_MIRROR)
-		mirror(skb, &p, e);
+	m = bpf_map_lookup_elem(&arr_mirror, &p.key);
+	if (m)
+		mirror(skb, &p, m);
 	x = e->x;
 	account(e, skb, p.flags);
 	if (apply_xlate(skb, &p, &x) < 0) {

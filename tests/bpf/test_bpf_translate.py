@@ -17,8 +17,8 @@ from scapy.layers.l2 import Ether
 from arr import netlink
 from handoff.build import object_path
 from handoff.libbpf import BpfMap, BpfObject, test_run
-from handoff.maps import (FLOW_ACTIVE, FLOW_F_MIRROR, FLOW_HOLD, WATCH_CONNECTING, WATCH_HANDED_OFF,
-                          FlowEntry, FlowKey, WatchEntry, Xlate)
+from handoff.maps import (FLOW_ACTIVE, FLOW_HOLD, WATCH_CLOSED, WATCH_CONNECTING, WATCH_HANDED_OFF,
+                          FlowEntry, FlowKey, MirrorState, WatchEntry, Xlate)
 from handoff.translate import TcpFields, Translation, translate_fields
 
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
@@ -258,24 +258,38 @@ def test_router_trims_mirrored_copies_to_pure_acks(bpf_ns):
 
 def test_target_mirrors_request_acks_once_per_advance(bpf_ns):
     ns, ifindex = bpf_ns
-    # Mirroring clones with bpf_clone_redirect; under test_run the clone is
-    # sent to the veth peer in the same namespace, so nothing leaves it.
+    # Mirroring clones with bpf_clone_redirect; under test_run the clone goes
+    # to the veth inside this namespace, so nothing leaves it.
     x = TO_CLIENT
-    flow = FlowEntry(x=Xlate.of(x), state=FLOW_ACTIVE, flags=FLOW_F_MIRROR,
-                     mirror_until=2000, mirrored_ack=1000)
     pkt = target_packet(ack=2000)
 
     def body():
         with BpfObject(object_path("target")) as obj:
             egress = BpfMap(obj.map_fd("arr_egress"), FlowKey, FlowEntry)
+            mirror = BpfMap(obj.map_fd("arr_mirror"), FlowKey, MirrorState)
+            stats = obj.map_fd("arr_target_stats")
             key = FlowKey.of(*FWD)
-            egress.update(key, flow)
+            egress.update(key, FlowEntry(x=Xlate.of(x), state=FLOW_ACTIVE))
+            mirror.update(key, MirrorState(mirror_until=2000, mirrored_ack=1000))
             prog = obj.program_fd("arr_target_egress")
             first = test_run(prog, bytes(pkt), ctx=skb_ctx(ifindex))
-            after_first = egress.lookup(key).mirrored_ack
+            after_first = mirror.lookup(key).mirrored_ack
             second = test_run(prog, bytes(pkt), ctx=skb_ctx(ifindex))
-            return first, after_first, second
-    (v1, out1), mirrored_ack, (v2, out2) = in_ns(ns, body)
+            from handoff.datapath import read_stats
+            from handoff.libbpf import BpfMap as Map
+            from handoff.maps import StatIndex
+            counted = read_stats(Map(stats, StatIndex, StatIndex))["mirrored"]
+            return first, after_first, second, counted
+    (v1, out1), mirrored_ack, (v2, out2), mirrored = in_ns(ns, body)
     assert mirrored_ack == 2000
+    assert mirrored == 1  # the second packet acknowledges nothing new and carries data
     assert v1 == v2 == TC_ACT_REDIRECT
     assert same_but_macs(out1, model(pkt, x)) and same_but_macs(out2, model(pkt, x))
+
+
+def test_router_drops_target_packets_after_the_silent_close(bpf_ns):
+    ns, ifindex = bpf_ns
+    key = FlowKey.of(*FWD)
+    verdict, _, _, _ = run_router(ns, ifindex, target_packet(),
+                                  watch={key: WatchEntry(state=WATCH_CLOSED)})
+    assert verdict == TC_ACT_SHOT

@@ -1,0 +1,177 @@
+"""Load, pin and attach the BPF programs of one router or one agent.
+
+Maps are pinned under ``<bpf_dir>/<instance>/`` on a bpffs, and programs are
+attached with ``replace`` semantics: a restarted ``arr serve`` or ``arr
+agent`` picks up the live maps (and so every connection already handed
+off) and swaps its programs in without a gap. Stopping a process leaves the
+programs attached on purpose; ``detach`` is an explicit operator action.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from arr import netlink
+from handoff.build import object_path
+from handoff.libbpf import BpfMap, BpfObject
+from handoff.maps import STAT_NAMES, FlowEntry, FlowKey, MirrorState, StatIndex, WatchEntry
+
+log = logging.getLogger("arr.handoff")
+
+DEFAULT_BPF_DIR = "/run/arr/bpf"
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class DatapathError(RuntimeError):
+    pass
+
+
+def mount_fstype(path: Path) -> str | None:
+    """The filesystem type mounted exactly at PATH, from /proc/self/mountinfo."""
+    target = str(path.resolve())
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            if fields[4] == target:
+                found = fields[sep + 1]  # the last mount at a path wins
+    return found
+
+
+def ensure_bpffs(path: str | Path) -> Path:
+    """Make sure PATH is a bpffs mount, mounting one if needed.
+
+    Pins live as long as their bpffs mount. ``ip netns exec`` gives a process
+    a mount namespace of its own: a bpffs mounted from inside it vanishes
+    with the process, so the pins would not survive a restart. Mount it from
+    the host's mount namespace first (the test bed does).
+    """
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    if mount_fstype(root) == "bpf":
+        return root
+    if _libc.mount(b"bpf", str(root).encode(), b"bpf", 0, None) != 0:
+        err = ctypes.get_errno()
+        raise DatapathError(f"cannot mount bpffs at {root}: {os.strerror(err)}")
+    log.warning("mounted a bpffs at %s; if this process runs in a private mount namespace "
+                "(ip netns exec), pinned maps will not outlive it", root)
+    return root
+
+
+def netns_inode() -> int:
+    return os.stat("/proc/self/ns/net").st_ino
+
+
+def default_instance(role: str) -> str:
+    """One instance per role and network namespace unless configured otherwise."""
+    return f"{role}-{netns_inode()}"
+
+
+def read_stats(stats: BpfMap) -> dict[str, int]:
+    """Per-CPU counters summed over CPUs."""
+    ncpu = os.cpu_count() or 1
+    totals = {}
+    for index, name in enumerate(STAT_NAMES):
+        values = (ctypes.c_uint64 * _possible_cpus(ncpu))()
+        key = StatIndex(index)
+        if stats._lib.bpf_map_lookup_elem(stats.fd, ctypes.byref(key), ctypes.byref(values)) == 0:
+            totals[name] = sum(values)
+    return totals
+
+
+def _possible_cpus(fallback: int) -> int:
+    try:
+        text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    except OSError:
+        return fallback
+    last = text.split(",")[-1]
+    return int(last.split("-")[-1]) + 1
+
+
+@dataclass
+class Attachment:
+    ifname: str
+    direction: str
+    program: str
+
+
+class Datapath:
+    """Programs of one BPF object attached to interfaces, maps pinned."""
+
+    role = ""
+
+    def __init__(self, bpf_dir: str | Path = DEFAULT_BPF_DIR, instance: str | None = None) -> None:
+        self.pin_dir = ensure_bpffs(bpf_dir) / (instance or default_instance(self.role))
+        self.obj = BpfObject(object_path(self.role), self.pin_dir)
+        self.attached: list[Attachment] = []
+
+    def attach(self, program: str, ifname: str, direction: str) -> None:
+        netlink.bpf_attach(None, ifname, direction, self.obj.program_fd(program), program)
+        self.attached.append(Attachment(ifname, direction, program))
+        log.info("attached %s on %s %s (maps in %s)", program, ifname, direction, self.pin_dir)
+
+    def enable_forwarding(self, ifname: str) -> None:
+        """bpf_fib_lookup answers only for interfaces with IPv4 forwarding on."""
+        path = Path(f"/proc/sys/net/ipv4/conf/{ifname}/forwarding")
+        if path.read_text().strip() != "1":
+            path.write_text("1")
+            log.info("enabled IPv4 forwarding on %s (needed by bpf_fib_lookup)", ifname)
+
+    def detach(self) -> None:
+        for a in self.attached:
+            netlink.bpf_detach(None, a.ifname, a.direction)
+        self.attached.clear()
+
+    def close(self) -> None:
+        """Forget the object; programs stay attached, maps stay pinned."""
+        self.obj.close()
+
+    def unpin(self) -> None:
+        """Remove the pinned maps (after detach: connections handed off are lost)."""
+        shutil.rmtree(self.pin_dir, ignore_errors=True)
+
+
+class RouterDatapath(Datapath):
+    role = "router"
+
+    def __init__(self, bpf_dir: str | Path = DEFAULT_BPF_DIR, instance: str | None = None) -> None:
+        super().__init__(bpf_dir, instance)
+        self.ingress: BpfMap[FlowKey, FlowEntry] = BpfMap(self.obj.map_fd("arr_ingress"), FlowKey, FlowEntry)
+        self.watch: BpfMap[FlowKey, WatchEntry] = BpfMap(self.obj.map_fd("arr_watch"), FlowKey, WatchEntry)
+        self.stats_map = BpfMap(self.obj.map_fd("arr_router_stats"), StatIndex, StatIndex)
+
+    def attach_interfaces(self, client_ifname: str, target_ifnames: list[str]) -> None:
+        # Client packets arrive on the client side; the targets' SYN-ACKs and
+        # mirrored ACKs on the target side (often the same interface).
+        for ifname in dict.fromkeys([client_ifname, *target_ifnames]):
+            self.enable_forwarding(ifname)
+            self.attach("arr_router_ingress", ifname, "ingress")
+        for ifname in dict.fromkeys(target_ifnames):
+            self.attach("arr_router_egress", ifname, "egress")
+
+    def stats(self) -> dict[str, int]:
+        return read_stats(self.stats_map)
+
+
+class TargetDatapath(Datapath):
+    role = "target"
+
+    def __init__(self, bpf_dir: str | Path = DEFAULT_BPF_DIR, instance: str | None = None) -> None:
+        super().__init__(bpf_dir, instance)
+        self.egress: BpfMap[FlowKey, FlowEntry] = BpfMap(self.obj.map_fd("arr_egress"), FlowKey, FlowEntry)
+        self.mirror: BpfMap[FlowKey, MirrorState] = BpfMap(self.obj.map_fd("arr_mirror"), FlowKey, MirrorState)
+        self.stats_map = BpfMap(self.obj.map_fd("arr_target_stats"), StatIndex, StatIndex)
+
+    def attach_interfaces(self, ifnames: list[str]) -> None:
+        for ifname in dict.fromkeys(ifnames):
+            self.enable_forwarding(ifname)
+            self.attach("arr_target_egress", ifname, "egress")
+
+    def stats(self) -> dict[str, int]:
+        return read_stats(self.stats_map)
