@@ -120,7 +120,7 @@ class Maglev:
     def slot_owner(self, key: str, candidates: Sequence["TargetState"]) -> int:
         """Index into ``candidates`` of the target owning ``key``."""
         identity = tuple((c.name, c.weight) for c in candidates)
-        if True:
+        if identity != self._built_for:
             self._rebuild(identity)
         return self._table[stable_hash(key, _KEY_SALT) % self.table_size]
 

@@ -83,8 +83,7 @@ class _CompiledRule:
             host = request.host.rstrip(".")
             if self.host is not None and host != self.host:
                 return False
-            if self.host_suffix is not None and not (
-                    host.endswith(self.host_suffix) and len(host) > len(self.host_suffix)):
+            if self.host_suffix is not None and not host.endswith(self.host_suffix):
                 return False
         if rule.path_prefix is not None and not request.path.startswith(rule.path_prefix):
             return False

@@ -48,6 +48,8 @@ def test_moves_when_above_t_high_and_someone_is_below_t_low():
     assert policy.choose(get("/x"), servers) is a
     a.active, b.active = 65, 0  # not *above* t_high: stay
     assert policy.choose(get("/x"), servers) is a
+    a.active, b.active = 66, 25  # b is not *below* t_low: stay
+    assert policy.choose(get("/x"), servers) is a
     a.active, b.active = 66, 24
     assert policy.choose(get("/x"), servers) is b
     assert policy.assignment("/x") == "b"
