@@ -1,0 +1,22 @@
+"""The authenticated control channel between routers and agents.
+
+``frames`` is the protocol without I/O (framing, HMAC, replay counters,
+message codecs); ``channel`` runs it over asyncio (``ControlServer`` for the
+agent, ``ControlClient`` for the router) and reads the key (``load_psk``).
+"""
+
+from handoff.control.channel import (
+    ControlClient, ControlServer, ControlUnavailable, ServerSession, load_psk,
+)
+from handoff.control.frames import (
+    FRAME_VERSION, MAX_FRAME, PROTOCOL_VERSION, REASONS, Ack, Closed, ControlConnection, ControlError,
+    FlowKey, HandoffRequest, Hello, Message, MessageType, Nack, Ping, StopMirror,
+)
+from handoff.translate import Translation
+
+__all__ = [
+    "Ack", "Closed", "ControlClient", "ControlConnection", "ControlError", "ControlServer",
+    "ControlUnavailable", "FRAME_VERSION", "FlowKey", "HandoffRequest", "Hello", "MAX_FRAME", "Message",
+    "MessageType", "Nack", "PROTOCOL_VERSION", "Ping", "REASONS", "ServerSession", "StopMirror",
+    "Translation", "load_psk",
+]

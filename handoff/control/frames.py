@@ -1,0 +1,508 @@
+"""The control channel's protocol, sans-IO: framing, authentication, codecs.
+
+Nothing here does I/O. ``ControlConnection`` is fed the bytes that arrived
+(``receive_data``) and hands back messages; it turns messages into the bytes
+to write (``send``). The asyncio shell in ``channel.py`` moves the bytes.
+
+Wire format of one frame (big-endian)::
+
+    u32 length        bytes after this field (header rest + payload + MAC)
+    u8  version       FRAME_VERSION (1)
+    u8  type          MessageType
+    u16 flags         0
+    u64 counter       0 for HELLO; 1, 2, 3... afterwards, per direction
+    ... payload
+    32  HMAC-SHA256   over every preceding byte of the frame, length included
+
+HELLO frames are MACed with the pre-shared key; every later frame with
+``session_key = HMAC-SHA256(psk, b"arr control v1" + client_nonce + server_nonce)``.
+A whole frame (length field included) is at most ``MAX_FRAME`` bytes.
+
+Checks on a received frame, in order: the length (``oversize`` before the
+body is read; shorter than a bare header + MAC: ``malformed``), the MAC
+(``bad-mac``: nothing unauthenticated is interpreted, so flipping any bit
+after the length field is ``bad-mac``), the frame version (``version``), the
+type (``unknown-type``; a type the peer's role never sends is also
+``unknown-type``), handshake order (``handshake``), the counter (``replay``),
+then flags and payload (``malformed``).
+
+Message types are one-way: the client (router) sends HANDOFF, STOP_MIRROR and
+PING requests; the server (agent) sends ACK, NACK, CLOSED and PING replies.
+Since both directions share the session key, this is what stops a frame
+being reflected back to the side that sent it.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import ipaddress
+import secrets
+import struct
+from dataclasses import dataclass
+from typing import Union
+
+from handoff.translate import Translation
+
+FRAME_VERSION = 1
+PROTOCOL_VERSION = 1
+MAX_FRAME = 64 * 1024
+"""The largest frame, its length field included."""
+MAC_LEN = 32
+NONCE_LEN = 16
+SESSION_LABEL = b"arr control v1"
+
+_LEN = struct.Struct(">I")
+_HEAD = struct.Struct(">IBBHQ")  # length, version, type, flags, counter
+HEADER_LEN = _HEAD.size  # 16
+MIN_LENGTH = HEADER_LEN - _LEN.size + MAC_LEN
+"""The smallest value of the length field: an empty payload."""
+
+REASONS = ("bad-mac", "replay", "malformed", "oversize", "unknown-type", "version", "handshake")
+
+
+class ControlError(Exception):
+    """The peer broke the protocol. ``reason`` is one of ``REASONS``."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        assert reason in REASONS, reason
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class MessageType(enum.IntEnum):
+    HELLO = 1
+    HANDOFF = 2
+    ACK = 3
+    NACK = 4
+    STOP_MIRROR = 5
+    CLOSED = 6
+    PING = 7
+
+
+# ------------------------------------------------------------------ messages
+
+
+@dataclass(frozen=True)
+class Hello:
+    node_id: str
+    nonce: bytes
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class FlowKey:
+    """A TCP/IPv4 4-tuple; 12 bytes on the wire."""
+
+    saddr: str
+    daddr: str
+    sport: int
+    dport: int
+
+
+@dataclass(frozen=True)
+class HandoffRequest:
+    conn_id: int
+    key: FlowKey
+    translation: Translation
+    mirror_from: int
+    mirror_until: int
+
+
+@dataclass(frozen=True)
+class Ack:
+    conn_id: int
+
+
+@dataclass(frozen=True)
+class Nack:
+    conn_id: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class StopMirror:
+    conn_id: int
+    key: FlowKey
+
+
+@dataclass(frozen=True)
+class Closed:
+    conn_id: int
+    key: FlowKey
+    packets: int
+    bytes: int
+    flags: int
+
+
+@dataclass(frozen=True)
+class Ping:
+    token: int
+    reply: bool = False
+
+
+Message = Union[Hello, HandoffRequest, Ack, Nack, StopMirror, Closed, Ping]
+
+
+# ------------------------------------------------------------------ codecs
+#
+# Encoders raise ValueError for values that do not fit (a bug of the caller);
+# decoders raise _Malformed, which the connection turns into ControlError.
+
+
+class _Malformed(Exception):
+    pass
+
+
+_KEY = struct.Struct(">4s4sHH")
+_XLATE = struct.Struct(">4s4sHHIIIIBB")
+_U64 = struct.Struct(">Q")
+_HANDOFF_TAIL = struct.Struct(">II")
+_CLOSED_TAIL = struct.Struct(">QQI")
+_PING = struct.Struct(">QB")
+_HELLO_HEAD = struct.Struct(">HH")
+
+
+def _pack(st: struct.Struct, *values: object) -> bytes:
+    try:
+        return st.pack(*values)
+    except struct.error as exc:
+        raise ValueError(f"value out of range: {exc} in {values!r}") from None
+
+
+def _ip(addr: str) -> bytes:
+    try:
+        return ipaddress.IPv4Address(addr).packed
+    except (ipaddress.AddressValueError, ValueError, TypeError) as exc:
+        raise ValueError(f"not an IPv4 address: {addr!r}") from exc
+
+
+def _unpack(st: struct.Struct, data: bytes, offset: int) -> tuple:
+    if len(data) - offset < st.size:
+        raise _Malformed(f"payload truncated: {len(data)} bytes")
+    return st.unpack_from(data, offset)
+
+
+def _encode_key(key: FlowKey) -> bytes:
+    return _pack(_KEY, _ip(key.saddr), _ip(key.daddr), key.sport, key.dport)
+
+
+def _decode_key(data: bytes, offset: int) -> FlowKey:
+    s, d, sp, dp = _unpack(_KEY, data, offset)
+    return FlowKey(str(ipaddress.IPv4Address(s)), str(ipaddress.IPv4Address(d)), sp, dp)
+
+
+def _encode_xlate(x: Translation) -> bytes:
+    return _pack(_XLATE, _ip(x.saddr), _ip(x.daddr), x.sport, x.dport, x.seq_delta, x.ack_delta,
+                 x.tsval_delta, x.tsecr_delta, x.wscale_in, x.wscale_out)
+
+
+def _decode_xlate(data: bytes, offset: int) -> Translation:
+    s, d, sp, dp, seq, ack, tsv, tse, w_in, w_out = _unpack(_XLATE, data, offset)
+    return Translation(saddr=str(ipaddress.IPv4Address(s)), daddr=str(ipaddress.IPv4Address(d)),
+                       sport=sp, dport=dp, seq_delta=seq, ack_delta=ack, tsval_delta=tsv,
+                       tsecr_delta=tse, wscale_in=w_in, wscale_out=w_out)
+
+
+def _encode_text(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    return _pack(struct.Struct(">H"), len(raw)) + raw
+
+
+def _decode_text(data: bytes, offset: int) -> tuple[str, int]:
+    (n,) = _unpack(struct.Struct(">H"), data, offset)
+    offset += 2
+    if len(data) - offset < n:
+        raise _Malformed(f"text of {n} bytes truncated")
+    try:
+        return data[offset:offset + n].decode("utf-8"), offset + n
+    except UnicodeDecodeError as exc:
+        raise _Malformed(f"text is not UTF-8: {exc}") from None
+
+
+def encode_payload(message: Message) -> tuple[MessageType, bytes]:
+    if isinstance(message, Hello):
+        if len(message.nonce) != NONCE_LEN:
+            raise ValueError(f"HELLO nonce must be {NONCE_LEN} bytes")
+        node = message.node_id.encode("utf-8")
+        return MessageType.HELLO, _pack(_HELLO_HEAD, message.version, len(node)) + node + message.nonce
+    if isinstance(message, HandoffRequest):
+        return MessageType.HANDOFF, (_pack(_U64, message.conn_id) + _encode_key(message.key)
+                                     + _encode_xlate(message.translation)
+                                     + _pack(_HANDOFF_TAIL, message.mirror_from, message.mirror_until))
+    if isinstance(message, Ack):
+        return MessageType.ACK, _pack(_U64, message.conn_id)
+    if isinstance(message, Nack):
+        return MessageType.NACK, _pack(_U64, message.conn_id) + _encode_text(message.reason)
+    if isinstance(message, StopMirror):
+        return MessageType.STOP_MIRROR, _pack(_U64, message.conn_id) + _encode_key(message.key)
+    if isinstance(message, Closed):
+        return MessageType.CLOSED, (_pack(_U64, message.conn_id) + _encode_key(message.key)
+                                    + _pack(_CLOSED_TAIL, message.packets, message.bytes, message.flags))
+    if isinstance(message, Ping):
+        return MessageType.PING, _pack(_PING, message.token, 1 if message.reply else 0)
+    raise TypeError(f"not a control message: {message!r}")
+
+
+def _done(data: bytes, offset: int) -> None:
+    if offset != len(data):
+        raise _Malformed(f"{len(data) - offset} trailing bytes in payload")
+
+
+def decode_payload(mtype: MessageType, data: bytes) -> Message:
+    """Raises _Malformed."""
+    if mtype is MessageType.HELLO:
+        version, n = _unpack(_HELLO_HEAD, data, 0)
+        if len(data) != 4 + n + NONCE_LEN:
+            raise _Malformed(f"HELLO of {len(data)} bytes with a node id of {n}")
+        try:
+            node_id = data[4:4 + n].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _Malformed(f"node id is not UTF-8: {exc}") from None
+        return Hello(node_id=node_id, nonce=bytes(data[4 + n:]), version=version)
+    if mtype is MessageType.HANDOFF:
+        (conn_id,) = _unpack(_U64, data, 0)
+        key = _decode_key(data, 8)
+        x = _decode_xlate(data, 8 + _KEY.size)
+        offset = 8 + _KEY.size + _XLATE.size
+        mirror_from, mirror_until = _unpack(_HANDOFF_TAIL, data, offset)
+        _done(data, offset + _HANDOFF_TAIL.size)
+        return HandoffRequest(conn_id, key, x, mirror_from, mirror_until)
+    if mtype is MessageType.ACK:
+        (conn_id,) = _unpack(_U64, data, 0)
+        _done(data, 8)
+        return Ack(conn_id)
+    if mtype is MessageType.NACK:
+        (conn_id,) = _unpack(_U64, data, 0)
+        reason, offset = _decode_text(data, 8)
+        _done(data, offset)
+        return Nack(conn_id, reason)
+    if mtype is MessageType.STOP_MIRROR:
+        (conn_id,) = _unpack(_U64, data, 0)
+        key = _decode_key(data, 8)
+        _done(data, 8 + _KEY.size)
+        return StopMirror(conn_id, key)
+    if mtype is MessageType.CLOSED:
+        (conn_id,) = _unpack(_U64, data, 0)
+        key = _decode_key(data, 8)
+        packets, nbytes, flags = _unpack(_CLOSED_TAIL, data, 8 + _KEY.size)
+        _done(data, 8 + _KEY.size + _CLOSED_TAIL.size)
+        return Closed(conn_id, key, packets, nbytes, flags)
+    if mtype is MessageType.PING:
+        token, reply = _unpack(_PING, data, 0)
+        _done(data, _PING.size)
+        if reply > 1:
+            raise _Malformed(f"PING reply flag {reply}")
+        return Ping(token, bool(reply))
+    raise AssertionError(mtype)
+
+
+def encode_frame(mtype: int, counter: int, payload: bytes, key: bytes, *,
+                 version: int = FRAME_VERSION, flags: int = 0) -> bytes:
+    """One frame MACed with KEY. Public so tests can build hostile frames."""
+    length = HEADER_LEN - _LEN.size + len(payload) + MAC_LEN
+    if length + _LEN.size > MAX_FRAME:
+        raise ValueError(f"frame of {length + _LEN.size} bytes exceeds {MAX_FRAME}")
+    head = _pack(_HEAD, length, version, mtype, flags, counter)
+    body = head + payload
+    return body + hmac.new(key, body, hashlib.sha256).digest()
+
+
+def session_key(psk: bytes, client_nonce: bytes, server_nonce: bytes) -> bytes:
+    return hmac.new(psk, SESSION_LABEL + client_nonce + server_nonce, hashlib.sha256).digest()
+
+
+# ------------------------------------------------------------------ the connection
+
+CLIENT = "client"
+SERVER = "server"
+
+_SENT_BY: dict[type, str] = {
+    # the role that sends each message (PING: both, told apart by the reply flag)
+    HandoffRequest: CLIENT,
+    StopMirror: CLIENT,
+    Ack: SERVER,
+    Nack: SERVER,
+    Closed: SERVER,
+}
+
+
+def _sender_of(message: Message) -> str | None:
+    if isinstance(message, Ping):
+        return SERVER if message.reply else CLIENT
+    return _SENT_BY.get(type(message))
+
+
+class ControlConnection:
+    """One end of a control connection, sans-IO (in the manner of h11).
+
+    Client (router)::
+
+        conn = ControlConnection("client", psk, "router-1")
+        write(conn.start())                      # its HELLO
+        for msg in conn.receive_data(read()):    # the server's Hello, then messages
+            ...
+        write(conn.send(HandoffRequest(...)))    # once conn.established
+
+    Server (agent)::
+
+        conn = ControlConnection("server", psk, "agent-1")
+        msgs = conn.receive_data(read())         # the client's Hello ...
+        write(conn.data_to_send())               # ... and the HELLO answering it
+
+    ``receive_data`` raises ``ControlError`` on any violation; messages
+    decoded earlier in the same call are dropped with it (the peer is not to be
+    trusted any more). After an error, or ``close()``, every call raises
+    ``ControlError`` again: the connection must be discarded.
+    """
+
+    def __init__(self, role: str, psk: bytes, node_id: str, *, nonce: bytes | None = None) -> None:
+        if role not in (CLIENT, SERVER):
+            raise ValueError(f"role must be 'client' or 'server', not {role!r}")
+        if not psk:
+            raise ValueError("empty pre-shared key")
+        self.role = role
+        self._psk = bytes(psk)
+        self.node_id = node_id
+        self._nonce = nonce if nonce is not None else secrets.token_bytes(NONCE_LEN)
+        if len(self._nonce) != NONCE_LEN:
+            raise ValueError(f"nonce must be {NONCE_LEN} bytes")
+        self._key: bytes | None = None  # the session key, once established
+        self._buffer = bytearray()
+        self._outbox = bytearray()
+        self._started = False
+        self._send_counter = 0
+        self._recv_counter = 0
+        self._error: ControlError | None = None
+        self.peer_node_id: str | None = None
+        self.peer_nonce: bytes | None = None
+
+    @property
+    def established(self) -> bool:
+        return self._key is not None and self._error is None
+
+    @property
+    def failed(self) -> ControlError | None:
+        return self._error
+
+    def _check_usable(self) -> None:
+        if self._error is not None:
+            raise ControlError(self._error.reason, f"connection already failed ({self._error.detail})")
+
+    def _hello_frame(self) -> bytes:
+        _, payload = encode_payload(Hello(node_id=self.node_id, nonce=self._nonce))
+        return encode_frame(MessageType.HELLO, 0, payload, self._psk)
+
+    def start(self) -> bytes:
+        """The client's HELLO (b"" for a server, which answers the client's)."""
+        self._check_usable()
+        if self.role == SERVER:
+            return b""
+        if self._started:
+            raise RuntimeError("start() called twice")
+        self._started = True
+        return self._hello_frame()
+
+    def data_to_send(self) -> bytes:
+        """Bytes the connection produced by itself (the server's HELLO); clears them."""
+        out = bytes(self._outbox)
+        self._outbox.clear()
+        return out
+
+    def send(self, message: Message) -> bytes:
+        """The frame carrying MESSAGE. ValueError if it does not fit the wire
+        or is not this role's to send; RuntimeError before the handshake."""
+        self._check_usable()
+        if self._key is None:
+            raise RuntimeError("the handshake is not complete")
+        sender = _sender_of(message)
+        if sender != self.role:
+            raise ValueError(f"a {self.role} does not send {type(message).__name__} "
+                             f"{'' if sender is None else '(only a ' + sender + ' does)'}".rstrip())
+        mtype, payload = encode_payload(message)
+        frame = encode_frame(mtype, self._send_counter + 1, payload, self._key)
+        self._send_counter += 1
+        return frame
+
+    def close(self) -> None:
+        """Refuse any further use."""
+        if self._error is None:
+            self._error = ControlError("handshake", "connection closed")
+
+    def receive_data(self, data: bytes) -> list[Message]:
+        self._check_usable()
+        self._buffer += data
+        out: list[Message] = []
+        try:
+            while len(self._buffer) >= _LEN.size:
+                (length,) = _LEN.unpack_from(self._buffer, 0)
+                if length + _LEN.size > MAX_FRAME:
+                    raise ControlError("oversize", f"frame length {length} exceeds {MAX_FRAME - _LEN.size}")
+                if length < MIN_LENGTH:
+                    raise ControlError("malformed", f"frame length {length} below {MIN_LENGTH}")
+                if len(self._buffer) < _LEN.size + length:
+                    break
+                frame = bytes(self._buffer[:_LEN.size + length])
+                del self._buffer[:_LEN.size + length]
+                out.append(self._frame(frame))
+        except ControlError as exc:
+            self._error = exc
+            self._buffer.clear()
+            raise
+        return out
+
+    def _frame(self, frame: bytes) -> Message:
+        body, mac = frame[:-MAC_LEN], frame[-MAC_LEN:]
+        key = self._key if self._key is not None else self._psk
+        if not hmac.compare_digest(hmac.new(key, body, hashlib.sha256).digest(), mac):
+            raise ControlError("bad-mac", "HELLO not MACed with our pre-shared key (wrong key?)"
+                               if self._key is None else "frame MAC does not verify")
+        _, version, raw_type, flags, counter = _HEAD.unpack_from(body, 0)
+        if version != FRAME_VERSION:
+            raise ControlError("version", f"frame version {version}, we speak {FRAME_VERSION}")
+        try:
+            mtype = MessageType(raw_type)
+        except ValueError:
+            raise ControlError("unknown-type", f"frame type {raw_type}") from None
+        if self._key is None:
+            if mtype is not MessageType.HELLO:
+                raise ControlError("handshake", f"{mtype.name} before HELLO")
+            if self.role == CLIENT and not self._started:
+                raise ControlError("handshake", "HELLO before ours was sent")
+            if counter != 0:
+                raise ControlError("handshake", f"HELLO with counter {counter}")
+        else:
+            if mtype is MessageType.HELLO:
+                raise ControlError("handshake", "second HELLO")
+            if counter != self._recv_counter + 1:
+                raise ControlError("replay", f"counter {counter}, expected {self._recv_counter + 1}")
+        if flags != 0:
+            raise ControlError("malformed", f"flags {flags:#x}")
+        try:
+            message = decode_payload(mtype, body[HEADER_LEN:])
+        except _Malformed as exc:
+            raise ControlError("malformed", f"{mtype.name}: {exc}") from None
+        if self._key is None:
+            return self._hello(message)  # type: ignore[arg-type]
+        sender = _sender_of(message)
+        if sender == self.role:
+            raise ControlError("unknown-type", f"{mtype.name}{' reply' if getattr(message, 'reply', False) else ''}"
+                               f" is not sent by a {'client' if self.role == SERVER else 'server'}")
+        self._recv_counter = counter
+        return message
+
+    def _hello(self, hello: Hello) -> Hello:
+        if hello.version != PROTOCOL_VERSION:
+            raise ControlError("version", f"peer speaks protocol {hello.version}, we speak {PROTOCOL_VERSION}")
+        if hello.nonce == self._nonce:
+            raise ControlError("handshake", "peer's HELLO carries our own nonce (reflected)")
+        self.peer_node_id = hello.node_id
+        self.peer_nonce = hello.nonce
+        if self.role == SERVER:
+            self._outbox += self._hello_frame()
+            self._key = session_key(self._psk, hello.nonce, self._nonce)
+        else:
+            self._key = session_key(self._psk, self._nonce, hello.nonce)
+        return hello
