@@ -2,12 +2,15 @@
 # Both install what they need first (scripts/setup.sh, idempotent).
 VENV := .venv
 PY := $(VENV)/bin/python
-DEMO_ARGS ?= --mode proxy
+DEMO_ARGS ?=
 
-.PHONY: setup demo test test-unit test-net clean-netns
+.PHONY: setup bpf demo test test-unit test-net clean-netns
 
 setup:
 	@bash scripts/setup.sh
+
+bpf: setup
+	$(PY) -m handoff.build
 
 demo: setup
 	$(PY) -m arr demo $(DEMO_ARGS)

@@ -7,8 +7,13 @@ import asyncio
 import dataclasses
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from arr.config import ConfigError, load_config, parse_address
+
+if TYPE_CHECKING:
+    from arr.config import Config
+    from arr.server import Router
 
 
 def _install_uvloop() -> None:
@@ -20,8 +25,33 @@ def _install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def build_router(config: "Config") -> "Router":
+    """The router for a config: with the BPF handoff engine in nat mode."""
+    from arr.metrics import Metrics
+    from arr.server import Router
+
+    if config.router.mode != "nat" or not config.pools:
+        return Router(config)
+    from handoff.control import load_psk
+    from handoff.engine import HandoffSettings, RouterHandoff
+
+    assert config.router.secret_file is not None
+    try:
+        secret = load_psk(config.router.secret_file)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"router.secret_file: {exc}") from None
+    h = config.handoff
+    metrics = Metrics()
+    engine = RouterHandoff(HandoffSettings(
+        secret=secret, node_id=f"router@{config.router.listen[0]}:{config.router.listen[1]}",
+        bpf_dir=h.bpf_dir, instance=h.instance, agent_timeout=h.agent_timeout,
+        connect_timeout=h.connect_timeout, request_ack_timeout=h.request_ack_timeout,
+        linger=h.linger, idle_timeout=h.idle_timeout), config.all_targets(), metrics)
+    return Router(config, handoff=engine, metrics=metrics)
+
+
 def _serve(args: argparse.Namespace) -> int:
-    from arr.server import Router, run
+    from arr.server import run
 
     config = load_config(args.config)
     overrides = {}
@@ -32,8 +62,23 @@ def _serve(args: argparse.Namespace) -> int:
     if overrides:
         config = dataclasses.replace(config, router=dataclasses.replace(config.router, **overrides))
     _install_uvloop()
-    asyncio.run(run(Router(config)))
+    asyncio.run(run(build_router(config)))
     return 0
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from handoff.agent import load_agent_config, run_agent
+
+    settings = load_agent_config(args.config)
+    _install_uvloop()
+    asyncio.run(run_agent(settings))
+    return 0
+
+
+def _conns(args: argparse.Namespace) -> int:
+    from handoff.inspect import main as conns_main
+
+    return conns_main(args)
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -70,12 +115,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--mode", choices=("nat", "proxy"), help="override router.mode")
     serve.set_defaults(func=_serve)
 
+    agent = sub.add_parser("agent", help="run the target-side handoff agent")
+    agent.add_argument("--config", required=True, help="TOML configuration file ([agent])")
+    agent.set_defaults(func=_agent)
+
+    conns = sub.add_parser("conns", help="list handed-off connections (reads the pinned maps)")
+    conns.add_argument("--side", choices=("router", "agent"), default="router")
+    conns.add_argument("--bpf-dir", default="/run/arr/bpf")
+    conns.add_argument("--instance", help="pinned maps' instance (default: this netns's)")
+    conns.add_argument("--json", action="store_true")
+    conns.set_defaults(func=_conns)
+
     check = sub.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("config")
     check.set_defaults(func=_check)
 
     demo = sub.add_parser("demo", help="build a namespace cluster, download through the router")
-    demo.add_argument("--mode", choices=("nat", "proxy"), default="proxy")
+    demo.add_argument("--mode", choices=("nat", "proxy"), default="nat")
     demo.add_argument("--size", type=_size, default=_size("64MiB"), help="object size (default 64MiB)")
     demo.add_argument("--targets", type=int, default=2)
     demo.add_argument("--requests", type=int, default=4, help="downloads to make (default 4)")

@@ -66,6 +66,20 @@ class RouterSettings:
 
 
 @dataclass(frozen=True)
+class HandoffTuning:
+    """``[handoff]``: the nat mode's data path and its timers."""
+
+    bpf_dir: str = "/run/arr/bpf"
+    instance: str | None = None
+    """Name of this router's pinned maps (default: one per network namespace)."""
+    agent_timeout: float = 1.0
+    connect_timeout: float = 1.0
+    request_ack_timeout: float = 30.0
+    linger: float = 2.0
+    idle_timeout: float = 300.0
+
+
+@dataclass(frozen=True)
 class PoolSettings:
     name: str
     targets: tuple[Target, ...]
@@ -105,6 +119,11 @@ class Config:
     rules: tuple[RuleSettings, ...] = ()
     default_pool: str | None = None
     local: tuple[LocalRoute, ...] = ()
+    handoff: HandoffTuning = field(default_factory=HandoffTuning)
+
+    def all_targets(self) -> list[Target]:
+        """Every configured target once (a target may sit in several pools)."""
+        return list({t.address: t for p in self.pools for t in p.targets}.values())
 
 
 # ---------------------------------------------------------------- parsing
@@ -252,6 +271,22 @@ def _upstream(data: Any) -> Upstream:
     )
     s.finish()
     return upstream
+
+
+def _handoff(data: Any) -> HandoffTuning:
+    s = _Section(data, "handoff")
+    d = HandoffTuning()
+    tuning = HandoffTuning(
+        bpf_dir=s.get("bpf_dir", str, d.bpf_dir),
+        instance=s.get("instance", str),
+        agent_timeout=s.number("agent_timeout", d.agent_timeout, allow_zero=False),
+        connect_timeout=s.number("connect_timeout", d.connect_timeout, allow_zero=False),
+        request_ack_timeout=s.number("request_ack_timeout", d.request_ack_timeout, allow_zero=False),
+        linger=s.number("linger", d.linger, allow_zero=False),
+        idle_timeout=s.number("idle_timeout", d.idle_timeout, allow_zero=False),
+    )
+    s.finish()
+    return tuning
 
 
 def _target(data: Any, where: str) -> Target:
@@ -421,10 +456,14 @@ def config_from_dict(data: Mapping[str, Any], base: Path = Path(".")) -> Config:
     elif default_pool is None and "default" in pool_names:
         default_pool = "default"
     local = tuple(_local(r, f"local[{i}]", base) for i, r in enumerate(top.get("local", list, [])))
+    handoff = _handoff(top.get("handoff", dict, {}))
     top.finish()
 
+    if router.mode == "nat" and pools and router.secret_file is None:
+        raise ConfigError("router.secret_file: required in nat mode (the control channel's "
+                          "pre-shared key; the agents read the same file)")
     config = Config(router=router, limits=limits, upstream=upstream, pools=tuple(pools),
-                    rules=rules, default_pool=default_pool, local=local)
+                    rules=rules, default_pool=default_pool, local=local, handoff=handoff)
     _validate_rules(config)
     return config
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -50,6 +51,20 @@ class Metrics:
         self.upstream_errors = Counter(
             "arr_upstream_errors", "Failures talking to targets, by kind.",
             ("target", "kind"), registry=r)
+        self.handoffs = Counter(
+            "arr_handoffs", "Handoff attempts by result (ok, or fallback: see arr_handoff_fallbacks).",
+            ("result",), registry=r)
+        self.handoff_duration = Histogram(
+            "arr_handoff_duration_seconds",
+            "From the decision to the point of no return (client socket released).",
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+            registry=r)
+        self.handed_off = Gauge(
+            "arr_handed_off_connections", "Connections handed off and not yet over (map entries).",
+            registry=r)
+        self.handoff_closed = Counter(
+            "arr_handoff_closed", "Handed-off connections forgotten, by why (closed, idle).",
+            ("why",), registry=r)
         self.proxied_bytes = Counter(
             "arr_proxied_bytes", "Body bytes relayed by the router, by direction.",
             ("direction",), registry=r)
@@ -63,8 +78,9 @@ class Metrics:
         return found if found is not None else 0.0
 
 
-async def serve_metrics(metrics: Metrics, host: str, port: int) -> asyncio.AbstractServer:
-    """A minimal HTTP endpoint for scrapers: any GET answers the exposition."""
+async def serve_metrics(metrics: "Metrics | Any", host: str, port: int) -> asyncio.AbstractServer:
+    """A minimal HTTP endpoint for scrapers: any GET answers the exposition
+    (of anything with an ``exposition() -> bytes`` method)."""
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

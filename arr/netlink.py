@@ -29,7 +29,9 @@ namespace, which is where ``arr serve`` and ``arr agent`` run.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
+import functools
 import ipaddress
 import os
 import socket
@@ -184,21 +186,27 @@ def ipr(ns: str | None) -> Iterator[IPRoute]:
     :func:`run_in_netns`) and handed to pyroute2 by fd: much cheaper than
     pyroute2's own ``netns=`` path, which forks a helper process per socket.
     """
-    if ns is None:
-        with IPRoute() as own:
-            yield own
-        return
-    if not netns_exists(ns):
-        raise NetlinkOpError(f"netns {ns!r} does not exist")
-    sock = socket_in_netns(ns, socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_ROUTE)
-    fd = sock.detach()  # pyroute2 owns (and closes) the fd from here on
+    # pyroute2 runs its own event loop; give it a private stock one, since the
+    # process-wide policy may be uvloop's, whose loops cannot open netlink sockets.
+    loop = asyncio.SelectorEventLoop()
     try:
-        ip = IPRoute(fileno=fd)
-    except BaseException:
-        os.close(fd)
-        raise
-    with ip:
-        yield ip
+        if ns is None:
+            with IPRoute(use_event_loop=loop) as own:
+                yield own
+            return
+        if not netns_exists(ns):
+            raise NetlinkOpError(f"netns {ns!r} does not exist")
+        sock = socket_in_netns(ns, socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_ROUTE)
+        fd = sock.detach()  # pyroute2 owns (and closes) the fd from here on
+        try:
+            ip = IPRoute(fileno=fd, use_event_loop=loop)
+        except BaseException:
+            os.close(fd)
+            raise
+        with ip:
+            yield ip
+    finally:
+        loop.close()
 
 
 def _call(what: str, ns: str, fn: Callable[[], T]) -> T:
@@ -409,6 +417,42 @@ def link_counters(ns: str) -> dict[str, Counters]:
 # --------------------------------------------------------------------------
 
 
+def _outside_event_loop(fn: Callable[..., T]) -> Callable[..., T]:
+    """Run FN on a short-lived thread when called from a running asyncio loop.
+
+    pyroute2's synchronous IPRoute drives an event loop of its own and refuses
+    to start inside a running one (``arr serve`` and ``arr agent`` call these
+    from theirs). Netlink calls take about a millisecond, so the caller simply
+    waits for the thread.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: object, **kwargs: object) -> T:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return fn(*args, **kwargs)
+        result: list[T] = []
+        error: list[BaseException] = []
+
+        def body() -> None:
+            try:
+                result.append(fn(*args, **kwargs))
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+                error.append(e)
+
+        thread = threading.Thread(target=body, name=f"netlink-{fn.__name__}", daemon=True)
+        thread.start()
+        thread.join()
+        if error:
+            raise error[0]
+        return result[0]
+
+    return wrapper
+
+
+
+@_outside_event_loop
 def route_interface(ns: str | None, dst: str) -> tuple[int, str]:
     """(ifindex, ifname) the kernel would send to DST through."""
     with ipr(ns) as ip:
@@ -419,6 +463,14 @@ def route_interface(ns: str | None, dst: str) -> tuple[int, str]:
         return index, str(ip.get_links(index)[0].get_attr("IFLA_IFNAME"))
 
 
+@_outside_event_loop
+def addresses(ns: str | None) -> list[str]:
+    """Every IPv4 address configured in NS."""
+    with ipr(ns) as ip:
+        return [str(m.get_attr("IFA_ADDRESS")) for m in ip.get_addr(family=socket.AF_INET)]
+
+
+@_outside_event_loop
 def address_interface(ns: str | None, address: str) -> tuple[int, str]:
     """(ifindex, ifname) of the interface that carries ADDRESS."""
     with ipr(ns) as ip:
@@ -454,6 +506,7 @@ def _tc_parent(direction: str) -> int:
         raise ValueError(f"direction must be 'ingress' or 'egress', not {direction!r}") from None
 
 
+@_outside_event_loop
 def bpf_attach(ns: str | None, ifname: str, direction: str, prog_fd: int, name: str,
                priority: int = ARR_TC_PRIORITY) -> None:
     """Attach a BPF program as a direct-action classifier on IFNAME.
@@ -474,6 +527,7 @@ def bpf_attach(ns: str | None, ifname: str, direction: str, prog_fd: int, name: 
             prio=priority, protocol=_ETH_P_ALL, classid=1, direct_action=True))
 
 
+@_outside_event_loop
 def bpf_detach(ns: str | None, ifname: str, direction: str, priority: int = ARR_TC_PRIORITY) -> bool:
     """Remove our filter (only ours) from IFNAME; False if there was none."""
     parent = _tc_parent(direction)
@@ -491,6 +545,7 @@ def bpf_detach(ns: str | None, ifname: str, direction: str, priority: int = ARR_
         return True
 
 
+@_outside_event_loop
 def bpf_filters(ns: str | None, ifname: str, direction: str) -> list[BpfFilter]:
     """The bpf classifiers on IFNAME's clsact hook (anyone's)."""
     parent = _tc_parent(direction)

@@ -42,10 +42,14 @@ access_log = logging.getLogger("arr.access")
 class HandoffEngine(Protocol):
     """Hands a client connection to a target (the ``handoff`` package).
 
-    Returns None once the connection belongs to the target (the session must
-    then forget its socket), or the reason it could not, having changed nothing,
-    so that the router can fall back on the same sockets.
+    ``hand_off`` returns None once the connection belongs to the target (the
+    session must then forget its socket), or the reason it could not, having
+    changed nothing, so that the router can fall back on the same sockets.
     """
+
+    async def start(self, router: "Router") -> None: ...
+
+    async def stop(self) -> None: ...
 
     async def hand_off(self, session: ClientSession, request: "Request", head: "h11.Request",
                        target: "TargetState") -> str | None: ...
@@ -53,6 +57,12 @@ class HandoffEngine(Protocol):
 
 class NoHandoff:
     """The engine used when no handoff data path is installed."""
+
+    async def start(self, router: "Router") -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
 
     async def hand_off(self, session: ClientSession, request: "Request", head: "h11.Request",
                        target: "TargetState") -> str | None:
@@ -89,8 +99,13 @@ class Router:
                                                   reuse_address=True)
         if self.config.router.metrics:
             self._metrics_server = await serve_metrics(self.metrics, *self.config.router.metrics)
+        await self.handoff.start(self)
         self.health.start()
         log.info("arr listening on %s:%d (mode %s)", *self.address, self.config.router.mode)
+
+    def listening_sockets(self) -> list:
+        assert self._server is not None, "router not started"
+        return list(self._server.sockets)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -118,6 +133,7 @@ class Router:
         for session in list(self._sessions):
             await session.close()
         await self.health.stop()
+        await self.handoff.stop()
         if self._metrics_server is not None:
             self._metrics_server.close()
         self._closed.set()

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Installs everything arr's demo and tests need; safe to run again (idempotent).
-#   system: nginx (targets), curl (client), iproute2/nftables/ethtool/procps (test bed)
+#   system: nginx (targets), curl (client), iproute2/nftables/ethtool/procps (test bed),
+#           clang + libbpf (the handoff's BPF programs), bpftool (inspection, layout test)
 #   python: a virtualenv in .venv with arr and its dev extras
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-for tool in nginx:nginx-light curl:curl ip:iproute2 nft:nftables ethtool:ethtool nstat:iproute2 ss:iproute2 pgrep:procps; do
+for tool in nginx:nginx-light curl:curl ip:iproute2 nft:nftables ethtool:ethtool nstat:iproute2 \
+            ss:iproute2 pgrep:procps clang:clang llc:llvm bpftool:bpftool gcc:gcc; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool#*:}")
 done
+[ -f /usr/include/bpf/bpf_helpers.h ] || need_apt+=(libbpf-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup: missing ${need_apt[*]}; run as root (or install them) first" >&2
@@ -31,4 +34,5 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q -e '.[dev]'
   touch "$stamp"
 fi
-echo "setup: ok ($(.venv/bin/python --version), $(nginx -v 2>&1))"
+.venv/bin/python -m handoff.build >/dev/null   # compile the BPF programs (only when stale)
+echo "setup: ok ($(.venv/bin/python --version), $(nginx -v 2>&1), $(clang --version | head -1))"

@@ -8,17 +8,57 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
+import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from arr.testbed.cluster import Cluster, TestbedError
+from arr.testbed.cluster import Cluster, Host, TestbedError
 
 METRICS_PORT = 9100
 ROUTER_PORT = 80
+AGENT_PORT = 7070
+AGENT_METRICS_PORT = 9101
+BPF_DIR = "/run/arr/bpf"
+PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+def _python_env() -> dict[str, str]:
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [PROJECT_ROOT, os.environ.get("PYTHONPATH")]))}
+
+
+def secret_file(cluster: Cluster) -> Path:
+    """The cluster's pre-shared control-channel key (created once, mode 0600)."""
+    path = cluster.workdir / "secret"
+    if not path.exists():
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_hex(32) + "\n")
+    return path
+
+
+def host_bpffs() -> Path:
+    """bpffs mounted in this (the host's) mount namespace: processes started
+    with ``ip netns exec`` see it, and their pins outlive them."""
+    from handoff.datapath import ensure_bpffs
+
+    return ensure_bpffs(BPF_DIR)
+
+
+def pin_instance(cluster: Cluster, host: Host) -> str:
+    return f"{cluster.id}-{host.name}"
+
+
+def remove_pins(cluster: Cluster) -> None:
+    """Delete the pinned maps of every router and agent of this cluster."""
+    root = Path(BPF_DIR)
+    if root.is_dir():
+        for pins in root.glob(f"{cluster.id}-*"):
+            shutil.rmtree(pins, ignore_errors=True)
 
 
 def _toml_value(value: Any) -> str:
@@ -60,13 +100,25 @@ def to_toml(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def parse_exposition(text: str) -> dict[str, float]:
+    """Every sample of a Prometheus exposition as ``{'name{labels}': value}``."""
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            samples[key] = float(value)
+    return samples
+
+
 def default_config(cluster: Cluster, mode: str = "proxy", **sections: Any) -> dict[str, Any]:
     """One pool with every target of the cluster, round-robin, health-checked."""
     config: dict[str, Any] = {
         "router": {"listen": f"{cluster.vip}:{ROUTER_PORT}", "mode": mode,
-                   "metrics": f"127.0.0.1:{METRICS_PORT}", "access_log": False},
+                   "metrics": f"127.0.0.1:{METRICS_PORT}", "access_log": False,
+                   "secret_file": str(secret_file(cluster))},
+        "handoff": {"bpf_dir": BPF_DIR, "instance": pin_instance(cluster, cluster.router)},
         "targets": [{"address": f"{t.ip}:{cluster.spec.target_port}", "name": t.name,
-                     "agent": f"{t.ip}:7070"} for t in cluster.targets],
+                     "agent": f"{t.ip}:{AGENT_PORT}"} for t in cluster.targets],
         "policy": {"kind": "round-robin"},
         "health": {"path": "/health", "interval": 0.5, "rise": 2, "fall": 2, "timeout": 0.5},
     }
@@ -98,13 +150,11 @@ class RouterProcess:
     def start(self, timeout: float = 15.0) -> "RouterProcess":
         config_path = self.cluster.workdir / f"{self.name}.toml"
         config_path.write_text(to_toml(self.config))
-        project_root = str(Path(__file__).resolve().parents[2])
-        env = {"PYTHONPATH": os.pathsep.join(filter(None, [project_root, os.environ.get("PYTHONPATH")]))}
         with self.log_path.open("ab") as log:
             self.proc = self.cluster.popen(
                 self.cluster.router,
                 [sys.executable, "-m", "arr", "serve", "--config", str(config_path)],
-                stdout=log, stderr=subprocess.STDOUT, env=env)
+                stdout=log, stderr=subprocess.STDOUT, env=_python_env())
         host, port = self.config["router"]["listen"].rsplit(":", 1)
         deadline = time.monotonic() + timeout
         while not self.cluster.port_open(self.cluster.router, host, int(port), timeout=0.2):
@@ -143,13 +193,7 @@ class RouterProcess:
         return cp.stdout
 
     def metrics(self) -> dict[str, float]:
-        """Every sample as ``{'name{labels}': value}`` (labels as printed)."""
-        samples: dict[str, float] = {}
-        for line in self.metrics_text().splitlines():
-            if line and not line.startswith("#"):
-                key, _, value = line.rpartition(" ")
-                samples[key] = float(value)
-        return samples
+        return parse_exposition(self.metrics_text())
 
     def metric_sum(self, name: str, **labels: str) -> float:
         """Sum of ``name`` over the samples whose labels include ``labels``."""
@@ -174,3 +218,76 @@ def router_interface_bytes(cluster: Cluster) -> int:
     """Bytes that crossed every interface of the router namespace, both directions."""
     counters = cluster.interface_bytes(cluster.router)
     return sum(c.rx_bytes + c.tx_bytes for name, c in counters.items() if name != "lo")
+
+
+@dataclass
+class AgentProcess:
+    """``arr agent`` in a target's namespace, stopped by PID on ``stop``."""
+
+    cluster: Cluster
+    index: int
+    overrides: dict[str, Any] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def host(self) -> Host:
+        return self.cluster.targets[self.index]
+
+    @property
+    def log_path(self) -> Path:
+        return self.cluster.workdir / f"agent-{self.host.name}.log"
+
+    def start(self, timeout: float = 15.0) -> "AgentProcess":
+        settings = {"listen": f"{self.host.ip}:{AGENT_PORT}", "secret_file": str(secret_file(self.cluster)),
+                    "bpf_dir": BPF_DIR, "instance": pin_instance(self.cluster, self.host),
+                    "linger": 1.0, "metrics": f"127.0.0.1:{AGENT_METRICS_PORT}", **self.overrides}
+        config_path = self.cluster.workdir / f"agent-{self.host.name}.toml"
+        config_path.write_text(to_toml({"agent": settings}))
+        with self.log_path.open("ab") as log:
+            self.proc = self.cluster.popen(
+                self.host, [sys.executable, "-m", "arr", "agent", "--config", str(config_path)],
+                stdout=log, stderr=subprocess.STDOUT, env=_python_env())
+        deadline = time.monotonic() + timeout
+        while not self.cluster.port_open(self.host, self.host.ip, AGENT_PORT, timeout=0.2):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise TestbedError(f"arr agent on {self.host.name} did not come up:\n{self.log_tail()}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        code = self.cluster.stop_process(self.proc, grace=10.0)
+        self.proc = None
+        return code
+
+    def log_tail(self, limit: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-limit:]
+        except OSError:
+            return ""
+
+    def metrics(self) -> dict[str, float]:
+        return parse_exposition(self.cluster.exec(self.host, [
+            "curl", "-sS", "--noproxy", "*", "--max-time", "5",
+            f"http://127.0.0.1:{AGENT_METRICS_PORT}/metrics"]).stdout)
+
+
+@contextmanager
+def handoff_cluster(cluster: Cluster, mode: str = "nat", **sections: Any
+                    ) -> Iterator[tuple[RouterProcess, list[AgentProcess]]]:
+    """Agents on every target and a router in MODE; pins removed at the end."""
+    host_bpffs()
+    agents: list[AgentProcess] = []
+    router = RouterProcess(cluster, default_config(cluster, mode, **sections))
+    try:
+        if mode == "nat":
+            agents = [AgentProcess(cluster, i).start() for i in range(len(cluster.targets))]
+        router.start()
+        yield router, agents
+    finally:
+        router.stop()
+        for agent in agents:
+            agent.stop()
+        remove_pins(cluster)

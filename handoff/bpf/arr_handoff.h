@@ -468,7 +468,9 @@ static __always_inline int forward(struct __sk_buff *skb, const struct xlate *x,
 	fib.ipv4_src = x->saddr;
 	fib.ipv4_dst = x->daddr;
 	fib.ifindex = skb->ifindex;
-	fib.tot_len = skb->len - sizeof(struct ethhdr);
+	/* tot_len stays 0: the kernel then checks the MTU with
+	 * is_skb_forwardable(), which understands GSO packets; a tot_len of a
+	 * 64 KiB TSO packet would be refused as FRAG_NEEDED. */
 	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
 		if (bpf_skb_store_bytes(skb, 0, fib.dmac, ETH_ALEN, 0) < 0 ||

@@ -1,0 +1,261 @@
+"""``arr agent``: the target-side daemon.
+
+It attaches the target's egress program, serves the control channel (a
+HANDOFF installs the egress entry and is answered ACK only once it is in the
+map; STOP_MIRROR ends the request mirroring), reports CLOSED with counters
+when the target's side of a handed-off connection ends, and removes entries
+after linger or idle timeout. Like the router, it leaves its program attached
+and its maps pinned when it stops, so connections survive a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from arr import netlink
+from arr.config import ConfigError, parse_address
+from arr.metrics import serve_metrics
+from handoff.control import Ack, Closed, ControlServer, HandoffRequest, Nack, StopMirror, load_psk
+from handoff.control import FlowKey as WireKey
+from handoff.datapath import DEFAULT_BPF_DIR, TargetDatapath
+from handoff.maps import FLOW_ACTIVE, FLOW_F_FIN, FLOW_F_RST, FlowEntry, FlowKey, MirrorState, Xlate
+
+log = logging.getLogger("arr.agent")
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    listen: tuple[str, int]
+    secret_file: str
+    interfaces: tuple[str, ...] = ()
+    """Where the target's replies leave; empty: the interface of ``listen``."""
+    node_id: str = ""
+    bpf_dir: str = DEFAULT_BPF_DIR
+    instance: str | None = None
+    linger: float = 5.0
+    idle_timeout: float = 300.0
+    gc_interval: float = 0.5
+    metrics: tuple[str, int] | None = None
+    """Prometheus endpoint ``host:port``; off by default."""
+
+
+def load_agent_config(path: str | Path) -> AgentSettings:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    section = data.get("agent")
+    if not isinstance(section, dict):
+        raise ConfigError("agent: missing [agent] table")
+    unknown = set(data) - {"agent"}
+    if unknown:
+        raise ConfigError(f"top level: unknown key {sorted(unknown)[0]!r} (expected: agent)")
+    fields = {f.name for f in dataclasses.fields(AgentSettings)}
+    bad = sorted(set(section) - fields)
+    if bad:
+        raise ConfigError(f"agent: unknown key {bad[0]!r} (expected one of: {', '.join(sorted(fields))})")
+    if "listen" not in section:
+        raise ConfigError("agent.listen: required (the control channel's 'ip:port')")
+    if not isinstance(section.get("secret_file"), str):
+        raise ConfigError("agent.secret_file: required (path of the pre-shared key)")
+    values: dict[str, Any] = dict(section)
+    values["listen"] = parse_address(section["listen"], "agent.listen")
+    if "metrics" in values:
+        values["metrics"] = parse_address(values["metrics"], "agent.metrics", ephemeral_ok=True)
+    interfaces = section.get("interfaces", [])
+    if not isinstance(interfaces, list) or not all(isinstance(i, str) for i in interfaces):
+        raise ConfigError("agent.interfaces: expected a list of interface names")
+    values["interfaces"] = tuple(interfaces)
+    for key in ("linger", "idle_timeout", "gc_interval"):
+        if key in values and (not isinstance(values[key], (int, float)) or isinstance(values[key], bool)
+                              or values[key] <= 0):
+            raise ConfigError(f"agent.{key}: must be a positive number, got {values[key]!r}")
+    return AgentSettings(**values)
+
+
+class AgentMetrics:
+    """The agent's Prometheus view, read from its live state at scrape time."""
+
+    def __init__(self, agent: "Agent") -> None:
+        self.agent = agent
+        self.registry = CollectorRegistry()
+        self.registry.register(self)
+
+    def collect(self) -> Iterator[Any]:
+        agent = self.agent
+        rejected = CounterMetricFamily("arr_agent_control_rejected", "Control frames rejected, by reason.",
+                                       labels=["reason"])
+        if agent.server is not None:
+            for reason, count in sorted(agent.server.rejected.items()):
+                rejected.add_metric([reason], count)
+        yield rejected
+        yield CounterMetricFamily("arr_agent_handoffs_installed", "Egress entries installed.",
+                                  value=agent.installed)
+        yield CounterMetricFamily("arr_agent_handoffs_refused", "HANDOFF requests answered NACK.",
+                                  value=agent.refused)
+        yield CounterMetricFamily("arr_agent_closed_reported", "CLOSED reports sent.", value=agent.closed_reports)
+        live = GaugeMetricFamily("arr_agent_entries", "Egress entries in the map.")
+        live.add_metric([], len(agent.datapath.egress.keys()) if agent.datapath else 0)
+        yield live
+        if agent.datapath is not None:
+            stats = CounterMetricFamily("arr_agent_datapath_packets", "What the egress program did.",
+                                        labels=["what"])
+            for name, value in agent.datapath.stats().items():
+                stats.add_metric([name], value)
+            yield stats
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def local_key(key: WireKey) -> FlowKey:
+    return FlowKey.of((key.saddr, key.sport), (key.daddr, key.dport))
+
+
+class Agent:
+    def __init__(self, settings: AgentSettings) -> None:
+        self.settings = settings
+        self.datapath: TargetDatapath | None = None
+        self.server: ControlServer | None = None
+        self.conn_ids: dict[FlowKey, int] = {}
+        self.reported: set[FlowKey] = set()
+        self.local_addresses: set[str] = set()
+        self.installed = 0
+        self.refused = 0
+        self.closed_reports = 0
+        self.metrics = AgentMetrics(self)
+        self._metrics_server: asyncio.AbstractServer | None = None
+        self._gc: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        psk = load_psk(s.secret_file)
+        self.datapath = TargetDatapath(s.bpf_dir, s.instance)
+        interfaces = list(s.interfaces) or [self._listen_interface()]
+        self.datapath.attach_interfaces(interfaces)
+        self.local_addresses = set(netlink.addresses(None)) | {s.listen[0]}
+        node_id = s.node_id or f"agent@{s.listen[0]}"
+        self.server = ControlServer(psk, node_id, self, *s.listen)
+        await self.server.start()
+        if s.metrics is not None:
+            self._metrics_server = await serve_metrics(self.metrics, *s.metrics)
+        self._gc = asyncio.get_running_loop().create_task(self._gc_loop(), name="agent-gc")
+        log.info("arr agent on %s:%d, egress program on %s", *s.listen, ", ".join(interfaces))
+
+    def _listen_interface(self) -> str:
+        host = self.settings.listen[0]
+        if host in ("0.0.0.0", ""):
+            return netlink.route_interface(None, "1.1.1.1")[1]
+        return netlink.address_interface(None, host)[1]
+
+    async def stop(self) -> None:
+        if self._gc is not None:
+            self._gc.cancel()
+            await asyncio.gather(self._gc, return_exceptions=True)
+        if self.server is not None:
+            await self.server.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+        if self.datapath is not None:
+            self.datapath.close()  # program stays attached, maps pinned
+
+    # ------------------------------------------------------------ control
+
+    async def on_message(self, session: Any, message: Any) -> None:
+        if isinstance(message, HandoffRequest):
+            reply = self._install(message)
+            if isinstance(reply, Nack):
+                self.refused += 1
+                log.warning("refused handoff %d: %s", message.conn_id, reply.reason)
+            await session.send(reply)
+        elif isinstance(message, StopMirror):
+            assert self.datapath is not None
+            self.datapath.mirror.delete(local_key(message.key))
+
+    def _install(self, message: HandoffRequest) -> Ack | Nack:
+        assert self.datapath is not None
+        key = local_key(message.key)
+        if key.src[0] not in self.local_addresses:
+            return Nack(conn_id=message.conn_id, reason=f"{key.src[0]} is not an address of this host")
+        try:
+            # Mirror state first: the entry makes the program act, and from its
+            # first packet on it must already know what to mirror.
+            self.datapath.mirror.update(key, MirrorState(mirror_until=message.mirror_until,
+                                                         mirrored_ack=message.mirror_from))
+            self.datapath.egress.update(key, FlowEntry(x=Xlate.of(message.translation), state=FLOW_ACTIVE,
+                                                       created_ns=time.monotonic_ns()))
+        except OSError as exc:
+            self.datapath.mirror.delete(key)
+            return Nack(conn_id=message.conn_id, reason=f"map update failed: {exc}")
+        self.conn_ids[key] = message.conn_id
+        self.reported.discard(key)
+        self.installed += 1
+        return Ack(conn_id=message.conn_id)
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def _gc_loop(self) -> None:
+        while True:
+            try:
+                await self.sweep(time.monotonic_ns())
+            except Exception:
+                log.exception("agent GC sweep failed")
+            await asyncio.sleep(self.settings.gc_interval)
+
+    async def sweep(self, now_ns: int) -> int:
+        assert self.datapath is not None
+        linger_ns = int(self.settings.linger * 1e9)
+        idle_ns = int(self.settings.idle_timeout * 1e9)
+        removed = 0
+        for key, entry in self.datapath.egress.items():
+            ended = bool(entry.flags & (FLOW_F_FIN | FLOW_F_RST))
+            last = entry.last_seen_ns or entry.created_ns
+            idle = now_ns - last if last else 0
+            if (ended or idle > idle_ns) and key not in self.reported:
+                await self._report(key, entry)
+            if (ended and idle > linger_ns) or idle > idle_ns:
+                self.datapath.egress.delete(key)
+                self.datapath.mirror.delete(key)
+                self.conn_ids.pop(key, None)
+                self.reported.discard(key)
+                removed += 1
+        return removed
+
+    async def _report(self, key: FlowKey, entry: FlowEntry) -> None:
+        assert self.server is not None
+        (saddr, sport), (daddr, dport) = key.src, key.dst
+        closed = Closed(conn_id=self.conn_ids.get(key, 0),
+                        key=WireKey(saddr=saddr, daddr=daddr, sport=sport, dport=dport),
+                        packets=entry.packets, bytes=entry.bytes, flags=entry.flags)
+        for session in list(self.server.sessions):
+            try:
+                await session.send(closed)
+            except (ConnectionError, OSError):
+                continue
+        self.reported.add(key)
+        self.closed_reports += 1
+
+
+async def run_agent(settings: AgentSettings) -> None:
+    agent = Agent(settings)
+    await agent.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await agent.stop()

@@ -1,0 +1,372 @@
+"""The router's side of a handoff: the blueprint's section 2.1 sequence.
+
+``RouterHandoff.hand_off`` takes a client connection whose request has been
+read and gives it to the target's unmodified server, or, having changed
+nothing visible, returns the reason it could not (the router then proxies on
+the same sockets). Connection lifecycle after the handoff (section 2.2) is in
+``handoff.lifecycle``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from arr.http1 import add_forwarding
+from handoff import tcpstate
+from handoff.control import Ack, ControlClient, ControlUnavailable, HandoffRequest, Nack, StopMirror
+from handoff.control import FlowKey as WireKey
+from handoff.datapath import RouterDatapath
+from handoff.lifecycle import RouterConnections
+from handoff.maps import (FLOW_ACTIVE, FLOW_HOLD, WATCH_CLOSED, WATCH_CONNECTING, WATCH_HANDED_OFF,
+                          FlowEntry, FlowKey, WatchEntry, Xlate)
+from handoff.translate import HandoffInputs, SocketState, compute_translations, wrap
+
+if TYPE_CHECKING:
+    import h11
+
+    from arr.metrics import Metrics
+    from arr.pool import Target, TargetState
+    from arr.request import Request
+    from arr.server import Router
+    from arr.session import ClientSession
+
+log = logging.getLogger("arr.handoff")
+
+
+@dataclass(frozen=True)
+class HandoffSettings:
+    secret: bytes
+    node_id: str = "router"
+    bpf_dir: str = "/run/arr/bpf"
+    instance: str | None = None
+    agent_timeout: float = 1.0
+    """Longest wait for the agent's ACK before falling back."""
+    connect_timeout: float = 1.0
+    request_ack_timeout: float = 30.0
+    """Longest wait for the target to acknowledge the request before the router
+    stops retransmitting it (its kernel retransmits meanwhile)."""
+    linger: float = 2.0
+    idle_timeout: float = 300.0
+    gc_interval: float = 1.0
+
+
+class Fallback(Exception):
+    """A handoff step failed before the point of no return; ``reason`` is counted."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class Attempt:
+    """What one handoff has set up so far, so that a fallback can undo it."""
+
+    client_key: FlowKey
+    watch_key: FlowKey | None = None
+    forward: socket.socket | None = None
+    held: bool = False
+    agent_may_have_entry: bool = False
+    kernel_bytes: bytes = b""
+    steps: list[str] = field(default_factory=list)
+
+
+def wire_key(key: FlowKey) -> WireKey:
+    (saddr, sport), (daddr, dport) = key.src, key.dst
+    return WireKey(saddr=saddr, daddr=daddr, sport=sport, dport=dport)
+
+
+def serialize_request(request: "Request", head: "h11.Request") -> bytes:
+    """The request as the target will receive it (R'), with this hop recorded.
+
+    Connection and keep-alive headers pass unchanged: after the handoff they
+    are end to end between the client and the target.
+    """
+    headers = [(n, v) for n, v in head.headers if n not in (b"content-length", b"transfer-encoding")]
+    host = next((v for n, v in head.headers if n == b"host"), None)
+    headers = add_forwarding(headers, request.client_ip, host=host)
+    body = request.body or b""
+    if body or any(n in (b"content-length", b"transfer-encoding") for n, _ in head.headers):
+        headers.append((b"content-length", str(len(body)).encode()))
+    lines = [head.method + b" " + head.target + b" HTTP/" + head.http_version]
+    lines += [n + b": " + v for n, v in headers]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+class RouterHandoff:
+    """Implements arr.server.HandoffEngine with the BPF data path."""
+
+    def __init__(self, settings: HandoffSettings, targets: list["Target"], metrics: "Metrics") -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.targets = targets
+        self.datapath: RouterDatapath | None = None
+        self.agents: dict[tuple[str, int], ControlClient] = {}
+        self.connections: RouterConnections | None = None
+        self._ids = itertools.count(int(time.time() * 1000) << 16)
+        self._source_ip: dict[tuple[str, int], str] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ---------------------------------------------------------- lifecycle
+
+    async def start(self, router: "Router") -> None:
+        host, _ = router.config.router.listen
+        self.datapath = RouterDatapath(self.settings.bpf_dir, self.settings.instance)
+        from arr import netlink
+
+        client_if = netlink.address_interface(None, host)[1] if host not in ("0.0.0.0", "") else \
+            netlink.route_interface(None, "1.1.1.1")[1]
+        target_ifs = [netlink.route_interface(None, t.host)[1] for t in self.targets]
+        self.datapath.attach_interfaces(client_if, target_ifs)
+        for server_socket in router.listening_sockets():
+            tcpstate.enable_saved_syn(server_socket)
+        self.connections = RouterConnections(self.datapath, self.settings, self.metrics)
+        self.connections.start()
+        for target in self.targets:
+            if target.agent and target.agent not in self.agents:
+                client = ControlClient(self.settings.secret, self.settings.node_id, *target.agent,
+                                       on_message=self.connections.on_agent_message)
+                await client.start()
+                self.agents[target.agent] = client
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            await asyncio.wait({task}, timeout=self.settings.request_ack_timeout)
+        for client in self.agents.values():
+            await client.stop()
+        if self.connections is not None:
+            await self.connections.stop()
+        if self.datapath is not None:
+            self.datapath.close()  # programs stay attached: handed-off connections live on
+
+    # ---------------------------------------------------------- the sequence
+
+    async def hand_off(self, session: "ClientSession", request: "Request", head: "h11.Request",
+                       target: "TargetState") -> str | None:
+        started = time.perf_counter()
+        try:
+            await self._hand_off(session, request, head, target.target)
+        except Fallback as fallback:
+            self.metrics.handoffs.labels("fallback").inc()
+            return fallback.reason
+        self.metrics.handoffs.labels("ok").inc()
+        self.metrics.handoff_duration.observe(time.perf_counter() - started)
+        return None
+
+    def _agent(self, target: "Target") -> ControlClient:
+        agent = self.agents.get(target.agent) if target.agent else None
+        if agent is None:
+            raise Fallback("no-agent")
+        if not agent.connected:
+            raise Fallback("agent-unavailable")
+        return agent
+
+    def _source_for(self, target: "Target") -> str:
+        """The router's address towards TARGET: a UDP connect picks it, sending nothing."""
+        if target.address not in self._source_ip:
+            probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                probe.connect(target.address)
+                self._source_ip[target.address] = probe.getsockname()[0]
+            finally:
+                probe.close()
+        return self._source_ip[target.address]
+
+    async def _hand_off(self, session: "ClientSession", request: "Request", head: "h11.Request",
+                        target: "Target") -> None:
+        assert self.datapath is not None and self.connections is not None
+        agent = self._agent(target)
+        transport = session.writer.transport
+        client_fd = transport.get_extra_info("socket").fileno()
+        # A socket object of our own on a dup of the fd: sockopts without
+        # touching the transport's; closed (after repair mode) at the end.
+        client = socket.socket(fileno=os.dup(client_fd))
+        transport.pause_reading()
+        local, peer = client.getsockname()[:2], client.getpeername()[:2]
+        attempt = Attempt(client_key=FlowKey.of(peer, local))
+        try:
+            await self._eligible(client, transport)
+            syn = tcpstate.saved_syn(client)
+            info = tcpstate.tcp_info(client)
+            if info.timestamps and syn is None:
+                raise Fallback("no-saved-syn")
+            syn_info = tcpstate.parse_syn(syn) if syn else None
+            await self._connect(attempt, target, info, syn_info)
+            self._hold(attempt, client)
+            # Leaving repair mode without a window probe: reading the state
+            # must not put a packet on either connection.
+            c_snap = tcpstate.snapshot(client, window_probe=False)
+            f_snap = tcpstate.snapshot(attempt.forward, window_probe=False)
+            watch = self.datapath.watch.lookup(attempt.watch_key)
+            pending = _pending_bytes(session) + attempt.kernel_bytes
+            request_bytes = serialize_request(request, head) + pending
+            to_target, to_client = compute_translations(HandoffInputs(
+                client=_state(c_snap), forward=_state(f_snap), request_len=len(request_bytes),
+                client_syn_tsval=(syn_info.tsval or 0) if syn_info else 0,
+                target_tsval=watch.target_tsval if watch else 0))
+            conn_id = next(self._ids)
+            await self._install_at_agent(attempt, agent, HandoffRequest(
+                conn_id=conn_id, key=wire_key(attempt.watch_key), translation=to_client,
+                mirror_from=f_snap.snd_nxt, mirror_until=wrap(f_snap.snd_nxt + len(request_bytes))))
+        except Fallback:
+            self._roll_back(attempt, session, transport)
+            client.close()
+            raise
+        except Exception as exc:
+            log.exception("handoff to %s failed", target.name)
+            self._roll_back(attempt, session, transport)
+            client.close()
+            raise Fallback(f"error-{type(exc).__name__}") from exc
+
+        # Step 7, the point of no return: client packets are now rewritten to
+        # the target; the router's socket goes away without a FIN or RST.
+        self.datapath.watch.update(attempt.watch_key, WatchEntry(
+            state=WATCH_HANDED_OFF, rcv_nxt=f_snap.rcv_nxt,
+            target_tsval=watch.target_tsval if watch else 0))
+        self.datapath.ingress.update(attempt.client_key, FlowEntry(
+            x=Xlate.of(to_target), state=FLOW_ACTIVE, created_ns=time.monotonic_ns()))
+        tcpstate.enter_repair(client)
+        transport.abort()
+        client.close()
+        self.connections.track(conn_id, attempt.client_key, attempt.watch_key, target)
+
+        # Step 8: the request, as the target will see it.
+        forward = attempt.forward
+        assert forward is not None
+        try:
+            await asyncio.get_running_loop().sock_sendall(forward, request_bytes)
+        except OSError as exc:  # the connection is the target's now; it will end it
+            log.warning("sending the request to %s after the handoff failed: %s", target.name, exc)
+        task = asyncio.get_running_loop().create_task(
+            self._release_forward(conn_id, forward, attempt.watch_key, agent))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _eligible(self, client: socket.socket, transport: asyncio.BaseTransport) -> None:
+        """Section 2.1 step 3: everything the router sent is acknowledged, the
+        connection is established, the client has not half-closed."""
+        if transport.get_write_buffer_size():  # type: ignore[attr-defined]
+            raise Fallback("unsent-data")
+        deadline = time.monotonic() + 0.05
+        while True:
+            reason = tcpstate.ineligible(client)
+            if reason != "unacked-data" or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.002)  # a keep-alive response is usually acked within an RTT
+        if reason is not None:
+            raise Fallback(reason)
+
+    async def _connect(self, attempt: Attempt, target: "Target", info: "tcpstate.TcpInfo",
+                       syn: "tcpstate.SynInfo | None") -> None:
+        """Step 4: forwarding socket, watch entry, connect."""
+        assert self.datapath is not None
+        forward = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        forward.setblocking(False)
+        attempt.forward = forward
+        forward.bind((self._source_for(target), 0))
+        attempt.watch_key = FlowKey.of(target.address, forward.getsockname()[:2])
+        self.datapath.watch.update(attempt.watch_key, WatchEntry(
+            state=WATCH_CONNECTING, client_mss=(syn.mss or 0) if syn else 0,
+            client_sack=int(info.sack), client_ts=int(info.timestamps)))
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout):
+                await asyncio.get_running_loop().sock_connect(forward, target.address)
+        except (OSError, TimeoutError):
+            raise Fallback("target-connect") from None
+
+    def _hold(self, attempt: Attempt, client: socket.socket) -> None:
+        """Step 5: drop the client's packets while the state is read. Bytes the
+        kernel already queued are taken now: they are part of the stream."""
+        assert self.datapath is not None
+        self.datapath.ingress.update(attempt.client_key, FlowEntry(state=FLOW_HOLD,
+                                                                   created_ns=time.monotonic_ns()))
+        attempt.held = True
+        chunks = []
+        while tcpstate.queued(client)[0]:
+            try:
+                chunks.append(client.recv(65536, socket.MSG_DONTWAIT))
+            except BlockingIOError:
+                break
+        attempt.kernel_bytes = b"".join(chunks)
+
+    async def _install_at_agent(self, attempt: Attempt, agent: ControlClient, message: HandoffRequest) -> None:
+        """Step 6: no target byte may reach the client before the agent's ACK."""
+        attempt.agent_may_have_entry = True
+        try:
+            reply = await agent.request(message, timeout=self.settings.agent_timeout)
+        except ControlUnavailable:
+            raise Fallback("agent-unavailable") from None
+        except (asyncio.TimeoutError, TimeoutError):
+            raise Fallback("agent-timeout") from None
+        if isinstance(reply, Nack):
+            attempt.agent_may_have_entry = False
+            raise Fallback("agent-nack")
+        if not isinstance(reply, Ack):
+            raise Fallback("agent-protocol")
+
+    def _roll_back(self, attempt: Attempt, session: "ClientSession", transport: asyncio.BaseTransport) -> None:
+        """Undo whatever the attempt set up; the client connection is intact."""
+        assert self.datapath is not None
+        if attempt.held:
+            self.datapath.ingress.delete(attempt.client_key)
+        if attempt.forward is not None:
+            if attempt.agent_may_have_entry:
+                # The agent may yet install an entry: make sure the target's
+                # side of this connection never speaks to the client.
+                tcpstate.close_silently(attempt.forward)
+                if attempt.watch_key is not None:
+                    self.datapath.watch.update(attempt.watch_key, WatchEntry(state=WATCH_CLOSED))
+            else:
+                attempt.forward.close()
+                if attempt.watch_key is not None:
+                    self.datapath.watch.delete(attempt.watch_key)
+        elif attempt.watch_key is not None:
+            self.datapath.watch.delete(attempt.watch_key)
+        if attempt.kernel_bytes:
+            session.reader.feed_data(attempt.kernel_bytes)
+        transport.resume_reading()  # type: ignore[attr-defined]
+
+    async def _release_forward(self, conn_id: int, forward: socket.socket, watch_key: FlowKey,
+                               agent: ControlClient) -> None:
+        """Step 9: once the target acknowledged the request (seen through the
+        mirrored ACKs), drop the forwarding socket silently, stop the mirror."""
+        assert self.datapath is not None
+        deadline = time.monotonic() + self.settings.request_ack_timeout
+        delay = 0.001
+        while tcpstate.queued(forward)[1] and time.monotonic() < deadline:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        if tcpstate.queued(forward)[1]:
+            log.warning("connection %d: request not acknowledged after %.0fs; releasing anyway",
+                        conn_id, self.settings.request_ack_timeout)
+        tcpstate.close_silently(forward)
+        entry = self.datapath.watch.lookup(watch_key)
+        if entry is not None:
+            entry.state = WATCH_CLOSED
+            self.datapath.watch.update(watch_key, entry)
+        try:
+            await agent.send(StopMirror(conn_id=conn_id, key=wire_key(watch_key)))
+        except ControlUnavailable:
+            pass  # the agent drops the mirror state with the entry
+
+
+def _pending_bytes(session: "ClientSession") -> bytes:
+    """Bytes the client sent after this request that userspace already read:
+    they are part of the stream and go to the target after the request."""
+    trailing, _closed = session.conn.trailing_data
+    buffered = bytes(getattr(session.reader, "_buffer", b""))  # StreamReader keeps no public view
+    return bytes(trailing) + buffered
+
+
+def _state(snap: "tcpstate.ConnectionSnapshot") -> SocketState:
+    return SocketState(
+        local=snap.local, remote=snap.remote, snd_nxt=snap.snd_nxt, rcv_nxt=snap.rcv_nxt,
+        snd_wscale=snap.snd_wscale, rcv_wscale=snap.rcv_wscale, ts_clock=snap.ts_clock,
+        timestamps=snap.timestamps, sack=snap.sack, mss=snap.mss)

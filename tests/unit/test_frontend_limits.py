@@ -1,0 +1,167 @@
+"""Bad clients: each gets its exact 4xx and is closed; good clients never notice."""
+
+import asyncio
+import random
+import time
+
+import pytest
+
+MiB = 1 << 20
+HEADER_BYTES = 1024
+MAX_BODY = 100_000
+TIMEOUT = 0.3
+
+LIMITS = {"header_bytes": HEADER_BYTES, "header_timeout": TIMEOUT, "body_timeout": TIMEOUT,
+          "max_body": MAX_BODY, "body_buffer": 16 * 1024}
+
+
+@pytest.fixture
+async def router(start_router, upstream, http):
+    return await start_router(http.pool_config(upstream, limits=LIMITS))
+
+
+def _req(*lines: str, body: bytes = b"") -> bytes:
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+# name -> (what to send, whether to then stall, expected status, expected reason)
+BAD = {
+    "malformed-line": (b"GARBAGE\r\n\r\n", 400, "malformed"),
+    "malformed-version": (b"GET / HTTP/9.x\r\nHost: a\r\n\r\n", 400, "malformed"),
+    "bad-header-line": (b"GET / HTTP/1.1\r\nHost: a\r\nno colon here\r\n\r\n", 400, "malformed"),
+    "header-too-large": (b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * (2 * HEADER_BYTES),
+                         431, "header-too-large"),
+    "content-length-too-large": (_req("POST /echo HTTP/1.1", "Host: a", f"Content-Length: {MAX_BODY + 1}"),
+                                 413, "body-too-large"),
+    "chunked-too-large": (_req("POST /echo HTTP/1.1", "Host: a", "Transfer-Encoding: chunked")
+                          + b"%x\r\n" % (MAX_BODY + 10) + b"z" * (MAX_BODY + 10), 413, "body-too-large"),
+    "stalled-head": (b"GET /bytes/10 HTTP/1.1\r\nHost: a\r\nX-Partial: ", 408, "header-timeout"),
+    "stalled-body": (_req("POST /echo HTTP/1.1", "Host: a", "Content-Length: 1000", body=b"x" * 10),
+                     408, "body-timeout"),
+    "stalled-streamed-body": (_req("POST /echo HTTP/1.1", "Host: a", "Content-Length: 90000",
+                                   body=b"x" * 40000), 408, "body-timeout"),
+    "cl-and-te": (_req("POST /echo HTTP/1.1", "Host: a", "Content-Length: 5",
+                       "Transfer-Encoding: chunked", body=b"0\r\n\r\n"), 400, "conflicting-framing"),
+    "conflicting-cl": (_req("POST /echo HTTP/1.1", "Host: a", "Content-Length: 5", "Content-Length: 6",
+                            body=b"hello"), 400, "malformed"),
+    "bad-chunk-size": (_req("POST /echo HTTP/1.1", "Host: a", "Transfer-Encoding: chunked")
+                       + b"zz\r\nhello\r\n0\r\n\r\n", 400, "malformed"),
+}
+
+
+async def run_bad(http, address, name):
+    data, status, _ = BAD[name]
+    client = await http.connect(address)
+    await client.send(data)
+    response = await client.read_response(timeout=5)
+    assert response.status == status, (name, response.status, response.body)
+    assert response.header("connection") == "close", name
+    assert await client.closed_by_peer(), f"{name}: connection left open"
+    await client.close()
+    return response
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+async def test_bad_client_gets_exact_status_and_is_closed(router, http, name):
+    started = time.monotonic()
+    await run_bad(http, router.address, name)
+    elapsed = time.monotonic() - started
+    _, status, reason = BAD[name]
+    assert router.metrics.value("arr_client_errors_total",
+                                {"reason": reason, "status": str(status)}) == 1
+    if status == 408:
+        assert TIMEOUT * 0.9 <= elapsed < 4 * TIMEOUT + 1
+    # the router still serves a new client
+    ok = await http.request(router.address, "GET", "/bytes/100")
+    assert ok.status == 200 and ok.body == http.payload(100)
+
+
+async def test_chunked_over_max_body_while_buffered(start_router, upstream, http):
+    """max_body below body_buffer: the 413 comes while buffering for the decision."""
+    router = await start_router(http.pool_config(upstream, limits={**LIMITS, "max_body": 1000}))
+    client = await http.connect(router.address)
+    await client.send(_req("POST /echo HTTP/1.1", "Host: a", "Transfer-Encoding: chunked")
+                      + b"400\r\n" + b"a" * 1024 + b"\r\n")
+    response = await client.read_response()
+    assert response.status == 413
+    assert await client.closed_by_peer()
+    assert upstream.served == []  # never relayed
+
+
+async def test_body_exactly_max_body_accepted(start_router, upstream, http):
+    router = await start_router(http.pool_config(upstream, limits={**LIMITS, "max_body": 1000}))
+    response = await http.request(router.address, "POST", "/echo", body=b"q" * 1000)
+    assert response.status == 200 and response.json()["length"] == 1000
+
+
+async def test_complete_oversized_head_in_one_packet_is_431(router, http):
+    client = await http.connect(router.address)
+    await client.send(_req("GET /bytes/10 HTTP/1.1", "Host: a", "X-Big: " + "b" * (8 * HEADER_BYTES)))
+    response = await client.read_response()
+    assert response.status == 431
+    assert await client.closed_by_peer()
+
+
+async def test_keepalive_after_body_larger_than_header_bytes(router, http):
+    """The head-size accounting starts afresh for each request on a connection."""
+    client = await http.connect(router.address)
+    body = b"p" * (5 * HEADER_BYTES)
+    await client.send(http.build_request("POST", "/echo", body=body))
+    assert (await client.read_response()).json()["length"] == len(body)
+    await client.send(http.build_request("POST", "/echo", body=body) + http.build_request("GET", "/bytes/3"))
+    assert (await client.read_response()).json()["length"] == len(body)
+    assert (await client.read_response()).body == http.payload(3)
+
+
+async def test_idle_new_connection_times_out_408(router, http):
+    client = await http.connect(router.address)
+    response = await client.read_response(timeout=5)
+    assert response.status == 408
+    assert await client.closed_by_peer()
+
+
+async def test_bad_clients_do_not_disturb_a_concurrent_download(router, http):
+    size = 16 * MiB
+    good = await http.connect(router.address)
+    await good.send(http.build_request("GET", f"/bytes/{size}"))
+    response = await good.read_head()
+    assert response.status == 200
+    await good.read_body(response, at_least=MiB)
+    assert not response.complete
+
+    for name in sorted(BAD):
+        await run_bad(http, router.address, name)
+
+    await good.read_body(response)
+    assert response.complete and len(response.body) == size
+    assert http.sha256(response.body) == http.sha256(http.payload(size))
+    # the router still serves new clients, on the same connection and on new ones
+    await good.send(http.build_request("GET", "/bytes/10"))
+    assert (await good.read_response()).body == http.payload(10)
+    fresh = await http.request(router.address, "GET", "/chunked/1000")
+    assert fresh.body == http.payload(1000)
+
+
+async def test_hundred_bad_clients_concurrently_with_good_ones(router, http):
+    rng = random.Random(7)
+    names = [rng.choice(sorted(BAD)) for _ in range(100)]
+
+    async def good(i):
+        size = MiB + i * 1000
+        if i % 2:
+            body = http.payload(MAX_BODY - i)
+            response = await http.request(router.address, "POST", "/echo", body=body)
+            assert response.json()["sha256"] == http.sha256(body)
+        else:
+            response = await http.request(router.address, "GET", f"/bytes/{size}")
+            assert http.sha256(response.body) == http.sha256(http.payload(size))
+        return response.status
+
+    results = await asyncio.wait_for(asyncio.gather(
+        *(run_bad(http, router.address, n) for n in names), *(good(i) for i in range(6))), 30)
+    assert [r.status for r in results[:100]] == [BAD[n][1] for n in names]
+    assert results[100:] == [200] * 6
+    total = sum(router.metrics.value("arr_client_errors_total", {"reason": r, "status": str(s)})
+                for s, r in {(s, r) for _, s, r in BAD.values()})
+    assert total == 100
+    assert (await http.request(router.address, "GET", "/bytes/5")).status == 200
