@@ -10,6 +10,7 @@ and the full one (named ``[pools.NAME]`` plus ``[[rules]]`` selecting them).
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -369,6 +370,7 @@ def _match_pair(value: Any, where: str) -> tuple[str, str | None]:
     if not name:
         raise ConfigError(f"{where}.name: required")
     pair = (name, s.get("value", str))
+    _check_regex(pair[1], where, where.rsplit(".", 1)[-1])
     s.finish()
     return pair
 
@@ -381,6 +383,7 @@ def _rule(data: Any, where: str, pools: set[str]) -> RuleSettings:
     if pool not in pools:
         raise ConfigError(f"{where}.pool: no pool named {pool!r} (have: {', '.join(sorted(pools))})")
     header, cookie = s.get("header", dict), s.get("cookie", dict)
+    _check_regex(s.get("path_regex", str), s.path("path_regex"), "path_regex")
     rule = RuleSettings(
         pool=pool,
         host=s.get("host", str),
@@ -392,6 +395,15 @@ def _rule(data: Any, where: str, pools: set[str]) -> RuleSettings:
     )
     s.finish()
     return rule
+
+
+def _check_regex(pattern: str | None, where: str, what: str) -> None:
+    if pattern is None:
+        return
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"{where}: invalid {what} regex {pattern!r}: {exc}") from None
 
 
 def _local(data: Any, where: str, base: Path) -> LocalRoute:
@@ -410,11 +422,11 @@ def _local(data: Any, where: str, base: Path) -> LocalRoute:
             raise ConfigError(f"{where}.file: cannot read {str(file_path)!r}: {exc.strerror}") from None
     else:
         body = body_text.encode()
-    route = LocalRoute(
-        path=path, body=body,
-        status=s.number("status", 200, minimum=200, integer=True),
-        content_type=s.get("content_type", str, "text/plain; charset=utf-8"),
-    )
+    status = s.number("status", 200, minimum=200, integer=True)
+    if status > 599:
+        raise ConfigError(f"{where}.status: must be 200-599, got {status}")
+    route = LocalRoute(path=path, body=body, status=status,
+                       content_type=s.get("content_type", str, "text/plain; charset=utf-8"))
     s.finish()
     return route
 
@@ -485,6 +497,10 @@ def load_config(path: str | Path) -> Config:
             data = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid UTF-8 (byte {exc.start}); TOML files are UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return config_from_dict(data, base=path.parent)

@@ -106,12 +106,13 @@ class Pool:
     name: str
     members: list[TargetState]
     balancer: Balancer
-    health: HealthRule = field(default_factory=HealthRule)
+    health: HealthRule | None = None
+    """Active checks; None: passive detection only (connect failures)."""
 
     @classmethod
     def of(cls, name: str, targets: Sequence[Target], balancer: Balancer,
            health: HealthRule | None = None) -> "Pool":
-        return cls(name, [TargetState(t) for t in targets], balancer, health or HealthRule())
+        return cls(name, [TargetState(t) for t in targets], balancer, health)
 
     def candidates(self, exclude: Sequence[TargetState] = ()) -> list[TargetState]:
         return [m for m in self.members if m.available and m not in exclude]

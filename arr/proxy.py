@@ -81,7 +81,9 @@ class Relay:
         headers = end_to_end(head.headers, drop=(b"content-length", b"expect"))
         headers = add_forwarding(headers, request.client_ip, host=_first(head.headers, b"host"))
         if request.body is not None:
-            if body.present or request.body:
+            # A body framed by the client (even an empty one: PUT with
+            # Content-Length: 0) stays framed; a GET without one stays without.
+            if request.body or body.declared_length is not None or body.chunked:
                 headers.append((b"content-length", str(len(request.body)).encode()))
         elif body.chunked:
             headers.append((b"transfer-encoding", b"chunked"))
@@ -142,6 +144,11 @@ class Relay:
                         raise HttpError(502, "upstream-read", f"{target.name}: {exc}") from None
                 upstream.receive_data(data)
                 continue
+            if event is h11.PAUSED:  # the target switched protocols: nothing arr relays
+                self.metrics.upstream_errors.labels(target.name, "protocol").inc()
+                if not status:
+                    raise HttpError(502, "upstream-protocol", f"{target.name}: switched protocols")
+                raise UpstreamFailed(f"{target.name}: switched protocols")
             if isinstance(event, h11.InformationalResponse):
                 continue  # 100-continue was answered to the client by the router itself
             if isinstance(event, h11.Response):

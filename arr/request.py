@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from http.cookies import CookieError, SimpleCookie
 from typing import Iterable, Iterator, Mapping
 from urllib.parse import urlsplit
 
@@ -52,17 +51,20 @@ class Headers(Mapping[str, str]):
 
 
 def parse_cookies(headers: Headers) -> dict[str, str]:
-    """Cookies from every Cookie header; a malformed pair is skipped, not fatal."""
+    """Cookies from every Cookie header (RFC 6265 section 5.4: name=value pairs
+    separated by ';'); the first of a repeated name wins, a pair without '='
+    is skipped. Not http.cookies: it drops cookies named like attributes
+    (path, domain, version, ...), which are ordinary names in a request."""
     cookies: dict[str, str] = {}
     for line in headers.get_all("cookie"):
         for part in line.split(";"):
-            jar = SimpleCookie()
-            try:
-                jar.load(part.strip())
-            except CookieError:
+            name, sep, value = part.partition("=")
+            name, value = name.strip(), value.strip()
+            if not sep or not name:
                 continue
-            for name, morsel in jar.items():
-                cookies.setdefault(name, morsel.value)
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            cookies.setdefault(name, value)
     return cookies
 
 
@@ -95,11 +97,19 @@ class Request:
 
     @property
     def path(self) -> str:
-        return urlsplit(self.target).path or "/"
+        """The path as the target will see it. An origin-form target is split
+        at '?' only: urlsplit would read '//admin/x' as a host and a path."""
+        if self.target.startswith("/"):
+            return self.target.partition("?")[0]
+        if "://" in self.target:  # absolute-form
+            return urlsplit(self.target).path or "/"
+        return "*" if self.target == "*" else "/"
 
     @property
     def query(self) -> str:
-        return urlsplit(self.target).query
+        if "://" in self.target and not self.target.startswith("/"):
+            return urlsplit(self.target).query
+        return self.target.partition("?")[2]
 
     @property
     def host(self) -> str:

@@ -170,6 +170,10 @@ class ClientSession:
         return await self._prepare(event)
 
     async def _prepare(self, head: h11.Request) -> tuple[Request, h11.Request, RequestBody]:
+        if head.method == b"CONNECT":
+            # A reverse proxy opens no tunnels; h11 would also stop parsing the
+            # connection after a 2xx to CONNECT.
+            raise HttpError(405, "method-not-allowed", "CONNECT is not supported by a reverse proxy")
         declared = check_request_framing(head.headers)
         chunked = any(n == b"transfer-encoding" for n, _ in head.headers)
         max_body = self.limits.max_body

@@ -77,8 +77,6 @@ async def test_post_small_body_visible_to_policy(start_router, upstream, http):
     assert seen == [b"hello", None]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: proxy.py _exchange drops 'Content-Length: 0' of an "
-                                       "empty POST/PUT (body.present is False for length 0)")
 async def test_post_empty_body_keeps_content_length_zero(router, http):
     response = await http.request(router.address, "POST", "/echo", body=b"")
     echo = response.json()

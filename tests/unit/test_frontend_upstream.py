@@ -114,8 +114,6 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: proxy.py _relay_response loops forever on h11.PAUSED "
-                                       "after a 2xx answer to CONNECT, blocking the event loop")
 async def test_connect_answered_2xx_by_upstream_does_not_hang_router():
     """Run in a child process: a hung event loop cannot time itself out."""
     import os
@@ -180,9 +178,6 @@ async def test_health_check_status_out_of_range_marks_down(start_router, upstrea
     assert response.status == 503 and response.body == b"no healthy target\n"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: pool.py Pool.of replaces health=None with HealthRule(), "
-                                       "so a pool without [health] is actively probed on '/' every 2s "
-                                       "(and passive revival in health.py never runs)")
 async def test_pool_without_health_section_is_not_probed(start_router, upstream, http):
     router = await start_router(http.pool_config(upstream))
     await asyncio.sleep(0.2)

@@ -158,9 +158,6 @@ def test_cookies_none():
     assert Request.build("GET", "/", []).cookies == {}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: request.py parse_cookies uses SimpleCookie, which "
-                                       "silently drops cookies named like Morsel attributes "
-                                       "(path, domain, version, expires, ...)")
 def test_cookies_named_like_cookie_attributes():
     h = Headers([("Cookie", "path=blue; version=2; sid=1")])
     assert parse_cookies(h) == {"path": "blue", "version": "2", "sid": "1"}
@@ -203,8 +200,5 @@ def test_request_is_frozen():
         request.method = "POST"  # type: ignore[misc]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: request.py Request.path uses urlsplit, which reads an "
-                                       "origin-form target '//admin/x' as authority 'admin' + path "
-                                       "'/x', so path rules see a different path than the target gets")
 def test_request_path_with_leading_double_slash():
     assert Request.build("GET", "//admin/x", []).path == "//admin/x"
