@@ -41,6 +41,8 @@ def run_demo(mode: str, size: int, targets: int, requests: int, topology: str) -
             router_bytes = router_interface_bytes(cluster) - before
             fallbacks = router.metric_sum("arr_handoff_fallbacks_total")
             handoffs = router.metric_sum("arr_handoffs_total", result="ok")
+            p50 = router.quantile("arr_handoff_duration_seconds", 0.5)
+            p99 = router.quantile("arr_handoff_duration_seconds", 0.99)
         per_target = {t.name: sum(1 for line in cluster.nginx_log(i) if info.url_path in line)
                       for i, t in enumerate(cluster.targets)}
         served = sum(r.size for r in results)
@@ -56,6 +58,8 @@ def run_demo(mode: str, size: int, targets: int, requests: int, topology: str) -
             "router_bytes_per_byte_served": round(router_bytes / served, 4) if served else None,
             "handoffs": int(handoffs),
             "handoff_fallbacks": int(fallbacks),
+            "handoff_p50_ms": round(p50 * 1000, 3) if p50 is not None else None,
+            "handoff_p99_ms": round(p99 * 1000, 3) if p99 is not None else None,
             "per_target": per_target,
             "seconds": round(elapsed, 3),
             "throughput_mib_s": round(served / elapsed / (1 << 20), 1) if elapsed else None,
@@ -74,6 +78,9 @@ def print_summary(report: dict[str, Any]) -> None:
     print(f"  router carried   {_human(report['router_bytes'])} "
           f"= {ratio} bytes per byte served")
     print(f"  handoffs         {report['handoffs']} (fallbacks to proxy: {report['handoff_fallbacks']})")
+    if report["handoff_p50_ms"] is not None:
+        print(f"  handoff time     p50 {report['handoff_p50_ms']} ms, p99 {report['handoff_p99_ms']} ms "
+              "(decision to client socket released, from the histogram)")
     if report["mode"] == "proxy":
         print("  (proxy mode: every response byte enters and leaves the router, hence ~2)")
     else:

@@ -57,7 +57,8 @@ class Metrics:
         self.handoff_duration = Histogram(
             "arr_handoff_duration_seconds",
             "From the decision to the point of no return (client socket released).",
-            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+            buckets=(0.0001, 0.0002, 0.0003, 0.0004, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003,
+                     0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
             registry=r)
         self.handed_off = Gauge(
             "arr_handed_off_connections", "Connections handed off and not yet over (map entries).",

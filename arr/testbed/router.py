@@ -110,6 +110,27 @@ def parse_exposition(text: str) -> dict[str, float]:
     return samples
 
 
+def histogram_quantile(samples: dict[str, float], histogram: str, q: float) -> float | None:
+    buckets = []
+    for key, count in samples.items():
+        match = re.fullmatch(re.escape(histogram) + r'_bucket\{.*?le="([^"]+)".*\}', key)
+        if match:
+            buckets.append((float(match.group(1)), count))
+    buckets.sort()
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if bound == float("inf"):
+                return lower_bound
+            span = count - lower_count
+            return lower_bound + (bound - lower_bound) * ((rank - lower_count) / span if span else 1)
+        lower_bound, lower_count = bound, count
+    return None
+
+
 def default_config(cluster: Cluster, mode: str = "proxy", **sections: Any) -> dict[str, Any]:
     """One pool with every target of the cluster, round-robin, health-checked."""
     config: dict[str, Any] = {
@@ -206,6 +227,11 @@ class RouterProcess:
             if all(found.get(k) == v for k, v in labels.items()):
                 total += value
         return total
+
+    def quantile(self, histogram: str, q: float) -> float | None:
+        """Estimate quantile Q of a histogram from its buckets, interpolating
+        linearly inside the bucket (Prometheus's histogram_quantile)."""
+        return histogram_quantile(self.metrics(), histogram, q)
 
     def __enter__(self) -> "RouterProcess":
         return self.start()
