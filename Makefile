@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_ARGS ?=
 
-.PHONY: setup bpf demo test test-unit test-net clean-netns
+.PHONY: setup bpf demo bench bench-quick test test-unit test-net clean-netns
 
 setup:
 	@bash scripts/setup.sh
@@ -14,6 +14,15 @@ bpf: setup
 
 demo: setup
 	$(PY) -m arr demo $(DEMO_ARGS)
+
+# The benchmark harness (manual; --quick is the CI smoke). Extra tools: haproxy, wrk, matplotlib, rich.
+bench: setup
+	@bash scripts/setup.sh --bench
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
+bench-quick: setup
+	@bash scripts/setup.sh --bench
+	$(PY) -m benchmarks --quick $(BENCH_ARGS)
 
 test: setup
 	$(PY) -m pytest -q -ra

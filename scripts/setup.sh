@@ -6,7 +6,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+bench=0
+[ "${1:-}" = "--bench" ] && bench=1
+
 need_apt=()
+if [ "$bench" = 1 ]; then
+  for tool in haproxy:haproxy wrk:wrk; do
+    command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool#*:}")
+  done
+fi
 for tool in nginx:nginx-light curl:curl ip:iproute2 nft:nftables ethtool:ethtool nstat:iproute2 \
             ss:iproute2 pgrep:procps clang:clang llc:llvm bpftool:bpftool gcc:gcc; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool#*:}")
@@ -33,6 +41,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
   .venv/bin/python -m pip install -q -e '.[dev]'
   touch "$stamp"
+fi
+if [ "$bench" = 1 ] && ! .venv/bin/python -c "import matplotlib, rich" 2>/dev/null; then
+  .venv/bin/python -m pip install -q -e '.[dev,bench]'
 fi
 .venv/bin/python -m handoff.build >/dev/null   # compile the BPF programs (only when stale)
 echo "setup: ok ($(.venv/bin/python --version), $(nginx -v 2>&1), $(clang --version | head -1))"
