@@ -74,7 +74,8 @@ class HandoffTuning:
     instance: str | None = None
     """Name of this router's pinned maps (default: one per network namespace)."""
     agent_timeout: float = 1.0
-    connect_timeout: float = 1.0
+    connect_timeout: float = 3.0
+    """Covers one lost SYN (Linux retransmits it after 1 s)."""
     request_ack_timeout: float = 30.0
     linger: float = 2.0
     idle_timeout: float = 300.0

@@ -37,16 +37,26 @@ async def probe(member: "TargetState", rule: HealthRule) -> bool:
             writer.write(f"GET {rule.path} HTTP/1.1\r\nHost: {host_header}\r\n"
                          "User-Agent: arr-health\r\nConnection: close\r\n\r\n".encode())
             status_line = await reader.readline()
+        parts = status_line.split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+            return False
+        low, high = rule.expect_status
+        healthy = low <= int(parts[1]) <= high
+        # Read the (small) rest before closing, best effort: closing with
+        # unread bytes makes the kernel send the target a RST, which servers
+        # log as errors and count as reset connections.
+        try:
+            async with asyncio.timeout(rule.timeout):
+                while await reader.read(65536):
+                    pass
+        except (OSError, TimeoutError):
+            pass
+        return healthy
     except (OSError, TimeoutError):
         return False
     finally:
         if writer is not None:
             writer.close()
-    parts = status_line.split(None, 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
-        return False
-    low, high = rule.expect_status
-    return low <= int(parts[1]) <= high
 
 
 class HealthMonitor:

@@ -293,6 +293,12 @@ def link_up(ns: str, ifname: str) -> None:
 # --------------------------------------------------------------------------
 
 
+def link_set_mtu(ns: str, ifname: str, mtu: int) -> None:
+    with ipr(ns) as ip:
+        index = _index(ip, ns, ifname)
+        _call(f"set mtu {mtu} on {ifname}", ns, lambda: ip.link("set", index=index, mtu=mtu))
+
+
 def addr_add(ns: str, ifname: str, cidr: str) -> None:
     """Add an address like ``10.200.1.11/24`` to IFNAME in NS."""
     iface = ipaddress.ip_interface(cidr)

@@ -48,7 +48,7 @@ class HandoffSettings:
     instance: str | None = None
     agent_timeout: float = 1.0
     """Longest wait for the agent's ACK before falling back."""
-    connect_timeout: float = 1.0
+    connect_timeout: float = 3.0
     request_ack_timeout: float = 30.0
     """Longest wait for the target to acknowledge the request before the router
     stops retransmitting it (its kernel retransmits meanwhile)."""
@@ -215,7 +215,9 @@ class RouterHandoff:
             await self._install_at_agent(attempt, agent, HandoffRequest(
                 conn_id=conn_id, key=wire_key(attempt.watch_key), translation=to_client,
                 mirror_from=f_snap.snd_nxt, mirror_until=wrap(f_snap.snd_nxt + len(request_bytes))))
-        except Fallback:
+        except Fallback as fallback:
+            if fallback.reason == "urgent-data":
+                _discard_urgent(client, session)
             self._roll_back(attempt, session, transport)
             client.close()
             raise
@@ -355,6 +357,19 @@ class RouterHandoff:
             await agent.send(StopMirror(conn_id=conn_id, key=wire_key(watch_key)))
         except ControlUnavailable:
             pass  # the agent drops the mirror state with the entry
+
+
+def _discard_urgent(client: socket.socket, session: "ClientSession") -> None:
+    """HTTP has no use for TCP urgent data, but an unread urgent byte makes the
+    eventual close() a RST. Take it out of band, then read past its place in
+    the stream (any ordinary bytes read go back to the session, in order)."""
+    try:
+        client.recv(1, socket.MSG_OOB)
+        following = client.recv(65536, socket.MSG_DONTWAIT)
+    except (BlockingIOError, OSError):
+        return
+    if following:
+        session.reader.feed_data(following)
 
 
 def _pending_bytes(session: "ClientSession") -> bytes:

@@ -7,9 +7,6 @@ bytes must equal what handoff.translate predicts, checksums included.
 
 from __future__ import annotations
 
-import os
-import uuid
-
 import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
@@ -29,23 +26,7 @@ def eth() -> Ether:
     return Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
 
 pytestmark = pytest.mark.bpf
-
-
-@pytest.fixture(scope="module")
-def bpf_ns():
-    if os.geteuid() != 0:
-        pytest.fail("BPF tests need root (CI runs as root); they are not skipped", pytrace=False)
-    ns = f"arrbpf{uuid.uuid4().hex[:6]}"
-    netlink.netns_create(ns)
-    try:
-        netlink.veth_create(ns, "x0", ns, "x1")
-        for ifname in ("lo", "x0", "x1"):
-            netlink.link_up(ns, ifname)
-        netlink.addr_add(ns, "x0", "10.9.0.1/24")
-        netlink.sysctl_set(ns, {"net.ipv4.conf.all.forwarding": 1, "net.ipv4.conf.x0.forwarding": 1})
-        yield ns, netlink.link_index(ns, "x0")
-    finally:
-        netlink.netns_delete(ns)
+# bpf_ns (the namespace and x0's ifindex) comes from conftest.py.
 
 
 def in_ns(ns: str, fn):

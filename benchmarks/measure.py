@@ -1,0 +1,322 @@
+"""Measurements inside a test-bed cluster: load generators, CPU, memory, bytes.
+
+Every load generator runs in the client namespace (``cluster.popen``/``exec``),
+so all traffic stays inside the test bed's namespaces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from arr.testbed import Cluster
+from arr.testbed.router import router_interface_bytes
+
+from benchmarks.stats import cpu_seconds_from_stat, machine_busy_seconds, parse_skmem
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+PROJECT_ROOT = str(Path(__file__).resolve().parents[1])
+
+
+class BenchError(RuntimeError):
+    """A measurement failed (bad status, SHA-256 mismatch, tool error)."""
+
+
+def python_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [PROJECT_ROOT, os.environ.get("PYTHONPATH")]))
+    return env
+
+
+# ------------------------------------------------------------------ processes
+
+def _ppid_map() -> dict[int, int]:
+    out: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                rest = f.read().rsplit(")", 1)[1].split()
+            out[int(entry)] = int(rest[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def process_tree(roots: Sequence[int]) -> list[int]:
+    """ROOTS and all their descendants that are alive now."""
+    parents = _ppid_map()
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parents.items():
+        children.setdefault(ppid, []).append(pid)
+    seen: list[int] = []
+    stack = [p for p in roots if p in parents]
+    while stack:
+        p = stack.pop()
+        if p in seen:
+            continue
+        seen.append(p)
+        stack.extend(children.get(p, []))
+    return sorted(seen)
+
+
+def proc_cpu_seconds(pids: Sequence[int]) -> dict[int, float]:
+    out = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                out[pid] = cpu_seconds_from_stat(f.read(), CLK_TCK)
+        except OSError:
+            pass
+    return out
+
+
+def rss_bytes(pids: Sequence[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * PAGE
+        except OSError:
+            pass
+    return total
+
+
+def machine_busy() -> float:
+    with open("/proc/stat") as f:
+        return machine_busy_seconds(f.readline(), CLK_TCK)
+
+
+@dataclass
+class Snapshot:
+    t: float
+    proc_cpu: dict[int, float]
+    busy: float
+    router_bytes: int
+
+
+@dataclass
+class Window:
+    """What happened between two snapshots."""
+
+    seconds: float
+    router_cpu_s: float  # utime+stime of the router processes (those alive at both ends)
+    machine_cpu_s: float  # busy seconds of all CPUs
+    router_bytes: int  # bytes across the router namespace's interfaces
+
+
+class Sampler:
+    """Snapshots of router-process CPU, machine CPU and router interface bytes."""
+
+    def __init__(self, cluster: Cluster, roots: Sequence[int]):
+        self.cluster = cluster
+        self.roots = list(roots)
+
+    def snap(self) -> Snapshot:
+        pids = process_tree(self.roots)
+        return Snapshot(time.monotonic(), proc_cpu_seconds(pids), machine_busy(),
+                        router_interface_bytes(self.cluster))
+
+    @staticmethod
+    def window(a: Snapshot, b: Snapshot) -> Window:
+        cpu = sum(b.proc_cpu[p] - a.proc_cpu[p] for p in b.proc_cpu if p in a.proc_cpu)
+        return Window(b.t - a.t, cpu, b.busy - a.busy, b.router_bytes - a.router_bytes)
+
+
+# ------------------------------------------------------------------------ wrk
+
+WRK_LUA = r"""
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '{"requests":%d,"bytes":%d,"duration_us":%d,"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d}\n',
+    summary.requests, summary.bytes, summary.duration, e.connect, e.read, e.write, e.status, e.timeout))
+end
+"""
+
+
+@dataclass
+class LoadResult:
+    requests: int
+    body_bytes: int
+    seconds: float
+    errors: dict[str, int] = field(default_factory=dict)
+    detail: list[dict] = field(default_factory=list)
+
+
+def run_wrk(cluster: Cluster, urls: Sequence[str], connections: int, duration: float,
+            body_size: int, *, close: bool = False, timeout_s: int = 10) -> LoadResult:
+    """One ``wrk -t1`` per URL in parallel, CONNECTIONS split evenly between them.
+
+    ``close``: every request carries ``Connection: close`` (a new connection per
+    request). Body bytes = completed requests x BODY_SIZE (non-2xx are errors).
+    """
+    script = cluster.workdir / "bench-wrk.lua"
+    script.write_text(WRK_LUA)
+    per = max(1, connections // len(urls))
+    procs = []
+    for url in urls:
+        argv = ["wrk", "-t1", f"-c{per}", f"-d{duration:g}s", f"--timeout={timeout_s}s", "-s", str(script)]
+        if close:
+            argv += ["-H", "Connection: close"]
+        procs.append(cluster.popen(cluster.client, [*argv, url], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True))
+    detail = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=duration + timeout_s + 30)
+        except subprocess.TimeoutExpired:
+            cluster.stop_process(p)
+            raise BenchError("wrk did not finish")
+        lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+        if p.returncode != 0 or not lines:
+            raise BenchError(f"wrk failed ({p.returncode}): {err.strip()[-500:]} {out[-500:]}")
+        detail.append(json.loads(lines[-1]))
+    requests = sum(d["requests"] for d in detail)
+    errors = {k: sum(d[k] for d in detail) for k in ("connect", "read", "write", "status", "timeout")}
+    ok = max(0, requests - errors["status"])
+    seconds = max(d["duration_us"] for d in detail) / 1e6
+    return LoadResult(ok, ok * body_size, seconds, errors, detail)
+
+
+# ----------------------------------------------------------------------- curl
+
+def run_curl_parallel(cluster: Cluster, urls: Sequence[str], count: int, parallel: int,
+                      body_size: int) -> LoadResult:
+    """One curl process: COUNT downloads (URLs alternating), PARALLEL at a time
+    (``curl -Z --parallel-max``), each on a new connection (``Connection: close``),
+    bodies to /dev/null; every transfer must be 200 with BODY_SIZE bytes."""
+    argv = ["curl", "-sS", "--noproxy", "*", "-Z", "--parallel-max", str(parallel),
+            "--parallel-immediate", "--max-time", "600", "-H", "Connection: close",
+            "-w", "%{http_code} %{size_download}\\n"]
+    for i in range(count):
+        argv += ["-o", "/dev/null", urls[i % len(urls)]]
+    t0 = time.monotonic()
+    cp = cluster.exec(cluster.client, argv, timeout=900, check=False)
+    seconds = time.monotonic() - t0
+    ok = bad = 0
+    for line in cp.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == "200" and int(parts[1]) == body_size:
+            ok += 1
+        else:
+            bad += 1
+    if cp.returncode != 0 or ok != count:
+        raise BenchError(f"curl: {ok}/{count} complete downloads (exit {cp.returncode}): "
+                         f"{cp.stderr.strip()[-500:]}")
+    return LoadResult(ok, ok * body_size, seconds, {"bad": bad})
+
+
+# -------------------------------------------------------------- python client
+
+def client_ttfb(cluster: Cluster, urls: Sequence[str], n: int, sha256: str) -> dict:
+    argv = [sys.executable, "-m", "benchmarks.client", "ttfb", "-n", str(n), "--sha256", sha256]
+    for u in urls:
+        argv += ["--url", u]
+    cp = cluster.exec(cluster.client, argv, timeout=60 + n * 0.5, env=python_env())
+    return json.loads(cp.stdout)
+
+
+class HeldConnections:
+    """``benchmarks.client hold`` in the client namespace: N open connections."""
+
+    def __init__(self, cluster: Cluster, url: str, n: int, concurrency: int = 64):
+        self.cluster = cluster
+        self.argv = [sys.executable, "-m", "benchmarks.client", "hold", "--url", url, "-n", str(n),
+                     "--concurrency", str(concurrency)]
+        self.proc: subprocess.Popen | None = None
+        self.report: dict = {}
+
+    def open(self, timeout: float) -> dict:
+        self.proc = self.cluster.popen(self.cluster.client, self.argv, stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=python_env())
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            self.close()
+            raise BenchError(f"holding client did not report within {timeout:.0f} s")
+        line = self.proc.stdout.readline()
+        if not line:
+            err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+            self.close()
+            raise BenchError(f"holding client failed: {err[-800:]}")
+        self.report = json.loads(line)
+        return self.report
+
+    def close(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            if self.proc.stdin:
+                self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+        except (subprocess.TimeoutExpired, OSError):
+            pass
+        self.cluster.stop_process(self.proc)
+        self.proc = None
+
+    def __enter__(self) -> "HeldConnections":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------ kernel sockets
+
+def router_skmem(cluster: Cluster) -> tuple[int, int]:
+    """(TCP sockets, their skmem bytes) in the router namespace (``ss -tanm``)."""
+    cp = cluster.exec(cluster.router, ["ss", "-tanm"], timeout=60)
+    return parse_skmem(cp.stdout)
+
+
+def tcp_slab_objsize() -> int | None:
+    """Bytes of one ``TCP`` slab object (struct tcp_sock), from /proc/slabinfo."""
+    try:
+        with open("/proc/slabinfo") as f:
+            for line in f:
+                parts = line.split()
+                if parts and parts[0] == "TCP":
+                    return int(parts[3])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def sysctl_netns(cluster: Cluster, host, settings: dict[str, str]) -> None:
+    """Namespaced sysctls in one of the cluster's namespaces."""
+    args = [f"{k}={v}" for k, v in settings.items()]
+    cluster.exec(host, ["sysctl", "-q", "-w", *args], timeout=10)
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def version_of(argv: Sequence[str]) -> str:
+    try:
+        cp = subprocess.run(list(argv), capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unavailable ({e})"
+    text = (cp.stdout + cp.stderr).strip().splitlines()
+    return text[0] if text else ""
+
+
+def first_match(pattern: str, text: str) -> str | None:
+    m = re.search(pattern, text)
+    return m.group(1) if m else None

@@ -1,0 +1,219 @@
+"""Pure arithmetic of the benchmark: summaries of runs, CPU accounting, goal verdicts.
+
+Nothing here touches the system, so all of it is unit-tested
+(tests/unit/test_bench_report.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Iterable, Mapping, Sequence
+
+GIB = 1 << 30
+KIB = 1 << 10
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The Q-quantile (0..1) of VALUES, linear interpolation between closest ranks
+    (numpy's default "linear" method)."""
+    if not values:
+        raise ValueError("percentile of no values")
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"quantile {q} not in [0, 1]")
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q
+    lo = math.floor(pos)
+    hi = math.ceil(pos)
+    if lo == hi:
+        return float(xs[lo])
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """A figure over several runs: its median and its spread."""
+
+    median: float
+    min: float
+    max: float
+    q1: float
+    q3: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Iterable[float | None]) -> "Summary | None":
+        xs = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+        if not xs:
+            return None
+        return cls(median=percentile(xs, 0.5), min=min(xs), max=max(xs),
+                   q1=percentile(xs, 0.25), q3=percentile(xs, 0.75), n=len(xs))
+
+    def to_json(self) -> dict[str, float | int]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, float] | None) -> "Summary | None":
+        if data is None:
+            return None
+        return cls(median=data["median"], min=data["min"], max=data["max"],
+                   q1=data["q1"], q3=data["q3"], n=int(data["n"]))
+
+
+# ----------------------------------------------------------------- CPU accounting
+
+def cpu_seconds_from_stat(stat_line: str, clk_tck: int) -> float:
+    """utime+stime (seconds) from the text of /proc/PID/stat.
+
+    The command name (field 2) may contain spaces and parentheses, so fields are
+    counted after the last ')': utime and stime are fields 14 and 15 of the line.
+    """
+    rest = stat_line.rsplit(")", 1)[1].split()
+    # rest[0] is field 3 (state); utime is field 14 -> rest[11], stime rest[12]
+    return (int(rest[11]) + int(rest[12])) / clk_tck
+
+
+def machine_busy_seconds(proc_stat_cpu_line: str, clk_tck: int) -> float:
+    """Busy CPU seconds (all CPUs) from the aggregate ``cpu`` line of /proc/stat:
+    user+nice+system+irq+softirq+steal (idle and iowait excluded; guest time is
+    already included in user/nice)."""
+    parts = proc_stat_cpu_line.split()
+    if parts[0] != "cpu":
+        raise ValueError(f"not the aggregate cpu line: {proc_stat_cpu_line!r}")
+    v = [int(x) for x in parts[1:]] + [0] * 10
+    user, nice, system, _idle, _iowait, irq, softirq, steal = v[:8]
+    return (user + nice + system + irq + softirq + steal) / clk_tck
+
+
+def per_gib(seconds: float | None, bytes_served: int | float) -> float | None:
+    """CPU seconds per GiB served (None when nothing was served)."""
+    if seconds is None or not bytes_served:
+        return None
+    return seconds / (bytes_served / GIB)
+
+
+def marginal_per_gib(system_busy_s: float | None, system_bytes: float,
+                     direct_busy_s: float | None, direct_bytes: float) -> float | None:
+    """Machine CPU per GiB a system costs beyond the direct (router-less) run of the
+    same object size: (busy/GiB)_system - (busy/GiB)_direct. Per GiB, so runs at
+    different throughputs are comparable. May be negative within noise."""
+    a = per_gib(system_busy_s, system_bytes)
+    b = per_gib(direct_busy_s, direct_bytes)
+    if a is None or b is None:
+        return None
+    return a - b
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+# ------------------------------------------------------------------- memory
+
+HTAB_ELEM_HEADER = 48
+"""Bytes the kernel's hash-table element (struct htab_elem: hash node, LRU node,
+hash) takes before the key, on 64-bit Linux 6.x."""
+
+
+def round8(n: int) -> int:
+    return (n + 7) // 8 * 8
+
+
+def htab_elem_bytes(key_size: int, value_size: int) -> int:
+    """Memory of one element of a BPF (LRU) hash map: header + key + value, 8-aligned."""
+    return HTAB_ELEM_HEADER + round8(key_size) + round8(value_size)
+
+
+def parse_skmem(ss_output: str) -> tuple[int, int]:
+    """(sockets, bytes) from ``ss -tmn`` output: the number of skmem blocks and the
+    sum of r (receive queue) + t (in flight to the device) + f (forward-allocated)
+    + w (write queue) + o (options) + bl (backlog) of every socket. rb/tb are
+    limits, not memory, and d is a drop counter."""
+    import re
+
+    sockets = 0
+    total = 0
+    for m in re.finditer(r"skmem:\(([^)]*)\)", ss_output):
+        sockets += 1
+        fields = dict(re.findall(r"([a-z]+)(\d+)", m.group(1)))
+        total += sum(int(fields.get(k, 0)) for k in ("r", "t", "f", "w", "o", "bl"))
+    return sockets, total
+
+
+# ------------------------------------------------------------------- verdicts
+
+@dataclass(frozen=True)
+class Verdict:
+    goal: str
+    target: str  # the goal, as text
+    measured: str  # what was measured, as text
+    status: str  # PASS | MISS | n/a
+    note: str = ""
+
+
+def verdict(goal: str, target: str, value: float | None, limit: float, *, at_most: bool,
+            fmt: str = "{:.3g}", note: str = "") -> Verdict:
+    """PASS when VALUE is at most (or at least) LIMIT; n/a when not measured."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return Verdict(goal, target, "not measured", "n/a", note)
+    ok = value <= limit if at_most else value >= limit
+    return Verdict(goal, target, fmt.format(value), "PASS" if ok else "MISS", note)
+
+
+def _med(summary: Mapping | None) -> float | None:
+    return None if summary is None else summary["median"]
+
+
+def goal_verdicts(results: Mapping) -> list[Verdict]:
+    """The goals of the brief, judged on the medians in RESULTS (the JSON the
+    harness writes: ``results["summary"][system][metric]...``)."""
+    s = results.get("summary", {})
+    nat = s.get("arr-nat", {})
+    hap = s.get("haproxy", {})
+    out: list[Verdict] = []
+
+    def size_metric(system: Mapping, size: str, metric: str) -> float | None:
+        return _med(system.get("sizes", {}).get(size, {}).get(metric))
+
+    for size, factor in (("1MiB", 10), ("64MiB", 50)):
+        for metric, label in (("router_cpu_per_gib", "router process CPU"),
+                              ("marginal_cpu_per_gib", "marginal machine CPU")):
+            a = size_metric(nat, size, metric)
+            b = size_metric(hap, size, metric)
+            r = ratio(a, b)
+            if a is not None and b is not None and b <= 0:
+                r = None
+            note = "" if r is None else f"arr-nat {a:.3g} s/GiB vs haproxy {b:.3g} s/GiB"
+            if metric == "marginal_cpu_per_gib":
+                note = (note + "; " if note else "") + "secondary: includes softirq work"
+            out.append(verdict(f"CPU/GiB at {size}, {label}", f"arr-nat <= 1/{factor} of haproxy",
+                               r, 1 / factor, at_most=True, fmt="{:.3f} of haproxy", note=note))
+
+    for size in ("1MiB", "64MiB"):
+        v = size_metric(nat, size, "router_bytes_per_byte")
+        if v is not None or size in nat.get("sizes", {}):
+            out.append(verdict(f"router bytes per byte served at {size}", "<= 0.05", v, 0.05,
+                               at_most=True, fmt="{:.4f}"))
+
+    ttfb = nat.get("ttfb", {})
+    out.append(verdict("TTFB overhead over direct, p50", "<= 0.5 ms",
+                       _med(ttfb.get("p50_overhead_ms")), 0.5, at_most=True, fmt="{:.3f} ms"))
+
+    conn = nat.get("conn_rate", {})
+    rate = _med(conn.get("per_router_core"))
+    util = _med(conn.get("router_cpu_util"))
+    note = "" if util is None else (
+        f"measured {_med(conn.get('rate')):.0f}/s at router CPU {util * 100:.0f}% of one core; "
+        "per core = rate / router CPU utilisation")
+    out.append(verdict("handoffs per second on one router core", ">= 3000", rate, 3000,
+                       at_most=False, fmt="{:.0f}/s", note=note))
+
+    mem = nat.get("memory", {})
+    for n in sorted(mem, key=int):
+        v = _med(mem[n].get("bytes_per_conn"))
+        out.append(verdict(f"router memory per handed-off connection at {int(n):,}", "<= 1 KiB",
+                           v, KIB, at_most=True, fmt="{:.0f} B",
+                           note="RSS delta / N + BPF map elements per connection"))
+    return out

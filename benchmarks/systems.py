@@ -1,0 +1,233 @@
+"""The systems under test, each started inside a test-bed cluster.
+
+``direct``     the client downloads from the targets themselves (no router)
+``arr-nat``    ``arr serve`` in nat mode (handoff) + ``arr agent`` on each target
+``arr-proxy``  ``arr serve`` in proxy mode (arr relays every byte)
+``haproxy``    HAProxy, http mode, ``nbthread 1``, in the router namespace
+``nginx``      nginx ``proxy_pass``, ``worker_processes 1``, upstream keepalive
+
+Routers listen on the cluster's vip:80, one system at a time. Everything is
+started with ``cluster.popen`` (stopped by PID on exit, also on failure).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from arr.testbed import Cluster
+from arr.testbed import nginx as tb_nginx
+from arr.testbed.router import BPF_DIR, handoff_cluster, pin_instance
+from benchmarks.measure import BenchError, wait_for
+
+SYSTEMS = ("direct", "arr-nat", "arr-proxy", "haproxy", "nginx")
+ROUTER_PORT = 80
+MAX_CONNS = 19000
+
+HAPROXY_MAXCONN = 12000
+"""HAProxy wants 2 fds per connection up front; the VM's hard fd limit is 20,000
+(no CAP_SYS_RESOURCE to raise it), so ``no strict-limits`` lets it start anyway:
+idle client connections share a few server connections, so 10k fit."""
+
+ARR_LIMITS = {"max_connections": MAX_CONNS, "keepalive_timeout": 300}
+"""arr defaults to 10,000 connections and a 60 s keep-alive; the memory test holds
+up to 10,000 idle connections for longer than that."""
+
+
+@dataclass
+class Running:
+    name: str
+    urls: list[str]  # base URLs the load generators use (one load generator per entry)
+    roots: list[int] = field(default_factory=list)  # router process PIDs (descendants counted too)
+    router: object | None = None  # RouterProcess for arr systems
+    config: str = ""  # the configuration text, for the report
+
+    def url(self, i: int, path: str) -> str:
+        return self.urls[i % len(self.urls)] + path
+
+
+# ------------------------------------------------------------------- targets
+
+def bench_targets(cluster: Cluster) -> str:
+    """Restart every target's nginx with the test bed's configuration plus room for
+    the memory test: 32,768 worker connections (the test bed allows 1,024),
+    ``worker_rlimit_nofile`` and a 300 s keep-alive (65 s). Same unmodified
+    nginx binary, same files, same logs. Returns the changed lines."""
+    changes = {
+        "worker_connections 1024;": "worker_connections 19000;",
+        "worker_processes 1;": "worker_processes 1;\nworker_rlimit_nofile 20000;",
+        "keepalive_timeout 65;": "keepalive_timeout 300;",
+    }
+    for i, t in enumerate(cluster.targets):
+        paths = tb_nginx.NginxPaths(cluster.workdir / "targets" / t.name)
+        text = tb_nginx.render_config(paths, label=t.name, ip=t.ip, port=cluster.spec.target_port,
+                                      www_root=cluster.workdir / "www")
+        for old, new in changes.items():
+            if old not in text:
+                raise BenchError(f"test-bed nginx config changed: no {old!r}")
+            text = text.replace(old, new)
+        cluster.stop_target(i)
+        paths.conf.write_text(text)
+        with open(paths.root / "nginx.stdout", "ab") as out:
+            proc = cluster.popen(t, tb_nginx.command(paths), stdout=out, stderr=subprocess.STDOUT)
+        if not wait_for(lambda: cluster.port_open(t, t.ip, cluster.spec.target_port, 0.2), 10):
+            raise BenchError(f"bench nginx on {t.name} did not come up (exit {proc.poll()})")
+    return "; ".join(f"{a} -> {b}".replace("\n", " ") for a, b in changes.items())
+
+
+# ------------------------------------------------------------------- routers
+
+def haproxy_config(cluster: Cluster, workdir: Path) -> str:
+    servers = "\n".join(f"    server {t.name} {t.ip}:{cluster.spec.target_port}" for t in cluster.targets)
+    return f"""\
+global
+    nbthread 1
+    maxconn {HAPROXY_MAXCONN}
+    no strict-limits
+    pidfile {workdir}/haproxy.pid
+    tune.bufsize 16384
+
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse safe
+    timeout connect 3s
+    timeout client 300s
+    timeout server 60s
+    timeout http-keep-alive 300s
+    timeout http-request 10s
+    maxconn {HAPROXY_MAXCONN}
+
+frontend fe
+    bind {cluster.vip}:{ROUTER_PORT} backlog 4096
+    default_backend be
+
+backend be
+    balance roundrobin
+{servers}
+"""
+
+
+def nginx_proxy_config(cluster: Cluster, workdir: Path) -> str:
+    servers = "\n".join(f"        server {t.ip}:{cluster.spec.target_port};" for t in cluster.targets)
+    t = workdir / "tmp"
+    return f"""\
+daemon off;
+master_process on;
+user root;
+worker_processes 1;
+worker_rlimit_nofile 20000;
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log warn;
+
+events {{
+    worker_connections {MAX_CONNS};
+}}
+
+http {{
+    access_log off;
+    client_body_temp_path {t}/body;
+    proxy_temp_path {t}/proxy;
+    fastcgi_temp_path {t}/fastcgi;
+    uwsgi_temp_path {t}/uwsgi;
+    scgi_temp_path {t}/scgi;
+    keepalive_timeout 300;
+    keepalive_requests 10000;
+
+    upstream be {{
+{servers}
+        keepalive 64;
+        keepalive_requests 10000;
+    }}
+
+    server {{
+        listen {cluster.vip}:{ROUTER_PORT} backlog=4096;
+        location / {{
+            proxy_pass http://be;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_max_temp_file_size 0;
+        }}
+    }}
+}}
+"""
+
+
+def _wait_listening(cluster: Cluster, proc: subprocess.Popen, name: str, log: Path) -> None:
+    ok = wait_for(lambda: proc.poll() is None and cluster.port_open(cluster.router, cluster.vip,
+                                                                    ROUTER_PORT, 0.2), 15)
+    if not ok:
+        tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+        cluster.stop_process(proc)
+        raise BenchError(f"{name} did not listen on {cluster.vip}:{ROUTER_PORT}: {tail}")
+
+
+@contextmanager
+def _external(cluster: Cluster, name: str, config: str, argv_of) -> Iterator[Running]:
+    workdir = cluster.workdir / f"bench-{name}"
+    (workdir / "tmp").mkdir(parents=True, exist_ok=True)
+    conf = workdir / f"{name}.conf"
+    conf.write_text(config)
+    log = workdir / "stdout.log"
+    with log.open("ab") as out:
+        proc = cluster.popen(cluster.router, argv_of(conf), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait_listening(cluster, proc, name, log)
+        yield Running(name, [f"http://{cluster.vip}:{ROUTER_PORT}"] * 2, [proc.pid], None, config)
+    finally:
+        cluster.stop_process(proc)
+
+
+@contextmanager
+def start_system(cluster: Cluster, name: str) -> Iterator[Running]:
+    """Start NAME in CLUSTER, yield how to reach and watch it, stop it."""
+    if name == "direct":
+        yield Running(name, [f"http://{t.ip}:{cluster.spec.target_port}" for t in cluster.targets])
+    elif name in ("arr-nat", "arr-proxy"):
+        mode = name.split("-")[1]
+        with handoff_cluster(cluster, mode, limits=ARR_LIMITS) as (router, _agents):
+            router.wait_healthy(timeout=15)
+            cfg_path = cluster.workdir / f"{router.name}.toml"
+            cfg = cfg_path.read_text() if cfg_path.exists() else ""
+            yield Running(name, [router.url] * 2, [router.proc.pid], router, cfg)
+    elif name == "haproxy":
+        workdir = cluster.workdir / "bench-haproxy"
+        workdir.mkdir(exist_ok=True)
+        with _external(cluster, name, haproxy_config(cluster, workdir),
+                       lambda conf: ["haproxy", "-db", "-f", str(conf)]) as r:
+            yield r
+    elif name == "nginx":
+        workdir = cluster.workdir / "bench-nginx"
+        workdir.mkdir(exist_ok=True)
+        with _external(cluster, name, nginx_proxy_config(cluster, workdir),
+                       lambda conf: ["nginx", "-p", f"{workdir}/", "-c", str(conf),
+                                     "-e", f"{workdir}/error.log"]) as r:
+            yield r
+    else:
+        raise ValueError(f"unknown system {name!r} (have: {', '.join(SYSTEMS)})")
+
+
+def arr_map_entries(cluster: Cluster) -> dict[str, tuple[int, int, int]]:
+    """{map: (entries, key size, value size)} of the router's pinned handoff maps."""
+    from handoff.libbpf import BpfMap
+    from handoff.maps import FlowEntry, FlowKey, WatchEntry
+
+    pin_dir = Path(BPF_DIR) / pin_instance(cluster, cluster.router)
+    out = {}
+    for name, value_type in (("arr_ingress", FlowEntry), ("arr_watch", WatchEntry)):
+        m = BpfMap.pinned(pin_dir / name, FlowKey, value_type)
+        try:
+            out[name] = (len(m.keys()), ctypes_size(FlowKey), ctypes_size(value_type))
+        finally:
+            m.close()
+    return out
+
+
+def ctypes_size(t) -> int:
+    import ctypes
+
+    return ctypes.sizeof(t)
