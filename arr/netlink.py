@@ -129,34 +129,43 @@ def netns_pids(name: str) -> list[int]:
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+def _on_thread(fn: Callable[[], T], name: str) -> T:
+    """Run FN on a fresh short-lived thread, wait, return its result or re-raise."""
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            result.append(fn())
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+            error.append(e)
+
+    thread = threading.Thread(target=body, name=name, daemon=True)
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
 def run_in_netns(name: str, fn: Callable[[], T]) -> T:
     """Run FN in a fresh thread that has joined namespace NAME; return its result.
 
     The thread exits afterwards, so no thread of the caller is left in
     another namespace. Sockets created inside FN stay bound to NAME.
     """
-    result: list[T] = []
-    error: list[BaseException] = []
 
-    def body() -> None:
+    def joined() -> T:
+        fd = os.open(_ns_path(name), os.O_RDONLY | os.O_CLOEXEC)
         try:
-            fd = os.open(_ns_path(name), os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if _libc.setns(fd, _CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns({name}): {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            result.append(fn())
-        except BaseException as e:  # noqa: BLE001 - re-raised in caller
-            error.append(e)
+            if _libc.setns(fd, _CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns({name}): {os.strerror(err)}")
+        finally:
+            os.close(fd)
+        return fn()
 
-    t = threading.Thread(target=body, name=f"netns-{name}", daemon=True)
-    t.start()
-    t.join()
-    if error:
-        raise error[0]
-    return result[0]
+    return _on_thread(joined, f"netns-{name}")
 
 
 def socket_in_netns(
@@ -438,21 +447,7 @@ def _outside_event_loop(fn: Callable[..., T]) -> Callable[..., T]:
             asyncio.get_running_loop()
         except RuntimeError:
             return fn(*args, **kwargs)
-        result: list[T] = []
-        error: list[BaseException] = []
-
-        def body() -> None:
-            try:
-                result.append(fn(*args, **kwargs))
-            except BaseException as e:  # noqa: BLE001 - re-raised in the caller
-                error.append(e)
-
-        thread = threading.Thread(target=body, name=f"netlink-{fn.__name__}", daemon=True)
-        thread.start()
-        thread.join()
-        if error:
-            raise error[0]
-        return result[0]
+        return _on_thread(lambda: fn(*args, **kwargs), f"netlink-{fn.__name__}")
 
     return wrapper
 

@@ -109,6 +109,7 @@ class Datapath:
     def __init__(self, bpf_dir: str | Path = DEFAULT_BPF_DIR, instance: str | None = None) -> None:
         self.pin_dir = ensure_bpffs(bpf_dir) / (instance or default_instance(self.role))
         self.obj = BpfObject(object_path(self.role), self.pin_dir)
+        self.stats_map = BpfMap(self.obj.map_fd("arr_stats"), StatIndex, StatIndex)
         self.attached: list[Attachment] = []
 
     def attach(self, program: str, ifname: str, direction: str) -> None:
@@ -122,6 +123,10 @@ class Datapath:
         if path.read_text().strip() != "1":
             path.write_text("1")
             log.info("enabled IPv4 forwarding on %s (needed by bpf_fib_lookup)", ifname)
+
+    def stats(self) -> dict[str, int]:
+        """What the programs did (per-CPU counters summed)."""
+        return read_stats(self.stats_map)
 
     def detach(self) -> None:
         for a in self.attached:
@@ -144,7 +149,6 @@ class RouterDatapath(Datapath):
         super().__init__(bpf_dir, instance)
         self.ingress: BpfMap[FlowKey, FlowEntry] = BpfMap(self.obj.map_fd("arr_ingress"), FlowKey, FlowEntry)
         self.watch: BpfMap[FlowKey, WatchEntry] = BpfMap(self.obj.map_fd("arr_watch"), FlowKey, WatchEntry)
-        self.stats_map = BpfMap(self.obj.map_fd("arr_router_stats"), StatIndex, StatIndex)
 
     def attach_interfaces(self, client_ifname: str, target_ifnames: list[str]) -> None:
         # Client packets arrive on the client side; the targets' SYN-ACKs and
@@ -155,9 +159,6 @@ class RouterDatapath(Datapath):
         for ifname in dict.fromkeys(target_ifnames):
             self.attach("arr_router_egress", ifname, "egress")
 
-    def stats(self) -> dict[str, int]:
-        return read_stats(self.stats_map)
-
 
 class TargetDatapath(Datapath):
     role = "target"
@@ -166,12 +167,8 @@ class TargetDatapath(Datapath):
         super().__init__(bpf_dir, instance)
         self.egress: BpfMap[FlowKey, FlowEntry] = BpfMap(self.obj.map_fd("arr_egress"), FlowKey, FlowEntry)
         self.mirror: BpfMap[FlowKey, MirrorState] = BpfMap(self.obj.map_fd("arr_mirror"), FlowKey, MirrorState)
-        self.stats_map = BpfMap(self.obj.map_fd("arr_target_stats"), StatIndex, StatIndex)
 
     def attach_interfaces(self, ifnames: list[str]) -> None:
         for ifname in dict.fromkeys(ifnames):
             self.enable_forwarding(ifname)
             self.attach("arr_target_egress", ifname, "egress")
-
-    def stats(self) -> dict[str, int]:
-        return read_stats(self.stats_map)

@@ -26,7 +26,7 @@ from handoff.datapath import RouterDatapath
 from handoff.lifecycle import RouterConnections
 from handoff.maps import (FLOW_ACTIVE, FLOW_HOLD, WATCH_CLOSED, WATCH_CONNECTING, WATCH_HANDED_OFF,
                           FlowEntry, FlowKey, WatchEntry, Xlate)
-from handoff.translate import HandoffInputs, SocketState, compute_translations, wrap
+from handoff.translate import HandoffInputs, compute_translations, wrap
 
 if TYPE_CHECKING:
     import h11
@@ -208,13 +208,13 @@ class RouterHandoff:
             pending = _pending_bytes(session) + attempt.kernel_bytes
             request_bytes = serialize_request(request, head) + pending
             to_target, to_client = compute_translations(HandoffInputs(
-                client=_state(c_snap), forward=_state(f_snap), request_len=len(request_bytes),
+                client=c_snap.tcp, forward=f_snap.tcp, request_len=len(request_bytes),
                 client_syn_tsval=(syn_info.tsval or 0) if syn_info else 0,
                 target_tsval=watch.target_tsval if watch else 0))
             conn_id = next(self._ids)
             await self._install_at_agent(attempt, agent, HandoffRequest(
                 conn_id=conn_id, key=wire_key(attempt.watch_key), translation=to_client,
-                mirror_from=f_snap.snd_nxt, mirror_until=wrap(f_snap.snd_nxt + len(request_bytes))))
+                mirror_from=f_snap.tcp.snd_nxt, mirror_until=wrap(f_snap.tcp.snd_nxt + len(request_bytes))))
         except Fallback as fallback:
             if fallback.reason == "urgent-data":
                 _discard_urgent(client, session)
@@ -230,7 +230,7 @@ class RouterHandoff:
         # Step 7, the point of no return: client packets are now rewritten to
         # the target; the router's socket goes away without a FIN or RST.
         self.datapath.watch.update(attempt.watch_key, WatchEntry(
-            state=WATCH_HANDED_OFF, rcv_nxt=f_snap.rcv_nxt,
+            state=WATCH_HANDED_OFF, rcv_nxt=f_snap.tcp.rcv_nxt,
             target_tsval=watch.target_tsval if watch else 0))
         self.datapath.ingress.update(attempt.client_key, FlowEntry(
             x=Xlate.of(to_target), state=FLOW_ACTIVE, created_ns=time.monotonic_ns()))
@@ -378,10 +378,3 @@ def _pending_bytes(session: "ClientSession") -> bytes:
     trailing, _closed = session.conn.trailing_data
     buffered = bytes(getattr(session.reader, "_buffer", b""))  # StreamReader keeps no public view
     return bytes(trailing) + buffered
-
-
-def _state(snap: "tcpstate.ConnectionSnapshot") -> SocketState:
-    return SocketState(
-        local=snap.local, remote=snap.remote, snd_nxt=snap.snd_nxt, rcv_nxt=snap.rcv_nxt,
-        snd_wscale=snap.snd_wscale, rcv_wscale=snap.rcv_wscale, ts_clock=snap.ts_clock,
-        timestamps=snap.timestamps, sack=snap.sack, mss=snap.mss)

@@ -40,6 +40,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 
+from handoff.translate import SocketState
+
 # --- Constants the stdlib lacks (values from linux/tcp.h and linux/sockios.h) ---
 
 TCP_REPAIR = 19
@@ -541,21 +543,10 @@ def ineligible(sock: socket.socket) -> str | None:
 
 @dataclass(frozen=True)
 class ConnectionSnapshot:
-    """Everything the translation needs from one socket, read at one moment."""
+    """One socket read for the handoff: what the translation needs
+    (``translate.SocketState``) and what eligibility needs, at one moment."""
 
-    local: tuple[str, int]
-    remote: tuple[str, int]
-    snd_nxt: int
-    rcv_nxt: int
-    snd_wscale: int
-    """The peer's window shift."""
-    rcv_wscale: int
-    """This socket's window shift."""
-    ts_clock: int
-    timestamps: bool
-    sack: bool
-    mss: int
-    """tcpi_snd_mss: the largest segment this socket sends."""
+    tcp: SocketState
     state: int
     inq: int
     outq: int
@@ -576,16 +567,15 @@ def snapshot(sock: socket.socket, *, saved_syn_tsval: int | None = None,
     The reads are separate syscalls, not one atomic view: the caller keeps the
     connection quiet meanwhile (nothing written, the peer's packets held), and
     checks ``ineligible()``, since sequence numbers are only meaningful with
-    both queues empty (see ``read_sequence``).
+    both queues empty (see ``read_sequence``). ``tcp.mss`` is tcpi_snd_mss.
     """
     info = tcp_info(sock)
     inq, outq, not_sent = queued(sock)
     snd_nxt, rcv_nxt = read_sequence(sock, window_probe=window_probe)
-    return ConnectionSnapshot(
+    tcp = SocketState(
         local=tuple(sock.getsockname()[:2]), remote=tuple(sock.getpeername()[:2]),  # type: ignore[arg-type]
-        snd_nxt=snd_nxt, rcv_nxt=rcv_nxt,
-        snd_wscale=info.snd_wscale, rcv_wscale=info.rcv_wscale, ts_clock=ts_clock(sock),
-        timestamps=info.timestamps, sack=info.sack, mss=info.snd_mss, state=info.state,
-        inq=inq, outq=outq, outq_not_sent=not_sent, urgent=urgent_pending(sock),
-        syn_tsval=saved_syn_tsval)
+        snd_nxt=snd_nxt, rcv_nxt=rcv_nxt, snd_wscale=info.snd_wscale, rcv_wscale=info.rcv_wscale,
+        ts_clock=ts_clock(sock), timestamps=info.timestamps, sack=info.sack, mss=info.snd_mss)
+    return ConnectionSnapshot(tcp=tcp, state=info.state, inq=inq, outq=outq, outq_not_sent=not_sent,
+                              urgent=urgent_pending(sock), syn_tsval=saved_syn_tsval)
 

@@ -151,6 +151,22 @@ def default_config(cluster: Cluster, mode: str = "proxy", **sections: Any) -> di
     return config
 
 
+def start_arr(cluster: Cluster, host: Host, argv: list[str], log_path: Path, port: tuple[str, int],
+              timeout: float, what: str) -> subprocess.Popen:
+    """``python -m arr ARGV`` in HOST's namespace, waiting until PORT accepts."""
+    with log_path.open("ab") as log:
+        proc = cluster.popen(host, [sys.executable, "-m", "arr", *argv],
+                             stdout=log, stderr=subprocess.STDOUT, env=_python_env())
+    deadline = time.monotonic() + timeout
+    while not cluster.port_open(host, port[0], port[1], timeout=0.2):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            cluster.stop_process(proc, grace=5.0)
+            tail = log_path.read_text(errors="replace")[-4000:] if log_path.exists() else ""
+            raise TestbedError(f"{what} did not come up:\n{tail}")
+        time.sleep(0.05)
+    return proc
+
+
 @dataclass
 class RouterProcess:
     """``arr serve`` in the router namespace, stopped by PID on ``stop``."""
@@ -171,18 +187,9 @@ class RouterProcess:
     def start(self, timeout: float = 15.0) -> "RouterProcess":
         config_path = self.cluster.workdir / f"{self.name}.toml"
         config_path.write_text(to_toml(self.config))
-        with self.log_path.open("ab") as log:
-            self.proc = self.cluster.popen(
-                self.cluster.router,
-                [sys.executable, "-m", "arr", "serve", "--config", str(config_path)],
-                stdout=log, stderr=subprocess.STDOUT, env=_python_env())
         host, port = self.config["router"]["listen"].rsplit(":", 1)
-        deadline = time.monotonic() + timeout
-        while not self.cluster.port_open(self.cluster.router, host, int(port), timeout=0.2):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise TestbedError(f"arr serve did not come up:\n{self.log_tail()}")
-            time.sleep(0.05)
+        self.proc = start_arr(self.cluster, self.cluster.router, ["serve", "--config", str(config_path)],
+                              self.log_path, (host, int(port)), timeout, "arr serve")
         return self
 
     def wait_healthy(self, count: int | None = None, timeout: float = 10.0) -> None:
@@ -269,16 +276,9 @@ class AgentProcess:
                     "linger": 1.0, "metrics": f"127.0.0.1:{AGENT_METRICS_PORT}", **self.overrides}
         config_path = self.cluster.workdir / f"agent-{self.host.name}.toml"
         config_path.write_text(to_toml({"agent": settings}))
-        with self.log_path.open("ab") as log:
-            self.proc = self.cluster.popen(
-                self.host, [sys.executable, "-m", "arr", "agent", "--config", str(config_path)],
-                stdout=log, stderr=subprocess.STDOUT, env=_python_env())
-        deadline = time.monotonic() + timeout
-        while not self.cluster.port_open(self.host, self.host.ip, AGENT_PORT, timeout=0.2):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise TestbedError(f"arr agent on {self.host.name} did not come up:\n{self.log_tail()}")
-            time.sleep(0.05)
+        self.proc = start_arr(self.cluster, self.host, ["agent", "--config", str(config_path)],
+                              self.log_path, (self.host.ip, AGENT_PORT), timeout,
+                              f"arr agent on {self.host.name}")
         return self
 
     def stop(self) -> int | None:

@@ -121,6 +121,22 @@ enum arr_stat {
 	STAT_MAX,
 };
 
+/* Each object (router, target) has its own instance of this map. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} arr_stats SEC(".maps");
+
+static __always_inline void count(__u32 stat)
+{
+	__u64 *n = bpf_map_lookup_elem(&arr_stats, &stat);
+
+	if (n)
+		*n += 1;
+}
+
 #define ARR_MIRROR_MARK 0x0a770001 /* a clone on its way to the router: let it pass */
 
 /* ------------------------------------------------------------- parsing */

@@ -26,21 +26,6 @@ struct {
 	__type(value, struct watch_entry);
 } arr_watch SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, STAT_MAX);
-	__type(key, __u32);
-	__type(value, __u64);
-} arr_router_stats SEC(".maps");
-
-static __always_inline void count(__u32 stat)
-{
-	__u64 *n = bpf_map_lookup_elem(&arr_router_stats, &stat);
-
-	if (n)
-		*n += 1;
-}
-
 /* The target's SYN-ACK options and its latest TSval, for the translation. */
 static __always_inline void record_target(struct __sk_buff *skb, const struct pkt *p,
 					  struct watch_entry *w)

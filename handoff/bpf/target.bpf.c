@@ -25,21 +25,6 @@ struct {
 	__type(value, struct mirror_state);
 } arr_mirror SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, STAT_MAX);
-	__type(key, __u32);
-	__type(value, __u64);
-} arr_target_stats SEC(".maps");
-
-static __always_inline void count(__u32 stat)
-{
-	__u64 *n = bpf_map_lookup_elem(&arr_target_stats, &stat);
-
-	if (n)
-		*n += 1;
-}
-
 /* Clone to the router the packets that (newly) acknowledge the request, and
  * pure ACKs (cheap, and they carry retransmission dupacks) until told to stop. */
 static __always_inline void mirror(struct __sk_buff *skb, const struct pkt *p, struct mirror_state *m)

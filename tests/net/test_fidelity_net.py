@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import time
 
 import h11
@@ -281,20 +282,29 @@ def test_pipelined_and_later_keep_alive_requests_in_order(cluster):
         assert handed + fell_back == 1
 
 
+def exchange_to_eof(cluster: Cluster, request: bytes, after_send) -> tuple[bytes, bytes]:
+    """Send REQUEST on a new connection, call AFTER_SEND(sock), read to EOF:
+    (response head, body)."""
+    sock = netlink.socket_in_netns(cluster.client.ns)
+    sock.settimeout(20)
+    sock.connect((cluster.vip, ROUTER_PORT))
+    sock.sendall(request)
+    after_send(sock)
+    data = bytearray()
+    while chunk := sock.recv(1 << 20):
+        data += chunk
+    sock.close()
+    head, _, body = bytes(data).partition(b"\r\n\r\n")
+    return head, body
+
+
 def test_half_closed_client_falls_back_to_proxy(cluster):
     c = cluster(targets=1, files={"1m": MiB})
     with handoff_cluster(c) as (router, agents):
         router.wait_healthy()
-        sock = netlink.socket_in_netns(c.client.ns)
-        sock.settimeout(20)
-        sock.connect((c.vip, ROUTER_PORT))
-        sock.sendall(f"GET {c.files['1m'].url_path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        sock.shutdown(1)  # SHUT_WR: the client's FIN follows the request
-        data = bytearray()
-        while chunk := sock.recv(1 << 20):
-            data += chunk
-        sock.close()
-        head, _, body = bytes(data).partition(b"\r\n\r\n")
+        request = f"GET {c.files['1m'].url_path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        # SHUT_WR: the client's FIN follows the request.
+        head, body = exchange_to_eof(c, request, lambda sock: sock.shutdown(socket.SHUT_WR))
         assert head.startswith(b"HTTP/1.1 200") and hashlib.sha256(body).hexdigest() == c.files["1m"].sha256
         assert router.metric_sum("arr_handoff_fallbacks_total", reason="half-closed") == 1
 
@@ -303,19 +313,11 @@ def test_urgent_data_falls_back_to_proxy(cluster):
     c = cluster(targets=1, files={"1m": MiB})
     with handoff_cluster(c) as (router, agents):
         router.wait_healthy()
-        import socket as socketlib
-
-        sock = netlink.socket_in_netns(c.client.ns)
-        sock.settimeout(20)
-        sock.connect((c.vip, ROUTER_PORT))
-        sock.sendall(f"GET {c.files['1m'].url_path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-        sock.send(b"!", socketlib.MSG_OOB)
-        data = bytearray()
-        while chunk := sock.recv(1 << 20):
-            data += chunk
-        sock.close()
-        head, _, body = bytes(data).partition(b"\r\n\r\n")
+        watch = CounterWatch(c, (c.client, *c.targets))
+        request = f"GET {c.files['1m'].url_path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+        head, body = exchange_to_eof(c, request, lambda sock: sock.send(b"!", socket.MSG_OOB))
         assert head.startswith(b"HTTP/1.1 200") and hashlib.sha256(body).hexdigest() == c.files["1m"].sha256
         reasons = {r: router.metric_sum("arr_handoff_fallbacks_total", reason=r)
                    for r in ("urgent-data", "unread-data")}
         assert sum(reasons.values()) == 1, reasons
+        watch.assert_clean()  # and the connection ended with a FIN, not a RST

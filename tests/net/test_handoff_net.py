@@ -17,6 +17,7 @@ import pytest
 
 from arr import netlink
 from arr.testbed import Cluster
+from arr.testbed.files import sha256_file
 from arr.testbed.router import (AGENT_PORT, BPF_DIR, ROUTER_PORT, AgentProcess, handoff_cluster,
                                 pin_instance, router_interface_bytes)
 from handoff.libbpf import BpfMap
@@ -57,16 +58,6 @@ def background_curl(cluster: Cluster, url: str, out: Path, rate: str | None = No
     return cluster.popen(cluster.client, argv + [url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def sha256_file(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @pytest.mark.parametrize("topology", ["bridge", "gateway"])
 def test_64mib_download_bypasses_the_router(cluster, topology):
     c = cluster(targets=2, topology=topology, files={"64m": 64 * MiB})
@@ -82,7 +73,7 @@ def test_64mib_download_bypasses_the_router(cluster, topology):
         stdout, stderr = curl.communicate(timeout=120)
         carried = router_interface_bytes(c) - before
         assert (stdout, curl.returncode) == ("200", 0), stderr
-        assert sha256_file(out) == info.sha256
+        assert sha256_file(out)[0] == info.sha256
         assert carried < 0.05 * info.size, f"router carried {carried} bytes for {info.size}"
         assert sum(1 for i in range(2) for line in c.nginx_log(i) if info.url_path in line) == 1
         assert router.metric_sum("arr_handoffs_total", result="ok") == 1
@@ -121,7 +112,7 @@ def test_keep_alive_requests_after_the_handoff(cluster):
             argv += ["-o", str(c.workdir / f"ka{i}"), router.url + c.files[name].url_path]
         c.exec(c.client, argv)
         for i, name in enumerate(names):
-            assert sha256_file(c.workdir / f"ka{i}") == c.files[name].sha256, i
+            assert sha256_file(c.workdir / f"ka{i}")[0] == c.files[name].sha256, i
         # One handoff: the nine later requests went straight to the same target.
         assert router.metric_sum("arr_handoffs_total", result="ok") == 1
         served = [sum(1 for line in c.nginx_log(i) if "/files/" in line) for i in range(2)]
@@ -204,4 +195,4 @@ def test_restart_in_the_middle_of_a_download(cluster, restart):
             agents[0].start()
         stdout, stderr = curl.communicate(timeout=120)
         assert (stdout, curl.returncode) == ("200", 0), stderr
-        assert sha256_file(out) == info.sha256
+        assert sha256_file(out)[0] == info.sha256

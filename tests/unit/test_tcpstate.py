@@ -583,12 +583,13 @@ def test_snapshot_of_an_idle_connection(net: Net) -> None:
     snd, rcv = ts.read_sequence(server)
     snap = ts.snapshot(server, saved_syn_tsval=syn.tsval)
     info = ts.tcp_info(server)
-    assert snap.local == server.getsockname() and snap.remote == client.getsockname()
-    assert (snap.snd_nxt, snap.rcv_nxt) == (snd, rcv)
-    assert (snap.snd_wscale, snap.rcv_wscale, snap.mss) == (info.snd_wscale, info.rcv_wscale,
+    tcp = snap.tcp
+    assert tcp.local == server.getsockname() and tcp.remote == client.getsockname()
+    assert (tcp.snd_nxt, tcp.rcv_nxt) == (snd, rcv)
+    assert (tcp.snd_wscale, tcp.rcv_wscale, tcp.mss) == (info.snd_wscale, info.rcv_wscale,
                                                            info.snd_mss)
-    assert snap.timestamps and snap.sack and snap.state == TcpState.ESTABLISHED
-    assert 0 <= signed_diff(ts.ts_clock(server), snap.ts_clock) <= 20
+    assert tcp.timestamps and tcp.sack and snap.state == TcpState.ESTABLISHED
+    assert 0 <= signed_diff(ts.ts_clock(server), tcp.ts_clock) <= 20
     assert (snap.inq, snap.outq, snap.outq_not_sent, snap.urgent) == (0, 0, 0, False)
     assert snap.syn_tsval == syn.tsval
     assert snap.ineligible() is None and ts.ineligible(server) is None
