@@ -194,7 +194,7 @@ class RouterHandoff:
         try:
             await self._eligible(client, transport)
             syn = tcpstate.saved_syn(client)
-            info = tcpstate.tcp_info(client)
+            info = tcpstate.tcp_basics(client)
             if info.timestamps and syn is None:
                 raise Fallback("no-saved-syn")
             syn_info = tcpstate.parse_syn(syn) if syn else None
@@ -265,7 +265,7 @@ class RouterHandoff:
         if reason is not None:
             raise Fallback(reason)
 
-    async def _connect(self, attempt: Attempt, target: "Target", info: "tcpstate.TcpInfo",
+    async def _connect(self, attempt: Attempt, target: "Target", info: "tcpstate.TcpBasics",
                        syn: "tcpstate.SynInfo | None") -> None:
         """Step 4: forwarding socket, watch entry, connect."""
         assert self.datapath is not None

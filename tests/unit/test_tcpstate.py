@@ -648,3 +648,11 @@ def test_ineligibility_order() -> None:
     assert ts.ineligibility(TcpState.ESTABLISHED, 5, 5, False) == "unread-data"
     assert ts.ineligibility(TcpState.ESTABLISHED, 0, 5, False) == "unacked-data"
     assert ts.ineligibility(TcpState.ESTABLISHED, 0, 0, False) is None
+
+
+def test_tcp_basics_agree_with_the_full_tcp_info(net: Net) -> None:
+    client, server = net.pair()
+    for sock in (client, server):
+        info, basics = ts.tcp_info(sock), ts.tcp_basics(sock)
+        assert basics == (info.state, info.timestamps, info.sack, info.snd_wscale, info.rcv_wscale,
+                          info.snd_mss)
