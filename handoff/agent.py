@@ -225,7 +225,10 @@ class Agent:
             ended = bool(entry.flags & (FLOW_F_FIN | FLOW_F_RST))
             last = entry.last_seen_ns or entry.created_ns
             idle = now_ns - last if last else 0
-            if (ended or idle > idle_ns) and key not in self.reported:
+            if ended or idle > idle_ns:
+                # Repeated every sweep until the entry goes: a router that was
+                # reconnecting when the connection ended still hears of it
+                # (the router's handling is idempotent).
                 await self._report(key, entry)
             if (ended and idle > linger_ns) or idle > idle_ns:
                 self.datapath.egress.delete(key)
@@ -246,8 +249,9 @@ class Agent:
                 await session.send(closed)
             except (ConnectionError, OSError):
                 continue
-        self.reported.add(key)
-        self.closed_reports += 1
+        if key not in self.reported:
+            self.reported.add(key)
+            self.closed_reports += 1
 
 
 async def run_agent(settings: AgentSettings) -> None:

@@ -188,9 +188,13 @@ class RouterHandoff:
         # A socket object of our own on a dup of the fd: sockopts without
         # touching the transport's; closed (after repair mode) at the end.
         client = socket.socket(fileno=os.dup(client_fd))
-        transport.pause_reading()
-        local, peer = client.getsockname()[:2], client.getpeername()[:2]
+        try:
+            local, peer = client.getsockname()[:2], client.getpeername()[:2]
+        except OSError:
+            client.close()
+            raise Fallback("client-gone") from None
         attempt = Attempt(client_key=FlowKey.of(peer, local))
+        transport.pause_reading()
         try:
             await self._eligible(client, transport)
             syn = tcpstate.saved_syn(client)
