@@ -183,6 +183,8 @@ class RouterHandoff:
                         target: "Target") -> None:
         assert self.datapath is not None and self.connections is not None
         agent = self._agent(target)
+        if ":" in session.peer[0] or ":" in target.host:
+            raise Fallback("ipv6")  # the BPF programs translate IPv4 only
         transport = session.writer.transport
         client_fd = transport.get_extra_info("socket").fileno()
         # A socket object of our own on a dup of the fd: sockopts without
