@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import NamedTuple
 
+from handoff.packet import OPT_MSS, OPT_SACK_PERM, OPT_TS, OPT_WSCALE, walk_options
 from handoff.translate import SocketState
 
 # --- Constants the stdlib lacks (values from linux/tcp.h and linux/sockios.h) ---
@@ -392,40 +393,27 @@ class TcpOptions:
     tsecr: int | None = None
 
 
-_OPT_EOL, _OPT_NOP, _OPT_MSS, _OPT_WS, _OPT_SACK_PERM, _OPT_TS = 0, 1, 2, 3, 4, 8
-_OPT_LEN = {_OPT_MSS: 4, _OPT_WS: 3, _OPT_SACK_PERM: 2, _OPT_TS: 10}
+_OPT_LEN = {OPT_MSS: 4, OPT_WSCALE: 3, OPT_SACK_PERM: 2, OPT_TS: 10}
 
 
 def parse_tcp_options(data: bytes) -> TcpOptions:
     """Parse the options area of a TCP header. Unknown kinds are skipped by
     their length; a length below 2, past the end, or wrong for a known kind
-    raises ValueError."""
+    raises ValueError (``packet.Malformed`` is one)."""
     found: dict[str, object] = {}
-    i = 0
-    while i < len(data):
-        kind = data[i]
-        if kind == _OPT_EOL:
-            break
-        if kind == _OPT_NOP:
-            i += 1
-            continue
-        if i + 1 >= len(data):
-            raise ValueError(f"TCP option {kind} at {i} has no length byte")
-        length = data[i + 1]
-        if length < 2 or i + length > len(data):
-            raise ValueError(f"TCP option {kind} at {i} has bad length {length}")
-        if kind in _OPT_LEN and length != _OPT_LEN[kind]:
-            raise ValueError(f"TCP option {kind} has length {length}, expected {_OPT_LEN[kind]}")
-        body = data[i + 2:i + length]
-        if kind == _OPT_MSS:
+    for option in walk_options(data):
+        if option.kind in _OPT_LEN and option.length != _OPT_LEN[option.kind]:
+            raise ValueError(f"TCP option {option.kind} has length {option.length}, "
+                             f"expected {_OPT_LEN[option.kind]}")
+        body = data[option.offset + 2:option.offset + option.length]
+        if option.kind == OPT_MSS:
             found["mss"] = struct.unpack("!H", body)[0]
-        elif kind == _OPT_WS:
+        elif option.kind == OPT_WSCALE:
             found["wscale"] = body[0]
-        elif kind == _OPT_SACK_PERM:
+        elif option.kind == OPT_SACK_PERM:
             found["sack_permitted"] = True
-        elif kind == _OPT_TS:
+        elif option.kind == OPT_TS:
             found["tsval"], found["tsecr"] = struct.unpack("!II", body)
-        i += length
     return TcpOptions(**found)  # type: ignore[arg-type]
 
 

@@ -6,7 +6,8 @@
   every unicast destination to a known MAC (:meth:`BpfEnv.next_hop`); the
   router and target objects loaded once, with their maps; :meth:`BpfEnv.run`
   runs a program on a frame with a given map state (from a thread that lives
-  in the namespace, which the FIB lookup needs).
+  in the namespace, which the FIB lookup needs); :meth:`BpfEnv.sent` returns
+  the IPv4 frames that arrived on x1 (clones redirected to x0 come out there).
 * ``bpf_ns``: (namespace, ifindex of x0) for the example-based tests.
 * ``eth()``, ``skb_ctx()``: frames with explicit MACs (a bare ``Ether()`` makes
   scapy ARP) and the ``__sk_buff`` context test_run gets.
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
+import socket
 import subprocess
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -32,8 +35,6 @@ from handoff.libbpf import BpfMap, BpfObject, test_run
 from handoff.maps import FlowEntry, FlowKey, MirrorState, StatIndex, WatchEntry
 
 T = TypeVar("T")
-
-TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 
 X0_IP = "10.9.0.1"
 X0_MAC = "02:a7:70:00:00:01"
@@ -114,13 +115,33 @@ class BpfEnv:
         self.ns = ns
         self.ifindex = ifindex
         self.ctx = skb_ctx(ifindex)
+        self._capture: socket.socket | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, initializer=_join_netns, initargs=(ns,))
         self.objects = self.call(lambda: {
             "router": Loaded("router", {"arr_ingress": FlowEntry, "arr_watch": WatchEntry},
-                             "arr_router_stats"),
+                             "arr_stats"),
             "target": Loaded("target", {"arr_egress": FlowEntry, "arr_mirror": MirrorState},
-                             "arr_target_stats"),
+                             "arr_stats"),
         })
+
+    def sent(self, wait: float = 0.0) -> list[bytes]:
+        """IPv4 frames that arrived on x1 since the last call; waits up to
+        ``wait`` seconds for the first one."""
+        if self._capture is None:
+            def open_capture() -> socket.socket:
+                s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+                s.bind(("x1", 0))
+                s.setblocking(False)
+                return s
+            self._capture = self.call(open_capture)
+        frames: list[bytes] = []
+        while True:
+            ready, _, _ = select.select([self._capture], [], [], 0 if frames else wait)
+            if not ready:
+                return frames
+            frame = self._capture.recv(65536)
+            if frame[12:14] == b"\x08\x00":
+                frames.append(frame)
 
     def call(self, fn: Callable[[], T]) -> T:
         """Run fn on the worker thread that lives in the namespace."""
@@ -155,6 +176,8 @@ class BpfEnv:
         return self.call(body)
 
     def close(self) -> None:
+        if self._capture is not None:
+            self._capture.close()
         self._pool.shutdown(wait=True)
         for loaded in self.objects.values():
             loaded.obj.close()

@@ -27,9 +27,9 @@ from handoff.translate import Translation
 pytestmark = pytest.mark.bpf
 
 MOD = 1 << 32
-PROPS = settings(max_examples=250, deadline=None,
+PROPS = settings(max_examples=150, deadline=None, database=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-FEW = settings(PROPS, max_examples=150)
+FEW = settings(PROPS, max_examples=120)
 
 # The two rewriting programs and the map their entry lives in.
 REWRITERS = [("arr_router_ingress", "arr_ingress"), ("arr_target_egress", "arr_egress")]
@@ -60,37 +60,42 @@ def opt(kind: int, body: bytes) -> bytes:
     return bytes([kind, 2 + len(body)]) + body
 
 
-@st.composite
-def sack_option(draw, ack: int) -> bytes:
+# SACK blocks as (near the ack?, offset from the ack, or anywhere, block size):
+# resolved against the packet's ack when the option area is assembled.
+sack_blocks = st.lists(st.tuples(st.booleans(), st.integers(-3000, 3000), u32, st.integers(0, 3000)),
+                       min_size=1, max_size=4)
+
+
+def sack_option(ack: int, blocks: list[tuple[bool, int, int, int]]) -> bytes:
     """1 to 4 blocks, edges near the ack (so D-SACK, a first block below the
     ack, is common) or anywhere, across the wrap."""
-    blocks = draw(st.integers(1, 4))
     edges = []
-    for _ in range(blocks):
-        if draw(st.booleans()):
-            left = (ack + draw(st.integers(-3000, 3000))) % MOD
-        else:
-            left = draw(u32)
-        edges += [left, (left + draw(st.integers(0, 3000))) % MOD]
+    for near, offset, anywhere, size in blocks:
+        left = (ack + offset) % MOD if near else anywhere
+        edges += [left, (left + size) % MOD]
     return opt(packet.OPT_SACK, struct.pack(f"!{len(edges)}I", *edges))
 
 
+option_items = st.one_of(
+    st.just(b"\x01"),
+    st.just(b"\x01\x01"),
+    st.integers(0, 65535).map(lambda m: opt(packet.OPT_MSS, struct.pack("!H", m))),
+    shifts.map(lambda w: opt(packet.OPT_WSCALE, bytes([w]))),
+    st.just(opt(packet.OPT_SACK_PERM, b"")),
+    st.tuples(u32, u32).map(lambda t: opt(packet.OPT_TS, struct.pack("!II", *t))),
+    st.tuples(u32, u32).map(lambda t: opt(packet.OPT_TS, struct.pack("!II", *t))),
+    sack_blocks,
+    # Options the programs must leave alone: unknown kinds, a TS of the wrong size.
+    st.tuples(st.sampled_from([6, 7, 19, 28, 30, 34, 253]), st.binary(max_size=6)).map(
+        lambda t: opt(*t)),
+    st.binary(min_size=4, max_size=4).map(lambda b: opt(packet.OPT_TS, b)),
+)
+
+
 @st.composite
-def option_item(draw, ack: int) -> bytes:
-    return draw(st.one_of(
-        st.just(b"\x01"),
-        st.just(b"\x01\x01"),
-        st.integers(0, 65535).map(lambda m: opt(packet.OPT_MSS, struct.pack("!H", m))),
-        shifts.map(lambda w: opt(packet.OPT_WSCALE, bytes([w]))),
-        st.just(opt(packet.OPT_SACK_PERM, b"")),
-        st.tuples(u32, u32).map(lambda t: opt(packet.OPT_TS, struct.pack("!II", *t))),
-        st.tuples(u32, u32).map(lambda t: opt(packet.OPT_TS, struct.pack("!II", *t))),
-        sack_option(ack),
-        # Options the programs must leave alone: unknown kinds, a TS of the wrong size.
-        st.tuples(st.sampled_from([6, 7, 19, 28, 30, 34, 253]), st.binary(max_size=6)).map(
-            lambda t: opt(*t)),
-        st.binary(min_size=4, max_size=4).map(lambda b: opt(packet.OPT_TS, b)),
-    ))
+def option_items_for(draw, ack: int, max_size: int) -> list[bytes]:
+    return [item if isinstance(item, bytes) else sack_option(ack, item)
+            for item in draw(st.lists(option_items, max_size=max_size))]
 
 
 @st.composite
@@ -98,7 +103,7 @@ def option_area(draw, ack: int, eol_ok: bool = True) -> bytes:
     """A valid option area: items (NOPs anywhere, hence odd alignments), maybe
     an EOL followed by garbage (never looked at), padded with NOPs or zeros."""
     area = b""
-    for item in draw(st.lists(option_item(ack), max_size=8)):
+    for item in draw(option_items_for(ack, 8)):
         if len(area) + len(item) <= 40:
             area += item
     if eol_ok and len(area) < 40 and draw(st.booleans()):
@@ -122,12 +127,12 @@ def frames(draw, key: tuple[str, str, int, int] | None = None, flags=None, optio
     """An Ethernet/IPv4/TCP frame; ``options`` a strategy of option areas
     given the ack (default: valid layouts)."""
     saddr, daddr, sport, dport = key or (draw(any_address), draw(any_address), draw(ports), draw(ports))
-    ack = draw(ack or u32)
-    area = draw((options or option_area)(ack))
+    ack = draw(ack if ack is not None else u32)
+    area = draw((options if options is not None else option_area)(ack))
     size = draw(payload if payload is not None else st.one_of(st.just(0), st.integers(0, 1400)))
     start = draw(st.integers(0, 255))
     data = (bytes(range(256)) * 7)[start:start + size]
-    tcp_flags = draw(flags or st.sampled_from(["A", "PA", "FA", "FPA", "R", "RA", "S", "SA", "UA"]))
+    tcp_flags = draw(flags if flags is not None else st.sampled_from(["A", "PA", "FA", "FPA", "R", "RA", "S", "SA", "UA"]))
     pkt = (Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
            / IP(src=saddr, dst=daddr, id=draw(st.integers(0, 65535)),
                 flags=draw(st.sampled_from([0, "DF"])), ttl=draw(st.integers(1, 255)),
@@ -168,7 +173,7 @@ def show(frame: bytes) -> str:
 # ------------------------------------------------------------ the rewrite
 
 @pytest.mark.parametrize("program, table", REWRITERS)
-@PROPS
+@settings(PROPS, max_examples=250)
 @given(data=st.data())
 def test_rewrite_equals_the_model(bpf_env, program, table, data):
     frame = data.draw(frames())
@@ -185,25 +190,19 @@ def test_rewrite_equals_the_model(bpf_env, program, table, data):
 
 
 @pytest.mark.parametrize("program, table", REWRITERS)
-@FEW
-@given(data=st.data())
-def test_windows_with_every_shift_pair(bpf_env, program, table, data):
-    frame = data.draw(frames(flags=st.just("A"), payload=st.just(0)))
-    x = data.draw(translations())
-    run = bpf_env.run(program, frame, {table: {key_of(frame): active(x)}})
-    assert (run.verdict, run.out) == packet.forward(frame, x, *bpf_env.next_hop(x.daddr))
-
-
-@pytest.mark.parametrize("shift_in", range(15))
-def test_every_shift_pair_on_a_window_update(bpf_env, shift_in):
-    x0 = Translation("10.9.0.1", "10.9.0.11", 50123, 8080, 5, 6, 7, 8, shift_in, 0)
-    for shift_out in range(15):
-        x = Translation(**{**x0.__dict__, "wscale_out": shift_out})
-        for window in (0, 1, 3, 0xFFFF):
-            frame = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
-                          / IP(src="10.9.0.2", dst="10.9.0.100") / TCP(sport=1, dport=2, flags="A",
-                                                                      window=window))
-            for program, table in REWRITERS:
+def test_every_shift_pair_on_a_window_update(bpf_env, program, table):
+    base = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+                 / IP(src="10.9.0.2", dst="10.9.0.100") / TCP(sport=1, dport=2, flags="A"))
+    frames_by_window = {}
+    for window in (0, 1, 3, 0xFFFF):
+        pkt = Ether(base)
+        pkt[TCP].window = window
+        del pkt[TCP].chksum
+        frames_by_window[window] = bytes(pkt)
+    for shift_in in range(15):
+        for shift_out in range(15):
+            x = Translation("10.9.0.1", "10.9.0.11", 50123, 8080, 5, 6, 7, 8, shift_in, shift_out)
+            for frame in frames_by_window.values():
                 run = bpf_env.run(program, frame, {table: {key_of(frame): active(x)}})
                 assert (run.verdict, run.out) == packet.forward(frame, x, *bpf_env.next_hop(x.daddr))
 
@@ -254,14 +253,15 @@ def test_other_flows_pass_untouched(bpf_env, program, table, data):
 @st.composite
 def malformed_area(draw, ack: int) -> bytes:
     """Valid options (no EOL), then one the walk must refuse."""
-    prefix = b"".join(draw(st.lists(option_item(ack), max_size=5)))
+    prefix = b""
+    for item in draw(option_items_for(ack, 5)):
+        if len(prefix) + len(item) <= 36:  # whole options only, room left for the bad one
+            prefix += item
     how = draw(st.sampled_from(["past", "past", "no length", "short", "sack"]))
     kind = draw(st.sampled_from([2, 3, 4, 5, 8, 30]))
     if how == "no length":
-        prefix = prefix[: 39] 
         size = len(prefix) + 1 + (-(len(prefix) + 1) % 4)
         return prefix + b"\x01" * (size - len(prefix) - 1) + bytes([kind])
-    prefix = prefix[:38]
     size = len(prefix) + 2 + (-(len(prefix) + 2) % 4)
     if size < 40 and draw(st.booleans()):
         size += 4
@@ -272,20 +272,17 @@ def malformed_area(draw, ack: int) -> bytes:
         bad = bytes([kind, draw(st.integers(0, 1))])
     else:  # a SACK whose length is not a whole number of blocks
         length = draw(st.integers(2, room).filter(lambda n: n not in packet.SACK_LENGTHS))
-        assume(length <= room)
         bad = bytes([packet.OPT_SACK, length])
     return prefix + bad + draw(st.binary(min_size=room - 2, max_size=room - 2))
 
 
-nonzero = st.one_of(st.integers(1, 1000), st.integers(MOD - 1000, MOD - 1), st.integers(1, MOD - 1))
 
 
 @pytest.mark.parametrize("program, table", REWRITERS)
 @PROPS
 @given(data=st.data())
 def test_malformed_options_are_dropped_whole(bpf_env, program, table, data):
-    # ack_delta != 0: see test_bad_sack_length_passes_when_ack_delta_is_zero.
-    x = data.draw(translations(ack_delta=nonzero))
+    x = data.draw(translations())
     if data.draw(st.integers(0, 4)) == 0:
         # The header claims options the frame does not have.
         whole = data.draw(frames(payload=st.just(0)))
@@ -303,12 +300,9 @@ def test_malformed_options_are_dropped_whole(bpf_env, program, table, data):
     assert run.maps[table][key].errors == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (BPF, minor): opt_visit checks a SACK option's length only when ack_delta != 0, "
-    "so with ack_delta == 0 a SACK of a length that is not whole blocks passes (rewritten, "
-    "redirected) while with any other delta the same packet is dropped as rewrite_failed"))
 @pytest.mark.parametrize("program, table", REWRITERS)
-def test_bad_sack_length_passes_when_ack_delta_is_zero(bpf_env, program, table):
+def test_bad_sack_length_is_dropped_even_when_ack_delta_is_zero(bpf_env, program, table):
+    """A packet's fate must not depend on the translation leaving SACK as is."""
     area = b"\x01\x01" + opt(packet.OPT_SACK, b"\0\0\0\5")  # one edge, no block
     frame = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
                   / IP(src="10.9.0.2", dst="10.9.0.100")
@@ -381,7 +375,7 @@ def test_mirror_trimming_equals_the_model(bpf_env, data):
     assert run.stats == ({"mirror_trimmed": 1} if trimmed else {})
 
 
-@FEW
+@settings(FEW, max_examples=100)
 @given(data=st.data())
 def test_mirroring_clones_once_per_advancing_ack(bpf_env, data):
     """A sequence of target packets with acks around the request's end: each is
@@ -393,17 +387,19 @@ def test_mirroring_clones_once_per_advancing_ack(bpf_env, data):
     until = (start + data.draw(st.integers(1, 5000))) % MOD
     mirror = MirrorState(mirror_until=until, mirrored_ack=start)
     key = FlowKey.of((fwd[0], fwd[2]), (fwd[1], fwd[3]))
-    clones = 0
+    bpf_env.sent()  # drop what earlier tests left on x1
     for _ in range(data.draw(st.integers(1, 6))):
         ack = st.integers(-100, 5100).map(lambda d: (start + d) % MOD)
         frame = data.draw(frames(key=fwd, flags=st.sampled_from(["A", "PA", "FA"]),
                                  payload=st.one_of(st.just(0), st.integers(1, 300)), ack=ack))
         clone, new_ack = packet.mirror_decision(frame, mirror.mirror_until, mirror.mirrored_ack)
+        if clone and packet.parse(frame).payload_len:
+            assert new_ack != mirror.mirrored_ack  # data is cloned only when the ack advances
         run = bpf_env.run("arr_target_egress", frame,
                           {"arr_egress": {key: active(x)}, "arr_mirror": {key: mirror}})
         assert (run.verdict, run.out) == packet.forward(frame, x, *bpf_env.next_hop(x.daddr))
         assert run.stats.get("mirrored", 0) == clone
+        # The clone is the packet as the target sent it, not rewritten.
+        assert bpf_env.sent(wait=1.0 if clone else 0.0) == ([frame] if clone else [])
         mirror = run.maps["arr_mirror"][key]
         assert (mirror.mirror_until, mirror.mirrored_ack) == (until, new_ack)
-        clones += clone
-    assert clones <= 6

@@ -248,7 +248,7 @@ def test_target_mirrors_request_acks_once_per_advance(bpf_ns):
         with BpfObject(object_path("target")) as obj:
             egress = BpfMap(obj.map_fd("arr_egress"), FlowKey, FlowEntry)
             mirror = BpfMap(obj.map_fd("arr_mirror"), FlowKey, MirrorState)
-            stats = obj.map_fd("arr_target_stats")
+            stats = obj.map_fd("arr_stats")
             key = FlowKey.of(*FWD)
             egress.update(key, FlowEntry(x=Xlate.of(x), state=FLOW_ACTIVE))
             mirror.update(key, MirrorState(mirror_until=2000, mirrored_ack=1000))

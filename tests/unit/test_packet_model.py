@@ -16,7 +16,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
 from handoff import packet
-from handoff.translate import Translation
+from handoff.translate import TcpFields, Translation, translate_fields
 
 MOD = 1 << 32
 SRC_MAC, DST_MAC = "02:00:00:00:00:01", "02:00:00:00:00:02"
@@ -66,7 +66,6 @@ def frames(draw, flags=st.sampled_from(["A", "PA", "FA", "R", "RA", "S", "SA"]))
 
 def scapy_translate(pkt: Ether, x: Translation) -> bytes:
     """The same rewrite done field by field in scapy, checksums recomputed."""
-    from handoff.translate import TcpFields, translate_fields
     new = pkt.copy()
     ip, tcp = new[IP], new[TCP]
     out = translate_fields(TcpFields(ip.src, ip.dst, tcp.sport, tcp.dport, tcp.seq, tcp.ack,
@@ -85,14 +84,14 @@ def scapy_translate(pkt: Ether, x: Translation) -> bytes:
     return bytes(new)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(database=None, max_examples=300, deadline=None)
 @given(frames(), translations)
 def test_translate_equals_scapy_with_checksums_recomputed(pkt, x):
     frame = bytes(pkt)
     assert packet.translate(frame, x) == scapy_translate(Ether(frame), x)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(database=None, max_examples=200, deadline=None)
 @given(frames())
 def test_parse_finds_the_headers(pkt):
     frame = bytes(pkt)
@@ -115,7 +114,7 @@ def test_parse_rejects_what_the_programs_skip():
     assert packet.parse(bytes(eth() / IP(src="1.1.1.1", dst="2.2.2.2"))[:40]) is None
 
 
-@settings(max_examples=300, deadline=None)
+@settings(database=None, max_examples=300, deadline=None)
 @given(st.binary(min_size=2, max_size=80).filter(lambda b: len(b) % 2 == 0),
        st.data())
 def test_incremental_update_is_a_full_recomputation(old, data):
@@ -164,7 +163,7 @@ def test_forward_sets_next_hop_macs():
     assert out[:12] == b"\xaa" * 6 + b"\xbb" * 6 and out[12:] == packet.translate(bytes(pkt), x)[12:]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(database=None, max_examples=200, deadline=None)
 @given(frames(flags=st.just("S")), st.integers(0, 65535), st.booleans(), st.booleans())
 def test_normalise_syn_equals_scapy(pkt, mss, sack_ok, ts_ok):
     frame = bytes(pkt)
@@ -189,7 +188,7 @@ def test_normalise_syn_equals_scapy(pkt, mss, sack_ok, ts_ok):
     assert got == (bytes(new) if changed else frame)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(database=None, max_examples=100, deadline=None)
 @given(frames(flags=st.sampled_from(["A", "SA", "FA"])), st.integers(0, 65535), st.booleans(),
        st.booleans())
 def test_normalise_syn_leaves_everything_but_syns(pkt, mss, sack_ok, ts_ok):
@@ -197,7 +196,7 @@ def test_normalise_syn_leaves_everything_but_syns(pkt, mss, sack_ok, ts_ok):
     assert packet.normalise_syn(frame, mss, sack_ok, ts_ok) == (frame, False)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(database=None, max_examples=200, deadline=None)
 @given(frames(flags=st.sampled_from(["A", "PA", "FA", "FPA", "SA"])), u32, st.integers(0, 20))
 def test_trim_mirror_equals_scapy(pkt, rcv_nxt, padding):
     frame = bytes(pkt) + b"\0" * padding  # Ethernet padding goes too
