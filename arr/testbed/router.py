@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from arr.testbed.cluster import Cluster, Host, TestbedError
+from arr.testbed.cluster import NS_PREFIX, Cluster, Host, TestbedError
 
 METRICS_PORT = 9100
 ROUTER_PORT = 80
@@ -51,6 +51,24 @@ def host_bpffs() -> Path:
 
 def pin_instance(cluster: Cluster, host: Host) -> str:
     return f"{cluster.id}-{host.name}"
+
+
+def remove_stale_pins() -> list[str]:
+    """Pins of test-bed clusters whose namespaces are gone (a run that was
+    killed before its cleanup); pins of live clusters are left alone."""
+    from arr import netlink
+
+    root = Path(BPF_DIR)
+    if not root.is_dir():
+        return []
+    live = {name.split("-")[0][-6:] for name in netlink.netns_list(NS_PREFIX)}
+    removed = []
+    for pins in root.iterdir():
+        cluster_id = pins.name.split("-")[0]
+        if re.fullmatch(r"[0-9a-f]{6}", cluster_id) and cluster_id not in live:
+            shutil.rmtree(pins, ignore_errors=True)
+            removed.append(pins.name)
+    return removed
 
 
 def remove_pins(cluster: Cluster) -> None:

@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import pytest
 
 from arr.testbed import Cluster, ClusterSpec, cleanup_stale
+from arr.testbed.router import remove_stale_pins
 
 REQUIRED_TOOLS = ("ip", "curl", "/usr/sbin/nginx")
 
@@ -45,6 +46,9 @@ def netbed() -> Iterator[None]:
     removed = cleanup_stale()
     if removed:
         print(f"[arr.testbed] removed stale namespaces: {removed}")
+    pins = remove_stale_pins()
+    if pins:
+        print(f"[arr.testbed] removed stale pinned maps: {pins}")
     yield
 
 
