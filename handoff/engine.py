@@ -243,7 +243,6 @@ class RouterHandoff:
         tcpstate.enter_repair(client)
         transport.abort()
         client.close()
-        self.connections.track(conn_id, attempt.client_key, attempt.watch_key, target)
 
         # Step 8: the request, as the target will see it.
         forward = attempt.forward

@@ -14,14 +14,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from handoff.maps import FLOW_ACTIVE, FLOW_F_FIN, FLOW_F_RST, FlowEntry, FlowKey
 
 if TYPE_CHECKING:
     from arr.metrics import Metrics
-    from arr.pool import Target
     from handoff.datapath import RouterDatapath
     from handoff.engine import HandoffSettings
 
@@ -37,25 +35,15 @@ def forward_key_of(entry: FlowEntry) -> FlowKey:
     return FlowKey(x.daddr, x.saddr, x.dport, x.sport)
 
 
-@dataclass
-class Tracked:
-    conn_id: int
-    client_key: FlowKey
-    forward_key: FlowKey
-    target: str
-    target_closed: bool = False
-    started: float = 0.0
-
-
 class RouterConnections:
     def __init__(self, datapath: "RouterDatapath", settings: "HandoffSettings", metrics: "Metrics") -> None:
         self.datapath = datapath
         self.settings = settings
         self.metrics = metrics
-        self.by_forward: dict[FlowKey, Tracked] = {}
         self.closed_forward: set[FlowKey] = set()
         """Forwarding keys the agents reported closed (also for connections a
-        previous router process handed off)."""
+        previous router process handed off). The router keeps no other Python
+        state per connection: the maps are the record."""
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -66,20 +54,12 @@ class RouterConnections:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    def track(self, conn_id: int, client_key: FlowKey, forward_key: FlowKey, target: "Target") -> None:
-        self.by_forward[forward_key] = Tracked(conn_id, client_key, forward_key, target.name,
-                                               started=time.monotonic())
-
     def on_agent_message(self, message: Any) -> None:
         """CLOSED from an agent: the target's side has sent its FIN or a RST."""
         key = getattr(message, "key", None)
         if key is None or type(message).__name__ != "Closed":
             return
-        forward = FlowKey.of((key.saddr, key.sport), (key.daddr, key.dport))
-        self.closed_forward.add(forward)
-        tracked = self.by_forward.get(forward)
-        if tracked is not None:
-            tracked.target_closed = True
+        self.closed_forward.add(FlowKey.of((key.saddr, key.sport), (key.daddr, key.dport)))
 
     async def _gc_loop(self) -> None:
         while True:
@@ -95,6 +75,7 @@ class RouterConnections:
         idle_ns = int(self.settings.idle_timeout * 1e9)
         removed = 0
         live = 0
+        seen: set[FlowKey] = set()
         for client_key, entry in self.datapath.ingress.items():
             last = entry.last_seen_ns or entry.created_ns
             idle = now_ns - last if last else 0
@@ -104,6 +85,7 @@ class RouterConnections:
                     removed += 1
                 continue
             forward = forward_key_of(entry)
+            seen.add(forward)
             target_closed = forward in self.closed_forward
             over = bool(entry.flags & FLOW_F_RST) or (bool(entry.flags & FLOW_F_FIN) and target_closed)
             if (over and idle > linger_ns) or idle > idle_ns:
@@ -111,6 +93,9 @@ class RouterConnections:
                 removed += 1
             else:
                 live += 1
+        # Reports about connections this router no longer has (repeats after
+        # the entry went, or a previous process's) must not accumulate.
+        self.closed_forward &= seen
         self.metrics.handed_off.set(live)
         return removed
 
@@ -118,7 +103,4 @@ class RouterConnections:
         self.datapath.ingress.delete(client_key)
         self.datapath.watch.delete(forward)
         self.closed_forward.discard(forward)
-        tracked = self.by_forward.pop(forward, None)
         self.metrics.handoff_closed.labels(why).inc()
-        if tracked is not None:
-            log.debug("connection %d to %s over (%s)", tracked.conn_id, tracked.target, why)
