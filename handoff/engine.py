@@ -10,9 +10,12 @@ the same sockets). Connection lifecycle after the handoff (section 2.2) is in
 from __future__ import annotations
 
 import asyncio
+import errno
+import functools
 import itertools
 import logging
 import os
+import random
 import socket
 import time
 from dataclasses import dataclass, field
@@ -38,6 +41,12 @@ if TYPE_CHECKING:
     from arr.session import ClientSession
 
 log = logging.getLogger("arr.handoff")
+
+PORT_QUARANTINE_NS = 65 * 10**9
+"""A forwarding port is not reused towards the same target for this long after
+the router let its socket go: the router's kernel forgot the port at once
+(silent close), but the target may still hold the 4-tuple (LAST_ACK, or
+TIME_WAIT for 60 s if it closed first), and a new SYN on it would fail."""
 
 
 @dataclass(frozen=True)
@@ -277,8 +286,7 @@ class RouterHandoff:
         forward = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         forward.setblocking(False)
         attempt.forward = forward
-        forward.bind((self._source_for(target), 0))
-        attempt.watch_key = FlowKey.of(target.address, forward.getsockname()[:2])
+        attempt.watch_key = self._bind_forward(forward, target)
         self.datapath.watch.update(attempt.watch_key, WatchEntry(
             state=WATCH_CONNECTING, client_mss=(syn.mss or 0) if syn else 0,
             client_sack=int(info.sack), client_ts=int(info.timestamps)))
@@ -287,6 +295,39 @@ class RouterHandoff:
                 await asyncio.get_running_loop().sock_connect(forward, target.address)
         except (OSError, TimeoutError):
             raise Fallback("target-connect") from None
+
+    def _bind_forward(self, forward: socket.socket, target: "Target") -> FlowKey:
+        """Bind the forwarding socket to a port the target holds no state for.
+
+        bind(0) cannot be used: it would happily return a port whose previous
+        connection the router released silently moments ago."""
+        assert self.datapath is not None
+        source = self._source_for(target)
+        low, high = self._port_range
+        now = time.monotonic_ns()
+        for _ in range(64):
+            port = random.randint(low, high)
+            key = FlowKey.of(target.address, (source, port))
+            previous = self.datapath.watch.lookup(key)
+            if previous is not None and not (previous.state == WATCH_CLOSED and previous.closed_ns
+                                             and now - previous.closed_ns > PORT_QUARANTINE_NS):
+                continue
+            try:
+                forward.bind((source, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    continue
+                raise
+            return key
+        raise Fallback("no-forward-port")
+
+    @functools.cached_property
+    def _port_range(self) -> tuple[int, int]:
+        try:
+            low, high = (int(x) for x in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+        except (OSError, ValueError):
+            low, high = 32768, 60999
+        return low, high
 
     def _hold(self, attempt: Attempt, client: socket.socket) -> None:
         """Step 5: drop the client's packets while the state is read. Bytes the
@@ -329,7 +370,8 @@ class RouterHandoff:
                 # side of this connection never speaks to the client.
                 tcpstate.close_silently(attempt.forward)
                 if attempt.watch_key is not None:
-                    self.datapath.watch.update(attempt.watch_key, WatchEntry(state=WATCH_CLOSED))
+                    self.datapath.watch.update(attempt.watch_key, WatchEntry(
+                        state=WATCH_CLOSED, closed_ns=time.monotonic_ns()))
             else:
                 attempt.forward.close()
                 if attempt.watch_key is not None:
@@ -357,6 +399,7 @@ class RouterHandoff:
         entry = self.datapath.watch.lookup(watch_key)
         if entry is not None:
             entry.state = WATCH_CLOSED
+            entry.closed_ns = time.monotonic_ns()
             self.datapath.watch.update(watch_key, entry)
         try:
             await agent.send(StopMirror(conn_id=conn_id, key=wire_key(watch_key)))

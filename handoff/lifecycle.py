@@ -16,7 +16,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from handoff.maps import FLOW_ACTIVE, FLOW_F_FIN, FLOW_F_RST, FlowEntry, FlowKey
+from handoff.maps import FLOW_ACTIVE, FLOW_F_FIN, FLOW_F_RST, WATCH_CLOSED, FlowEntry, FlowKey
 
 if TYPE_CHECKING:
     from arr.metrics import Metrics
@@ -101,6 +101,13 @@ class RouterConnections:
 
     def _forget(self, client_key: FlowKey, forward: FlowKey, why: str) -> None:
         self.datapath.ingress.delete(client_key)
-        self.datapath.watch.delete(forward)
+        # The watch entry stays, CLOSED: it drops the target's late packets and
+        # keeps the port in quarantine (engine.PORT_QUARANTINE_NS); the LRU
+        # bound of the map retires it.
+        watch = self.datapath.watch.lookup(forward)
+        if watch is not None and watch.state != WATCH_CLOSED:
+            watch.state = WATCH_CLOSED
+            watch.closed_ns = time.monotonic_ns()
+            self.datapath.watch.update(forward, watch)
         self.closed_forward.discard(forward)
         self.metrics.handoff_closed.labels(why).inc()

@@ -101,7 +101,8 @@ class WatchEntry(ctypes.Structure):
                 ("target_tsval", ctypes.c_uint32), ("rcv_nxt", ctypes.c_uint32),
                 ("synack_mss", ctypes.c_uint16), ("synack_wscale", ctypes.c_uint8),
                 ("synack_opts", ctypes.c_uint8), ("pad", ctypes.c_uint32),
-                ("mirrored", ctypes.c_uint64), ("syn_rewrites", ctypes.c_uint64)]
+                ("mirrored", ctypes.c_uint64), ("syn_rewrites", ctypes.c_uint64),
+                ("closed_ns", ctypes.c_uint64)]
 
 
 class StatIndex(ctypes.Structure):

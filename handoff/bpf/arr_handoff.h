@@ -99,6 +99,7 @@ struct watch_entry {
 	__u32 pad;
 	__u64 mirrored;     /* mirrored copies received */
 	__u64 syn_rewrites; /* router SYNs normalised */
+	__u64 closed_ns;    /* userspace: when the router let go (its port's quarantine) */
 };
 
 #define WATCH_OPT_SACK 1

@@ -92,7 +92,9 @@ def test_200_sequential_downloads_leave_nothing_behind(cluster):
         carried = router_interface_bytes(c) - before
         bad = [r for r in results if r.status != 200 or r.sha256 != info.sha256]
         assert not bad, f"{len(bad)} bad downloads, e.g. {bad[0]}"
-        assert router.metric_sum("arr_handoffs_total", result="ok") == 200
+        reasons = {k: v for k, v in router.metrics().items()
+                   if k.startswith("arr_handoff_fallbacks_total{") and v}
+        assert router.metric_sum("arr_handoffs_total", result="ok") == 200, reasons
         # Entries on both sides return to their baseline once the connections
         # are over and the linger time has passed.
         assert wait_for(lambda: entries(c, c.router, "arr_ingress") == 0, 15), \
