@@ -50,6 +50,11 @@ class Upstream:
     """Longest silence from a target before 504 (or an aborted response)."""
     retries: int = 1
     """Other targets tried after a connect failure (the request is not yet sent)."""
+    keepalive: int = 32
+    """Idle connections kept per target for later requests (0: one per request)."""
+    keepalive_timeout: float = 15.0
+    """An idle upstream connection is closed after this; keep it below the
+    targets' own keep-alive timeout (nginx: 75 s)."""
 
 
 @dataclass(frozen=True)
@@ -270,6 +275,8 @@ def _upstream(data: Any) -> Upstream:
         connect_timeout=s.number("connect_timeout", d.connect_timeout, allow_zero=False),
         read_timeout=s.number("read_timeout", d.read_timeout, allow_zero=False),
         retries=s.number("retries", d.retries, integer=True),
+        keepalive=s.number("keepalive", d.keepalive, integer=True),
+        keepalive_timeout=s.number("keepalive_timeout", d.keepalive_timeout, allow_zero=False),
     )
     s.finish()
     return upstream

@@ -9,6 +9,7 @@ has not yet seen a status line, or an aborted connection if it has.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,63 @@ class UpstreamFailed(Exception):
     """The target failed after the client saw a status line: abort the client."""
 
 
+class _StaleConnection(Exception):
+    """A kept-alive upstream connection turned out closed before any response
+    byte: the target closed it while idle. The request may be sent again."""
+
+
+@dataclass
+class UpstreamConnection:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    http: h11.Connection
+    reused: bool = False
+    idle_since: float = 0.0
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class IdleConnections:
+    """Kept-alive upstream connections, per target, most recently used first.
+
+    Idle ones expire before a server's keep-alive timeout would close them
+    (nginx: 75 s), which keeps the stale-connection race rare; the relay
+    retries a request that hit one anyway when it can be sent again.
+    """
+
+    def __init__(self, max_per_target: int, idle_timeout: float) -> None:
+        self.max_per_target = max_per_target
+        self.idle_timeout = idle_timeout
+        self._idle: dict[tuple[str, int], list[UpstreamConnection]] = {}
+
+    def take(self, address: tuple[str, int]) -> UpstreamConnection | None:
+        stack = self._idle.get(address)
+        now = time.monotonic()
+        while stack:
+            conn = stack.pop()
+            if (now - conn.idle_since < self.idle_timeout and not conn.writer.is_closing()
+                    and not conn.reader.at_eof() and not conn.reader._buffer):  # noqa: SLF001
+                conn.reused = True
+                return conn
+            conn.close()
+        return None
+
+    def give(self, address: tuple[str, int], conn: UpstreamConnection) -> None:
+        stack = self._idle.setdefault(address, [])
+        if len(stack) >= self.max_per_target:
+            conn.close()
+            return
+        conn.idle_since = time.monotonic()
+        stack.append(conn)
+
+    def close_all(self) -> None:
+        for stack in self._idle.values():
+            for conn in stack:
+                conn.close()
+        self._idle.clear()
+
+
 @dataclass
 class RelayResult:
     status: int
@@ -42,15 +100,16 @@ class Relay:
         self.settings = upstream
         self.metrics = metrics
         self.health = health
+        self.idle = IdleConnections(upstream.keepalive, upstream.keepalive_timeout)
 
     async def _connect(self, request: "Request", target: "TargetState", pool: "Pool | None"
-                       ) -> tuple["TargetState", asyncio.StreamReader, asyncio.StreamWriter]:
+                       ) -> tuple["TargetState", UpstreamConnection]:
         tried: list["TargetState"] = []
         while True:
             try:
                 async with asyncio.timeout(self.settings.connect_timeout):
                     reader, writer = await asyncio.open_connection(*target.target.address)
-                return target, reader, writer
+                return target, UpstreamConnection(reader, writer, h11.Connection(h11.CLIENT))
             except (OSError, TimeoutError) as exc:
                 timed_out = isinstance(exc, TimeoutError)
                 self.metrics.upstream_errors.labels(target.name, "connect-timeout" if timed_out
@@ -66,18 +125,37 @@ class Relay:
 
     async def relay(self, session: "ClientSession", request: "Request", head: h11.Request,
                     body: "RequestBody", target: "TargetState", pool: "Pool | None") -> RelayResult:
-        target, reader, writer = await self._connect(request, target, pool)
+        conn = self.idle.take(target.target.address)
+        if conn is None:
+            target, conn = await self._connect(request, target, pool)
         target.active += 1
         try:
-            return await self._exchange(session, request, head, body, target, reader, writer)
+            try:
+                result = await self._exchange(session, request, head, body, target, conn)
+            except _StaleConnection:
+                conn.close()
+                self.metrics.upstream_errors.labels(target.name, "stale-keepalive").inc()
+                target, conn = await self._connect(request, target, pool)
+                result = await self._exchange(session, request, head, body, target, conn)
+        except BaseException:
+            conn.close()
+            raise
         finally:
             target.active -= 1
-            writer.close()
+        if conn.http.our_state is h11.DONE and conn.http.their_state is h11.DONE:
+            conn.http.start_next_cycle()
+            self.idle.give(target.target.address, conn)
+        else:
+            conn.close()
+        return result
 
     async def _exchange(self, session: "ClientSession", request: "Request", head: h11.Request,
-                        body: "RequestBody", target: "TargetState",
-                        reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> RelayResult:
-        upstream = h11.Connection(h11.CLIENT)
+                        body: "RequestBody", target: "TargetState", conn: UpstreamConnection
+                        ) -> RelayResult:
+        upstream, reader, writer = conn.http, conn.reader, conn.writer
+        # Only a request whose body is fully buffered can be sent again if a
+        # kept-alive connection turns out stale.
+        resendable = conn.reused and request.body is not None
         headers = end_to_end(head.headers, drop=(b"content-length", b"expect"))
         headers = add_forwarding(headers, request.client_ip, host=_first(head.headers, b"host"))
         if request.body is not None:
@@ -89,46 +167,53 @@ class Relay:
             headers.append((b"transfer-encoding", b"chunked"))
         else:
             headers.append((b"content-length", str(body.declared_length).encode()))
-        # The relay opens one upstream connection per request; say so, so the
-        # target frees it at once instead of waiting for its keep-alive timeout.
-        headers.append((b"connection", b"close"))
 
         async def send(data: bytes) -> None:
             writer.write(data)
             await writer.drain()
 
         try:
-            await send(upstream.send(h11.Request(method=head.method, target=head.target,
-                                                 headers=headers)))
-            if request.body is not None:
-                if request.body:
-                    await send(upstream.send(h11.Data(data=request.body)))
+            request_head = upstream.send(h11.Request(method=head.method, target=head.target,
+                                                     headers=headers)) or b""
+            if request.body is not None:  # buffered: the whole request in one write
+                body_bytes = upstream.send(h11.Data(data=request.body)) if request.body else b""
+                await send(request_head + (body_bytes or b"") + (upstream.send(h11.EndOfMessage()) or b""))
             else:
+                await send(request_head)
                 async for chunk in body.chunks():
                     self.metrics.proxied_bytes.labels("request").inc(len(chunk))
                     await send(upstream.send(h11.Data(data=chunk)))
-            await send(upstream.send(h11.EndOfMessage()))
+                await send(upstream.send(h11.EndOfMessage()) or b"")
         except (ConnectionError, OSError) as exc:
+            if resendable:
+                raise _StaleConnection() from None
             self.metrics.upstream_errors.labels(target.name, "send").inc()
             raise HttpError(502, "upstream-send", f"{target.name}: {exc}") from None
 
-        return await self._relay_response(session, request, upstream, reader, target)
+        return await self._relay_response(session, request, upstream, reader, target, resendable)
 
     async def _relay_response(self, session: "ClientSession", request: "Request",
                               upstream: h11.Connection, reader: asyncio.StreamReader,
-                              target: "TargetState") -> RelayResult:
+                              target: "TargetState", resendable: bool = False) -> RelayResult:
         status = 0
         sent = 0
         head_only = request.method == "HEAD"
+        pending: list[bytes] = []
+        """Client-bound bytes of the events taken from one upstream read: one write."""
         while True:
             try:
                 event = upstream.next_event()
             except h11.RemoteProtocolError as exc:
+                if resendable and not status and not upstream.trailing_data[0]:
+                    raise _StaleConnection() from None  # closed while idle: nothing was answered
                 self.metrics.upstream_errors.labels(target.name, "protocol").inc()
                 if not status:
                     raise HttpError(502, "upstream-protocol", f"{target.name}: {exc}") from None
                 raise UpstreamFailed(f"{target.name}: {exc}") from None
             if event is h11.NEED_DATA:
+                if pending:
+                    await session.send_raw(b"".join(pending))
+                    pending.clear()
                 try:
                     async with asyncio.timeout(self.settings.read_timeout):
                         data = await reader.read(READ_SIZE)
@@ -139,6 +224,8 @@ class Relay:
                     raise UpstreamFailed(f"{target.name}: response stalled") from None
                 except (ConnectionError, OSError) as exc:
                     data = b""  # h11 turns a premature EOF into a protocol error above
+                    if resendable and not status:
+                        raise _StaleConnection() from None
                     self.metrics.upstream_errors.labels(target.name, "read").inc()
                     if not status:
                         raise HttpError(502, "upstream-read", f"{target.name}: {exc}") from None
@@ -153,13 +240,14 @@ class Relay:
                 continue  # 100-continue was answered to the client by the router itself
             if isinstance(event, h11.Response):
                 status = event.status_code
-                await session.send_head(status, end_to_end(event.headers), event.reason)
+                pending.append(session.head_bytes(status, end_to_end(event.headers), event.reason))
             elif isinstance(event, h11.Data):
                 if not head_only:
-                    await session.send_data(bytes(event.data))
+                    pending.append(session.data_bytes(bytes(event.data)))
                     sent += len(event.data)
             elif isinstance(event, h11.EndOfMessage):
-                await session.send_end()
+                pending.append(session.end_bytes())
+                await session.send_raw(b"".join(pending))
                 self.metrics.proxied_bytes.labels("response").inc(sent)
                 return RelayResult(status, target, sent)
             elif isinstance(event, h11.ConnectionClosed):

@@ -133,6 +133,7 @@ class Router:
         for session in list(self._sessions):
             await session.close()
         await self.health.stop()
+        self.relay.idle.close_all()
         await self.handoff.stop()
         if self._metrics_server is not None:
             self._metrics_server.close()

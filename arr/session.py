@@ -208,29 +208,33 @@ class ClientSession:
         except (ConnectionError, OSError) as exc:
             raise ClientGone(str(exc)) from None
 
-    async def send_head(self, status: int, headers: Iterable[tuple[bytes, bytes]],
-                        reason: bytes = b"", *, close: bool = False) -> None:
+    # The *_bytes methods advance h11 and return the bytes without writing, so
+    # that a caller can put several events in one write: a syscall per event
+    # was a third of the router's CPU on small responses.
+
+    def head_bytes(self, status: int, headers: Iterable[tuple[bytes, bytes]],
+                   reason: bytes = b"", *, close: bool = False) -> bytes:
         headers = list(headers)
         if close or self.must_close:
             headers.append((b"connection", b"close"))
         self.response_started = True
-        await self.send_raw(self.conn.send(h11.Response(
-            status_code=status, headers=headers, reason=reason or reason_phrase(status))))
+        return self.conn.send(h11.Response(
+            status_code=status, headers=headers, reason=reason or reason_phrase(status))) or b""
 
-    async def send_data(self, data: bytes) -> None:
-        await self.send_raw(self.conn.send(h11.Data(data=data)))
+    def data_bytes(self, data: bytes) -> bytes:
+        return self.conn.send(h11.Data(data=data)) or b""
 
-    async def send_end(self) -> None:
-        await self.send_raw(self.conn.send(h11.EndOfMessage()))
+    def end_bytes(self) -> bytes:
+        return self.conn.send(h11.EndOfMessage()) or b""
 
     async def send_complete(self, status: int, body: bytes, headers: Iterable[tuple[bytes, bytes]] = (),
                             *, head_only: bool = False, close: bool = False) -> None:
         headers = [(n, v) for n, v in headers if n.lower() != b"content-length"]
         headers.append((b"content-length", str(len(body)).encode()))
-        await self.send_head(status, headers, close=close)
+        out = self.head_bytes(status, headers, close=close)
         if body and not head_only:
-            await self.send_data(body)
-        await self.send_end()
+            out += self.data_bytes(body)
+        await self.send_raw(out + self.end_bytes())
 
     async def send_error(self, error: HttpError) -> None:
         """Answer a request the router refuses; always closes afterwards."""

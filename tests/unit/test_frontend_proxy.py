@@ -171,8 +171,24 @@ async def test_hop_by_hop_request_headers_not_forwarded(router, http):
     for hop in ("x-secret", "keep-alive", "te", "upgrade", "proxy-authorization"):
         assert hop not in names, hop
     assert "x-kept" in names
-    # the relay's own connection header is its own: one request per upstream connection
-    assert [v for n, v in response.json()["headers"] if n == "connection"] == ["close"]
+    # the relay's connection to the target is its own, kept alive (HTTP/1.1 default)
+    assert [v for n, v in response.json()["headers"] if n == "connection"] == []
+
+
+async def test_upstream_connections_are_kept_alive_and_reused(router, upstream, http):
+    for _ in range(5):  # five client connections, one after the other
+        response = await http.request(router.address, "GET", "/bytes/1000")
+        assert response.status == 200 and len(response.body) == 1000
+    assert upstream.connections == 1
+
+
+async def test_requests_succeed_after_the_target_dropped_idle_connections(router, upstream, http):
+    assert (await http.request(router.address, "GET", "/bytes/10")).status == 200
+    await upstream.stop()  # closes every connection, the router's idle one too
+    await upstream.start()
+    for _ in range(3):
+        response = await http.request(router.address, "GET", "/bytes/100")
+        assert response.status == 200 and len(response.body) == 100
 
 
 async def test_hop_by_hop_response_headers_not_forwarded(router, http):
