@@ -336,12 +336,12 @@ static long opt_visit(__u32 n, void *data)
 				w->opts[i + k] = TCP_OPT_NOP;
 			w->changed = 1;
 		}
-	} else if (kind == TCP_OPT_SACK) {
-		/* Validated whatever the mode and delta: a packet's fate must not
-		 * depend on whether its translation happens to leave SACK as is. */
+	} else if (kind == TCP_OPT_SACK && w->mode == OPT_TRANSLATE) {
+		/* Validated whatever the delta: a packet's fate must not depend on
+		 * whether its translation happens to leave SACK as is. */
 		if (olen < 10 || (olen - 2) % 8)
 			goto bad;
-		if (w->mode != OPT_TRANSLATE || !w->ack_delta)
+		if (!w->ack_delta)
 			return 0;
 		for (int e = 0; e < 8; e++) { /* up to 4 blocks: 8 edges */
 			__u32 at = i + 2 + e * 4;

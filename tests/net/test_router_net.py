@@ -118,30 +118,37 @@ def test_stopped_target_leaves_within_fall_and_returns_within_rise(cluster):
     with RouterProcess(c, config) as router:
         router.wait_healthy()
 
-        def checks(result: str) -> float:
-            return router.metric_sum("arr_health_checks_total", target="t0", result=result)
+        def state() -> tuple[float, float, float]:
+            """(up, failed checks, ok checks) of t0 from ONE scrape: the gauge
+            flips in the same event-loop step that counts the deciding check."""
+            samples = router.metrics()
+            def total(name: str, **labels: str) -> float:
+                return sum(v for k, v in samples.items() if k.startswith(name + "{")
+                           and all(f'{lk}="{lv}"' in k for lk, lv in labels.items()))
+            return (total("arr_target_up", target="t0"),
+                    total("arr_health_checks_total", target="t0", result="fail"),
+                    total("arr_health_checks_total", target="t0", result="ok"))
 
-        def up() -> float:
-            return router.metric_sum("arr_target_up", target="t0")
-
-        failed_before = checks("fail")
+        _, failed_before, _ = state()
         c.stop_target(0)
         deadline = time.monotonic() + 10
-        while up() and time.monotonic() < deadline:
+        while (snap := state())[0] and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert up() == 0, "t0 never left the pool"
-        # One probe may be in flight when the gauge is read.
-        assert fall <= checks("fail") - failed_before <= fall + 1
+        up, failed, _ = snap
+        assert up == 0, "t0 never left the pool"
+        # One probe result may land between the flip and the scrape's rendering.
+        assert fall <= failed - failed_before <= fall + 1
         for _ in range(6):  # every request now lands on t1, none fails
             assert tagged(router, c, "/files/1k") == "t1"
 
-        ok_before = checks("ok")
+        _, _, ok_before = state()
         c.start_target(0)
         deadline = time.monotonic() + 10
-        while not up() and time.monotonic() < deadline:
+        while not (snap := state())[0] and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert up() == 1, "t0 never came back"
-        assert rise <= checks("ok") - ok_before <= rise + 1
+        up, _, ok = snap
+        assert up == 1, "t0 never came back"
+        assert rise <= ok - ok_before <= rise + 1
         assert {tagged(router, c, "/files/1k") for _ in range(4)} == {"t0", "t1"}
 
 
