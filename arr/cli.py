@@ -88,6 +88,17 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(argv: list[str]) -> int:
+    """``arr bench ARGS``: every argument goes to the harness as it is."""
+    try:
+        from benchmarks import main as bench_main
+    except ImportError:
+        print("arr bench: the benchmark harness needs the 'bench' extra "
+              "(make bench, or pip install 'arr[bench]')", file=sys.stderr)
+        return 2
+    return bench_main(argv)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from arr.demo import main as demo_main
 
@@ -130,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("config")
     check.set_defaults(func=_check)
 
+    sub.add_parser("bench", help="benchmark arr against HAProxy, nginx and a direct connection "
+                                 "(arguments go to the harness: arr bench --help)")
+
     demo = sub.add_parser("demo", help="build a namespace cluster, download through the router")
     demo.add_argument("--mode", choices=("nat", "proxy"), default="nat")
     demo.add_argument("--size", type=_size, default=_size("64MiB"), help="object size (default 64MiB)")
@@ -142,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")

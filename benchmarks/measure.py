@@ -81,6 +81,26 @@ def proc_cpu_seconds(pids: Sequence[int]) -> dict[int, float]:
     return out
 
 
+def proc_cpu_ns(pids: Sequence[int]) -> dict[int, float]:
+    """CPU seconds of each process at ns resolution: the sum over its live threads
+    of /proc/PID/task/TID/schedstat's first field (sum_exec_runtime, the total
+    that /proc/PID/stat reports as utime+stime in clock ticks)."""
+    out = {}
+    for pid in pids:
+        total = 0
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                try:
+                    with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                        total += int(f.read().split()[0])
+                except (OSError, ValueError, IndexError):
+                    pass
+        except OSError:
+            continue
+        out[pid] = total / 1e9
+    return out
+
+
 def rss_bytes(pids: Sequence[int]) -> int:
     total = 0
     for pid in pids:
@@ -100,7 +120,8 @@ def machine_busy() -> float:
 @dataclass
 class Snapshot:
     t: float
-    proc_cpu: dict[int, float]
+    proc_cpu: dict[int, float]  # utime+stime, clock ticks
+    proc_ns: dict[int, float]  # schedstat, ns resolution
     busy: float
     router_bytes: int
 
@@ -110,7 +131,8 @@ class Window:
     """What happened between two snapshots."""
 
     seconds: float
-    router_cpu_s: float  # utime+stime of the router processes (those alive at both ends)
+    router_cpu_s: float  # CPU of the router processes alive at both ends (ns resolution)
+    router_cpu_ticks_s: float  # the same from /proc/PID/stat utime+stime (10 ms ticks)
     machine_cpu_s: float  # busy seconds of all CPUs
     router_bytes: int  # bytes across the router namespace's interfaces
 
@@ -124,13 +146,17 @@ class Sampler:
 
     def snap(self) -> Snapshot:
         pids = process_tree(self.roots)
-        return Snapshot(time.monotonic(), proc_cpu_seconds(pids), machine_busy(),
+        return Snapshot(time.monotonic(), proc_cpu_seconds(pids), proc_cpu_ns(pids), machine_busy(),
                         router_interface_bytes(self.cluster))
 
     @staticmethod
     def window(a: Snapshot, b: Snapshot) -> Window:
-        cpu = sum(b.proc_cpu[p] - a.proc_cpu[p] for p in b.proc_cpu if p in a.proc_cpu)
-        return Window(b.t - a.t, cpu, b.busy - a.busy, b.router_bytes - a.router_bytes)
+        ticks = sum(b.proc_cpu[p] - a.proc_cpu[p] for p in b.proc_cpu if p in a.proc_cpu)
+        ns = sum(b.proc_ns[p] - a.proc_ns[p] for p in b.proc_ns if p in a.proc_ns)
+        # threads that exited in between are missing from the per-thread sums but
+        # not from utime+stime: trust the ticks when they say clearly more
+        cpu = ticks if ticks - ns > 2 * len(b.proc_cpu) / CLK_TCK else ns
+        return Window(b.t - a.t, cpu, ticks, b.busy - a.busy, b.router_bytes - a.router_bytes)
 
 
 # ------------------------------------------------------------------------ wrk
@@ -259,7 +285,7 @@ class HeldConnections:
         try:
             if self.proc.stdin:
                 self.proc.stdin.close()
-            self.proc.wait(timeout=30)
+            self.proc.wait(timeout=10 if self.report else 0.1)
         except (subprocess.TimeoutExpired, OSError):
             pass
         self.cluster.stop_process(self.proc)

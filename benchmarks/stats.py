@@ -205,8 +205,8 @@ def goal_verdicts(results: Mapping) -> list[Verdict]:
     rate = _med(conn.get("per_router_core"))
     util = _med(conn.get("router_cpu_util"))
     note = "" if util is None else (
-        f"measured {_med(conn.get('rate')):.0f}/s at router CPU {util * 100:.0f}% of one core; "
-        "per core = rate / router CPU utilisation")
+        f"measured {_med(conn.get('handoff_rate')) or 0:.0f} handoffs/s at router CPU {util * 100:.0f}% "
+        "of one core; per core = handoff rate / router CPU utilisation")
     out.append(verdict("handoffs per second on one router core", ">= 3000", rate, 3000,
                        at_most=False, fmt="{:.0f}/s", note=note))
 
@@ -216,4 +216,107 @@ def goal_verdicts(results: Mapping) -> list[Verdict]:
         out.append(verdict(f"router memory per handed-off connection at {int(n):,}", "<= 1 KiB",
                            v, KIB, at_most=True, fmt="{:.0f} B",
                            note="RSS delta / N + BPF map elements per connection"))
+    return out
+
+
+# ------------------------------------------------------------------- summary
+
+def _runs_metric(runs: Sequence[Mapping], *path: str) -> list[float | None]:
+    out: list[float | None] = []
+    for run in runs:
+        node: object = run
+        for key in path:
+            node = node.get(key) if isinstance(node, Mapping) else None  # type: ignore[union-attr]
+        out.append(node if isinstance(node, (int, float)) else None)  # type: ignore[arg-type]
+    return out
+
+
+def _summ(values: Iterable[float | None]) -> dict | None:
+    s = Summary.of(values)
+    return None if s is None else s.to_json()
+
+
+def _paired(values: Sequence[float | None], baseline: Sequence[float | None], op) -> list[float | None]:
+    """op(value_i, baseline_i) run by run; a missing baseline run falls back to the
+    median of the baseline's runs."""
+    base_med = Summary.of(baseline)
+    out: list[float | None] = []
+    for i, v in enumerate(values):
+        b = baseline[i] if i < len(baseline) and baseline[i] is not None else (
+            base_med.median if base_med else None)
+        out.append(None if v is None or b is None else op(v, b))
+    return out
+
+
+def summarize(raw: Mapping[str, Mapping]) -> dict:
+    """Medians and spreads over runs, for every system and metric.
+
+    RAW: ``{system: {"runs": [run, ...], "memory": {n: [mem, ...]}}}`` where a run is
+    ``{"sizes": {size: {"bytes", "seconds", "router_cpu_s", "machine_cpu_s",
+    "router_bytes"}}, "ttfb": {"p50_ms", "p99_ms"}, "conn_rate": {"rate",
+    "router_cpu_util"}}``. Marginal CPU and TTFB overhead are paired run by run with
+    the ``direct`` system's run of the same index.
+    """
+    direct_runs = raw.get("direct", {}).get("runs", [])
+    out: dict = {}
+    for system, data in raw.items():
+        runs = data.get("runs", [])
+        sizes: dict = {}
+        size_names: list[str] = []
+        for run in runs:
+            for size in run.get("sizes", {}):
+                if size not in size_names:
+                    size_names.append(size)
+        for size in size_names:
+            b = _runs_metric(runs, "sizes", size, "bytes")
+            secs = _runs_metric(runs, "sizes", size, "seconds")
+            rcpu = _runs_metric(runs, "sizes", size, "router_cpu_s")
+            mcpu = _runs_metric(runs, "sizes", size, "machine_cpu_s")
+            rbytes = _runs_metric(runs, "sizes", size, "router_bytes")
+            acpu = _runs_metric(runs, "sizes", size, "agent_cpu_s")
+            thr = [None if x is None or not t else x / t for x, t in zip(b, secs)]
+            rpg = [None if c is None or x is None else per_gib(c, x) for c, x in zip(rcpu, b)]
+            mpg = [None if c is None or x is None else per_gib(c, x) for c, x in zip(mcpu, b)]
+            dmpg = [None if c is None or x is None else per_gib(c, x) for c, x in zip(
+                _runs_metric(direct_runs, "sizes", size, "machine_cpu_s"),
+                _runs_metric(direct_runs, "sizes", size, "bytes"))]
+            marginal = _paired(mpg, dmpg, lambda a, d: a - d) if direct_runs else [None] * len(runs)
+            bpb = [None if r is None or not x else r / x for r, x in zip(rbytes, b)]
+            sizes[size] = {
+                "throughput_Bps": _summ(thr),
+                "router_cpu_per_gib": _summ(rpg),
+                "machine_cpu_per_gib": _summ(mpg),
+                "marginal_cpu_per_gib": _summ(marginal),
+                "router_bytes_per_byte": _summ(bpb),
+                "agent_cpu_per_gib": _summ(None if c is None or x is None else per_gib(c, x)
+                                           for c, x in zip(acpu, b)),
+            }
+        entry: dict = {"sizes": sizes}
+        p50 = _runs_metric(runs, "ttfb", "p50_ms")
+        p99 = _runs_metric(runs, "ttfb", "p99_ms")
+        if any(v is not None for v in p50):
+            entry["ttfb"] = {
+                "p50_ms": _summ(p50), "p99_ms": _summ(p99),
+                "p50_overhead_ms": _summ(_paired(p50, _runs_metric(direct_runs, "ttfb", "p50_ms"),
+                                                 lambda a, d: a - d)) if direct_runs else None,
+                "p99_overhead_ms": _summ(_paired(p99, _runs_metric(direct_runs, "ttfb", "p99_ms"),
+                                                 lambda a, d: a - d)) if direct_runs else None,
+            }
+        rate = _runs_metric(runs, "conn_rate", "rate")
+        if any(v is not None for v in rate):
+            util = _runs_metric(runs, "conn_rate", "router_cpu_util")
+            handoff_rate = _runs_metric(runs, "conn_rate", "handoff_rate")
+            # handoffs (not fallbacks) when the system hands off, else connections
+            basis = [h if h is not None else r for h, r in zip(handoff_rate, rate)]
+            per_core = [None if r is None or not u else r / u for r, u in zip(basis, util)]
+            entry["conn_rate"] = {"rate": _summ(rate), "handoff_rate": _summ(handoff_rate),
+                                  "router_cpu_util": _summ(util), "per_router_core": _summ(per_core)}
+        memory = {}
+        for n, mems in data.get("memory", {}).items():
+            memory[str(n)] = {k: _summ(m.get(k) for m in mems) for k in (
+                "bytes_per_conn", "rss_per_conn", "kernel_per_conn", "map_bytes_per_conn", "opened",
+                "handoffs")}
+        if memory:
+            entry["memory"] = memory
+        out[system] = entry
     return out

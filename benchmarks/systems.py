@@ -20,7 +20,7 @@ from typing import Iterator
 
 from arr.testbed import Cluster
 from arr.testbed import nginx as tb_nginx
-from arr.testbed.router import BPF_DIR, handoff_cluster, pin_instance
+from arr.testbed.router import BPF_DIR, clear_handoff_programs, handoff_cluster, pin_instance
 from benchmarks.measure import BenchError, wait_for
 
 SYSTEMS = ("direct", "arr-nat", "arr-proxy", "haproxy", "nginx")
@@ -44,6 +44,7 @@ class Running:
     roots: list[int] = field(default_factory=list)  # router process PIDs (descendants counted too)
     router: object | None = None  # RouterProcess for arr systems
     config: str = ""  # the configuration text, for the report
+    agent_roots: list[int] = field(default_factory=list)  # arr agents on the targets (not router CPU)
 
     def url(self, i: int, path: str) -> str:
         return self.urls[i % len(self.urls)] + path
@@ -51,31 +52,57 @@ class Running:
 
 # ------------------------------------------------------------------- targets
 
+def bench_target_config(text: str, nofile: int) -> tuple[str, list[str]]:
+    """The test bed's target nginx.conf with room for the memory test: at least
+    19,000 worker connections, ``worker_rlimit_nofile`` at the fd limit this
+    process can grant (asking for more only makes nginx log an alert), and a
+    300 s keep-alive so held connections outlive the slowest opening phase.
+    Returns the text and what changed."""
+    import re
+
+    changes: list[str] = []
+
+    def sub(pattern: str, repl, what: str) -> None:
+        nonlocal text
+        text, n = re.subn(pattern, repl, text, count=1, flags=re.M)
+        if not n:
+            raise BenchError(f"test-bed nginx config changed: no {what}")
+
+    def conns(m: "re.Match[str]") -> str:
+        n = max(int(m.group(1)), min(19000, nofile - 500))
+        changes.append(f"worker_connections {m.group(1)} -> {n}")
+        return f"worker_connections {n};"
+
+    sub(r"^\s*worker_connections\s+(\d+);", lambda m: "    " + conns(m), "worker_connections")
+    if re.search(r"^worker_rlimit_nofile\s+\d+;", text, flags=re.M):
+        sub(r"^worker_rlimit_nofile\s+(\d+);", f"worker_rlimit_nofile {nofile};", "worker_rlimit_nofile")
+    else:
+        sub(r"^(worker_processes\s+\d+;)", rf"\1\nworker_rlimit_nofile {nofile};", "worker_processes")
+    changes.append(f"worker_rlimit_nofile {nofile}")
+    sub(r"^(\s*)keepalive_timeout\s+\d+;", r"\1keepalive_timeout 300;", "keepalive_timeout")
+    changes.append("keepalive_timeout 300")
+    return text, changes
+
+
 def bench_targets(cluster: Cluster) -> str:
-    """Restart every target's nginx with the test bed's configuration plus room for
-    the memory test: 32,768 worker connections (the test bed allows 1,024),
-    ``worker_rlimit_nofile`` and a 300 s keep-alive (65 s). Same unmodified
-    nginx binary, same files, same logs. Returns the changed lines."""
-    changes = {
-        "worker_connections 1024;": "worker_connections 19000;",
-        "worker_processes 1;": "worker_processes 1;\nworker_rlimit_nofile 20000;",
-        "keepalive_timeout 65;": "keepalive_timeout 300;",
-    }
+    """Restart every target's nginx with :func:`bench_target_config` (same
+    unmodified nginx binary, same files, same logs). Returns what changed."""
+    import resource
+
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    changes: list[str] = []
     for i, t in enumerate(cluster.targets):
         paths = tb_nginx.NginxPaths(cluster.workdir / "targets" / t.name)
         text = tb_nginx.render_config(paths, label=t.name, ip=t.ip, port=cluster.spec.target_port,
                                       www_root=cluster.workdir / "www")
-        for old, new in changes.items():
-            if old not in text:
-                raise BenchError(f"test-bed nginx config changed: no {old!r}")
-            text = text.replace(old, new)
+        text, changes = bench_target_config(text, nofile)
         cluster.stop_target(i)
         paths.conf.write_text(text)
         with open(paths.root / "nginx.stdout", "ab") as out:
             proc = cluster.popen(t, tb_nginx.command(paths), stdout=out, stderr=subprocess.STDOUT)
         if not wait_for(lambda: cluster.port_open(t, t.ip, cluster.spec.target_port, 0.2), 10):
             raise BenchError(f"bench nginx on {t.name} did not come up (exit {proc.poll()})")
-    return "; ".join(f"{a} -> {b}".replace("\n", " ") for a, b in changes.items())
+    return ", ".join(changes)
 
 
 # ------------------------------------------------------------------- routers
@@ -185,15 +212,20 @@ def _external(cluster: Cluster, name: str, config: str, argv_of) -> Iterator[Run
 @contextmanager
 def start_system(cluster: Cluster, name: str) -> Iterator[Running]:
     """Start NAME in CLUSTER, yield how to reach and watch it, stop it."""
+    clear_handoff_programs(cluster)
     if name == "direct":
         yield Running(name, [f"http://{t.ip}:{cluster.spec.target_port}" for t in cluster.targets])
     elif name in ("arr-nat", "arr-proxy"):
         mode = name.split("-")[1]
-        with handoff_cluster(cluster, mode, limits=ARR_LIMITS) as (router, _agents):
-            router.wait_healthy(timeout=15)
-            cfg_path = cluster.workdir / f"{router.name}.toml"
-            cfg = cfg_path.read_text() if cfg_path.exists() else ""
-            yield Running(name, [router.url] * 2, [router.proc.pid], router, cfg)
+        try:
+            with handoff_cluster(cluster, mode, limits=ARR_LIMITS) as (router, agents):
+                router.wait_healthy(timeout=15)
+                cfg_path = cluster.workdir / f"{router.name}.toml"
+                cfg = cfg_path.read_text() if cfg_path.exists() else ""
+                yield Running(name, [router.url] * 2, [router.proc.pid], router, cfg,
+                              [a.proc.pid for a in agents if a.proc is not None])
+        finally:
+            clear_handoff_programs(cluster)
     elif name == "haproxy":
         workdir = cluster.workdir / "bench-haproxy"
         workdir.mkdir(exist_ok=True)

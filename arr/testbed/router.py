@@ -318,6 +318,28 @@ class AgentProcess:
             f"http://127.0.0.1:{AGENT_METRICS_PORT}/metrics"]).stdout)
 
 
+def clear_handoff_programs(cluster: Cluster) -> int:
+    """Detach arr's tc programs from the router's and targets' interfaces.
+
+    ``arr serve``/``arr agent`` leave their programs attached when they stop (so
+    a restart keeps handed-off connections alive), and ``handoff_cluster`` only
+    removes the pins: the programs would go on rewriting packets that match the
+    last run's flow entries, hijacking later connections that reuse a client
+    port. ``handoff_cluster`` calls this when it ends, so whatever runs next in
+    the cluster starts on clean interfaces. Returns how many filters were removed."""
+    from arr import netlink
+
+    removed = 0
+    for host in [cluster.router, *cluster.targets]:
+        for ifname in cluster.interface_bytes(host):
+            if ifname == "lo":
+                continue
+            for direction in ("ingress", "egress"):
+                if netlink.bpf_detach(host.ns, ifname, direction):
+                    removed += 1
+    return removed
+
+
 @contextmanager
 def handoff_cluster(cluster: Cluster, mode: str = "nat", **sections: Any
                     ) -> Iterator[tuple[RouterProcess, list[AgentProcess]]]:
@@ -334,4 +356,5 @@ def handoff_cluster(cluster: Cluster, mode: str = "nat", **sections: Any
         router.stop()
         for agent in agents:
             agent.stop()
+        clear_handoff_programs(cluster)
         remove_pins(cluster)

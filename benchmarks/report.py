@@ -1,0 +1,467 @@
+"""Rendering: JSON, markdown (tables, goal verdicts, profile), PNG plots, console lines.
+
+``render_markdown`` and ``profile_summary`` are pure (unit-tested); plots use
+matplotlib's Agg backend.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from benchmarks.stats import KIB, Summary, goal_verdicts
+
+MIB = 1 << 20
+SYSTEM_ORDER = ("direct", "arr-nat", "arr-proxy", "haproxy", "nginx")
+COLORS = {"direct": "#7f7f7f", "arr-nat": "#d62728", "arr-proxy": "#ff9896", "haproxy": "#1f77b4",
+          "nginx": "#2ca02c"}
+
+
+def _size_key(name: str) -> int:
+    m = re.fullmatch(r"(\d+)(KiB|MiB|GiB)", name)
+    if not m:
+        return 0
+    return int(m.group(1)) << {"KiB": 10, "MiB": 20, "GiB": 30}[m.group(2)]
+
+
+def fmt(summary: Mapping | None, spec: str = "{:.3g}", scale: float = 1.0) -> str:
+    """``median [min–max]`` of a summary (just the median for one run), '–' if absent."""
+    if summary is None:
+        return "–"
+    s = Summary.from_json(summary)
+    assert s is not None
+    def one(x: float) -> str:
+        return spec.format(0.0 if abs(x) < 1e-9 else x * scale)
+
+    med = one(s.median)
+    if s.n <= 1:
+        return med
+    return f"{one(s.min)}–{one(s.max)}".join((f"{med} [", "]"))
+
+
+def _systems(summary: Mapping) -> list[str]:
+    return [s for s in SYSTEM_ORDER if s in summary] + [s for s in summary if s not in SYSTEM_ORDER]
+
+
+def _sizes(summary: Mapping) -> list[str]:
+    names: set[str] = set()
+    for entry in summary.values():
+        names.update(entry.get("sizes", {}))
+    return sorted(names, key=_size_key)
+
+
+# ------------------------------------------------------------------ profile
+
+WRAPPERS = ("(<frozen runpy>)", "(asyncio/runners.py)", "(arr/__main__.py)", "(arr/cli.py)")
+"""Frames on every stack of ``arr serve`` that say nothing about where time goes."""
+
+EVENT_LOOP = "Runner.run (asyncio/runners.py)"
+
+
+def profile_summary(raw: str, top: int = 15) -> dict[str, Any]:
+    """Top frames of a py-spy ``--format raw`` (collapsed stacks) profile.
+
+    ``self``: samples whose innermost frame is the function; ``inclusive``:
+    samples with the function anywhere on the stack (counted once per stack).
+    Frames are ``function (file:line)``; the line is dropped so a function's
+    samples add up.
+    """
+    self_c: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
+    by_file: Counter[str] = Counter()
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = [_frame_name(f) for f in stack.split(";") if f]
+        frames = [f for f in frames if not f.startswith("process ") and not f.startswith("thread ")]
+        if not frames:
+            continue
+        leaf = frames[-1]
+        if leaf == EVENT_LOOP:  # uvloop is native: py-spy shows its time as the caller's frame
+            leaf = "event loop, native uvloop code (Runner.run)"
+        self_c[leaf] += n
+        by_file[_file_of(leaf)] += n
+        for f in set(frames):
+            if not f.endswith(WRAPPERS):
+                incl[f] += n
+
+    def rows(c: Counter[str]) -> list[dict[str, Any]]:
+        return [{"frame": f, "samples": n, "share": n / total if total else 0.0} for f, n in c.most_common(top)]
+
+    return {"samples": total, "self": rows(self_c), "inclusive": rows(incl), "by_file": rows(by_file)}
+
+
+def _file_of(frame: str) -> str:
+    m = re.search(r"\(([^()]*)\)$", frame)
+    return m.group(1) if m else frame
+
+
+def _frame_name(frame: str) -> str:
+    frame = frame.strip()
+    m = re.fullmatch(r"(.*) \((.*?)(?::\d+)?\)", frame)
+    if not m:
+        return frame
+    func, path = m.groups()
+    for marker in ("/site-packages/", "/lib/python3"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+            break
+    else:
+        path = re.sub(r"^.*?/(arr|handoff|benchmarks)/", r"\1/", path)
+    return f"{func} ({path})"
+
+
+# ----------------------------------------------------------------- markdown
+
+def render_markdown(results: Mapping[str, Any], figures: Sequence[str] = ()) -> str:
+    summary = results.get("summary", {})
+    raw = results.get("raw", {})
+    systems = _systems(summary)
+    sizes = _sizes(summary)
+    machine = results.get("machine", {})
+    plan = results.get("plan", {})
+    runs = plan.get("runs", "?")
+    out: list[str] = []
+    w = out.append
+    title = "arr benchmark" + (" (quick smoke run)" if results.get("quick") else "")
+    w(f"# {title}\n")
+    w(f"Run {results.get('started', '?')}, {results.get('duration_s', '?')} s. Every figure is the "
+      f"**median of {runs} run(s)** with the min–max range in brackets (memory: "
+      f"{plan.get('memory_runs', '?')} run(s)). All systems ran one after the other in the same test-bed "
+      f"cluster ({plan.get('targets', 2)} unmodified nginx targets, client and router in their own network "
+      "namespaces on one VM), runs interleaved across systems.\n")
+    w("**Machine**: " + ", ".join(f"{k} {v}" for k, v in machine.items()) + "\n")
+
+    w("## Throughput, CPU and bytes through the router\n")
+    w("| system | size | throughput MiB/s | router CPU s/GiB | machine CPU s/GiB | marginal CPU s/GiB "
+      "| router bytes / byte served |")
+    w("|---|---|---:|---:|---:|---:|---:|")
+    for size in sizes:
+        for system in systems:
+            m = summary[system].get("sizes", {}).get(size)
+            if not m:
+                continue
+            w(f"| {system} | {size} | {fmt(m['throughput_Bps'], '{:.1f}', 1 / MIB)} "
+              f"| {fmt(m['router_cpu_per_gib'], '{:.3g}')} | {fmt(m['machine_cpu_per_gib'], '{:.3g}')} "
+              f"| {fmt(m['marginal_cpu_per_gib'], '{:.3g}')} | {fmt(m['router_bytes_per_byte'], '{:.4f}')} |")
+    agent = [(size, summary["arr-nat"]["sizes"][size].get("agent_cpu_per_gib"))
+             for size in sizes if size in summary.get("arr-nat", {}).get("sizes", {})]
+    if any(v for _, v in agent):
+        w("\narr-nat agents' CPU (on the targets, not router CPU, included in machine CPU) in s/GiB: "
+          + ", ".join(f"{size} {fmt(v, '{:.3g}')}" for size, v in agent if v) + ".")
+    methods = _methods(raw)
+    if methods:
+        w("\nLoad: " + "; ".join(f"{size}: {m}" for size, m in methods.items()) + ".\n")
+
+    w("## Latency, connection rate\n")
+    w("| system | TTFB p50 ms | TTFB p99 ms | p50 over direct ms | p99 over direct ms "
+      "| new conns/s | of which handoffs/s | router CPU during it | per router core /s |")
+    w("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for system in systems:
+        t = summary[system].get("ttfb", {})
+        c = summary[system].get("conn_rate", {})
+        w(f"| {system} | {fmt(t.get('p50_ms'), '{:.3f}')} | {fmt(t.get('p99_ms'), '{:.3f}')} "
+          f"| {fmt(t.get('p50_overhead_ms'), '{:.3f}') if system != 'direct' else '–'} "
+          f"| {fmt(t.get('p99_overhead_ms'), '{:.3f}') if system != 'direct' else '–'} "
+          f"| {fmt(c.get('rate'), '{:.0f}')} | {fmt(c.get('handoff_rate'), '{:.0f}')} "
+          f"| {fmt(c.get('router_cpu_util'), '{:.0f}%', 100)} "
+          f"| {fmt(c.get('per_router_core'), '{:.0f}') if system != 'direct' else '–'} |")
+    w("")
+
+    hp = [r.get("ttfb", {}).get("handoff_p50_ms") for r in raw.get("arr-nat", {}).get("runs", [])]
+    hp99 = [r.get("ttfb", {}).get("handoff_p99_ms") for r in raw.get("arr-nat", {}).get("runs", [])]
+    if any(v is not None for v in hp):
+        w(f"arr-nat handoff duration from the router's own histogram (`arr_handoff_duration_seconds`, "
+          f"decision to client socket released, all of a run's handoffs): p50 "
+          f"{fmt(Summary.of(hp) and Summary.of(hp).to_json(), '{:.2f}')} ms, p99 "
+          f"{fmt(Summary.of(hp99) and Summary.of(hp99).to_json(), '{:.2f}')} ms.\n")
+    fb = _fallback_text(raw.get("arr-nat", {}))
+    if fb:
+        w(f"arr-nat handoffs that fell back to proxying (all runs): {fb}.\n")
+
+    if any("memory" in summary[s] for s in systems):
+        w("## Router memory per idle connection\n")
+        w("| system | connections | opened | handed off | RSS / conn B | kernel sockets / conn B "
+          "| BPF maps / conn B | total / conn B |")
+        w("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for system in systems:
+            for n, m in sorted(summary[system].get("memory", {}).items(), key=lambda kv: int(kv[0])):
+                w(f"| {system} | {int(n):,} | {fmt(m.get('opened'), '{:.0f}')} "
+                  f"| {fmt(m.get('handoffs'), '{:.0f}') if system == 'arr-nat' else '–'} "
+                  f"| {fmt(m.get('rss_per_conn'), '{:.0f}')} | {fmt(m.get('kernel_per_conn'), '{:.0f}')} "
+                  f"| {fmt(m.get('map_bytes_per_conn'), '{:.0f}')} | {fmt(m.get('bytes_per_conn'), '{:.0f}')} |")
+        w("")
+
+    w("## Goals\n")
+    w("| goal | target | measured | verdict | note |")
+    w("|---|---|---|---|---|")
+    for v in goal_verdicts(results):
+        w(f"| {v.goal} | {v.target} | {v.measured} | **{v.status}** | {v.note} |")
+    w("")
+
+    prof = results.get("profile")
+    if prof:
+        w("## Where the arr-nat router's time goes (py-spy)\n")
+        if "error" in prof:
+            w(f"Profile not taken: {prof['error']}\n")
+        else:
+            w(f"{prof['samples']} samples of `arr serve` (nat) during the new-connection test "
+              f"({prof.get('conn_rate_during_profile', 0):.0f} conns/s while sampled; py-spy "
+              "`--nonblocking`, 250 Hz, idle excluded). Raw stacks: "
+              f"`{prof.get('raw_file', '')}`.\n")
+            w("| self (innermost frame) | share | inclusive (on the stack) | share |")
+            w("|---|---:|---|---:|")
+            for a, b in zip(prof["self"], prof["inclusive"]):
+                w(f"| `{a['frame']}` | {a['share'] * 100:.1f}% | `{b['frame']}` | {b['share'] * 100:.1f}% |")
+            if prof.get("by_file"):
+                w("\nSelf time by source file: " + ", ".join(
+                    f"`{r['frame']}` {r['share'] * 100:.0f}%" for r in prof["by_file"][:10]) + ".")
+            w("")
+
+    if figures:
+        w("## Figures\n")
+        for f in figures:
+            w(f"![{Path(f).stem}]({f})")
+        w("")
+
+    w("## How it is measured\n")
+    w(METHOD_TEXT)
+    notes = results.get("notes", {})
+    if notes.get("targets"):
+        w(f"\nTarget nginx (test-bed configuration with): {notes['targets']}.\n")
+    errors = results.get("errors") or []
+    w("## Errors\n")
+    w("\n".join(f"* {e}" for e in errors) if errors else "None.")
+    return "\n".join(out) + "\n"
+
+
+METHOD_TEXT = """\
+* **Throughput**: body bytes of successful responses / wall time of the load generator. Objects up
+  to 64 KiB: two `wrk -t1` processes in the client namespace, 4 keep-alive connections each, for a
+  fixed duration (for arr-nat that means each connection is handed off once, then its later requests
+  go straight to the target). 1 MiB and larger: one `curl -Z --parallel-max 4` process downloading
+  about 1 GiB (quick: 96 MiB) of the object, each download on a new connection (`Connection: close`),
+  every transfer checked for status 200 and full length. Before each size, one download through the
+  system is checked against the file's SHA-256 (a mismatch is an error and makes the run exit 1).
+  `direct` spreads the same load over the targets' own addresses.
+* **Router CPU s/GiB**: utime+stime of every router process and its descendants (arr serve;
+  haproxy; nginx master and worker) over the throughput window, per GiB served. Read at ns
+  resolution as the sum of `/proc/PID/task/*/schedstat` (sum_exec_runtime, the total that
+  `/proc/PID/stat` reports as utime+stime in 10 ms ticks; the tick figure is in the JSON as
+  `router_cpu_ticks_s` and used instead if threads exited). The arr-nat agents run on the targets
+  and are not router CPU.
+* **Machine CPU s/GiB**: busy time of all CPUs (`/proc/stat`: user+nice+system+irq+softirq+steal) over
+  the window, per GiB. **Marginal CPU** = machine CPU/GiB of the system minus that of `direct` in the
+  same run and size: what putting the router in the path costs the whole machine (load generator,
+  targets and kernel included). Softirq work done for the router namespace (veth, bridge, tc BPF)
+  cannot be attributed to a namespace on this kernel: it is charged to whichever task or ksoftirqd
+  ran it, so it shows up only in the machine and marginal figures, never in router CPU.
+* **Router bytes / byte served**: rx+tx bytes of every interface of the router namespace
+  (`router_interface_bytes`) over the window / body bytes served. About 2 for a proxy, near 0 for
+  direct server return (requests and the client's ACKs remain).
+* **TTFB**: `python -m benchmarks.client ttfb` in the client namespace: N sequential GETs of the
+  1 KiB object, each on a new TCP connection, time from `connect()` to the first response byte
+  (`perf_counter`); every body is checked against its SHA-256. Overhead = the system's percentile
+  minus direct's in the same run.
+* **New connections/s**: two `wrk -t1 -c8` with `Connection: close` (one 1 KiB request per
+  connection) for a fixed duration. "Router CPU" is the router processes' CPU seconds / wall seconds
+  (1.0 = one core busy); "per router core" = rate / that utilisation, i.e. the rate one fully busy
+  router core would sustain if it scaled linearly. The VM has 2 vCPUs shared by client, router,
+  targets and agents, so the router is rarely the only bottleneck.
+* **Memory per idle connection**: `python -m benchmarks.client hold` opens N connections to the
+  system (a fresh start of it), sends one keep-alive request on each, reads the response and keeps
+  all open. RSS delta (`/proc/PID/statm`) of the router processes / connections opened, plus kernel
+  socket memory in the router namespace: the `ss -tanm` skmem sum (r+t+f+w+o+bl) delta plus the
+  socket-count delta x the `TCP` slab object size (struct tcp_sock). For arr-nat the router keeps
+  no socket: its BPF map entries (`arr_ingress`, `arr_watch`, pinned) are counted, each as
+  48 B of kernel hash-element header + key + value. The LRU maps are preallocated (their full
+  size is reserved at load time whatever the number of connections); the per-connection figure is
+  the share in use. The VM's hard fd limit is 20,000 (no CAP_SYS_RESOURCE), which bounds the test.
+"""
+
+
+def _fallback_text(data: Mapping) -> str:
+    """Handoffs vs fallbacks (by reason) of the new-connection and memory tests."""
+    parts = []
+    tests = [("new-connection test", [r.get("conn_rate") for r in data.get("runs", [])])]
+    for n, mems in sorted(data.get("memory", {}).items(), key=lambda kv: int(kv[0])):
+        tests.append((f"{int(n):,} idle connections", list(mems)))
+    for label, recs in tests:
+        recs = [r for r in recs if r]
+        if not recs:
+            continue
+        handoffs = sum(r.get("handoffs", 0) for r in recs)
+        reasons: dict[str, float] = {}
+        for r in recs:
+            for k, v in (r.get("fallback_reasons") or {}).items():
+                reasons[k] = reasons.get(k, 0) + v
+        total = sum(reasons.values()) or sum(r.get("fallbacks", 0) for r in recs)
+        why = ", ".join(f"{k} {v:.0f}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1]))
+        parts.append(f"{label}: {total:.0f} of {handoffs + total:.0f}" + (f" ({why})" if why else ""))
+    return "; ".join(parts)
+
+
+def _methods(raw: Mapping) -> dict[str, str]:
+    methods: dict[str, str] = {}
+    for data in raw.values():
+        for run in data.get("runs", []):
+            for size, m in run.get("sizes", {}).items():
+                if "method" in m:
+                    methods.setdefault(size, m["method"])
+    return dict(sorted(methods.items(), key=lambda kv: _size_key(kv[0])))
+
+
+def console_summary(results: Mapping[str, Any]) -> str:
+    lines = []
+    summary = results.get("summary", {})
+    for system in _systems(summary):
+        e = summary[system]
+        parts = []
+        for size, m in sorted(e.get("sizes", {}).items(), key=lambda kv: _size_key(kv[0])):
+            parts.append(f"{size} {fmt(m['throughput_Bps'], '{:.0f}', 1 / MIB)} MiB/s "
+                         f"cpu {fmt(m['router_cpu_per_gib'], '{:.3g}')} s/GiB")
+        if "ttfb" in e:
+            parts.append(f"ttfb p50 {fmt(e['ttfb']['p50_ms'], '{:.2f}')} ms")
+        if "conn_rate" in e:
+            parts.append(f"{fmt(e['conn_rate']['rate'], '{:.0f}')} conns/s")
+        lines.append(f"{system:>10}: " + "; ".join(parts))
+    lines.append("goals: " + ", ".join(f"{v.goal}: {v.status}" for v in goal_verdicts(results)))
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------- plots
+
+def _bar_groups(ax, groups: list[str], systems: list[str], getter, scale: float = 1.0) -> None:
+    import numpy as np
+
+    width = 0.8 / max(1, len(systems))
+    x = np.arange(len(groups))
+    for i, system in enumerate(systems):
+        med, lo, hi = [], [], []
+        for g in groups:
+            s = getter(system, g)
+            if s is None:
+                med.append(np.nan)
+                lo.append(0)
+                hi.append(0)
+            else:
+                med.append(s["median"] * scale)
+                lo.append(max(0.0, (s["median"] - s["min"]) * scale))
+                hi.append(max(0.0, (s["max"] - s["median"]) * scale))
+        ax.bar(x + (i - (len(systems) - 1) / 2) * width, med, width, yerr=[lo, hi], capsize=2,
+               label=system, color=COLORS.get(system))
+    ax.set_xticks(x, groups)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def write_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = results.get("summary", {})
+    systems = _systems(summary)
+    sizes = _sizes(summary)
+    note = "median of runs, bars: min–max"
+    paths: list[Path] = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        p = out_dir / name
+        fig.savefig(p, dpi=90)
+        plt.close(fig)
+        paths.append(p)
+
+    def size_metric(metric: str):
+        return lambda s, g: summary[s].get("sizes", {}).get(g, {}).get(metric)
+
+    if sizes:
+        for metric, title, ylabel, scale, log, name, skip_direct in (
+            ("throughput_Bps", "Throughput", "MiB/s", 1 / MIB, True, "throughput.png", False),
+            ("router_cpu_per_gib", "Router process CPU per GiB served", "CPU s / GiB", 1, True,
+             "router_cpu_per_gib.png", True),
+            ("marginal_cpu_per_gib", "Marginal machine CPU per GiB (vs direct)", "CPU s / GiB", 1, False,
+             "marginal_cpu_per_gib.png", True),
+            ("router_bytes_per_byte", "Bytes through the router per byte served", "bytes / byte", 1, False,
+             "router_bytes.png", True),
+        ):
+            syst = [s for s in systems if not (skip_direct and s == "direct")]
+            fig, ax = plt.subplots(figsize=(8, 3.6))
+            _bar_groups(ax, sizes, syst, size_metric(metric), scale)
+            if log:
+                ax.set_yscale("log")
+            ax.set_title(f"{title} ({note})", fontsize=9)
+            ax.set_ylabel(ylabel)
+            ax.set_xlabel("object size")
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+            save(fig, name)
+
+    with_ttfb = [s for s in systems if "ttfb" in summary[s]]
+    if with_ttfb:
+        fig, ax = plt.subplots(figsize=(8, 3.4))
+        _bar_groups(ax, ["p50", "p99"], with_ttfb,
+                    lambda s, g: summary[s]["ttfb"].get(f"{g}_ms"))
+        ax.set_yscale("log")
+        ax.set_ylabel("ms")
+        ax.set_title(f"Time to first byte, new connection, 1 KiB ({note})", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        save(fig, "ttfb.png")
+
+    with_conn = [s for s in systems if "conn_rate" in summary[s]]
+    if with_conn:
+        fig, ax = plt.subplots(figsize=(8, 3.4))
+        _bar_groups(ax, ["new connections / s"], with_conn, lambda s, g: summary[s]["conn_rate"].get("rate"))
+        ax.set_yscale("log")
+        ax.set_title(f"New connections per second, one 1 KiB request each ({note})", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        save(fig, "conn_rate.png")
+
+    with_mem = [s for s in systems if "memory" in summary[s]]
+    if with_mem:
+        ns = sorted({n for s in with_mem for n in summary[s]["memory"]}, key=int)
+        fig, ax = plt.subplots(figsize=(8, 3.4))
+        _bar_groups(ax, [f"{int(n):,} idle" for n in ns], with_mem,
+                    lambda s, g: summary[s]["memory"].get(g.split()[0].replace(",", ""), {}).get("bytes_per_conn"))
+        ax.axhline(KIB, color="black", lw=0.8, ls="--")
+        ax.text(0.01, KIB, " goal 1 KiB", va="bottom", fontsize=7, transform=ax.get_yaxis_transform())
+        ax.set_yscale("symlog", linthresh=100)
+        ax.set_ylabel("bytes per connection")
+        ax.set_title(f"Router memory per idle connection ({note})", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        save(fig, "memory.png")
+    return paths
+
+
+def write_all(results: Mapping[str, Any], out_dir: Path, results_md: Path | None = None) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "results.json"
+    json_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    paths = [json_path]
+    try:
+        figs = write_plots(results, out_dir)
+    except Exception as e:  # noqa: BLE001 - a plotting problem must not lose the results
+        figs = []
+        results = {**results, "errors": [*results.get("errors", []), f"plots: {e!r}"]}
+    paths += figs
+    md_path = out_dir / "results.md"
+    md_path.write_text(render_markdown(results, [p.name for p in figs]))
+    paths.append(md_path)
+    if results_md is not None:
+        rel = [_relpath(p, results_md.parent) for p in figs]
+        results_md.write_text(render_markdown(results, rel))
+        paths.append(results_md)
+    return paths
+
+
+def _relpath(p: Path, start: Path) -> str:
+    import os
+
+    return os.path.relpath(p.resolve(), start.resolve())

@@ -1,0 +1,485 @@
+"""``python -m benchmarks``: every system under the same conditions, in one cluster.
+
+Order: for each run, for each system: start it, then (per object size) a sampled
+SHA-256 download and the throughput test, the TTFB test, the new-connection
+test; stop it. Then the idle-connection memory tests (a fresh start of the
+system for each N), then (full runs) a py-spy profile of the arr-nat router
+during the new-connection test. Runs are interleaved across systems so drift
+over time hits every system alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks import measure, report
+from benchmarks.stats import GIB, htab_elem_bytes, percentile, summarize
+
+SIZES = {"1KiB": 1 << 10, "64KiB": 64 << 10, "1MiB": 1 << 20, "64MiB": 64 << 20}
+WRK_MAX_SIZE = 64 << 10  # objects up to this size go through wrk, larger through curl
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Plan:
+    systems: list[str]
+    sizes: list[str]
+    runs: int
+    wrk_seconds: float = 5.0
+    wrk_connections: int = 8
+    curl_parallel: int = 4
+    curl_bytes: int = 1 << 30  # per throughput test of a large object (at least 8 downloads)
+    ttfb_n: int = 1000
+    conn_seconds: float = 5.0
+    conn_connections: int = 16
+    memory_ns: list[int] = field(default_factory=lambda: [1000, 10000])
+    memory_runs: int = 2
+    profile_seconds: float = 0.0
+    targets: int = 2
+
+    def curl_count(self, size: int) -> int:
+        return max(16 if self.curl_bytes >= 1 << 30 else 8, self.curl_bytes // size)
+
+
+def quick_plan(systems: list[str] | None, sizes: list[str] | None, runs: int | None) -> Plan:
+    return Plan(systems=systems or ["direct", "arr-nat", "arr-proxy"], sizes=sizes or ["1KiB", "1MiB"],
+                runs=runs or 1, wrk_seconds=2.0, curl_bytes=96 << 20, ttfb_n=200, conn_seconds=2.0,
+                memory_ns=[1000], memory_runs=1, profile_seconds=0.0)
+
+
+def full_plan(systems: list[str] | None, sizes: list[str] | None, runs: int | None) -> Plan:
+    from benchmarks.systems import SYSTEMS
+
+    return Plan(systems=systems or list(SYSTEMS), sizes=sizes or list(SIZES), runs=runs or 3,
+                profile_seconds=8.0)
+
+
+# --------------------------------------------------------------------- machine
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"kernel": platform.release(), "cores": os.cpu_count(),
+                            "python": platform.python_version()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal"):
+                    info["memory_gib"] = round(int(line.split()[1]) / (1 << 20), 1)
+    except OSError:
+        pass
+    info["nginx"] = measure.version_of(["nginx", "-v"])
+    info["haproxy"] = measure.version_of(["haproxy", "-v"])
+    info["wrk"] = measure.version_of(["wrk", "-v"]).split("Copyright")[0].strip()
+    info["curl"] = " ".join(measure.version_of(["curl", "--version"]).split()[:2])
+    root = measure.PROJECT_ROOT
+    rev = measure.version_of(["git", "-C", root, "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    info["arr"] = rev + (" (+ uncommitted changes)" if dirty else "")
+    return info
+
+
+# ---------------------------------------------------------------------- runner
+
+class Bench:
+    def __init__(self, plan: Plan, progress) -> None:
+        self.plan = plan
+        self.progress = progress
+        self.raw: dict[str, dict[str, Any]] = {s: {"runs": [], "memory": {}} for s in plan.systems}
+        self.errors: list[str] = []
+        self.notes: dict[str, Any] = {}
+        self.profile: dict[str, Any] | None = None
+        self.cluster = None
+
+    # ----------------------------------------------------------- helpers
+    def step(self, text: str) -> None:
+        self.progress.step(text)
+
+    def _arr_counts(self, running) -> tuple[float, float]:
+        if running.router is None:
+            return 0.0, 0.0
+        return (running.router.metric_sum("arr_handoffs_total", result="ok"),
+                running.router.metric_sum("arr_handoff_fallbacks_total"))
+
+    @staticmethod
+    def _fallback_reasons(running) -> dict[str, float]:
+        if running.router is None:
+            return {}
+        out: dict[str, float] = {}
+        for key, value in running.router.metrics().items():
+            if key.startswith("arr_handoff_fallbacks_total{"):
+                reason = measure.first_match(r'reason="([^"]*)"', key) or "?"
+                out[reason] = out.get(reason, 0.0) + value
+        return out
+
+    @staticmethod
+    def _reason_delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+        return {k: v - a.get(k, 0.0) for k, v in b.items() if v - a.get(k, 0.0) > 0}
+
+    def _verify(self, running, name: str) -> None:
+        info = self.cluster.files[name]
+        for i in range(len(set(running.urls)) if running.name == "direct" else 1):
+            r = self.cluster.curl(running.url(i, info.url_path), timeout=300)
+            if not r.ok or r.sha256 != info.sha256:
+                raise measure.BenchError(
+                    f"{running.name} {name}: sampled download status {r.status} exit {r.exit_code}, "
+                    f"{r.size} bytes, SHA-256 {'mismatch' if r.sha256 != info.sha256 else 'ok'} {r.error}")
+
+    # ----------------------------------------------------------- tests
+    def throughput(self, running, size_name: str) -> dict[str, Any]:
+        c, plan = self.cluster, self.plan
+        size = SIZES[size_name]
+        info = c.files[size_name]
+        self._verify(running, size_name)
+        urls = [u + info.url_path for u in running.urls]
+        sampler = measure.Sampler(c, running.roots)
+        agents = measure.Sampler(c, running.agent_roots) if running.agent_roots else None
+        h0, f0 = self._arr_counts(running)
+        a = sampler.snap()
+        aa = agents.snap() if agents else None
+        if size <= WRK_MAX_SIZE:
+            lr = measure.run_wrk(c, urls, plan.wrk_connections, plan.wrk_seconds, size)
+            method = (f"wrk: {len(urls)} x (wrk -t1 -c{plan.wrk_connections // len(urls)} "
+                      f"-d{plan.wrk_seconds:g}s), keep-alive")
+            bad = {k: v for k, v in lr.errors.items() if v}
+            if bad:
+                raise measure.BenchError(f"{running.name} {size_name}: wrk errors {bad}")
+        else:
+            n = plan.curl_count(size)
+            lr = measure.run_curl_parallel(c, urls, n, plan.curl_parallel, size)
+            method = f"curl -Z --parallel-max {plan.curl_parallel}: {n} downloads, Connection: close"
+        b = sampler.snap()
+        agent_cpu = measure.Sampler.window(aa, agents.snap()).router_cpu_s if agents and aa else None
+        w = measure.Sampler.window(a, b)
+        h1, f1 = self._arr_counts(running)
+        return {"method": method, "agent_cpu_s": agent_cpu, "requests": lr.requests, "bytes": lr.body_bytes, "seconds": lr.seconds,
+                "throughput_Bps": lr.body_bytes / lr.seconds if lr.seconds else None,
+                "router_cpu_s": w.router_cpu_s, "router_cpu_ticks_s": w.router_cpu_ticks_s,
+                "machine_cpu_s": w.machine_cpu_s, "window_s": w.seconds, "router_bytes": w.router_bytes,
+                "handoffs": h1 - h0, "fallbacks": f1 - f0}
+
+    def ttfb(self, running) -> dict[str, Any]:
+        c = self.cluster
+        info = c.files["1KiB"]
+        urls = [u + info.url_path for u in (running.urls if running.name == "direct" else running.urls[:1])]
+        h0, f0 = self._arr_counts(running)
+        r = measure.client_ttfb(c, urls, self.plan.ttfb_n, info.sha256)
+        h1, f1 = self._arr_counts(running)
+        hist = {}
+        if running.router is not None and h1 > 0:
+            for q in (0.5, 0.99):
+                v = running.router.quantile("arr_handoff_duration_seconds", q)
+                hist[f"handoff_p{int(q * 100)}_ms"] = None if v is None else v * 1000
+        if r["bad"] or r["ok"] < r["n"]:
+            raise measure.BenchError(f"{running.name} ttfb: {r['ok']}/{r['n']} ok, {r['bad']} bad "
+                                     f"(status or SHA-256), errors {r['first_errors']}")
+        t = [x * 1000 for x in r["ttfb"]]
+        conn = [x * 1000 for x in r["connect"]]
+        return {"n": r["n"], "p50_ms": percentile(t, 0.5), "p90_ms": percentile(t, 0.9),
+                "p99_ms": percentile(t, 0.99), "connect_p50_ms": percentile(conn, 0.5),
+                "handoffs": h1 - h0, "fallbacks": f1 - f0, **hist}
+
+    def conn_rate(self, running, seconds: float | None = None) -> dict[str, Any]:
+        c, plan = self.cluster, self.plan
+        info = c.files["1KiB"]
+        urls = [u + info.url_path for u in running.urls]
+        sampler = measure.Sampler(c, running.roots)
+        h0, f0 = self._arr_counts(running)
+        r0 = self._fallback_reasons(running)
+        a = sampler.snap()
+        lr = measure.run_wrk(c, urls, plan.conn_connections, seconds or plan.conn_seconds, info.size,
+                             close=True)
+        b = sampler.snap()
+        w = measure.Sampler.window(a, b)
+        h1, f1 = self._arr_counts(running)
+        reasons = self._reason_delta(r0, self._fallback_reasons(running))
+        bad = {k: v for k, v in lr.errors.items() if v}
+        return {"method": f"{len(urls)} x (wrk -t1 -c{plan.conn_connections // len(urls)}), "
+                          "Connection: close",
+                "requests": lr.requests, "seconds": lr.seconds, "rate": lr.requests / lr.seconds,
+                "handoff_rate": (h1 - h0) / w.seconds if running.router is not None and h1 > h0 else None,
+                "router_cpu_s": w.router_cpu_s, "router_cpu_ticks_s": w.router_cpu_ticks_s,
+                "router_cpu_util": w.router_cpu_s / w.seconds if running.roots else None,
+                "machine_cpu_util": w.machine_cpu_s / w.seconds, "errors": bad,
+                "handoffs": h1 - h0, "fallbacks": f1 - f0, "fallback_reasons": reasons}
+
+    def memory(self, running, n: int) -> dict[str, Any]:
+        from benchmarks.systems import arr_map_entries
+
+        c = self.cluster
+        info = c.files["1KiB"]
+        url = running.urls[0] + info.url_path
+        measure.client_ttfb(c, [url], 20, info.sha256)  # warm-up
+        time.sleep(1.0)
+        nat = running.name == "arr-nat"
+        pids = measure.process_tree(running.roots)
+        rss0 = measure.rss_bytes(pids)
+        socks0, skmem0 = measure.router_skmem(c)
+        maps0 = arr_map_entries(c) if nat else {}
+        h0, f0 = self._arr_counts(running)
+        r0 = self._fallback_reasons(running)
+        with measure.HeldConnections(c, url, n) as held:
+            rep = held.open(timeout=120 + n / 50)
+            time.sleep(1.0)
+            if nat:  # until the handoffs the client saw are all in the maps
+                measure.wait_for(lambda: sum(self._arr_counts(running)) - h0 - f0 >= rep["opened"], 10, 0.5)
+            pids = measure.process_tree(running.roots)
+            rss1 = measure.rss_bytes(pids)
+            socks1, skmem1 = measure.router_skmem(c)
+            maps1 = arr_map_entries(c) if nat else {}
+            h1, f1 = self._arr_counts(running)
+            reasons = self._reason_delta(r0, self._fallback_reasons(running))
+        opened = rep["opened"]
+        if opened == 0:
+            raise measure.BenchError(f"{running.name} memory {n}: no connection opened {rep}")
+        slab = measure.tcp_slab_objsize() or 0
+        map_bytes = 0
+        map_detail = {}
+        for name, (entries, ksz, vsz) in maps1.items():
+            delta = entries - maps0.get(name, (0,))[0]
+            map_bytes += max(0, delta) * htab_elem_bytes(ksz, vsz)
+            map_detail[name] = {"entries_delta": delta, "elem_bytes": htab_elem_bytes(ksz, vsz)}
+        rss_per = (rss1 - rss0) / opened
+        kernel_per = ((skmem1 - skmem0) + max(0, socks1 - socks0) * slab) / opened
+        map_per = map_bytes / opened
+        return {"n": n, "opened": opened, "client_errors": rep["errors"], "open_seconds": rep["seconds"],
+                "rss_delta": rss1 - rss0, "rss_per_conn": rss_per,
+                "sockets_delta": socks1 - socks0, "skmem_delta": skmem1 - skmem0,
+                "tcp_sock_slab_bytes": slab, "kernel_per_conn": kernel_per,
+                "maps": map_detail, "map_bytes_per_conn": map_per if nat else None,
+                "bytes_per_conn": rss_per + kernel_per + map_per,
+                "handoffs": h1 - h0, "fallbacks": f1 - f0, "fallback_reasons": reasons}
+
+    def profile_nat(self, seconds: float, out_dir: Path) -> dict[str, Any] | None:
+        from benchmarks.systems import start_system
+
+        pyspy = Path(sys.executable).parent / "py-spy"
+        if not pyspy.exists():
+            return {"error": "py-spy not installed (pip install py-spy into .venv)"}
+        raw_path = out_dir / "profile-arr-nat.txt"
+        with start_system(self.cluster, "arr-nat") as running:
+            pid = running.roots[0]
+            spy = subprocess.Popen([str(pyspy), "record", "--pid", str(pid), "--duration", str(int(seconds)),
+                                    "--rate", "250", "--nonblocking", "--format", "raw", "-o", str(raw_path)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            try:
+                time.sleep(0.5)
+                cr = self.conn_rate(running, seconds=seconds - 1)
+                _, err = spy.communicate(timeout=seconds + 30)
+            finally:
+                if spy.poll() is None:
+                    spy.terminate()
+                    spy.wait(timeout=10)
+        if not raw_path.exists():
+            return {"error": f"py-spy produced nothing: {err[-500:]}"}
+        text = raw_path.read_text()
+        prof = report.profile_summary(text)
+        prof["conn_rate_during_profile"] = cr["rate"]
+        gz = raw_path.with_name(raw_path.name + ".gz")
+        with gzip.open(gz, "wt") as f:  # collapsed stacks, compressed for the repository
+            f.write(text)
+        raw_path.unlink()
+        prof["raw_file"] = gz.name
+        return prof
+
+    # ----------------------------------------------------------- driver
+    def run(self, out_dir: Path) -> None:
+        from arr.testbed import Cluster, ClusterSpec
+        from benchmarks.systems import bench_targets, start_system
+
+        plan = self.plan
+        files = {name: SIZES[name] for name in dict.fromkeys(["1KiB", *plan.sizes])}
+        self.step("building the cluster")
+        with Cluster(ClusterSpec(targets=plan.targets, files=files)) as c:
+            self.cluster = c
+            self.notes["targets"] = bench_targets(c)
+            for host in (c.client, c.router):
+                measure.sysctl_netns(c, host, {"net.ipv4.ip_local_port_range": "1024 65535",
+                                               "net.ipv4.tcp_tw_reuse": "1"})
+            for run in range(plan.runs):
+                for system in plan.systems:
+                    rec: dict[str, Any] = {"sizes": {}}
+                    self.raw[system]["runs"].append(rec)
+                    try:
+                        self.step(f"run {run + 1}/{plan.runs} {system}: starting")
+                        with start_system(c, system) as running:
+                            if run == 0:
+                                self.notes.setdefault("configs", {})[system] = running.config
+                            for size in plan.sizes:
+                                self.step(f"run {run + 1}/{plan.runs} {system}: throughput {size}")
+                                rec["sizes"][size] = self.throughput(running, size)
+                            self.step(f"run {run + 1}/{plan.runs} {system}: TTFB x{plan.ttfb_n}")
+                            rec["ttfb"] = self.ttfb(running)
+                            self.step(f"run {run + 1}/{plan.runs} {system}: new connections")
+                            rec["conn_rate"] = self.conn_rate(running)
+                    except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+                        self.errors.append(f"run {run + 1} {system}: {e}")
+                        self.progress.log(f"[red]error[/red] run {run + 1} {system}: {e}")
+                        self.progress.log(traceback.format_exc(limit=3))
+            for run in range(plan.memory_runs):
+                for system in plan.systems:
+                    if system == "direct":
+                        continue
+                    for n in plan.memory_ns:
+                        self.step(f"memory {run + 1}/{plan.memory_runs} {system}: {n:,} idle connections")
+                        try:
+                            with start_system(c, system) as running:
+                                m = self.memory(running, n)
+                            self.raw[system]["memory"].setdefault(str(n), []).append(m)
+                        except Exception as e:  # noqa: BLE001
+                            self.errors.append(f"memory {system} {n}: {e}")
+                            self.progress.log(f"[red]error[/red] memory {system} {n}: {e}")
+            if plan.profile_seconds and "arr-nat" in plan.systems:
+                self.step("profiling arr-nat (py-spy) during the new-connection test")
+                try:
+                    self.profile = self.profile_nat(plan.profile_seconds, out_dir)
+                except Exception as e:  # noqa: BLE001
+                    self.profile = {"error": repr(e)}
+            self.step("cleaning up")
+        self.cluster = None
+
+    def steps(self) -> int:
+        p = self.plan
+        per_run = len(p.systems) * (1 + len(p.sizes) + 2)
+        mem = p.memory_runs * len([s for s in p.systems if s != "direct"]) * len(p.memory_ns)
+        return 2 + p.runs * per_run + mem + (1 if p.profile_seconds and "arr-nat" in p.systems else 0)
+
+
+class Progress:
+    """A rich progress bar on stderr (plain lines when not a terminal)."""
+
+    def __init__(self, total: int) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RP, TextColumn, TimeElapsedColumn
+
+        self.console = Console(stderr=True)
+        self.bar = RP(TextColumn("[bold]arr bench[/bold]"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), TextColumn("{task.description}"), console=self.console)
+        self.task = self.bar.add_task("", total=total)
+        self.started = False
+
+    def __enter__(self) -> "Progress":
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.update(self.task, completed=self.bar.tasks[0].total)
+        self.bar.stop()
+
+    def step(self, text: str) -> None:
+        if self.started:
+            self.bar.advance(self.task)
+        self.started = True
+        self.bar.update(self.task, description=text)
+        if not self.console.is_terminal:
+            self.console.print(f"[{time.strftime('%H:%M:%S')}] {text}")
+
+    def log(self, text: str) -> None:
+        self.console.print(text)
+
+
+# ------------------------------------------------------------------------ main
+
+def build_parser() -> argparse.ArgumentParser:
+    from benchmarks.systems import SYSTEMS
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks",
+                                description="arr benchmark: direct, arr-nat, arr-proxy, haproxy, nginx")
+    p.add_argument("--quick", action="store_true",
+                   help="CI smoke: direct/arr-nat/arr-proxy, 1KiB and 1MiB, 1 run, memory at 1k (< 2 min)")
+    p.add_argument("--out", type=Path, help=f"output directory (default {DEFAULT_OUT}, quick: .../quick)")
+    p.add_argument("--systems", nargs="+", choices=SYSTEMS, metavar="SYSTEM",
+                   help=f"subset of {', '.join(SYSTEMS)}")
+    p.add_argument("--sizes", nargs="+", choices=list(SIZES), metavar="SIZE", help=f"subset of {', '.join(SIZES)}")
+    p.add_argument("--runs", type=int, help="runs per figure (default 3, quick 1)")
+    p.add_argument("--memory-ns", type=int, nargs="+", help="idle-connection counts (default 1000 10000)")
+    p.add_argument("--memory-runs", type=int, help="runs of the memory test (default 2, quick 1)")
+    p.add_argument("--no-memory", action="store_true", help="skip the idle-connection memory test")
+    p.add_argument("--profile", type=float, metavar="SECONDS",
+                   help="py-spy profile of arr-nat for SECONDS (default 8 in full runs, off in quick; 0 = off)")
+    p.add_argument("--results-md", type=Path,
+                   help="also write the markdown report here (e.g. benchmarks/RESULTS.md)")
+    p.add_argument("--report-only", type=Path, metavar="JSON",
+                   help="re-render the report and plots from a results.json, run nothing")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out_dir: Path = args.out or (DEFAULT_OUT / "quick" if args.quick else DEFAULT_OUT)
+    if args.report_only:
+        results = json.loads(args.report_only.read_text())
+        results["summary"] = summarize(results["raw"])
+        prof = results.get("profile") or {}
+        raw_prof = args.report_only.parent / prof.get("raw_file", "-")
+        if raw_prof.is_file():  # re-derive the tables from the raw stacks
+            opener = gzip.open if raw_prof.suffix == ".gz" else open
+            with opener(raw_prof, "rt") as f:
+                results["profile"] = {**prof, **report.profile_summary(f.read())}
+        report.write_all(results, args.out or args.report_only.parent, args.results_md)
+        return 0
+    if os.geteuid() != 0:
+        print("arr bench: needs root (it builds network namespaces)", file=sys.stderr)
+        return 2
+    make = quick_plan if args.quick else full_plan
+    plan = make(args.systems, args.sizes, args.runs)
+    if args.memory_ns:
+        plan.memory_ns = args.memory_ns
+    if args.memory_runs is not None:
+        plan.memory_runs = args.memory_runs
+    if args.no_memory:
+        plan.memory_ns = []
+    if args.profile is not None:
+        plan.profile_seconds = args.profile
+    # fds for the load generators and routers (inherited): as high as the hard limit allows
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    started = time.time()
+    bench = Bench(plan, None)
+    with Progress(bench.steps()) as progress:
+        bench.progress = progress
+        try:
+            bench.run(out_dir)
+        except KeyboardInterrupt:
+            bench.errors.append("interrupted")
+        except Exception as e:  # noqa: BLE001 - the report still gets written
+            bench.errors.append(f"fatal: {e!r}")
+            progress.log(traceback.format_exc())
+    results = {
+        "schema": 1,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
+        "duration_s": round(time.time() - started, 1),
+        "quick": args.quick,
+        "machine": machine_info(),
+        "plan": {**plan.__dict__, "fd_limit": hard},
+        "notes": bench.notes,
+        "raw": bench.raw,
+        "summary": summarize(bench.raw),
+        "profile": bench.profile,
+        "errors": bench.errors,
+    }
+    paths = report.write_all(results, out_dir, args.results_md)
+    print(report.console_summary(results))
+    print(f"\nwrote {', '.join(str(p) for p in paths)}")
+    if bench.errors:
+        print(f"{len(bench.errors)} error(s):", *bench.errors, sep="\n  ", file=sys.stderr)
+        return 1
+    return 0
