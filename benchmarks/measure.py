@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from arr.testbed import Cluster
-from arr.testbed.router import router_interface_bytes
+from arr.testbed.router import router_interface_bytes, wait_for  # noqa: F401 - re-exported for run.py, systems.py
 
 from benchmarks.stats import cpu_seconds_from_stat, machine_busy_seconds, parse_skmem
 
@@ -323,15 +323,6 @@ def sysctl_netns(cluster: Cluster, host, settings: dict[str, str]) -> None:
     """Namespaced sysctls in one of the cluster's namespaces."""
     args = [f"{k}={v}" for k, v in settings.items()]
     cluster.exec(host, ["sysctl", "-q", "-w", *args], timeout=10)
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def version_of(argv: Sequence[str]) -> str:

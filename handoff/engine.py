@@ -368,10 +368,10 @@ class RouterHandoff:
             if attempt.agent_may_have_entry:
                 # The agent may yet install an entry: make sure the target's
                 # side of this connection never speaks to the client.
-                tcpstate.close_silently(attempt.forward)
-                if attempt.watch_key is not None:
+                if attempt.watch_key is not None:  # before the close: see _release_forward
                     self.datapath.watch.update(attempt.watch_key, WatchEntry(
                         state=WATCH_CLOSED, closed_ns=time.monotonic_ns()))
+                tcpstate.close_silently(attempt.forward)
             else:
                 attempt.forward.close()
                 if attempt.watch_key is not None:
@@ -395,12 +395,15 @@ class RouterHandoff:
         if tcpstate.queued(forward)[1]:
             log.warning("connection %d: request not acknowledged after %.0fs; releasing anyway",
                         conn_id, self.settings.request_ack_timeout)
-        tcpstate.close_silently(forward)
+        # CLOSED first, then the close: a mirrored ACK passed up to a stack
+        # that no longer has the socket would make the router's kernel answer
+        # the target with a RST, killing the handed-off connection.
         entry = self.datapath.watch.lookup(watch_key)
         if entry is not None:
             entry.state = WATCH_CLOSED
             entry.closed_ns = time.monotonic_ns()
             self.datapath.watch.update(watch_key, entry)
+        tcpstate.close_silently(forward)
         try:
             await agent.send(StopMirror(conn_id=conn_id, key=wire_key(watch_key)))
         except ControlUnavailable:

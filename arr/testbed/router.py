@@ -185,8 +185,39 @@ def start_arr(cluster: Cluster, host: Host, argv: list[str], log_path: Path, por
     return proc
 
 
+def wait_for(predicate: Any, timeout: float, interval: float = 0.1) -> bool:
+    """Poll PREDICATE until it holds or TIMEOUT passes; its last answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+class ArrProcess:
+    """An ``arr`` process of the test bed, stopped by PID."""
+
+    cluster: Cluster
+    proc: subprocess.Popen | None
+    log_path: Path
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        code = self.cluster.stop_process(self.proc, grace=10.0)
+        self.proc = None
+        return code
+
+    def log_tail(self, limit: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-limit:]
+        except OSError:
+            return ""
+
+
 @dataclass
-class RouterProcess:
+class RouterProcess(ArrProcess):
     """``arr serve`` in the router namespace, stopped by PID on ``stop``."""
 
     cluster: Cluster
@@ -218,19 +249,6 @@ class RouterProcess:
             if time.monotonic() > deadline:
                 raise TestbedError(f"only {self.metric_sum('arr_target_up'):.0f}/{want} targets up")
             time.sleep(0.1)
-
-    def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        code = self.cluster.stop_process(self.proc, grace=10.0)
-        self.proc = None
-        return code
-
-    def log_tail(self, limit: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-limit:]
-        except OSError:
-            return ""
 
     def metrics_text(self) -> str:
         cp = self.cluster.exec(self.cluster.router, [
@@ -272,7 +290,7 @@ def router_interface_bytes(cluster: Cluster) -> int:
 
 
 @dataclass
-class AgentProcess:
+class AgentProcess(ArrProcess):
     """``arr agent`` in a target's namespace, stopped by PID on ``stop``."""
 
     cluster: Cluster
@@ -298,19 +316,6 @@ class AgentProcess:
                               self.log_path, (self.host.ip, AGENT_PORT), timeout,
                               f"arr agent on {self.host.name}")
         return self
-
-    def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        code = self.cluster.stop_process(self.proc, grace=10.0)
-        self.proc = None
-        return code
-
-    def log_tail(self, limit: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-limit:]
-        except OSError:
-            return ""
 
     def metrics(self) -> dict[str, float]:
         return parse_exposition(self.cluster.exec(self.host, [

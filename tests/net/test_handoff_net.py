@@ -18,8 +18,8 @@ import pytest
 from arr import netlink
 from arr.testbed import Cluster
 from arr.testbed.files import sha256_file
-from arr.testbed.router import (AGENT_PORT, BPF_DIR, ROUTER_PORT, AgentProcess, handoff_cluster,
-                                pin_instance, router_interface_bytes)
+from arr.testbed.router import (AGENT_PORT, BPF_DIR, handoff_cluster, pin_instance,
+                                router_interface_bytes, wait_for)
 from handoff.libbpf import BpfMap
 from handoff.maps import FlowEntry, FlowKey
 
@@ -40,15 +40,6 @@ def router_sockets_to(cluster: Cluster, client_ip: str) -> list[str]:
     """Established TCP sockets in the router namespace whose peer is CLIENT_IP."""
     out = cluster.exec(cluster.router, ["ss", "-Htn", "state", "established"]).stdout
     return [line for line in out.splitlines() if f"{client_ip}:" in line.split()[-1]]
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def background_curl(cluster: Cluster, url: str, out: Path, rate: str | None = None) -> subprocess.Popen:
