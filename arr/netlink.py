@@ -156,16 +156,22 @@ def run_in_netns(name: str, fn: Callable[[], T]) -> T:
     """
 
     def joined() -> T:
-        fd = os.open(_ns_path(name), os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            if _libc.setns(fd, _CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"setns({name}): {os.strerror(err)}")
-        finally:
-            os.close(fd)
+        join_netns(name)
         return fn()
 
     return _on_thread(joined, f"netns-{name}")
+
+
+def join_netns(name: str) -> None:
+    """Move the CALLING THREAD into namespace NAME for good. Only for threads
+    made for it (see run_in_netns); never the main thread."""
+    fd = os.open(_ns_path(name), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.setns(fd, _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({name}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
 
 
 def socket_in_netns(

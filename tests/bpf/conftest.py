@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import select
 import socket
@@ -60,21 +59,6 @@ def mac_bytes(mac: str) -> bytes:
     return bytes.fromhex(mac.replace(":", ""))
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_CLONE_NEWNET = 0x40000000
-
-
-def _join_netns(name: str) -> None:
-    """Move the calling thread (a pool worker) into namespace NAME for good."""
-    fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if _libc.setns(fd, _CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns({name}): {os.strerror(err)}")
-    finally:
-        os.close(fd)
-
-
 def _ip(ns: str, *args: str) -> None:
     subprocess.run(["ip", "-n", ns, *args], check=True, capture_output=True, text=True)
 
@@ -116,7 +100,7 @@ class BpfEnv:
         self.ifindex = ifindex
         self.ctx = skb_ctx(ifindex)
         self._capture: socket.socket | None = None
-        self._pool = ThreadPoolExecutor(max_workers=1, initializer=_join_netns, initargs=(ns,))
+        self._pool = ThreadPoolExecutor(max_workers=1, initializer=netlink.join_netns, initargs=(ns,))
         self.objects = self.call(lambda: {
             "router": Loaded("router", {"arr_ingress": FlowEntry, "arr_watch": WatchEntry},
                              "arr_stats"),
