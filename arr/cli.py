@@ -34,6 +34,7 @@ def build_router(config: "Config") -> "Router":
         return Router(config)
     from handoff.control import load_psk
     from handoff.engine import HandoffSettings, RouterHandoff
+    from handoff.ports import PortRange
 
     assert config.router.secret_file is not None
     try:
@@ -46,7 +47,8 @@ def build_router(config: "Config") -> "Router":
         secret=secret, node_id=f"router@{config.router.listen[0]}:{config.router.listen[1]}",
         bpf_dir=h.bpf_dir, instance=h.instance, agent_timeout=h.agent_timeout,
         connect_timeout=h.connect_timeout, request_ack_timeout=h.request_ack_timeout,
-        linger=h.linger, idle_timeout=h.idle_timeout), config.all_targets(), metrics)
+        linger=h.linger, idle_timeout=h.idle_timeout, capacity=h.capacity,
+        forward_ports=PortRange(*h.forward_ports)), config.all_targets(), metrics)
     return Router(config, handoff=engine, metrics=metrics)
 
 

@@ -83,7 +83,14 @@ class HandoffTuning:
     """Covers one lost SYN (Linux retransmits it after 1 s)."""
     request_ack_timeout: float = 30.0
     linger: float = 2.0
+    """How long an entry outlives its connection (late retransmissions)."""
     idle_timeout: float = 300.0
+    """A connection silent this long is checked with its agent; never cut."""
+    capacity: int = 65536
+    """Handed-off connections the maps hold at most; beyond it handoffs fall back."""
+    forward_ports: tuple[int, int] = (50000, 60999)
+    """Local ports of the forwarding connections, reserved from the kernel's
+    own choice (``net.ipv4.ip_local_reserved_ports``)."""
 
 
 @dataclass(frozen=True)
@@ -293,9 +300,26 @@ def _handoff(data: Any) -> HandoffTuning:
         request_ack_timeout=s.number("request_ack_timeout", d.request_ack_timeout, allow_zero=False),
         linger=s.number("linger", d.linger, allow_zero=False),
         idle_timeout=s.number("idle_timeout", d.idle_timeout, allow_zero=False),
+        capacity=s.number("capacity", d.capacity, minimum=1, integer=True),
+        forward_ports=_port_range(s, "forward_ports", d.forward_ports),
     )
     s.finish()
     return tuning
+
+
+def _port_range(s: _Section, key: str, default: tuple[int, int]) -> tuple[int, int]:
+    from handoff.ports import PortRange
+
+    text = s.get(key, str)
+    if text is None:
+        return default
+    try:
+        ports = PortRange.parse(text)
+    except ValueError as exc:
+        raise ConfigError(f"{s.path(key)}: {exc}") from None
+    if len(ports) < 16:
+        raise ConfigError(f"{s.path(key)}: {len(ports)} ports is too few for forwarding connections")
+    return ports.low, ports.high
 
 
 def _target(data: Any, where: str) -> Target:

@@ -74,7 +74,7 @@ def print_summary(report: dict[str, Any]) -> None:
           f"SHA-256 {'all match' if report['sha256_ok'] else 'MISMATCH'}")
     print(f"  served           {_human(report['bytes_served'])} in {report['seconds']} s "
           f"({report['throughput_mib_s']} MiB/s)")
-    print(f"  per target       " + ", ".join(f"{k}: {v}" for k, v in report["per_target"].items()))
+    print("  per target       " + ", ".join(f"{k}: {v}" for k, v in report["per_target"].items()))
     print(f"  router carried   {_human(report['router_bytes'])} "
           f"= {ratio} bytes per byte served")
     print(f"  handoffs         {report['handoffs']} (fallbacks to proxy: {report['handoff_fallbacks']})")

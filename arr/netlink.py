@@ -22,8 +22,10 @@ Sections:
   :func:`address_interface`
 * tc: :func:`bpf_attach`, :func:`bpf_detach`, :func:`bpf_filters` (clsact,
   cls_bpf direct-action)
+* TCP sockets (sock_diag, no pyroute2; codec in :mod:`arr.inet_diag`):
+  :func:`tcp_sockets`, :func:`tcp_socket`, :func:`destroy_tcp_socket`
 
-Functions of the last two sections also accept ``ns=None``: the caller's own
+Functions of the last three sections also accept ``ns=None``: the caller's own
 namespace, which is where ``arr serve`` and ``arr agent`` run.
 """
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import functools
 import ipaddress
 import os
@@ -38,11 +41,14 @@ import socket
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, TypeVar
+from typing import Callable, Iterable, Iterator, Mapping, TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2 import netns as _pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
+
+from arr import inet_diag
+from arr.inet_diag import Address, TcpSocket, TcpState
 
 NETNS_RUN_DIR = "/var/run/netns"
 IFNAMSIZ_MAX = 15  # usable characters of an interface name
@@ -572,3 +578,143 @@ def bpf_filters(ns: str | None, ifname: str, direction: str) -> list[BpfFilter]:
                 name=str(options.get_attr("TCA_BPF_NAME")) if options else "",
                 prog_id=options.get_attr("TCA_BPF_ID") if options else None))
     return found
+
+
+# --------------------------------------------------------------------------
+# TCP sockets: sock_diag (NETLINK_SOCK_DIAG), the kernel's own socket table
+# --------------------------------------------------------------------------
+#
+# These block, briefly. Measured on a small VM: a lookup or a destroy takes
+# ~40 us with NS None, ~200 us with a namespace name (socket_in_netns starts a
+# thread); a dump ~3 us per socket listed (20k: 50-90 ms, nearly all of it
+# building the TcpSockets; the kernel's part is ~7 ms). From a busy event
+# loop, run a dump of a big table in a thread (asyncio.to_thread), or filter
+# it in the kernel with local_port.
+
+_DIAG_RECV_BUFFER = 1 << 20  # the kernel sends at most ~32 KiB per datagram: ample
+_DIAG_TIMEOUT = 5.0  # the kernel answers at once; this only turns a bug into an error
+
+_DIAG_HINTS = {
+    errno.EOPNOTSUPP: " (kernel built without CONFIG_INET_DIAG_DESTROY?)",
+    errno.EPERM: " (SOCK_DESTROY needs CAP_NET_ADMIN over the namespace)",
+}
+
+
+class SockDiagError(NetlinkOpError):
+    """The kernel refused a sock_diag request; ``errno`` is its error number."""
+
+    def __init__(self, what: str, ns: str | None, err: int):
+        name = errno.errorcode.get(err, str(err))
+        super().__init__(f"{what} in netns {ns!r}: {name} {os.strerror(err)}{_DIAG_HINTS.get(err, '')}")
+        self.errno = err
+
+
+@contextmanager
+def _sock_diag(ns: str | None) -> Iterator[socket.socket]:
+    """A NETLINK_SOCK_DIAG socket in NS (None: the caller's namespace)."""
+    args = (socket.AF_NETLINK, socket.SOCK_RAW, inet_diag.NETLINK_SOCK_DIAG)
+    if ns is None:
+        sock = socket.socket(*args)
+    else:
+        if not netns_exists(ns):
+            raise NetlinkOpError(f"netns {ns!r} does not exist")
+        sock = socket_in_netns(ns, *args)
+    with sock:
+        sock.settimeout(_DIAG_TIMEOUT)
+        yield sock
+
+
+def _sock_diag_ask(sock: socket.socket, request: bytes) -> tuple[list[TcpSocket], int | None]:
+    """Send REQUEST; read the reply up to its NLMSG_DONE or NLMSG_ERROR.
+
+    Returns the sockets listed and the errno of the end (None: a dump's
+    DONE, 0: an ACK). One buffer serves every datagram of a dump.
+    """
+    sock.send(request)
+    buffer = bytearray(_DIAG_RECV_BUFFER)
+    view = memoryview(buffer)
+    found: list[TcpSocket] = []
+    while True:
+        size, _, flags, _ = sock.recvmsg_into([buffer])
+        if flags & socket.MSG_TRUNC:
+            raise NetlinkOpError(f"sock_diag reply larger than {len(buffer)} bytes")
+        sockets, done, err = inet_diag.parse_messages(view[:size])
+        found += sockets
+        if done or err is not None:
+            return found, err
+
+
+def _normal(address: Address) -> Address:
+    """A valid ADDRESS as the kernel's replies spell it."""
+    host, port = address
+    return socket.inet_ntoa(socket.inet_pton(socket.AF_INET, host)), port
+
+
+def _lookup(sock: socket.socket, ns: str | None, local: Address, remote: Address) -> TcpSocket | None:
+    found, err = _sock_diag_ask(sock, inet_diag.lookup_request(local, remote))  # validates the addresses
+    if err == errno.ENOENT:
+        return None
+    if err:
+        raise SockDiagError(f"looking up TCP {local} -> {remote}", ns, err)
+    # No connection has the 4-tuple but a socket listens on LOCAL: the kernel
+    # answers with the listener (its lookup is the one incoming packets use).
+    wanted = (_normal(local), _normal(remote))
+    return next((s for s in found if (s.local, s.remote) == wanted), None)
+
+
+def tcp_sockets(
+    ns: str | None, *, states: Iterable[TcpState] | None = None, local_port: int | None = None
+) -> list[TcpSocket]:
+    """IPv4 TCP sockets in NS: those in STATES (default: all but LISTEN),
+    only those with local port LOCAL_PORT if given (filtered in the kernel).
+
+    Request sockets (a SYN received, the handshake not complete, or completed
+    but held by TCP_DEFER_ACCEPT) are listed as SYN_RECV. A dump is not a
+    snapshot: a socket that changes state while it runs can be missed.
+    """
+    mask = inet_diag.CONNECTION_STATES if states is None else inet_diag.state_mask(states)
+    if not mask:
+        return []
+    request = inet_diag.dump_request(mask, local_port)
+    with _sock_diag(ns) as sock:
+        found, err = _sock_diag_ask(sock, request)
+    if err:
+        raise SockDiagError("dumping TCP sockets", ns, err)
+    return found
+
+
+def tcp_socket(ns: str | None, local: Address, remote: Address) -> TcpSocket | None:
+    """The TCP socket LOCAL -> REMOTE in NS (exact 4-tuple), or None."""
+    with _sock_diag(ns) as sock:
+        return _lookup(sock, ns, local, remote)
+
+
+def destroy_tcp_socket(ns: str | None, local: Address, remote: Address, *, cookie: int | None = None) -> bool:
+    """End the TCP socket LOCAL -> REMOTE in NS (SOCK_DESTROY); False if there is none.
+
+    What the kernel does (tcp_abort) depends on the state. A full socket is
+    closed and its owner's next call fails with ECONNABORTED (after a FIN was
+    received, recv reports the EOF first; SO_ERROR and send the abort); in
+    ESTABLISHED, CLOSE_WAIT, FIN_WAIT1/2 and SYN_RECV a RST goes to the peer
+    (not in SYN_SENT, LAST_ACK, CLOSING). A TIME_WAIT socket (also an
+    orphan's FIN_WAIT2, listed with inode 0) is removed and a request socket
+    dropped, both without sending anything.
+
+    The socket is looked up first and destroyed by its cookie, so a missing
+    connection never takes down a listener on LOCAL (see :func:`_lookup`).
+    With COOKIE (from :class:`TcpSocket`), only that very socket is destroyed.
+    Raises SockDiagError for refusals other than "no such socket" (EPERM
+    without CAP_NET_ADMIN, EOPNOTSUPP without CONFIG_INET_DIAG_DESTROY).
+    """
+    with _sock_diag(ns) as sock:
+        if cookie is None:
+            target = _lookup(sock, ns, local, remote)
+            if target is None:
+                return False
+            cookie = target.cookie
+        _, err = _sock_diag_ask(sock, inet_diag.destroy_request(local, remote, cookie))
+    if err == errno.ENOENT:  # gone meanwhile, or no longer the socket of COOKIE
+        return False
+    if err:
+        raise SockDiagError(f"destroying TCP {local} -> {remote}", ns, err)
+    return True

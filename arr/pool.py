@@ -6,7 +6,7 @@ Pure state, no I/O: the health checker and the proxy feed observations in
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, Sequence
 
 if TYPE_CHECKING:

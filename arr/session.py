@@ -105,6 +105,9 @@ class ClientSession:
         """Set by the router on shutdown: finish the current exchange, then close."""
         self.fed = 0
         """Bytes given to h11 since the current request began (to size its head)."""
+        self.saved_syn: bytes | None = None
+        """The client's SYN headers, kept by the handoff engine: the kernel
+        hands them out once, and a later handoff of this connection needs them."""
 
     # -------------------------------------------------------------- reading
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import measure, report
-from benchmarks.stats import GIB, htab_elem_bytes, percentile, summarize
+from benchmarks.stats import htab_elem_bytes, percentile, summarize
 
 SIZES = {"1KiB": 1 << 10, "64KiB": 64 << 10, "1MiB": 1 << 20, "64MiB": 64 << 20}
 WRK_MAX_SIZE = 64 << 10  # objects up to this size go through wrk, larger through curl

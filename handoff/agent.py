@@ -2,16 +2,18 @@
 
 It attaches the target's egress program, serves the control channel (a
 HANDOFF installs the egress entry and is answered ACK only once it is in the
-map; STOP_MIRROR ends the request mirroring), reports CLOSED with counters
-when the target's side of a handed-off connection ends, and removes entries
-after linger or idle timeout. Like the router, it leaves its program attached
-and its maps pinned when it stops, so connections survive a restart.
+map; STOP_MIRROR ends the request mirroring; RELEASE and HOLDING are the
+router's word on which connections it still routes), and ends entries with
+their connections, as the target's kernel tells it (handoff/agent_lifecycle.py).
+Like the router, it leaves its program attached and its maps pinned when it
+stops, so connections survive a restart.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import logging
 import signal
 import time
@@ -26,10 +28,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from arr import netlink
 from arr.config import ConfigError, parse_address
 from arr.metrics import serve_metrics
-from handoff.control import Ack, Closed, ControlServer, HandoffRequest, Nack, StopMirror, load_psk
-from handoff.control import FlowKey as WireKey
+from handoff.agent_lifecycle import TargetConnections
+from handoff.control import (Ack, ControlServer, HandoffRequest, Holding, Nack, Release, StopMirror,
+                             load_psk)
 from handoff.datapath import DEFAULT_BPF_DIR, TargetDatapath
-from handoff.maps import FLOW_ACTIVE, FLOW_F_FIN, FLOW_F_RST, FlowEntry, FlowKey, MirrorState, Xlate
+from handoff.lifecycle import local_key
+from handoff.maps import DEFAULT_CAPACITY, FLOW_ACTIVE, FlowEntry, MirrorState, Xlate
 
 log = logging.getLogger("arr.agent")
 
@@ -44,8 +48,11 @@ class AgentSettings:
     bpf_dir: str = DEFAULT_BPF_DIR
     instance: str | None = None
     linger: float = 5.0
-    idle_timeout: float = 300.0
+    """How long an entry outlives its connection at the target (late
+    retransmissions); it never outlives it by more."""
     gc_interval: float = 0.5
+    capacity: int = DEFAULT_CAPACITY
+    """Handed-off connections the maps hold; HANDOFFs beyond it are refused."""
     metrics: tuple[str, int] | None = None
     """Prometheus endpoint ``host:port``; off by default."""
 
@@ -80,10 +87,14 @@ def load_agent_config(path: str | Path) -> AgentSettings:
     if not isinstance(interfaces, list) or not all(isinstance(i, str) for i in interfaces):
         raise ConfigError("agent.interfaces: expected a list of interface names")
     values["interfaces"] = tuple(interfaces)
-    for key in ("linger", "idle_timeout", "gc_interval"):
+    for key in ("linger", "gc_interval"):
         if key in values and (not isinstance(values[key], (int, float)) or isinstance(values[key], bool)
                               or values[key] <= 0):
             raise ConfigError(f"agent.{key}: must be a positive number, got {values[key]!r}")
+    if "capacity" in values and (not isinstance(values["capacity"], int) or isinstance(values["capacity"], bool)
+                                 or not 1 <= values["capacity"] <= 1 << 24):
+        raise ConfigError(f"agent.capacity: must be a whole number of connections from 1 to {1 << 24}, "
+                          f"got {values['capacity']!r}")
     return AgentSettings(**values)
 
 
@@ -107,7 +118,13 @@ class AgentMetrics:
                                   value=agent.installed)
         yield CounterMetricFamily("arr_agent_handoffs_refused", "HANDOFF requests answered NACK.",
                                   value=agent.refused)
-        yield CounterMetricFamily("arr_agent_closed_reported", "CLOSED reports sent.", value=agent.closed_reports)
+        ended = CounterMetricFamily("arr_agent_connections_ended",
+                                    "Egress entries ended, by why (closed, replaced, released, unlisted).",
+                                    labels=["why"])
+        if agent.connections is not None:
+            for why, count in sorted(agent.connections.ended.items()):
+                ended.add_metric([why], count)
+        yield ended
         live = GaugeMetricFamily("arr_agent_entries", "Egress entries in the map.")
         live.add_metric([], len(agent.datapath.egress.keys()) if agent.datapath else 0)
         yield live
@@ -122,21 +139,15 @@ class AgentMetrics:
         return generate_latest(self.registry)
 
 
-def local_key(key: WireKey) -> FlowKey:
-    return FlowKey.of((key.saddr, key.sport), (key.daddr, key.dport))
-
-
 class Agent:
     def __init__(self, settings: AgentSettings) -> None:
         self.settings = settings
         self.datapath: TargetDatapath | None = None
         self.server: ControlServer | None = None
-        self.conn_ids: dict[FlowKey, int] = {}
-        self.reported: set[FlowKey] = set()
+        self.connections: TargetConnections | None = None
         self.local_addresses: set[str] = set()
         self.installed = 0
         self.refused = 0
-        self.closed_reports = 0
         self.metrics = AgentMetrics(self)
         self._metrics_server: asyncio.AbstractServer | None = None
         self._gc: asyncio.Task[None] | None = None
@@ -144,12 +155,14 @@ class Agent:
     async def start(self) -> None:
         s = self.settings
         psk = load_psk(s.secret_file)
-        self.datapath = TargetDatapath(s.bpf_dir, s.instance)
+        self.datapath = TargetDatapath(s.bpf_dir, s.instance, s.capacity)
+        self.connections = TargetConnections(self.datapath, s.linger)
         interfaces = list(s.interfaces) or [self._listen_interface()]
         self.datapath.attach_interfaces(interfaces)
         self.local_addresses = set(netlink.addresses(None)) | {s.listen[0]}
         node_id = s.node_id or f"agent@{s.listen[0]}"
         self.server = ControlServer(psk, node_id, self, *s.listen)
+        self.connections.sessions = self.server.sessions
         await self.server.start()
         if s.metrics is not None:
             self._metrics_server = await serve_metrics(self.metrics, *s.metrics)
@@ -185,6 +198,12 @@ class Agent:
         elif isinstance(message, StopMirror):
             assert self.datapath is not None
             self.datapath.mirror.delete(local_key(message.key))
+        elif isinstance(message, Release):
+            assert self.connections is not None
+            await self.connections.release(session, message)
+        elif isinstance(message, Holding):
+            assert self.connections is not None
+            await self.connections.holding(session, message)
 
     def _install(self, message: HandoffRequest) -> Ack | Nack:
         assert self.datapath is not None
@@ -196,13 +215,18 @@ class Agent:
             # first packet on it must already know what to mirror.
             self.datapath.mirror.update(key, MirrorState(mirror_until=message.mirror_until,
                                                          mirrored_ack=message.mirror_from))
+            # An older entry on this 4-tuple is stale by now: the router's new
+            # forwarding connection was accepted on it (and its SYN-ACK marked
+            # the old entry ENDED on the way out).
             self.datapath.egress.update(key, FlowEntry(x=Xlate.of(message.translation), state=FLOW_ACTIVE,
-                                                       created_ns=time.monotonic_ns()))
+                                                       created_ns=time.monotonic_ns(),
+                                                       syn_seq=message.syn_seq))
         except OSError as exc:
             self.datapath.mirror.delete(key)
-            return Nack(conn_id=message.conn_id, reason=f"map update failed: {exc}")
-        self.conn_ids[key] = message.conn_id
-        self.reported.discard(key)
+            reason = "map full" if exc.errno == errno.E2BIG else f"map update failed: {exc}"
+            return Nack(conn_id=message.conn_id, reason=reason)
+        assert self.connections is not None
+        self.connections.installed(key, message.conn_id)
         self.installed += 1
         return Ack(conn_id=message.conn_id)
 
@@ -217,41 +241,8 @@ class Agent:
             await asyncio.sleep(self.settings.gc_interval)
 
     async def sweep(self, now_ns: int) -> int:
-        assert self.datapath is not None
-        linger_ns = int(self.settings.linger * 1e9)
-        idle_ns = int(self.settings.idle_timeout * 1e9)
-        removed = 0
-        for key, entry in self.datapath.egress.items():
-            ended = bool(entry.flags & (FLOW_F_FIN | FLOW_F_RST))
-            last = entry.last_seen_ns or entry.created_ns
-            idle = now_ns - last if last else 0
-            if ended or idle > idle_ns:
-                # Repeated every sweep until the entry goes: a router that was
-                # reconnecting when the connection ended still hears of it
-                # (the router's handling is idempotent).
-                await self._report(key, entry)
-            if (ended and idle > linger_ns) or idle > idle_ns:
-                self.datapath.egress.delete(key)
-                self.datapath.mirror.delete(key)
-                self.conn_ids.pop(key, None)
-                self.reported.discard(key)
-                removed += 1
-        return removed
-
-    async def _report(self, key: FlowKey, entry: FlowEntry) -> None:
-        assert self.server is not None
-        (saddr, sport), (daddr, dport) = key.src, key.dst
-        closed = Closed(conn_id=self.conn_ids.get(key, 0),
-                        key=WireKey(saddr=saddr, daddr=daddr, sport=sport, dport=dport),
-                        packets=entry.packets, bytes=entry.bytes, flags=entry.flags)
-        for session in list(self.server.sessions):
-            try:
-                await session.send(closed)
-            except (ConnectionError, OSError):
-                continue
-        if key not in self.reported:
-            self.reported.add(key)
-            self.closed_reports += 1
+        assert self.connections is not None
+        return await self.connections.sweep(now_ns)
 
 
 async def run_agent(settings: AgentSettings) -> None:

@@ -19,7 +19,8 @@ from pathlib import Path
 from arr import netlink
 from handoff.build import object_path
 from handoff.libbpf import BpfMap, BpfObject
-from handoff.maps import STAT_NAMES, FlowEntry, FlowKey, MirrorState, StatIndex, WatchEntry
+from handoff.ports import PortRange, reservation_text
+from handoff.maps import DEFAULT_CAPACITY, STAT_NAMES, FlowEntry, FlowKey, MirrorState, StatIndex, WatchEntry
 
 log = logging.getLogger("arr.handoff")
 
@@ -106,9 +107,15 @@ class Datapath:
 
     role = ""
 
-    def __init__(self, bpf_dir: str | Path = DEFAULT_BPF_DIR, instance: str | None = None) -> None:
+    connection_maps: tuple[str, ...] = ()
+    """Maps with an entry per handed-off connection: sized by ``capacity``."""
+
+    def __init__(self, bpf_dir: str | Path = DEFAULT_BPF_DIR, instance: str | None = None,
+                 capacity: int = DEFAULT_CAPACITY) -> None:
         self.pin_dir = ensure_bpffs(bpf_dir) / (instance or default_instance(self.role))
-        self.obj = BpfObject(object_path(self.role), self.pin_dir)
+        self.capacity = capacity
+        self.obj = BpfObject(object_path(self.role), self.pin_dir,
+                             capacity={name: capacity for name in self.connection_maps})
         self.stats_map = BpfMap(self.obj.map_fd("arr_stats"), StatIndex, StatIndex)
         self.attached: list[Attachment] = []
 
@@ -144,11 +151,23 @@ class Datapath:
 
 class RouterDatapath(Datapath):
     role = "router"
+    connection_maps = ("arr_ingress", "arr_watch")
 
-    def __init__(self, bpf_dir: str | Path = DEFAULT_BPF_DIR, instance: str | None = None) -> None:
-        super().__init__(bpf_dir, instance)
+    def __init__(self, bpf_dir: str | Path = DEFAULT_BPF_DIR, instance: str | None = None,
+                 capacity: int = DEFAULT_CAPACITY) -> None:
+        super().__init__(bpf_dir, instance, capacity)
         self.ingress: BpfMap[FlowKey, FlowEntry] = BpfMap(self.obj.map_fd("arr_ingress"), FlowKey, FlowEntry)
         self.watch: BpfMap[FlowKey, WatchEntry] = BpfMap(self.obj.map_fd("arr_watch"), FlowKey, WatchEntry)
+
+    def reserve_ports(self, forward_ports: PortRange) -> None:
+        """Keep the kernel from picking forwarding ports for the router's own
+        connections (handoff/ports.py says why)."""
+        path = Path("/proc/sys/net/ipv4/ip_local_reserved_ports")
+        wanted = reservation_text(path.read_text(), forward_ports)
+        if wanted is not None:
+            path.write_text(wanted)
+            log.info("reserved forwarding ports %s from the kernel's ephemeral choice "
+                     "(net.ipv4.ip_local_reserved_ports = %s)", forward_ports, wanted)
 
     def attach_interfaces(self, client_ifname: str, target_ifnames: list[str]) -> None:
         # Client packets arrive on the client side; the targets' SYN-ACKs and
@@ -162,9 +181,11 @@ class RouterDatapath(Datapath):
 
 class TargetDatapath(Datapath):
     role = "target"
+    connection_maps = ("arr_egress", "arr_mirror")
 
-    def __init__(self, bpf_dir: str | Path = DEFAULT_BPF_DIR, instance: str | None = None) -> None:
-        super().__init__(bpf_dir, instance)
+    def __init__(self, bpf_dir: str | Path = DEFAULT_BPF_DIR, instance: str | None = None,
+                 capacity: int = DEFAULT_CAPACITY) -> None:
+        super().__init__(bpf_dir, instance, capacity)
         self.egress: BpfMap[FlowKey, FlowEntry] = BpfMap(self.obj.map_fd("arr_egress"), FlowKey, FlowEntry)
         self.mirror: BpfMap[FlowKey, MirrorState] = BpfMap(self.obj.map_fd("arr_mirror"), FlowKey, MirrorState)
 

@@ -17,18 +17,21 @@ import logging
 import os
 import random
 import socket
+import typing
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from arr.http1 import add_forwarding
 from handoff import tcpstate
-from handoff.control import Ack, ControlClient, ControlUnavailable, HandoffRequest, Nack, StopMirror
-from handoff.control import FlowKey as WireKey
+from handoff.control import (Ack, ControlClient, ControlUnavailable, HandoffRequest, Nack, Release,
+                             StopMirror)
 from handoff.datapath import RouterDatapath
-from handoff.lifecycle import RouterConnections
-from handoff.maps import (FLOW_ACTIVE, FLOW_HOLD, WATCH_CLOSED, WATCH_CONNECTING, WATCH_HANDED_OFF,
-                          FlowEntry, FlowKey, WatchEntry, Xlate)
+from handoff.libbpf import BPF_NOEXIST, BpfError
+from handoff.lifecycle import PORT_QUARANTINE_NS, RouterConnections, wire_key
+from handoff.maps import (DEFAULT_CAPACITY, FLOW_ACTIVE, FLOW_HOLD, WATCH_CLOSED, WATCH_CONNECTING,
+                          WATCH_HANDED_OFF, FlowEntry, FlowKey, WatchEntry, Xlate)
+from handoff.ports import PortRange, choose_port
 from handoff.translate import HandoffInputs, compute_translations, wrap
 
 if TYPE_CHECKING:
@@ -42,11 +45,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("arr.handoff")
 
-PORT_QUARANTINE_NS = 65 * 10**9
-"""A forwarding port is not reused towards the same target for this long after
-the router let its socket go: the router's kernel forgot the port at once
-(silent close), but the target may still hold the 4-tuple (LAST_ACK, or
-TIME_WAIT for 60 s if it closed first), and a new SYN on it would fail."""
+HOLD_RACE_ROUNDS = 3
+"""Times the state is read again when bytes reached the client socket while it
+was read (a segment already past tc when the hold went in)."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,14 @@ class HandoffSettings:
     stops retransmitting it (its kernel retransmits meanwhile)."""
     linger: float = 2.0
     idle_timeout: float = 300.0
+    """A connection silent for this long is checked with its agent (the
+    target's kernel decides); no timer ever ends a live connection."""
     gc_interval: float = 1.0
+    capacity: int = DEFAULT_CAPACITY
+    """Handed-off connections the maps hold; beyond it handoffs fall back."""
+    forward_ports: PortRange = PortRange(50000, 60999)
+    """Local ports of forwarding connections, reserved from the kernel's own
+    choice (handoff/ports.py)."""
 
 
 class Fallback(Exception):
@@ -83,22 +91,21 @@ class Attempt:
     forward: socket.socket | None = None
     held: bool = False
     agent_may_have_entry: bool = False
+    conn_id: int = 0
     kernel_bytes: bytes = b""
     steps: list[str] = field(default_factory=list)
-
-
-def wire_key(key: FlowKey) -> WireKey:
-    (saddr, sport), (daddr, dport) = key.src, key.dst
-    return WireKey(saddr=saddr, daddr=daddr, sport=sport, dport=dport)
 
 
 def serialize_request(request: "Request", head: "h11.Request") -> bytes:
     """The request as the target will receive it (R'), with this hop recorded.
 
     Connection and keep-alive headers pass unchanged: after the handoff they
-    are end to end between the client and the target.
+    are end to end between the client and the target. ``Expect`` does not: the
+    router already answered 100 (or had the whole body), and a second 100 from
+    the target would reach the client as a stray response.
     """
-    headers = [(n, v) for n, v in head.headers if n not in (b"content-length", b"transfer-encoding")]
+    headers = [(n, v) for n, v in head.headers
+               if n not in (b"content-length", b"transfer-encoding", b"expect")]
     host = next((v for n, v in head.headers if n == b"host"), None)
     headers = add_forwarding(headers, request.client_ip, host=host)
     body = request.body or b""
@@ -121,13 +128,15 @@ class RouterHandoff:
         self.connections: RouterConnections | None = None
         self._ids = itertools.count(int(time.time() * 1000) << 16)
         self._source_ip: dict[tuple[str, int], str] = {}
+        self._random = random.Random()
         self._tasks: set[asyncio.Task[None]] = set()
 
     # ---------------------------------------------------------- lifecycle
 
     async def start(self, router: "Router") -> None:
         host, _ = router.config.router.listen
-        self.datapath = RouterDatapath(self.settings.bpf_dir, self.settings.instance)
+        self.datapath = RouterDatapath(self.settings.bpf_dir, self.settings.instance, self.settings.capacity)
+        self.datapath.reserve_ports(self.settings.forward_ports)
         from arr import netlink
 
         client_if = netlink.address_interface(None, host)[1] if host not in ("0.0.0.0", "") else \
@@ -137,13 +146,19 @@ class RouterHandoff:
         for server_socket in router.listening_sockets():
             tcpstate.enable_saved_syn(server_socket)
         self.connections = RouterConnections(self.datapath, self.settings, self.metrics)
-        self.connections.start()
         for target in self.targets:
             if target.agent and target.agent not in self.agents:
                 client = ControlClient(self.settings.secret, self.settings.node_id, *target.agent,
-                                       on_message=self.connections.on_agent_message)
-                await client.start()
+                                       on_message=self.connections.on_agent_message,
+                                       on_connect=functools.partial(self.connections.holding_sync,
+                                                                    target.agent),
+                                       backoff_max=2.0)
                 self.agents[target.agent] = client
+            if target.agent:
+                self.connections.route(target.address, target.agent, self.agents[target.agent])
+        self.connections.start()
+        for client in self.agents.values():
+            await client.start()
 
     async def stop(self) -> None:
         for task in list(self._tasks):
@@ -208,7 +223,11 @@ class RouterHandoff:
         transport.pause_reading()
         try:
             await self._eligible(client, transport)
-            syn = tcpstate.saved_syn(client)
+            # The kernel hands the saved SYN out once: keep it for later
+            # attempts on this connection (after a fallback, say).
+            if session.saved_syn is None:
+                session.saved_syn = tcpstate.saved_syn(client)
+            syn = session.saved_syn
             info = tcpstate.tcp_basics(client)
             if info.timestamps and syn is None:
                 raise Fallback("no-saved-syn")
@@ -217,7 +236,7 @@ class RouterHandoff:
             self._hold(attempt, client)
             # Leaving repair mode without a window probe: reading the state
             # must not put a packet on either connection.
-            c_snap = tcpstate.snapshot(client, window_probe=False)
+            c_snap = self._client_state(attempt, client)
             f_snap = tcpstate.snapshot(attempt.forward, window_probe=False)
             watch = self.datapath.watch.lookup(attempt.watch_key)
             pending = _pending_bytes(session) + attempt.kernel_bytes
@@ -227,18 +246,20 @@ class RouterHandoff:
                 client_syn_tsval=(syn_info.tsval or 0) if syn_info else 0,
                 target_tsval=watch.target_tsval if watch else 0))
             conn_id = next(self._ids)
+            attempt.conn_id = conn_id
             await self._install_at_agent(attempt, agent, HandoffRequest(
                 conn_id=conn_id, key=wire_key(attempt.watch_key), translation=to_client,
-                mirror_from=f_snap.tcp.snd_nxt, mirror_until=wrap(f_snap.tcp.snd_nxt + len(request_bytes))))
+                mirror_from=f_snap.tcp.snd_nxt, mirror_until=wrap(f_snap.tcp.snd_nxt + len(request_bytes)),
+                syn_seq=wrap(f_snap.tcp.rcv_nxt - 1)))
         except Fallback as fallback:
             if fallback.reason == "urgent-data":
                 _discard_urgent(client, session)
-            self._roll_back(attempt, session, transport)
+            self._roll_back(attempt, session, transport, agent)
             client.close()
             raise
         except Exception as exc:
             log.exception("handoff to %s failed", target.name)
-            self._roll_back(attempt, session, transport)
+            self._roll_back(attempt, session, transport, agent)
             client.close()
             raise Fallback(f"error-{type(exc).__name__}") from exc
 
@@ -248,7 +269,8 @@ class RouterHandoff:
             state=WATCH_HANDED_OFF, rcv_nxt=f_snap.tcp.rcv_nxt,
             target_tsval=watch.target_tsval if watch else 0))
         self.datapath.ingress.update(attempt.client_key, FlowEntry(
-            x=Xlate.of(to_target), state=FLOW_ACTIVE, created_ns=time.monotonic_ns()))
+            x=Xlate.of(to_target), state=FLOW_ACTIVE, created_ns=time.monotonic_ns(),
+            syn_seq=syn_info.seq if syn_info else 0, seq_next=c_snap.tcp.rcv_nxt or 1))
         tcpstate.enter_repair(client)
         transport.abort()
         client.close()
@@ -260,10 +282,19 @@ class RouterHandoff:
             await asyncio.get_running_loop().sock_sendall(forward, request_bytes)
         except OSError as exc:  # the connection is the target's now; it will end it
             log.warning("sending the request to %s after the handoff failed: %s", target.name, exc)
-        task = asyncio.get_running_loop().create_task(
-            self._release_forward(conn_id, forward, attempt.watch_key, agent))
+        self._spawn(self._release_forward(conn_id, forward, attempt.watch_key, agent))
+
+    def _spawn(self, coroutine: "typing.Coroutine[object, object, None]") -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _release_at_agent(agent: ControlClient, conn_id: int, key: FlowKey) -> None:
+        try:
+            await agent.send(Release(conn_id=conn_id, key=wire_key(key)))
+        except ControlUnavailable:
+            pass  # the HOLDING sync on reconnection ends it
 
     async def _eligible(self, client: socket.socket, transport: asyncio.BaseTransport) -> None:
         """Section 2.1 step 3: everything the router sent is acknowledged, the
@@ -286,10 +317,16 @@ class RouterHandoff:
         forward = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         forward.setblocking(False)
         attempt.forward = forward
-        attempt.watch_key = self._bind_forward(forward, target)
-        self.datapath.watch.update(attempt.watch_key, WatchEntry(
-            state=WATCH_CONNECTING, client_mss=(syn.mss or 0) if syn else 0,
-            client_sack=int(info.sack), client_ts=int(info.timestamps)))
+        watch_key = self._bind_forward(forward, target)
+        try:
+            self.datapath.watch.update(watch_key, WatchEntry(
+                state=WATCH_CONNECTING, client_mss=(syn.mss or 0) if syn else 0,
+                client_sack=int(info.sack), client_ts=int(info.timestamps)))
+        except BpfError as exc:
+            raise Fallback("map-full" if exc.errno == errno.E2BIG else "map-error") from None
+        attempt.watch_key = watch_key
+        assert self.connections is not None
+        self.connections.in_flight.add(watch_key)
         try:
             async with asyncio.timeout(self.settings.connect_timeout):
                 await asyncio.get_running_loop().sock_connect(forward, target.address)
@@ -297,52 +334,72 @@ class RouterHandoff:
             raise Fallback("target-connect") from None
 
     def _bind_forward(self, forward: socket.socket, target: "Target") -> FlowKey:
-        """Bind the forwarding socket to a port the target holds no state for.
+        """Bind the forwarding socket to a port of ``forward_ports`` that no
+        connection to TARGET uses, live or possibly still held by the target.
 
         bind(0) cannot be used: it would happily return a port whose previous
-        connection the router released silently moments ago."""
+        connection the router released silently moments ago. A watch entry
+        marks a port taken until the agent reports the target's side gone
+        (handoff/lifecycle.py deletes it then); without that report, until
+        the quarantine has passed."""
         assert self.datapath is not None
         source = self._source_for(target)
-        low, high = self._port_range
         now = time.monotonic_ns()
-        for _ in range(64):
-            port = random.randint(low, high)
-            key = FlowKey.of(target.address, (source, port))
-            previous = self.datapath.watch.lookup(key)
-            if previous is not None and not (previous.state == WATCH_CLOSED and previous.closed_ns
-                                             and now - previous.closed_ns > PORT_QUARANTINE_NS):
-                continue
+
+        def free(port: int) -> bool:
+            previous = self.datapath.watch.lookup(FlowKey.of(target.address, (source, port)))
+            return previous is None or (previous.state == WATCH_CLOSED and previous.closed_ns != 0
+                                        and now - previous.closed_ns > PORT_QUARANTINE_NS)
+
+        for _ in range(8):
+            port = choose_port(self.settings.forward_ports, free, self._random)
+            if port is None:
+                break
             try:
                 forward.bind((source, port))
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
-                    continue
+                    continue  # a socket of this host holds it (a stray bind by another program)
                 raise
-            return key
+            return FlowKey.of(target.address, (source, port))
         raise Fallback("no-forward-port")
-
-    @functools.cached_property
-    def _port_range(self) -> tuple[int, int]:
-        try:
-            low, high = (int(x) for x in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
-        except (OSError, ValueError):
-            low, high = 32768, 60999
-        return low, high
 
     def _hold(self, attempt: Attempt, client: socket.socket) -> None:
         """Step 5: drop the client's packets while the state is read. Bytes the
-        kernel already queued are taken now: they are part of the stream."""
-        assert self.datapath is not None
-        self.datapath.ingress.update(attempt.client_key, FlowEntry(state=FLOW_HOLD,
-                                                                   created_ns=time.monotonic_ns()))
+        kernel already queued are taken now: they are part of the stream.
+
+        An entry left on this 4-tuple by an earlier connection (ENDED by this
+        connection's SYN, not yet swept) is ended properly first."""
+        assert self.datapath is not None and self.connections is not None
+        previous = self.datapath.ingress.lookup(attempt.client_key)
+        if previous is not None:
+            self.connections.end_replaced(attempt.client_key, previous)
+        try:
+            self.datapath.ingress.update(attempt.client_key, FlowEntry(state=FLOW_HOLD,
+                                                                       created_ns=time.monotonic_ns()),
+                                         BPF_NOEXIST)
+        except BpfError as exc:
+            raise Fallback("map-full" if exc.errno == errno.E2BIG else "map-error") from None
         attempt.held = True
-        chunks = []
-        while tcpstate.queued(client)[0]:
-            try:
-                chunks.append(client.recv(65536, socket.MSG_DONTWAIT))
-            except BlockingIOError:
-                break
-        attempt.kernel_bytes = b"".join(chunks)
+        attempt.kernel_bytes = _drain(client)
+
+    def _client_state(self, attempt: Attempt, client: socket.socket) -> "tcpstate.ConnectionSnapshot":
+        """The client socket's state, proven complete: after the read the
+        receive queue is still empty and the connection still eligible, so
+        every byte (and no FIN) counted in rcv_nxt is in userspace and will be
+        forwarded. A segment that was already past tc when the hold went in
+        can land while the state is read: its bytes are taken and the state
+        read again; its FIN makes the connection half-closed (fallback)."""
+        for _ in range(HOLD_RACE_ROUNDS):
+            snap = tcpstate.snapshot(client, window_probe=False)
+            late = _drain(client)
+            attempt.kernel_bytes += late
+            reason = tcpstate.ineligible(client)
+            if reason is not None:
+                raise Fallback(reason)
+            if not late:
+                return snap
+        raise Fallback("hold-race")
 
     async def _install_at_agent(self, attempt: Attempt, agent: ControlClient, message: HandoffRequest) -> None:
         """Step 6: no target byte may reach the client before the agent's ACK."""
@@ -359,9 +416,12 @@ class RouterHandoff:
         if not isinstance(reply, Ack):
             raise Fallback("agent-protocol")
 
-    def _roll_back(self, attempt: Attempt, session: "ClientSession", transport: asyncio.BaseTransport) -> None:
+    def _roll_back(self, attempt: Attempt, session: "ClientSession", transport: asyncio.BaseTransport,
+                   agent: ControlClient | None = None) -> None:
         """Undo whatever the attempt set up; the client connection is intact."""
-        assert self.datapath is not None
+        assert self.datapath is not None and self.connections is not None
+        if attempt.watch_key is not None:
+            self.connections.in_flight.discard(attempt.watch_key)
         if attempt.held:
             self.datapath.ingress.delete(attempt.client_key)
         if attempt.forward is not None:
@@ -371,6 +431,11 @@ class RouterHandoff:
                 if attempt.watch_key is not None:  # before the close: see _release_forward
                     self.datapath.watch.update(attempt.watch_key, WatchEntry(
                         state=WATCH_CLOSED, closed_ns=time.monotonic_ns()))
+                    if agent is not None:
+                        # An agent that answers late (paused, overloaded) would
+                        # install the entry after the router gave up: the
+                        # RELEASE behind the HANDOFF on the same stream ends it.
+                        self._spawn(self._release_at_agent(agent, attempt.conn_id, attempt.watch_key))
                 tcpstate.close_silently(attempt.forward)
             else:
                 attempt.forward.close()
@@ -404,10 +469,23 @@ class RouterHandoff:
             entry.closed_ns = time.monotonic_ns()
             self.datapath.watch.update(watch_key, entry)
         tcpstate.close_silently(forward)
+        assert self.connections is not None
+        self.connections.in_flight.discard(watch_key)
         try:
             await agent.send(StopMirror(conn_id=conn_id, key=wire_key(watch_key)))
         except ControlUnavailable:
             pass  # the agent drops the mirror state with the entry
+
+
+def _drain(client: socket.socket) -> bytes:
+    """Whatever the kernel has queued on the client socket, without blocking."""
+    chunks = []
+    while tcpstate.queued(client)[0]:
+        try:
+            chunks.append(client.recv(65536, socket.MSG_DONTWAIT))
+        except BlockingIOError:
+            break
+    return b"".join(chunks)
 
 
 def _discard_urgent(client: socket.socket, session: "ClientSession") -> None:

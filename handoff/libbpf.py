@@ -41,6 +41,12 @@ def _load_library() -> ctypes.CDLL:
         "bpf_object__next_map": (c_void_p, [c_void_p, c_void_p]),
         "bpf_map__name": (c_char_p, [c_void_p]),
         "bpf_map__set_pin_path": (c_int, [c_void_p, c_char_p]),
+        "bpf_map__set_max_entries": (c_int, [c_void_p, c_uint32]),
+        "bpf_map__max_entries": (c_uint32, [c_void_p]),
+        "bpf_map__type": (c_int, [c_void_p]),
+        "bpf_map__key_size": (c_uint32, [c_void_p]),
+        "bpf_map__value_size": (c_uint32, [c_void_p]),
+        "bpf_obj_get_info_by_fd": (c_int, [c_int, c_void_p, ctypes.POINTER(c_uint32)]),
         "bpf_map__fd": (c_int, [c_void_p]),
         "bpf_program__fd": (c_int, [c_void_p]),
         "bpf_obj_get": (c_int, [c_char_p]),
@@ -76,10 +82,36 @@ def _check(result: int, what: str) -> int:
     return result
 
 
-class BpfObject:
-    """A loaded BPF object file; its maps pinned under ``pin_dir`` by name."""
+class _MapInfo(ctypes.Structure):
+    # The head of struct bpf_map_info (the kernel fills what fits).
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
+                ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32)]
 
-    def __init__(self, path: str | Path, pin_dir: str | Path | None = None) -> None:
+
+def pinned_map_info(path: str | Path) -> _MapInfo | None:
+    """Type, sizes and capacity of the map pinned at PATH (None: no pin)."""
+    if not Path(path).exists():
+        return None
+    fd = _check(lib().bpf_obj_get(str(path).encode()), f"opening pinned map {path}")
+    try:
+        info = _MapInfo()
+        size = ctypes.c_uint32(ctypes.sizeof(info))
+        _check(lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)),
+               f"info of pinned map {path}")
+        return info
+    finally:
+        os.close(fd)
+
+
+class BpfObject:
+    """A loaded BPF object file; its maps pinned under ``pin_dir`` by name.
+
+    ``capacity`` sets the max_entries of the maps it names. A pinned map is
+    reused only if it has exactly the object's layout and capacity; otherwise
+    loading fails with an error that says which map differs and how."""
+
+    def __init__(self, path: str | Path, pin_dir: str | Path | None = None,
+                 capacity: dict[str, int] | None = None) -> None:
         self.path = Path(path)
         self._lib = lib()
         handle = self._lib.bpf_object__open_file(str(self.path).encode(), None)
@@ -88,8 +120,13 @@ class BpfObject:
             raise BpfError(code, f"opening {self.path}: {os.strerror(code)}")
         self._obj: int | None = handle
         try:
+            for name, bpf_map in self._maps():
+                if capacity and name in capacity:
+                    _check(self._lib.bpf_map__set_max_entries(bpf_map, capacity[name]),
+                           f"capacity of map {name}")
             if pin_dir is not None:
                 Path(pin_dir).mkdir(parents=True, exist_ok=True)
+                self._check_pins(Path(pin_dir))
                 for name, bpf_map in self._maps():
                     # An existing pin of a compatible map is reused at load: this
                     # is how a restart keeps the connections already handed off.
@@ -99,6 +136,27 @@ class BpfObject:
         except BaseException:
             self.close()
             raise
+
+    def _check_pins(self, pin_dir: Path) -> None:
+        """libbpf refuses an incompatible pin with a bare EINVAL: say what differs."""
+        for name, bpf_map in self._maps():
+            info = pinned_map_info(pin_dir / name)
+            if info is None:
+                continue
+            layout = (self._lib.bpf_map__type(bpf_map), self._lib.bpf_map__key_size(bpf_map),
+                      self._lib.bpf_map__value_size(bpf_map))
+            if (info.type, info.key_size, info.value_size) != layout:
+                raise BpfError(errno.EEXIST, (
+                    f"pinned map {pin_dir / name} has another layout (type, key and value size "
+                    f"{(info.type, info.key_size, info.value_size)}, this arr needs {layout}): it was "
+                    f"made by another version of arr. Stop the process, remove {pin_dir} (its "
+                    f"handed-off connections are lost) and start again"))
+            want = self._lib.bpf_map__max_entries(bpf_map)
+            if info.max_entries != want:
+                raise BpfError(errno.EEXIST, (
+                    f"pinned map {pin_dir / name} holds at most {info.max_entries} entries, the "
+                    f"configuration asks for {want}: keep the old capacity, or stop the process, "
+                    f"remove {pin_dir} (its handed-off connections are lost) and start again"))
 
     def _maps(self) -> Iterator[tuple[str, int]]:
         bpf_map = self._lib.bpf_object__next_map(self._obj, None)

@@ -1,12 +1,26 @@
-"""After the handoff: when the router forgets a connection (blueprint 2.2).
+"""After the handoff: when the router forgets a connection (blueprint 2.2, 2.3).
 
-The router's ingress entry sees the client's FIN/RST; the agent reports the
-target's (CLOSED). An entry goes after both FINs or a RST plus ``linger``
-without packets (late retransmissions still get through meanwhile), or after
-``idle_timeout``. Everything is derived from the pinned maps, so a restarted
-``arr serve`` resumes the bookkeeping where the last one left off; the maps are
-LRU-bounded, so even a lost report cannot leak memory forever (the same bound
-covers watch entries of attempts a crashed router never finished).
+An entry describes one connection and ends with it, never later than a linger:
+
+* the target's side is over: the agent asks the target's kernel (sock_diag) and,
+  once no live socket is left and its own entry is gone, reports CLOSED with
+  ``CLOSED_TARGET_GONE``. The router then deletes its ingress entry and the
+  watch entry, which frees the forwarding port.
+* a new connection took the client's 4-tuple: the router's BPF marks the entry
+  ENDED at the new SYN and lets the SYN through to the router's stack; the
+  sweep tells the agent (RELEASE: it ends the target's side) and deletes the
+  entry.
+* with no agent to ask (down or unreachable): a client RST plus ``linger``;
+  the watch entry of a released port after ``PORT_QUARANTINE_NS``.
+
+Silence ends nothing: an entry idle for ``idle_timeout`` is put to its agent
+(HOLDING), which answers GONE only if the target's kernel has no live socket.
+
+Every new control connection starts with the router's list of what it holds
+for that agent (HOLDING, complete): the agent ends the entries the router no
+longer has, and answers GONE for those it no longer has itself. A restart of
+either side so reconciles within one connection set-up. The router keeps no
+other Python state per connection: the pinned maps are the record.
 """
 
 from __future__ import annotations
@@ -16,7 +30,11 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from handoff.maps import FLOW_ACTIVE, FLOW_F_FIN, FLOW_F_RST, WATCH_CLOSED, FlowEntry, FlowKey
+from handoff.control import (CLOSED_TARGET_GONE, MAX_HOLDING_KEYS, Closed, ControlClient,
+                             ControlUnavailable, Holding, Message, Release)
+from handoff.control import FlowKey as WireKey
+from handoff.maps import (FLOW_ACTIVE, FLOW_ENDED, FLOW_F_RST, FLOW_HOLD, WATCH_CLOSED, FlowEntry,
+                          FlowKey)
 
 if TYPE_CHECKING:
     from arr.metrics import Metrics
@@ -27,6 +45,12 @@ log = logging.getLogger("arr.handoff")
 
 HOLD_STALE_S = 10.0
 """A HOLD entry older than this belongs to a router that died mid-handoff."""
+PORT_QUARANTINE_NS = 65 * 10**9
+"""Without the agent's word, a released forwarding port is not reused towards
+the same target for this long: the target may still hold the 4-tuple
+(TIME_WAIT lasts 60 s there when it closed first)."""
+
+Address = tuple[str, int]
 
 
 def forward_key_of(entry: FlowEntry) -> FlowKey:
@@ -35,16 +59,48 @@ def forward_key_of(entry: FlowEntry) -> FlowKey:
     return FlowKey(x.daddr, x.saddr, x.dport, x.sport)
 
 
+def target_of(entry: FlowEntry) -> Address:
+    """The target (its server's address) an ingress entry hands packets to."""
+    x = entry.x.translation()
+    return x.daddr, x.dport
+
+
+def wire_key(key: FlowKey) -> WireKey:
+    (saddr, sport), (daddr, dport) = key.src, key.dst
+    return WireKey(saddr=saddr, daddr=daddr, sport=sport, dport=dport)
+
+
+def local_key(key: WireKey) -> FlowKey:
+    return FlowKey.of((key.saddr, key.sport), (key.daddr, key.dport))
+
+
+def holding_messages(keys: list[WireKey], complete: bool) -> list[Holding]:
+    """KEYS in HOLDING frames of at most MAX_HOLDING_KEYS, ``last`` on the final one."""
+    chunks = [keys[i:i + MAX_HOLDING_KEYS] for i in range(0, len(keys), MAX_HOLDING_KEYS)] or [[]]
+    return [Holding(tuple(chunk), complete=complete, last=i == len(chunks) - 1)
+            for i, chunk in enumerate(chunks)]
+
+
 class RouterConnections:
     def __init__(self, datapath: "RouterDatapath", settings: "HandoffSettings", metrics: "Metrics") -> None:
         self.datapath = datapath
         self.settings = settings
         self.metrics = metrics
-        self.closed_forward: set[FlowKey] = set()
-        """Forwarding keys the agents reported closed (also for connections a
-        previous router process handed off). The router keeps no other Python
-        state per connection: the maps are the record."""
+        self.gone: dict[FlowKey, int] = {}
+        """Forwarding keys whose target side the agents reported gone, until swept."""
+        self.in_flight: set[FlowKey] = set()
+        """Watch keys of handoffs under way in this process (the engine's)."""
+        self._checked: dict[FlowKey, int] = {}
+        """Silent connections put to their agent, and when (bounded by the map)."""
+        self._agent_of: dict[Address, ControlClient] = {}
+        self._targets_of: dict[Address, set[Address]] = {}
+        self._outbox: list[tuple[ControlClient, Message]] = []
         self._task: asyncio.Task[None] | None = None
+
+    def route(self, target: Address, agent_address: Address, agent: ControlClient) -> None:
+        """TARGET's connections are the business of the agent at AGENT_ADDRESS."""
+        self._agent_of[target] = agent
+        self._targets_of.setdefault(agent_address, set()).add(target)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._gc_loop(), name="handoff-gc")
@@ -54,60 +110,127 @@ class RouterConnections:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
+    # ---------------------------------------------------------- the agents' side
+
+    def holding_sync(self, agent_address: Address) -> list[Message]:
+        """The complete list of connections this router holds for that agent."""
+        targets = self._targets_of.get(agent_address, set())
+        keys = [wire_key(forward_key_of(entry)) for _, entry in self.datapath.ingress.items()
+                if entry.state == FLOW_ACTIVE and target_of(entry) in targets]
+        return list(holding_messages(keys, complete=True))
+
     def on_agent_message(self, message: Any) -> None:
-        """CLOSED from an agent: the target's side has sent its FIN or a RST."""
-        key = getattr(message, "key", None)
-        if key is None or type(message).__name__ != "Closed":
-            return
-        self.closed_forward.add(FlowKey.of((key.saddr, key.sport), (key.daddr, key.dport)))
+        """CLOSED from an agent: with GONE, the connection is over at the target."""
+        if isinstance(message, Closed) and message.flags & CLOSED_TARGET_GONE:
+            self.gone[local_key(message.key)] = time.monotonic_ns()
+
+    def end_replaced(self, client_key: FlowKey, entry: FlowEntry) -> None:
+        """A new connection on CLIENT_KEY is being handed off over an old entry."""
+        if entry.state == FLOW_HOLD:
+            self.datapath.ingress.delete(client_key)
+        else:
+            self._release(client_key, entry, "new-syn")
+
+    # ---------------------------------------------------------- the sweep
 
     async def _gc_loop(self) -> None:
         while True:
             try:
                 self.sweep(time.monotonic_ns())
+                await self.flush()
             except Exception:  # a sweep must never kill the router
                 log.exception("handoff GC sweep failed")
             await asyncio.sleep(self.settings.gc_interval)
+
+    async def flush(self) -> None:
+        """Send what the sweep has for the agents (an agent that is down hears
+        of it through the HOLDING sync when it is back)."""
+        outbox, self._outbox = self._outbox, []
+        for agent, message in outbox:
+            try:
+                await agent.send(message)
+            except ControlUnavailable:
+                pass
 
     def sweep(self, now_ns: int) -> int:
         """Delete the entries of connections that are over; return how many."""
         linger_ns = int(self.settings.linger * 1e9)
         idle_ns = int(self.settings.idle_timeout * 1e9)
-        removed = 0
-        live = 0
+        removed = live = 0
         seen: set[FlowKey] = set()
+        silent: dict[ControlClient, list[WireKey]] = {}
         for client_key, entry in self.datapath.ingress.items():
             last = entry.last_seen_ns or entry.created_ns
             idle = now_ns - last if last else 0
-            if entry.state != FLOW_ACTIVE:
+            if entry.state == FLOW_HOLD:
                 if idle > HOLD_STALE_S * 1e9:
                     self.datapath.ingress.delete(client_key)
                     removed += 1
                 continue
+            if entry.state == FLOW_ENDED:
+                self._release(client_key, entry, "new-syn")
+                removed += 1
+                continue
             forward = forward_key_of(entry)
             seen.add(forward)
-            target_closed = forward in self.closed_forward
-            over = bool(entry.flags & FLOW_F_RST) or (bool(entry.flags & FLOW_F_FIN) and target_closed)
-            if (over and idle > linger_ns) or idle > idle_ns:
-                self._forget(client_key, forward, "closed" if over else "idle")
+            agent = self._agent_of.get(target_of(entry))
+            if forward in self.gone:
+                self._forget(client_key, forward, "reset" if entry.flags & FLOW_F_RST else "closed")
+                removed += 1
+            elif entry.flags & FLOW_F_RST and idle > linger_ns and (agent is None or not agent.connected):
+                self._forget(client_key, forward, "reset")
                 removed += 1
             else:
                 live += 1
-        # Reports about connections this router no longer has (repeats after
-        # the entry went, or a previous process's) must not accumulate.
-        self.closed_forward &= seen
+                if idle > idle_ns and agent is not None and now_ns - self._checked.get(forward, 0) > idle_ns:
+                    self._checked[forward] = now_ns
+                    silent.setdefault(agent, []).append(wire_key(forward))
+        for agent, keys in silent.items():
+            self._outbox += [(agent, m) for m in holding_messages(keys, complete=False)]
+        self._sweep_watch(now_ns, seen)
+        # Reports about connections this router no longer has must not accumulate.
+        self.gone = {k: t for k, t in self.gone.items() if k in seen and now_ns - t < linger_ns + idle_ns}
+        self._checked = {k: t for k, t in self._checked.items() if k in seen}
         self.metrics.handed_off.set(live)
         return removed
 
-    def _forget(self, client_key: FlowKey, forward: FlowKey, why: str) -> None:
+    def _sweep_watch(self, now_ns: int, live: set[FlowKey]) -> None:
+        """Watch entries go when the target's side is gone (the port is free),
+        or after the quarantine when no agent said so; entries of handoffs that
+        a dead router process never finished are closed first."""
+        for key, watch in self.datapath.watch.items():
+            if watch.state == WATCH_CLOSED:
+                if key in self.gone or (watch.closed_ns and now_ns - watch.closed_ns > PORT_QUARANTINE_NS):
+                    self.datapath.watch.delete(key)
+                    self.gone.pop(key, None)
+            elif key not in live and key not in self.in_flight:
+                watch.state = WATCH_CLOSED
+                watch.closed_ns = now_ns
+                self.datapath.watch.update(key, watch)
+
+    # ---------------------------------------------------------- ending one
+
+    def _release(self, client_key: FlowKey, entry: FlowEntry, why: str) -> None:
+        """The router no longer routes this connection: the agent ends it."""
+        forward = forward_key_of(entry)
+        agent = self._agent_of.get(target_of(entry))
+        if agent is not None:
+            self._outbox.append((agent, Release(conn_id=0, key=wire_key(forward))))
+        self._forget(client_key, forward, why, keep_watch=True)
+
+    def _forget(self, client_key: FlowKey, forward: FlowKey, why: str, keep_watch: bool = False) -> None:
         self.datapath.ingress.delete(client_key)
-        # The watch entry stays, CLOSED: it drops the target's late packets and
-        # keeps the port in quarantine (engine.PORT_QUARANTINE_NS); the LRU
-        # bound of the map retires it.
-        watch = self.datapath.watch.lookup(forward)
-        if watch is not None and watch.state != WATCH_CLOSED:
-            watch.state = WATCH_CLOSED
-            watch.closed_ns = time.monotonic_ns()
-            self.datapath.watch.update(forward, watch)
-        self.closed_forward.discard(forward)
+        if forward in self.gone and not keep_watch:
+            # The target holds nothing on the 4-tuple any more: the port is free.
+            self.datapath.watch.delete(forward)
+            self.gone.pop(forward, None)
+        else:
+            # CLOSED drops the target's late packets and keeps the port taken
+            # until the agent's GONE (or the quarantine).
+            watch = self.datapath.watch.lookup(forward)
+            if watch is not None and watch.state != WATCH_CLOSED:
+                watch.state = WATCH_CLOSED
+                watch.closed_ns = time.monotonic_ns()
+                self.datapath.watch.update(forward, watch)
+        self._checked.pop(forward, None)
         self.metrics.handoff_closed.labels(why).inc()

@@ -13,14 +13,16 @@ from dataclasses import dataclass
 
 from handoff.translate import Translation
 
-FLOW_HOLD, FLOW_ACTIVE = 1, 2
-FLOW_F_FIN, FLOW_F_RST = 1, 2
+FLOW_HOLD, FLOW_ACTIVE, FLOW_ENDED = 1, 2, 3
+FLOW_F_FIN, FLOW_F_RST, FLOW_F_NEW_SYN = 1, 2, 4
+DEFAULT_CAPACITY = 65536
+"""ARR_DEFAULT_CAPACITY of the header: entries per connection map."""
 WATCH_CONNECTING, WATCH_HANDED_OFF, WATCH_CLOSED = 1, 2, 3
 WATCH_OPT_SACK, WATCH_OPT_TS, WATCH_OPT_WSCALE = 1, 2, 4
 
 STAT_NAMES = ("rewritten", "held", "redirect_neigh", "fib_failed", "parse_skipped", "mirrored",
               "mirror_trimmed", "syn_normalised", "synack_recorded", "rewrite_failed",
-              "dropped_after_close")
+              "dropped_after_close", "ended_by_syn", "stale_syn", "out_of_window", "passed_ended")
 
 
 def _ip(text: str) -> int:
@@ -86,6 +88,7 @@ class Xlate(ctypes.Structure):
 
 class FlowEntry(ctypes.Structure):
     _fields_ = [("x", Xlate), ("state", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("syn_seq", ctypes.c_uint32), ("seq_next", ctypes.c_uint32),
                 ("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64),
                 ("last_seen_ns", ctypes.c_uint64), ("created_ns", ctypes.c_uint64),
                 ("errors", ctypes.c_uint64)]
@@ -125,10 +128,11 @@ class FlowSummary:
     @classmethod
     def of(cls, key: FlowKey, entry: FlowEntry, now_ns: int) -> "FlowSummary":
         x = entry.x.translation()
-        flags = tuple(name for bit, name in ((FLOW_F_FIN, "fin"), (FLOW_F_RST, "rst"))
+        flags = tuple(name for bit, name in ((FLOW_F_FIN, "fin"), (FLOW_F_RST, "rst"),
+                                             (FLOW_F_NEW_SYN, "new-syn"))
                       if entry.flags & bit)
         last = entry.last_seen_ns or entry.created_ns
         return cls(key=(key.src, key.dst), to=((x.saddr, x.sport), (x.daddr, x.dport)),
-                   state={FLOW_HOLD: "hold", FLOW_ACTIVE: "active"}.get(entry.state, str(entry.state)),
+                   state={FLOW_HOLD: "hold", FLOW_ACTIVE: "active", FLOW_ENDED: "ended"}.get(entry.state, str(entry.state)),
                    flags=flags, packets=entry.packets, bytes=entry.bytes,
                    idle_s=(now_ns - last) / 1e9 if last else None, errors=entry.errors)

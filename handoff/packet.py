@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 from handoff.translate import TcpFields, Translation, translate_fields, wrap
 
+MOD_32 = 1 << 32
 ETH_LEN = 14
 ETH_P_IP = 0x0800
 IPPROTO_TCP = 6
@@ -352,6 +353,42 @@ def trim_mirror(frame: bytes, rcv_nxt: int) -> bytes:
 def seq_after(a: int, b: int) -> bool:
     """a is after b modulo 2**32."""
     return 0 < wrap(a - b) < 1 << 31
+
+
+# ---------------------------------------------------------- entry lifecycle
+
+SEQ_WINDOW_MAX = 1 << 30
+"""The largest window TCP can announce (65535 << 14)."""
+
+
+def syn_verdict(frame: bytes, syn_seq: int) -> int | None:
+    """A SYN meeting an active entry (``end_on_syn`` in the header): None when
+    the frame is no SYN; TC_ACT_SHOT for a late copy of the connection's own
+    SYN (same seq); TC_ACT_OK for a new connection: the entry becomes ENDED
+    (flag NEW_SYN) and the frame passes unchanged."""
+    p = parse(frame)
+    if p is None or not p.flags & TCPF_SYN:
+        return None
+    return TC_ACT_SHOT if _u32(frame, p.l4 + 4) == syn_seq else TC_ACT_OK
+
+
+def client_window(frame: bytes, mark: int) -> tuple[bool, int]:
+    """The router's check of a client segment against ``seq_next`` (MARK; 0:
+    not learnt): (the segment can belong to the connection, the new mark).
+    It can when its seq is within SEQ_WINDOW_MAX of the mark either way; the
+    mark then moves to the segment's end if that is later (0 is stored as 1)."""
+    p = parse(frame)
+    if p is None:
+        raise ValueError("not a TCP/IPv4 frame the programs look at")
+    seq = _u32(frame, p.l4 + 4)
+    if mark:
+        distance = wrap(seq - mark)
+        if SEQ_WINDOW_MAX < distance < MOD_32 - SEQ_WINDOW_MAX:
+            return False, mark
+    end = wrap(seq + p.payload_len + (1 if p.flags & TCPF_FIN else 0))
+    if not mark or seq_after(end, mark):
+        mark = end or 1
+    return True, mark
 
 
 def mirror_decision(frame: bytes, mirror_until: int, mirrored_ack: int) -> tuple[bool, int]:

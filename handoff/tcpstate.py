@@ -38,9 +38,9 @@ import struct
 import termios
 from collections.abc import Iterator
 from dataclasses import dataclass
-from enum import IntEnum
 from typing import NamedTuple
 
+from arr.inet_diag import TcpState  # noqa: F401  (re-exported: one definition of the states)
 from handoff.packet import OPT_MSS, OPT_SACK_PERM, OPT_TS, OPT_WSCALE, walk_options
 from handoff.translate import SocketState
 
@@ -78,23 +78,6 @@ SAVED_SYN_BUFFER = 512
 """Room for the largest IPv4 (60) or IPv6 header plus the largest TCP header (60)."""
 
 MOD = 1 << 32
-
-
-class TcpState(IntEnum):
-    """``tcpi_state`` values (include/net/tcp_states.h)."""
-
-    ESTABLISHED = 1
-    SYN_SENT = 2
-    SYN_RECV = 3
-    FIN_WAIT1 = 4
-    FIN_WAIT2 = 5
-    TIME_WAIT = 6
-    CLOSE = 7
-    CLOSE_WAIT = 8
-    LAST_ACK = 9
-    LISTEN = 10
-    CLOSING = 11
-    NEW_SYN_RECV = 12
 
 
 # --- TCP_INFO ---
@@ -586,10 +569,12 @@ def snapshot(sock: socket.socket, *, saved_syn_tsval: int | None = None,
     info = tcp_basics(sock)
     inq, outq, not_sent = queued(sock)
     snd_nxt, rcv_nxt = read_sequence(sock, window_probe=window_probe)
+    clock = ts_clock(sock)
     tcp = SocketState(
         local=tuple(sock.getsockname()[:2]), remote=tuple(sock.getpeername()[:2]),  # type: ignore[arg-type]
         snd_nxt=snd_nxt, rcv_nxt=rcv_nxt, snd_wscale=info.snd_wscale, rcv_wscale=info.rcv_wscale,
-        ts_clock=ts_clock(sock), timestamps=info.timestamps, sack=info.sack, mss=info.snd_mss)
+        ts_clock=clock, timestamps=info.timestamps, sack=info.sack, mss=info.snd_mss,
+        ts_usec=ts_usec(clock))
     return ConnectionSnapshot(tcp=tcp, state=info.state, inq=inq, outq=outq, outq_not_sent=not_sent,
                               urgent=urgent_pending(sock), syn_tsval=saved_syn_tsval)
 

@@ -14,9 +14,13 @@ from dataclasses import dataclass, replace
 
 MOD = 1 << 32
 TS_MARGIN = 1 << 20
-"""M of the blueprint: ticks added so translated TSvals are never older than
-what the peer already saw from the router, including the request retransmissions
-the router may still send on the forwarding connection (about 17 minutes at 1 kHz)."""
+"""M of the blueprint, in ticks of a millisecond clock: added so translated
+TSvals are never older than what the peer already saw from the router,
+including the request retransmissions the router may still send on the
+forwarding connection (about 17 minutes). A connection whose clock counts
+microseconds (``tcp_usec_ts`` routes, Linux 6.7+) gets the same time span in its
+own ticks: see ``margin_ticks``."""
+USEC_PER_MSEC = 1000
 
 
 def wrap(value: int) -> int:
@@ -64,6 +68,13 @@ class SocketState:
     timestamps: bool
     sack: bool
     mss: int
+    ts_usec: bool = False
+    """The connection's TSvals count microseconds, not milliseconds."""
+
+
+def margin_ticks(margin: int, usec: bool) -> int:
+    """MARGIN (millisecond ticks) in the ticks of a connection's own clock."""
+    return margin * USEC_PER_MSEC if usec else margin
 
 
 @dataclass(frozen=True)
@@ -87,8 +98,10 @@ def compute_translations(inputs: HandoffInputs, margin: int = TS_MARGIN
     d_in = wrap(f.snd_nxt + inputs.request_len - c.rcv_nxt)
     d_out = wrap(c.snd_nxt - f.rcv_nxt)
     if c.timestamps:
-        ts_out = wrap(c.ts_clock + margin - inputs.target_tsval)
-        ts_in = wrap(f.ts_clock + margin - inputs.client_syn_tsval)
+        # Each delta raises the values one peer sees above the clock of the
+        # connection the router had with it: the margin in that clock's ticks.
+        ts_out = wrap(c.ts_clock + margin_ticks(margin, c.ts_usec) - inputs.target_tsval)
+        ts_in = wrap(f.ts_clock + margin_ticks(margin, f.ts_usec) - inputs.client_syn_tsval)
     else:
         ts_out = ts_in = 0
     to_target = Translation(

@@ -346,15 +346,16 @@ def clear_handoff_programs(cluster: Cluster) -> int:
 
 
 @contextmanager
-def handoff_cluster(cluster: Cluster, mode: str = "nat", **sections: Any
-                    ) -> Iterator[tuple[RouterProcess, list[AgentProcess]]]:
-    """Agents on every target and a router in MODE; pins removed at the end."""
+def handoff_cluster(cluster: Cluster, mode: str = "nat", agent: dict[str, Any] | None = None,
+                    **sections: Any) -> Iterator[tuple[RouterProcess, list[AgentProcess]]]:
+    """Agents on every target (``agent``: their [agent] overrides) and a router
+    in MODE (``sections``: overrides of its config sections); pins removed at the end."""
     host_bpffs()
     agents: list[AgentProcess] = []
     router = RouterProcess(cluster, default_config(cluster, mode, **sections))
     try:
         if mode == "nat":
-            agents = [AgentProcess(cluster, i).start() for i in range(len(cluster.targets))]
+            agents = [AgentProcess(cluster, i, dict(agent or {})).start() for i in range(len(cluster.targets))]
         router.start()
         yield router, agents
     finally:

@@ -25,6 +25,12 @@
 
 /* ------------------------------------------------------------------ maps */
 
+/* Entries a connection map holds unless the loader sets another size
+ * (handoff/datapath.py, from the capacity setting). Plain hash maps, not LRU:
+ * a full map refuses new handoffs (they fall back) and never evicts a live
+ * connection's entry. */
+#define ARR_DEFAULT_CAPACITY 65536
+
 /* A TCP/IPv4 flow as it appears in a packet: source first, network order. */
 struct flow_key {
 	__be32 saddr;
@@ -51,11 +57,18 @@ struct xlate {
 enum flow_state {
 	FLOW_HOLD = 1,   /* router: drop the client's packets while its state is read */
 	FLOW_ACTIVE = 2, /* rewrite and redirect */
+	FLOW_ENDED = 3,  /* a new connection took the 4-tuple: pass everything, userspace
+			  * ends the old one (handoff/lifecycle.py, handoff/agent.py) */
 };
 
 /* flow_entry.flags, set by the programs (atomically), read by userspace. */
-#define FLOW_F_FIN (1U << 0)    /* a FIN went through in this entry's direction */
-#define FLOW_F_RST (1U << 1)    /* a RST went through in this entry's direction */
+#define FLOW_F_FIN (1U << 0)     /* a FIN went through in this entry's direction */
+#define FLOW_F_RST (1U << 1)     /* a RST went through in this entry's direction */
+#define FLOW_F_NEW_SYN (1U << 2) /* ended: a SYN of a new connection on the same 4-tuple */
+
+/* The largest window TCP can announce (65535 << 14): a segment further than
+ * this from what the connection has sent so far cannot belong to it. */
+#define SEQ_WINDOW_MAX (1U << 30)
 
 /* Router ingress (key: the client's packets, client -> vip) and target egress
  * (key: the target's packets on the forwarding connection, target -> router). */
@@ -63,6 +76,10 @@ struct flow_entry {
 	struct xlate x;
 	__u32 state;
 	__u32 flags;
+	__u32 syn_seq;  /* seq of the SYN that opened the connection (router: the client's;
+			 * target: its SYN-ACK's): a late copy of it is not a new connection */
+	__u32 seq_next; /* router: the client's highest seq + length seen (0: learn it from
+			 * the first packet); segments far from it are not this connection's */
 	__u64 packets;
 	__u64 bytes;
 	__u64 last_seen_ns; /* bpf_ktime_get_ns() of the last packet (0: none yet) */
@@ -119,6 +136,10 @@ enum arr_stat {
 	STAT_SYNACK_RECORDED,
 	STAT_REWRITE_FAILED,
 	STAT_DROPPED_AFTER_CLOSE,
+	STAT_ENDED_BY_SYN,     /* an entry ended by a new connection's SYN */
+	STAT_STALE_SYN,        /* a late copy of the connection's own SYN, dropped */
+	STAT_OUT_OF_WINDOW,    /* a segment that cannot belong to the connection, dropped */
+	STAT_PASSED_ENDED,     /* a packet of the new connection on an ended entry's tuple */
 	STAT_MAX,
 };
 
@@ -473,6 +494,28 @@ static __always_inline void account(struct flow_entry *e, struct __sk_buff *skb,
 		__sync_fetch_and_or(&e->flags, FLOW_F_FIN);
 	if (tcp_flags & TCPF_RST)
 		__sync_fetch_and_or(&e->flags, FLOW_F_RST);
+}
+
+/* A SYN on an active entry's 4-tuple: a late copy of the connection's own SYN
+ * (dropped) or a new connection, which ends the entry (its packets then pass to
+ * the local stack). Returns the verdict, or -1 when the packet is no SYN. */
+static __always_inline int end_on_syn(struct __sk_buff *skb, const struct pkt *p, struct flow_entry *e)
+{
+	__be32 seq;
+
+	if (!(p->flags & TCPF_SYN))
+		return -1;
+	if (bpf_skb_load_bytes(skb, p->l4 + 4, &seq, 4) < 0)
+		return TC_ACT_SHOT;
+	if (bpf_ntohl(seq) == e->syn_seq) {
+		count(STAT_STALE_SYN);
+		return TC_ACT_SHOT;
+	}
+	e->state = FLOW_ENDED;
+	e->last_seen_ns = bpf_ktime_get_ns();
+	__sync_fetch_and_or(&e->flags, FLOW_F_NEW_SYN);
+	count(STAT_ENDED_BY_SYN);
+	return TC_ACT_OK;
 }
 
 /* Send the rewritten packet towards its new destination: next hop from the

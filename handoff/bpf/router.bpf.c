@@ -13,15 +13,15 @@
 #include "arr_handoff.h"
 
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 262144);
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, ARR_DEFAULT_CAPACITY);
 	__type(key, struct flow_key);
 	__type(value, struct flow_entry);
 } arr_ingress SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, ARR_DEFAULT_CAPACITY);
 	__type(key, struct flow_key);
 	__type(value, struct watch_entry);
 } arr_watch SEC(".maps");
@@ -102,6 +102,31 @@ static __always_inline int trim_mirror(struct __sk_buff *skb, const struct pkt *
 	return TC_ACT_OK;
 }
 
+/* Whether a client segment can belong to the handed-off connection: its seq
+ * within the largest possible window of what the client has sent so far (a
+ * stale or foreign segment must neither reach the target nor keep the entry
+ * alive); an accepted one moves the mark on. */
+static __always_inline int client_in_window(struct __sk_buff *skb, const struct pkt *p,
+					    struct flow_entry *e)
+{
+	__be32 seq_be;
+	__u32 seq, end, mark = e->seq_next;
+	__s32 distance;
+
+	if (bpf_skb_load_bytes(skb, p->l4 + 4, &seq_be, 4) < 0)
+		return 0;
+	seq = bpf_ntohl(seq_be);
+	if (mark) {
+		distance = (__s32)(seq - mark);
+		if (distance > (__s32)SEQ_WINDOW_MAX || distance < -(__s32)SEQ_WINDOW_MAX)
+			return 0;
+	}
+	end = seq + payload_len(p) + (p->flags & TCPF_FIN ? 1 : 0);
+	if (!mark || seq_after(end, mark))
+		e->seq_next = end ? end : 1; /* 0 means "not learnt yet" */
+	return 1;
+}
+
 SEC("tc")
 int arr_router_ingress(struct __sk_buff *skb)
 {
@@ -116,10 +141,21 @@ int arr_router_ingress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	e = bpf_map_lookup_elem(&arr_ingress, &p.key);
 	if (e) {
+		if (e->state == FLOW_ENDED) {
+			count(STAT_PASSED_ENDED);
+			return TC_ACT_OK;
+		}
 		if (e->state != FLOW_ACTIVE) {
 			/* The client retransmits; by then its state is read and the
 			 * entry is active (or gone, after a fallback). */
 			count(STAT_HELD);
+			return TC_ACT_SHOT;
+		}
+		verdict = end_on_syn(skb, &p, e);
+		if (verdict >= 0)
+			return verdict;
+		if (!client_in_window(skb, &p, e)) {
+			count(STAT_OUT_OF_WINDOW);
 			return TC_ACT_SHOT;
 		}
 		x = e->x;
@@ -139,6 +175,10 @@ int arr_router_ingress(struct __sk_buff *skb)
 	if (w->state == WATCH_HANDED_OFF)
 		return trim_mirror(skb, &p, w);
 	if (w->state == WATCH_CLOSED) {
+		/* A SYN-ACK answers a SYN the router's own stack sent on this
+		 * 4-tuple: a new connection, not the released one. */
+		if ((p.flags & (TCPF_SYN | TCPF_ACK)) == (TCPF_SYN | TCPF_ACK))
+			return TC_ACT_OK;
 		count(STAT_DROPPED_AFTER_CLOSE);
 		return TC_ACT_SHOT;
 	}
@@ -163,8 +203,8 @@ int arr_router_egress(struct __sk_buff *skb)
 	reverse.sport = p.key.dport;
 	reverse.dport = p.key.sport;
 	w = bpf_map_lookup_elem(&arr_watch, &reverse);
-	if (!w)
-		return TC_ACT_OK;
+	if (!w || w->state != WATCH_CONNECTING)
+		return TC_ACT_OK; /* a SYN of another connection: not ours to touch */
 	walk.mode = OPT_NORMALISE;
 	walk.mss = w->client_mss;
 	walk.sack_ok = w->client_sack;

@@ -12,15 +12,15 @@
 #include "arr_handoff.h"
 
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 262144);
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, ARR_DEFAULT_CAPACITY);
 	__type(key, struct flow_key);
 	__type(value, struct flow_entry);
 } arr_egress SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, ARR_DEFAULT_CAPACITY);
 	__type(key, struct flow_key);
 	__type(value, struct mirror_state);
 } arr_mirror SEC(".maps");
@@ -62,8 +62,22 @@ int arr_target_egress(struct __sk_buff *skb)
 	if (parse_tcp4(skb, &p) < 0)
 		return TC_ACT_OK;
 	e = bpf_map_lookup_elem(&arr_egress, &p.key);
-	if (!e || e->state != FLOW_ACTIVE)
+	if (!e)
 		return TC_ACT_OK;
+	if (e->state == FLOW_ENDED) {
+		count(STAT_PASSED_ENDED);
+		return TC_ACT_OK;
+	}
+	if (e->state != FLOW_ACTIVE)
+		return TC_ACT_OK;
+	/* A SYN-ACK: the server accepted a new connection on this 4-tuple (the
+	 * router's health probe, say), or repeats the forwarding handshake's. */
+	verdict = end_on_syn(skb, &p, e);
+	if (verdict >= 0) {
+		if (verdict == TC_ACT_OK)
+			bpf_map_delete_elem(&arr_mirror, &p.key);
+		return verdict;
+	}
 	m = bpf_map_lookup_elem(&arr_mirror, &p.key);
 	if (m)
 		mirror(skb, &p, m);

@@ -9,12 +9,14 @@ from handoff.control.channel import (
     ControlClient, ControlServer, ControlUnavailable, ServerSession, load_psk,
 )
 from handoff.control.frames import (
-    FRAME_VERSION, MAX_FRAME, PROTOCOL_VERSION, REASONS, Ack, Closed, ControlConnection, ControlError,
-    FlowKey, HandoffRequest, Hello, Message, MessageType, Nack, Ping, StopMirror,
+    CLOSED_TARGET_GONE, FRAME_VERSION, MAX_FRAME, MAX_HOLDING_KEYS, PROTOCOL_VERSION, REASONS, Ack, Closed,
+    ControlConnection, ControlError, FlowKey, HandoffRequest, Hello, Holding, Message, MessageType, Nack,
+    Ping, Release, StopMirror,
 )
 from handoff.translate import Translation
 
 __all__ = [
+    "CLOSED_TARGET_GONE", "Holding", "MAX_HOLDING_KEYS", "Release",
     "Ack", "Closed", "ControlClient", "ControlConnection", "ControlError", "ControlServer",
     "ControlUnavailable", "FRAME_VERSION", "FlowKey", "HandoffRequest", "Hello", "MAX_FRAME", "Message",
     "MessageType", "Nack", "PROTOCOL_VERSION", "Ping", "REASONS", "ServerSession", "StopMirror",

@@ -9,7 +9,8 @@ closed; nothing else is affected.
   connection) and answers PINGs itself. ``sessions`` holds the established
   sessions, so the agent can push CLOSED to every router.
 * ``ControlClient`` (router): keeps one connection to one agent up,
-  reconnecting with exponential backoff; ``request`` for HANDOFF -> ACK/NACK,
+  reconnecting with exponential backoff (``on_connect`` messages go first on
+  each new connection); ``request`` for HANDOFF -> ACK/NACK,
   ``send`` for fire-and-forget; PINGs the agent and reconnects when it stops
   answering.
 
@@ -28,7 +29,7 @@ import random
 import stat
 import string
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 from handoff.control.frames import (
     Ack, ControlConnection, ControlError, HandoffRequest, Hello, Message, Nack, Ping,
@@ -125,6 +126,11 @@ class ServerSession:
     @property
     def peer_node_id(self) -> str | None:
         return self.conn.peer_node_id
+
+    @property
+    def peer_host(self) -> str:
+        """The router's address on this connection (without the port)."""
+        return self.peer.rsplit(":", 1)[0]
 
     async def send(self, message: Message) -> None:
         """Raises ControlUnavailable (a ConnectionError) once the session is gone."""
@@ -250,6 +256,7 @@ class ControlClient:
 
     def __init__(self, psk: bytes, node_id: str, host: str, port: int,
                  on_message: Callable[[Message], Any] | None = None, *,
+                 on_connect: Callable[[], list[Message]] | None = None,
                  ping_interval: float = 5.0, ping_timeout: float = 5.0, connect_timeout: float = 5.0,
                  backoff_initial: float = 0.1, backoff_max: float = 5.0) -> None:
         self.psk = psk
@@ -257,6 +264,9 @@ class ControlClient:
         self.host = host
         self.port = port
         self.on_message = on_message
+        self.on_connect = on_connect
+        """Messages to send first on every new connection (the router's HOLDING
+        sync), written before any request can use the connection."""
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.connect_timeout = connect_timeout
@@ -396,6 +406,10 @@ class ControlClient:
                         established = True
                         self.connects += 1
                         self.peer_node_id = message.node_id
+                        if self.on_connect is not None:
+                            for first in self.on_connect():
+                                writer.write(conn.send(first))
+                            await writer.drain()
                         self._connected.set()
                         pinger = asyncio.get_running_loop().create_task(self._ping_loop(writer))
                         log.info("control: connected to agent %r at %s:%d", message.node_id,

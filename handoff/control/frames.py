@@ -26,8 +26,19 @@ type (``unknown-type``; a type the peer's role never sends is also
 ``unknown-type``), handshake order (``handshake``), the counter (``replay``),
 then flags and payload (``malformed``).
 
-Message types are one-way: the client (router) sends HANDOFF, STOP_MIRROR and
-PING requests; the server (agent) sends ACK, NACK, CLOSED and PING replies.
+Message types are one-way: the client (router) sends HANDOFF, STOP_MIRROR,
+RELEASE, HOLDING and PING requests; the server (agent) sends ACK, NACK, CLOSED
+and PING replies.
+
+Lifecycle messages (blueprint 2.2/2.3): CLOSED with ``CLOSED_TARGET_GONE`` says
+the target's kernel holds no live socket for the connection any more and the
+agent's entry is gone, so the router may forget it and reuse its forwarding
+port. RELEASE asks the agent to end a connection the router no longer routes
+(a new connection took the client's 4-tuple, or a HANDOFF timed out). HOLDING
+lists connections the router holds: ``complete`` (sent on every new control
+connection, in chunks, ``last`` on the final one) means "these and no others",
+so the agent ends the rest; otherwise it is a question about silent ones. The
+agent answers CLOSED(GONE) for every listed connection it does not hold.
 Since both directions share the session key, this is what stops a frame
 being reflected back to the side that sent it.
 """
@@ -80,6 +91,17 @@ class MessageType(enum.IntEnum):
     STOP_MIRROR = 5
     CLOSED = 6
     PING = 7
+    RELEASE = 8
+    HOLDING = 9
+
+
+CLOSED_TARGET_GONE = 0x100
+"""Closed.flags bit (beside the FIN/RST bits the target sent): the target's
+side is over and the agent's entry deleted."""
+HOLDING_COMPLETE = 1
+HOLDING_LAST = 2
+MAX_HOLDING_KEYS = 4096
+"""Keys per HOLDING frame (12 bytes each: well under MAX_FRAME)."""
 
 
 # ------------------------------------------------------------------ messages
@@ -109,6 +131,22 @@ class HandoffRequest:
     translation: Translation
     mirror_from: int
     mirror_until: int
+    syn_seq: int = 0
+    """Seq of the target's SYN-ACK on the forwarding connection: a repeat of it
+    is no new connection (``flow_entry.syn_seq``)."""
+
+
+@dataclass(frozen=True)
+class Release:
+    conn_id: int
+    key: FlowKey
+
+
+@dataclass(frozen=True)
+class Holding:
+    keys: tuple[FlowKey, ...]
+    complete: bool = False
+    last: bool = True
 
 
 @dataclass(frozen=True)
@@ -143,7 +181,7 @@ class Ping:
     reply: bool = False
 
 
-Message = Union[Hello, HandoffRequest, Ack, Nack, StopMirror, Closed, Ping]
+Message = Union[Hello, HandoffRequest, Ack, Nack, StopMirror, Closed, Ping, Release, Holding]
 
 
 # ------------------------------------------------------------------ codecs
@@ -159,7 +197,8 @@ class _Malformed(Exception):
 _KEY = struct.Struct(">4s4sHH")
 _XLATE = struct.Struct(">4s4sHHIIIIBB")
 _U64 = struct.Struct(">Q")
-_HANDOFF_TAIL = struct.Struct(">II")
+_HANDOFF_TAIL = struct.Struct(">III")
+_HOLDING_HEAD = struct.Struct(">BH")
 _CLOSED_TAIL = struct.Struct(">QQI")
 _PING = struct.Struct(">QB")
 _HELLO_HEAD = struct.Struct(">HH")
@@ -237,7 +276,8 @@ def encode_payload(message: Message) -> tuple[MessageType, bytes]:
     if isinstance(message, HandoffRequest):
         return MessageType.HANDOFF, (_pack(_U64, message.conn_id) + _encode_key(message.key)
                                      + _encode_xlate(message.translation)
-                                     + _pack(_HANDOFF_TAIL, message.mirror_from, message.mirror_until))
+                                     + _pack(_HANDOFF_TAIL, message.mirror_from, message.mirror_until,
+                                             message.syn_seq))
     if isinstance(message, Ack):
         return MessageType.ACK, _pack(_U64, message.conn_id)
     if isinstance(message, Nack):
@@ -249,6 +289,14 @@ def encode_payload(message: Message) -> tuple[MessageType, bytes]:
                                     + _pack(_CLOSED_TAIL, message.packets, message.bytes, message.flags))
     if isinstance(message, Ping):
         return MessageType.PING, _pack(_PING, message.token, 1 if message.reply else 0)
+    if isinstance(message, Release):
+        return MessageType.RELEASE, _pack(_U64, message.conn_id) + _encode_key(message.key)
+    if isinstance(message, Holding):
+        if len(message.keys) > MAX_HOLDING_KEYS:
+            raise ValueError(f"HOLDING of {len(message.keys)} keys exceeds {MAX_HOLDING_KEYS}")
+        flags = (HOLDING_COMPLETE if message.complete else 0) | (HOLDING_LAST if message.last else 0)
+        return MessageType.HOLDING, (_pack(_HOLDING_HEAD, flags, len(message.keys))
+                                     + b"".join(_encode_key(k) for k in message.keys))
     raise TypeError(f"not a control message: {message!r}")
 
 
@@ -273,9 +321,9 @@ def decode_payload(mtype: MessageType, data: bytes) -> Message:
         key = _decode_key(data, 8)
         x = _decode_xlate(data, 8 + _KEY.size)
         offset = 8 + _KEY.size + _XLATE.size
-        mirror_from, mirror_until = _unpack(_HANDOFF_TAIL, data, offset)
+        mirror_from, mirror_until, syn_seq = _unpack(_HANDOFF_TAIL, data, offset)
         _done(data, offset + _HANDOFF_TAIL.size)
-        return HandoffRequest(conn_id, key, x, mirror_from, mirror_until)
+        return HandoffRequest(conn_id, key, x, mirror_from, mirror_until, syn_seq)
     if mtype is MessageType.ACK:
         (conn_id,) = _unpack(_U64, data, 0)
         _done(data, 8)
@@ -296,6 +344,21 @@ def decode_payload(mtype: MessageType, data: bytes) -> Message:
         packets, nbytes, flags = _unpack(_CLOSED_TAIL, data, 8 + _KEY.size)
         _done(data, 8 + _KEY.size + _CLOSED_TAIL.size)
         return Closed(conn_id, key, packets, nbytes, flags)
+    if mtype is MessageType.RELEASE:
+        (conn_id,) = _unpack(_U64, data, 0)
+        key = _decode_key(data, 8)
+        _done(data, 8 + _KEY.size)
+        return Release(conn_id, key)
+    if mtype is MessageType.HOLDING:
+        flags, n = _unpack(_HOLDING_HEAD, data, 0)
+        if flags & ~(HOLDING_COMPLETE | HOLDING_LAST):
+            raise _Malformed(f"HOLDING flags {flags:#x}")
+        if n > MAX_HOLDING_KEYS:
+            raise _Malformed(f"HOLDING of {n} keys exceeds {MAX_HOLDING_KEYS}")
+        offset = _HOLDING_HEAD.size
+        keys = tuple(_decode_key(data, offset + i * _KEY.size) for i in range(n))
+        _done(data, offset + n * _KEY.size)
+        return Holding(keys, bool(flags & HOLDING_COMPLETE), bool(flags & HOLDING_LAST))
     if mtype is MessageType.PING:
         token, reply = _unpack(_PING, data, 0)
         _done(data, _PING.size)
@@ -329,6 +392,8 @@ _SENT_BY: dict[type, str] = {
     # the role that sends each message (PING: both, told apart by the reply flag)
     HandoffRequest: CLIENT,
     StopMirror: CLIENT,
+    Release: CLIENT,
+    Holding: CLIENT,
     Ack: SERVER,
     Nack: SERVER,
     Closed: SERVER,

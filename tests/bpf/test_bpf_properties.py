@@ -18,7 +18,8 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
 from handoff import packet
-from handoff.maps import (FLOW_ACTIVE, FLOW_F_FIN, FLOW_F_RST, FLOW_HOLD, WATCH_CLOSED,
+from handoff.maps import (FLOW_ACTIVE, FLOW_ENDED, FLOW_F_FIN, FLOW_F_NEW_SYN, FLOW_F_RST, FLOW_HOLD,
+                          WATCH_CLOSED,
                           WATCH_CONNECTING, WATCH_HANDED_OFF, FlowEntry, FlowKey, MirrorState,
                           WatchEntry, Xlate)
 from handoff.packet import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT
@@ -150,6 +151,10 @@ def frames(draw, key: tuple[str, str, int, int] | None = None, flags=None, optio
     return bytes(frame)
 
 
+NOT_SYN = st.sampled_from(["A", "PA", "FA", "FPA", "R", "RA", "UA"])
+"""Flags of segments inside a connection (a SYN ends an entry: see below)."""
+
+
 def key_of(frame: bytes) -> FlowKey:
     p = packet.parse(frame)
     assert p is not None
@@ -176,17 +181,24 @@ def show(frame: bytes) -> str:
 @settings(PROPS, max_examples=250)
 @given(data=st.data())
 def test_rewrite_equals_the_model(bpf_env, program, table, data):
-    frame = data.draw(frames())
+    frame = data.draw(frames(flags=NOT_SYN))
     x = data.draw(translations())
     key = key_of(frame)
-    run = bpf_env.run(program, frame, {table: {key: active(x)}})
+    entry = active(x)
+    if program == "arr_router_ingress" and data.draw(st.booleans()):
+        # An armed window mark within reach of the segment.
+        seq = struct.unpack_from("!I", frame, packet.parse(frame).l4 + 4)[0]
+        entry.seq_next = (seq + data.draw(st.integers(-packet.SEQ_WINDOW_MAX, packet.SEQ_WINDOW_MAX))) % MOD
+    run = bpf_env.run(program, frame, {table: {key: entry}})
     verdict, out = packet.forward(frame, x, *bpf_env.next_hop(x.daddr))
     assert verdict == TC_ACT_REDIRECT
     assert (run.verdict, run.out) == (verdict, out), (show(run.out), show(out))
-    entry = run.maps[table][key]
-    assert (entry.packets, entry.bytes, entry.errors) == (1, len(frame), 0)
-    assert entry.flags == expected_flags(frame)
+    after = run.maps[table][key]
+    assert (after.packets, after.bytes, after.errors) == (1, len(frame), 0)
+    assert after.flags == expected_flags(frame)
     assert run.stats == {"rewritten": 1}
+    if program == "arr_router_ingress":
+        assert after.seq_next == packet.client_window(frame, entry.seq_next)[1]
 
 
 @pytest.mark.parametrize("program, table", REWRITERS)
@@ -285,12 +297,12 @@ def test_malformed_options_are_dropped_whole(bpf_env, program, table, data):
     x = data.draw(translations())
     if data.draw(st.integers(0, 4)) == 0:
         # The header claims options the frame does not have.
-        whole = data.draw(frames(payload=st.just(0)))
+        whole = data.draw(frames(payload=st.just(0), flags=NOT_SYN))
         p = packet.parse(whole)
         assume(p.tcp_len > 20)
         frame = whole[: p.l4 + data.draw(st.integers(20, p.tcp_len - 1))]
     else:
-        frame = data.draw(frames(options=malformed_area))
+        frame = data.draw(frames(options=malformed_area, flags=NOT_SYN))
     with pytest.raises(packet.Malformed):
         packet.translate(frame, x)
     key = key_of(frame)
@@ -317,7 +329,7 @@ def test_bad_sack_length_is_dropped_even_when_ack_delta_is_zero(bpf_env, program
 @FEW
 @given(data=st.data())
 def test_router_holds_and_drops_after_close(bpf_env, data):
-    frame = data.draw(frames())
+    frame = data.draw(frames(flags=NOT_SYN))
     key = key_of(frame)
     x = data.draw(translations())
     run = bpf_env.run("arr_router_ingress", frame, {"arr_ingress": {key: active(x, FLOW_HOLD)}})
@@ -348,10 +360,13 @@ def test_syn_normalisation_equals_the_model(bpf_env, data):
     sack_ok, ts_ok = data.draw(st.booleans()), data.draw(st.booleans())
     p = packet.parse(frame)
     watch_key = FlowKey.of((p.daddr, p.dport), (p.saddr, p.sport))  # keyed as the target sends
-    entry = WatchEntry(state=data.draw(st.sampled_from([WATCH_CONNECTING, WATCH_HANDED_OFF])),
-                       client_mss=mss, client_sack=sack_ok, client_ts=ts_ok)
+    state = data.draw(st.sampled_from([WATCH_CONNECTING, WATCH_HANDED_OFF, WATCH_CLOSED]))
+    entry = WatchEntry(state=state, client_mss=mss, client_sack=sack_ok, client_ts=ts_ok)
     run = bpf_env.run("arr_router_egress", frame, {"arr_watch": {watch_key: entry}})
-    expected, changed = packet.normalise_syn(frame, mss, sack_ok, ts_ok)
+    # Only the SYN of the connection being set up: another SYN on a watched
+    # 4-tuple is the router's own new connection, not to be touched.
+    expected, changed = (packet.normalise_syn(frame, mss, sack_ok, ts_ok) if state == WATCH_CONNECTING
+                         else (frame, False))
     assert (run.verdict, run.out) == (TC_ACT_OK, expected), (show(run.out), show(expected))
     assert run.maps["arr_watch"][watch_key].syn_rewrites == changed
     assert run.stats == ({"syn_normalised": 1} if changed else {})
@@ -403,3 +418,72 @@ def test_mirroring_clones_once_per_advancing_ack(bpf_env, data):
         assert bpf_env.sent(wait=1.0 if clone else 0.0) == ([frame] if clone else [])
         mirror = run.maps["arr_mirror"][key]
         assert (mirror.mirror_until, mirror.mirrored_ack) == (until, new_ack)
+
+
+# ------------------------------------------------- an entry is one connection
+
+@pytest.mark.parametrize("program, table", REWRITERS)
+@FEW
+@given(data=st.data())
+def test_a_syn_ends_the_entry_and_passes_untouched(bpf_env, program, table, data):
+    """A SYN (client's at the router, SYN-ACK at the target) on an active
+    entry's 4-tuple is a new connection: the entry becomes ENDED, the SYN goes
+    to the local stack unchanged, and later packets pass untranslated. A late
+    copy of the connection's own SYN is dropped and ends nothing."""
+    frame = data.draw(frames(flags=st.sampled_from(["S", "SA", "SE"])))
+    key = key_of(frame)
+    seq = struct.unpack_from("!I", frame, packet.parse(frame).l4 + 4)[0]
+    entry = active(data.draw(translations()))
+    entry.syn_seq = seq if data.draw(st.booleans()) else data.draw(u32)
+    state = {table: {key: entry}}
+    if program == "arr_target_egress":
+        state["arr_mirror"] = {key: MirrorState(1, 1)}
+    run = bpf_env.run(program, frame, state)
+    verdict = packet.syn_verdict(frame, entry.syn_seq)
+    assert (run.verdict, run.out) == (verdict, frame)
+    after = run.maps[table][key]
+    if verdict == TC_ACT_SHOT:
+        assert (after.state, after.flags, run.stats) == (FLOW_ACTIVE, 0, {"stale_syn": 1})
+        return
+    assert (after.state, after.flags, after.packets) == (FLOW_ENDED, FLOW_F_NEW_SYN, 0)
+    assert run.stats == {"ended_by_syn": 1}
+    if program == "arr_target_egress":
+        assert run.maps["arr_mirror"] == {}
+    # The new connection's packets: through, untranslated, counted.
+    follow = data.draw(frames(key=(packet.parse(frame).saddr, packet.parse(frame).daddr,
+                                   packet.parse(frame).sport, packet.parse(frame).dport)))
+    run = bpf_env.run(program, follow, {table: {key: after}})
+    assert (run.verdict, run.out, run.stats) == (TC_ACT_OK, follow, {"passed_ended": 1})
+
+
+@FEW
+@given(data=st.data())
+def test_router_drops_client_segments_outside_any_window(bpf_env, data):
+    """A segment further from the connection's mark than any window cannot be
+    the connection's: dropped, neither forwarded nor counted, the mark stays."""
+    frame = data.draw(frames(flags=NOT_SYN))
+    key = key_of(frame)
+    seq = struct.unpack_from("!I", frame, packet.parse(frame).l4 + 4)[0]
+    distance = data.draw(st.integers(packet.SEQ_WINDOW_MAX + 1, MOD - packet.SEQ_WINDOW_MAX - 1))
+    entry = active(data.draw(translations()))
+    entry.seq_next = ((seq - distance) % MOD) or 1
+    assume(not packet.client_window(frame, entry.seq_next)[0])
+    run = bpf_env.run("arr_router_ingress", frame, {"arr_ingress": {key: entry}})
+    assert (run.verdict, run.out, run.stats) == (TC_ACT_SHOT, frame, {"out_of_window": 1})
+    after = run.maps["arr_ingress"][key]
+    assert (after.packets, after.last_seen_ns, after.seq_next) == (0, 0, entry.seq_next)
+
+
+def test_router_lets_a_new_connections_synack_through_a_closed_watch(bpf_env):
+    """After the silent close the target's late packets are dropped, but a
+    SYN-ACK answers a SYN of the router's own stack: a new connection."""
+    fwd = ("10.9.0.11", "10.9.0.1", 8080, 50123)
+    key = FlowKey.of((fwd[0], fwd[2]), (fwd[1], fwd[3]))
+    closed = {"arr_watch": {key: WatchEntry(state=WATCH_CLOSED)}}
+    synack = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src=fwd[0], dst=fwd[1])
+                   / TCP(sport=fwd[2], dport=fwd[3], flags="SA", seq=7, ack=9))
+    ack = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src=fwd[0], dst=fwd[1])
+                / TCP(sport=fwd[2], dport=fwd[3], flags="A", seq=8, ack=9))
+    assert bpf_env.run("arr_router_ingress", synack, closed).verdict == TC_ACT_OK
+    run = bpf_env.run("arr_router_ingress", ack, closed)
+    assert (run.verdict, run.stats) == (TC_ACT_SHOT, {"dropped_after_close": 1})

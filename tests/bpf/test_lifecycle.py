@@ -1,21 +1,28 @@
-"""When entries go (blueprint 2.2), on the real pinned maps of both sides."""
+"""When entries go (blueprint 2.2, 2.3), on the real pinned maps of both sides,
+with the real kernel's sockets (loopback) as the agent's source of truth."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import socket
+import time
 import uuid
 
 import pytest
 
+from arr import netlink
+from arr.inet_diag import TcpState
 from arr.metrics import Metrics
-from handoff.agent import Agent, AgentSettings
-from handoff.control import Closed
+from handoff.agent_lifecycle import TargetConnections
+from handoff.control import CLOSED_TARGET_GONE, Closed, Holding, Release
 from handoff.datapath import RouterDatapath, TargetDatapath, ensure_bpffs
 from handoff.engine import HandoffSettings
-from handoff.lifecycle import RouterConnections
-from handoff.maps import (FLOW_ACTIVE, FLOW_F_FIN, FLOW_F_RST, FLOW_HOLD, WATCH_CLOSED, FlowEntry,
-                          FlowKey, MirrorState, WatchEntry, Xlate)
+from handoff.libbpf import BpfError
+from handoff.lifecycle import PORT_QUARANTINE_NS, RouterConnections, wire_key
+from handoff.maps import (FLOW_ACTIVE, FLOW_ENDED, FLOW_F_FIN, FLOW_F_NEW_SYN, FLOW_F_RST, FLOW_HOLD,
+                          WATCH_CLOSED, FlowEntry, FlowKey, MirrorState, WatchEntry, Xlate)
 from handoff.translate import Translation
 
 pytestmark = pytest.mark.bpf
@@ -59,35 +66,63 @@ def test_router_forgets_connections_when_they_are_over(instance):
         now = 1000 * S
         cases = {
             0: dict(flags=0, last=now - 2 * S),                       # live, quiet for 2 s: stays
-            1: dict(flags=FLOW_F_RST, last=now - 2 * S),              # reset, linger passed: goes
+            1: dict(flags=FLOW_F_RST, last=now - 2 * S),              # reset, no agent to ask, linger over: goes
             2: dict(flags=FLOW_F_RST, last=now - S // 2),             # reset, still lingering: stays
-            3: dict(flags=FLOW_F_FIN, last=now - 2 * S),              # client FIN, target not closed: stays
-            4: dict(flags=FLOW_F_FIN, last=now - 2 * S),              # both FINs (agent said CLOSED): goes
-            5: dict(flags=0, last=now - 61 * S),                      # idle past the timeout: goes
+            3: dict(flags=FLOW_F_FIN, last=now - 2 * S),              # client FIN, target side alive: stays
+            4: dict(flags=FLOW_F_FIN, last=now - 2 * S),              # the agent reported the target gone: goes
+            5: dict(flags=0, last=now - 3600 * S),                    # silent for an hour: stays (never cut)
             6: dict(flags=0, last=now - 11 * S, state=FLOW_HOLD),     # HOLD of a dead router: goes
             7: dict(flags=0, last=now - 1 * S, state=FLOW_HOLD),      # HOLD of a handoff under way: stays
+            8: dict(flags=FLOW_F_NEW_SYN, last=now, state=FLOW_ENDED),  # a new SYN took the 4-tuple: goes
         }
         for n, spec in cases.items():
             dp.ingress.update(client_key(n), router_entry(n, **spec))
-            dp.watch.update(forward_key(n), WatchEntry(state=WATCH_CLOSED))
-        k = forward_key(4)
-        gc.on_agent_message(Closed(conn_id=0, key=_wire(k), packets=1, bytes=1, flags=FLOW_F_FIN))
+            dp.watch.update(forward_key(n), WatchEntry(state=WATCH_CLOSED, closed_ns=now - 2 * S))
+        gc.on_agent_message(Closed(conn_id=0, key=_wire(forward_key(4)), packets=1, bytes=1,
+                                   flags=FLOW_F_FIN | CLOSED_TARGET_GONE))
+        # A CLOSED without GONE (the target sent its FIN) ends nothing.
+        gc.on_agent_message(Closed(conn_id=0, key=_wire(forward_key(3)), packets=1, bytes=1, flags=FLOW_F_FIN))
         assert gc.sweep(now) == 4
-        left = {key for key in dp.ingress.keys()}
-        assert left == {client_key(n) for n in (0, 2, 3, 7)}
-        # Watch entries stay (CLOSED) to quarantine their ports; the LRU retires them.
-        assert {key for key in dp.watch.keys()} == {forward_key(n) for n in range(8)}
+        assert set(dp.ingress.keys()) == {client_key(n) for n in (0, 2, 3, 5, 7)}
+        # Watch entries go with the target's side (4); the others keep their
+        # ports taken until the agent says so or the quarantine passes.
+        assert set(dp.watch.keys()) == {forward_key(n) for n in range(9) if n != 4}
+        # The ENDED connection's target side is released at its agent (none here).
+        assert gc.metrics.value("arr_handoff_closed_total", {"why": "new-syn"}) == 1
+        # Without the agent's word, a released port is free once the quarantine passed.
+        gc.sweep(now + PORT_QUARANTINE_NS + S)
+        assert dp.watch.keys() == []
     finally:
         dp.close()
 
 
-def _wire(key: FlowKey):
-    from handoff.engine import wire_key
+def test_router_puts_silent_connections_to_their_agent(instance):
+    dp = RouterDatapath(BPF_DIR, instance)
+    try:
+        gc = RouterConnections(dp, HandoffSettings(secret=b"k" * 32, linger=1.0, idle_timeout=5.0), Metrics())
+        agent = FakeAgent()
+        gc.route(("10.1.0.11", 8080), ("10.1.0.11", 7070), agent)  # type: ignore[arg-type]
+        now = 1000 * S
+        dp.ingress.update(client_key(0), router_entry(0, last=now - 6 * S))
+        dp.ingress.update(client_key(1), router_entry(1, last=now - 1 * S))
+        gc.sweep(now)
+        asyncio.run(gc.flush())
+        assert agent.sent == [Holding((_wire(forward_key(0)),), complete=False, last=True)]
+        gc.sweep(now + S)  # asked already: not again before another idle_timeout
+        asyncio.run(gc.flush())
+        assert len(agent.sent) == 1
+        # On a new control connection, the complete list comes first.
+        (sync,) = gc.holding_sync(("10.1.0.11", 7070))
+        assert (set(sync.keys), sync.complete, sync.last) == (
+            {_wire(forward_key(0)), _wire(forward_key(1))}, True, True)
+        assert gc.holding_sync(("10.1.0.99", 7070)) == [Holding((), complete=True, last=True)]
+    finally:
+        dp.close()
 
-    return wire_key(key)
 
+class FakeAgent:
+    connected = True
 
-class Session:
     def __init__(self) -> None:
         self.sent: list = []
 
@@ -95,32 +130,131 @@ class Session:
         self.sent.append(message)
 
 
-class Server:
-    def __init__(self) -> None:
-        self.sessions = {Session()}
+def _wire(key: FlowKey):
+    return wire_key(key)
 
 
-def test_agent_reports_closed_until_the_entry_goes(instance):
-    agent = Agent(AgentSettings(listen=("127.0.0.1", 1), secret_file="/nonexistent", linger=1.0,
-                                idle_timeout=60.0, instance=instance))
-    agent.datapath = TargetDatapath(BPF_DIR, instance)
-    agent.server = Server()  # type: ignore[assignment]
-    (session,) = agent.server.sessions
+class Session:
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.sent: list = []
+        self.peer_host = host
+
+    async def send(self, message) -> None:
+        self.sent.append(message)
+
+
+@pytest.fixture
+def loopback_pair():
+    """A real TCP connection on loopback: (server-side 4-tuple key, sockets)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    key = FlowKey.of(server.getsockname(), server.getpeername())
+    yield key, client, server
+    for s in (listener, client, server):
+        s.close()
+
+
+def test_agent_ends_entries_with_the_targets_socket(instance, loopback_pair):
+    live_key, client, server = loopback_pair
+    agent = TargetConnections(TargetDatapath(BPF_DIR, instance), linger=1.0)
+    session = Session()
+    agent.sessions = {session}
     try:
-        now = 1000 * S
         egress, mirror = agent.datapath.egress, agent.datapath.mirror
         x = Xlate.of(Translation("10.1.0.1", "10.1.0.2", 80, 40000, 1, 2, 3, 4, 7, 7))
-        egress.update(forward_key(0), FlowEntry(x=x, state=FLOW_ACTIVE, flags=FLOW_F_FIN, last_seen_ns=now))
-        mirror.update(forward_key(0), MirrorState(1, 1))
-        egress.update(forward_key(1), FlowEntry(x=x, state=FLOW_ACTIVE, last_seen_ns=now))
+        gone_key = FlowKey.of(("127.0.0.1", live_key.src[1]), ("127.0.0.1", 1))  # no such socket
+        egress.update(live_key, FlowEntry(x=x, state=FLOW_ACTIVE, last_seen_ns=1))  # silent for ages
+        egress.update(gone_key, FlowEntry(x=x, state=FLOW_ACTIVE, flags=FLOW_F_RST))
+        mirror.update(gone_key, MirrorState(1, 1))
+        now = 1000 * S
+        assert asyncio.run(agent.sweep(now)) == 0          # gone: the linger starts
         assert asyncio.run(agent.sweep(now + S // 2)) == 0
-        assert asyncio.run(agent.sweep(now + S // 2)) == 0
-        reported = [m.key for m in session.sent]
-        assert reported == [_wire(forward_key(0))] * 2  # repeated while the entry lingers
+        assert session.sent == []                           # GONE only once the entry is gone
         assert asyncio.run(agent.sweep(now + 2 * S)) == 1
-        assert egress.keys() == [forward_key(1)] and mirror.keys() == []
-        assert asyncio.run(agent.sweep(now + 61 * S)) == 1  # idle past the timeout
-        assert egress.keys() == []
-        assert agent.closed_reports == 2
+        assert egress.keys() == [live_key] and mirror.keys() == []
+        (closed,) = session.sent
+        assert closed.key == _wire(gone_key) and closed.flags == FLOW_F_RST | CLOSED_TARGET_GONE
+        # The live socket keeps its entry however long it is silent; once the
+        # target closes first and the client answers, TIME_WAIT is over too:
+        # the entry goes after the linger and the TIME_WAIT socket with it.
+        assert asyncio.run(agent.sweep(now + 3600 * S)) == 0
+        server.close()
+        client.recv(1)
+        client.close()
+        assert wait_until(lambda: (netlink.tcp_socket(None, live_key.src, live_key.dst) or Nothing).state
+                          == TcpState.TIME_WAIT)
+        asyncio.run(agent.sweep(now + 3601 * S))
+        assert asyncio.run(agent.sweep(now + 3603 * S)) == 1
+        assert egress.keys() == [] and netlink.tcp_socket(None, live_key.src, live_key.dst) is None
+        assert agent.ended == {"closed": 2}
     finally:
         agent.datapath.close()
+
+
+def test_agent_follows_the_routers_release_and_holding(instance, loopback_pair):
+    live_key, client, server = loopback_pair
+    agent = TargetConnections(TargetDatapath(BPF_DIR, instance), linger=1.0)
+    session = Session("127.0.0.1")
+    agent.sessions = {session}
+    try:
+        egress = agent.datapath.egress
+        x = Xlate.of(Translation("10.1.0.1", "10.1.0.2", 80, 40000, 1, 2, 3, 4, 7, 7))
+        other = FlowKey.of(("127.0.0.1", 8080), ("127.0.0.1", 50001))
+        unknown = FlowKey.of(("127.0.0.1", 8080), ("127.0.0.1", 50002))
+        elsewhere = FlowKey.of(("127.0.0.1", 8080), ("10.9.9.9", 50003))  # another router's
+        for key in (live_key, other, elsewhere):
+            egress.update(key, FlowEntry(x=x, state=FLOW_ACTIVE, created_ns=1))
+        # HOLDING (complete): the router holds OTHER and UNKNOWN only.
+        asyncio.run(agent.holding(session, Holding((_wire(other), _wire(unknown)), complete=True, last=True)))
+        assert set(egress.keys()) == {other, elsewhere}
+        # The unlisted live connection was ended at the target: its peer sees a reset.
+        client.settimeout(2)
+        with pytest.raises(ConnectionResetError):
+            client.recv(1)
+        gone = {m.key for m in session.sent if m.flags & CLOSED_TARGET_GONE}
+        assert gone == {_wire(unknown), _wire(live_key)}
+        # RELEASE ends one; a RELEASE of nothing is answered GONE as well.
+        session.sent.clear()
+        asyncio.run(agent.release(session, Release(conn_id=5, key=_wire(other))))
+        asyncio.run(agent.release(session, Release(conn_id=6, key=_wire(unknown))))
+        assert set(egress.keys()) == {elsewhere}
+        assert [m.key for m in session.sent] == [_wire(other), _wire(unknown)]
+        assert agent.ended == {"unlisted": 1, "released": 1}
+    finally:
+        agent.datapath.close()
+
+
+class Nothing:
+    state = None
+
+
+def wait_until(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return bool(predicate())
+
+
+def test_maps_have_the_configured_capacity_and_never_evict(instance):
+    """A full map refuses a new connection (the handoff falls back) and keeps
+    every live entry; a pin of another capacity is refused with a clear error."""
+    dp = RouterDatapath(BPF_DIR, instance, capacity=8)
+    try:
+        for n in range(8):
+            dp.ingress.update(client_key(n), router_entry(n, last=1))
+        with pytest.raises(BpfError) as full:
+            dp.ingress.update(client_key(8), router_entry(8, last=1))
+        assert full.value.errno == errno.E2BIG
+        assert set(dp.ingress.keys()) == {client_key(n) for n in range(8)}
+    finally:
+        dp.close()
+    with pytest.raises(BpfError, match="holds at most 8 entries, the configuration asks for 16"):
+        RouterDatapath(BPF_DIR, instance, capacity=16)
+    again = RouterDatapath(BPF_DIR, instance, capacity=8)  # the same capacity: the pins are reused
+    try:
+        assert len(again.ingress.keys()) == 8
+    finally:
+        again.close()

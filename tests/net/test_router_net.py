@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from arr import netlink
-from arr.testbed import Cluster, ClusterSpec
+from arr.testbed import Cluster
 from arr.testbed.router import ROUTER_PORT, RouterProcess, default_config, router_interface_bytes
 
 pytestmark = pytest.mark.net

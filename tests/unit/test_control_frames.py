@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from handoff.control import (
-    MAX_FRAME, Ack, Closed, ControlConnection, ControlError, FlowKey, HandoffRequest, Hello, MessageType,
-    Nack, Ping, StopMirror, load_psk,
+    MAX_FRAME, MAX_HOLDING_KEYS, Ack, Closed, ControlConnection, ControlError, FlowKey, HandoffRequest,
+    Hello, Holding, MessageType, Nack, Ping, Release, StopMirror, load_psk,
 )
 from handoff.control.frames import encode_frame, encode_payload, session_key
 from handoff.translate import Translation
@@ -23,9 +23,14 @@ PSK = bytes(range(32))
 KEY = FlowKey(saddr="10.0.0.2", daddr="192.168.1.7", sport=40000, dport=80)
 XLATE = Translation(saddr="192.168.1.7", daddr="10.0.0.9", sport=80, dport=51234, seq_delta=0xFFFFFFFF,
                     ack_delta=12345, tsval_delta=1 << 20, tsecr_delta=0, wscale_in=7, wscale_out=14)
-HANDOFF = HandoffRequest(conn_id=(1 << 64) - 1, key=KEY, translation=XLATE, mirror_from=1000, mirror_until=5000)
+HANDOFF = HandoffRequest(conn_id=(1 << 64) - 1, key=KEY, translation=XLATE, mirror_from=1000, mirror_until=5000,
+                         syn_seq=0xFFFFFFFF)
+OTHER_KEY = FlowKey(saddr="10.0.0.3", daddr="192.168.1.7", sport=1, dport=65535)
 
-CLIENT_MESSAGES = [HANDOFF, StopMirror(conn_id=7, key=KEY), Ping(token=99, reply=False)]
+CLIENT_MESSAGES = [HANDOFF, StopMirror(conn_id=7, key=KEY), Ping(token=99, reply=False),
+                   Release(conn_id=3, key=KEY), Holding((), complete=True, last=True),
+                   Holding((KEY, OTHER_KEY), complete=False, last=True),
+                   Holding((KEY,) * MAX_HOLDING_KEYS, complete=True, last=False)]
 SERVER_MESSAGES = [Ack(conn_id=7), Nack(conn_id=8, reason="map full — ünïcode"), Nack(conn_id=9, reason=""),
                    Closed(conn_id=7, key=KEY, packets=3, bytes=(1 << 64) - 1, flags=0xFFFFFFFF),
                    Ping(token=(1 << 64) - 1, reply=True)]
@@ -445,3 +450,15 @@ def test_load_psk_warns_on_loose_permissions(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="arr.control"):
         load_psk(write_key(tmp_path, PSK.hex().encode(), 0o600))
     assert caplog.text == ""
+
+
+def test_holding_is_bounded_and_its_flags_checked():
+    client, server = pair()
+    with pytest.raises(ValueError, match="exceeds"):
+        client.send(Holding((KEY,) * (MAX_HOLDING_KEYS + 1)))
+    mtype, payload = encode_payload(Holding((KEY,), complete=True, last=True))
+    forged = encode_frame(mtype, 1, bytes([0x80]) + payload[1:], server._key)
+    assert reason_of(server, forged) == "malformed"
+    _, server = pair()
+    forged = encode_frame(mtype, 1, payload[:1] + struct.pack(">H", 2) + payload[3:], server._key)
+    assert reason_of(server, forged) == "malformed"  # claims 2 keys, carries 1

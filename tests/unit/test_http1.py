@@ -202,3 +202,21 @@ def test_request_is_frozen():
 
 def test_request_path_with_leading_double_slash():
     assert Request.build("GET", "//admin/x", []).path == "//admin/x"
+
+
+def test_handed_off_request_carries_expect_no_further():
+    """The router answered 100 itself (or had the whole body before deciding):
+    the target must not send a second 100 straight to the client."""
+    import h11
+
+    from handoff.engine import serialize_request
+
+    raw = [(b"host", b"x"), (b"expect", b"100-continue"), (b"content-length", b"3")]
+    head = h11.Request(method="POST", target="/up", headers=raw)
+    request = Request.build("POST", "/up", [("host", "x"), ("expect", "100-continue")],
+                            client=("10.0.0.7", 4000), body=b"abc")
+    wire = serialize_request(request, head)
+    head_text, _, body = wire.partition(b"\r\n\r\n")
+    assert body == b"abc"
+    assert b"expect" not in head_text.lower()
+    assert b"content-length: 3" in head_text and b"x-forwarded-for: 10.0.0.7" in head_text
