@@ -220,13 +220,13 @@ class Agent:
             # the old entry ENDED on the way out).
             self.datapath.egress.update(key, FlowEntry(x=Xlate.of(message.translation), state=FLOW_ACTIVE,
                                                        created_ns=time.monotonic_ns(),
-                                                       syn_seq=message.syn_seq))
+                                                       syn_seq=message.syn_seq, conn_id=message.conn_id))
         except OSError as exc:
             self.datapath.mirror.delete(key)
             reason = "map full" if exc.errno == errno.E2BIG else f"map update failed: {exc}"
             return Nack(conn_id=message.conn_id, reason=reason)
         assert self.connections is not None
-        self.connections.installed(key, message.conn_id)
+        self.connections.installed(key)
         self.installed += 1
         return Ack(conn_id=message.conn_id)
 

@@ -22,13 +22,14 @@ Silence ends nothing: a live socket keeps its entry however long it is idle.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import time
 from typing import TYPE_CHECKING, Any, Iterable
 
 from arr import netlink
-from arr.inet_diag import TcpState
+from arr.inet_diag import TcpSocket, TcpState
 from handoff.control import CLOSED_TARGET_GONE, Closed, Holding, Release
 from handoff.lifecycle import local_key, wire_key
 from handoff.maps import FLOW_ENDED, FlowEntry, FlowKey
@@ -41,6 +42,9 @@ log = logging.getLogger("arr.agent")
 
 OVER = frozenset({TcpState.TIME_WAIT, TcpState.CLOSE})
 """Socket states in which the target's side of a connection is over."""
+YIELD_EVERY = 32
+"""Entries ended between two returns to the event loop: a sweep that ends
+thousands at once must not hold up the HANDOFFs waiting for an answer."""
 
 
 class Verdict(enum.Enum):
@@ -66,16 +70,15 @@ class TargetConnections:
     def __init__(self, datapath: "TargetDatapath", linger: float) -> None:
         self.datapath = datapath
         self.linger_ns = int(linger * 1e9)
-        self.conn_ids: dict[FlowKey, int] = {}
         self.over_since: dict[FlowKey, int] = {}
         """Entries whose target side is over, since when (bounded by the map)."""
         self.sessions: set["ServerSession"] = set()
         self.ended: dict[str, int] = {}
         """Entries ended, by why (for the agent's metrics)."""
-        self._sync: dict["ServerSession", tuple[int, set[FlowKey]]] = {}
+        self._sync: dict["ServerSession", tuple[int, set[int]]] = {}
+        """Complete HOLDING lists being received: when they began, conn_ids so far."""
 
-    def installed(self, key: FlowKey, conn_id: int) -> None:
-        self.conn_ids[key] = conn_id
+    def installed(self, key: FlowKey) -> None:
         self.over_since.pop(key, None)
 
     # ---------------------------------------------------------- the sweep
@@ -84,44 +87,46 @@ class TargetConnections:
         entries = self.datapath.egress.items()
         if not entries:
             return 0
-        states = self._socket_states(key for key, _ in entries)
+        sockets = self._target_sockets(key for key, _ in entries)
         removed = 0
         for key, entry in entries:
-            state = states.get((key.src, key.dst))
-            decision = verdict(entry.state, state, self.over_since.get(key), now_ns, self.linger_ns)
+            sock = sockets.get((key.src, key.dst))
+            decision = verdict(entry.state, sock.state if sock else None, self.over_since.get(key), now_ns,
+                               self.linger_ns)
             if decision is Verdict.LIVE:
                 self.over_since.pop(key, None)
             elif decision is Verdict.LINGER:
                 self.over_since.setdefault(key, now_ns)
-            elif decision is Verdict.REPLACED:
-                await self._end(key, entry, "replaced", destroy=False)
-                removed += 1
             else:
-                # The dump is a moment old: ask once more for this socket alone.
-                now_state = netlink.tcp_socket(None, key.src, key.dst)
-                if now_state is not None and now_state.state not in OVER:
-                    self.over_since.pop(key, None)
-                    continue
-                await self._end(key, entry, "closed", destroy=now_state is not None)
+                # Over in two dumps a linger apart: nothing can revive the
+                # 4-tuple but a new connection, whose SYN-ACK would have made
+                # the entry ENDED (or a new HANDOFF, which resets the linger).
+                # The TIME_WAIT socket goes by its cookie: exactly that one.
+                await self._end(key, entry, "replaced" if decision is Verdict.REPLACED else "closed",
+                                destroy=decision is Verdict.END and sock is not None, cookie=sock.cookie
+                                if sock is not None else None)
                 removed += 1
+                if removed % YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
         return removed
 
-    def _socket_states(self, keys: Iterable[FlowKey]) -> dict[tuple[Any, Any], TcpState]:
-        """{(local, remote): state} of the target's sockets on the servers'
+    def _target_sockets(self, keys: Iterable[FlowKey]) -> dict[tuple[Any, Any], TcpSocket]:
+        """{(local, remote): socket} of the target's sockets on the servers'
         ports: one filtered dump per port (the entries' source ports)."""
         ports = {key.src[1] for key in keys}
-        states: dict[tuple[Any, Any], TcpState] = {}
+        found: dict[tuple[Any, Any], TcpSocket] = {}
         for port in ports:
             for sock in netlink.tcp_sockets(None, local_port=port):
-                states[(sock.local, sock.remote)] = sock.state
-        return states
+                found[(sock.local, sock.remote)] = sock
+        return found
 
     # ---------------------------------------------------------- the router's word
 
     async def release(self, session: "ServerSession", message: Release) -> None:
         key = local_key(message.key)
         entry = self.datapath.egress.lookup(key)
-        if entry is None:
+        if entry is None or entry.conn_id != message.conn_id:
+            # Ended already, or the 4-tuple is another connection's by now.
             await self._report(Closed(conn_id=message.conn_id, key=message.key, packets=0, bytes=0,
                                       flags=CLOSED_TARGET_GONE), session)
             return
@@ -134,37 +139,39 @@ class TargetConnections:
             del self._sync[stale]  # a session that broke mid-list
         if message.complete and session not in self._sync:
             self._sync[session] = (time.monotonic_ns(), set())
-        for wire in message.keys:
+        for conn_id, wire in message.connections:
             key = local_key(wire)
-            if self.datapath.egress.lookup(key) is None:
-                await self._report(Closed(conn_id=0, key=wire, packets=0, bytes=0,
+            entry = self.datapath.egress.lookup(key)
+            if entry is None or entry.conn_id != conn_id:
+                await self._report(Closed(conn_id=conn_id, key=wire, packets=0, bytes=0,
                                           flags=CLOSED_TARGET_GONE), session)
             elif message.complete:
-                self._sync[session][1].add(key)
+                self._sync[session][1].add(conn_id)
         if message.complete and message.last:
             started, listed = self._sync.pop(session)
             router = session.peer_host
             for key, entry in self.datapath.egress.items():
                 # Only this router's entries (keyed by its address), and only
                 # those older than the list (none newer can be missing from it).
-                if key.dst[0] == router and key not in listed and entry.created_ns < started:
+                if key.dst[0] == router and entry.conn_id not in listed and entry.created_ns < started:
                     await self._end(key, entry, "unlisted", destroy=True)
 
     # ---------------------------------------------------------- ending one
 
-    async def _end(self, key: FlowKey, entry: FlowEntry, why: str, *, destroy: bool) -> None:
+    async def _end(self, key: FlowKey, entry: FlowEntry, why: str, *, destroy: bool,
+                   cookie: int | None = None) -> None:
         # Entry first: the RST a destroyed socket sends then goes to the router
         # untranslated (where the watch entry drops it), never to a client.
         self.datapath.egress.delete(key)
         self.datapath.mirror.delete(key)
         if destroy:
             try:
-                netlink.destroy_tcp_socket(None, key.src, key.dst)
+                netlink.destroy_tcp_socket(None, key.src, key.dst, cookie=cookie)
             except OSError as exc:
                 log.warning("could not end the target's socket %s: %s", key, exc)
         self.over_since.pop(key, None)
         self.ended[why] = self.ended.get(why, 0) + 1
-        await self._report(Closed(conn_id=self.conn_ids.pop(key, 0), key=wire_key(key),
+        await self._report(Closed(conn_id=entry.conn_id, key=wire_key(key),
                                   packets=entry.packets, bytes=entry.bytes,
                                   flags=entry.flags | CLOSED_TARGET_GONE))
 

@@ -219,7 +219,7 @@ class RouterHandoff:
         except OSError:
             client.close()
             raise Fallback("client-gone") from None
-        attempt = Attempt(client_key=FlowKey.of(peer, local))
+        attempt = Attempt(client_key=FlowKey.of(peer, local), conn_id=next(self._ids))
         transport.pause_reading()
         try:
             await self._eligible(client, transport)
@@ -245,8 +245,7 @@ class RouterHandoff:
                 client=c_snap.tcp, forward=f_snap.tcp, request_len=len(request_bytes),
                 client_syn_tsval=(syn_info.tsval or 0) if syn_info else 0,
                 target_tsval=watch.target_tsval if watch else 0))
-            conn_id = next(self._ids)
-            attempt.conn_id = conn_id
+            conn_id = attempt.conn_id
             await self._install_at_agent(attempt, agent, HandoffRequest(
                 conn_id=conn_id, key=wire_key(attempt.watch_key), translation=to_client,
                 mirror_from=f_snap.tcp.snd_nxt, mirror_until=wrap(f_snap.tcp.snd_nxt + len(request_bytes)),
@@ -267,10 +266,10 @@ class RouterHandoff:
         # the target; the router's socket goes away without a FIN or RST.
         self.datapath.watch.update(attempt.watch_key, WatchEntry(
             state=WATCH_HANDED_OFF, rcv_nxt=f_snap.tcp.rcv_nxt,
-            target_tsval=watch.target_tsval if watch else 0))
+            target_tsval=watch.target_tsval if watch else 0, conn_id=conn_id))
         self.datapath.ingress.update(attempt.client_key, FlowEntry(
             x=Xlate.of(to_target), state=FLOW_ACTIVE, created_ns=time.monotonic_ns(),
-            syn_seq=syn_info.seq if syn_info else 0, seq_next=c_snap.tcp.rcv_nxt or 1))
+            syn_seq=syn_info.seq if syn_info else 0, seq_next=c_snap.tcp.rcv_nxt or 1, conn_id=conn_id))
         tcpstate.enter_repair(client)
         transport.abort()
         client.close()
@@ -321,7 +320,7 @@ class RouterHandoff:
         try:
             self.datapath.watch.update(watch_key, WatchEntry(
                 state=WATCH_CONNECTING, client_mss=(syn.mss or 0) if syn else 0,
-                client_sack=int(info.sack), client_ts=int(info.timestamps)))
+                client_sack=int(info.sack), client_ts=int(info.timestamps), conn_id=attempt.conn_id))
         except BpfError as exc:
             raise Fallback("map-full" if exc.errno == errno.E2BIG else "map-error") from None
         attempt.watch_key = watch_key
@@ -430,7 +429,7 @@ class RouterHandoff:
                 # side of this connection never speaks to the client.
                 if attempt.watch_key is not None:  # before the close: see _release_forward
                     self.datapath.watch.update(attempt.watch_key, WatchEntry(
-                        state=WATCH_CLOSED, closed_ns=time.monotonic_ns()))
+                        state=WATCH_CLOSED, closed_ns=time.monotonic_ns(), conn_id=attempt.conn_id))
                     if agent is not None:
                         # An agent that answers late (paused, overloaded) would
                         # install the entry after the router gave up: the

@@ -45,6 +45,11 @@ log = logging.getLogger("arr.handoff")
 
 HOLD_STALE_S = 10.0
 """A HOLD entry older than this belongs to a router that died mid-handoff."""
+WATCH_SWEEP_EVERY = 10
+"""Sweeps between two walks of the watch map: its entries go on the agents'
+GONE as it arrives; the walk only finds quarantines over and entries a dead
+router process left (a full walk each second would cost the router CPU in
+proportion to the connections it holds)."""
 PORT_QUARANTINE_NS = 65 * 10**9
 """Without the agent's word, a released forwarding port is not reused towards
 the same target for this long: the target may still hold the 4-tuple
@@ -74,9 +79,10 @@ def local_key(key: WireKey) -> FlowKey:
     return FlowKey.of((key.saddr, key.sport), (key.daddr, key.dport))
 
 
-def holding_messages(keys: list[WireKey], complete: bool) -> list[Holding]:
-    """KEYS in HOLDING frames of at most MAX_HOLDING_KEYS, ``last`` on the final one."""
-    chunks = [keys[i:i + MAX_HOLDING_KEYS] for i in range(0, len(keys), MAX_HOLDING_KEYS)] or [[]]
+def holding_messages(connections: list[tuple[int, WireKey]], complete: bool) -> list[Holding]:
+    """CONNECTIONS in HOLDING frames of at most MAX_HOLDING_KEYS, ``last`` on the final one."""
+    chunks = [connections[i:i + MAX_HOLDING_KEYS]
+              for i in range(0, len(connections), MAX_HOLDING_KEYS)] or [[]]
     return [Holding(tuple(chunk), complete=complete, last=i == len(chunks) - 1)
             for i, chunk in enumerate(chunks)]
 
@@ -86,15 +92,20 @@ class RouterConnections:
         self.datapath = datapath
         self.settings = settings
         self.metrics = metrics
-        self.gone: dict[FlowKey, int] = {}
-        """Forwarding keys whose target side the agents reported gone, until swept."""
+        self.gone: dict[int, int] = {}
+        """Connections (conn_id) whose target side the agents reported gone, and
+        when, until swept."""
         self.in_flight: set[FlowKey] = set()
         """Watch keys of handoffs under way in this process (the engine's)."""
-        self._checked: dict[FlowKey, int] = {}
+        self.released: dict[int, FlowKey] = {}
+        """Connections whose ingress entry is gone while the target's side may
+        live on, and their forwarding key: the port is freed on the agent's GONE."""
+        self._checked: dict[int, int] = {}
         """Silent connections put to their agent, and when (bounded by the map)."""
         self._agent_of: dict[Address, ControlClient] = {}
         self._targets_of: dict[Address, set[Address]] = {}
         self._outbox: list[tuple[ControlClient, Message]] = []
+        self._sweeps = 0
         self._task: asyncio.Task[None] | None = None
 
     def route(self, target: Address, agent_address: Address, agent: ControlClient) -> None:
@@ -115,14 +126,25 @@ class RouterConnections:
     def holding_sync(self, agent_address: Address) -> list[Message]:
         """The complete list of connections this router holds for that agent."""
         targets = self._targets_of.get(agent_address, set())
-        keys = [wire_key(forward_key_of(entry)) for _, entry in self.datapath.ingress.items()
+        held = [(entry.conn_id, wire_key(forward_key_of(entry))) for _, entry in self.datapath.ingress.items()
                 if entry.state == FLOW_ACTIVE and target_of(entry) in targets]
-        return list(holding_messages(keys, complete=True))
+        return list(holding_messages(held, complete=True))
 
     def on_agent_message(self, message: Any) -> None:
         """CLOSED from an agent: with GONE, the connection is over at the target."""
         if isinstance(message, Closed) and message.flags & CLOSED_TARGET_GONE:
-            self.gone[local_key(message.key)] = time.monotonic_ns()
+            key = self.released.pop(message.conn_id, None)
+            if key is not None:
+                # No ingress entry translates onto the 4-tuple any more and the
+                # target holds nothing on it: the port is free. (Otherwise the
+                # sweep deletes the ingress entry first, then the watch entry:
+                # a port reused while an old entry still pointed at it would
+                # carry the old client's late packets into the new connection.)
+                watch = self.datapath.watch.lookup(key)
+                if watch is not None and watch.conn_id == message.conn_id:
+                    self.datapath.watch.delete(key)
+            else:
+                self.gone[message.conn_id] = time.monotonic_ns()
 
     def end_replaced(self, client_key: FlowKey, entry: FlowEntry) -> None:
         """A new connection on CLIENT_KEY is being handed off over an old entry."""
@@ -158,7 +180,8 @@ class RouterConnections:
         idle_ns = int(self.settings.idle_timeout * 1e9)
         removed = live = 0
         seen: set[FlowKey] = set()
-        silent: dict[ControlClient, list[WireKey]] = {}
+        live_ids: set[int] = set()
+        silent: dict[ControlClient, list[tuple[int, WireKey]]] = {}
         for client_key, entry in self.datapath.ingress.items():
             last = entry.last_seen_ns or entry.created_ns
             idle = now_ns - last if last else 0
@@ -173,24 +196,29 @@ class RouterConnections:
                 continue
             forward = forward_key_of(entry)
             seen.add(forward)
+            live_ids.add(entry.conn_id)
             agent = self._agent_of.get(target_of(entry))
-            if forward in self.gone:
-                self._forget(client_key, forward, "reset" if entry.flags & FLOW_F_RST else "closed")
+            if entry.conn_id in self.gone:
+                self._forget(client_key, entry, "reset" if entry.flags & FLOW_F_RST else "closed")
                 removed += 1
             elif entry.flags & FLOW_F_RST and idle > linger_ns and (agent is None or not agent.connected):
-                self._forget(client_key, forward, "reset")
+                self._forget(client_key, entry, "reset")
                 removed += 1
             else:
                 live += 1
-                if idle > idle_ns and agent is not None and now_ns - self._checked.get(forward, 0) > idle_ns:
-                    self._checked[forward] = now_ns
-                    silent.setdefault(agent, []).append(wire_key(forward))
-        for agent, keys in silent.items():
-            self._outbox += [(agent, m) for m in holding_messages(keys, complete=False)]
-        self._sweep_watch(now_ns, seen)
-        # Reports about connections this router no longer has must not accumulate.
-        self.gone = {k: t for k, t in self.gone.items() if k in seen and now_ns - t < linger_ns + idle_ns}
-        self._checked = {k: t for k, t in self._checked.items() if k in seen}
+                if idle > idle_ns and agent is not None and now_ns - self._checked.get(entry.conn_id, 0) > idle_ns:
+                    self._checked[entry.conn_id] = now_ns
+                    silent.setdefault(agent, []).append((entry.conn_id, wire_key(forward)))
+        for agent, connections in silent.items():
+            self._outbox += [(agent, m) for m in holding_messages(connections, complete=False)]
+        if self._sweeps % WATCH_SWEEP_EVERY == 0:
+            self._sweep_watch(now_ns, seen)
+        self._sweeps += 1
+        # Reports about connections this router holds nothing of must not pile up.
+        self.gone = {c: t for c, t in self.gone.items() if c in live_ids and now_ns - t < linger_ns + idle_ns}
+        if len(self.released) > self.datapath.capacity:  # reports lost: the watch walk frees them
+            self.released.clear()
+        self._checked = {c: t for c, t in self._checked.items() if c in live_ids}
         self.metrics.handed_off.set(live)
         return removed
 
@@ -200,9 +228,12 @@ class RouterConnections:
         a dead router process never finished are closed first."""
         for key, watch in self.datapath.watch.items():
             if watch.state == WATCH_CLOSED:
-                if key in self.gone or (watch.closed_ns and now_ns - watch.closed_ns > PORT_QUARANTINE_NS):
+                if key in live:
+                    continue  # its ingress entry goes first (the ingress sweep)
+                if watch.conn_id in self.gone or (watch.closed_ns and now_ns - watch.closed_ns > PORT_QUARANTINE_NS):
                     self.datapath.watch.delete(key)
-                    self.gone.pop(key, None)
+                    self.gone.pop(watch.conn_id, None)
+                    self.released.pop(watch.conn_id, None)
             elif key not in live and key not in self.in_flight:
                 watch.state = WATCH_CLOSED
                 watch.closed_ns = now_ns
@@ -212,25 +243,28 @@ class RouterConnections:
 
     def _release(self, client_key: FlowKey, entry: FlowEntry, why: str) -> None:
         """The router no longer routes this connection: the agent ends it."""
-        forward = forward_key_of(entry)
         agent = self._agent_of.get(target_of(entry))
         if agent is not None:
-            self._outbox.append((agent, Release(conn_id=0, key=wire_key(forward))))
-        self._forget(client_key, forward, why, keep_watch=True)
+            self._outbox.append((agent, Release(conn_id=entry.conn_id, key=wire_key(forward_key_of(entry)))))
+        self._forget(client_key, entry, why)
 
-    def _forget(self, client_key: FlowKey, forward: FlowKey, why: str, keep_watch: bool = False) -> None:
+    def _forget(self, client_key: FlowKey, entry: FlowEntry, why: str) -> None:
+        """Delete the ingress entry; then (never before) free its port if the
+        target's side is gone, or keep the port taken until it is."""
+        forward = forward_key_of(entry)
         self.datapath.ingress.delete(client_key)
-        if forward in self.gone and not keep_watch:
-            # The target holds nothing on the 4-tuple any more: the port is free.
-            self.datapath.watch.delete(forward)
-            self.gone.pop(forward, None)
-        else:
-            # CLOSED drops the target's late packets and keeps the port taken
-            # until the agent's GONE (or the quarantine).
-            watch = self.datapath.watch.lookup(forward)
-            if watch is not None and watch.state != WATCH_CLOSED:
-                watch.state = WATCH_CLOSED
-                watch.closed_ns = time.monotonic_ns()
-                self.datapath.watch.update(forward, watch)
-        self._checked.pop(forward, None)
+        watch = self.datapath.watch.lookup(forward)
+        if watch is not None and watch.conn_id == entry.conn_id:
+            if entry.conn_id in self.gone:
+                self.datapath.watch.delete(forward)
+            else:
+                # CLOSED drops the target's late packets and keeps the port
+                # taken until the agent's GONE (or the quarantine).
+                if watch.state != WATCH_CLOSED:
+                    watch.state = WATCH_CLOSED
+                    watch.closed_ns = time.monotonic_ns()
+                    self.datapath.watch.update(forward, watch)
+                self.released[entry.conn_id] = forward
+        self.gone.pop(entry.conn_id, None)
+        self._checked.pop(entry.conn_id, None)
         self.metrics.handoff_closed.labels(why).inc()

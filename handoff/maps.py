@@ -91,7 +91,7 @@ class FlowEntry(ctypes.Structure):
                 ("syn_seq", ctypes.c_uint32), ("seq_next", ctypes.c_uint32),
                 ("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64),
                 ("last_seen_ns", ctypes.c_uint64), ("created_ns", ctypes.c_uint64),
-                ("errors", ctypes.c_uint64)]
+                ("errors", ctypes.c_uint64), ("conn_id", ctypes.c_uint64)]
 
 
 class MirrorState(ctypes.Structure):
@@ -105,7 +105,7 @@ class WatchEntry(ctypes.Structure):
                 ("synack_mss", ctypes.c_uint16), ("synack_wscale", ctypes.c_uint8),
                 ("synack_opts", ctypes.c_uint8), ("pad", ctypes.c_uint32),
                 ("mirrored", ctypes.c_uint64), ("syn_rewrites", ctypes.c_uint64),
-                ("closed_ns", ctypes.c_uint64)]
+                ("closed_ns", ctypes.c_uint64), ("conn_id", ctypes.c_uint64)]
 
 
 class StatIndex(ctypes.Structure):

@@ -85,6 +85,9 @@ struct flow_entry {
 	__u64 last_seen_ns; /* bpf_ktime_get_ns() of the last packet (0: none yet) */
 	__u64 created_ns;   /* set by userspace, same clock */
 	__u64 errors;       /* packets that could not be rewritten or delivered */
+	__u64 conn_id;      /* userspace: the handoff's id, the same on both sides. The
+			     * control messages name a connection by it, never by its
+			     * 4-tuple, which a later connection may reuse */
 };
 
 /* Target: while the router waits for its request to be acknowledged (same key
@@ -117,6 +120,7 @@ struct watch_entry {
 	__u64 mirrored;     /* mirrored copies received */
 	__u64 syn_rewrites; /* router SYNs normalised */
 	__u64 closed_ns;    /* userspace: when the router let go (its port's quarantine) */
+	__u64 conn_id;      /* userspace: the handoff using the port (flow_entry.conn_id) */
 };
 
 #define WATCH_OPT_SACK 1

@@ -35,7 +35,9 @@ the target's kernel holds no live socket for the connection any more and the
 agent's entry is gone, so the router may forget it and reuse its forwarding
 port. RELEASE asks the agent to end a connection the router no longer routes
 (a new connection took the client's 4-tuple, or a HANDOFF timed out). HOLDING
-lists connections the router holds: ``complete`` (sent on every new control
+lists connections the router holds. All of them name a connection by its
+``conn_id`` (the HANDOFF's) as well as its key: a late message about an old
+connection must never touch a new one on the same 4-tuple. HOLDING: ``complete`` (sent on every new control
 connection, in chunks, ``last`` on the final one) means "these and no others",
 so the agent ends the rest; otherwise it is a question about silent ones. The
 agent answers CLOSED(GONE) for every listed connection it does not hold.
@@ -100,8 +102,8 @@ CLOSED_TARGET_GONE = 0x100
 side is over and the agent's entry deleted."""
 HOLDING_COMPLETE = 1
 HOLDING_LAST = 2
-MAX_HOLDING_KEYS = 4096
-"""Keys per HOLDING frame (12 bytes each: well under MAX_FRAME)."""
+MAX_HOLDING_KEYS = 3000
+"""Connections per HOLDING frame (20 bytes each: well under MAX_FRAME)."""
 
 
 # ------------------------------------------------------------------ messages
@@ -144,7 +146,8 @@ class Release:
 
 @dataclass(frozen=True)
 class Holding:
-    keys: tuple[FlowKey, ...]
+    connections: tuple[tuple[int, FlowKey], ...]
+    """(conn_id, forwarding key) of each connection listed."""
     complete: bool = False
     last: bool = True
 
@@ -292,11 +295,12 @@ def encode_payload(message: Message) -> tuple[MessageType, bytes]:
     if isinstance(message, Release):
         return MessageType.RELEASE, _pack(_U64, message.conn_id) + _encode_key(message.key)
     if isinstance(message, Holding):
-        if len(message.keys) > MAX_HOLDING_KEYS:
-            raise ValueError(f"HOLDING of {len(message.keys)} keys exceeds {MAX_HOLDING_KEYS}")
+        if len(message.connections) > MAX_HOLDING_KEYS:
+            raise ValueError(f"HOLDING of {len(message.connections)} connections exceeds {MAX_HOLDING_KEYS}")
         flags = (HOLDING_COMPLETE if message.complete else 0) | (HOLDING_LAST if message.last else 0)
-        return MessageType.HOLDING, (_pack(_HOLDING_HEAD, flags, len(message.keys))
-                                     + b"".join(_encode_key(k) for k in message.keys))
+        return MessageType.HOLDING, (_pack(_HOLDING_HEAD, flags, len(message.connections))
+                                     + b"".join(_pack(_U64, conn_id) + _encode_key(key)
+                                                for conn_id, key in message.connections))
     raise TypeError(f"not a control message: {message!r}")
 
 
@@ -354,11 +358,13 @@ def decode_payload(mtype: MessageType, data: bytes) -> Message:
         if flags & ~(HOLDING_COMPLETE | HOLDING_LAST):
             raise _Malformed(f"HOLDING flags {flags:#x}")
         if n > MAX_HOLDING_KEYS:
-            raise _Malformed(f"HOLDING of {n} keys exceeds {MAX_HOLDING_KEYS}")
+            raise _Malformed(f"HOLDING of {n} connections exceeds {MAX_HOLDING_KEYS}")
+        item = _U64.size + _KEY.size
         offset = _HOLDING_HEAD.size
-        keys = tuple(_decode_key(data, offset + i * _KEY.size) for i in range(n))
-        _done(data, offset + n * _KEY.size)
-        return Holding(keys, bool(flags & HOLDING_COMPLETE), bool(flags & HOLDING_LAST))
+        connections = tuple((_unpack(_U64, data, offset + i * item)[0], _decode_key(data, offset + i * item + 8))
+                            for i in range(n))
+        _done(data, offset + n * item)
+        return Holding(connections, bool(flags & HOLDING_COMPLETE), bool(flags & HOLDING_LAST))
     if mtype is MessageType.PING:
         token, reply = _unpack(_PING, data, 0)
         _done(data, _PING.size)

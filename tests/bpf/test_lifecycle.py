@@ -20,7 +20,7 @@ from handoff.control import CLOSED_TARGET_GONE, Closed, Holding, Release
 from handoff.datapath import RouterDatapath, TargetDatapath, ensure_bpffs
 from handoff.engine import HandoffSettings
 from handoff.libbpf import BpfError
-from handoff.lifecycle import PORT_QUARANTINE_NS, RouterConnections, wire_key
+from handoff.lifecycle import PORT_QUARANTINE_NS, WATCH_SWEEP_EVERY, RouterConnections, wire_key
 from handoff.maps import (FLOW_ACTIVE, FLOW_ENDED, FLOW_F_FIN, FLOW_F_NEW_SYN, FLOW_F_RST, FLOW_HOLD,
                           WATCH_CLOSED, FlowEntry, FlowKey, MirrorState, WatchEntry, Xlate)
 from handoff.translate import Translation
@@ -52,7 +52,8 @@ def to_target(n: int) -> Translation:
 
 
 def router_entry(n: int, *, flags: int = 0, last: int, state: int = FLOW_ACTIVE) -> FlowEntry:
-    return FlowEntry(x=Xlate.of(to_target(n)), state=state, flags=flags, last_seen_ns=last, created_ns=last)
+    return FlowEntry(x=Xlate.of(to_target(n)), state=state, flags=flags, last_seen_ns=last, created_ns=last,
+                     conn_id=1000 + n)
 
 
 def forward_key(n: int) -> FlowKey:
@@ -77,11 +78,15 @@ def test_router_forgets_connections_when_they_are_over(instance):
         }
         for n, spec in cases.items():
             dp.ingress.update(client_key(n), router_entry(n, **spec))
-            dp.watch.update(forward_key(n), WatchEntry(state=WATCH_CLOSED, closed_ns=now - 2 * S))
-        gc.on_agent_message(Closed(conn_id=0, key=_wire(forward_key(4)), packets=1, bytes=1,
+            dp.watch.update(forward_key(n), WatchEntry(state=WATCH_CLOSED, closed_ns=now - 2 * S,
+                                                       conn_id=1000 + n))
+        gc.on_agent_message(Closed(conn_id=1004, key=_wire(forward_key(4)), packets=1, bytes=1,
                                    flags=FLOW_F_FIN | CLOSED_TARGET_GONE))
-        # A CLOSED without GONE (the target sent its FIN) ends nothing.
-        gc.on_agent_message(Closed(conn_id=0, key=_wire(forward_key(3)), packets=1, bytes=1, flags=FLOW_F_FIN))
+        # A CLOSED without GONE (the target sent its FIN) ends nothing; nor does
+        # a GONE about another (older) connection on the same 4-tuple.
+        gc.on_agent_message(Closed(conn_id=1003, key=_wire(forward_key(3)), packets=1, bytes=1, flags=FLOW_F_FIN))
+        gc.on_agent_message(Closed(conn_id=77, key=_wire(forward_key(0)), packets=1, bytes=1,
+                                   flags=CLOSED_TARGET_GONE))
         assert gc.sweep(now) == 4
         assert set(dp.ingress.keys()) == {client_key(n) for n in (0, 2, 3, 5, 7)}
         # Watch entries go with the target's side (4); the others keep their
@@ -89,9 +94,13 @@ def test_router_forgets_connections_when_they_are_over(instance):
         assert set(dp.watch.keys()) == {forward_key(n) for n in range(9) if n != 4}
         # The ENDED connection's target side is released at its agent (none here).
         assert gc.metrics.value("arr_handoff_closed_total", {"why": "new-syn"}) == 1
-        # Without the agent's word, a released port is free once the quarantine passed.
-        gc.sweep(now + PORT_QUARANTINE_NS + S)
-        assert dp.watch.keys() == []
+        # Without the agent's word, a released port is free once the quarantine
+        # passed (the watch map is walked every WATCH_SWEEP_EVERY sweeps); the
+        # ports of connections still live stay taken (2, reset, is over by now).
+        for i in range(WATCH_SWEEP_EVERY):
+            gc.sweep(now + PORT_QUARANTINE_NS + i * S)
+        assert set(dp.watch.keys()) == {forward_key(n) for n in (0, 3, 5)}
+        assert set(dp.ingress.keys()) == {client_key(n) for n in (0, 3, 5)}
     finally:
         dp.close()
 
@@ -107,14 +116,14 @@ def test_router_puts_silent_connections_to_their_agent(instance):
         dp.ingress.update(client_key(1), router_entry(1, last=now - 1 * S))
         gc.sweep(now)
         asyncio.run(gc.flush())
-        assert agent.sent == [Holding((_wire(forward_key(0)),), complete=False, last=True)]
+        assert agent.sent == [Holding(((1000, _wire(forward_key(0))),), complete=False, last=True)]
         gc.sweep(now + S)  # asked already: not again before another idle_timeout
         asyncio.run(gc.flush())
         assert len(agent.sent) == 1
         # On a new control connection, the complete list comes first.
         (sync,) = gc.holding_sync(("10.1.0.11", 7070))
-        assert (set(sync.keys), sync.complete, sync.last) == (
-            {_wire(forward_key(0)), _wire(forward_key(1))}, True, True)
+        assert (set(sync.connections), sync.complete, sync.last) == (
+            {(1000, _wire(forward_key(0))), (1001, _wire(forward_key(1)))}, True, True)
         assert gc.holding_sync(("10.1.0.99", 7070)) == [Holding((), complete=True, last=True)]
     finally:
         dp.close()
@@ -165,7 +174,7 @@ def test_agent_ends_entries_with_the_targets_socket(instance, loopback_pair):
         x = Xlate.of(Translation("10.1.0.1", "10.1.0.2", 80, 40000, 1, 2, 3, 4, 7, 7))
         gone_key = FlowKey.of(("127.0.0.1", live_key.src[1]), ("127.0.0.1", 1))  # no such socket
         egress.update(live_key, FlowEntry(x=x, state=FLOW_ACTIVE, last_seen_ns=1))  # silent for ages
-        egress.update(gone_key, FlowEntry(x=x, state=FLOW_ACTIVE, flags=FLOW_F_RST))
+        egress.update(gone_key, FlowEntry(x=x, state=FLOW_ACTIVE, flags=FLOW_F_RST, conn_id=7))
         mirror.update(gone_key, MirrorState(1, 1))
         now = 1000 * S
         assert asyncio.run(agent.sweep(now)) == 0          # gone: the linger starts
@@ -174,7 +183,8 @@ def test_agent_ends_entries_with_the_targets_socket(instance, loopback_pair):
         assert asyncio.run(agent.sweep(now + 2 * S)) == 1
         assert egress.keys() == [live_key] and mirror.keys() == []
         (closed,) = session.sent
-        assert closed.key == _wire(gone_key) and closed.flags == FLOW_F_RST | CLOSED_TARGET_GONE
+        assert (closed.key, closed.conn_id) == (_wire(gone_key), 7)
+        assert closed.flags == FLOW_F_RST | CLOSED_TARGET_GONE
         # The live socket keeps its entry however long it is silent; once the
         # target closes first and the client answers, TIME_WAIT is over too:
         # the entry goes after the linger and the TIME_WAIT socket with it.
@@ -203,23 +213,29 @@ def test_agent_follows_the_routers_release_and_holding(instance, loopback_pair):
         other = FlowKey.of(("127.0.0.1", 8080), ("127.0.0.1", 50001))
         unknown = FlowKey.of(("127.0.0.1", 8080), ("127.0.0.1", 50002))
         elsewhere = FlowKey.of(("127.0.0.1", 8080), ("10.9.9.9", 50003))  # another router's
-        for key in (live_key, other, elsewhere):
-            egress.update(key, FlowEntry(x=x, state=FLOW_ACTIVE, created_ns=1))
-        # HOLDING (complete): the router holds OTHER and UNKNOWN only.
-        asyncio.run(agent.holding(session, Holding((_wire(other), _wire(unknown)), complete=True, last=True)))
+        for n, key in enumerate((live_key, other, elsewhere)):
+            egress.update(key, FlowEntry(x=x, state=FLOW_ACTIVE, created_ns=1, conn_id=10 + n))
+        # HOLDING (complete): the router holds OTHER and UNKNOWN only (and an
+        # older connection on LIVE_KEY's 4-tuple, which is not the one here).
+        asyncio.run(agent.holding(session, Holding(((11, _wire(other)), (99, _wire(unknown)), (5, _wire(live_key))),
+                                                   complete=True, last=True)))
         assert set(egress.keys()) == {other, elsewhere}
         # The unlisted live connection was ended at the target: its peer sees a reset.
         client.settimeout(2)
         with pytest.raises(ConnectionResetError):
             client.recv(1)
-        gone = {m.key for m in session.sent if m.flags & CLOSED_TARGET_GONE}
-        assert gone == {_wire(unknown), _wire(live_key)}
-        # RELEASE ends one; a RELEASE of nothing is answered GONE as well.
+        gone = {(m.conn_id, m.key) for m in session.sent if m.flags & CLOSED_TARGET_GONE}
+        assert gone == {(99, _wire(unknown)), (5, _wire(live_key)), (10, _wire(live_key))}
+        # A RELEASE of an older connection on a 4-tuple touches the newer one
+        # there not at all (it is answered: that one is gone); the right one ends.
         session.sent.clear()
-        asyncio.run(agent.release(session, Release(conn_id=5, key=_wire(other))))
+        asyncio.run(agent.release(session, Release(conn_id=4, key=_wire(other))))
+        assert set(egress.keys()) == {other, elsewhere}
+        asyncio.run(agent.release(session, Release(conn_id=11, key=_wire(other))))
         asyncio.run(agent.release(session, Release(conn_id=6, key=_wire(unknown))))
         assert set(egress.keys()) == {elsewhere}
-        assert [m.key for m in session.sent] == [_wire(other), _wire(unknown)]
+        assert [(m.conn_id, m.key) for m in session.sent] == [(4, _wire(other)), (11, _wire(other)),
+                                                              (6, _wire(unknown))]
         assert agent.ended == {"unlisted": 1, "released": 1}
     finally:
         agent.datapath.close()
@@ -258,3 +274,30 @@ def test_maps_have_the_configured_capacity_and_never_evict(instance):
         assert len(again.ingress.keys()) == 8
     finally:
         again.close()
+
+
+def test_a_late_gone_or_release_never_touches_the_next_connection_on_a_port(instance):
+    """The crossing that once hung a fast reconnecting client: a new SYN ends
+    connection A (RELEASE queued), the agent reports A gone meanwhile, the
+    port goes to connection B; A's late GONE must not end B at the router."""
+    dp = RouterDatapath(BPF_DIR, instance)
+    try:
+        gc = RouterConnections(dp, HandoffSettings(secret=b"k" * 32, linger=1.0), Metrics())
+        now = 1000 * S
+        a = router_entry(0, last=now, state=FLOW_ENDED)
+        dp.ingress.update(client_key(0), a)
+        dp.watch.update(forward_key(0), WatchEntry(state=WATCH_CLOSED, closed_ns=now, conn_id=a.conn_id))
+        gc.sweep(now)                              # A released, its port still taken
+        assert dp.ingress.keys() == [] and dp.watch.keys() == [forward_key(0)]
+        gone_a = Closed(conn_id=a.conn_id, key=_wire(forward_key(0)), packets=1, bytes=1, flags=CLOSED_TARGET_GONE)
+        gc.on_agent_message(gone_a)               # the port is free again
+        assert dp.watch.keys() == []
+        b = router_entry(0, last=now)              # B on the same 4-tuples
+        b.conn_id = 2000
+        dp.ingress.update(client_key(1), b)
+        dp.watch.update(forward_key(0), WatchEntry(state=WATCH_CLOSED, closed_ns=now, conn_id=2000))
+        gc.on_agent_message(gone_a)               # A's report again (the RELEASE's answer)
+        gc.sweep(now + S)
+        assert dp.ingress.keys() == [client_key(1)] and dp.watch.keys() == [forward_key(0)]
+    finally:
+        dp.close()

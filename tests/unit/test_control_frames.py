@@ -29,8 +29,8 @@ OTHER_KEY = FlowKey(saddr="10.0.0.3", daddr="192.168.1.7", sport=1, dport=65535)
 
 CLIENT_MESSAGES = [HANDOFF, StopMirror(conn_id=7, key=KEY), Ping(token=99, reply=False),
                    Release(conn_id=3, key=KEY), Holding((), complete=True, last=True),
-                   Holding((KEY, OTHER_KEY), complete=False, last=True),
-                   Holding((KEY,) * MAX_HOLDING_KEYS, complete=True, last=False)]
+                   Holding(((1, KEY), ((1 << 64) - 1, OTHER_KEY)), complete=False, last=True),
+                   Holding(((7, KEY),) * MAX_HOLDING_KEYS, complete=True, last=False)]
 SERVER_MESSAGES = [Ack(conn_id=7), Nack(conn_id=8, reason="map full — ünïcode"), Nack(conn_id=9, reason=""),
                    Closed(conn_id=7, key=KEY, packets=3, bytes=(1 << 64) - 1, flags=0xFFFFFFFF),
                    Ping(token=(1 << 64) - 1, reply=True)]
@@ -455,8 +455,8 @@ def test_load_psk_warns_on_loose_permissions(tmp_path, caplog):
 def test_holding_is_bounded_and_its_flags_checked():
     client, server = pair()
     with pytest.raises(ValueError, match="exceeds"):
-        client.send(Holding((KEY,) * (MAX_HOLDING_KEYS + 1)))
-    mtype, payload = encode_payload(Holding((KEY,), complete=True, last=True))
+        client.send(Holding(((1, KEY),) * (MAX_HOLDING_KEYS + 1)))
+    mtype, payload = encode_payload(Holding(((1, KEY),), complete=True, last=True))
     forged = encode_frame(mtype, 1, bytes([0x80]) + payload[1:], server._key)
     assert reason_of(server, forged) == "malformed"
     _, server = pair()
