@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 from arr import netlink
 from arr.inet_diag import TcpSocket, TcpState
 from handoff.control import CLOSED_TARGET_GONE, Closed, Holding, Release
+from handoff.control import FlowKey as WireKey
 from handoff.lifecycle import local_key, wire_key
 from handoff.maps import FLOW_ENDED, FlowEntry, FlowKey
 
@@ -66,6 +67,11 @@ def verdict(entry_state: int, socket_state: TcpState | None, over_since_ns: int 
     return Verdict.END
 
 
+def not_held(conn_id: int, key: WireKey) -> Closed:
+    """The answer about a connection this agent holds no entry for."""
+    return Closed(conn_id=conn_id, key=key, packets=0, bytes=0, flags=CLOSED_TARGET_GONE)
+
+
 class TargetConnections:
     def __init__(self, datapath: "TargetDatapath", linger: float) -> None:
         self.datapath = datapath
@@ -98,13 +104,15 @@ class TargetConnections:
             elif decision is Verdict.LINGER:
                 self.over_since.setdefault(key, now_ns)
             else:
-                # Over in two dumps a linger apart: nothing can revive the
-                # 4-tuple but a new connection, whose SYN-ACK would have made
-                # the entry ENDED (or a new HANDOFF, which resets the linger).
-                # The TIME_WAIT socket goes by its cookie: exactly that one.
-                await self._end(key, entry, "replaced" if decision is Verdict.REPLACED else "closed",
-                                destroy=decision is Verdict.END and sock is not None, cookie=sock.cookie
-                                if sock is not None else None)
+                if decision is Verdict.REPLACED:
+                    await self._end(key, entry, "replaced", destroy=False)
+                else:
+                    # Over in two dumps a linger apart: nothing can revive the
+                    # 4-tuple but a new connection, whose SYN-ACK would have
+                    # made the entry ENDED (or a new HANDOFF, which resets the
+                    # linger). A TIME_WAIT socket goes by its cookie: that one.
+                    await self._end(key, entry, "closed", destroy=sock is not None,
+                                    cookie=sock.cookie if sock is not None else None)
                 removed += 1
                 if removed % YIELD_EVERY == 0:
                     await asyncio.sleep(0)
@@ -127,8 +135,7 @@ class TargetConnections:
         entry = self.datapath.egress.lookup(key)
         if entry is None or entry.conn_id != message.conn_id:
             # Ended already, or the 4-tuple is another connection's by now.
-            await self._report(Closed(conn_id=message.conn_id, key=message.key, packets=0, bytes=0,
-                                      flags=CLOSED_TARGET_GONE), session)
+            await self._report(not_held(message.conn_id, message.key), session)
             return
         await self._end(key, entry, "released", destroy=True)
 
@@ -143,8 +150,7 @@ class TargetConnections:
             key = local_key(wire)
             entry = self.datapath.egress.lookup(key)
             if entry is None or entry.conn_id != conn_id:
-                await self._report(Closed(conn_id=conn_id, key=wire, packets=0, bytes=0,
-                                          flags=CLOSED_TARGET_GONE), session)
+                await self._report(not_held(conn_id, wire), session)
             elif message.complete:
                 self._sync[session][1].add(conn_id)
         if message.complete and message.last:

@@ -17,7 +17,6 @@ import logging
 import os
 import random
 import socket
-import typing
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -35,6 +34,8 @@ from handoff.ports import PortRange, choose_port
 from handoff.translate import HandoffInputs, compute_translations, wrap
 
 if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
     import h11
 
     from arr.metrics import Metrics
@@ -80,6 +81,11 @@ class Fallback(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+def map_fallback(exc: BpfError) -> Fallback:
+    """A map update refused: full (capacity reached), or another failure."""
+    return Fallback("map-full" if exc.errno == errno.E2BIG else "map-error")
 
 
 @dataclass
@@ -283,7 +289,7 @@ class RouterHandoff:
             log.warning("sending the request to %s after the handoff failed: %s", target.name, exc)
         self._spawn(self._release_forward(conn_id, forward, attempt.watch_key, agent))
 
-    def _spawn(self, coroutine: "typing.Coroutine[object, object, None]") -> None:
+    def _spawn(self, coroutine: "Coroutine[object, object, None]") -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -322,7 +328,7 @@ class RouterHandoff:
                 state=WATCH_CONNECTING, client_mss=(syn.mss or 0) if syn else 0,
                 client_sack=int(info.sack), client_ts=int(info.timestamps), conn_id=attempt.conn_id))
         except BpfError as exc:
-            raise Fallback("map-full" if exc.errno == errno.E2BIG else "map-error") from None
+            raise map_fallback(exc) from None
         attempt.watch_key = watch_key
         assert self.connections is not None
         self.connections.in_flight.add(watch_key)
@@ -378,7 +384,7 @@ class RouterHandoff:
                                                                        created_ns=time.monotonic_ns()),
                                          BPF_NOEXIST)
         except BpfError as exc:
-            raise Fallback("map-full" if exc.errno == errno.E2BIG else "map-error") from None
+            raise map_fallback(exc) from None
         attempt.held = True
         attempt.kernel_bytes = _drain(client)
 

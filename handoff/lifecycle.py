@@ -66,8 +66,7 @@ def forward_key_of(entry: FlowEntry) -> FlowKey:
 
 def target_of(entry: FlowEntry) -> Address:
     """The target (its server's address) an ingress entry hands packets to."""
-    x = entry.x.translation()
-    return x.daddr, x.dport
+    return forward_key_of(entry).src
 
 
 def wire_key(key: FlowKey) -> WireKey:
@@ -197,7 +196,7 @@ class RouterConnections:
             forward = forward_key_of(entry)
             seen.add(forward)
             live_ids.add(entry.conn_id)
-            agent = self._agent_of.get(target_of(entry))
+            agent = self._agent_of.get(forward.src)
             if entry.conn_id in self.gone:
                 self._forget(client_key, entry, "reset" if entry.flags & FLOW_F_RST else "closed")
                 removed += 1

@@ -286,14 +286,14 @@ def encode_payload(message: Message) -> tuple[MessageType, bytes]:
     if isinstance(message, Nack):
         return MessageType.NACK, _pack(_U64, message.conn_id) + _encode_text(message.reason)
     if isinstance(message, StopMirror):
-        return MessageType.STOP_MIRROR, _pack(_U64, message.conn_id) + _encode_key(message.key)
+        return MessageType.STOP_MIRROR, _encode_conn_key(message.conn_id, message.key)
     if isinstance(message, Closed):
         return MessageType.CLOSED, (_pack(_U64, message.conn_id) + _encode_key(message.key)
                                     + _pack(_CLOSED_TAIL, message.packets, message.bytes, message.flags))
     if isinstance(message, Ping):
         return MessageType.PING, _pack(_PING, message.token, 1 if message.reply else 0)
     if isinstance(message, Release):
-        return MessageType.RELEASE, _pack(_U64, message.conn_id) + _encode_key(message.key)
+        return MessageType.RELEASE, _encode_conn_key(message.conn_id, message.key)
     if isinstance(message, Holding):
         if len(message.connections) > MAX_HOLDING_KEYS:
             raise ValueError(f"HOLDING of {len(message.connections)} connections exceeds {MAX_HOLDING_KEYS}")
@@ -302,6 +302,18 @@ def encode_payload(message: Message) -> tuple[MessageType, bytes]:
                                      + b"".join(_pack(_U64, conn_id) + _encode_key(key)
                                                 for conn_id, key in message.connections))
     raise TypeError(f"not a control message: {message!r}")
+
+
+def _encode_conn_key(conn_id: int, key: FlowKey) -> bytes:
+    """The whole payload of STOP_MIRROR and RELEASE: a connection and its key."""
+    return _pack(_U64, conn_id) + _encode_key(key)
+
+
+def _decode_conn_key(data: bytes) -> tuple[int, FlowKey]:
+    (conn_id,) = _unpack(_U64, data, 0)
+    key = _decode_key(data, 8)
+    _done(data, 8 + _KEY.size)
+    return conn_id, key
 
 
 def _done(data: bytes, offset: int) -> None:
@@ -338,10 +350,7 @@ def decode_payload(mtype: MessageType, data: bytes) -> Message:
         _done(data, offset)
         return Nack(conn_id, reason)
     if mtype is MessageType.STOP_MIRROR:
-        (conn_id,) = _unpack(_U64, data, 0)
-        key = _decode_key(data, 8)
-        _done(data, 8 + _KEY.size)
-        return StopMirror(conn_id, key)
+        return StopMirror(*_decode_conn_key(data))
     if mtype is MessageType.CLOSED:
         (conn_id,) = _unpack(_U64, data, 0)
         key = _decode_key(data, 8)
@@ -349,10 +358,7 @@ def decode_payload(mtype: MessageType, data: bytes) -> Message:
         _done(data, 8 + _KEY.size + _CLOSED_TAIL.size)
         return Closed(conn_id, key, packets, nbytes, flags)
     if mtype is MessageType.RELEASE:
-        (conn_id,) = _unpack(_U64, data, 0)
-        key = _decode_key(data, 8)
-        _done(data, 8 + _KEY.size)
-        return Release(conn_id, key)
+        return Release(*_decode_conn_key(data))
     if mtype is MessageType.HOLDING:
         flags, n = _unpack(_HOLDING_HEAD, data, 0)
         if flags & ~(HOLDING_COMPLETE | HOLDING_LAST):
