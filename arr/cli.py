@@ -33,22 +33,16 @@ def build_router(config: "Config") -> "Router":
     if config.router.mode != "nat" or not config.pools:
         return Router(config)
     from handoff.control import load_psk
-    from handoff.engine import HandoffSettings, RouterHandoff
-    from handoff.ports import PortRange
+    from handoff.engine import RouterHandoff
 
     assert config.router.secret_file is not None
     try:
         secret = load_psk(config.router.secret_file)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"router.secret_file: {exc}") from None
-    h = config.handoff
     metrics = Metrics()
-    engine = RouterHandoff(HandoffSettings(
-        secret=secret, node_id=f"router@{config.router.listen[0]}:{config.router.listen[1]}",
-        bpf_dir=h.bpf_dir, instance=h.instance, agent_timeout=h.agent_timeout,
-        connect_timeout=h.connect_timeout, request_ack_timeout=h.request_ack_timeout,
-        linger=h.linger, idle_timeout=h.idle_timeout, capacity=h.capacity,
-        forward_ports=PortRange(*h.forward_ports)), config.all_targets(), metrics)
+    engine = RouterHandoff(config.handoff, config.all_targets(), metrics, secret=secret,
+                           node_id=f"router@{config.router.listen[0]}:{config.router.listen[1]}")
     return Router(config, handoff=engine, metrics=metrics)
 
 

@@ -72,16 +72,20 @@ class RouterSettings:
 
 
 @dataclass(frozen=True)
-class HandoffTuning:
-    """``[handoff]``: the nat mode's data path and its timers."""
+class HandoffSettings:
+    """``[handoff]``: the nat mode's data path and its timers (what the
+    handoff engine, handoff/engine.py, and its lifecycle run with)."""
 
     bpf_dir: str = "/run/arr/bpf"
     instance: str | None = None
     """Name of this router's pinned maps (default: one per network namespace)."""
     agent_timeout: float = 1.0
+    """Longest wait for the agent's ACK before falling back."""
     connect_timeout: float = 3.0
     """Covers one lost SYN (Linux retransmits it after 1 s)."""
     request_ack_timeout: float = 30.0
+    """Longest wait for the target to acknowledge the request before the router
+    stops retransmitting it (its kernel retransmits meanwhile)."""
     linger: float = 2.0
     """How long an entry outlives its connection (late retransmissions)."""
     idle_timeout: float = 300.0
@@ -91,6 +95,9 @@ class HandoffTuning:
     forward_ports: tuple[int, int] = (50000, 60999)
     """Local ports of the forwarding connections, reserved from the kernel's
     own choice (``net.ipv4.ip_local_reserved_ports``)."""
+    forward_pool: int = 4
+    """Forwarding connections kept ready per target and client profile, so
+    that no handshake sits in a request's path (0: connect on demand)."""
 
 
 @dataclass(frozen=True)
@@ -133,7 +140,7 @@ class Config:
     rules: tuple[RuleSettings, ...] = ()
     default_pool: str | None = None
     local: tuple[LocalRoute, ...] = ()
-    handoff: HandoffTuning = field(default_factory=HandoffTuning)
+    handoff: HandoffSettings = field(default_factory=HandoffSettings)
 
     def all_targets(self) -> list[Target]:
         """Every configured target once (a target may sit in several pools)."""
@@ -289,10 +296,10 @@ def _upstream(data: Any) -> Upstream:
     return upstream
 
 
-def _handoff(data: Any) -> HandoffTuning:
+def _handoff(data: Any) -> HandoffSettings:
     s = _Section(data, "handoff")
-    d = HandoffTuning()
-    tuning = HandoffTuning(
+    d = HandoffSettings()
+    settings = HandoffSettings(
         bpf_dir=s.get("bpf_dir", str, d.bpf_dir),
         instance=s.get("instance", str),
         agent_timeout=s.number("agent_timeout", d.agent_timeout, allow_zero=False),
@@ -302,9 +309,10 @@ def _handoff(data: Any) -> HandoffTuning:
         idle_timeout=s.number("idle_timeout", d.idle_timeout, allow_zero=False),
         capacity=s.number("capacity", d.capacity, minimum=1, integer=True),
         forward_ports=_port_range(s, "forward_ports", d.forward_ports),
+        forward_pool=s.number("forward_pool", d.forward_pool, integer=True),
     )
     s.finish()
-    return tuning
+    return settings
 
 
 def _port_range(s: _Section, key: str, default: tuple[int, int]) -> tuple[int, int]:

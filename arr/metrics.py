@@ -66,6 +66,13 @@ class Metrics:
         self.handoff_closed = Counter(
             "arr_handoff_closed", "Handed-off connections forgotten, by why (closed, idle).",
             ("why",), registry=r)
+        self.forward_pool_ready = Gauge(
+            "arr_forward_pool_ready",
+            "Forwarding connections established ahead of need, waiting for a handoff.", registry=r)
+        self.forward_pool = Counter(
+            "arr_forward_pool", "Forwarding connections asked of the pool, by result "
+            "(hit: ready; miss: connected inline; stale: closed unused, aged or closed by the target).",
+            ("result",), registry=r)
         self.proxied_bytes = Counter(
             "arr_proxied_bytes", "Body bytes relayed by the router, by direction.",
             ("direction",), registry=r)

@@ -689,6 +689,18 @@ def tcp_socket(ns: str | None, local: Address, remote: Address) -> TcpSocket | N
         return _lookup(sock, ns, local, remote)
 
 
+def tcp_sockets_of(ns: str | None, pairs: Iterable[tuple[Address, Address]]
+                   ) -> dict[tuple[Address, Address], TcpSocket | None]:
+    """The sockets of exact 4-tuples (local, remote) in NS, None where there
+    is none: one netlink socket, one request per 4-tuple. For a few
+    connections this is much cheaper than a dump of every socket on a port."""
+    found: dict[tuple[Address, Address], TcpSocket | None] = {}
+    with _sock_diag(ns) as sock:
+        for local, remote in pairs:
+            found[(local, remote)] = _lookup(sock, ns, local, remote)
+    return found
+
+
 def destroy_tcp_socket(ns: str | None, local: Address, remote: Address, *, cookie: int | None = None) -> bool:
     """End the TCP socket LOCAL -> REMOTE in NS (SOCK_DESTROY); False if there is none.
 

@@ -29,6 +29,8 @@ from arr.routing import Policy, build_routing
 from arr.session import ClientGone, ClientSession
 
 if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
     import h11
 
     from arr.pool import Pool, TargetState
@@ -43,8 +45,10 @@ class HandoffEngine(Protocol):
     """Hands a client connection to a target (the ``handoff`` package).
 
     ``hand_off`` returns None once the connection belongs to the target (the
-    session must then forget its socket), or the reason it could not, having
-    changed nothing, so that the router can fall back on the same sockets.
+    engine took it with ``session.detach()``; the session stays detached), or
+    the reason it could not, having changed nothing (a detached session is
+    given back with ``session.reattach``), so that the router can fall back on
+    the same sockets.
     """
 
     async def start(self, router: "Router") -> None: ...
@@ -95,8 +99,10 @@ class Router:
 
     async def start(self) -> None:
         host, port = self.config.router.listen
-        self._server = await asyncio.start_server(self._on_client, host, port, backlog=4096,
-                                                  reuse_address=True)
+        limits, metrics, accept = self.config.limits, self.metrics, self._accept
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: ClientSession(limits, metrics, accept), host, port, backlog=4096,
+            reuse_address=True)
         if self.config.router.metrics:
             self._metrics_server = await serve_metrics(self.metrics, *self.config.router.metrics)
         await self.handoff.start(self)
@@ -141,16 +147,19 @@ class Router:
 
     # ------------------------------------------------------------ per client
 
-    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _accept(self, session: ClientSession) -> "Coroutine[object, object, None] | None":
+        """A new connection (``ClientSession.connection_made``): refuse it, or
+        return the coroutine that serves it (the session runs it as its task)."""
         if len(self._sessions) >= self.config.limits.max_connections:
             self.metrics.refused_connections.inc()
-            writer.write(error_response(503, b"too many connections\n"))
-            writer.close()
-            return
-        session = ClientSession(reader, writer, self.config.limits, self.metrics)
+            session.refuse(error_response(503, b"too many connections\n"))
+            return None
         self._sessions.add(session)
         self.metrics.connections.inc()
         self.metrics.active_connections.inc()
+        return self._on_client(session)
+
+    async def _on_client(self, session: ClientSession) -> None:
         try:
             await self._serve_session(session)
         except Exception:  # one client's bug must never take the router down

@@ -3,12 +3,20 @@
 The session owns the client side of the exchange (h11 server state, body
 reading, writing responses). What to do with a request is the router's
 business; relaying to a target is ``arr.proxy``'s.
+
+``ClientSession`` is the connection's ``asyncio.Protocol`` itself: the bytes
+the transport delivers are kept as they arrive (no copy) and fed to h11 only
+when h11 asks for more, responses go straight to the transport. The async API
+(``read_request``, ``send_raw``, ...) waits on plain futures, never on a task
+per read.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, AsyncIterator, Iterable
+import os
+import socket
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Coroutine, Iterable
 
 import h11
 
@@ -20,6 +28,7 @@ if TYPE_CHECKING:
     from arr.metrics import Metrics
 
 READ_SIZE = 256 * 1024
+"""Upstream reads, and the client bytes a session holds before it pauses reading."""
 
 
 class ClientGone(Exception):
@@ -48,13 +57,16 @@ class RequestBody:
         return self.chunked or bool(self.declared_length)
 
     async def _next_data(self) -> bytes | None:
-        limits = self.session.limits
+        session = self.session
+        limits = session.limits
         while True:
-            try:
-                async with asyncio.timeout(limits.body_timeout):
-                    event = await self.session.next_event()
-            except TimeoutError:
-                raise HttpError(408, "body-timeout", "request body stalled") from None
+            event = session.poll_event()
+            if event is h11.NEED_DATA:  # a timer only when the wire has to be waited for
+                try:
+                    async with asyncio.timeout(limits.body_timeout):
+                        event = await session.next_event()
+                except TimeoutError:
+                    raise HttpError(408, "body-timeout", "request body stalled") from None
             if isinstance(event, h11.Data):
                 self.received += len(event.data)
                 if limits.max_body and self.received > limits.max_body:
@@ -85,17 +97,76 @@ class RequestBody:
                 yield data
 
 
-class ClientSession:
-    """The client's side of one TCP connection (possibly many requests)."""
+class DetachError(RuntimeError):
+    """``detach()`` refused: response bytes not yet handed to the kernel, or
+    no live connection (already detached, closed, or lost). Nothing changed."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 limits: Limits, metrics: "Metrics") -> None:
-        self.reader = reader
-        self.writer = writer
+
+class _Discard(asyncio.Protocol):
+    """Where a detached transport reports: its close is not the client leaving."""
+
+    def data_received(self, data: bytes) -> None:  # pragma: no cover - reading is off
+        pass
+
+    def eof_received(self) -> bool:  # pragma: no cover
+        return True
+
+
+_DISCARD = _Discard()
+
+_CONNECTION_OPEN = 0
+_CONNECTION_EOF = 1    # the client's FIN: reads see EOF once the held bytes are consumed
+_CONNECTION_LOST = 2   # the transport is gone: EOF for reads, ClientGone for writes
+
+
+class ClientSession(asyncio.Protocol):
+    """The client's side of one TCP connection (possibly many requests).
+
+    It is the connection's ``asyncio.Protocol``. ``connection_made`` hands the
+    session to ``serve`` (the router's accept callback), which may return the
+    coroutine that serves it: the session runs it as its task (``task``).
+    Received bytes are held as the transport delivers them and fed to h11 when
+    it needs more; above ``READ_SIZE`` held bytes the transport stops reading
+    until they are consumed. ``send_raw`` writes to the transport and waits
+    while the transport asks to (``pause_writing``/``resume_writing``).
+
+    Giving the connection away (the handoff engine uses only this):
+
+    ``unsent_bytes`` (int)
+        Bytes written and not yet handed to the kernel (the transport's write
+        buffer); 0 when detached or gone.
+    ``detach() -> (socket.socket, bytes)``
+        Let go of the transport without touching the TCP connection. Returns
+        a non-blocking socket on a ``dup()`` of the connection's fd, which the
+        caller owns, and a copy of every byte the client sent that the session
+        received and did not consume (h11's trailing data of the current cycle,
+        then the bytes not yet fed to h11), in stream order. The transport is
+        closed: with the dup open that puts nothing on the wire (no FIN, no
+        RST). The session keeps its state (h11, the held bytes) but reads and
+        writes nothing (``send_raw`` raises ClientGone), ``close()`` is a no-op
+        and the old transport's ``connection_lost`` is not the client leaving.
+        Raises ``DetachError``, changing nothing, when ``unsent_bytes`` is not
+        0 or there is no live connection (lost, closing, already detached).
+        Bytes arriving while detached stay in the kernel for the caller (or
+        the next transport); a read already waiting waits for ``reattach``.
+    ``await reattach(sock, data=b"")``
+        Take a detached connection back on ``sock`` (which the session then
+        owns: a new transport on it) and continue exactly where it was: same
+        h11 state, the held bytes first, then ``data`` (bytes the caller read
+        from the socket while it was detached), then what the kernel holds.
+        Raises RuntimeError if the session is not detached; if the socket
+        cannot be taken back (OSError), closes it and raises ClientGone (the
+        session stays detached: it writes nothing).
+    ``detached`` (bool)
+        True between ``detach()`` and ``reattach()``.
+    """
+
+    def __init__(self, limits: Limits, metrics: "Metrics",
+                 serve: Callable[["ClientSession"], Coroutine[object, object, None] | None] | None = None
+                 ) -> None:
         self.limits = limits
         self.metrics = metrics
-        peer = writer.get_extra_info("peername") or ("?", 0)
-        self.peer: tuple[str, int] = (peer[0], peer[1])
+        self.peer: tuple[str, int] = ("?", 0)
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.header_bytes)
         self.requests_served = 0
         self.busy = False
@@ -108,26 +179,139 @@ class ClientSession:
         self.saved_syn: bytes | None = None
         """The client's SYN headers, kept by the handoff engine: the kernel
         hands them out once, and a later handoff of this connection needs them."""
+        self.task: asyncio.Task[None] | None = None
+        """The task serving this connection (what ``serve`` returned)."""
+        self._serve = serve
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._transport: asyncio.Transport | None = None
+        self._chunks: list[bytes] = []
+        """Received bytes not yet fed to h11, as the transport delivered them."""
+        self._held = 0
+        self._state = _CONNECTION_OPEN
+        self._error: BaseException | None = None
+        self._read_paused = False
+        self._write_paused = False
+        self._detached = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._closed: asyncio.Future[None] | None = None
+
+    # ------------------------------------------------------------ protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        if self._detached:  # reattach(): the same connection on a new transport
+            self._detached = False
+            self._state = _CONNECTION_OPEN if self._state == _CONNECTION_LOST else self._state
+            self._error = None
+            self._write_paused = False
+            self._read_paused = False
+            if self._held > READ_SIZE:
+                self._read_paused = True
+                transport.pause_reading()  # type: ignore[attr-defined]
+            self._wake()
+            return
+        self._loop = asyncio.get_running_loop()
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer = (peer[0], peer[1])
+        if self._serve is not None:
+            coroutine = self._serve(self)
+            if coroutine is not None:
+                self.task = self._loop.create_task(coroutine)
+
+    def data_received(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._held += len(data)
+        if self._held > READ_SIZE and not self._read_paused:
+            self._read_paused = True
+            self._transport.pause_reading()  # type: ignore[union-attr]
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def eof_received(self) -> bool:
+        if self._state == _CONNECTION_OPEN:
+            self._state = _CONNECTION_EOF
+        self._wake()
+        return True  # keep the transport: a half-closed client still gets its answer
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._state = _CONNECTION_LOST
+        if exc is not None:
+            self._error = exc
+        self._wake()
+        drain = self._drain_waiter
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+        closed = self._closed
+        if closed is not None and not closed.done():
+            closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        drain = self._drain_waiter
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     # -------------------------------------------------------------- reading
 
-    async def next_event(self) -> object:
+    async def _readable(self) -> None:
+        """Until bytes are held, or the client's EOF, or the connection is lost."""
+        while (not self._chunks and self._state == _CONNECTION_OPEN) or self._detached:
+            waiter = self._loop.create_future()  # type: ignore[union-attr]
+            self._waiter = waiter
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+
+    def _feed(self) -> None:
+        """Give h11 every held byte (or, with none left, the client's EOF)."""
+        if self._error is not None:
+            raise ClientGone(str(self._error) or type(self._error).__name__)
+        chunks = self._chunks
+        if chunks:
+            receive = self.conn.receive_data
+            for chunk in chunks:
+                receive(chunk)
+            self.fed += self._held
+            self._chunks = []
+            self._held = 0
+            if self._read_paused and not self._detached:
+                self._read_paused = False
+                self._transport.resume_reading()  # type: ignore[union-attr]
+        elif self._state != _CONNECTION_OPEN:
+            self.conn.receive_data(b"")  # h11: EOF
+
+    def poll_event(self) -> object:
+        """The next h11 event from the bytes already received; NEED_DATA if
+        more must come from the wire. Never waits."""
+        conn = self.conn
         while True:
             try:
-                event = self.conn.next_event()
+                event = conn.next_event()
             except h11.RemoteProtocolError as exc:
                 raise _protocol_error(exc) from None
+            if event is not h11.NEED_DATA or self._detached or (
+                    not self._chunks and self._state == _CONNECTION_OPEN and self._error is None):
+                return event
+            self._feed()
+
+    async def next_event(self) -> object:
+        while True:
+            event = self.poll_event()
             if event is not h11.NEED_DATA:
                 return event
-            try:
-                data = await self.reader.read(READ_SIZE)
-            except (ConnectionError, OSError) as exc:
-                raise ClientGone(str(exc)) from None
-            self._receive(data)
-
-    def _receive(self, data: bytes) -> None:
-        self.fed += len(data)
-        self.conn.receive_data(data)
+            await self._readable()
 
     async def read_request(self) -> tuple[Request, h11.Request, RequestBody] | None:
         """The next request, its body buffered as far as the limits allow.
@@ -136,26 +320,25 @@ class ClientSession:
         Raises HttpError for anything that deserves a 4xx.
         """
         limits = self.limits
-        if not self.conn.trailing_data[0]:
+        if not self.fed and not self._chunks:
             # Idle: before the first byte a new connection gets header_timeout
             # (a silent client is a slow one), a kept-alive one keepalive_timeout.
             idle = limits.keepalive_timeout if self.requests_served else limits.header_timeout
             try:
                 async with asyncio.timeout(idle):
-                    data = await self.reader.read(READ_SIZE)
+                    await self._readable()
             except TimeoutError:
                 if self.requests_served:
                     return None
                 raise HttpError(408, "header-timeout", "no request received") from None
-            except (ConnectionError, OSError):
-                return None
-            if not data:
-                return None
-            self._receive(data)
+            if not self._chunks or self._error is not None:
+                return None  # EOF, or the connection is gone
         self.busy = True
         try:
-            async with asyncio.timeout(limits.header_timeout):
-                event = await self.next_event()
+            event = self.poll_event()
+            if event is h11.NEED_DATA:  # the head is still on its way
+                async with asyncio.timeout(limits.header_timeout):
+                    event = await self.next_event()
         except TimeoutError:
             raise HttpError(408, "header-timeout", "request head incomplete") from None
         except ClientGone:
@@ -205,11 +388,26 @@ class ClientSession:
     async def send_raw(self, data: bytes) -> None:
         if not data:
             return
+        transport = self._transport
+        if transport is None or self._detached or self._state == _CONNECTION_LOST:
+            raise ClientGone("connection closed")
         try:
-            self.writer.write(data)
-            await self.writer.drain()
-        except (ConnectionError, OSError) as exc:
+            transport.write(data)
+        except (RuntimeError, ConnectionError, OSError) as exc:  # uvloop: a closed handle
             raise ClientGone(str(exc)) from None
+        if self._write_paused:
+            await self._drain()
+
+    async def _drain(self) -> None:
+        while self._write_paused and self._state != _CONNECTION_LOST and not self._detached:
+            waiter = self._loop.create_future()  # type: ignore[union-attr]
+            self._drain_waiter = waiter
+            try:
+                await waiter
+            finally:
+                self._drain_waiter = None
+        if self._state == _CONNECTION_LOST:
+            raise ClientGone(str(self._error) if self._error else "connection lost")
 
     # The *_bytes methods advance h11 and return the bytes without writing, so
     # that a caller can put several events in one write: a syscall per event
@@ -272,14 +470,80 @@ class ClientSession:
         self.fed = len(self.conn.trailing_data[0])  # pipelined bytes already belong to the next request
         return True
 
+    def refuse(self, response: bytes) -> None:
+        """Answer a connection that will not be served, and close it."""
+        transport = self._transport
+        if transport is not None and not self._detached and not transport.is_closing():
+            transport.write(response)
+            transport.close()
+
     async def close(self) -> None:
-        if self.writer.is_closing():
+        transport = self._transport
+        if self._detached or transport is None or self._state == _CONNECTION_LOST:
             return
-        self.writer.close()
+        if transport.is_closing():
+            return
+        pending = transport.get_write_buffer_size()
+        closed = self._closed = self._loop.create_future()  # type: ignore[union-attr]
+        transport.close()
+        if not pending:  # connection_lost comes with the next loop iteration
+            await closed
+            return
         try:
-            await asyncio.wait_for(self.writer.wait_closed(), 1.0)
-        except (ConnectionError, OSError, asyncio.TimeoutError):
+            async with asyncio.timeout(1.0):
+                await closed
+        except TimeoutError:
             pass
+
+    # -------------------------------------------------------------- detaching
+
+    @property
+    def detached(self) -> bool:
+        return self._detached
+
+    @property
+    def unsent_bytes(self) -> int:
+        transport = self._transport
+        if transport is None or self._detached or self._state == _CONNECTION_LOST:
+            return 0
+        return transport.get_write_buffer_size()
+
+    def detach(self) -> tuple[socket.socket, bytes]:
+        transport = self._transport
+        if (transport is None or self._detached or self._state == _CONNECTION_LOST
+                or transport.is_closing()):
+            raise DetachError("no live connection to detach")
+        unsent = transport.get_write_buffer_size()
+        if unsent:
+            raise DetachError(f"{unsent} response bytes not yet sent")
+        fd = transport.get_extra_info("socket").fileno()
+        sock = socket.socket(fileno=os.dup(fd))
+        sock.setblocking(False)
+        held = b"".join(self._chunks)
+        pending = self.conn.trailing_data[0] + held if held else self.conn.trailing_data[0]
+        self._detached = True
+        self._transport = None
+        self._read_paused = self._write_paused = False
+        # Its connection_lost must not look like the client leaving. Closing
+        # one of two fds of the socket sends nothing.
+        transport.set_protocol(_DISCARD)
+        transport.close()
+        return sock, bytes(pending)
+
+    async def reattach(self, sock: socket.socket, data: bytes = b"") -> None:
+        if not self._detached:
+            raise RuntimeError("reattach: the session is not detached")
+        if data:
+            self._chunks.append(bytes(data))
+            self._held += len(data)
+        loop = self._loop or asyncio.get_running_loop()
+        self._loop = loop
+        try:
+            sock.setblocking(False)
+            await loop.connect_accepted_socket(lambda: self, sock)
+        except OSError as exc:  # the connection cannot be taken back: it is lost
+            sock.close()
+            raise ClientGone(f"reattach: {exc}") from None
 
 
 def _protocol_error(exc: h11.RemoteProtocolError) -> HttpError:

@@ -180,13 +180,11 @@ class LoadResult:
     detail: list[dict] = field(default_factory=list)
 
 
-def run_wrk(cluster: Cluster, urls: Sequence[str], connections: int, duration: float,
-            body_size: int, *, close: bool = False, timeout_s: int = 10) -> LoadResult:
-    """One ``wrk -t1`` per URL in parallel, CONNECTIONS split evenly between them.
-
-    ``close``: every request carries ``Connection: close`` (a new connection per
-    request). Body bytes = completed requests x BODY_SIZE (non-2xx are errors).
-    """
+def start_wrk(cluster: Cluster, urls: Sequence[str], connections: int, duration: float, *,
+              close: bool = False, timeout_s: int = 10) -> list[subprocess.Popen]:
+    """Start one ``wrk -t1`` per URL in the client namespace, CONNECTIONS split
+    evenly between them; ``close``: every request carries ``Connection: close``
+    (a new connection per request). Collect with :func:`collect_wrk`."""
     script = cluster.workdir / "bench-wrk.lua"
     script.write_text(WRK_LUA)
     per = max(1, connections // len(urls))
@@ -197,12 +195,20 @@ def run_wrk(cluster: Cluster, urls: Sequence[str], connections: int, duration: f
             argv += ["-H", "Connection: close"]
         procs.append(cluster.popen(cluster.client, [*argv, url], stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def collect_wrk(cluster: Cluster, procs: Sequence[subprocess.Popen], duration: float, body_size: int,
+                timeout_s: int = 10) -> LoadResult:
+    """Wait for the wrk processes of :func:`start_wrk`. Body bytes = completed
+    requests x BODY_SIZE (non-2xx are errors)."""
     detail = []
     for p in procs:
         try:
             out, err = p.communicate(timeout=duration + timeout_s + 30)
         except subprocess.TimeoutExpired:
-            cluster.stop_process(p)
+            for q in procs:
+                cluster.stop_process(q)
             raise BenchError("wrk did not finish")
         lines = [ln for ln in out.splitlines() if ln.startswith("{")]
         if p.returncode != 0 or not lines:
@@ -213,6 +219,13 @@ def run_wrk(cluster: Cluster, urls: Sequence[str], connections: int, duration: f
     ok = max(0, requests - errors["status"])
     seconds = max(d["duration_us"] for d in detail) / 1e6
     return LoadResult(ok, ok * body_size, seconds, errors, detail)
+
+
+def run_wrk(cluster: Cluster, urls: Sequence[str], connections: int, duration: float,
+            body_size: int, *, close: bool = False, timeout_s: int = 10) -> LoadResult:
+    """:func:`start_wrk` and :func:`collect_wrk`: one ``wrk -t1`` per URL in parallel."""
+    procs = start_wrk(cluster, urls, connections, duration, close=close, timeout_s=timeout_s)
+    return collect_wrk(cluster, procs, duration, body_size, timeout_s)
 
 
 # ----------------------------------------------------------------------- curl
@@ -332,6 +345,30 @@ def version_of(argv: Sequence[str]) -> str:
         return f"unavailable ({e})"
     text = (cp.stdout + cp.stderr).strip().splitlines()
     return text[0] if text else ""
+
+
+def arr_counts(router) -> tuple[float, float]:
+    """(handoffs that succeeded, fallbacks to proxying) from an arr router's metrics."""
+    if router is None:
+        return 0.0, 0.0
+    return (router.metric_sum("arr_handoffs_total", result="ok"),
+            router.metric_sum("arr_handoff_fallbacks_total"))
+
+
+def fallback_reasons(router) -> dict[str, float]:
+    """``arr_handoff_fallbacks_total`` by its ``reason`` label."""
+    if router is None:
+        return {}
+    out: dict[str, float] = {}
+    for key, value in router.metrics().items():
+        if key.startswith("arr_handoff_fallbacks_total{"):
+            reason = first_match(r'reason="([^"]*)"', key) or "?"
+            out[reason] = out.get(reason, 0.0) + value
+    return out
+
+
+def reason_delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {k: v - a.get(k, 0.0) for k, v in b.items() if v - a.get(k, 0.0) > 0}
 
 
 def first_match(pattern: str, text: str) -> str | None:

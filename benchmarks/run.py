@@ -3,9 +3,10 @@
 Order: for each run, for each system: start it, then (per object size) a sampled
 SHA-256 download and the throughput test, the TTFB test, the new-connection
 test; stop it. Then the idle-connection memory tests (a fresh start of the
-system for each N), then (full runs) a py-spy profile of the arr-nat router
-during the new-connection test. Runs are interleaved across systems so drift
-over time hits every system alike.
+system for each N; for arr-nat also the idle CPU window), then once the
+sustained single-target test of arr-nat (benchmarks/sustain.py), then (full
+runs) a py-spy profile of the arr-nat router during the new-connection test.
+Runs are interleaved across systems so drift over time hits every system alike.
 """
 
 from __future__ import annotations
@@ -25,11 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import measure, report
-from benchmarks.stats import htab_elem_bytes, percentile, summarize
+from benchmarks.stats import htab_elem_bytes, idle_core_pct, percentile, summarize
 
 SIZES = {"1KiB": 1 << 10, "64KiB": 64 << 10, "1MiB": 1 << 20, "64MiB": 64 << 20}
 WRK_MAX_SIZE = 64 << 10  # objects up to this size go through wrk, larger through curl
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+QUICK_SYSTEMS = ("direct", "arr-nat", "arr-proxy", "haproxy")  # haproxy: the goals' peer
+NO_MEMORY_TEST = ("direct", "haproxy-splice")
+"""direct has no router; haproxy-splice holds idle connections exactly as haproxy does
+(splicing only changes how bodies are forwarded)."""
 
 
 @dataclass
@@ -48,22 +53,27 @@ class Plan:
     memory_runs: int = 2
     profile_seconds: float = 0.0
     targets: int = 2
+    sustain_seconds: float = 0.0  # goal 5: once per invocation, not per run (0 = off)
+    sustain_connections: int = 32
+    sustain_interval: float = 10.0  # how often the router's counters are sampled during it
+    idle_seconds: float = 20.0  # goal 6: CPU window while arr-nat's memory test holds connections
 
     def curl_count(self, size: int) -> int:
         return max(16 if self.curl_bytes >= 1 << 30 else 8, self.curl_bytes // size)
 
 
 def quick_plan(systems: list[str] | None, sizes: list[str] | None, runs: int | None) -> Plan:
-    return Plan(systems=systems or ["direct", "arr-nat", "arr-proxy"], sizes=sizes or ["1KiB", "1MiB"],
+    return Plan(systems=systems or list(QUICK_SYSTEMS), sizes=sizes or ["1KiB", "1MiB"],
                 runs=runs or 1, wrk_seconds=2.0, curl_bytes=96 << 20, ttfb_n=200, conn_seconds=2.0,
-                memory_ns=[1000], memory_runs=1, profile_seconds=0.0)
+                memory_ns=[1000], memory_runs=1, profile_seconds=0.0,
+                sustain_seconds=10.0, sustain_interval=2.0, idle_seconds=5.0)
 
 
 def full_plan(systems: list[str] | None, sizes: list[str] | None, runs: int | None) -> Plan:
     from benchmarks.systems import SYSTEMS
 
     return Plan(systems=systems or list(SYSTEMS), sizes=sizes or list(SIZES), runs=runs or 3,
-                profile_seconds=8.0)
+                profile_seconds=8.0, sustain_seconds=300.0)
 
 
 # --------------------------------------------------------------------- machine
@@ -111,26 +121,15 @@ class Bench:
     def step(self, text: str) -> None:
         self.progress.step(text)
 
-    def _arr_counts(self, running) -> tuple[float, float]:
-        if running.router is None:
-            return 0.0, 0.0
-        return (running.router.metric_sum("arr_handoffs_total", result="ok"),
-                running.router.metric_sum("arr_handoff_fallbacks_total"))
+    @staticmethod
+    def _arr_counts(running) -> tuple[float, float]:
+        return measure.arr_counts(running.router)
 
     @staticmethod
     def _fallback_reasons(running) -> dict[str, float]:
-        if running.router is None:
-            return {}
-        out: dict[str, float] = {}
-        for key, value in running.router.metrics().items():
-            if key.startswith("arr_handoff_fallbacks_total{"):
-                reason = measure.first_match(r'reason="([^"]*)"', key) or "?"
-                out[reason] = out.get(reason, 0.0) + value
-        return out
+        return measure.fallback_reasons(running.router)
 
-    @staticmethod
-    def _reason_delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
-        return {k: v - a.get(k, 0.0) for k, v in b.items() if v - a.get(k, 0.0) > 0}
+    _reason_delta = staticmethod(measure.reason_delta)
 
     def _verify(self, running, name: str) -> None:
         info = self.cluster.files[name]
@@ -200,12 +199,15 @@ class Bench:
         info = c.files["1KiB"]
         urls = [u + info.url_path for u in running.urls]
         sampler = measure.Sampler(c, running.roots)
+        agents = measure.Sampler(c, running.agent_roots) if running.agent_roots else None
         h0, f0 = self._arr_counts(running)
         r0 = self._fallback_reasons(running)
         a = sampler.snap()
+        aa = agents.snap() if agents else None
         lr = measure.run_wrk(c, urls, plan.conn_connections, seconds or plan.conn_seconds, info.size,
                              close=True)
         b = sampler.snap()
+        agent_cpu = measure.Sampler.window(aa, agents.snap()).router_cpu_s if agents and aa else None
         w = measure.Sampler.window(a, b)
         h1, f1 = self._arr_counts(running)
         reasons = self._reason_delta(r0, self._fallback_reasons(running))
@@ -216,6 +218,7 @@ class Bench:
                 "handoff_rate": (h1 - h0) / w.seconds if running.router is not None and h1 > h0 else None,
                 "router_cpu_s": w.router_cpu_s, "router_cpu_ticks_s": w.router_cpu_ticks_s,
                 "router_cpu_util": w.router_cpu_s / w.seconds if running.roots else None,
+                "agent_cpu_s": agent_cpu,
                 "machine_cpu_util": w.machine_cpu_s / w.seconds, "errors": bad,
                 "handoffs": h1 - h0, "fallbacks": f1 - f0, "fallback_reasons": reasons}
 
@@ -245,6 +248,7 @@ class Bench:
             maps1 = arr_map_entries(c) if nat else {}
             h1, f1 = self._arr_counts(running)
             reasons = self._reason_delta(r0, self._fallback_reasons(running))
+            idle = self.idle_cpu(running) if nat and self.plan.idle_seconds > 0 else {}
         opened = rep["opened"]
         if opened == 0:
             raise measure.BenchError(f"{running.name} memory {n}: no connection opened {rep}")
@@ -264,14 +268,26 @@ class Bench:
                 "tcp_sock_slab_bytes": slab, "kernel_per_conn": kernel_per,
                 "maps": map_detail, "map_bytes_per_conn": map_per if nat else None,
                 "bytes_per_conn": rss_per + kernel_per + map_per,
-                "handoffs": h1 - h0, "fallbacks": f1 - f0, "fallback_reasons": reasons}
+                "handoffs": h1 - h0, "fallbacks": f1 - f0, "fallback_reasons": reasons, **idle}
+
+    def idle_cpu(self, running) -> dict[str, Any]:
+        """Goal 6: CPU of the router and the agents over an idle window while the
+        memory test holds its connections (nothing is sent on them meanwhile)."""
+        router = measure.Sampler(self.cluster, running.roots)
+        agents = measure.Sampler(self.cluster, running.agent_roots)
+        a, aa = router.snap(), agents.snap()
+        time.sleep(self.plan.idle_seconds)
+        w, wa = measure.Sampler.window(a, router.snap()), measure.Sampler.window(aa, agents.snap())
+        return {"idle_window_s": w.seconds, "idle_router_cpu_s": w.router_cpu_s,
+                "idle_agent_cpu_s": wa.router_cpu_s,
+                **idle_core_pct(w.seconds, w.router_cpu_s, wa.router_cpu_s)}
 
     def profile_nat(self, seconds: float, out_dir: Path) -> dict[str, Any] | None:
         from benchmarks.systems import start_system
 
         pyspy = Path(sys.executable).parent / "py-spy"
         if not pyspy.exists():
-            return {"error": "py-spy not installed (pip install py-spy into .venv)"}
+            return {"error": "py-spy not installed in .venv (scripts/setup.sh --bench installs it)"}
         raw_path = out_dir / "profile-arr-nat.txt"
         with start_system(self.cluster, "arr-nat") as running:
             pid = running.roots[0]
@@ -301,6 +317,7 @@ class Bench:
     # ----------------------------------------------------------- driver
     def run(self, out_dir: Path) -> None:
         from arr.testbed import Cluster, ClusterSpec
+        from benchmarks.sustain import sustain_test
         from benchmarks.systems import bench_targets, start_system
 
         plan = self.plan
@@ -334,7 +351,7 @@ class Bench:
                         self.progress.log(traceback.format_exc(limit=3))
             for run in range(plan.memory_runs):
                 for system in plan.systems:
-                    if system == "direct":
+                    if system in NO_MEMORY_TEST:
                         continue
                     for n in plan.memory_ns:
                         self.step(f"memory {run + 1}/{plan.memory_runs} {system}: {n:,} idle connections")
@@ -345,6 +362,18 @@ class Bench:
                         except Exception as e:  # noqa: BLE001
                             self.errors.append(f"memory {system} {n}: {e}")
                             self.progress.log(f"[red]error[/red] memory {system} {n}: {e}")
+            if plan.sustain_seconds and "arr-nat" in plan.systems:
+                self.step(f"sustain: arr-nat, one target, new connections for {plan.sustain_seconds:g} s")
+                try:
+                    rec = self.raw["arr-nat"]["sustain"] = sustain_test(
+                        c, plan.sustain_seconds, plan.sustain_connections, plan.sustain_interval,
+                        show=self.progress.describe)
+                    if rec["errors"].get("status") or not rec["handoffs"]:
+                        raise measure.BenchError(f"{rec['handoffs']:.0f} handoffs, "
+                                                 f"wrk errors {rec['errors']}")
+                except Exception as e:  # noqa: BLE001
+                    self.errors.append(f"sustain arr-nat: {e}")
+                    self.progress.log(f"[red]error[/red] sustain arr-nat: {e}")
             if plan.profile_seconds and "arr-nat" in plan.systems:
                 self.step("profiling arr-nat (py-spy) during the new-connection test")
                 try:
@@ -357,8 +386,10 @@ class Bench:
     def steps(self) -> int:
         p = self.plan
         per_run = len(p.systems) * (1 + len(p.sizes) + 2)
-        mem = p.memory_runs * len([s for s in p.systems if s != "direct"]) * len(p.memory_ns)
-        return 2 + p.runs * per_run + mem + (1 if p.profile_seconds and "arr-nat" in p.systems else 0)
+        mem = p.memory_runs * len([s for s in p.systems if s not in NO_MEMORY_TEST]) * len(p.memory_ns)
+        nat = "arr-nat" in p.systems
+        return (2 + p.runs * per_run + mem + (1 if p.profile_seconds and nat else 0)
+                + (1 if p.sustain_seconds and nat else 0))
 
 
 class Progress:
@@ -390,6 +421,10 @@ class Progress:
         if not self.console.is_terminal:
             self.console.print(f"[{time.strftime('%H:%M:%S')}] {text}")
 
+    def describe(self, text: str) -> None:
+        """New text for the current step (no advance)."""
+        self.bar.update(self.task, description=text)
+
     def log(self, text: str) -> None:
         self.console.print(text)
 
@@ -400,9 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
     from benchmarks.systems import SYSTEMS
 
     p = argparse.ArgumentParser(prog="python -m benchmarks",
-                                description="arr benchmark: direct, arr-nat, arr-proxy, haproxy, nginx")
+                                description=f"arr benchmark: {', '.join(SYSTEMS)}")
     p.add_argument("--quick", action="store_true",
-                   help="CI smoke: direct/arr-nat/arr-proxy, 1KiB and 1MiB, 1 run, memory at 1k (< 2 min)")
+                   help="CI smoke: direct/arr-nat/arr-proxy/haproxy, 1KiB and 1MiB, 1 run, memory at 1k, "
+                        "sustain 10 s (about 1.5 min)")
     p.add_argument("--out", type=Path, help=f"output directory (default {DEFAULT_OUT}, quick: .../quick)")
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, metavar="SYSTEM",
                    help=f"subset of {', '.join(SYSTEMS)}")
@@ -413,6 +449,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-memory", action="store_true", help="skip the idle-connection memory test")
     p.add_argument("--profile", type=float, metavar="SECONDS",
                    help="py-spy profile of arr-nat for SECONDS (default 8 in full runs, off in quick; 0 = off)")
+    p.add_argument("--sustain", type=float, metavar="SECONDS",
+                   help="goal 5: arr-nat with one target, new connections as fast as wrk goes, for SECONDS, "
+                        "once (default 300 in full runs, 10 in quick; 0 = off)")
+    p.add_argument("--idle", type=float, metavar="SECONDS",
+                   help="goal 6: CPU window of arr-nat's router and agents while the memory test holds its "
+                        "connections (default 20, quick 5; 0 = off)")
     p.add_argument("--results-md", type=Path,
                    help="also write the markdown report here (e.g. benchmarks/RESULTS.md)")
     p.add_argument("--report-only", type=Path, metavar="JSON",
@@ -447,6 +489,11 @@ def main(argv: list[str] | None = None) -> int:
         plan.memory_ns = []
     if args.profile is not None:
         plan.profile_seconds = args.profile
+    if args.sustain is not None:
+        plan.sustain_seconds = args.sustain
+        plan.sustain_interval = min(plan.sustain_interval, max(1.0, args.sustain / 10))
+    if args.idle is not None:
+        plan.idle_seconds = args.idle
     # fds for the load generators and routers (inherited): as high as the hard limit allows
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

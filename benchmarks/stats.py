@@ -1,4 +1,5 @@
-"""Pure arithmetic of the benchmark: summaries of runs, CPU accounting, goal verdicts.
+"""Pure arithmetic of the benchmark: summaries of runs, CPU accounting, verdicts
+(the goals themselves are in benchmarks/goals.py).
 
 Nothing here touches the system, so all of it is unit-tested
 (tests/unit/test_bench_report.py).
@@ -162,63 +163,6 @@ def verdict(goal: str, target: str, value: float | None, limit: float, *, at_mos
     return Verdict(goal, target, fmt.format(value), "PASS" if ok else "MISS", note)
 
 
-def _med(summary: Mapping | None) -> float | None:
-    return None if summary is None else summary["median"]
-
-
-def goal_verdicts(results: Mapping) -> list[Verdict]:
-    """The goals of the brief, judged on the medians in RESULTS (the JSON the
-    harness writes: ``results["summary"][system][metric]...``)."""
-    s = results.get("summary", {})
-    nat = s.get("arr-nat", {})
-    hap = s.get("haproxy", {})
-    out: list[Verdict] = []
-
-    def size_metric(system: Mapping, size: str, metric: str) -> float | None:
-        return _med(system.get("sizes", {}).get(size, {}).get(metric))
-
-    for size, factor in (("1MiB", 10), ("64MiB", 50)):
-        for metric, label in (("router_cpu_per_gib", "router process CPU"),
-                              ("marginal_cpu_per_gib", "marginal machine CPU")):
-            a = size_metric(nat, size, metric)
-            b = size_metric(hap, size, metric)
-            r = ratio(a, b)
-            if a is not None and b is not None and b <= 0:
-                r = None
-            note = "" if r is None else f"arr-nat {a:.3g} s/GiB vs haproxy {b:.3g} s/GiB"
-            if metric == "marginal_cpu_per_gib":
-                note = (note + "; " if note else "") + "secondary: includes softirq work"
-            out.append(verdict(f"CPU/GiB at {size}, {label}", f"arr-nat <= 1/{factor} of haproxy",
-                               r, 1 / factor, at_most=True, fmt="{:.3f} of haproxy", note=note))
-
-    for size in ("1MiB", "64MiB"):
-        v = size_metric(nat, size, "router_bytes_per_byte")
-        if v is not None or size in nat.get("sizes", {}):
-            out.append(verdict(f"router bytes per byte served at {size}", "<= 0.05", v, 0.05,
-                               at_most=True, fmt="{:.4f}"))
-
-    ttfb = nat.get("ttfb", {})
-    out.append(verdict("TTFB overhead over direct, p50", "<= 0.5 ms",
-                       _med(ttfb.get("p50_overhead_ms")), 0.5, at_most=True, fmt="{:.3f} ms"))
-
-    conn = nat.get("conn_rate", {})
-    rate = _med(conn.get("per_router_core"))
-    util = _med(conn.get("router_cpu_util"))
-    note = "" if util is None else (
-        f"measured {_med(conn.get('handoff_rate')) or 0:.0f} handoffs/s at router CPU {util * 100:.0f}% "
-        "of one core; per core = handoff rate / router CPU utilisation")
-    out.append(verdict("handoffs per second on one router core", ">= 3000", rate, 3000,
-                       at_most=False, fmt="{:.0f}/s", note=note))
-
-    mem = nat.get("memory", {})
-    for n in sorted(mem, key=int):
-        v = _med(mem[n].get("bytes_per_conn"))
-        out.append(verdict(f"router memory per handed-off connection at {int(n):,}", "<= 1 KiB",
-                           v, KIB, at_most=True, fmt="{:.0f} B",
-                           note="RSS delta / N + BPF map elements per connection"))
-    return out
-
-
 # ------------------------------------------------------------------- summary
 
 def _runs_metric(runs: Sequence[Mapping], *path: str) -> list[float | None]:
@@ -310,13 +254,80 @@ def summarize(raw: Mapping[str, Mapping]) -> dict:
             basis = [h if h is not None else r for h, r in zip(handoff_rate, rate)]
             per_core = [None if r is None or not u else r / u for r, u in zip(basis, util)]
             entry["conn_rate"] = {"rate": _summ(rate), "handoff_rate": _summ(handoff_rate),
-                                  "router_cpu_util": _summ(util), "per_router_core": _summ(per_core)}
+                                  "router_cpu_util": _summ(util), "per_router_core": _summ(per_core),
+                                  **cpu_per_connection(runs)}
         memory = {}
         for n, mems in data.get("memory", {}).items():
             memory[str(n)] = {k: _summ(m.get(k) for m in mems) for k in (
                 "bytes_per_conn", "rss_per_conn", "kernel_per_conn", "map_bytes_per_conn", "opened",
-                "handoffs")}
+                "handoffs", "idle_core_pct", "idle_router_core_pct", "idle_agent_core_pct", "idle_window_s")}
         if memory:
             entry["memory"] = memory
+        if data.get("sustain"):
+            entry["sustain"] = sustain_summary(data["sustain"])
         out[system] = entry
     return out
+
+
+def _per(num: float | None, den: float | None, scale: float = 1.0) -> float | None:
+    return None if num is None or not den else num / den * scale
+
+
+def cpu_per_connection(runs: Sequence[Mapping]) -> dict:
+    """CPU cost of one connection in the new-connection test (one request per
+    connection), over runs: the router's CPU per connection served, and for
+    arr-nat the router's and the agents' CPU per handoff and their ratio (the
+    handoffs cancel out: agents' CPU / router's CPU)."""
+    rcpu = _runs_metric(runs, "conn_rate", "router_cpu_s")
+    acpu = _runs_metric(runs, "conn_rate", "agent_cpu_s")
+    conns = _runs_metric(runs, "conn_rate", "requests")
+    handoffs = _runs_metric(runs, "conn_rate", "handoffs")
+    return {
+        "router_cpu_per_conn_ms": _summ(_per(c, n, 1000) for c, n in zip(rcpu, conns)),
+        "router_cpu_per_handoff_ms": _summ(_per(c, h, 1000) for c, h in zip(rcpu, handoffs)),
+        "agent_cpu_per_handoff_ms": _summ(_per(a, h, 1000) for a, h in zip(acpu, handoffs)),
+        "agent_to_router_cpu": _summ(_per(a, c) if h else None for a, c, h in zip(acpu, rcpu, handoffs)),
+        "machine_cpu_util": _summ(_runs_metric(runs, "conn_rate", "machine_cpu_util")),
+    }
+
+
+def idle_core_pct(window_s: float, router_cpu_s: float, agent_cpu_s: float | None) -> dict[str, float | None]:
+    """CPU of the router (and agents) over an idle window, in % of one core."""
+    if window_s <= 0:
+        return {"idle_core_pct": None, "idle_router_core_pct": None, "idle_agent_core_pct": None}
+    router = router_cpu_s / window_s * 100
+    agent = None if agent_cpu_s is None else agent_cpu_s / window_s * 100
+    return {"idle_core_pct": router + (agent or 0.0), "idle_router_core_pct": router,
+            "idle_agent_core_pct": agent}
+
+
+def interval_rates(series: Sequence[Sequence[float]]) -> list[float]:
+    """Rates between consecutive (seconds, cumulative count) samples."""
+    out = []
+    for (t0, n0), (t1, n1) in zip(series, series[1:]):
+        if t1 > t0:
+            out.append((n1 - n0) / (t1 - t0))
+    return out
+
+
+def sustain_summary(rec: Mapping) -> dict:
+    """The sustain test's figures from its raw record (one run): rates, the
+    lowest interval rate, fallbacks, CPU utilisation (1.0 = one core)."""
+    secs = rec.get("seconds") or 0.0
+    handoffs = rec.get("handoffs", 0)
+    rates = interval_rates(rec.get("series", []))
+    return {
+        "seconds": secs, "requested_seconds": rec.get("requested_seconds"),
+        "requests": rec.get("requests"), "handoffs": handoffs, "fallbacks": rec.get("fallbacks", 0),
+        "fallback_reasons": dict(rec.get("fallback_reasons") or {}),
+        "handoff_rate": handoffs / secs if secs else None,
+        "request_rate": (rec.get("requests") or 0) / secs if secs else None,
+        "min_interval_rate": min(rates) if rates else None,
+        "interval_rates": rates,
+        # CPU over the sampling window (a little longer than wrk's run)
+        "router_cpu_util": _per(rec.get("router_cpu_s"), rec.get("window_s") or secs),
+        "agent_cpu_util": _per(rec.get("agent_cpu_s"), rec.get("window_s") or secs),
+        "machine_cpu_util": _per(rec.get("machine_cpu_s"), rec.get("window_s") or secs),
+        "cores": rec.get("cores"), "errors": dict(rec.get("errors") or {}),
+        "target": rec.get("target"), "method": rec.get("method"),
+    }

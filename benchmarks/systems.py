@@ -4,6 +4,9 @@
 ``arr-nat``    ``arr serve`` in nat mode (handoff) + ``arr agent`` on each target
 ``arr-proxy``  ``arr serve`` in proxy mode (arr relays every byte)
 ``haproxy``    HAProxy, http mode, ``nbthread 1``, in the router namespace
+``haproxy-splice``  the same plus ``option splice-response``: response bodies
+               move socket to socket through a pipe (splice(2)) without being
+               copied to user space, the best a classic proxy does for large ones
 ``nginx``      nginx ``proxy_pass``, ``worker_processes 1``, upstream keepalive
 
 Routers listen on the cluster's vip:80, one system at a time. Everything is
@@ -23,7 +26,7 @@ from arr.testbed import nginx as tb_nginx
 from arr.testbed.router import BPF_DIR, clear_handoff_programs, handoff_cluster, pin_instance
 from benchmarks.measure import BenchError, wait_for
 
-SYSTEMS = ("direct", "arr-nat", "arr-proxy", "haproxy", "nginx")
+SYSTEMS = ("direct", "arr-nat", "arr-proxy", "haproxy", "haproxy-splice", "nginx")
 ROUTER_PORT = 80
 MAX_CONNS = 19000
 
@@ -107,7 +110,17 @@ def bench_targets(cluster: Cluster) -> str:
 
 # ------------------------------------------------------------------- routers
 
-def haproxy_config(cluster: Cluster, workdir: Path) -> str:
+HAPROXY_SPLICE = """\
+    # Response bodies go kernel to kernel (splice(2) through a pipe), never
+    # copied into HAProxy's buffers. Only the response side: the benchmark's
+    # requests are body-less GETs, so splice-request would change nothing, and
+    # splice-auto only splices once HAProxy's heuristics see a large transfer,
+    # a subset of what splice-response does.
+    option splice-response
+"""
+
+
+def haproxy_config(cluster: Cluster, workdir: Path, splice: bool = False) -> str:
     servers = "\n".join(f"    server {t.name} {t.ip}:{cluster.spec.target_port}" for t in cluster.targets)
     return f"""\
 global
@@ -127,7 +140,7 @@ defaults
     timeout http-keep-alive 300s
     timeout http-request 10s
     maxconn {HAPROXY_MAXCONN}
-
+{HAPROXY_SPLICE if splice else ""}
 frontend fe
     bind {cluster.vip}:{ROUTER_PORT} backlog 4096
     default_backend be
@@ -209,27 +222,40 @@ def _external(cluster: Cluster, name: str, config: str, argv_of) -> Iterator[Run
         cluster.stop_process(proc)
 
 
+def single_target(cluster: Cluster) -> list[dict[str, str]]:
+    """The router config's ``targets`` with only the cluster's first target."""
+    from arr.testbed.router import default_config
+
+    return default_config(cluster, "nat")["targets"][:1]
+
+
 @contextmanager
-def start_system(cluster: Cluster, name: str) -> Iterator[Running]:
-    """Start NAME in CLUSTER, yield how to reach and watch it, stop it."""
+def start_system(cluster: Cluster, name: str, one_target: bool = False) -> Iterator[Running]:
+    """Start NAME in CLUSTER, yield how to reach and watch it, stop it.
+
+    ``one_target`` (arr systems): the router's configuration lists only the
+    first target, so every connection goes to it (the sustain test)."""
     clear_handoff_programs(cluster)
     if name == "direct":
         yield Running(name, [f"http://{t.ip}:{cluster.spec.target_port}" for t in cluster.targets])
     elif name in ("arr-nat", "arr-proxy"):
         mode = name.split("-")[1]
+        sections = {"limits": ARR_LIMITS}
+        if one_target:
+            sections["targets"] = single_target(cluster)
         try:
-            with handoff_cluster(cluster, mode, limits=ARR_LIMITS) as (router, agents):
-                router.wait_healthy(timeout=15)
+            with handoff_cluster(cluster, mode, **sections) as (router, agents):
+                router.wait_healthy(count=1 if one_target else None, timeout=15)
                 cfg_path = cluster.workdir / f"{router.name}.toml"
                 cfg = cfg_path.read_text() if cfg_path.exists() else ""
                 yield Running(name, [router.url] * 2, [router.proc.pid], router, cfg,
                               [a.proc.pid for a in agents if a.proc is not None])
         finally:
             clear_handoff_programs(cluster)
-    elif name == "haproxy":
-        workdir = cluster.workdir / "bench-haproxy"
+    elif name in ("haproxy", "haproxy-splice"):
+        workdir = cluster.workdir / f"bench-{name}"
         workdir.mkdir(exist_ok=True)
-        with _external(cluster, name, haproxy_config(cluster, workdir),
+        with _external(cluster, name, haproxy_config(cluster, workdir, splice=name == "haproxy-splice"),
                        lambda conf: ["haproxy", "-db", "-f", str(conf)]) as r:
             yield r
     elif name == "nginx":

@@ -2,9 +2,12 @@
 
 It attaches the target's egress program, serves the control channel (a
 HANDOFF installs the egress entry and is answered ACK only once it is in the
-map; STOP_MIRROR ends the request mirroring; RELEASE and HOLDING are the
+map; STOP_MIRROR ends the request mirroring early, which the program also
+does by itself once the request is acknowledged; RELEASE and HOLDING are the
 router's word on which connections it still routes), and ends entries with
-their connections, as the target's kernel tells it (handoff/agent_lifecycle.py).
+their connections, as the target's kernel tells it (handoff/agent_lifecycle.py):
+driven by the egress program's events, with a slow full sweep under them, so
+that its work follows what happens, not how many connections it holds.
 Like the router, it leaves its program attached and its maps pinned when it
 stops, so connections survive a restart.
 """
@@ -32,6 +35,7 @@ from handoff.agent_lifecycle import TargetConnections
 from handoff.control import (Ack, ControlServer, HandoffRequest, Holding, Nack, Release, StopMirror,
                              load_psk)
 from handoff.datapath import DEFAULT_BPF_DIR, TargetDatapath
+from handoff.libbpf import RingBuffer
 from handoff.lifecycle import local_key
 from handoff.maps import DEFAULT_CAPACITY, FLOW_ACTIVE, FlowEntry, MirrorState, Xlate
 
@@ -47,10 +51,16 @@ class AgentSettings:
     node_id: str = ""
     bpf_dir: str = DEFAULT_BPF_DIR
     instance: str | None = None
-    linger: float = 5.0
-    """How long an entry outlives its connection at the target (late
-    retransmissions); it never outlives it by more."""
-    gc_interval: float = 0.5
+    linger: float = 0.0
+    """How long an entry outlives its connection at the target; it never
+    outlives it by more. 0: the entry (and a TIME_WAIT socket) goes as soon
+    as the target's side is over, which frees the router's forwarding port at
+    once (handoff/agent_lifecycle.py says why nothing is lost)."""
+    gc_interval: float = 2.0
+    """Longest interval between two looks at a closing connection's socket."""
+    sweep_interval: float = 60.0
+    """Seconds between two full sweeps of every entry (the safety net under
+    the events: a client that vanished, a lost event)."""
     capacity: int = DEFAULT_CAPACITY
     """Handed-off connections the maps hold; HANDOFFs beyond it are refused."""
     metrics: tuple[str, int] | None = None
@@ -87,10 +97,11 @@ def load_agent_config(path: str | Path) -> AgentSettings:
     if not isinstance(interfaces, list) or not all(isinstance(i, str) for i in interfaces):
         raise ConfigError("agent.interfaces: expected a list of interface names")
     values["interfaces"] = tuple(interfaces)
-    for key in ("linger", "gc_interval"):
+    for key in ("linger", "gc_interval", "sweep_interval"):
         if key in values and (not isinstance(values[key], (int, float)) or isinstance(values[key], bool)
-                              or values[key] <= 0):
-            raise ConfigError(f"agent.{key}: must be a positive number, got {values[key]!r}")
+                              or values[key] < 0 or (values[key] == 0 and key != "linger")):
+            what = "a number >= 0" if key == "linger" else "a positive number"
+            raise ConfigError(f"agent.{key}: must be {what}, got {values[key]!r}")
     if "capacity" in values and (not isinstance(values["capacity"], int) or isinstance(values["capacity"], bool)
                                  or not 1 <= values["capacity"] <= 1 << 24):
         raise ConfigError(f"agent.capacity: must be a whole number of connections from 1 to {1 << 24}, "
@@ -128,6 +139,9 @@ class AgentMetrics:
         live = GaugeMetricFamily("arr_agent_entries", "Egress entries in the map.")
         live.add_metric([], len(agent.datapath.egress.keys()) if agent.datapath else 0)
         yield live
+        yield CounterMetricFamily("arr_agent_socket_lookups", "Exact sock_diag lookups of closing connections.",
+                                  value=agent.connections.looked if agent.connections else 0)
+        yield CounterMetricFamily("arr_agent_sweeps", "Full sweeps of every entry.", value=agent.sweeps)
         if agent.datapath is not None:
             stats = CounterMetricFamily("arr_agent_datapath_packets", "What the egress program did.",
                                         labels=["what"])
@@ -151,12 +165,15 @@ class Agent:
         self.metrics = AgentMetrics(self)
         self._metrics_server: asyncio.AbstractServer | None = None
         self._gc: asyncio.Task[None] | None = None
+        self._looks: asyncio.Task[None] | None = None
+        self._events: RingBuffer | None = None
+        self.sweeps = 0
 
     async def start(self) -> None:
         s = self.settings
         psk = load_psk(s.secret_file)
         self.datapath = TargetDatapath(s.bpf_dir, s.instance, s.capacity)
-        self.connections = TargetConnections(self.datapath, s.linger)
+        self.connections = TargetConnections(self.datapath, s.linger, look_cap=s.gc_interval)
         interfaces = list(s.interfaces) or [self._listen_interface()]
         self.datapath.attach_interfaces(interfaces)
         self.local_addresses = set(netlink.addresses(None)) | {s.listen[0]}
@@ -166,7 +183,11 @@ class Agent:
         await self.server.start()
         if s.metrics is not None:
             self._metrics_server = await serve_metrics(self.metrics, *s.metrics)
-        self._gc = asyncio.get_running_loop().create_task(self._gc_loop(), name="agent-gc")
+        loop = asyncio.get_running_loop()
+        self._events = self.datapath.events()
+        loop.add_reader(self._events.fileno(), self._on_events)
+        self._looks = loop.create_task(self.connections.run(), name="agent-looks")
+        self._gc = loop.create_task(self._gc_loop(), name="agent-gc")
         log.info("arr agent on %s:%d, egress program on %s", *s.listen, ", ".join(interfaces))
 
     def _listen_interface(self) -> str:
@@ -176,9 +197,14 @@ class Agent:
         return netlink.address_interface(None, host)[1]
 
     async def stop(self) -> None:
-        if self._gc is not None:
-            self._gc.cancel()
-            await asyncio.gather(self._gc, return_exceptions=True)
+        if self._events is not None:
+            asyncio.get_running_loop().remove_reader(self._events.fileno())
+            self._events.close()
+            self._events = None
+        for task in (self._gc, self._looks):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self.server is not None:
             await self.server.stop()
         if self._metrics_server is not None:
@@ -232,13 +258,23 @@ class Agent:
 
     # ------------------------------------------------------------ lifecycle
 
+    def _on_events(self) -> None:
+        assert self._events is not None and self.connections is not None
+        try:
+            self.connections.on_events(self._events.consume())
+        except Exception:  # events are hints: the sweep finds what one missed
+            log.exception("reading the egress program's events failed")
+
     async def _gc_loop(self) -> None:
+        """The full sweep: at start (what ended while the agent was down), then
+        every sweep_interval."""
         while True:
             try:
                 await self.sweep(time.monotonic_ns())
+                self.sweeps += 1
             except Exception:
                 log.exception("agent GC sweep failed")
-            await asyncio.sleep(self.settings.gc_interval)
+            await asyncio.sleep(self.settings.sweep_interval)
 
     async def sweep(self, now_ns: int) -> int:
         assert self.connections is not None

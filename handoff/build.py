@@ -1,7 +1,7 @@
 """Compile the BPF programs (clang -target bpf); ``python -m handoff.build``.
 
-The objects go to handoff/bpf/build/ and are rebuilt when a source or the
-shared header is newer. The Makefile's ``bpf`` target and the loaders both
+The objects go to handoff/bpf/build/ and are rebuilt when a source or any
+header (arr_handoff.h and the headers by role it includes) is newer. The Makefile's ``bpf`` target and the loaders both
 come here, so there is one set of compiler flags.
 """
 
@@ -15,7 +15,6 @@ from pathlib import Path
 SOURCE_DIR = Path(__file__).resolve().parent / "bpf"
 BUILD_DIR = SOURCE_DIR / "build"
 PROGRAMS = ("router", "target")
-HEADER = SOURCE_DIR / "arr_handoff.h"
 
 
 def _include_dirs() -> list[str]:
@@ -31,7 +30,8 @@ def object_path(name: str) -> Path:
         raise ValueError(f"no BPF program {name!r} (have: {', '.join(PROGRAMS)})")
     source = SOURCE_DIR / f"{name}.bpf.c"
     target = BUILD_DIR / f"{name}.bpf.o"
-    newest = max(source.stat().st_mtime, HEADER.stat().st_mtime)
+    # Every header counts: arr_handoff.h includes the others by role.
+    newest = max(path.stat().st_mtime for path in [source, *SOURCE_DIR.glob("*.h")])
     if not target.exists() or target.stat().st_mtime < newest:
         compile_program(source, target)
     return target

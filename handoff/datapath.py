@@ -5,6 +5,10 @@ attached with ``replace`` semantics: a restarted ``arr serve`` or ``arr
 agent`` picks up the live maps (and so every connection already handed
 off) and swaps its programs in without a gap. Stopping a process leaves the
 programs attached on purpose; ``detach`` is an explicit operator action.
+
+Each object also has an ``arr_events`` ring buffer: what its programs saw
+that the lifecycle must act on (``events``; handoff/lifecycle.py and
+handoff/agent_lifecycle.py read it from their event loops).
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from arr import netlink
 from handoff.build import object_path
-from handoff.libbpf import BpfMap, BpfObject
+from handoff.libbpf import BpfMap, BpfObject, RingBuffer
 from handoff.ports import PortRange, reservation_text
-from handoff.maps import DEFAULT_CAPACITY, STAT_NAMES, FlowEntry, FlowKey, MirrorState, StatIndex, WatchEntry
+from handoff.maps import (DEFAULT_CAPACITY, FLOW_ACTIVE, STAT_NAMES, Event, FlowEntry, FlowKey, MirrorState,
+                          StatIndex, WatchEntry)
 
 log = logging.getLogger("arr.handoff")
 
@@ -135,6 +141,10 @@ class Datapath:
         """What the programs did (per-CPU counters summed)."""
         return read_stats(self.stats_map)
 
+    def events(self) -> RingBuffer:
+        """A reader of the programs' arr_events ring buffer (close it when done)."""
+        return RingBuffer(self.obj.map_fd("arr_events"), Event)
+
     def detach(self) -> None:
         for a in self.attached:
             netlink.bpf_detach(None, a.ifname, a.direction)
@@ -149,6 +159,37 @@ class Datapath:
         shutil.rmtree(self.pin_dir, ignore_errors=True)
 
 
+class IngressMap(BpfMap[FlowKey, FlowEntry]):
+    """The router's ingress map. Writing an ACTIVE entry (the handoff's step 7)
+    also records the client's 4-tuple in the watch entry of its forwarding
+    connection, if that entry does not name it yet: the agent's GONE names the
+    forwarding connection, and with the client's 4-tuple at hand the router
+    ends both entries at once, without a walk (handoff/lifecycle.py).
+    ``on_active`` (if set) hears of every such write."""
+
+    watch: BpfMap[FlowKey, WatchEntry] | None = None
+    on_active: "Callable[[FlowKey, FlowEntry], None] | None" = None
+
+    def update(self, key: FlowKey, value: FlowEntry, flags: int = 0) -> None:
+        super().update(key, value, flags)
+        if value.state != FLOW_ACTIVE:
+            return
+        if self.watch is not None:
+            link_client(self.watch, key, value)
+        if self.on_active is not None:
+            self.on_active(key, value)
+
+
+def link_client(watch: BpfMap[FlowKey, WatchEntry], client: FlowKey, entry: FlowEntry) -> None:
+    """Name CLIENT in the watch entry of ENTRY's forwarding connection."""
+    x = entry.x
+    forward = FlowKey(x.daddr, x.saddr, x.dport, x.sport)
+    found = watch.lookup(forward)
+    if found is not None and found.conn_id == entry.conn_id and bytes(found.client) != bytes(client):
+        found.client = client
+        watch.update(forward, found)
+
+
 class RouterDatapath(Datapath):
     role = "router"
     connection_maps = ("arr_ingress", "arr_watch")
@@ -156,8 +197,9 @@ class RouterDatapath(Datapath):
     def __init__(self, bpf_dir: str | Path = DEFAULT_BPF_DIR, instance: str | None = None,
                  capacity: int = DEFAULT_CAPACITY) -> None:
         super().__init__(bpf_dir, instance, capacity)
-        self.ingress: BpfMap[FlowKey, FlowEntry] = BpfMap(self.obj.map_fd("arr_ingress"), FlowKey, FlowEntry)
         self.watch: BpfMap[FlowKey, WatchEntry] = BpfMap(self.obj.map_fd("arr_watch"), FlowKey, WatchEntry)
+        self.ingress: IngressMap = IngressMap(self.obj.map_fd("arr_ingress"), FlowKey, FlowEntry)
+        self.ingress.watch = self.watch
 
     def reserve_ports(self, forward_ports: PortRange) -> None:
         """Keep the kernel from picking forwarding ports for the router's own

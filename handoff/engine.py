@@ -14,28 +14,28 @@ import errno
 import functools
 import itertools
 import logging
-import os
 import random
 import socket
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from arr.config import HandoffSettings
 from arr.http1 import add_forwarding
-from handoff import tcpstate
-from handoff.control import (Ack, ControlClient, ControlUnavailable, HandoffRequest, Nack, Release,
-                             StopMirror)
+from arr.session import DetachError
+from handoff import fastpath, tcpstate
+from handoff.control import Ack, ControlClient, ControlUnavailable, HandoffRequest, Nack, Release
 from handoff.datapath import RouterDatapath
+from handoff.forward_pool import ForwardPool, ForwardProfile, ReadyForward
 from handoff.libbpf import BPF_NOEXIST, BpfError
 from handoff.lifecycle import PORT_QUARANTINE_NS, RouterConnections, wire_key
-from handoff.maps import (DEFAULT_CAPACITY, FLOW_ACTIVE, FLOW_HOLD, WATCH_CLOSED, WATCH_CONNECTING,
+from handoff.release import ForwardReleaser, PendingRelease
+from handoff.maps import (FLOW_ACTIVE, FLOW_HOLD, WATCH_CLOSED, WATCH_CONNECTING,
                           WATCH_HANDED_OFF, FlowEntry, FlowKey, WatchEntry, Xlate)
 from handoff.ports import PortRange, choose_port
 from handoff.translate import HandoffInputs, compute_translations, wrap
 
 if TYPE_CHECKING:
-    from collections.abc import Coroutine
-
     import h11
 
     from arr.metrics import Metrics
@@ -49,30 +49,6 @@ log = logging.getLogger("arr.handoff")
 HOLD_RACE_ROUNDS = 3
 """Times the state is read again when bytes reached the client socket while it
 was read (a segment already past tc when the hold went in)."""
-
-
-@dataclass(frozen=True)
-class HandoffSettings:
-    secret: bytes
-    node_id: str = "router"
-    bpf_dir: str = "/run/arr/bpf"
-    instance: str | None = None
-    agent_timeout: float = 1.0
-    """Longest wait for the agent's ACK before falling back."""
-    connect_timeout: float = 3.0
-    request_ack_timeout: float = 30.0
-    """Longest wait for the target to acknowledge the request before the router
-    stops retransmitting it (its kernel retransmits meanwhile)."""
-    linger: float = 2.0
-    idle_timeout: float = 300.0
-    """A connection silent for this long is checked with its agent (the
-    target's kernel decides); no timer ever ends a live connection."""
-    gc_interval: float = 1.0
-    capacity: int = DEFAULT_CAPACITY
-    """Handed-off connections the maps hold; beyond it handoffs fall back."""
-    forward_ports: PortRange = PortRange(50000, 60999)
-    """Local ports of forwarding connections, reserved from the kernel's own
-    choice (handoff/ports.py)."""
 
 
 class Fallback(Exception):
@@ -125,8 +101,12 @@ def serialize_request(request: "Request", head: "h11.Request") -> bytes:
 class RouterHandoff:
     """Implements arr.server.HandoffEngine with the BPF data path."""
 
-    def __init__(self, settings: HandoffSettings, targets: list["Target"], metrics: "Metrics") -> None:
+    def __init__(self, settings: HandoffSettings, targets: list["Target"], metrics: "Metrics", *,
+                 secret: bytes, node_id: str = "router") -> None:
         self.settings = settings
+        self.secret = secret
+        self.node_id = node_id
+        self.forward_ports = PortRange(*settings.forward_ports)
         self.metrics = metrics
         self.targets = targets
         self.datapath: RouterDatapath | None = None
@@ -135,14 +115,17 @@ class RouterHandoff:
         self._ids = itertools.count(int(time.time() * 1000) << 16)
         self._source_ip: dict[tuple[str, int], str] = {}
         self._random = random.Random()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.releaser: ForwardReleaser | None = None
+        self.pool: ForwardPool | None = None
+        self._ok = metrics.handoffs.labels("ok")
+        self._fallback = metrics.handoffs.labels("fallback")
 
     # ---------------------------------------------------------- lifecycle
 
     async def start(self, router: "Router") -> None:
         host, _ = router.config.router.listen
         self.datapath = RouterDatapath(self.settings.bpf_dir, self.settings.instance, self.settings.capacity)
-        self.datapath.reserve_ports(self.settings.forward_ports)
+        self.datapath.reserve_ports(self.forward_ports)
         from arr import netlink
 
         client_if = netlink.address_interface(None, host)[1] if host not in ("0.0.0.0", "") else \
@@ -154,7 +137,7 @@ class RouterHandoff:
         self.connections = RouterConnections(self.datapath, self.settings, self.metrics)
         for target in self.targets:
             if target.agent and target.agent not in self.agents:
-                client = ControlClient(self.settings.secret, self.settings.node_id, *target.agent,
+                client = ControlClient(self.secret, self.node_id, *target.agent,
                                        on_message=self.connections.on_agent_message,
                                        on_connect=functools.partial(self.connections.holding_sync,
                                                                     target.agent),
@@ -163,12 +146,19 @@ class RouterHandoff:
             if target.agent:
                 self.connections.route(target.address, target.agent, self.agents[target.agent])
         self.connections.start()
+        self.releaser = ForwardReleaser(self._release_forward, self.settings.request_ack_timeout)
+        counters = {result: self.metrics.forward_pool.labels(result) for result in ("hit", "miss", "stale")}
+        self.pool = pool = ForwardPool(self._open_forward, self._discard_forward, self.settings.forward_pool,
+                                       count=lambda result: counters[result].inc())
+        self.metrics.forward_pool_ready.set_function(lambda: pool.ready)  # computed at scrape time
         for client in self.agents.values():
             await client.start()
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            await asyncio.wait({task}, timeout=self.settings.request_ack_timeout)
+        if self.pool is not None:
+            await self.pool.close()
+        if self.releaser is not None:
+            await self.releaser.finish()
         for client in self.agents.values():
             await client.stop()
         if self.connections is not None:
@@ -184,9 +174,9 @@ class RouterHandoff:
         try:
             await self._hand_off(session, request, head, target.target)
         except Fallback as fallback:
-            self.metrics.handoffs.labels("fallback").inc()
+            self._fallback.inc()
             return fallback.reason
-        self.metrics.handoffs.labels("ok").inc()
+        self._ok.inc()
         self.metrics.handoff_duration.observe(time.perf_counter() - started)
         return None
 
@@ -215,20 +205,21 @@ class RouterHandoff:
         agent = self._agent(target)
         if ":" in session.peer[0] or ":" in target.host:
             raise Fallback("ipv6")  # the BPF programs translate IPv4 only
-        transport = session.writer.transport
-        client_fd = transport.get_extra_info("socket").fileno()
-        # A socket object of our own on a dup of the fd: sockopts without
-        # touching the transport's; closed (after repair mode) at the end.
-        client = socket.socket(fileno=os.dup(client_fd))
+        if session.unsent_bytes:
+            raise Fallback("unsent-data")  # the target could not retransmit them
+        # From here the engine owns the socket: the session reads and writes
+        # nothing until it is given back (reattach) or the target has it.
         try:
-            local, peer = client.getsockname()[:2], client.getpeername()[:2]
-        except OSError:
-            client.close()
+            client, held = session.detach()
+        except DetachError:
             raise Fallback("client-gone") from None
-        attempt = Attempt(client_key=FlowKey.of(peer, local), conn_id=next(self._ids))
-        transport.pause_reading()
+        attempt = Attempt(client_key=FlowKey())
         try:
-            await self._eligible(client, transport)
+            try:
+                attempt.client_key = FlowKey.of(client.getpeername()[:2], client.getsockname()[:2])
+            except OSError:
+                raise Fallback("client-gone") from None
+            await self._eligible(client)
             # The kernel hands the saved SYN out once: keep it for later
             # attempts on this connection (after a fallback, say).
             if session.saved_syn is None:
@@ -237,16 +228,15 @@ class RouterHandoff:
             info = tcpstate.tcp_basics(client)
             if info.timestamps and syn is None:
                 raise Fallback("no-saved-syn")
-            syn_info = tcpstate.parse_syn(syn) if syn else None
+            syn_info = fastpath.parse_syn(syn) if syn else None
             await self._connect(attempt, target, info, syn_info)
             self._hold(attempt, client)
             # Leaving repair mode without a window probe: reading the state
             # must not put a packet on either connection.
             c_snap = self._client_state(attempt, client)
-            f_snap = tcpstate.snapshot(attempt.forward, window_probe=False)
+            f_snap = fastpath.snapshot(attempt.forward)
             watch = self.datapath.watch.lookup(attempt.watch_key)
-            pending = _pending_bytes(session) + attempt.kernel_bytes
-            request_bytes = serialize_request(request, head) + pending
+            request_bytes = serialize_request(request, head) + held + attempt.kernel_bytes
             to_target, to_client = compute_translations(HandoffInputs(
                 client=c_snap.tcp, forward=f_snap.tcp, request_len=len(request_bytes),
                 client_syn_tsval=(syn_info.tsval or 0) if syn_info else 0,
@@ -256,59 +246,58 @@ class RouterHandoff:
                 conn_id=conn_id, key=wire_key(attempt.watch_key), translation=to_client,
                 mirror_from=f_snap.tcp.snd_nxt, mirror_until=wrap(f_snap.tcp.snd_nxt + len(request_bytes)),
                 syn_seq=wrap(f_snap.tcp.rcv_nxt - 1)))
-        except Fallback as fallback:
+        except BaseException as exc:
+            fallback = exc if isinstance(exc, Fallback) else None
+            if fallback is None and not isinstance(exc, Exception):
+                self._roll_back(attempt, agent)  # cancelled: the router is going away
+                client.close()
+                raise
+            if fallback is None:
+                log.exception("handoff to %s failed", target.name)
+                fallback = Fallback(f"error-{type(exc).__name__}")
+            returned = attempt.kernel_bytes
             if fallback.reason == "urgent-data":
-                _discard_urgent(client, session)
-            self._roll_back(attempt, session, transport, agent)
-            client.close()
-            raise
-        except Exception as exc:
-            log.exception("handoff to %s failed", target.name)
-            self._roll_back(attempt, session, transport, agent)
-            client.close()
-            raise Fallback(f"error-{type(exc).__name__}") from exc
+                returned += _discard_urgent(client)
+            self._roll_back(attempt, agent)
+            await session.reattach(client, returned)
+            if fallback is exc:
+                raise
+            raise fallback from exc
 
         # Step 7, the point of no return: client packets are now rewritten to
         # the target; the router's socket goes away without a FIN or RST.
         self.datapath.watch.update(attempt.watch_key, WatchEntry(
             state=WATCH_HANDED_OFF, rcv_nxt=f_snap.tcp.rcv_nxt,
-            target_tsval=watch.target_tsval if watch else 0, conn_id=conn_id))
+            target_tsval=watch.target_tsval if watch else 0, conn_id=conn_id, client=attempt.client_key))
         self.datapath.ingress.update(attempt.client_key, FlowEntry(
             x=Xlate.of(to_target), state=FLOW_ACTIVE, created_ns=time.monotonic_ns(),
             syn_seq=syn_info.seq if syn_info else 0, seq_next=c_snap.tcp.rcv_nxt or 1, conn_id=conn_id))
-        tcpstate.enter_repair(client)
-        transport.abort()
-        client.close()
+        tcpstate.close_silently(client)
 
-        # Step 8: the request, as the target will see it.
+        # Step 8: the request, as the target will see it; step 9 (the release
+        # of the forwarding socket once the target acknowledged it) is the
+        # releaser's, for all connections at once.
         forward = attempt.forward
-        assert forward is not None
+        assert forward is not None and self.releaser is not None
         try:
-            await asyncio.get_running_loop().sock_sendall(forward, request_bytes)
+            # A fresh connection's send buffer takes a request whole: the
+            # loop's machinery only for what does not fit.
+            try:
+                sent = forward.send(request_bytes)
+            except BlockingIOError:
+                sent = 0
+            if sent < len(request_bytes):
+                await asyncio.get_running_loop().sock_sendall(forward, memoryview(request_bytes)[sent:])
         except OSError as exc:  # the connection is the target's now; it will end it
             log.warning("sending the request to %s after the handoff failed: %s", target.name, exc)
-        self._spawn(self._release_forward(conn_id, forward, attempt.watch_key, agent))
+        self.releaser.add(PendingRelease(conn_id, forward, attempt.watch_key, agent))
 
-    def _spawn(self, coroutine: "Coroutine[object, object, None]") -> None:
-        task = asyncio.get_running_loop().create_task(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    @staticmethod
-    async def _release_at_agent(agent: ControlClient, conn_id: int, key: FlowKey) -> None:
-        try:
-            await agent.send(Release(conn_id=conn_id, key=wire_key(key)))
-        except ControlUnavailable:
-            pass  # the HOLDING sync on reconnection ends it
-
-    async def _eligible(self, client: socket.socket, transport: asyncio.BaseTransport) -> None:
+    async def _eligible(self, client: socket.socket) -> None:
         """Section 2.1 step 3: everything the router sent is acknowledged, the
         connection is established, the client has not half-closed."""
-        if transport.get_write_buffer_size():  # type: ignore[attr-defined]
-            raise Fallback("unsent-data")
         deadline = time.monotonic() + 0.05
         while True:
-            reason = tcpstate.ineligible(client)
+            reason = fastpath.ineligible(client)
             if reason != "unacked-data" or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.002)  # a keep-alive response is usually acked within an RTT
@@ -317,26 +306,52 @@ class RouterHandoff:
 
     async def _connect(self, attempt: Attempt, target: "Target", info: "tcpstate.TcpBasics",
                        syn: "tcpstate.SynInfo | None") -> None:
-        """Step 4: forwarding socket, watch entry, connect."""
-        assert self.datapath is not None
+        """Step 4: an established forwarding connection whose SYN announced
+        the client's options: from the pool when one is ready, else now."""
+        profile = ForwardProfile(mss=(syn.mss or 0) if syn else 0, sack=info.sack, timestamps=info.timestamps)
+        ready = self.pool.take(target, profile) if self.pool is not None else None
+        if ready is None:
+            ready = await self._open_forward(target, profile)
+        attempt.forward, attempt.watch_key, attempt.conn_id = ready.sock, ready.watch_key, ready.conn_id
+
+    async def _open_forward(self, target: "Target", profile: ForwardProfile) -> ReadyForward:
+        """Forwarding socket, watch entry (the BPF normalises the SYN to
+        PROFILE and records the target's SYN-ACK), connect. Cleans up after
+        itself when it fails."""
+        assert self.datapath is not None and self.connections is not None
         forward = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         forward.setblocking(False)
-        attempt.forward = forward
-        watch_key = self._bind_forward(forward, target)
+        conn_id = next(self._ids)
         try:
+            watch_key = self._bind_forward(forward, target)
             self.datapath.watch.update(watch_key, WatchEntry(
-                state=WATCH_CONNECTING, client_mss=(syn.mss or 0) if syn else 0,
-                client_sack=int(info.sack), client_ts=int(info.timestamps), conn_id=attempt.conn_id))
+                state=WATCH_CONNECTING, client_mss=profile.mss, client_sack=int(profile.sack),
+                client_ts=int(profile.timestamps), conn_id=conn_id))
         except BpfError as exc:
+            forward.close()
             raise map_fallback(exc) from None
-        attempt.watch_key = watch_key
-        assert self.connections is not None
+        except BaseException:
+            forward.close()
+            raise
+        ready = ReadyForward(forward, watch_key, conn_id)
         self.connections.in_flight.add(watch_key)
         try:
             async with asyncio.timeout(self.settings.connect_timeout):
                 await asyncio.get_running_loop().sock_connect(forward, target.address)
         except (OSError, TimeoutError):
+            self._discard_forward(ready)
             raise Fallback("target-connect") from None
+        except BaseException:
+            self._discard_forward(ready)
+            raise
+        return ready
+
+    def _discard_forward(self, ready: ReadyForward) -> None:
+        """A forwarding connection that carried nothing: an ordinary close."""
+        assert self.datapath is not None and self.connections is not None
+        ready.sock.close()
+        self.connections.in_flight.discard(ready.watch_key)
+        self.datapath.watch.delete(ready.watch_key)
 
     def _bind_forward(self, forward: socket.socket, target: "Target") -> FlowKey:
         """Bind the forwarding socket to a port of ``forward_ports`` that no
@@ -357,7 +372,7 @@ class RouterHandoff:
                                         and now - previous.closed_ns > PORT_QUARANTINE_NS)
 
         for _ in range(8):
-            port = choose_port(self.settings.forward_ports, free, self._random)
+            port = choose_port(self.forward_ports, free, self._random)
             if port is None:
                 break
             try:
@@ -386,7 +401,7 @@ class RouterHandoff:
         except BpfError as exc:
             raise map_fallback(exc) from None
         attempt.held = True
-        attempt.kernel_bytes = _drain(client)
+        attempt.kernel_bytes = fastpath.drain(client)
 
     def _client_state(self, attempt: Attempt, client: socket.socket) -> "tcpstate.ConnectionSnapshot":
         """The client socket's state, proven complete: after the read the
@@ -396,10 +411,10 @@ class RouterHandoff:
         can land while the state is read: its bytes are taken and the state
         read again; its FIN makes the connection half-closed (fallback)."""
         for _ in range(HOLD_RACE_ROUNDS):
-            snap = tcpstate.snapshot(client, window_probe=False)
-            late = _drain(client)
+            snap = fastpath.snapshot(client)
+            late = fastpath.drain(client)
             attempt.kernel_bytes += late
-            reason = tcpstate.ineligible(client)
+            reason = fastpath.ineligible(client)
             if reason is not None:
                 raise Fallback(reason)
             if not late:
@@ -421,9 +436,9 @@ class RouterHandoff:
         if not isinstance(reply, Ack):
             raise Fallback("agent-protocol")
 
-    def _roll_back(self, attempt: Attempt, session: "ClientSession", transport: asyncio.BaseTransport,
-                   agent: ControlClient | None = None) -> None:
-        """Undo whatever the attempt set up; the client connection is intact."""
+    def _roll_back(self, attempt: Attempt, agent: ControlClient | None = None) -> None:
+        """Undo whatever the attempt set up; the client connection is intact
+        (the caller gives it back to the session)."""
         assert self.datapath is not None and self.connections is not None
         if attempt.watch_key is not None:
             self.connections.in_flight.discard(attempt.watch_key)
@@ -435,12 +450,13 @@ class RouterHandoff:
                 # side of this connection never speaks to the client.
                 if attempt.watch_key is not None:  # before the close: see _release_forward
                     self.datapath.watch.update(attempt.watch_key, WatchEntry(
-                        state=WATCH_CLOSED, closed_ns=time.monotonic_ns(), conn_id=attempt.conn_id))
+                        state=WATCH_CLOSED, closed_ns=time.monotonic_ns(), conn_id=attempt.conn_id,
+                        client=attempt.client_key))
                     if agent is not None:
                         # An agent that answers late (paused, overloaded) would
                         # install the entry after the router gave up: the
                         # RELEASE behind the HANDOFF on the same stream ends it.
-                        self._spawn(self._release_at_agent(agent, attempt.conn_id, attempt.watch_key))
+                        _post(agent, Release(conn_id=attempt.conn_id, key=wire_key(attempt.watch_key)))
                 tcpstate.close_silently(attempt.forward)
             else:
                 attempt.forward.close()
@@ -448,67 +464,46 @@ class RouterHandoff:
                     self.datapath.watch.delete(attempt.watch_key)
         elif attempt.watch_key is not None:
             self.datapath.watch.delete(attempt.watch_key)
-        if attempt.kernel_bytes:
-            session.reader.feed_data(attempt.kernel_bytes)
-        transport.resume_reading()  # type: ignore[attr-defined]
 
-    async def _release_forward(self, conn_id: int, forward: socket.socket, watch_key: FlowKey,
-                               agent: ControlClient) -> None:
-        """Step 9: once the target acknowledged the request (seen through the
-        mirrored ACKs), drop the forwarding socket silently, stop the mirror."""
-        assert self.datapath is not None
-        deadline = time.monotonic() + self.settings.request_ack_timeout
-        delay = 0.001
-        while tcpstate.queued(forward)[1] and time.monotonic() < deadline:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.05)
-        if tcpstate.queued(forward)[1]:
+    def _release_forward(self, pending: PendingRelease, acknowledged: bool) -> None:
+        """Step 9 (called by the releaser): the target acknowledged the request
+        (seen through the mirrored ACKs), or the wait is over; drop the
+        forwarding socket silently, stop the mirror."""
+        assert self.datapath is not None and self.connections is not None
+        if not acknowledged:
             log.warning("connection %d: request not acknowledged after %.0fs; releasing anyway",
-                        conn_id, self.settings.request_ack_timeout)
+                        pending.conn_id, self.settings.request_ack_timeout)
         # CLOSED first, then the close: a mirrored ACK passed up to a stack
         # that no longer has the socket would make the router's kernel answer
         # the target with a RST, killing the handed-off connection.
-        entry = self.datapath.watch.lookup(watch_key)
+        entry = self.datapath.watch.lookup(pending.watch_key)
         if entry is not None:
             entry.state = WATCH_CLOSED
             entry.closed_ns = time.monotonic_ns()
-            self.datapath.watch.update(watch_key, entry)
-        tcpstate.close_silently(forward)
-        assert self.connections is not None
-        self.connections.in_flight.discard(watch_key)
-        try:
-            await agent.send(StopMirror(conn_id=conn_id, key=wire_key(watch_key)))
-        except ControlUnavailable:
-            pass  # the agent drops the mirror state with the entry
+            self.datapath.watch.update(pending.watch_key, entry)
+        tcpstate.close_silently(pending.forward)
+        self.connections.in_flight.discard(pending.watch_key)
+        # No STOP_MIRROR: the target's program ends the mirror by itself once
+        # the request is acknowledged (handoff/bpf/target.bpf.c, a short tail
+        # for a lost mirrored ACK), which saves a message per handoff.
 
 
-def _drain(client: socket.socket) -> bytes:
-    """Whatever the kernel has queued on the client socket, without blocking."""
-    chunks = []
-    while tcpstate.queued(client)[0]:
-        try:
-            chunks.append(client.recv(65536, socket.MSG_DONTWAIT))
-        except BlockingIOError:
-            break
-    return b"".join(chunks)
+def _post(agent: ControlClient, message: Release) -> None:
+    """Fire and forget; an agent that is down learns it through the HOLDING
+    sync when it is back."""
+    try:
+        agent.post(message)
+    except ControlUnavailable:
+        pass
 
 
-def _discard_urgent(client: socket.socket, session: "ClientSession") -> None:
+def _discard_urgent(client: socket.socket) -> bytes:
     """HTTP has no use for TCP urgent data, but an unread urgent byte makes the
     eventual close() a RST. Take it out of band, then read past its place in
-    the stream (any ordinary bytes read go back to the session, in order)."""
+    the stream; the ordinary bytes read are returned (they go back to the
+    session, in order)."""
     try:
         client.recv(1, socket.MSG_OOB)
-        following = client.recv(65536, socket.MSG_DONTWAIT)
+        return client.recv(65536, socket.MSG_DONTWAIT)
     except (BlockingIOError, OSError):
-        return
-    if following:
-        session.reader.feed_data(following)
-
-
-def _pending_bytes(session: "ClientSession") -> bytes:
-    """Bytes the client sent after this request that userspace already read:
-    they are part of the stream and go to the target after the request."""
-    trailing, _closed = session.conn.trailing_data
-    buffered = bytes(getattr(session.reader, "_buffer", b""))  # StreamReader keeps no public view
-    return bytes(trailing) + buffered
+        return b""

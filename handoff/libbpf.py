@@ -21,6 +21,11 @@ K = TypeVar("K", bound=ctypes.Structure)
 V = TypeVar("V", bound=ctypes.Structure)
 
 
+try:
+    from handoff import _fastpath as _fast
+except ImportError:  # not built: libbpf serves (handoff/fastpath.py)
+    _fast = None  # type: ignore[assignment]
+
 class BpfError(OSError):
     pass
 
@@ -55,6 +60,12 @@ def _load_library() -> ctypes.CDLL:
         "bpf_map_delete_elem": (c_int, [c_int, c_void_p]),
         "bpf_map_get_next_key": (c_int, [c_int, c_void_p, c_void_p]),
         "bpf_prog_test_run_opts": (c_int, [c_int, c_void_p]),
+        "bpf_map_lookup_batch": (c_int, [c_int, c_void_p, c_void_p, c_void_p, c_void_p,
+                                         ctypes.POINTER(c_uint32), c_void_p]),
+        "ring_buffer__new": (c_void_p, [c_int, c_void_p, c_void_p, c_void_p]),
+        "ring_buffer__epoll_fd": (c_int, [c_void_p]),
+        "ring_buffer__consume": (c_int, [c_void_p]),
+        "ring_buffer__free": (None, [c_void_p]),
         "libbpf_set_print": (c_void_p, [c_void_p]),
     }
     for fn, (restype, argtypes) in signatures.items():
@@ -205,7 +216,37 @@ class BpfMap(Generic[K, V]):
         _check(fd, f"opening pinned map {path}")
         return cls(fd, key_type, value_type, owned=True)
 
+    # lookup/update/delete run once or more per handoff: through the compiled
+    # accelerator (handoff/_fastpath.c, the same BPF_MAP_*_ELEM syscalls)
+    # when it is built, else through libbpf. The *_libbpf methods are the
+    # reference tests/bpf/test_fastpath_maps.py compares them with.
+
     def lookup(self, key: K) -> V | None:
+        if _fast is None:
+            return self.lookup_libbpf(key)
+        value = self.value_type()
+        try:
+            return value if _fast.map_lookup(self.fd, key, value) else None
+        except OSError as exc:
+            raise BpfError(exc.errno, f"map lookup: {os.strerror(exc.errno)}") from None
+
+    def update(self, key: K, value: V, flags: int = BPF_ANY) -> None:
+        if _fast is None:
+            return self.update_libbpf(key, value, flags)
+        try:
+            _fast.map_update(self.fd, key, value, flags)
+        except OSError as exc:
+            raise BpfError(exc.errno, f"map update: {os.strerror(exc.errno)}") from None
+
+    def delete(self, key: K) -> bool:
+        if _fast is None:
+            return self.delete_libbpf(key)
+        try:
+            return _fast.map_delete(self.fd, key)
+        except OSError as exc:
+            raise BpfError(exc.errno, f"map delete: {os.strerror(exc.errno)}") from None
+
+    def lookup_libbpf(self, key: K) -> V | None:
         value = self.value_type()
         rc = self._lib.bpf_map_lookup_elem(self.fd, ctypes.byref(key), ctypes.byref(value))
         if rc < 0:
@@ -214,11 +255,11 @@ class BpfMap(Generic[K, V]):
             _check(rc, "map lookup")
         return value
 
-    def update(self, key: K, value: V, flags: int = BPF_ANY) -> None:
+    def update_libbpf(self, key: K, value: V, flags: int = BPF_ANY) -> None:
         _check(self._lib.bpf_map_update_elem(self.fd, ctypes.byref(key), ctypes.byref(value), flags),
                "map update")
 
-    def delete(self, key: K) -> bool:
+    def delete_libbpf(self, key: K) -> bool:
         rc = self._lib.bpf_map_delete_elem(self.fd, ctypes.byref(key))
         if rc < 0:
             if rc == -errno.ENOENT or ctypes.get_errno() == errno.ENOENT:
@@ -240,6 +281,16 @@ class BpfMap(Generic[K, V]):
         return keys
 
     def items(self) -> list[tuple[K, V]]:
+        """Every entry: in batches of BATCH entries per system call
+        (BPF_MAP_LOOKUP_BATCH), else key by key. A walk is not a snapshot:
+        entries added or deleted meanwhile may or may not be in it."""
+        if self._batch_ok:
+            try:
+                return self._items_batched()
+            except BpfError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise
+                self._batch_ok = False  # a map type or kernel without batches
         found = []
         for key in self.keys():
             value = self.lookup(key)
@@ -247,10 +298,86 @@ class BpfMap(Generic[K, V]):
                 found.append((key, value))
         return found
 
+    BATCH = 4096
+    _batch_ok = True
+
+    def _items_batched(self) -> list[tuple[K, V]]:
+        size = self.BATCH
+        keys = (self.key_type * size)()
+        values = (self.value_type * size)()
+        # The position token: a bucket index for hash maps (u32); room for a key.
+        tokens = [ctypes.create_string_buffer(max(8, ctypes.sizeof(self.key_type))) for _ in range(2)]
+        found: list[tuple[K, V]] = []
+        position = None
+        while True:
+            count = ctypes.c_uint32(size)
+            rc = self._lib.bpf_map_lookup_batch(self.fd, position, tokens[0], keys, values,
+                                                ctypes.byref(count), None)
+            err = 0
+            if rc < 0:
+                err = -rc if rc < -1 else ctypes.get_errno()
+                if err == errno.ENOSPC and size < (1 << 20):  # a bucket larger than a batch
+                    size *= 4
+                    keys, values = (self.key_type * size)(), (self.value_type * size)()
+                    continue
+                if err != errno.ENOENT:
+                    raise BpfError(err, f"map lookup batch: {os.strerror(err)}")
+            n = count.value
+            found += zip(keys[:n], values[:n])  # views of this batch's arrays: no copies
+            if err == errno.ENOENT:
+                return found
+            keys, values = (self.key_type * size)(), (self.value_type * size)()
+            tokens.reverse()
+            position = tokens[1]
+
     def close(self) -> None:
         if self._owned and self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+_SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+
+
+class RingBuffer:
+    """A BPF ring buffer map read with libbpf: ``fileno()`` becomes readable
+    when records are waiting (add it to an event loop), ``consume()`` returns
+    them, each as a RECORD_TYPE structure."""
+
+    def __init__(self, map_fd: int, record_type: Type[V]) -> None:
+        self.record_type = record_type
+        self._records: list[V] = []
+        size = ctypes.sizeof(record_type)
+
+        def sample(_ctx: int, data: int, length: int) -> int:
+            if length >= size:
+                self._records.append(record_type.from_buffer_copy(ctypes.string_at(data, size)))
+            return 0
+
+        self._callback = _SAMPLE_FN(sample)  # kept alive as long as the ring buffer
+        self._lib = lib()
+        handle = self._lib.ring_buffer__new(map_fd, ctypes.cast(self._callback, ctypes.c_void_p), None, None)
+        if not handle:
+            code = ctypes.get_errno() or errno.EINVAL
+            raise BpfError(code, f"ring buffer: {os.strerror(code)}")
+        self._rb: int | None = handle
+
+    def fileno(self) -> int:
+        assert self._rb is not None
+        return _check(self._lib.ring_buffer__epoll_fd(self._rb), "ring buffer epoll fd")
+
+    def consume(self) -> list[V]:
+        """Every record waiting, oldest first (never blocks)."""
+        if self._rb is None:
+            return []
+        _check(self._lib.ring_buffer__consume(self._rb), "ring buffer consume")
+        records, self._records = self._records, []
+        return records
+
+    def close(self) -> None:
+        if self._rb:
+            self._lib.ring_buffer__free(self._rb)
+            self._rb = None
 
 
 class _TestRunOpts(ctypes.Structure):

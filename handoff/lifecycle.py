@@ -1,20 +1,37 @@
 """After the handoff: when the router forgets a connection (blueprint 2.2, 2.3).
 
-An entry describes one connection and ends with it, never later than a linger:
+An entry describes one connection and ends with it:
 
 * the target's side is over: the agent asks the target's kernel (sock_diag) and,
   once no live socket is left and its own entry is gone, reports CLOSED with
-  ``CLOSED_TARGET_GONE``. The router then deletes its ingress entry and the
-  watch entry, which frees the forwarding port.
+  ``CLOSED_TARGET_GONE``. The router acts on it at once: the watch entry of the
+  forwarding connection names the client's 4-tuple, so the ingress entry is
+  deleted, and then (never before) the watch entry, which frees the
+  forwarding port. Reusing the port at once is safe: the target holds
+  nothing on the 4-tuple any more (its agent destroyed a TIME_WAIT socket
+  before reporting, which would otherwise refuse the router's next SYN by
+  PAWS, RFC 6191: translated TSvals ran M ahead of the router's clock), and
+  no entry translates the old client's late packets onto it (they reach the
+  router's stack, whose RST ends whatever the client had left, e.g. a
+  retransmitted FIN in LAST_ACK);
 * a new connection took the client's 4-tuple: the router's BPF marks the entry
-  ENDED at the new SYN and lets the SYN through to the router's stack; the
-  sweep tells the agent (RELEASE: it ends the target's side) and deletes the
-  entry.
-* with no agent to ask (down or unreachable): a client RST plus ``linger``;
-  the watch entry of a released port after ``PORT_QUARANTINE_NS``.
+  ENDED at the new SYN, lets the SYN through to the router's stack and reports
+  it (ring buffer); the router tells the agent (RELEASE: it ends the target's
+  side) and deletes the entry;
+* the client's RST: reported by the BPF as it passes; the router asks the
+  agent at once (HOLDING, not complete: the target's kernel sends nothing its
+  agent would see). With no agent to ask (down or unreachable): the RST plus
+  ``linger`` ends it; the watch entry of a released port goes after
+  ``PORT_QUARANTINE_NS``.
 
 Silence ends nothing: an entry idle for ``idle_timeout`` is put to its agent
 (HOLDING), which answers GONE only if the target's kernel has no live socket.
+
+The work follows what happens, not how many connections are held: events from
+the ingress program (``arr_events``) and the agents' reports drive it; a slow
+full sweep every ``SWEEP_INTERVAL`` (maps read in batches) does what no event
+names (silent connections, handoffs a dead router process left, quarantines
+over, events lost).
 
 Every new control connection starts with the router's list of what it holds
 for that agent (HOLDING, complete): the agent ends the entries the router no
@@ -28,28 +45,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 from handoff.control import (CLOSED_TARGET_GONE, MAX_HOLDING_KEYS, Closed, ControlClient,
                              ControlUnavailable, Holding, Message, Release)
 from handoff.control import FlowKey as WireKey
-from handoff.maps import (FLOW_ACTIVE, FLOW_ENDED, FLOW_F_RST, FLOW_HOLD, WATCH_CLOSED, FlowEntry,
-                          FlowKey)
+from handoff.maps import (EV_NEW_SYN, EV_RST, FLOW_ACTIVE, FLOW_ENDED, FLOW_F_RST, FLOW_HOLD, WATCH_CLOSED,
+                          Event, FlowEntry, FlowKey)
 
 if TYPE_CHECKING:
     from arr.metrics import Metrics
     from handoff.datapath import RouterDatapath
-    from handoff.engine import HandoffSettings
+    from arr.config import HandoffSettings
+    from handoff.libbpf import RingBuffer
 
 log = logging.getLogger("arr.handoff")
 
 HOLD_STALE_S = 10.0
 """A HOLD entry older than this belongs to a router that died mid-handoff."""
-WATCH_SWEEP_EVERY = 10
-"""Sweeps between two walks of the watch map: its entries go on the agents'
-GONE as it arrives; the walk only finds quarantines over and entries a dead
-router process left (a full walk each second would cost the router CPU in
-proportion to the connections it holds)."""
+SWEEP_INTERVAL = 30.0
+"""Seconds between two full sweeps of the ingress and watch maps."""
+WATCH_SWEEP_EVERY = 4
+"""Full sweeps between two walks of the watch map: its entries go on the
+agents' GONE as it arrives; the walk only finds quarantines over and entries
+a dead router process left."""
 PORT_QUARANTINE_NS = 65 * 10**9
 """Without the agent's word, a released forwarding port is not reused towards
 the same target for this long: the target may still hold the 4-tuple
@@ -86,26 +105,34 @@ def holding_messages(connections: list[tuple[int, WireKey]], complete: bool) -> 
             for i, chunk in enumerate(chunks)]
 
 
+def _known(key: FlowKey) -> bool:
+    return any(bytes(key))
+
+
 class RouterConnections:
+    sweep_interval = SWEEP_INTERVAL
+
     def __init__(self, datapath: "RouterDatapath", settings: "HandoffSettings", metrics: "Metrics") -> None:
         self.datapath = datapath
         self.settings = settings
         self.metrics = metrics
         self.gone: dict[int, int] = {}
-        """Connections (conn_id) whose target side the agents reported gone, and
-        when, until swept."""
+        """Connections (conn_id) the agents reported gone whose ingress entry
+        could not be found from the report (a watch entry that does not name
+        the client), and when: the next sweep ends them."""
         self.in_flight: set[FlowKey] = set()
         """Watch keys of handoffs under way in this process (the engine's)."""
-        self.released: dict[int, FlowKey] = {}
-        """Connections whose ingress entry is gone while the target's side may
-        live on, and their forwarding key: the port is freed on the agent's GONE."""
         self._checked: dict[int, int] = {}
         """Silent connections put to their agent, and when (bounded by the map)."""
         self._agent_of: dict[Address, ControlClient] = {}
         self._targets_of: dict[Address, set[Address]] = {}
         self._outbox: list[tuple[ControlClient, Message]] = []
         self._sweeps = 0
+        self._live = 0
         self._task: asyncio.Task[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self._events: "RingBuffer | None" = None
+        datapath.ingress.on_active = self._installed
 
     def route(self, target: Address, agent_address: Address, agent: ControlClient) -> None:
         """TARGET's connections are the business of the agent at AGENT_ADDRESS."""
@@ -113,12 +140,24 @@ class RouterConnections:
         self._targets_of.setdefault(agent_address, set()).add(target)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._gc_loop(), name="handoff-gc")
+        loop = asyncio.get_running_loop()
+        self._events = self.datapath.events()
+        loop.add_reader(self._events.fileno(), self._read_events)
+        self._task = loop.create_task(self._gc_loop(), name="handoff-gc")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        if self._events is not None:
+            asyncio.get_running_loop().remove_reader(self._events.fileno())
+            self._events.close()
+            self._events = None
+        for task in (self._task, self._flusher):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    def _installed(self, _key: FlowKey, _entry: FlowEntry) -> None:
+        self._live += 1
+        self.metrics.handed_off.set(self._live)
 
     # ---------------------------------------------------------- the agents' side
 
@@ -132,18 +171,29 @@ class RouterConnections:
     def on_agent_message(self, message: Any) -> None:
         """CLOSED from an agent: with GONE, the connection is over at the target."""
         if isinstance(message, Closed) and message.flags & CLOSED_TARGET_GONE:
-            key = self.released.pop(message.conn_id, None)
-            if key is not None:
-                # No ingress entry translates onto the 4-tuple any more and the
-                # target holds nothing on it: the port is free. (Otherwise the
-                # sweep deletes the ingress entry first, then the watch entry:
-                # a port reused while an old entry still pointed at it would
-                # carry the old client's late packets into the new connection.)
-                watch = self.datapath.watch.lookup(key)
-                if watch is not None and watch.conn_id == message.conn_id:
-                    self.datapath.watch.delete(key)
-            else:
-                self.gone[message.conn_id] = time.monotonic_ns()
+            self.target_gone(message.conn_id, local_key(message.key))
+
+    def target_gone(self, conn_id: int, forward: FlowKey) -> None:
+        """The agent says connection CONN_ID on FORWARD is over at the target
+        and its entry gone: end the ingress entry, then free the port."""
+        watch = self.datapath.watch.lookup(forward)
+        if watch is None or watch.conn_id != conn_id:
+            # The port is free already, or another connection's by now (a
+            # late report must never touch it). An ingress entry of CONN_ID,
+            # if any is left, is found by the sweep.
+            self.gone[conn_id] = time.monotonic_ns()
+            return
+        if not _known(watch.client):
+            self.gone[conn_id] = time.monotonic_ns()  # the sweep ends the ingress entry, then frees the port
+            return
+        entry = self.datapath.ingress.lookup(watch.client)
+        if entry is not None and entry.conn_id == conn_id and entry.state != FLOW_HOLD:
+            self.datapath.ingress.delete(watch.client)
+            self._counted_end(conn_id, "reset" if entry.flags & FLOW_F_RST else "closed")
+        # No ingress entry translates onto the 4-tuple any more and the target
+        # holds nothing on it: the port is free.
+        self.datapath.watch.delete(forward)
+        self.gone.pop(conn_id, None)
 
     def end_replaced(self, client_key: FlowKey, entry: FlowEntry) -> None:
         """A new connection on CLIENT_KEY is being handed off over an old entry."""
@@ -151,6 +201,53 @@ class RouterConnections:
             self.datapath.ingress.delete(client_key)
         else:
             self._release(client_key, entry, "new-syn")
+
+    # ---------------------------------------------------------- events
+
+    def _read_events(self) -> None:
+        assert self._events is not None
+        try:
+            self.on_events(self._events.consume())
+        except Exception:  # events are hints: the sweep finds what one missed
+            log.exception("reading the ingress program's events failed")
+
+    def on_events(self, events: Iterable[Event]) -> None:
+        """The ingress program's reports: a new SYN ended an entry; the client's RST."""
+        asks: dict[ControlClient, list[tuple[int, WireKey]]] = {}
+        for event in events:
+            key = FlowKey.from_buffer_copy(event.key)
+            entry = self.datapath.ingress.lookup(key)
+            if entry is None or entry.conn_id != event.conn_id:
+                continue  # over already
+            if event.kind == EV_NEW_SYN and entry.state == FLOW_ENDED:
+                self._release(key, entry, "new-syn")
+            elif event.kind == EV_RST and entry.state == FLOW_ACTIVE:
+                agent = self._agent_of.get(target_of(entry))
+                if agent is not None and agent.connected:
+                    asks.setdefault(agent, []).append((entry.conn_id, wire_key(forward_key_of(entry))))
+                else:
+                    asyncio.get_running_loop().call_later(self.settings.linger, self._reset_over, key,
+                                                          entry.conn_id)
+        for agent, connections in asks.items():
+            self._outbox += [(agent, m) for m in holding_messages(connections, complete=False)]
+        self._flush_soon()
+
+    def _reset_over(self, key: FlowKey, conn_id: int) -> None:
+        """The client reset CONN_ID ``linger`` ago: with no agent to ask, forget it."""
+        entry = self.datapath.ingress.lookup(key)
+        if entry is None or entry.conn_id != conn_id or entry.state != FLOW_ACTIVE:
+            return
+        agent = self._agent_of.get(target_of(entry))
+        if agent is not None and agent.connected:
+            self._outbox.append((agent, Holding(((conn_id, wire_key(forward_key_of(entry))),),
+                                                complete=False, last=True)))
+            self._flush_soon()
+        else:
+            self._forget(key, entry, "reset")
+
+    def _flush_soon(self) -> None:
+        if self._outbox and (self._flusher is None or self._flusher.done()):
+            self._flusher = asyncio.get_running_loop().create_task(self.flush())
 
     # ---------------------------------------------------------- the sweep
 
@@ -161,17 +258,18 @@ class RouterConnections:
                 await self.flush()
             except Exception:  # a sweep must never kill the router
                 log.exception("handoff GC sweep failed")
-            await asyncio.sleep(self.settings.gc_interval)
+            await asyncio.sleep(self.sweep_interval)
 
     async def flush(self) -> None:
-        """Send what the sweep has for the agents (an agent that is down hears
+        """Send what is queued for the agents (an agent that is down hears
         of it through the HOLDING sync when it is back)."""
-        outbox, self._outbox = self._outbox, []
-        for agent, message in outbox:
-            try:
-                await agent.send(message)
-            except ControlUnavailable:
-                pass
+        while self._outbox:
+            outbox, self._outbox = self._outbox, []
+            for agent, message in outbox:
+                try:
+                    await agent.send(message)
+                except ControlUnavailable:
+                    pass
 
     def sweep(self, now_ns: int) -> int:
         """Delete the entries of connections that are over; return how many."""
@@ -194,8 +292,6 @@ class RouterConnections:
                 removed += 1
                 continue
             forward = forward_key_of(entry)
-            seen.add(forward)
-            live_ids.add(entry.conn_id)
             agent = self._agent_of.get(forward.src)
             if entry.conn_id in self.gone:
                 self._forget(client_key, entry, "reset" if entry.flags & FLOW_F_RST else "closed")
@@ -205,6 +301,8 @@ class RouterConnections:
                 removed += 1
             else:
                 live += 1
+                seen.add(forward)
+                live_ids.add(entry.conn_id)
                 if idle > idle_ns and agent is not None and now_ns - self._checked.get(entry.conn_id, 0) > idle_ns:
                     self._checked[entry.conn_id] = now_ns
                     silent.setdefault(agent, []).append((entry.conn_id, wire_key(forward)))
@@ -213,11 +311,15 @@ class RouterConnections:
         if self._sweeps % WATCH_SWEEP_EVERY == 0:
             self._sweep_watch(now_ns, seen)
         self._sweeps += 1
-        # Reports about connections this router holds nothing of must not pile up.
-        self.gone = {c: t for c, t in self.gone.items() if c in live_ids and now_ns - t < linger_ns + idle_ns}
-        if len(self.released) > self.datapath.capacity:  # reports lost: the watch walk frees them
-            self.released.clear()
+        # Reports kept for the sweeps (a watch entry that does not name its
+        # client: a rolled-back handoff's) must not pile up: kept until the
+        # next watch walk has seen them, and never more than the map holds.
+        keep_ns = int((WATCH_SWEEP_EVERY + 1) * self.sweep_interval * 1e9)
+        self.gone = {c: t for c, t in self.gone.items() if now_ns - t < keep_ns}
+        if len(self.gone) > self.datapath.capacity:
+            self.gone.clear()
         self._checked = {c: t for c, t in self._checked.items() if c in live_ids}
+        self._live = live
         self.metrics.handed_off.set(live)
         return removed
 
@@ -232,7 +334,6 @@ class RouterConnections:
                 if watch.conn_id in self.gone or (watch.closed_ns and now_ns - watch.closed_ns > PORT_QUARANTINE_NS):
                     self.datapath.watch.delete(key)
                     self.gone.pop(watch.conn_id, None)
-                    self.released.pop(watch.conn_id, None)
             elif key not in live and key not in self.in_flight:
                 watch.state = WATCH_CLOSED
                 watch.closed_ns = now_ns
@@ -245,7 +346,15 @@ class RouterConnections:
         agent = self._agent_of.get(target_of(entry))
         if agent is not None:
             self._outbox.append((agent, Release(conn_id=entry.conn_id, key=wire_key(forward_key_of(entry)))))
+            self._flush_soon_if_running()
         self._forget(client_key, entry, why)
+
+    def _flush_soon_if_running(self) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # called outside the event loop (a test's sweep): flush() sends it
+        self._flush_soon()
 
     def _forget(self, client_key: FlowKey, entry: FlowEntry, why: str) -> None:
         """Delete the ingress entry; then (never before) free its port if the
@@ -256,14 +365,20 @@ class RouterConnections:
         if watch is not None and watch.conn_id == entry.conn_id:
             if entry.conn_id in self.gone:
                 self.datapath.watch.delete(forward)
-            else:
+            elif watch.state != WATCH_CLOSED or not _known(watch.client):
                 # CLOSED drops the target's late packets and keeps the port
-                # taken until the agent's GONE (or the quarantine).
+                # taken until the agent's GONE (or the quarantine); the
+                # client's 4-tuple lets that GONE free it at once.
                 if watch.state != WATCH_CLOSED:
                     watch.state = WATCH_CLOSED
                     watch.closed_ns = time.monotonic_ns()
-                    self.datapath.watch.update(forward, watch)
-                self.released[entry.conn_id] = forward
+                watch.client = client_key
+                self.datapath.watch.update(forward, watch)
         self.gone.pop(entry.conn_id, None)
-        self._checked.pop(entry.conn_id, None)
+        self._counted_end(entry.conn_id, why)
+
+    def _counted_end(self, conn_id: int, why: str) -> None:
+        self._checked.pop(conn_id, None)
+        self._live = max(0, self._live - 1)
+        self.metrics.handed_off.set(self._live)
         self.metrics.handoff_closed.labels(why).inc()

@@ -1,7 +1,9 @@
-"""The map layouts of handoff/bpf/arr_handoff.h, field for field, in ctypes.
+"""The map layouts of handoff/bpf/arr_structs.h, field for field, in ctypes,
+and the numbers of handoff/bpf/arr_consts.h userspace needs.
 
 tests/unit/test_bpf_layout.py checks these sizes and offsets against the
-BTF of the compiled objects, so the two cannot drift apart silently.
+BTF of the compiled objects, and the numbers against the headers, so the two
+cannot drift apart silently.
 """
 
 from __future__ import annotations
@@ -22,7 +24,15 @@ WATCH_OPT_SACK, WATCH_OPT_TS, WATCH_OPT_WSCALE = 1, 2, 4
 
 STAT_NAMES = ("rewritten", "held", "redirect_neigh", "fib_failed", "parse_skipped", "mirrored",
               "mirror_trimmed", "syn_normalised", "synack_recorded", "rewrite_failed",
-              "dropped_after_close", "ended_by_syn", "stale_syn", "out_of_window", "passed_ended")
+              "dropped_after_close", "ended_by_syn", "stale_syn", "out_of_window", "passed_ended",
+              "events_lost", "mirror_done")
+EV_FIN, EV_RST, EV_NEW_SYN, EV_AFTER_FIN = 1, 2, 3, 4
+"""enum arr_event_kind: what an event of the arr_events ring buffer reports."""
+EVENTS_BYTES = 256 * 1024
+"""ARR_EVENTS_BYTES of the header: the ring buffer's size."""
+MIRROR_TAIL_ACKS = 8
+MIRROR_TAIL_NS = 4 * 10**9
+"""ARR_MIRROR_TAIL_*: the mirror's tail once the request is acknowledged."""
 
 
 def _ip(text: str) -> int:
@@ -95,7 +105,8 @@ class FlowEntry(ctypes.Structure):
 
 
 class MirrorState(ctypes.Structure):
-    _fields_ = [("mirror_until", ctypes.c_uint32), ("mirrored_ack", ctypes.c_uint32)]
+    _fields_ = [("mirror_until", ctypes.c_uint32), ("mirrored_ack", ctypes.c_uint32),
+                ("tail_acks", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("acked_ns", ctypes.c_uint64)]
 
 
 class WatchEntry(ctypes.Structure):
@@ -105,7 +116,14 @@ class WatchEntry(ctypes.Structure):
                 ("synack_mss", ctypes.c_uint16), ("synack_wscale", ctypes.c_uint8),
                 ("synack_opts", ctypes.c_uint8), ("pad", ctypes.c_uint32),
                 ("mirrored", ctypes.c_uint64), ("syn_rewrites", ctypes.c_uint64),
-                ("closed_ns", ctypes.c_uint64), ("conn_id", ctypes.c_uint64)]
+                ("closed_ns", ctypes.c_uint64), ("conn_id", ctypes.c_uint64),
+                ("client", FlowKey), ("pad2", ctypes.c_uint32)]
+
+
+class Event(ctypes.Structure):
+    """struct arr_event: one record of the arr_events ring buffer."""
+
+    _fields_ = [("key", FlowKey), ("kind", ctypes.c_uint32), ("conn_id", ctypes.c_uint64)]
 
 
 class StatIndex(ctypes.Structure):

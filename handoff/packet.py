@@ -13,8 +13,10 @@ module says what happens to the *bytes* of an Ethernet/IPv4/TCP frame, as
 * :func:`set_macs` writes the next hop's MACs (what ``forward`` does after the
   FIB lookup); :func:`forward` is both, with the verdict.
 * :func:`normalise_syn` is the router's egress SYN normalisation,
-  :func:`trim_mirror` turns a mirrored copy into a pure ACK, and
-  :func:`mirror_decision` says whether the target clones a packet.
+  :func:`trim_mirror` turns a mirrored copy into a pure ACK,
+  :func:`mirror_decision` says whether the target clones a packet while the
+  request is not yet acknowledged, and :func:`mirror_step` is the whole
+  mirror, its bounded tail and its end included.
 
 Checksums. The kernel helpers (``csum_replace4``, ``inet_proto_csum_replace*``,
 ``bpf_csum_diff``) compute ``HC' = ~(~HC + ~m + m')`` (RFC 1624 eqn. 3) with
@@ -404,3 +406,70 @@ def mirror_decision(frame: bytes, mirror_until: int, mirrored_ack: int) -> tuple
     if not advances and p.payload_len:
         return False, mirrored_ack
     return True, ack if advances else mirrored_ack
+
+
+MIRROR_TAIL_ACKS = 8
+MIRROR_TAIL_NS = 4 * 10**9
+"""ARR_MIRROR_TAIL_* of arr_handoff.h (handoff/maps.py has them too)."""
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """struct mirror_state: what the target's mirror of one connection knows."""
+
+    mirror_until: int
+    mirrored_ack: int
+    tail_acks: int = 0
+    acked_ns: int = 0
+    """When the request was all acknowledged (0: not yet)."""
+
+
+def mirror_step(frame: bytes, m: Mirror, now_ns: int) -> tuple[bool, Mirror | None]:
+    """Target egress with a mirror state: (clone this packet to the router, the
+    state afterwards; None: the mirror is over and its state deleted).
+
+    Until the request is all acknowledged, as :func:`mirror_decision`; the
+    packet whose ack reaches ``mirror_until`` starts the tail (``acked_ns`` =
+    now). In the tail only pure ACKs are cloned, at most MIRROR_TAIL_ACKS of
+    them and only for MIRROR_TAIL_NS: the first pure ACK past either bound
+    ends the mirror (not cloned). Timestamps are never 0 (0 is "not yet")."""
+    p = parse(frame)
+    if p is None:
+        raise ValueError("not a TCP/IPv4 frame the programs look at")
+    if m.acked_ns:
+        if p.payload_len:
+            return False, m
+        if m.tail_acks >= MIRROR_TAIL_ACKS or now_ns - m.acked_ns > MIRROR_TAIL_NS:
+            return False, None
+        return True, Mirror(m.mirror_until, m.mirrored_ack, m.tail_acks + 1, m.acked_ns)
+    clone, ack = mirror_decision(frame, m.mirror_until, m.mirrored_ack)
+    acked_ns = m.acked_ns
+    if ack != m.mirrored_ack and not seq_after(m.mirror_until, ack):
+        acked_ns = now_ns | 1
+    return clone, Mirror(m.mirror_until, ack, m.tail_acks, acked_ns)
+
+
+EV_FIN, EV_RST, EV_NEW_SYN, EV_AFTER_FIN = 1, 2, 3, 4
+"""enum arr_event_kind."""
+ROUTER_EVENTS = frozenset({EV_RST})
+TARGET_EVENTS = frozenset({EV_FIN, EV_RST, EV_AFTER_FIN})
+"""What each program reports of the packets it rewrites (besides EV_NEW_SYN,
+which both report when a SYN ends an entry)."""
+
+
+def entry_event(frame: bytes, flags_before: int, reported: frozenset[int]) -> int | None:
+    """The event a rewritten (non-SYN) packet reports, given the entry's flags
+    before it (FLOW_F_FIN 1, FLOW_F_RST 2): the first RST; else, once the
+    entry has a FIN, every packet (EV_AFTER_FIN); else the first FIN."""
+    p = parse(frame)
+    if p is None:
+        raise ValueError("not a TCP/IPv4 frame the programs look at")
+    if p.flags & TCPF_RST:
+        kind = None if flags_before & 2 else EV_RST
+    elif flags_before & 1:
+        kind = EV_AFTER_FIN
+    elif p.flags & TCPF_FIN:
+        kind = EV_FIN
+    else:
+        kind = None
+    return kind if kind in reported else None

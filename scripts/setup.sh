@@ -39,13 +39,22 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # Reinstall only when the project's metadata changed since the last install.
 stamp=.venv/.arr-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
   .venv/bin/python -m pip install -q -e '.[dev]'
   touch "$stamp"
 fi
 if [ "$bench" = 1 ] && ! .venv/bin/python -c "import matplotlib, rich" 2>/dev/null; then
   .venv/bin/python -m pip install -q -e '.[dev,bench]'
+fi
+# py-spy (a wheel with its binary): the benchmark's profile of the arr-nat router.
+if [ "$bench" = 1 ] && [ ! -x .venv/bin/py-spy ]; then
+  .venv/bin/python -m pip install -q py-spy
+fi
+# The compiled accelerator (handoff/_fastpath.c, see handoff/fastpath.py), in place, when stale.
+fastpath=$(ls handoff/_fastpath.*.so 2>/dev/null | head -1 || true)
+if [ -z "$fastpath" ] || [ handoff/_fastpath.c -nt "$fastpath" ] || [ setup.py -nt "$fastpath" ]; then
+  .venv/bin/python setup.py -q build_ext --inplace >/dev/null
 fi
 .venv/bin/python -m handoff.build >/dev/null   # compile the BPF programs (only when stale)
 echo "setup: ok ($(.venv/bin/python --version), $(nginx -v 2>&1), $(clang --version | head -1))"

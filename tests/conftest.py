@@ -483,3 +483,20 @@ async def http():
     helpers = HttpHelpers()
     yield helpers
     await helpers.close_all()
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def on_both_loops(request):
+    """``run(coroutine)`` on a fresh loop of each kind: the router runs on
+    uvloop, whose handles differ from asyncio's (no TimerHandle.when(), say)."""
+    import uvloop
+
+    factory = uvloop.new_event_loop if request.param == "uvloop" else asyncio.new_event_loop
+
+    def run(coroutine):
+        loop = factory()
+        try:
+            return loop.run_until_complete(coroutine)
+        finally:
+            loop.close()
+    return run

@@ -10,21 +10,8 @@
  * egress:  the router's SYN on a watched forwarding connection announces the
  *          client's MSS and only the options the client negotiated.
  */
+#define ARR_ROLE_ROUTER
 #include "arr_handoff.h"
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, ARR_DEFAULT_CAPACITY);
-	__type(key, struct flow_key);
-	__type(value, struct flow_entry);
-} arr_ingress SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, ARR_DEFAULT_CAPACITY);
-	__type(key, struct flow_key);
-	__type(value, struct watch_entry);
-} arr_watch SEC(".maps");
 
 /* The target's SYN-ACK options and its latest TSval, for the translation. */
 static __always_inline void record_target(struct __sk_buff *skb, const struct pkt *p,
@@ -159,7 +146,11 @@ int arr_router_ingress(struct __sk_buff *skb)
 			return TC_ACT_SHOT;
 		}
 		x = e->x;
-		account(e, skb, p.flags);
+		/* The client's RST: its agent is asked at once (the target's
+		 * kernel sends nothing the agent would see). A new SYN is
+		 * reported by end_on_syn; the client's FIN needs no report,
+		 * the target's answer to it is seen by its agent. */
+		account(e, skb, &p, ARR_EVM_RST);
 		if (apply_xlate(skb, &p, &x) < 0) {
 			__sync_fetch_and_add(&e->errors, 1);
 			count(STAT_REWRITE_FAILED);

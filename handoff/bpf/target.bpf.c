@@ -7,44 +7,51 @@
  * (target -> router); each such packet is rewritten onto the client's
  * connection (vip -> client) and sent straight to the client. While the
  * router still waits for its request to be acknowledged, packets that
- * acknowledge it are also cloned, unrewritten, to the router.
+ * acknowledge it are also cloned, unrewritten, to the router; the mirror
+ * ends by itself once the request is acknowledged (and a short tail is over).
+ * The target's FIN, RST and what follows its FIN are reported to the agent
+ * through the arr_events ring buffer.
  */
+#define ARR_ROLE_TARGET
 #include "arr_handoff.h"
 
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, ARR_DEFAULT_CAPACITY);
-	__type(key, struct flow_key);
-	__type(value, struct flow_entry);
-} arr_egress SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, ARR_DEFAULT_CAPACITY);
-	__type(key, struct flow_key);
-	__type(value, struct mirror_state);
-} arr_mirror SEC(".maps");
-
 /* Clone to the router the packets that (newly) acknowledge the request, and
- * pure ACKs (cheap, and they carry retransmission dupacks) until told to stop. */
-static __always_inline void mirror(struct __sk_buff *skb, const struct pkt *p, struct mirror_state *m)
+ * pure ACKs (cheap, and they carry the dupacks that answer the router's
+ * retransmissions). Once the request is all acknowledged, only a bounded tail
+ * of pure ACKs (struct mirror_state says why); returns 1 when the mirror is
+ * over and its state can go. */
+static __always_inline int mirror(struct __sk_buff *skb, const struct pkt *p, struct mirror_state *m)
 {
 	__be32 ack_be;
 	__u32 ack;
 	int advances;
 
+	if (m->acked_ns) {
+		if (payload_len(p) != 0)
+			return 0;
+		if (m->tail_acks >= ARR_MIRROR_TAIL_ACKS ||
+		    bpf_ktime_get_ns() - m->acked_ns > ARR_MIRROR_TAIL_NS)
+			return 1;
+		m->tail_acks += 1;
+		goto clone;
+	}
 	if (bpf_skb_load_bytes(skb, p->l4 + 8, &ack_be, 4) < 0)
-		return;
+		return 0;
 	ack = bpf_ntohl(ack_be);
 	advances = seq_after(ack, m->mirrored_ack) && seq_after(m->mirror_until, m->mirrored_ack);
 	if (!advances && payload_len(p) != 0)
-		return;
-	if (advances)
+		return 0;
+	if (advances) {
 		m->mirrored_ack = ack;
+		if (!seq_after(m->mirror_until, ack))
+			m->acked_ns = bpf_ktime_get_ns() | 1; /* never 0: 0 means "not yet" */
+	}
+clone:
 	skb->mark = ARR_MIRROR_MARK;
 	if (bpf_clone_redirect(skb, skb->ifindex, 0) == 0)
 		count(STAT_MIRRORED);
 	skb->mark = 0;
+	return 0;
 }
 
 SEC("tc")
@@ -79,10 +86,15 @@ int arr_target_egress(struct __sk_buff *skb)
 		return verdict;
 	}
 	m = bpf_map_lookup_elem(&arr_mirror, &p.key);
-	if (m)
-		mirror(skb, &p, m);
+	if (m && mirror(skb, &p, m)) {
+		bpf_map_delete_elem(&arr_mirror, &p.key);
+		count(STAT_MIRROR_DONE);
+	}
 	x = e->x;
-	account(e, skb, p.flags);
+	/* The target's FIN and RST, and what follows its FIN (the ACK of the
+	 * client's FIN that puts its socket in TIME_WAIT): the agent looks at
+	 * the socket then (handoff/agent_lifecycle.py). */
+	account(e, skb, &p, ARR_EVM_FIN | ARR_EVM_RST | ARR_EVM_AFTER_FIN);
 	if (apply_xlate(skb, &p, &x) < 0) {
 		__sync_fetch_and_add(&e->errors, 1);
 		count(STAT_REWRITE_FAILED);

@@ -93,6 +93,11 @@ def load_psk(path: str | os.PathLike[str], *, strict: bool = False) -> bytes:
 # ------------------------------------------------------------------ helpers
 
 
+def _expire(future: "asyncio.Future[Any]") -> None:
+    if not future.done():
+        future.set_exception(asyncio.TimeoutError())
+
+
 async def _maybe_await(result: Any) -> None:
     if inspect.isawaitable(result):
         await result
@@ -101,6 +106,37 @@ async def _maybe_await(result: Any) -> None:
 def _peer(writer: asyncio.StreamWriter) -> str:
     peer = writer.get_extra_info("peername")
     return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+
+class CoalescingWriter:
+    """Frames queued during one event-loop iteration leave in one write.
+
+    Under load many handoffs reach the control step in the same iteration;
+    one write (one segment, one wakeup of the peer) for all of them instead of
+    one each. The flush runs at the end of the iteration (``call_soon``), so
+    a frame waits for no timer. Order is kept: frames carry counters that the
+    peer checks (frames.py)."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self._chunks: list[bytes] = []
+        self._scheduled = False
+
+    def write(self, frame: bytes) -> None:
+        self._chunks.append(frame)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        chunks, self._chunks = self._chunks, []
+        if chunks and not self.writer.is_closing():
+            self.writer.write(b"".join(chunks) if len(chunks) > 1 else chunks[0])
+
+    async def drain(self) -> None:
+        """Back-pressure as StreamWriter.drain (raises once the connection is lost)."""
+        await self.writer.drain()
 
 
 async def _close_writer(writer: asyncio.StreamWriter) -> None:
@@ -120,6 +156,7 @@ class ServerSession:
     def __init__(self, conn: ControlConnection, writer: asyncio.StreamWriter) -> None:
         self.conn = conn
         self.writer = writer
+        self._out = CoalescingWriter(writer)
         self.peer = _peer(writer)
         self.closed = False
 
@@ -136,8 +173,8 @@ class ServerSession:
         """Raises ControlUnavailable (a ConnectionError) once the session is gone."""
         if self.closed or self.conn.failed is not None or self.writer.is_closing():
             raise ControlUnavailable(f"control session with {self.peer} is closed")
-        self.writer.write(self.conn.send(message))
-        await self.writer.drain()
+        self._out.write(self.conn.send(message))
+        await self._out.drain()
 
     def close(self) -> None:
         self.closed = True
@@ -278,6 +315,7 @@ class ControlClient:
         self.peer_node_id: str | None = None
         self._conn: ControlConnection | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._out: CoalescingWriter | None = None
         self._pending: dict[int, asyncio.Future[Ack | Nack]] = {}
         self._pongs: dict[int, asyncio.Future[None]] = {}
         self._tokens = itertools.count(1)
@@ -315,23 +353,37 @@ class ControlClient:
             raise ControlUnavailable(f"no control connection to {self.host}:{self.port}")
         if message.conn_id in self._pending:
             raise ValueError(f"a request for conn_id {message.conn_id} is already pending")
-        future: asyncio.Future[Ack | Nack] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Ack | Nack] = loop.create_future()
         self._pending[message.conn_id] = future
+        # One timer on the future rather than wait_for (which adds a second
+        # future and callbacks): this runs once per handoff.
+        expiry = loop.call_later(timeout, _expire, future)
         try:
             await self.send(message)
-            return await asyncio.wait_for(future, timeout)
+            return await future
         finally:
+            expiry.cancel()
             if self._pending.get(message.conn_id) is future:
                 del self._pending[message.conn_id]
+
+    def post(self, message: Message) -> None:
+        """Queue MESSAGE without waiting (no back-pressure): for the small
+        notices of the handoff path, where a task per message would cost more
+        than the message. ``ControlUnavailable`` when not connected."""
+        if not self.connected:
+            raise ControlUnavailable(f"no control connection to {self.host}:{self.port}")
+        assert self._conn is not None and self._out is not None
+        self._out.write(self._conn.send(message))
 
     async def send(self, message: Message) -> None:
         """Fire and forget. ``ControlUnavailable`` when not connected."""
         if not self.connected:
             raise ControlUnavailable(f"no control connection to {self.host}:{self.port}")
-        assert self._conn is not None and self._writer is not None
-        self._writer.write(self._conn.send(message))
+        assert self._conn is not None and self._out is not None
+        self._out.write(self._conn.send(message))
         try:
-            await self._writer.drain()
+            await self._out.drain()
         except (ConnectionError, OSError) as exc:
             raise ControlUnavailable(f"control connection to {self.host}:{self.port} lost: {exc}") from None
 
@@ -364,6 +416,7 @@ class ControlClient:
             self._writer.close()
         self._conn = None
         self._writer = None
+        self._out = None
         lost = ControlUnavailable(f"control connection to {self.host}:{self.port} lost")
         for future in self._pending.values():
             if not future.done():
@@ -379,6 +432,7 @@ class ControlClient:
                                                 self.connect_timeout)
         conn = ControlConnection("client", self.psk, self.node_id)
         self._writer = writer
+        self._out = CoalescingWriter(writer)
         self._conn = conn
         writer.write(conn.start())
         await writer.drain()

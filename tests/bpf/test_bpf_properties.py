@@ -10,6 +10,7 @@ biased to the 2**32 wrap: within 1000 of 0 and of 2**32.
 from __future__ import annotations
 
 import struct
+import time
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
@@ -28,6 +29,7 @@ from handoff.translate import Translation
 pytestmark = pytest.mark.bpf
 
 MOD = 1 << 32
+S = 10**9
 PROPS = settings(max_examples=150, deadline=None, database=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 FEW = settings(PROPS, max_examples=120)
@@ -418,6 +420,59 @@ def test_mirroring_clones_once_per_advancing_ack(bpf_env, data):
         assert bpf_env.sent(wait=1.0 if clone else 0.0) == ([frame] if clone else [])
         mirror = run.maps["arr_mirror"][key]
         assert (mirror.mirror_until, mirror.mirrored_ack) == (until, new_ack)
+
+
+@settings(FEW, max_examples=60)
+@given(data=st.data())
+def test_the_mirror_ends_itself_after_a_bounded_tail(bpf_env, data):
+    """The mirror as a whole (packet.mirror_step): once an ack reaches the
+    request's end, only pure ACKs are cloned, at most MIRROR_TAIL_ACKS within
+    MIRROR_TAIL_NS; the first pure ACK past either bound deletes the state,
+    and from then on nothing is cloned (no STOP_MIRROR needed)."""
+    fwd = ("10.9.0.11", "10.9.0.1", 8080, 50123)
+    key = FlowKey.of((fwd[0], fwd[2]), (fwd[1], fwd[3]))
+    x = data.draw(translations())
+    start = data.draw(u32)
+    until = (start + data.draw(st.integers(1, 5000))) % MOD
+    phase = data.draw(st.sampled_from(["request", "tail", "tail-full", "tail-old"]))
+    now = time.monotonic_ns()
+    if phase == "request":
+        model = packet.Mirror(until, start)
+    else:
+        tail = packet.MIRROR_TAIL_ACKS if phase == "tail-full" else data.draw(
+            st.integers(0, packet.MIRROR_TAIL_ACKS - 1))
+        age = 5 * S if phase == "tail-old" else S // 2
+        model = packet.Mirror(until, until, tail, (now - age) | 1)
+    bpf_env.sent()
+    for _ in range(data.draw(st.integers(1, 12))):
+        ack = st.integers(-100, 5100).map(lambda d: (start + d) % MOD)
+        frame = data.draw(frames(key=fwd, flags=st.sampled_from(["A", "A", "PA", "FA"]),
+                                 payload=st.one_of(st.just(0), st.integers(1, 300)), ack=ack))
+        state = {"arr_egress": {key: active(x)}}
+        if model is not None:
+            state["arr_mirror"] = {key: MirrorState(model.mirror_until, model.mirrored_ack, model.tail_acks, 0,
+                                                    model.acked_ns)}
+        run = bpf_env.run("arr_target_egress", frame, state)
+        if model is None:
+            clone, after = False, None
+        else:
+            clone, after = packet.mirror_step(frame, model, time.monotonic_ns())
+        assert (run.verdict, run.out) == packet.forward(frame, x, *bpf_env.next_hop(x.daddr))
+        assert run.stats.get("mirrored", 0) == clone
+        assert run.stats.get("mirror_done", 0) == (model is not None and after is None)
+        assert bpf_env.sent(wait=1.0 if clone else 0.0) == ([frame] if clone else [])
+        got = run.maps["arr_mirror"].get(key)
+        if after is None:
+            assert got is None
+        else:
+            assert (got.mirror_until, got.mirrored_ack, got.tail_acks) == (
+                after.mirror_until, after.mirrored_ack, after.tail_acks)
+            # the program's clock, not the test's: only whether it is set
+            assert (got.acked_ns != 0) == (after.acked_ns != 0)
+            if model.acked_ns:
+                assert got.acked_ns == model.acked_ns
+            after = packet.Mirror(after.mirror_until, after.mirrored_ack, after.tail_acks, got.acked_ns)
+        model = after
 
 
 # ------------------------------------------------- an entry is one connection

@@ -18,7 +18,7 @@ from arr.metrics import Metrics
 from handoff.agent_lifecycle import TargetConnections
 from handoff.control import CLOSED_TARGET_GONE, Closed, Holding, Release
 from handoff.datapath import RouterDatapath, TargetDatapath, ensure_bpffs
-from handoff.engine import HandoffSettings
+from arr.config import HandoffSettings
 from handoff.libbpf import BpfError
 from handoff.lifecycle import PORT_QUARANTINE_NS, WATCH_SWEEP_EVERY, RouterConnections, wire_key
 from handoff.maps import (FLOW_ACTIVE, FLOW_ENDED, FLOW_F_FIN, FLOW_F_NEW_SYN, FLOW_F_RST, FLOW_HOLD,
@@ -63,7 +63,7 @@ def forward_key(n: int) -> FlowKey:
 def test_router_forgets_connections_when_they_are_over(instance):
     dp = RouterDatapath(BPF_DIR, instance)
     try:
-        gc = RouterConnections(dp, HandoffSettings(secret=b"k" * 32, linger=1.0, idle_timeout=60.0), Metrics())
+        gc = RouterConnections(dp, HandoffSettings(linger=1.0, idle_timeout=60.0), Metrics())
         now = 1000 * S
         cases = {
             0: dict(flags=0, last=now - 2 * S),                       # live, quiet for 2 s: stays
@@ -108,7 +108,7 @@ def test_router_forgets_connections_when_they_are_over(instance):
 def test_router_puts_silent_connections_to_their_agent(instance):
     dp = RouterDatapath(BPF_DIR, instance)
     try:
-        gc = RouterConnections(dp, HandoffSettings(secret=b"k" * 32, linger=1.0, idle_timeout=5.0), Metrics())
+        gc = RouterConnections(dp, HandoffSettings(linger=1.0, idle_timeout=5.0), Metrics())
         agent = FakeAgent()
         gc.route(("10.1.0.11", 8080), ("10.1.0.11", 7070), agent)  # type: ignore[arg-type]
         now = 1000 * S
@@ -282,7 +282,7 @@ def test_a_late_gone_or_release_never_touches_the_next_connection_on_a_port(inst
     port goes to connection B; A's late GONE must not end B at the router."""
     dp = RouterDatapath(BPF_DIR, instance)
     try:
-        gc = RouterConnections(dp, HandoffSettings(secret=b"k" * 32, linger=1.0), Metrics())
+        gc = RouterConnections(dp, HandoffSettings(linger=1.0), Metrics())
         now = 1000 * S
         a = router_entry(0, last=now, state=FLOW_ENDED)
         dp.ingress.update(client_key(0), a)
@@ -301,3 +301,97 @@ def test_a_late_gone_or_release_never_touches_the_next_connection_on_a_port(inst
         assert dp.ingress.keys() == [client_key(1)] and dp.watch.keys() == [forward_key(0)]
     finally:
         dp.close()
+
+
+# ------------------------------------------------ issue 9: work follows events
+
+
+def test_gone_frees_the_port_at_once_and_ends_the_ingress_entry(instance):
+    """The watch entry names the client (the ingress map's write records it),
+    so the agent's GONE ends both entries at once, not at a later sweep; a
+    late GONE of an older connection never touches the newer one."""
+    dp = RouterDatapath(BPF_DIR, instance)
+    try:
+        gc = RouterConnections(dp, HandoffSettings(linger=1.0), Metrics())
+        a = router_entry(0, last=1)
+        dp.watch.update(forward_key(0), WatchEntry(state=WATCH_CLOSED, closed_ns=1, conn_id=a.conn_id))
+        dp.ingress.update(client_key(0), a)
+        assert bytes(dp.watch.lookup(forward_key(0)).client) == bytes(client_key(0))
+        gone = Closed(conn_id=a.conn_id, key=_wire(forward_key(0)), packets=1, bytes=1, flags=CLOSED_TARGET_GONE)
+        gc.on_agent_message(gone)
+        assert dp.ingress.keys() == [] and dp.watch.keys() == []
+        assert gc.metrics.value("arr_handoff_closed_total", {"why": "closed"}) == 1
+        b = router_entry(0, last=1)  # the next connection, on both 4-tuples
+        b.conn_id = 2000
+        dp.watch.update(forward_key(0), WatchEntry(state=WATCH_CLOSED, closed_ns=1, conn_id=2000))
+        dp.ingress.update(client_key(0), b)
+        gc.on_agent_message(gone)
+        assert dp.ingress.keys() == [client_key(0)] and dp.watch.keys() == [forward_key(0)]
+    finally:
+        dp.close()
+
+
+def test_router_acts_on_its_programs_events(instance):
+    """A new SYN's event releases the entry at once (RELEASE to the agent);
+    the client's RST is put to the agent at once, or, with no agent to ask,
+    ends the entry after the linger."""
+    from handoff.maps import EV_NEW_SYN, EV_RST, Event
+
+    dp = RouterDatapath(BPF_DIR, instance)
+    try:
+        gc = RouterConnections(dp, HandoffSettings(linger=0.05), Metrics())
+        agent = FakeAgent()
+        gc.route(("10.1.0.11", 8080), ("10.1.0.11", 7070), agent)  # type: ignore[arg-type]
+        for n in range(3):
+            dp.watch.update(forward_key(n), WatchEntry(state=WATCH_CLOSED, closed_ns=1, conn_id=1000 + n))
+        dp.ingress.update(client_key(0), router_entry(0, last=1, state=FLOW_ENDED, flags=FLOW_F_NEW_SYN))
+        dp.ingress.update(client_key(1), router_entry(1, last=1, flags=FLOW_F_RST))
+        dp.ingress.update(client_key(2), router_entry(2, last=1, flags=FLOW_F_RST))
+
+        async def scenario():
+            gc.on_events([Event(key=client_key(0), kind=EV_NEW_SYN, conn_id=1000),
+                          Event(key=client_key(1), kind=EV_RST, conn_id=1001),
+                          Event(key=client_key(2), kind=EV_RST, conn_id=999)])  # not this entry's
+            await asyncio.sleep(0.01)
+            assert set(dp.ingress.keys()) == {client_key(1), client_key(2)}
+            assert agent.sent == [Release(conn_id=1000, key=_wire(forward_key(0))),
+                                  Holding(((1001, _wire(forward_key(1))),), complete=False, last=True)]
+            agent.connected = False
+            gc.on_events([Event(key=client_key(2), kind=EV_RST, conn_id=1002)])
+            await asyncio.sleep(0.2)
+            assert set(dp.ingress.keys()) == {client_key(1)}
+
+        asyncio.run(scenario())
+        assert gc.metrics.value("arr_handoff_closed_total", {"why": "reset"}) == 1
+    finally:
+        dp.close()
+
+
+def test_agent_looks_at_what_events_name_and_ends_it_at_once(instance, loopback_pair):
+    """No dump, no walk: a suspect's socket is looked up exactly; live, it is
+    looked at again later; over (TIME_WAIT here), the entry goes at first
+    sight with the socket (linger 0), and GONE is reported."""
+    live_key, client, server = loopback_pair
+    agent = TargetConnections(TargetDatapath(BPF_DIR, instance))
+    session = Session()
+    agent.sessions = {session}
+    try:
+        x = Xlate.of(Translation("10.1.0.1", "10.1.0.2", 80, 40000, 1, 2, 3, 4, 7, 7))
+        agent.datapath.egress.update(live_key, FlowEntry(x=x, state=FLOW_ACTIVE, conn_id=5))
+        now = time.monotonic_ns()
+        agent.suspect([live_key], now)
+        assert asyncio.run(agent.look(now)) == 0 and agent.looked == 1
+        assert agent.suspects == {}  # live, and ended only by a packet the program reports
+        server.close()
+        client.recv(1)
+        client.close()
+        assert wait_until(lambda: (netlink.tcp_socket(None, live_key.src, live_key.dst) or Nothing).state
+                          == TcpState.TIME_WAIT)
+        agent.suspect([live_key])  # the event of the target's ACK of the client's FIN
+        assert asyncio.run(agent.look(time.monotonic_ns())) == 1
+        assert agent.datapath.egress.keys() == [] and agent.suspects == {}
+        assert netlink.tcp_socket(None, live_key.src, live_key.dst) is None
+        (closed,) = session.sent
+        assert (closed.conn_id, closed.flags & CLOSED_TARGET_GONE) == (5, CLOSED_TARGET_GONE)
+    finally:
+        agent.datapath.close()

@@ -91,7 +91,11 @@ def test_200_sequential_downloads_leave_nothing_behind(cluster):
         assert wait_for(lambda: entries(c, c.router, "arr_ingress") == 0, 15), \
             f"{entries(c, c.router, 'arr_ingress')} router entries left"
         assert wait_for(lambda: all(entries(c, t, "arr_egress") == 0 for t in c.targets), 15)
-        assert len(os.listdir(f"/proc/{pid}/fd")) <= fds_before + 2
+        # Forwarding connections kept ready (handoff/forward_pool.py) hold a
+        # socket each; they are bounded and counted, not leaked.
+        ready = router.metric_sum("arr_forward_pool_ready")
+        assert ready <= 4 * 2, "at most forward_pool ready connections per target and profile"
+        assert len(os.listdir(f"/proc/{pid}/fd")) <= fds_before + 2 + ready
         print(f"\nrouter bytes per byte served (200 x 1 MiB): {carried / (200 * info.size):.4f}")
 
 

@@ -578,7 +578,9 @@ def test_10000_connections_ended_every_way_leave_maps_at_baseline(cluster):
         ended = time.monotonic()
 
         def router_fds() -> int:
-            return len(os.listdir(f"/proc/{pid}/fd"))
+            """Descriptors, less the forwarding connections the engine keeps
+            ready (handoff/forward_pool.py: bounded, not per connection)."""
+            return len(os.listdir(f"/proc/{pid}/fd")) - int(router.metric_sum("arr_forward_pool_ready"))
 
         clean = wait_for(lambda: at_baseline(map_counts(c)) and router_fds() <= fds_before + 2,
                          AGENT["linger"] + 2)
@@ -588,3 +590,60 @@ def test_10000_connections_ended_every_way_leave_maps_at_baseline(cluster):
         assert at_baseline(counts), f"maps not at baseline {AGENT['linger'] + 2} s after the load: {counts}"
         assert fds <= fds_before + 2, f"router fds {fds_before} -> {fds}"
         assert clean
+
+
+@pytest.mark.skipif(not NAT, reason="forwarding ports exist only for handed-off connections")
+@pytest.mark.parametrize("ending", ["target-first", "client-first"])
+def test_a_forwarding_port_is_reused_within_a_second(cluster, ending):
+    """Issue 9: a forwarding port is free again as soon as the target's side is
+    over. 16 forwarding ports (the fewest the configuration allows) and 80
+    sequential handoffs to one target: every handoff finds a free port (not
+    one fallback), so ports are reused, and consecutive handoffs on the same
+    4-tuple (router ip, port) -> (target ip, port) follow each other within a
+    second. ``target-first``: Connection: close, nginx closes first, its
+    socket goes to TIME_WAIT (which the agent destroys: it would refuse the
+    router's next SYN by PAWS); ``client-first``: the client's FIN, the target
+    closes passively (no TIME_WAIT there)."""
+    c = cluster(targets=1, files={"1k": 1024})
+    info = c.files["1k"]
+    count = 80
+    with lifecycle_cluster(c, handoff={"linger": LINGER, "forward_ports": "50000-50015"},
+                           agent={"linger": 0}) as (router, agents):
+        router.wait_healthy()
+        started: dict[str, float] = {}
+        for _ in range(count):
+            tag = uuid.uuid4().hex
+            sock = netlink.socket_in_netns(c.client.ns)
+            sock.settimeout(5)
+            try:
+                sock.connect((c.vip, ROUTER_PORT))
+                started[tag] = time.monotonic()
+                close = "Connection: close\r\n" if ending == "target-first" else ""
+                sock.sendall(f"GET {info.url_path}?tag={tag} HTTP/1.1\r\nHost: {c.vip}\r\n{close}\r\n".encode())
+                response = Response(sock)
+                response.read_head()
+                response.read_body()
+                assert (response.status, response.hash.hexdigest()) == (200, info.sha256)
+                if ending == "client-first":
+                    sock.shutdown(socket.SHUT_WR)
+                sock.settimeout(3)
+                assert sock.recv(1) == b""  # the target's FIN (its close, or its answer to ours)
+            finally:
+                sock.close()
+        assert decisions(router) == count
+        reasons = {k: v for k, v in router.metrics().items() if k.startswith("arr_handoff_fallbacks_total") and v}
+        assert router.metric_sum("arr_handoffs_total", result="fallback") == 0, reasons
+        assert router.metric_sum("arr_handoffs_total", result="ok") == count
+        uses: dict[tuple[str, str], list[float]] = {}
+        for tag, when in started.items():
+            [(_, line)] = served_by(c, tag)
+            remote_addr, remote_port = line.split()[:2]
+            assert int(remote_port) in range(50000, 50016), line
+            uses.setdefault((remote_addr, remote_port), []).append(when)
+        gaps = sorted(b - a for times in uses.values() for a, b in zip(sorted(times), sorted(times)[1:]))
+        print(f"\n  {ending}: {count} handoffs on {len(uses)} forwarding ports, {len(gaps)} reuses, "
+              f"fastest {gaps[0] * 1000:.0f} ms, median {gaps[len(gaps) // 2] * 1000:.0f} ms, "
+              f"slowest {gaps[-1] * 1000:.0f} ms apart; maps {map_counts(c)}")
+        assert len(gaps) >= count - 16
+        assert gaps[0] < 1.0, "no forwarding port was reused within a second"
+        assert wait_for(lambda: at_baseline(map_counts(c)), 2), map_counts(c)

@@ -13,7 +13,7 @@ from handoff.build import object_path
 from handoff import maps
 
 STRUCTS = {"flow_key": maps.FlowKey, "xlate": maps.Xlate, "flow_entry": maps.FlowEntry,
-           "watch_entry": maps.WatchEntry, "mirror_state": maps.MirrorState}
+           "watch_entry": maps.WatchEntry, "mirror_state": maps.MirrorState, "arr_event": maps.Event}
 
 
 def btf_structs(program: str) -> dict[str, tuple[int, dict[str, int]]]:
@@ -50,3 +50,41 @@ def test_ctypes_layouts_match_btf(program):
             assert getattr(struct, field).offset == offset, f"{name}.{field}"
         checked += 1
     assert checked >= 3
+
+
+def test_constants_shared_with_the_header():
+    """Numbers the loader and the lifecycle use, named once in the headers
+    (arr_consts.h, arr_structs.h) and mirrored by handoff/maps.py."""
+    from handoff.build import SOURCE_DIR
+
+    text = "\n".join(h.read_text() for h in sorted(SOURCE_DIR.glob("*.h")))
+
+    def define(name: str) -> str:
+        found = re.search(rf"#define {name} (.+?)(?:\s*/\*.*)?$", text, re.M)
+        assert found, name
+        return found.group(1).strip()
+
+    assert define("ARR_DEFAULT_CAPACITY") == str(maps.DEFAULT_CAPACITY)
+    assert eval(define("ARR_EVENTS_BYTES")) == maps.EVENTS_BYTES
+    assert define("ARR_MIRROR_TAIL_ACKS") == str(maps.MIRROR_TAIL_ACKS)
+    assert eval(define("ARR_MIRROR_TAIL_NS").replace("ULL", "")) == maps.MIRROR_TAIL_NS
+    kinds = dict(re.findall(r"(ARR_EV_\w+) = (\d+)", text))
+    assert {k: int(v) for k, v in kinds.items()} == {
+        "ARR_EV_FIN": maps.EV_FIN, "ARR_EV_RST": maps.EV_RST, "ARR_EV_NEW_SYN": maps.EV_NEW_SYN,
+        "ARR_EV_AFTER_FIN": maps.EV_AFTER_FIN}
+    stats = re.search(r"enum arr_stat \{(.*?)\};", text, re.S).group(1)
+    names = [n.lower()[5:] for n in re.findall(r"^\s*(STAT_\w+)", stats, re.M) if n != "STAT_MAX"]
+    assert tuple(names) == maps.STAT_NAMES
+
+
+def test_every_header_is_part_of_the_build():
+    """Each header is included by the umbrella arr_handoff.h, which both
+    program sources include (so a change to any of them changes both)."""
+    from handoff.build import SOURCE_DIR
+
+    umbrella = (SOURCE_DIR / "arr_handoff.h").read_text()
+    for header in SOURCE_DIR.glob("arr_*.h"):
+        if header.name != "arr_handoff.h":
+            assert f'#include "{header.name}"' in umbrella, header.name
+    for program in ("router", "target"):
+        assert '#include "arr_handoff.h"' in (SOURCE_DIR / f"{program}.bpf.c").read_text()

@@ -21,6 +21,14 @@ def base(**extra):
 # ---------------------------------------------------------------- good shapes
 
 
+def test_handoff_forward_pool_is_read_and_defaults_to_four():
+    from handoff.maps import DEFAULT_CAPACITY
+
+    assert Config().handoff.capacity == DEFAULT_CAPACITY  # the maps' size, named once in the BPF headers
+    assert Config().handoff.forward_pool == 4
+    assert config_from_dict({"handoff": {"forward_pool": 0}}).handoff.forward_pool == 0
+
+
 def test_empty_dict_is_defaults():
     config = config_from_dict({})
     assert config == Config()
@@ -253,6 +261,10 @@ ERRORS = [
     ({"local": [{"path": "/x", "body": "a", "status": 99}]}, "local[0].status: must be >= 200"),
     ({"local": [{"path": "/x", "body": "a", "status": "200"}]}, "local[0].status: expected an integer"),
     ({"local": [{"path": "/x", "body": "a", "type": "x"}]}, "local[0]: unknown key 'type'"),
+    # handoff
+    ({"handoff": {"forward_pool": -1}}, "handoff.forward_pool: must be >= 0"),
+    ({"handoff": {"forward_pool": 2.5}}, "handoff.forward_pool: expected an integer"),
+    ({"handoff": {"forward_pool": True}}, "handoff.forward_pool: expected an integer, got a boolean"),
     # top level
     ({"tragets": []}, "top level: unknown key 'tragets'"),
     ({"default_pool": 1}, "default_pool: expected a string"),

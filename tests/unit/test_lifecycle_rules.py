@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from arr.inet_diag import TcpState
-from handoff.agent_lifecycle import Verdict, verdict
+from handoff.agent_lifecycle import FIRST_LOOK_NS, LOOKS, Verdict, next_look, verdict
 from handoff.maps import FLOW_ACTIVE, FLOW_ENDED
 from handoff.ports import PortRange, choose_port, merge, parse_port_list, reservation_text
 from handoff.translate import TS_MARGIN, HandoffInputs, SocketState, compute_translations
@@ -87,6 +87,35 @@ def test_an_entry_outlives_its_connection_by_the_linger_only(state):
 @pytest.mark.parametrize("state", [None, TcpState.ESTABLISHED, TcpState.TIME_WAIT])
 def test_an_entry_whose_4_tuple_a_new_connection_took_ends_at_once(state):
     assert verdict(FLOW_ENDED, state, None, 0, LINGER) is Verdict.REPLACED
+
+
+@pytest.mark.parametrize("state", [None, TcpState.TIME_WAIT, TcpState.CLOSE])
+def test_without_a_linger_an_entry_ends_with_its_connection(state):
+    """The default (linger 0): over at the target is the end, at first sight,
+    so the forwarding port is free again at once (issue 9)."""
+    assert verdict(FLOW_ACTIVE, state, None, 100 * S, 0) is Verdict.END
+    assert verdict(FLOW_ACTIVE, TcpState.LAST_ACK, None, 100 * S, 0) is Verdict.LIVE
+
+
+def test_a_closing_connection_is_looked_at_more_and_more_rarely_then_left_to_events():
+    cap = 2 * S
+    waits = [next_look(TcpState.LAST_ACK, n, cap) for n in range(1, LOOKS + 1)]
+    assert waits[0] == FIRST_LOOK_NS and waits[-1] is None
+    known = [w for w in waits if w is not None]
+    assert known == sorted(known) and max(known) <= cap
+    assert sum(known) < 10 * S  # a closing handshake's time, not a connection's life
+    assert next_look(TcpState.CLOSING, 1, cap) == FIRST_LOOK_NS
+
+
+@pytest.mark.parametrize("state", [TcpState.ESTABLISHED, TcpState.CLOSE_WAIT, TcpState.FIN_WAIT1,
+                                   TcpState.FIN_WAIT2])
+def test_a_socket_that_ends_with_a_packet_of_the_target_waits_for_its_event(state):
+    """The target's FIN, RST or its ACK of the client's FIN passes the egress
+    program, which reports it: no look until then (a held or half-closed
+    connection costs nothing however long it lasts)."""
+    assert next_look(state, 1, 2 * S) is None
+    assert next_look(state, 1, 2 * S, budget=3, any_state=True) == FIRST_LOOK_NS  # the router asks
+    assert next_look(state, 3, 2 * S, budget=3, any_state=True) is None
 
 
 # ------------------------------------------------------- timestamp margin

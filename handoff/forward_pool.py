@@ -1,0 +1,186 @@
+"""Forwarding connections opened ahead of need (blueprint 2.1, step 4).
+
+A handoff needs an established connection to the target before it can read
+that connection's sequence numbers; opened on demand, its handshake sits in
+every request's path (an RTT plus both kernels' work). The pool keeps a few
+connections ready per target and per client *profile*: the options the
+router's SYN announced (the router's BPF makes them the client's: MSS, SACK,
+timestamps), since a connection's options are fixed at its handshake. Most
+clients of a site share a handful of profiles; a new profile is connected
+inline once, and its pool fills behind it.
+
+A ready connection is used only while it is young (``MAX_AGE``: servers
+close connections that send no request, nginx after 60 s) and still
+pristine (established, nothing queued either way: ``fastpath.ineligible``).
+A profile unused for ``IDLE_PROFILE`` stops being refilled and its
+connections are closed, so an idle router holds nothing.
+
+The decisions are pure (``usable``, ``ForwardProfile``); ``ForwardPool`` is
+the I/O: the engine gives it ``open_forward`` (bind, watch entry, connect)
+and ``discard`` (close, watch entry gone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Awaitable, Callable
+
+from handoff import fastpath
+
+if TYPE_CHECKING:
+    from arr.pool import Target
+    from handoff.maps import FlowKey
+
+log = logging.getLogger("arr.handoff")
+
+MAX_AGE = 5.0
+"""Seconds a ready connection may wait for a request (well below common
+servers' timeouts for a connection without a request)."""
+IDLE_PROFILE = 60.0
+"""A profile not taken from for this long is no longer kept ready."""
+RETRY_AFTER = 1.0
+"""After a failed connect, the refill waits this long (the target may be down)."""
+
+
+@dataclass(frozen=True)
+class ForwardProfile:
+    """What the router's SYN to the target announces for a client like this one."""
+
+    mss: int
+    """The client's MSS (0: leave the router's own)."""
+    sack: bool
+    timestamps: bool
+
+
+@dataclass(slots=True)
+class ReadyForward:
+    sock: socket.socket
+    watch_key: "FlowKey"
+    conn_id: int
+    opened: float = 0.0
+    """Loop time when the connection was established."""
+
+
+def usable(opened: float, now: float, ineligible: str | None) -> bool:
+    """Whether a ready connection may carry a handoff now."""
+    return now - opened < MAX_AGE and ineligible is None
+
+
+@dataclass
+class _Shelf:
+    ready: deque[ReadyForward] = field(default_factory=deque)
+    last_taken: float = 0.0
+    refill: asyncio.Task[None] | None = None
+    waiter: asyncio.Future[None] | None = None
+    """What a full shelf's refill sleeps on: a take or the oldest's expiry wakes it."""
+
+    def wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def sleep(self, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        self.waiter = loop.create_future()
+        timer = loop.call_later(seconds, self.wake)
+        try:
+            await self.waiter
+        finally:
+            timer.cancel()
+            self.waiter = None
+
+
+class ForwardPool:
+    def __init__(self, open_forward: Callable[["Target", ForwardProfile], Awaitable[ReadyForward]],
+                 discard: Callable[[ReadyForward], None], depth: int, *,
+                 count: Callable[[str], None] = lambda result: None) -> None:
+        self.open_forward = open_forward
+        self.discard = discard
+        self.depth = depth
+        self.count = count
+        """Told each outcome: "hit", "miss" (connect inline), "stale" (closed unused)."""
+        self.shelves: dict[tuple["Target", ForwardProfile], _Shelf] = {}
+        self.taken = self.missed = self.stale = 0
+
+    @property
+    def ready(self) -> int:
+        """Connections waiting on all shelves (each holds a socket and a watch entry)."""
+        return sum(len(shelf.ready) for shelf in self.shelves.values())
+
+    def take(self, target: "Target", profile: ForwardProfile) -> ReadyForward | None:
+        """A ready connection for this target and profile, or None (connect
+        inline); either way the shelf is refilled behind the caller."""
+        if self.depth <= 0:
+            return None
+        now = asyncio.get_running_loop().time()
+        shelf = self.shelves.setdefault((target, profile), _Shelf())
+        shelf.last_taken = now
+        found = None
+        while shelf.ready:
+            candidate = shelf.ready.popleft()
+            try:
+                reason = fastpath.ineligible(candidate.sock)
+            except OSError:
+                reason = "gone"
+            if usable(candidate.opened, now, reason):
+                found = candidate
+                break
+            self._stale(candidate)
+        if found is None:
+            self.missed += 1
+            self.count("miss")
+        else:
+            self.taken += 1
+            self.count("hit")
+        if shelf.refill is None or shelf.refill.done():
+            shelf.refill = asyncio.get_running_loop().create_task(self._refill(target, profile, shelf))
+        else:
+            shelf.wake()
+        return found
+
+    async def _refill(self, target: "Target", profile: ForwardProfile, shelf: _Shelf) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            if now - shelf.last_taken > IDLE_PROFILE:
+                self._empty(shelf)
+                del self.shelves[(target, profile)]
+                return
+            while shelf.ready and now - shelf.ready[0].opened >= MAX_AGE:
+                self._stale(shelf.ready.popleft())
+            if len(shelf.ready) >= self.depth:
+                # Full: wake at a take, or when the oldest ages out.
+                await shelf.sleep(min(MAX_AGE - (now - shelf.ready[0].opened), IDLE_PROFILE))
+                continue
+            try:
+                ready = await self.open_forward(target, profile)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the target is down or the ports are taken: inline connects say why
+                log.debug("forward pool for %s: %s", target.name, exc)
+                await asyncio.sleep(RETRY_AFTER)
+                continue
+            ready.opened = loop.time()
+            shelf.ready.append(ready)
+
+    def _stale(self, ready: ReadyForward) -> None:
+        self.stale += 1
+        self.count("stale")
+        self.discard(ready)
+
+    def _empty(self, shelf: _Shelf) -> None:
+        while shelf.ready:
+            self.discard(shelf.ready.popleft())
+
+    async def close(self) -> None:
+        for shelf in self.shelves.values():
+            if shelf.refill is not None:
+                shelf.refill.cancel()
+        await asyncio.gather(*(s.refill for s in self.shelves.values() if s.refill is not None),
+                             return_exceptions=True)
+        for shelf in self.shelves.values():
+            self._empty(shelf)
+        self.shelves.clear()
