@@ -609,8 +609,7 @@ class SockDiagError(NetlinkOpError):
         self.errno = err
 
 
-@contextmanager
-def _sock_diag(ns: str | None) -> Iterator[socket.socket]:
+def _open_sock_diag(ns: str | None) -> socket.socket:
     """A NETLINK_SOCK_DIAG socket in NS (None: the caller's namespace)."""
     args = (socket.AF_NETLINK, socket.SOCK_RAW, inet_diag.NETLINK_SOCK_DIAG)
     if ns is None:
@@ -619,8 +618,13 @@ def _sock_diag(ns: str | None) -> Iterator[socket.socket]:
         if not netns_exists(ns):
             raise NetlinkOpError(f"netns {ns!r} does not exist")
         sock = socket_in_netns(ns, *args)
-    with sock:
-        sock.settimeout(_DIAG_TIMEOUT)
+    sock.settimeout(_DIAG_TIMEOUT)
+    return sock
+
+
+@contextmanager
+def _sock_diag(ns: str | None) -> Iterator[socket.socket]:
+    with _open_sock_diag(ns) as sock:
         yield sock
 
 
@@ -689,16 +693,46 @@ def tcp_socket(ns: str | None, local: Address, remote: Address) -> TcpSocket | N
         return _lookup(sock, ns, local, remote)
 
 
+class SockDiag:
+    """A NETLINK_SOCK_DIAG socket in NS kept open for repeated exact lookups
+    (the agent looks at a few connections many times a second: a socket per
+    look cost more than the lookups). After any error it is closed and the
+    next call opens a new one, so a half-read reply never poisons a later one."""
+
+    def __init__(self, ns: str | None) -> None:
+        self.ns = ns
+        self._sock: socket.socket | None = None
+
+    def sockets_of(self, pairs: Iterable[tuple[Address, Address]]
+                   ) -> dict[tuple[Address, Address], TcpSocket | None]:
+        """The sockets of exact 4-tuples (local, remote), None where there is none."""
+        if self._sock is None:
+            self._sock = _open_sock_diag(self.ns)
+        found: dict[tuple[Address, Address], TcpSocket | None] = {}
+        try:
+            for local, remote in pairs:
+                found[(local, remote)] = _lookup(self._sock, self.ns, local, remote)
+        except BaseException:
+            self.close()
+            raise
+        return found
+
+    def close(self) -> None:
+        if self._sock is not None:
+            sock, self._sock = self._sock, None
+            sock.close()
+
+
 def tcp_sockets_of(ns: str | None, pairs: Iterable[tuple[Address, Address]]
                    ) -> dict[tuple[Address, Address], TcpSocket | None]:
     """The sockets of exact 4-tuples (local, remote) in NS, None where there
     is none: one netlink socket, one request per 4-tuple. For a few
     connections this is much cheaper than a dump of every socket on a port."""
-    found: dict[tuple[Address, Address], TcpSocket | None] = {}
-    with _sock_diag(ns) as sock:
-        for local, remote in pairs:
-            found[(local, remote)] = _lookup(sock, ns, local, remote)
-    return found
+    diag = SockDiag(ns)
+    try:
+        return diag.sockets_of(pairs)
+    finally:
+        diag.close()
 
 
 def destroy_tcp_socket(ns: str | None, local: Address, remote: Address, *, cookie: int | None = None) -> bool:

@@ -35,9 +35,9 @@ from handoff.agent_lifecycle import TargetConnections
 from handoff.control import (Ack, ControlServer, HandoffRequest, Holding, Nack, Release, StopMirror,
                              load_psk)
 from handoff.datapath import DEFAULT_BPF_DIR, TargetDatapath
-from handoff.libbpf import RingBuffer
+from handoff.event_reader import EventReader
 from handoff.lifecycle import local_key
-from handoff.maps import DEFAULT_CAPACITY, FLOW_ACTIVE, FlowEntry, MirrorState, Xlate
+from handoff.maps import DEFAULT_CAPACITY, FLOW_ACTIVE, Event, FlowEntry, MirrorState, Xlate
 
 log = logging.getLogger("arr.agent")
 
@@ -166,7 +166,7 @@ class Agent:
         self._metrics_server: asyncio.AbstractServer | None = None
         self._gc: asyncio.Task[None] | None = None
         self._looks: asyncio.Task[None] | None = None
-        self._events: RingBuffer | None = None
+        self._reader: EventReader[Event] | None = None
         self.sweeps = 0
 
     async def start(self) -> None:
@@ -184,8 +184,8 @@ class Agent:
         if s.metrics is not None:
             self._metrics_server = await serve_metrics(self.metrics, *s.metrics)
         loop = asyncio.get_running_loop()
-        self._events = self.datapath.events()
-        loop.add_reader(self._events.fileno(), self._on_events)
+        self._reader = EventReader(self.datapath.events(), self.connections.on_events)
+        self._reader.start()
         self._looks = loop.create_task(self.connections.run(), name="agent-looks")
         self._gc = loop.create_task(self._gc_loop(), name="agent-gc")
         log.info("arr agent on %s:%d, egress program on %s", *s.listen, ", ".join(interfaces))
@@ -197,14 +197,15 @@ class Agent:
         return netlink.address_interface(None, host)[1]
 
     async def stop(self) -> None:
-        if self._events is not None:
-            asyncio.get_running_loop().remove_reader(self._events.fileno())
-            self._events.close()
-            self._events = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         for task in (self._gc, self._looks):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        if self.connections is not None:
+            self.connections.close()
         if self.server is not None:
             await self.server.stop()
         if self._metrics_server is not None:
@@ -257,13 +258,6 @@ class Agent:
         return Ack(conn_id=message.conn_id)
 
     # ------------------------------------------------------------ lifecycle
-
-    def _on_events(self) -> None:
-        assert self._events is not None and self.connections is not None
-        try:
-            self.connections.on_events(self._events.consume())
-        except Exception:  # events are hints: the sweep finds what one missed
-            log.exception("reading the egress program's events failed")
 
     async def _gc_loop(self) -> None:
         """The full sweep: at start (what ended while the agent was down), then

@@ -54,6 +54,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import heapq
+import itertools
 import logging
 import time
 from typing import TYPE_CHECKING, Any, Iterable
@@ -81,6 +83,8 @@ FIRST_LOOK_NS = 20 * 10**6
 LOOKS = 8
 """Looks at a socket in LAST_ACK or CLOSING before it is left to the next
 event (20 ms, 40, ... : about 5 s of a connection's closing handshake)."""
+RETRY_LOOK_NS = 100 * 10**6
+"""After a failed look (sock_diag refused, say), its connections are looked at again this much later."""
 HOLDING_LOOKS = 3
 """Looks at a connection the router asks about (HOLDING, not complete)."""
 SWEEP_INTERVAL = 60.0
@@ -147,7 +151,45 @@ class TargetConnections:
         """Exact socket lookups made (for the agent's metrics)."""
         self._sync: dict["ServerSession", tuple[int, set[int]]] = {}
         """Complete HOLDING lists being received: when they began, conn_ids so far."""
-        self._wake: asyncio.Event | None = None
+        self._diag = netlink.SockDiag(None)
+        """Kept open: the looks are frequent and each is a few lookups."""
+        self._due: list[tuple[int, int, FlowKey]] = []
+        self._order = itertools.count()
+        """Heap of (when, order, key) over ``suspects``; an item whose time is no
+        longer its suspect's is stale and skipped (so a reschedule is a push)."""
+        self._waiter: asyncio.Future[None] | None = None
+
+    def _schedule(self, key: FlowKey, suspect: tuple[int, int, int, bool]) -> None:
+        self.suspects[key] = suspect
+        # The counter orders equal times (keys do not compare).
+        heapq.heappush(self._due, (suspect[0], next(self._order), key))
+        if len(self._due) > 4 * len(self.suspects) + 64:  # mostly stale: rebuild
+            self._due = [(s[0], next(self._order), k) for k, s in self.suspects.items()]
+            heapq.heapify(self._due)
+
+    def _next_due(self) -> int | None:
+        """The earliest time a suspect is due (stale heap items dropped)."""
+        due = self._due
+        while due:
+            when, _, key = due[0]
+            current = self.suspects.get(key)
+            if current is not None and current[0] == when:
+                return when
+            heapq.heappop(due)
+        return None
+
+    def _take_due(self, now_ns: int) -> list[FlowKey]:
+        keys: list[FlowKey] = []
+        while (when := self._next_due()) is not None and when <= now_ns:
+            keys.append(heapq.heappop(self._due)[2])
+        return keys
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def close(self) -> None:
+        self._diag.close()
 
     def installed(self, key: FlowKey) -> None:
         self.over_since.pop(key, None)
@@ -164,28 +206,31 @@ class TargetConnections:
         for key in keys:
             due, done, budget, anyway = self.suspects.get(key, (None, 0, 0, False))
             if due is None or due > now_ns or budget - done < looks or any_state > anyway:
-                self.suspects[key] = (now_ns, 0, max(looks, budget - done), any_state or anyway)
+                self._schedule(key, (now_ns, 0, max(looks, budget - done), any_state or anyway))
                 added = True
-        if added and self._wake is not None:
-            self._wake.set()
+        if added:
+            self._wake()
 
     def on_events(self, events: Iterable[Event]) -> None:
         """Records of the egress program's ring buffer: hints, checked against the kernel."""
         self.suspect(FlowKey.from_buffer_copy(e.key) for e in events)
 
     async def run(self) -> None:
-        """Look at the suspects when they are due (the agent's task)."""
-        self._wake = asyncio.Event()
+        """Look at the suspects when they are due (the agent's task). Waits on
+        one future and one timer: a wake-up costs no task."""
+        loop = asyncio.get_running_loop()
         while True:
             now = time.monotonic_ns()
-            due_at = min((s[0] for s in self.suspects.values()), default=None)
+            due_at = self._next_due()
             if due_at is None or due_at > now:
-                timeout = None if due_at is None else (due_at - now) / 1e9
-                self._wake.clear()
+                self._waiter = loop.create_future()
+                timer = None if due_at is None else loop.call_later((due_at - now) / 1e9, self._wake)
                 try:
-                    await asyncio.wait_for(self._wake.wait(), timeout)
-                except (asyncio.TimeoutError, TimeoutError):
-                    pass
+                    await self._waiter
+                finally:
+                    self._waiter = None
+                    if timer is not None:
+                        timer.cancel()
                 continue
             try:
                 await self.look(now)
@@ -195,9 +240,20 @@ class TargetConnections:
 
     async def look(self, now_ns: int) -> int:
         """Decide every suspect that is due; return how many entries ended."""
-        due = [key for key, s in self.suspects.items() if s[0] <= now_ns]
+        due = self._take_due(now_ns)
         if not due:
             return 0
+        try:
+            return await self._look_at(due, now_ns)
+        except BaseException:
+            # Taken off the heap but not decided: due again shortly (run() logs).
+            for key in due:
+                suspect = self.suspects.get(key)
+                if suspect is not None and suspect[0] <= now_ns:
+                    self._schedule(key, (now_ns + RETRY_LOOK_NS, *suspect[1:]))
+            raise
+
+    async def _look_at(self, due: list[FlowKey], now_ns: int) -> int:
         entries = [(key, self.datapath.egress.lookup(key)) for key in due]
         present = [(key, entry) for key, entry in entries if entry is not None]
         for key, entry in entries:
@@ -206,7 +262,7 @@ class TargetConnections:
                 self.over_since.pop(key, None)
         # Exact lookups, however many: a dump would cost in proportion to
         # every socket of the port, a lookup to the connection looked at.
-        found = netlink.tcp_sockets_of(None, [(key.src, key.dst) for key, _ in present])
+        found = self._diag.sockets_of([(key.src, key.dst) for key, _ in present])
         self.looked += len(present)
         sockets = {pair: sock for pair, sock in found.items() if sock is not None}
         removed = 0
@@ -221,10 +277,10 @@ class TargetConnections:
                 if wait is None:
                     self.suspects.pop(key, None)
                 else:
-                    self.suspects[key] = (now_ns + wait, looks, budget, anyway)
+                    self._schedule(key, (now_ns + wait, looks, budget, anyway))
             elif decision is Verdict.LINGER:
                 since = self.over_since.get(key, now_ns)
-                self.suspects[key] = (since + self.linger_ns, looks, budget, anyway)
+                self._schedule(key, (since + self.linger_ns, looks, budget, anyway))
             else:
                 removed += 1
                 if removed % YIELD_EVERY == 0:
@@ -264,7 +320,7 @@ class TargetConnections:
                 if removed % YIELD_EVERY == 0:
                     await asyncio.sleep(0)
             elif decision is Verdict.LINGER and key not in self.suspects:
-                self.suspects[key] = (self.over_since[key] + self.linger_ns, 0, LOOKS, False)
+                self._schedule(key, (self.over_since[key] + self.linger_ns, 0, LOOKS, False))
         return removed
 
     def _target_sockets(self, keys: Iterable[FlowKey]) -> dict[tuple[Any, Any], TcpSocket]:

@@ -50,14 +50,14 @@ from typing import TYPE_CHECKING, Any, Iterable
 from handoff.control import (CLOSED_TARGET_GONE, MAX_HOLDING_KEYS, Closed, ControlClient,
                              ControlUnavailable, Holding, Message, Release)
 from handoff.control import FlowKey as WireKey
+from handoff.event_reader import EventReader
 from handoff.maps import (EV_NEW_SYN, EV_RST, FLOW_ACTIVE, FLOW_ENDED, FLOW_F_RST, FLOW_HOLD, WATCH_CLOSED,
                           Event, FlowEntry, FlowKey)
 
 if TYPE_CHECKING:
+    from arr.config import HandoffSettings
     from arr.metrics import Metrics
     from handoff.datapath import RouterDatapath
-    from arr.config import HandoffSettings
-    from handoff.libbpf import RingBuffer
 
 log = logging.getLogger("arr.handoff")
 
@@ -131,7 +131,7 @@ class RouterConnections:
         self._live = 0
         self._task: asyncio.Task[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
-        self._events: "RingBuffer | None" = None
+        self._reader: EventReader[Event] | None = None
         datapath.ingress.on_active = self._installed
 
     def route(self, target: Address, agent_address: Address, agent: ControlClient) -> None:
@@ -141,15 +141,14 @@ class RouterConnections:
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._events = self.datapath.events()
-        loop.add_reader(self._events.fileno(), self._read_events)
+        self._reader = EventReader(self.datapath.events(), self.on_events)
+        self._reader.start()
         self._task = loop.create_task(self._gc_loop(), name="handoff-gc")
 
     async def stop(self) -> None:
-        if self._events is not None:
-            asyncio.get_running_loop().remove_reader(self._events.fileno())
-            self._events.close()
-            self._events = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         for task in (self._task, self._flusher):
             if task is not None:
                 task.cancel()
@@ -203,13 +202,6 @@ class RouterConnections:
             self._release(client_key, entry, "new-syn")
 
     # ---------------------------------------------------------- events
-
-    def _read_events(self) -> None:
-        assert self._events is not None
-        try:
-            self.on_events(self._events.consume())
-        except Exception:  # events are hints: the sweep finds what one missed
-            log.exception("reading the ingress program's events failed")
 
     def on_events(self, events: Iterable[Event]) -> None:
         """The ingress program's reports: a new SYN ended an entry; the client's RST."""

@@ -135,3 +135,31 @@ def test_timestamp_margin_is_the_same_time_in_each_connections_ticks(client_usec
     # A translated TSval starts M ahead of the clock the peer knew from the router.
     assert to_client.tsval_delta == 5000 + TS_MARGIN * (1000 if client_usec else 1) - 300
     assert to_target.tsval_delta == 9000 + TS_MARGIN * (1000 if forward_usec else 1) - 100
+
+
+# ---------------------------------------------------------------- the agent's look schedule
+
+
+def test_suspects_due_at_the_same_time_are_all_taken_once() -> None:
+    from handoff.agent_lifecycle import TargetConnections
+    from handoff.maps import FlowKey
+
+    agent = TargetConnections(datapath=None)  # type: ignore[arg-type]  # the schedule touches no map
+    keys = [FlowKey.of(("10.0.0.11", 8080), ("10.0.0.1", 50000 + i)) for i in range(5)]
+    agent.suspect(keys, now_ns=1000)  # equal times: keys are never compared
+    agent.suspect(keys[:2], now_ns=1000)  # again: nothing new, nothing twice
+    assert agent._next_due() == 1000
+    assert sorted(agent._take_due(1000), key=lambda k: k.sport) == sorted(keys, key=lambda k: k.sport)
+    assert agent._take_due(10**12) == []
+
+
+def test_a_rescheduled_suspect_is_taken_at_its_new_time_only() -> None:
+    from handoff.agent_lifecycle import TargetConnections
+    from handoff.maps import FlowKey
+
+    agent = TargetConnections(datapath=None)  # type: ignore[arg-type]
+    key = FlowKey.of(("10.0.0.11", 8080), ("10.0.0.1", 50000))
+    agent._schedule(key, (100, 0, 8, False))
+    agent._schedule(key, (500, 1, 8, False))  # the item at 100 is stale now
+    assert agent._take_due(200) == []
+    assert agent._take_due(500) == [key]

@@ -1,0 +1,101 @@
+"""handoff/event_reader.py: a burst of ring-buffer records costs one wake-up.
+
+The ring buffer is stood in for by a pipe (EventReader uses only fileno() and
+consume()); the real ring buffer is read in tests/bpf/test_events.py."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from handoff.event_reader import EventReader
+
+
+class PipeRing:
+    """fileno() is readable while records wait; consume() returns them all."""
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+
+    def put(self, *records: int) -> None:
+        os.write(self.write_fd, bytes(records))
+
+    def fileno(self) -> int:
+        return self.read_fd
+
+    def consume(self) -> list[int]:
+        try:
+            return list(os.read(self.read_fd, 4096))
+        except BlockingIOError:
+            return []
+
+    def close(self) -> None:
+        os.close(self.read_fd)
+        os.close(self.write_fd)
+
+
+async def _a_burst_is_one_batch_and_the_reader_rearms() -> None:
+    ring = PipeRing()
+    batches: list[list[int]] = []
+    reader = EventReader(ring, batches.append, window=0.02)  # type: ignore[arg-type]
+    reader.start()
+    try:
+        ring.put(1)
+        await asyncio.sleep(0.005)
+        ring.put(2, 3)  # inside the window of the first
+        await asyncio.sleep(0.05)
+        assert batches == [[1, 2, 3]]
+        ring.put(4)  # watched again after the batch
+        await asyncio.sleep(0.05)
+        assert batches == [[1, 2, 3], [4]] and reader.batches == 2
+    finally:
+        reader.stop()
+        ring.close()
+
+
+def test_a_burst_is_one_batch_and_the_reader_rearms(on_both_loops) -> None:
+    on_both_loops(_a_burst_is_one_batch_and_the_reader_rearms())
+
+
+async def _a_failing_handler_does_not_stop_the_reader() -> None:
+    ring = PipeRing()
+    seen: list[list[int]] = []
+
+    def handle(records: list[int]) -> None:
+        seen.append(records)
+        if len(seen) == 1:
+            raise RuntimeError("boom")
+
+    reader = EventReader(ring, handle, window=0.001)  # type: ignore[arg-type]
+    reader.start()
+    try:
+        ring.put(1)
+        await asyncio.sleep(0.03)
+        ring.put(2)
+        await asyncio.sleep(0.03)
+        assert seen == [[1], [2]]
+    finally:
+        reader.stop()
+        ring.close()
+
+
+def test_a_failing_handler_does_not_stop_the_reader(on_both_loops) -> None:
+    on_both_loops(_a_failing_handler_does_not_stop_the_reader())
+
+
+async def _stop_inside_a_window_cancels_the_batch() -> None:
+    ring = PipeRing()
+    seen: list[list[int]] = []
+    reader = EventReader(ring, seen.append, window=0.05)  # type: ignore[arg-type]
+    reader.start()
+    ring.put(1)
+    await asyncio.sleep(0.01)
+    reader.stop()  # the timer is pending: cancelled, nothing delivered, no reader left
+    await asyncio.sleep(0.08)
+    assert seen == []
+    ring.close()
+
+
+def test_stop_inside_a_window_cancels_the_batch(on_both_loops) -> None:
+    on_both_loops(_stop_inside_a_window_cancels_the_batch())
