@@ -15,7 +15,7 @@ bpf: setup
 demo: setup
 	$(PY) -m arr demo $(DEMO_ARGS)
 
-# The benchmark harness (manual; --quick is the CI smoke). Extra tools: haproxy, wrk, matplotlib, rich.
+# The benchmark harness (manual; --quick is the CI smoke). Extra tools: haproxy, wrk, matplotlib, rich, py-spy.
 bench: setup
 	@bash scripts/setup.sh --bench
 	$(PY) -m benchmarks $(BENCH_ARGS)
