@@ -5,6 +5,13 @@ read and gives it to the target's unmodified server, or, having changed
 nothing visible, returns the reason it could not (the router then proxies on
 the same sockets). Connection lifecycle after the handoff (section 2.2) is in
 ``handoff.lifecycle``.
+
+The client socket comes from the session's public interface only
+(``ClientSession.detach``; ``reattach`` gives it back on a fallback). Step 4's
+forwarding connection usually comes ready from ``handoff.forward_pool``; the
+state reads and map writes go through the compiled ``handoff.fastpath`` (the
+Python in ``handoff.tcpstate`` is their specification); step 9 is
+``handoff.release``'s, one timer for all connections.
 """
 
 from __future__ import annotations
