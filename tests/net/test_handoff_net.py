@@ -71,6 +71,19 @@ def test_64mib_download_bypasses_the_router(cluster, topology):
         assert router.metric_sum("arr_handoff_fallbacks_total") == 0
 
 
+def test_without_the_forward_pool_each_handoff_connects_inline(cluster):
+    c = cluster(targets=1, files={"1m": MiB})
+    info = c.files["1m"]
+    with handoff_cluster(c, handoff={"forward_pool": 0}) as (router, agents):
+        router.wait_healthy()
+        results = [c.curl(router.url + info.url_path) for _ in range(20)]
+        assert all(r.status == 200 and r.sha256 == info.sha256 for r in results)
+        assert router.metric_sum("arr_handoffs_total", result="ok") == 20
+        assert router.metric_sum("arr_handoff_fallbacks_total") == 0
+        assert router.metric_sum("arr_forward_pool_ready") == 0
+        assert router.metric_sum("arr_forward_pool_total") == 0
+
+
 def test_200_sequential_downloads_leave_nothing_behind(cluster):
     c = cluster(targets=2, files={"1m": MiB})
     info = c.files["1m"]
@@ -95,6 +108,11 @@ def test_200_sequential_downloads_leave_nothing_behind(cluster):
         # socket each; they are bounded and counted, not leaked.
         ready = router.metric_sum("arr_forward_pool_ready")
         assert ready <= 4 * 2, "at most forward_pool ready connections per target and profile"
+        # Sequential curls share one option profile: after the first handoff to
+        # each target, every forwarding connection came ready from the pool.
+        hits = router.metric_sum("arr_forward_pool_total", result="hit")
+        misses = router.metric_sum("arr_forward_pool_total", result="miss")
+        assert hits + misses == 200 and hits >= 190, (hits, misses)
         assert len(os.listdir(f"/proc/{pid}/fd")) <= fds_before + 2 + ready
         print(f"\nrouter bytes per byte served (200 x 1 MiB): {carried / (200 * info.size):.4f}")
 
