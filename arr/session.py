@@ -226,9 +226,7 @@ class ClientSession(asyncio.Protocol):
         if self._held > READ_SIZE and not self._read_paused:
             self._read_paused = True
             self._transport.pause_reading()  # type: ignore[union-attr]
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        _resolve(self._waiter)
 
     def eof_received(self) -> bool:
         if self._state == _CONNECTION_OPEN:
@@ -241,26 +239,18 @@ class ClientSession(asyncio.Protocol):
         if exc is not None:
             self._error = exc
         self._wake()
-        drain = self._drain_waiter
-        if drain is not None and not drain.done():
-            drain.set_result(None)
-        closed = self._closed
-        if closed is not None and not closed.done():
-            closed.set_result(None)
+        _resolve(self._drain_waiter)
+        _resolve(self._closed)
 
     def pause_writing(self) -> None:
         self._write_paused = True
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        drain = self._drain_waiter
-        if drain is not None and not drain.done():
-            drain.set_result(None)
+        _resolve(self._drain_waiter)
 
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        _resolve(self._waiter)
 
     # -------------------------------------------------------------- reading
 
@@ -544,6 +534,12 @@ class ClientSession(asyncio.Protocol):
         except OSError as exc:  # the connection cannot be taken back: it is lost
             sock.close()
             raise ClientGone(f"reattach: {exc}") from None
+
+
+def _resolve(waiter: "asyncio.Future[None] | None") -> None:
+    """Wake whoever waits on WAITER, if anyone still does."""
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
 
 
 def _protocol_error(exc: h11.RemoteProtocolError) -> HttpError:

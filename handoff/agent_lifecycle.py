@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from arr import netlink
 from arr.inet_diag import TcpSocket, TcpState
+from handoff.alarm import Alarm
 from handoff.control import CLOSED_TARGET_GONE, Closed, Holding, Release
 from handoff.control import FlowKey as WireKey
 from handoff.lifecycle import local_key, wire_key
@@ -157,7 +158,7 @@ class TargetConnections:
         self._order = itertools.count()
         """Heap of (when, order, key) over ``suspects``; an item whose time is no
         longer its suspect's is stale and skipped (so a reschedule is a push)."""
-        self._waiter: asyncio.Future[None] | None = None
+        self._alarm = Alarm()
 
     def _schedule(self, key: FlowKey, suspect: tuple[int, int, int, bool]) -> None:
         self.suspects[key] = suspect
@@ -184,10 +185,6 @@ class TargetConnections:
             keys.append(heapq.heappop(self._due)[2])
         return keys
 
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
     def close(self) -> None:
         self._diag.close()
 
@@ -209,7 +206,7 @@ class TargetConnections:
                 self._schedule(key, (now_ns, 0, max(looks, budget - done), any_state or anyway))
                 added = True
         if added:
-            self._wake()
+            self._alarm.wake()
 
     def on_events(self, events: Iterable[Event]) -> None:
         """Records of the egress program's ring buffer: hints, checked against the kernel."""
@@ -217,20 +214,12 @@ class TargetConnections:
 
     async def run(self) -> None:
         """Look at the suspects when they are due (the agent's task). Waits on
-        one future and one timer: a wake-up costs no task."""
-        loop = asyncio.get_running_loop()
+        one future and one timer (handoff/alarm.py): a wake-up costs no task."""
         while True:
             now = time.monotonic_ns()
             due_at = self._next_due()
             if due_at is None or due_at > now:
-                self._waiter = loop.create_future()
-                timer = None if due_at is None else loop.call_later((due_at - now) / 1e9, self._wake)
-                try:
-                    await self._waiter
-                finally:
-                    self._waiter = None
-                    if timer is not None:
-                        timer.cancel()
+                await self._alarm.sleep(None if due_at is None else (due_at - now) / 1e9)
                 continue
             try:
                 await self.look(now)

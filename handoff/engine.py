@@ -447,30 +447,26 @@ class RouterHandoff:
         """Undo whatever the attempt set up; the client connection is intact
         (the caller gives it back to the session)."""
         assert self.datapath is not None and self.connections is not None
-        if attempt.watch_key is not None:
-            self.connections.in_flight.discard(attempt.watch_key)
         if attempt.held:
             self.datapath.ingress.delete(attempt.client_key)
-        if attempt.forward is not None:
-            if attempt.agent_may_have_entry:
-                # The agent may yet install an entry: make sure the target's
-                # side of this connection never speaks to the client.
-                if attempt.watch_key is not None:  # before the close: see _release_forward
-                    self.datapath.watch.update(attempt.watch_key, WatchEntry(
-                        state=WATCH_CLOSED, closed_ns=time.monotonic_ns(), conn_id=attempt.conn_id,
-                        client=attempt.client_key))
-                    if agent is not None:
-                        # An agent that answers late (paused, overloaded) would
-                        # install the entry after the router gave up: the
-                        # RELEASE behind the HANDOFF on the same stream ends it.
-                        _post(agent, Release(conn_id=attempt.conn_id, key=wire_key(attempt.watch_key)))
-                tcpstate.close_silently(attempt.forward)
-            else:
-                attempt.forward.close()
-                if attempt.watch_key is not None:
-                    self.datapath.watch.delete(attempt.watch_key)
-        elif attempt.watch_key is not None:
-            self.datapath.watch.delete(attempt.watch_key)
+        if attempt.forward is None or attempt.watch_key is None:
+            return  # _connect sets both together, once connected
+        if not attempt.agent_may_have_entry:
+            self._discard_forward(ReadyForward(attempt.forward, attempt.watch_key, attempt.conn_id))
+            return
+        # The agent may yet install an entry: make sure the target's side of
+        # this connection never speaks to the client (CLOSED before the close:
+        # see _release_forward).
+        self.connections.in_flight.discard(attempt.watch_key)
+        self.datapath.watch.update(attempt.watch_key, WatchEntry(
+            state=WATCH_CLOSED, closed_ns=time.monotonic_ns(), conn_id=attempt.conn_id,
+            client=attempt.client_key))
+        if agent is not None:
+            # An agent that answers late (paused, overloaded) would install
+            # the entry after the router gave up: the RELEASE behind the
+            # HANDOFF on the same stream ends it.
+            _post(agent, Release(conn_id=attempt.conn_id, key=wire_key(attempt.watch_key)))
+        tcpstate.close_silently(attempt.forward)
 
     def _release_forward(self, pending: PendingRelease, acknowledged: bool) -> None:
         """Step 9 (called by the releaser): the target acknowledged the request

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 from handoff import fastpath
+from handoff.alarm import Alarm
 
 if TYPE_CHECKING:
     from arr.pool import Target
@@ -75,22 +76,8 @@ class _Shelf:
     ready: deque[ReadyForward] = field(default_factory=deque)
     last_taken: float = 0.0
     refill: asyncio.Task[None] | None = None
-    waiter: asyncio.Future[None] | None = None
+    alarm: Alarm = field(default_factory=Alarm)
     """What a full shelf's refill sleeps on: a take or the oldest's expiry wakes it."""
-
-    def wake(self) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
-
-    async def sleep(self, seconds: float) -> None:
-        loop = asyncio.get_running_loop()
-        self.waiter = loop.create_future()
-        timer = loop.call_later(seconds, self.wake)
-        try:
-            await self.waiter
-        finally:
-            timer.cancel()
-            self.waiter = None
 
 
 class ForwardPool:
@@ -138,7 +125,7 @@ class ForwardPool:
         if shelf.refill is None or shelf.refill.done():
             shelf.refill = asyncio.get_running_loop().create_task(self._refill(target, profile, shelf))
         else:
-            shelf.wake()
+            shelf.alarm.wake()
         return found
 
     async def _refill(self, target: "Target", profile: ForwardProfile, shelf: _Shelf) -> None:
@@ -153,7 +140,7 @@ class ForwardPool:
                 self._stale(shelf.ready.popleft())
             if len(shelf.ready) >= self.depth:
                 # Full: wake at a take, or when the oldest ages out.
-                await shelf.sleep(min(MAX_AGE - (now - shelf.ready[0].opened), IDLE_PROFILE))
+                await shelf.alarm.sleep(min(MAX_AGE - (now - shelf.ready[0].opened), IDLE_PROFILE))
                 continue
             try:
                 ready = await self.open_forward(target, profile)
