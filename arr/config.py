@@ -98,6 +98,10 @@ class HandoffSettings:
     forward_pool: int = 4
     """Forwarding connections kept ready per target and client profile, so
     that no handshake sits in a request's path (0: connect on demand)."""
+    takeback_timeout: float = 10.0
+    """Longest a handed-off connection's next request waits for the client to
+    acknowledge the previous response before the router takes it back (a
+    pipelining client); past it the connection ends (handoff/takeback.py)."""
 
 
 @dataclass(frozen=True)
@@ -310,6 +314,7 @@ def _handoff(data: Any) -> HandoffSettings:
         capacity=s.number("capacity", d.capacity, minimum=1, integer=True),
         forward_ports=_port_range(s, "forward_ports", d.forward_ports),
         forward_pool=s.number("forward_pool", d.forward_pool, integer=True),
+        takeback_timeout=s.number("takeback_timeout", d.takeback_timeout, allow_zero=False),
     )
     s.finish()
     return settings

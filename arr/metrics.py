@@ -73,6 +73,21 @@ class Metrics:
             "arr_forward_pool", "Forwarding connections asked of the pool, by result "
             "(hit: ready; miss: connected inline; stale: closed unused, aged or closed by the target).",
             ("result",), registry=r)
+        self.takebacks = Counter(
+            "arr_takebacks", "Handed-off connections taken back on a new request, by result "
+            "(ok, or why not: the connection then ends).", ("result",), registry=r)
+        self.takeback_duration = Histogram(
+            "arr_takeback_duration_seconds",
+            "From the client's new request at the router's BPF to the rebuilt socket's session.",
+            buckets=(0.0002, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5),
+            registry=r)
+        self.takeback_waits = Counter(
+            "arr_takeback_waits", "Take-backs that waited for the client to acknowledge a response.",
+            registry=r)
+        self.rehandoffs = Counter(
+            "arr_rehandoffs", "Handoffs of taken-back connections, by where "
+            "(same-target: its forwarding connection reused; other-target: that one closed).",
+            ("target",), registry=r)
         self.proxied_bytes = Counter(
             "arr_proxied_bytes", "Body bytes relayed by the router, by direction.",
             ("direction",), registry=r)

@@ -52,7 +52,11 @@ class TargetState:
     healthy: bool = True
     draining: bool = False
     active: int = 0
-    """Requests or connections in flight to this target (least-connections, LARD)."""
+    """Requests or connections in flight to this target through the router."""
+    handed_off: int = 0
+    """Client connections handed off to this target and not yet ended or taken
+    back; maintained by the handoff engine, from its maps. Such a connection no
+    longer passes through the router, so ``active`` does not see it."""
     consecutive_ok: int = 0
     consecutive_failures: int = 0
 
@@ -63,6 +67,15 @@ class TargetState:
     @property
     def weight(self) -> int:
         return self.target.weight
+
+    @property
+    def load(self) -> int:
+        """What least-connections and LARD balance: ``active + handed_off``.
+
+        Both count, or a target holding many handed-off connections would look
+        idle and the load-aware policies would degrade to round-robin.
+        """
+        return self.active + self.handed_off
 
     @property
     def available(self) -> bool:
@@ -88,7 +101,7 @@ class TargetState:
         flags = "up" if self.healthy else "down"
         if self.draining:
             flags += ",draining"
-        return f"<TargetState {self.name} {flags} active={self.active}>"
+        return f"<TargetState {self.name} {flags} active={self.active} handed_off={self.handed_off}>"
 
 
 class Balancer(Protocol):

@@ -81,6 +81,10 @@ class Request:
     """The buffered body; ``None`` when the body is larger than the decision
     buffer and will be streamed after the decision instead."""
     cookies: Mapping[str, str] = field(default_factory=dict)
+    number: int = 1
+    """Which request of its connection this is (1: the first). The one way a
+    policy can tell a connection that was handed off and taken back (its
+    later requests keep counting) from a new one: nothing else differs."""
 
     @classmethod
     def build(
@@ -91,9 +95,10 @@ class Request:
         client: tuple[str, int] = ("127.0.0.1", 0),
         http_version: str = "1.1",
         body: bytes | None = b"",
+        number: int = 1,
     ) -> "Request":
         hdrs = headers if isinstance(headers, Headers) else Headers(headers)
-        return cls(method, target, hdrs, client, http_version, body, parse_cookies(hdrs))
+        return cls(method, target, hdrs, client, http_version, body, parse_cookies(hdrs), number)
 
     @property
     def path(self) -> str:

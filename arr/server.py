@@ -16,6 +16,7 @@ import inspect
 import json
 import logging
 import signal
+import socket
 import time
 from typing import TYPE_CHECKING, Protocol
 
@@ -58,6 +59,11 @@ class HandoffEngine(Protocol):
     async def hand_off(self, session: ClientSession, request: "Request", head: "h11.Request",
                        target: "TargetState") -> str | None: ...
 
+    def forget(self, session: ClientSession) -> None:
+        """SESSION (one the engine gave back with ``Router.resume``) no longer
+        needs what the engine kept for it (``session.handoff_context``): its
+        connection ended, or its request went elsewhere than a handoff."""
+
 
 class NoHandoff:
     """The engine used when no handoff data path is installed."""
@@ -71,6 +77,9 @@ class NoHandoff:
     async def hand_off(self, session: ClientSession, request: "Request", head: "h11.Request",
                        target: "TargetState") -> str | None:
         return "unavailable"
+
+    def forget(self, session: ClientSession) -> None:
+        pass
 
 
 class Router:
@@ -159,6 +168,21 @@ class Router:
         self.metrics.active_connections.inc()
         return self._on_client(session)
 
+    async def resume(self, sock: "socket.socket", peer: tuple[str, int], requests_served: int,
+                     handoff_context: object) -> None:
+        """A connection handed off earlier comes back (the engine took it back
+        on its client's next request, handoff/takeback.py): it is served from
+        here on like any other, its requests counted on from REQUESTS_SERVED.
+        ``ClientSession.reattach`` is the one way its socket comes in."""
+        session = ClientSession.returning(self.config.limits, self.metrics, peer, requests_served)
+        session.handoff_context = handoff_context
+        await session.reattach(sock)
+        serving = self._accept(session)
+        if serving is not None:
+            session.task = asyncio.get_running_loop().create_task(serving)
+        else:
+            self.handoff.forget(session)
+
     async def _on_client(self, session: ClientSession) -> None:
         try:
             await self._serve_session(session)
@@ -168,6 +192,8 @@ class Router:
             self._sessions.discard(session)
             self.metrics.active_connections.dec()
             await session.close()
+            if session.handoff_context is not None:
+                self.handoff.forget(session)
 
     async def _serve_session(self, session: ClientSession) -> None:
         while not session.draining:
@@ -194,6 +220,8 @@ class Router:
         try:
             decision = await self._decide(request)
             executed = decision_name(decision)
+            if session.handoff_context is not None and not isinstance(decision, Handoff):
+                self.handoff.forget(session)  # e.g. the reclaimed forwarding connection: closed now
             if isinstance(decision, Handoff):
                 if await self._try_handoff(session, request, head, body, decision):
                     status, target_name = 200, decision.target.name

@@ -179,6 +179,9 @@ class ClientSession(asyncio.Protocol):
         self.saved_syn: bytes | None = None
         """The client's SYN headers, kept by the handoff engine: the kernel
         hands them out once, and a later handoff of this connection needs them."""
+        self.handoff_context: object | None = None
+        """The handoff engine's, opaque here: what it needs to hand a connection
+        it took back off again (there is no saved SYN on a rebuilt socket)."""
         self.task: asyncio.Task[None] | None = None
         """The task serving this connection (what ``serve`` returned)."""
         self._serve = serve
@@ -370,6 +373,7 @@ class ClientSession(asyncio.Protocol):
             client=self.peer,
             http_version=head.http_version.decode("ascii"),
             body=buffered,
+            number=self.requests_served + 1,
         )
         return request, head, body
 
@@ -497,6 +501,21 @@ class ClientSession(asyncio.Protocol):
         if transport is None or self._detached or self._state == _CONNECTION_LOST:
             return 0
         return transport.get_write_buffer_size()
+
+    @classmethod
+    def returning(cls, limits: Limits, metrics: "Metrics", peer: tuple[str, int], requests_served: int,
+                  serve: Callable[["ClientSession"], Coroutine[object, object, None] | None] | None = None
+                  ) -> "ClientSession":
+        """A session for a connection that comes back to the router after it
+        was handed off (handoff/takeback.py rebuilt its socket): detached, as
+        if it had just been handed away, so that ``reattach`` is the one way
+        the socket comes in; its requests keep counting from REQUESTS_SERVED."""
+        session = cls(limits, metrics, serve)
+        session.peer = peer
+        session.requests_served = requests_served
+        session._loop = asyncio.get_running_loop()
+        session._detached = True
+        return session
 
     def detach(self) -> tuple[socket.socket, bytes]:
         transport = self._transport

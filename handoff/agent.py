@@ -32,12 +32,13 @@ from arr import netlink
 from arr.config import ConfigError, parse_address
 from arr.metrics import serve_metrics
 from handoff.agent_lifecycle import TargetConnections
-from handoff.control import (Ack, ControlServer, HandoffRequest, Holding, Nack, Release, StopMirror,
-                             load_psk)
+from handoff.control import (TAKEN_CLOSED, TAKEN_OK, TAKEN_UNACKED, TAKEN_UNKNOWN, Ack, ControlServer,
+                             HandoffRequest, Holding, Nack, Release, StopMirror, Taken, TakeBack, load_psk)
 from handoff.datapath import DEFAULT_BPF_DIR, TargetDatapath
 from handoff.event_reader import EventReader
 from handoff.lifecycle import local_key
-from handoff.maps import DEFAULT_CAPACITY, FLOW_ACTIVE, Event, FlowEntry, MirrorState, Xlate
+from handoff.maps import (DEFAULT_CAPACITY, FLOW_ACTIVE, FLOW_F_FIN, FLOW_F_RST, FLOW_HOLD, Event, FlowEntry,
+                          MirrorState, Xlate)
 
 log = logging.getLogger("arr.agent")
 
@@ -129,6 +130,8 @@ class AgentMetrics:
                                   value=agent.installed)
         yield CounterMetricFamily("arr_agent_handoffs_refused", "HANDOFF requests answered NACK.",
                                   value=agent.refused)
+        yield CounterMetricFamily("arr_agent_taken_back", "Connections the router took back (TAKEBACK answered OK).",
+                                  value=agent.taken_back)
         ended = CounterMetricFamily("arr_agent_connections_ended",
                                     "Egress entries ended, by why (closed, replaced, released, unlisted).",
                                     labels=["why"])
@@ -162,6 +165,7 @@ class Agent:
         self.local_addresses: set[str] = set()
         self.installed = 0
         self.refused = 0
+        self.taken_back = 0
         self.metrics = AgentMetrics(self)
         self._metrics_server: asyncio.AbstractServer | None = None
         self._gc: asyncio.Task[None] | None = None
@@ -222,6 +226,8 @@ class Agent:
                 self.refused += 1
                 log.warning("refused handoff %d: %s", message.conn_id, reply.reason)
             await session.send(reply)
+        elif isinstance(message, TakeBack):
+            await session.send(self._take_back(message))
         elif isinstance(message, StopMirror):
             assert self.datapath is not None
             self.datapath.mirror.delete(local_key(message.key))
@@ -257,6 +263,39 @@ class Agent:
         self.installed += 1
         return Ack(conn_id=message.conn_id)
 
+    def _take_back(self, message: TakeBack) -> Taken:
+        """The router takes the connection back (its client sent a new request).
+        Only once the client has acknowledged all the server sent: then no
+        response byte is left in flight that the entry would still have to
+        translate. The entry is paused first (HOLD: the program passes the
+        server's packets untranslated, to the router), checked again (the
+        server may have sent something meanwhile), then ended; the server's
+        socket lives on, the router's rebuilt socket is its peer now."""
+        assert self.datapath is not None and self.connections is not None
+        key = local_key(message.key)
+        conn_id = message.conn_id
+        entry = self.datapath.egress.lookup(key)
+        if entry is None or entry.conn_id != conn_id or entry.state != FLOW_ACTIVE:
+            return Taken(conn_id, TAKEN_UNKNOWN)
+        verdict = _take_back_verdict(entry, message.acked)
+        if verdict != TAKEN_OK:
+            return Taken(conn_id, verdict, snd_nxt=entry.snd_max)
+        entry.state = FLOW_HOLD
+        self.datapath.egress.update(key, entry)
+        paused = self.datapath.egress.lookup(key)
+        verdict = TAKEN_UNKNOWN if paused is None else _take_back_verdict(paused, message.acked)
+        if paused is None or verdict != TAKEN_OK:
+            if paused is not None:
+                paused.state = FLOW_ACTIVE
+                self.datapath.egress.update(key, paused)
+            return Taken(conn_id, verdict, snd_nxt=entry.snd_max)
+        self.datapath.egress.delete(key)
+        self.datapath.mirror.delete(key)
+        self.connections.taken_back(key)
+        self.taken_back += 1
+        return Taken(conn_id, TAKEN_OK, snd_nxt=paused.snd_max,
+                     window=paused.peer_window << paused.x.wscale_in, syn_seq=paused.syn_seq)
+
     # ------------------------------------------------------------ lifecycle
 
     async def _gc_loop(self) -> None:
@@ -273,6 +312,16 @@ class Agent:
     async def sweep(self, now_ns: int) -> int:
         assert self.connections is not None
         return await self.connections.sweep(now_ns)
+
+
+def _take_back_verdict(entry: FlowEntry, acked: int) -> int:
+    if entry.flags & (FLOW_F_FIN | FLOW_F_RST):
+        return TAKEN_CLOSED
+    # snd_max 0: the server has sent nothing since the handoff, not even the
+    # ACK of the request: too early to tell.
+    if entry.snd_max == 0 or entry.snd_max != acked:
+        return TAKEN_UNACKED
+    return TAKEN_OK
 
 
 async def run_agent(settings: AgentSettings) -> None:

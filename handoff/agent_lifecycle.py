@@ -192,6 +192,14 @@ class TargetConnections:
         self.over_since.pop(key, None)
         self.suspects.pop(key, None)
 
+    def taken_back(self, key: FlowKey) -> None:
+        """The router took the connection back (agent.py ended its entry): the
+        server's socket lives on with the router as its peer; nothing to
+        report, nothing to look at."""
+        self.over_since.pop(key, None)
+        self.suspects.pop(key, None)
+        self.ended["taken-back"] = self.ended.get("taken-back", 0) + 1
+
     # ---------------------------------------------------------- events
 
     def suspect(self, keys: Iterable[FlowKey], now_ns: int | None = None, looks: int = LOOKS,

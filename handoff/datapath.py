@@ -25,7 +25,7 @@ from arr import netlink
 from handoff.build import object_path
 from handoff.libbpf import BpfMap, BpfObject, RingBuffer
 from handoff.ports import PortRange, reservation_text
-from handoff.maps import (DEFAULT_CAPACITY, FLOW_ACTIVE, STAT_NAMES, Event, FlowEntry, FlowKey, MirrorState,
+from handoff.maps import (DEFAULT_CAPACITY, Capture, FLOW_ACTIVE, STAT_NAMES, Event, FlowEntry, FlowKey, MirrorState,
                           StatIndex, WatchEntry)
 
 log = logging.getLogger("arr.handoff")
@@ -142,8 +142,9 @@ class Datapath:
         return read_stats(self.stats_map)
 
     def events(self) -> RingBuffer:
-        """A reader of the programs' arr_events ring buffer (close it when done)."""
-        return RingBuffer(self.obj.map_fd("arr_events"), Event)
+        """A reader of the programs' arr_events ring buffer (close it when done):
+        ``Event`` records, and on the router ``Capture`` records too."""
+        return RingBuffer(self.obj.map_fd("arr_events"), Event, Capture)
 
     def detach(self) -> None:
         for a in self.attached:

@@ -37,8 +37,9 @@ from handoff.forward_pool import ForwardPool, ForwardProfile, ReadyForward
 from handoff.libbpf import BPF_NOEXIST, BpfError
 from handoff.lifecycle import PORT_QUARANTINE_NS, RouterConnections, wire_key
 from handoff.release import ForwardReleaser, PendingRelease
-from handoff.maps import (FLOW_ACTIVE, FLOW_HOLD, WATCH_CLOSED, WATCH_CONNECTING,
-                          WATCH_HANDED_OFF, FlowEntry, FlowKey, WatchEntry, Xlate)
+from handoff.takeback import TakenBack, TakeBacks
+from handoff.maps import (FLOW_ACTIVE, FLOW_HOLD, WATCH_CLOSED, WATCH_CONNECTING, WATCH_HANDED_OFF,
+                          WATCH_OPT_SACK, WATCH_OPT_TS, FlowEntry, FlowKey, WatchEntry, Xlate)
 from handoff.ports import PortRange, choose_port
 from handoff.translate import HandoffInputs, compute_translations, wrap
 
@@ -124,6 +125,8 @@ class RouterHandoff:
         self._random = random.Random()
         self.releaser: ForwardReleaser | None = None
         self.pool: ForwardPool | None = None
+        self.takebacks: TakeBacks | None = None
+        self._states_at: dict[tuple[str, int], list["TargetState"]] = {}
         self._ok = metrics.handoffs.labels("ok")
         self._fallback = metrics.handoffs.labels("fallback")
 
@@ -152,6 +155,14 @@ class RouterHandoff:
                 self.agents[target.agent] = client
             if target.agent:
                 self.connections.route(target.address, target.agent, self.agents[target.agent])
+        for pool in router.pools.values():
+            for state in pool.members:
+                self._states_at.setdefault(state.target.address, []).append(state)
+        self.connections.on_load = self._publish_load
+        self.takebacks = TakeBacks(self.datapath, self.connections, self.settings, self.metrics,
+                                   agent_of=self._agent_at, new_conn_id=lambda: next(self._ids),
+                                   release_now=self._release_now, resume=router.resume)
+        self.connections.on_captures = self.takebacks.on_captures
         self.connections.start()
         self.releaser = ForwardReleaser(self._release_forward, self.settings.request_ack_timeout)
         counters = {result: self.metrics.forward_pool.labels(result) for result in ("hit", "miss", "stale")}
@@ -162,6 +173,8 @@ class RouterHandoff:
             await client.start()
 
     async def stop(self) -> None:
+        if self.takebacks is not None:
+            await self.takebacks.stop()
         if self.pool is not None:
             await self.pool.close()
         if self.releaser is not None:
@@ -172,6 +185,28 @@ class RouterHandoff:
             await self.connections.stop()
         if self.datapath is not None:
             self.datapath.close()  # programs stay attached: handed-off connections live on
+
+    def _release_now(self, watch_key: FlowKey) -> bool:
+        return self.releaser is not None and self.releaser.release_now(watch_key)
+
+    def _agent_at(self, target: tuple[str, int]) -> ControlClient | None:
+        for state in self._states_at.get(target, ()):
+            if state.target.agent:
+                return self.agents.get(state.target.agent)
+        return None
+
+    def _publish_load(self, target: tuple[str, int], count: int) -> None:
+        """Least-connections and LARD see handed-off connections as load."""
+        for state in self._states_at.get(target, ()):
+            state.handed_off = count
+
+    def forget(self, session: "ClientSession") -> None:
+        """A taken-back connection's request went elsewhere than a handoff, or
+        the connection ended: its rebuilt forwarding connection is closed."""
+        context = session.handoff_context
+        if isinstance(context, TakenBack) and context.forward is not None and self.takebacks is not None:
+            forward, context.forward = context.forward, None
+            self.takebacks.close_forward(forward)
 
     # ---------------------------------------------------------- the sequence
 
@@ -216,6 +251,10 @@ class RouterHandoff:
             raise Fallback("unsent-data")  # the target could not retransmit them
         # From here the engine owns the socket: the session reads and writes
         # nothing until it is given back (reattach) or the target has it.
+        # A connection taken back earlier (handoff/takeback.py) has no saved
+        # SYN: its context says what the SYN did, and brings the rebuilt
+        # forwarding connection.
+        context = session.handoff_context if isinstance(session.handoff_context, TakenBack) else None
         try:
             client, held = session.detach()
         except DetachError:
@@ -226,33 +265,46 @@ class RouterHandoff:
                 attempt.client_key = FlowKey.of(client.getpeername()[:2], client.getsockname()[:2])
             except OSError:
                 raise Fallback("client-gone") from None
+            if held:
+                # Bytes of a next request: forwarded with this one they would
+                # reach the target unrouted. Proxied instead, each decided.
+                raise Fallback("pipelined")
             await self._eligible(client)
-            # The kernel hands the saved SYN out once: keep it for later
-            # attempts on this connection (after a fallback, say).
-            if session.saved_syn is None:
-                session.saved_syn = tcpstate.saved_syn(client)
-            syn = session.saved_syn
             info = tcpstate.tcp_basics(client)
-            if info.timestamps and syn is None:
-                raise Fallback("no-saved-syn")
-            syn_info = fastpath.parse_syn(syn) if syn else None
-            await self._connect(attempt, target, info, syn_info)
+            if context is not None:
+                profile = context.profile
+                client_tsval, client_syn_seq = context.client_tsval, context.client_syn_seq
+            else:
+                # The kernel hands the saved SYN out once: keep it for later
+                # attempts on this connection (after a fallback, say).
+                if session.saved_syn is None:
+                    session.saved_syn = tcpstate.saved_syn(client)
+                syn = session.saved_syn
+                if info.timestamps and syn is None:
+                    raise Fallback("no-saved-syn")
+                syn_info = fastpath.parse_syn(syn) if syn else None
+                profile = ForwardProfile(mss=(syn_info.mss or 0) if syn_info else 0, sack=info.sack,
+                                         timestamps=info.timestamps)
+                client_tsval = (syn_info.tsval or 0) if syn_info else 0
+                client_syn_seq = syn_info.seq if syn_info else 0
+            reused = await self._connect(attempt, target, profile, context)
             self._hold(attempt, client)
             # Leaving repair mode without a window probe: reading the state
             # must not put a packet on either connection.
             c_snap = self._client_state(attempt, client)
+            if attempt.kernel_bytes:
+                raise Fallback("pipelined")
             f_snap = fastpath.snapshot(attempt.forward)
             watch = self.datapath.watch.lookup(attempt.watch_key)
-            request_bytes = serialize_request(request, head) + held + attempt.kernel_bytes
+            request_bytes = serialize_request(request, head)
             to_target, to_client = compute_translations(HandoffInputs(
                 client=c_snap.tcp, forward=f_snap.tcp, request_len=len(request_bytes),
-                client_syn_tsval=(syn_info.tsval or 0) if syn_info else 0,
-                target_tsval=watch.target_tsval if watch else 0))
+                client_syn_tsval=client_tsval, target_tsval=watch.target_tsval if watch else 0))
             conn_id = attempt.conn_id
             await self._install_at_agent(attempt, agent, HandoffRequest(
                 conn_id=conn_id, key=wire_key(attempt.watch_key), translation=to_client,
                 mirror_from=f_snap.tcp.snd_nxt, mirror_until=wrap(f_snap.tcp.snd_nxt + len(request_bytes)),
-                syn_seq=wrap(f_snap.tcp.rcv_nxt - 1)))
+                syn_seq=context.target_syn_seq if reused and context is not None else wrap(f_snap.tcp.rcv_nxt - 1)))
         except BaseException as exc:
             fallback = exc if isinstance(exc, Fallback) else None
             if fallback is None and not isinstance(exc, Exception):
@@ -273,13 +325,24 @@ class RouterHandoff:
 
         # Step 7, the point of no return: client packets are now rewritten to
         # the target; the router's socket goes away without a FIN or RST.
-        self.datapath.watch.update(attempt.watch_key, WatchEntry(
-            state=WATCH_HANDED_OFF, rcv_nxt=f_snap.tcp.rcv_nxt,
-            target_tsval=watch.target_tsval if watch else 0, conn_id=conn_id, client=attempt.client_key))
+        # The watch entry keeps what the target's SYN-ACK said (a take-back
+        # rebuilds the socket with it); the ingress entry what the client's
+        # SYN did, and where the bytes routed so far end (take_from: the
+        # client's next request is taken back, handoff/takeback.py).
+        handed = watch if watch is not None else WatchEntry()
+        handed.state, handed.rcv_nxt, handed.conn_id = WATCH_HANDED_OFF, f_snap.tcp.rcv_nxt, conn_id
+        handed.client, handed.closed_ns = attempt.client_key, 0
+        self.datapath.watch.update(attempt.watch_key, handed)
+        c = c_snap.tcp
         self.datapath.ingress.update(attempt.client_key, FlowEntry(
             x=Xlate.of(to_target), state=FLOW_ACTIVE, created_ns=time.monotonic_ns(),
-            syn_seq=syn_info.seq if syn_info else 0, seq_next=c_snap.tcp.rcv_nxt or 1, conn_id=conn_id))
+            syn_seq=client_syn_seq, seq_next=c.rcv_nxt or 1, conn_id=conn_id,
+            take_from=c.rcv_nxt, client_mss=profile.mss or c.mss, router_wscale=c.rcv_wscale,
+            client_opts=(WATCH_OPT_SACK if c.sack else 0) | (WATCH_OPT_TS if c.timestamps else 0),
+            requests=min(session.requests_served + 1, 0xFFFF)))
         tcpstate.close_silently(client)
+        if context is not None:
+            self.metrics.rehandoffs.labels("same-target" if reused else "other-target").inc()
 
         # Step 8: the request, as the target will see it; step 9 (the release
         # of the forwarding socket once the target acknowledged it) is the
@@ -311,15 +374,28 @@ class RouterHandoff:
         if reason is not None:
             raise Fallback(reason)
 
-    async def _connect(self, attempt: Attempt, target: "Target", info: "tcpstate.TcpBasics",
-                       syn: "tcpstate.SynInfo | None") -> None:
+    async def _connect(self, attempt: Attempt, target: "Target", profile: ForwardProfile,
+                       context: TakenBack | None) -> bool:
         """Step 4: an established forwarding connection whose SYN announced
-        the client's options: from the pool when one is ready, else now."""
-        profile = ForwardProfile(mss=(syn.mss or 0) if syn else 0, sack=info.sack, timestamps=info.timestamps)
-        ready = self.pool.take(target, profile) if self.pool is not None else None
+        the client's options: the taken-back connection's own when it leads to
+        TARGET (True: reused, no new connection at the target), else from the
+        pool when one is ready, else now. A taken-back connection's that leads
+        elsewhere is closed (a FIN: an ordinary close for the old target)."""
+        ready = None
+        if context is not None and context.forward is not None:
+            forward, context.forward = context.forward, None
+            if context.target == target.address:
+                ready = forward
+            else:
+                assert self.takebacks is not None
+                self.takebacks.close_forward(forward)
+        reused = ready is not None
+        if ready is None and self.pool is not None:
+            ready = self.pool.take(target, profile)
         if ready is None:
             ready = await self._open_forward(target, profile)
         attempt.forward, attempt.watch_key, attempt.conn_id = ready.sock, ready.watch_key, ready.conn_id
+        return reused
 
     async def _open_forward(self, target: "Target", profile: ForwardProfile) -> ReadyForward:
         """Forwarding socket, watch entry (the BPF normalises the SYN to

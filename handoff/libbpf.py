@@ -342,15 +342,21 @@ _SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ct
 class RingBuffer:
     """A BPF ring buffer map read with libbpf: ``fileno()`` becomes readable
     when records are waiting (add it to an event loop), ``consume()`` returns
-    them, each as a RECORD_TYPE structure."""
+    them, each as a RECORD_TYPE structure, or as one of OTHER_TYPES when the
+    record has exactly that type's size (the router's captures share the ring
+    with its events)."""
 
-    def __init__(self, map_fd: int, record_type: Type[V]) -> None:
+    def __init__(self, map_fd: int, record_type: Type[V], *other_types: type) -> None:
         self.record_type = record_type
         self._records: list[V] = []
         size = ctypes.sizeof(record_type)
+        by_size = {ctypes.sizeof(t): t for t in other_types}
 
         def sample(_ctx: int, data: int, length: int) -> int:
-            if length >= size:
+            wider = by_size.get(length)
+            if wider is not None:
+                self._records.append(wider.from_buffer_copy(ctypes.string_at(data, length)))
+            elif length >= size:
                 self._records.append(record_type.from_buffer_copy(ctypes.string_at(data, size)))
             return 0
 

@@ -45,14 +45,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from handoff.control import (CLOSED_TARGET_GONE, MAX_HOLDING_KEYS, Closed, ControlClient,
                              ControlUnavailable, Holding, Message, Release)
 from handoff.control import FlowKey as WireKey
 from handoff.event_reader import EventReader
-from handoff.maps import (EV_NEW_SYN, EV_RST, FLOW_ACTIVE, FLOW_ENDED, FLOW_F_RST, FLOW_HOLD, WATCH_CLOSED,
-                          Event, FlowEntry, FlowKey)
+from handoff.maps import (EV_NEW_SYN, EV_RST, FLOW_ACTIVE, FLOW_ENDED, FLOW_F_RST, FLOW_HOLD, FLOW_TAKEBACK,
+                          WATCH_CLOSED, Capture, Event, FlowEntry, FlowKey)
 
 if TYPE_CHECKING:
     from arr.config import HandoffSettings
@@ -132,6 +132,14 @@ class RouterConnections:
         self._task: asyncio.Task[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._reader: EventReader[Event] | None = None
+        self.handed_off: dict[Address, int] = {}
+        """Live handed-off connections per target (least-connections and
+        LARD count them as load): kept as they start and end, recounted by
+        every sweep."""
+        self.on_load: Callable[[Address, int], None] = lambda target, count: None
+        """Told each change of ``handed_off``."""
+        self.on_captures: Callable[[list[Capture]], None] = lambda captures: None
+        """Where the ingress program's captures go (handoff/takeback.py)."""
         datapath.ingress.on_active = self._installed
 
     def route(self, target: Address, agent_address: Address, agent: ControlClient) -> None:
@@ -141,7 +149,9 @@ class RouterConnections:
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._reader = EventReader(self.datapath.events(), self.on_events)
+        # Window 0: a capture is a client waiting for its answer; the router's
+        # other events are rare (a client's RST, a new SYN on an old 4-tuple).
+        self._reader = EventReader(self.datapath.events(), self.on_events, window=0.0)
         self._reader.start()
         self._task = loop.create_task(self._gc_loop(), name="handoff-gc")
 
@@ -154,9 +164,15 @@ class RouterConnections:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
 
-    def _installed(self, _key: FlowKey, _entry: FlowEntry) -> None:
+    def _installed(self, _key: FlowKey, entry: FlowEntry) -> None:
         self._live += 1
         self.metrics.handed_off.set(self._live)
+        self._load(target_of(entry), +1)
+
+    def _load(self, target: Address, change: int) -> None:
+        count = max(0, self.handed_off.get(target, 0) + change)
+        self.handed_off[target] = count
+        self.on_load(target, count)
 
     # ---------------------------------------------------------- the agents' side
 
@@ -164,7 +180,7 @@ class RouterConnections:
         """The complete list of connections this router holds for that agent."""
         targets = self._targets_of.get(agent_address, set())
         held = [(entry.conn_id, wire_key(forward_key_of(entry))) for _, entry in self.datapath.ingress.items()
-                if entry.state == FLOW_ACTIVE and target_of(entry) in targets]
+                if entry.state in (FLOW_ACTIVE, FLOW_TAKEBACK) and target_of(entry) in targets]
         return list(holding_messages(held, complete=True))
 
     def on_agent_message(self, message: Any) -> None:
@@ -188,7 +204,7 @@ class RouterConnections:
         entry = self.datapath.ingress.lookup(watch.client)
         if entry is not None and entry.conn_id == conn_id and entry.state != FLOW_HOLD:
             self.datapath.ingress.delete(watch.client)
-            self._counted_end(conn_id, "reset" if entry.flags & FLOW_F_RST else "closed")
+            self._counted_end(conn_id, "reset" if entry.flags & FLOW_F_RST else "closed", target_of(entry))
         # No ingress entry translates onto the 4-tuple any more and the target
         # holds nothing on it: the port is free.
         self.datapath.watch.delete(forward)
@@ -206,14 +222,19 @@ class RouterConnections:
     def on_events(self, events: Iterable[Event]) -> None:
         """The ingress program's reports: a new SYN ended an entry; the client's RST."""
         asks: dict[ControlClient, list[tuple[int, WireKey]]] = {}
+        captures = [e for e in events if isinstance(e, Capture)]
+        if captures:
+            self.on_captures(captures)
         for event in events:
+            if isinstance(event, Capture):
+                continue
             key = FlowKey.from_buffer_copy(event.key)
             entry = self.datapath.ingress.lookup(key)
             if entry is None or entry.conn_id != event.conn_id:
                 continue  # over already
             if event.kind == EV_NEW_SYN and entry.state == FLOW_ENDED:
                 self._release(key, entry, "new-syn")
-            elif event.kind == EV_RST and entry.state == FLOW_ACTIVE:
+            elif event.kind == EV_RST and entry.state in (FLOW_ACTIVE, FLOW_TAKEBACK):
                 agent = self._agent_of.get(target_of(entry))
                 if agent is not None and agent.connected:
                     asks.setdefault(agent, []).append((entry.conn_id, wire_key(forward_key_of(entry))))
@@ -270,6 +291,7 @@ class RouterConnections:
         removed = live = 0
         seen: set[FlowKey] = set()
         live_ids: set[int] = set()
+        per_target: dict[Address, int] = {}
         silent: dict[ControlClient, list[tuple[int, WireKey]]] = {}
         for client_key, entry in self.datapath.ingress.items():
             last = entry.last_seen_ns or entry.created_ns
@@ -281,6 +303,13 @@ class RouterConnections:
                 continue
             if entry.state == FLOW_ENDED:
                 self._release(client_key, entry, "new-syn")
+                removed += 1
+                continue
+            if entry.state == FLOW_TAKEBACK and idle > HOLD_STALE_S * 1e9:
+                # Taken back by a router process that is gone, and the client
+                # silent since (a live client resends its request, which
+                # starts the take-back again).
+                self._release(client_key, entry, "takeback-failed")
                 removed += 1
                 continue
             forward = forward_key_of(entry)
@@ -295,6 +324,7 @@ class RouterConnections:
                 live += 1
                 seen.add(forward)
                 live_ids.add(entry.conn_id)
+                per_target[forward.src] = per_target.get(forward.src, 0) + 1
                 if idle > idle_ns and agent is not None and now_ns - self._checked.get(entry.conn_id, 0) > idle_ns:
                     self._checked[entry.conn_id] = now_ns
                     silent.setdefault(agent, []).append((entry.conn_id, wire_key(forward)))
@@ -313,6 +343,10 @@ class RouterConnections:
         self._checked = {c: t for c, t in self._checked.items() if c in live_ids}
         self._live = live
         self.metrics.handed_off.set(live)
+        for target in set(self.handed_off) | set(per_target):
+            if self.handed_off.get(target, 0) != per_target.get(target, 0):
+                self.handed_off[target] = per_target.get(target, 0)
+                self.on_load(target, per_target.get(target, 0))
         return removed
 
     def _sweep_watch(self, now_ns: int, live: set[FlowKey]) -> None:
@@ -367,9 +401,23 @@ class RouterConnections:
                 watch.client = client_key
                 self.datapath.watch.update(forward, watch)
         self.gone.pop(entry.conn_id, None)
-        self._counted_end(entry.conn_id, why)
+        self._counted_end(entry.conn_id, why, target_of(entry))
 
-    def _counted_end(self, conn_id: int, why: str) -> None:
+    def taken_back(self, client_key: FlowKey, entry: FlowEntry) -> None:
+        """The router took the connection back (handoff/takeback.py): its
+        client's packets go to the router's stack from now on. The agent
+        ended its side already; the watch entry is the rebuilt socket's."""
+        self.datapath.ingress.delete(client_key)
+        self.gone.pop(entry.conn_id, None)
+        self._counted_end(entry.conn_id, "taken-back", target_of(entry))
+
+    def abandon(self, client_key: FlowKey, entry: FlowEntry) -> None:
+        """A take-back that failed: the connection ends (the agent ends the
+        server's side; the client's next packet meets the router's stack)."""
+        self._release(client_key, entry, "takeback-failed")
+
+    def _counted_end(self, conn_id: int, why: str, target: Address) -> None:
+        self._load(target, -1)
         self._checked.pop(conn_id, None)
         self._live = max(0, self._live - 1)
         self.metrics.handed_off.set(self._live)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from handoff.translate import Translation
 
-FLOW_HOLD, FLOW_ACTIVE, FLOW_ENDED = 1, 2, 3
+FLOW_HOLD, FLOW_ACTIVE, FLOW_ENDED, FLOW_TAKEBACK = 1, 2, 3, 4
 FLOW_F_FIN, FLOW_F_RST, FLOW_F_NEW_SYN = 1, 2, 4
 DEFAULT_CAPACITY = 65536
 """ARR_DEFAULT_CAPACITY of the header: entries per connection map."""
@@ -25,11 +25,14 @@ WATCH_OPT_SACK, WATCH_OPT_TS, WATCH_OPT_WSCALE = 1, 2, 4
 STAT_NAMES = ("rewritten", "held", "redirect_neigh", "fib_failed", "parse_skipped", "mirrored",
               "mirror_trimmed", "syn_normalised", "synack_recorded", "rewrite_failed",
               "dropped_after_close", "ended_by_syn", "stale_syn", "out_of_window", "passed_ended",
-              "events_lost", "mirror_done")
-EV_FIN, EV_RST, EV_NEW_SYN, EV_AFTER_FIN = 1, 2, 3, 4
+              "events_lost", "mirror_done", "captured", "capture_lost")
+EV_FIN, EV_RST, EV_NEW_SYN, EV_AFTER_FIN, EV_CAPTURE = 1, 2, 3, 4, 5
 """enum arr_event_kind: what an event of the arr_events ring buffer reports."""
-EVENTS_BYTES = 256 * 1024
+EVENTS_BYTES = 1024 * 1024
 """ARR_EVENTS_BYTES of the header: the ring buffer's size."""
+CAPTURE_CHUNK = 2048
+CAPTURE_CHUNKS = 32
+"""ARR_CAPTURE_*: how a taken-back segment's payload reaches userspace."""
 MIRROR_TAIL_ACKS = 8
 MIRROR_TAIL_NS = 4 * 10**9
 """ARR_MIRROR_TAIL_*: the mirror's tail once the request is acknowledged."""
@@ -101,7 +104,11 @@ class FlowEntry(ctypes.Structure):
                 ("syn_seq", ctypes.c_uint32), ("seq_next", ctypes.c_uint32),
                 ("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64),
                 ("last_seen_ns", ctypes.c_uint64), ("created_ns", ctypes.c_uint64),
-                ("errors", ctypes.c_uint64), ("conn_id", ctypes.c_uint64)]
+                ("errors", ctypes.c_uint64), ("conn_id", ctypes.c_uint64),
+                ("take_from", ctypes.c_uint32), ("peer_ack", ctypes.c_uint32), ("snd_max", ctypes.c_uint32),
+                ("peer_window", ctypes.c_uint16), ("client_mss", ctypes.c_uint16),
+                ("router_wscale", ctypes.c_uint8), ("client_opts", ctypes.c_uint8),
+                ("requests", ctypes.c_uint16)]
 
 
 class MirrorState(ctypes.Structure):
@@ -124,6 +131,23 @@ class Event(ctypes.Structure):
     """struct arr_event: one record of the arr_events ring buffer."""
 
     _fields_ = [("key", FlowKey), ("kind", ctypes.c_uint32), ("conn_id", ctypes.c_uint64)]
+
+
+class Capture(ctypes.Structure):
+    """struct arr_capture: a piece of a client segment taken back (EV_CAPTURE)."""
+
+    _fields_ = [("key", FlowKey), ("kind", ctypes.c_uint32), ("conn_id", ctypes.c_uint64),
+                ("offset", ctypes.c_uint32), ("len", ctypes.c_uint16), ("tcp_len", ctypes.c_uint16),
+                ("tcp", ctypes.c_uint8 * 60), ("data", ctypes.c_uint8 * CAPTURE_CHUNK)]
+
+    @property
+    def header(self) -> bytes:
+        """The segment's TCP header, options included."""
+        return bytes(self.tcp)[:self.tcp_len]
+
+    @property
+    def payload(self) -> bytes:
+        return bytes(self.data)[:self.len]
 
 
 class StatIndex(ctypes.Structure):
@@ -151,6 +175,7 @@ class FlowSummary:
                       if entry.flags & bit)
         last = entry.last_seen_ns or entry.created_ns
         return cls(key=(key.src, key.dst), to=((x.saddr, x.sport), (x.daddr, x.dport)),
-                   state={FLOW_HOLD: "hold", FLOW_ACTIVE: "active", FLOW_ENDED: "ended"}.get(entry.state, str(entry.state)),
+                   state={FLOW_HOLD: "hold", FLOW_ACTIVE: "active", FLOW_ENDED: "ended",
+                          FLOW_TAKEBACK: "takeback"}.get(entry.state, str(entry.state)),
                    flags=flags, packets=entry.packets, bytes=entry.bytes,
                    idle_s=(now_ns - last) / 1e9 if last else None, errors=entry.errors)

@@ -63,6 +63,18 @@ class ForwardReleaser:
         self.pending.append(pending)
         self._arm(pending.next_check)
 
+    def release_now(self, watch_key: "FlowKey") -> bool:
+        """Release the socket of WATCH_KEY at once, if it is still pending
+        (True). A take-back needs its 4-tuple for the rebuilt socket: by then
+        the client has acknowledged the whole response, which the target sent
+        after it had all of the request."""
+        for i, pending in enumerate(self.pending):
+            if pending.watch_key == watch_key:
+                del self.pending[i]
+                self.release(pending, True)
+                return True
+        return False
+
     async def finish(self) -> None:
         """Wait until every socket added so far is released (shutdown)."""
         while self.pending:

@@ -81,10 +81,12 @@ def pick_least(candidates: Sequence["TargetState"], load: Callable[["TargetState
 
 
 class LeastConnections:
-    """The candidate with the fewest in-flight requests per unit of weight.
+    """The candidate with the fewest connections per unit of weight.
 
-    Load is ``active / weight`` (a weight-0 target counts as infinitely loaded);
-    ties are broken round-robin.
+    Load is ``TargetState.load / weight``, i.e. ``(active + handed_off) / weight``:
+    requests in flight through the router plus client connections handed off
+    to the target, which the router no longer sees but the target still serves.
+    A weight-0 target counts as infinitely loaded; ties are broken round-robin.
     """
 
     def __init__(self) -> None:
@@ -92,7 +94,7 @@ class LeastConnections:
 
     @staticmethod
     def load(target: "TargetState") -> float:
-        return target.active / target.weight if target.weight > 0 else float("inf")
+        return target.load / target.weight if target.weight > 0 else float("inf")
 
     def choose(self, request: "Request", candidates: Sequence["TargetState"]) -> "TargetState":
         chosen = pick_least(candidates, self.load, self._turn)

@@ -3,7 +3,11 @@ Aware Request Distribution in Cluster-based Network Servers", ASPLOS 1998).
 
 Requests for the same key go to the same server so its cache stays warm; a
 key moves only when its server is clearly overloaded. Load is the number of
-requests in flight (``TargetState.active``), as in the paper.
+connections the server is handling (``TargetState.load``): requests in flight
+through the router (``active``), as in the paper, plus client connections
+handed off to it (``handed_off``), which no longer pass through the router but
+still occupy the server. Both the least-loaded choice and the ``t_low`` /
+``t_high`` thresholds use it.
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ if TYPE_CHECKING:
 DEFAULT_MAX_KEYS = 100_000
 
 
-def _active(target: "TargetState") -> int:
-    return target.active
+def _load(target: "TargetState") -> int:
+    return target.load
 
 
 class Lard:
@@ -37,7 +41,8 @@ class Lard:
       (``t_low`` keeps a moderately busy server's keys home while nobody is
       idle; ``2 * t_high`` bounds the delay even when everyone is busy.)
 
-    Ties on least load are broken round-robin so idle servers share new keys.
+    ``load`` is ``TargetState.load`` (``active + handed_off``). Ties on least
+    load are broken round-robin so idle servers share new keys.
     The key memory is an LRU bounded by ``max_keys``: a forgotten key is simply
     assigned afresh, which costs one cold cache, never a wrong answer.
     """
@@ -63,7 +68,7 @@ class Lard:
         name = self._assigned.get(key)
         server = next((c for c in candidates if c.name == name), None) if name else None
         if server is None or self._overloaded(server, candidates):
-            server = pick_least(candidates, _active, self._turn)
+            server = pick_least(candidates, _load, self._turn)
             self._turn += 1
         self._remember(key, server.name)
         return server
@@ -76,9 +81,9 @@ class Lard:
         return len(self._assigned)
 
     def _overloaded(self, server: "TargetState", candidates: Sequence["TargetState"]) -> bool:
-        if server.active >= 2 * self.t_high:
+        if server.load >= 2 * self.t_high:
             return True
-        return server.active > self.t_high and any(c.active < self.t_low for c in candidates)
+        return server.load > self.t_high and any(c.load < self.t_low for c in candidates)
 
     def _remember(self, key: str, name: str) -> None:
         self._assigned[key] = name

@@ -23,7 +23,14 @@
  * connection's entry. */
 #define ARR_DEFAULT_CAPACITY 65536
 
-#define ARR_EVENTS_BYTES (256 * 1024) /* the events ring buffer: 8,192 events (24 bytes + 8 of header) */
+#define ARR_EVENTS_BYTES (1024 * 1024) /* the events ring buffer: 32,768 events (24 bytes + 8 of
+					* header), or 480 captures */
+
+/* A taken-back segment's payload goes to userspace in pieces of this size
+ * (struct arr_capture), at most ARR_CAPTURE_CHUNKS of them (64 KiB: a GSO
+ * segment); what does not fit the client sends again. */
+#define ARR_CAPTURE_CHUNK 2048
+#define ARR_CAPTURE_CHUNKS 32
 
 #define ARR_MIRROR_TAIL_ACKS 8
 #define ARR_MIRROR_TAIL_NS (4ULL * 1000 * 1000 * 1000) /* the router's RTOs 0.2+0.4+0.8+1.6 s */

@@ -38,6 +38,9 @@ enum flow_state {
 	FLOW_ACTIVE = 2, /* rewrite and redirect */
 	FLOW_ENDED = 3,  /* a new connection took the 4-tuple: pass everything, userspace
 			  * ends the old one (handoff/lifecycle.py, handoff/agent.py) */
+	FLOW_TAKEBACK = 4, /* router: the client sent a new request; its bytes go to
+			    * userspace (captures), which takes the connection back
+			    * (handoff/takeback.py); pure ACKs still reach the target */
 };
 
 /* Router ingress (key: the client's packets, client -> vip) and target egress
@@ -58,6 +61,32 @@ struct flow_entry {
 	__u64 conn_id;      /* userspace: the handoff's id, the same on both sides. The
 			     * control messages name a connection by it, never by its
 			     * 4-tuple, which a later connection may reuse */
+	/* Router: what taking the connection back needs (handoff/takeback.py). */
+	__u32 take_from;    /* client seq of the first byte not forwarded: payload beyond it
+			     * is a request the router has not routed (0: never take back) */
+	__u32 peer_ack;     /* router: the client's latest ack field; target: unused */
+	__u32 snd_max;      /* target: the server's highest seq + length (+FIN) sent, i.e.
+			     * its snd_nxt (0: nothing sent yet) */
+	__u16 peer_window;  /* the latest raw window field (router: the client's; target:
+			     * the server's) */
+	__u16 client_mss;   /* router: the client's MSS (its SYN) */
+	__u8 router_wscale; /* router: the window shift the router announced to the client */
+	__u8 client_opts;   /* router: WATCH_OPT_SACK | WATCH_OPT_TS the client negotiated */
+	__u16 requests;     /* router: requests routed on this connection so far */
+};
+
+/* Router: one piece of a client segment taken back (FLOW_TAKEBACK), in the
+ * arr_events ring buffer. A segment longer than ARR_CAPTURE_CHUNK comes in
+ * several records; the TCP header (with its options) is in each. */
+struct arr_capture {
+	struct flow_key key;
+	__u32 kind;        /* ARR_EV_CAPTURE */
+	__u64 conn_id;
+	__u32 offset;      /* of data[0] in the segment's payload */
+	__u16 len;         /* bytes in data */
+	__u16 tcp_len;     /* bytes of tcp: header and options */
+	__u8 tcp[60];
+	__u8 data[ARR_CAPTURE_CHUNK];
 };
 
 /* Target: while the router waits for its request to be acknowledged (same key
@@ -130,6 +159,8 @@ enum arr_stat {
 	STAT_PASSED_ENDED,     /* a packet of the new connection on an ended entry's tuple */
 	STAT_EVENTS_LOST,      /* an event the ring buffer had no room for (the slow sweep finds it) */
 	STAT_MIRROR_DONE,      /* a mirror that ended itself (request acknowledged, tail over) */
+	STAT_CAPTURED,         /* client segments with a new request, passed to userspace */
+	STAT_CAPTURE_LOST,     /* pieces of them the ring buffer had no room for (the client resends) */
 	STAT_MAX,
 };
 
@@ -138,6 +169,7 @@ enum arr_event_kind {
 	ARR_EV_RST = 2,       /* the first RST in the entry's direction */
 	ARR_EV_NEW_SYN = 3,   /* a new connection took the 4-tuple: the entry is ENDED */
 	ARR_EV_AFTER_FIN = 4, /* a packet after the FIN (e.g. the ACK of the peer's FIN) */
+	ARR_EV_CAPTURE = 5,   /* router: a struct arr_capture (a new request's bytes) */
 };
 
 struct arr_event {

@@ -92,9 +92,9 @@ static __always_inline int trim_mirror(struct __sk_buff *skb, const struct pkt *
 /* Whether a client segment can belong to the handed-off connection: its seq
  * within the largest possible window of what the client has sent so far (a
  * stale or foreign segment must neither reach the target nor keep the entry
- * alive); an accepted one moves the mark on. */
+ * alive); an accepted one moves the mark on. Its seq is left in *seq. */
 static __always_inline int client_in_window(struct __sk_buff *skb, const struct pkt *p,
-					    struct flow_entry *e)
+					    struct flow_entry *e, __u32 *seq_out)
 {
 	__be32 seq_be;
 	__u32 seq, end, mark = e->seq_next;
@@ -103,6 +103,7 @@ static __always_inline int client_in_window(struct __sk_buff *skb, const struct 
 	if (bpf_skb_load_bytes(skb, p->l4 + 4, &seq_be, 4) < 0)
 		return 0;
 	seq = bpf_ntohl(seq_be);
+	*seq_out = seq;
 	if (mark) {
 		distance = (__s32)(seq - mark);
 		if (distance > (__s32)SEQ_WINDOW_MAX || distance < -(__s32)SEQ_WINDOW_MAX)
@@ -114,6 +115,106 @@ static __always_inline int client_in_window(struct __sk_buff *skb, const struct 
 	return 1;
 }
 
+/* Payload beyond take_from: a request the router has not routed yet. */
+static __always_inline int new_request(const struct pkt *p, const struct flow_entry *e, __u32 seq)
+{
+	__u32 len = payload_len(p);
+
+	return e->take_from && len && seq_after(seq + len, e->take_from);
+}
+
+/* The new request's bytes (from take_from on) to userspace, in pieces of
+ * ARR_CAPTURE_CHUNK, each with the segment's TCP header: the router rebuilds
+ * the client's socket with them as its receive queue (handoff/takeback.py). */
+static __always_inline void capture(struct __sk_buff *skb, const struct pkt *p,
+				    const struct flow_entry *e, __u32 seq)
+{
+	__u32 len = payload_len(p);
+	__u32 data_at = p->l4 + p->tcp_len;
+	__u32 hlen = p->tcp_len;
+	__u32 start = 0;
+
+	if (seq_after(e->take_from, seq))
+		start = e->take_from - seq; /* bytes before it were routed already */
+	if (hlen < 20 || hlen > 60)
+		return;
+	for (int i = 0; i < ARR_CAPTURE_CHUNKS; i++) {
+		struct arr_capture *c;
+		__u32 off = start + i * ARR_CAPTURE_CHUNK;
+		__u32 n;
+
+		if (off >= len)
+			break;
+		n = len - off;
+		if (n > ARR_CAPTURE_CHUNK)
+			n = ARR_CAPTURE_CHUNK;
+		if (n < 1)
+			break;
+		c = bpf_ringbuf_reserve(&arr_events, sizeof(*c), 0);
+		if (!c) {
+			count(STAT_CAPTURE_LOST);
+			return;
+		}
+		c->key = p->key;
+		c->kind = ARR_EV_CAPTURE;
+		c->conn_id = e->conn_id;
+		c->offset = off;
+		c->len = n;
+		c->tcp_len = hlen;
+		if (bpf_skb_load_bytes(skb, p->l4, c->tcp, hlen) < 0 ||
+		    bpf_skb_load_bytes(skb, data_at + off, c->data, n) < 0) {
+			bpf_ringbuf_discard(c, 0);
+			count(STAT_CAPTURE_LOST);
+			return;
+		}
+		bpf_ringbuf_submit(c, 0);
+	}
+	count(STAT_CAPTURED);
+}
+
+/* The client's latest ack and window, read by userspace while it takes the
+ * connection back (it waits for the previous response to be acknowledged). */
+static __always_inline void note_client_ack(struct __sk_buff *skb, const struct pkt *p,
+					    struct flow_entry *e)
+{
+	__be32 ack_be;
+	__be16 win_be;
+
+	if (!(p->flags & TCPF_ACK))
+		return;
+	if (bpf_skb_load_bytes(skb, p->l4 + 8, &ack_be, 4) == 0)
+		e->peer_ack = bpf_ntohl(ack_be);
+	if (bpf_skb_load_bytes(skb, p->l4 + 14, &win_be, 2) == 0)
+		e->peer_window = bpf_ntohs(win_be);
+}
+
+/* FLOW_TAKEBACK: the client's new bytes go to userspace (and are dropped
+ * here: the rebuilt socket acknowledges them); its RST still reaches the
+ * target; its pure ACKs too (a response may still be on its way to the
+ * client), their seq pinned to take_from, where the target's stream stops.
+ * A FIN is dropped: the client sends it again to the rebuilt socket. */
+static __always_inline int while_taken_back(struct __sk_buff *skb, const struct pkt *p,
+					    struct flow_entry *e, __u32 seq, struct xlate *x)
+{
+	note_client_ack(skb, p, e);
+	if (new_request(p, e, seq)) {
+		capture(skb, p, e, seq);
+		account(e, skb, p, 0);
+		return TC_ACT_SHOT;
+	}
+	if (p->flags & TCPF_RST) {
+		account(e, skb, p, ARR_EVM_RST);
+		return -1;
+	}
+	if ((p->flags & TCPF_FIN) || payload_len(p)) {
+		count(STAT_HELD);
+		return TC_ACT_SHOT;
+	}
+	x->seq_delta += e->take_from - seq;
+	account(e, skb, p, 0);
+	return -1;
+}
+
 SEC("tc")
 int arr_router_ingress(struct __sk_buff *skb)
 {
@@ -122,6 +223,7 @@ int arr_router_ingress(struct __sk_buff *skb)
 	struct xlate x;
 	struct pkt p;
 	__u32 stat = STAT_REWRITTEN;
+	__u32 seq = 0;
 	int verdict;
 
 	if (parse_tcp4(skb, &p) < 0)
@@ -132,7 +234,7 @@ int arr_router_ingress(struct __sk_buff *skb)
 			count(STAT_PASSED_ENDED);
 			return TC_ACT_OK;
 		}
-		if (e->state != FLOW_ACTIVE) {
+		if (e->state != FLOW_ACTIVE && e->state != FLOW_TAKEBACK) {
 			/* The client retransmits; by then its state is read and the
 			 * entry is active (or gone, after a fallback). */
 			count(STAT_HELD);
@@ -141,16 +243,29 @@ int arr_router_ingress(struct __sk_buff *skb)
 		verdict = end_on_syn(skb, &p, e);
 		if (verdict >= 0)
 			return verdict;
-		if (!client_in_window(skb, &p, e)) {
+		if (!client_in_window(skb, &p, e, &seq)) {
 			count(STAT_OUT_OF_WINDOW);
 			return TC_ACT_SHOT;
 		}
 		x = e->x;
-		/* The client's RST: its agent is asked at once (the target's
-		 * kernel sends nothing the agent would see). A new SYN is
-		 * reported by end_on_syn; the client's FIN needs no report,
-		 * the target's answer to it is seen by its agent. */
-		account(e, skb, &p, ARR_EVM_RST);
+		if (e->state == FLOW_TAKEBACK) {
+			verdict = while_taken_back(skb, &p, e, seq, &x);
+			if (verdict >= 0)
+				return verdict;
+		} else if (new_request(&p, e, seq)) {
+			/* A request the router has not routed: it takes the
+			 * connection back (handoff/takeback.py) and decides it. */
+			e->state = FLOW_TAKEBACK;
+			verdict = while_taken_back(skb, &p, e, seq, &x);
+			if (verdict >= 0)
+				return verdict;
+		} else {
+			/* The client's RST: its agent is asked at once (the target's
+			 * kernel sends nothing the agent would see). A new SYN is
+			 * reported by end_on_syn; the client's FIN needs no report,
+			 * the target's answer to it is seen by its agent. */
+			account(e, skb, &p, ARR_EVM_RST);
+		}
 		if (apply_xlate(skb, &p, &x) < 0) {
 			__sync_fetch_and_add(&e->errors, 1);
 			count(STAT_REWRITE_FAILED);

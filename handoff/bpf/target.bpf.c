@@ -54,6 +54,26 @@ clone:
 	return 0;
 }
 
+/* The server's snd_nxt and window as they leave (target seq space): the
+ * router asks for them when it takes the connection back (TAKEBACK), to know
+ * that the client has acknowledged every byte of the response. */
+static __always_inline void note_sent(struct __sk_buff *skb, const struct pkt *p, struct flow_entry *e)
+{
+	__be32 seq_be;
+	__be16 win_be;
+	__u32 end;
+
+	if (p->flags & TCPF_RST)
+		return;
+	if (bpf_skb_load_bytes(skb, p->l4 + 4, &seq_be, 4) < 0)
+		return;
+	end = bpf_ntohl(seq_be) + payload_len(p) + (p->flags & TCPF_FIN ? 1 : 0);
+	if (!e->snd_max || seq_after(end, e->snd_max))
+		e->snd_max = end;
+	if (bpf_skb_load_bytes(skb, p->l4 + 14, &win_be, 2) == 0)
+		e->peer_window = bpf_ntohs(win_be);
+}
+
 SEC("tc")
 int arr_target_egress(struct __sk_buff *skb)
 {
@@ -95,6 +115,7 @@ int arr_target_egress(struct __sk_buff *skb)
 	 * client's FIN that puts its socket in TIME_WAIT): the agent looks at
 	 * the socket then (handoff/agent_lifecycle.py). */
 	account(e, skb, &p, ARR_EVM_FIN | ARR_EVM_RST | ARR_EVM_AFTER_FIN);
+	note_sent(skb, &p, e);
 	if (apply_xlate(skb, &p, &x) < 0) {
 		__sync_fetch_and_add(&e->errors, 1);
 		count(STAT_REWRITE_FAILED);

@@ -11,7 +11,7 @@ from handoff.control.channel import (
 from handoff.control.frames import (
     CLOSED_TARGET_GONE, FRAME_VERSION, MAX_FRAME, MAX_HOLDING_KEYS, PROTOCOL_VERSION, REASONS, Ack, Closed,
     ControlConnection, ControlError, FlowKey, HandoffRequest, Hello, Holding, Message, MessageType, Nack,
-    Ping, Release, StopMirror,
+    Ping, Release, StopMirror, TAKEN_CLOSED, TAKEN_OK, TAKEN_UNACKED, TAKEN_UNKNOWN, Taken, TakeBack,
 )
 from handoff.translate import Translation
 
@@ -20,5 +20,6 @@ __all__ = [
     "Ack", "Closed", "ControlClient", "ControlConnection", "ControlError", "ControlServer",
     "ControlUnavailable", "FRAME_VERSION", "FlowKey", "HandoffRequest", "Hello", "MAX_FRAME", "Message",
     "MessageType", "Nack", "PROTOCOL_VERSION", "Ping", "REASONS", "ServerSession", "StopMirror",
+    "TAKEN_CLOSED", "TAKEN_OK", "TAKEN_UNACKED", "TAKEN_UNKNOWN", "Taken", "TakeBack",
     "Translation", "load_psk",
 ]

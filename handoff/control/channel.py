@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from handoff.control.frames import (
-    Ack, ControlConnection, ControlError, HandoffRequest, Hello, Message, Nack, Ping,
+    Ack, ControlConnection, ControlError, HandoffRequest, Hello, Message, Nack, Ping, Taken, TakeBack,
 )
 
 log = logging.getLogger("arr.control")
@@ -316,7 +316,7 @@ class ControlClient:
         self._conn: ControlConnection | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._out: CoalescingWriter | None = None
-        self._pending: dict[int, asyncio.Future[Ack | Nack]] = {}
+        self._pending: dict[int, asyncio.Future[Ack | Nack | Taken]] = {}
         self._pongs: dict[int, asyncio.Future[None]] = {}
         self._tokens = itertools.count(1)
         self._task: asyncio.Task[None] | None = None
@@ -344,8 +344,9 @@ class ControlClient:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
-    async def request(self, message: HandoffRequest, timeout: float) -> Ack | Nack:
-        """Send MESSAGE and wait for the ACK or NACK with its conn_id.
+    async def request(self, message: HandoffRequest | TakeBack, timeout: float) -> Ack | Nack | Taken:
+        """Send MESSAGE and wait for the answer with its conn_id (ACK or NACK
+        to a HANDOFF, TAKEN to a TAKEBACK).
 
         ``ControlUnavailable`` when not connected or when the connection drops
         before the answer; ``asyncio.TimeoutError`` after TIMEOUT seconds."""
@@ -354,7 +355,7 @@ class ControlClient:
         if message.conn_id in self._pending:
             raise ValueError(f"a request for conn_id {message.conn_id} is already pending")
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Ack | Nack] = loop.create_future()
+        future: asyncio.Future[Ack | Nack | Taken] = loop.create_future()
         self._pending[message.conn_id] = future
         # One timer on the future rather than wait_for (which adds a second
         # future and callbacks): this runs once per handoff.
@@ -482,7 +483,7 @@ class ControlClient:
             if pong is not None and not pong.done():
                 pong.set_result(None)
             return
-        if isinstance(message, (Ack, Nack)):
+        if isinstance(message, (Ack, Nack, Taken)):
             future = self._pending.get(message.conn_id)
             if future is not None and not future.done():
                 future.set_result(message)

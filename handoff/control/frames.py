@@ -95,6 +95,8 @@ class MessageType(enum.IntEnum):
     PING = 7
     RELEASE = 8
     HOLDING = 9
+    TAKEBACK = 10
+    TAKEN = 11
 
 
 CLOSED_TARGET_GONE = 0x100
@@ -179,12 +181,48 @@ class Closed:
 
 
 @dataclass(frozen=True)
+class TakeBack:
+    """The router takes connection CONN_ID back (its client sent a new request):
+    if the client has acknowledged every byte the server sent (ACKED, in the
+    server's sequence space, is the client's latest ack), the agent ends its
+    egress entry, so that the server's packets on KEY reach the router again,
+    and answers TAKEN with what the router needs to rebuild its sockets."""
+
+    conn_id: int
+    key: FlowKey
+    acked: int
+
+
+TAKEN_OK = 0
+TAKEN_UNACKED = 1
+"""The server sent bytes the client has not acknowledged yet: the entry stays;
+the router waits for the client's ACK and asks again."""
+TAKEN_UNKNOWN = 2
+"""No entry of CONN_ID on the key (ended, or never installed)."""
+TAKEN_CLOSED = 3
+"""The server already closed (FIN or RST sent): nothing to take back."""
+TAKEN_STATUSES = (TAKEN_OK, TAKEN_UNACKED, TAKEN_UNKNOWN, TAKEN_CLOSED)
+
+
+@dataclass(frozen=True)
+class Taken:
+    conn_id: int
+    status: int
+    snd_nxt: int = 0
+    """The server's snd_nxt as its egress program saw it (server seq space)."""
+    window: int = 0
+    """The server's latest receive window, in bytes (scaled)."""
+    syn_seq: int = 0
+    """Seq of the server's SYN-ACK on the forwarding connection (for the next HANDOFF)."""
+
+
+@dataclass(frozen=True)
 class Ping:
     token: int
     reply: bool = False
 
 
-Message = Union[Hello, HandoffRequest, Ack, Nack, StopMirror, Closed, Ping, Release, Holding]
+Message = Union[Hello, HandoffRequest, Ack, Nack, StopMirror, Closed, Ping, Release, Holding, TakeBack, Taken]
 
 
 # ------------------------------------------------------------------ codecs
@@ -204,6 +242,8 @@ _HANDOFF_TAIL = struct.Struct(">III")
 _HOLDING_HEAD = struct.Struct(">BH")
 _CLOSED_TAIL = struct.Struct(">QQI")
 _PING = struct.Struct(">QB")
+_TAKEBACK_TAIL = struct.Struct(">I")
+_TAKEN = struct.Struct(">QBIII")
 _HELLO_HEAD = struct.Struct(">HH")
 
 
@@ -301,6 +341,12 @@ def encode_payload(message: Message) -> tuple[MessageType, bytes]:
         return MessageType.HOLDING, (_pack(_HOLDING_HEAD, flags, len(message.connections))
                                      + b"".join(_pack(_U64, conn_id) + _encode_key(key)
                                                 for conn_id, key in message.connections))
+    if isinstance(message, TakeBack):
+        return MessageType.TAKEBACK, (_encode_conn_key(message.conn_id, message.key)
+                                      + _pack(_TAKEBACK_TAIL, message.acked))
+    if isinstance(message, Taken):
+        return MessageType.TAKEN, _pack(_TAKEN, message.conn_id, message.status, message.snd_nxt,
+                                        message.window, message.syn_seq)
     raise TypeError(f"not a control message: {message!r}")
 
 
@@ -371,6 +417,18 @@ def decode_payload(mtype: MessageType, data: bytes) -> Message:
                             for i in range(n))
         _done(data, offset + n * item)
         return Holding(connections, bool(flags & HOLDING_COMPLETE), bool(flags & HOLDING_LAST))
+    if mtype is MessageType.TAKEBACK:
+        head = _U64.size + _KEY.size
+        conn_id, key = _decode_conn_key(data[:head])
+        (acked,) = _unpack(_TAKEBACK_TAIL, data, head)
+        _done(data, head + _TAKEBACK_TAIL.size)
+        return TakeBack(conn_id, key, acked)
+    if mtype is MessageType.TAKEN:
+        conn_id, status, snd_nxt, window, syn_seq = _unpack(_TAKEN, data, 0)
+        _done(data, _TAKEN.size)
+        if status not in TAKEN_STATUSES:
+            raise _Malformed(f"TAKEN status {status}")
+        return Taken(conn_id, status, snd_nxt, window, syn_seq)
     if mtype is MessageType.PING:
         token, reply = _unpack(_PING, data, 0)
         _done(data, _PING.size)
@@ -406,7 +464,9 @@ _SENT_BY: dict[type, str] = {
     StopMirror: CLIENT,
     Release: CLIENT,
     Holding: CLIENT,
+    TakeBack: CLIENT,
     Ack: SERVER,
+    Taken: SERVER,
     Nack: SERVER,
     Closed: SERVER,
 }

@@ -13,7 +13,8 @@ from handoff.build import object_path
 from handoff import maps
 
 STRUCTS = {"flow_key": maps.FlowKey, "xlate": maps.Xlate, "flow_entry": maps.FlowEntry,
-           "watch_entry": maps.WatchEntry, "mirror_state": maps.MirrorState, "arr_event": maps.Event}
+           "watch_entry": maps.WatchEntry, "mirror_state": maps.MirrorState, "arr_event": maps.Event,
+           "arr_capture": maps.Capture}
 
 
 def btf_structs(program: str) -> dict[str, tuple[int, dict[str, int]]]:
@@ -71,7 +72,9 @@ def test_constants_shared_with_the_header():
     kinds = dict(re.findall(r"(ARR_EV_\w+) = (\d+)", text))
     assert {k: int(v) for k, v in kinds.items()} == {
         "ARR_EV_FIN": maps.EV_FIN, "ARR_EV_RST": maps.EV_RST, "ARR_EV_NEW_SYN": maps.EV_NEW_SYN,
-        "ARR_EV_AFTER_FIN": maps.EV_AFTER_FIN}
+        "ARR_EV_AFTER_FIN": maps.EV_AFTER_FIN, "ARR_EV_CAPTURE": maps.EV_CAPTURE}
+    assert define("ARR_CAPTURE_CHUNK") == str(maps.CAPTURE_CHUNK)
+    assert define("ARR_CAPTURE_CHUNKS") == str(maps.CAPTURE_CHUNKS)
     stats = re.search(r"enum arr_stat \{(.*?)\};", text, re.S).group(1)
     names = [n.lower()[5:] for n in re.findall(r"^\s*(STAT_\w+)", stats, re.M) if n != "STAT_MAX"]
     assert tuple(names) == maps.STAT_NAMES

@@ -1,0 +1,115 @@
+"""Rebuild a TCP connection's socket from its state (TCP_REPAIR), as CRIU
+restores one: the inverse of what the handoff reads in handoff/tcpstate.py.
+
+The router rebuilds two sockets when it takes a handed-off connection back
+(handoff/takeback.py plans them): its side of the client's connection, with
+the client's new request as the receive queue, and its side of the
+forwarding connection to the target. Neither peer sees a packet while the
+socket is built: a socket in repair mode sends nothing, and ``connect`` in
+repair mode makes it ESTABLISHED without a handshake.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from dataclasses import dataclass
+
+from handoff import tcpstate
+
+TCP_REPAIR_WINDOW = 29
+TCPOPT_MSS, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
+_REPAIR_OPT = struct.Struct("=II")  # struct tcp_repair_opt
+_REPAIR_WINDOW = struct.Struct("=IIIII")  # struct tcp_repair_window
+_U32 = struct.Struct("=I")  # sequence numbers and clocks: unsigned, setsockopt's int is not
+NO_WSCALE = 0xFF
+
+
+@dataclass(frozen=True)
+class SocketPlan:
+    """Everything a rebuilt socket needs; sequence numbers in its own space."""
+
+    local: tuple[str, int]
+    remote: tuple[str, int]
+    snd_nxt: int
+    """The next byte it sends; everything before it is acknowledged."""
+    rcv_nxt: int
+    """The next byte it expects, before ``received`` is queued."""
+    mss: int
+    snd_wscale: int
+    """The peer's window shift (NO_WSCALE: window scaling not negotiated)."""
+    rcv_wscale: int
+    """The shift this side announced."""
+    sack: bool
+    timestamps: bool
+    ts_clock: int
+    """The TSval it sends from now on (ignored without timestamps)."""
+    snd_wnd: int
+    """The peer's receive window, in bytes."""
+    snd_wl1: int
+    """Seq of the peer's segment that announced it."""
+    received: bytes = b""
+    """Bytes the peer sent that are queued as received (the receive queue)."""
+
+    @property
+    def rcv_end(self) -> int:
+        return (self.rcv_nxt + len(self.received)) % (1 << 32)
+
+
+def repair_options(plan: SocketPlan) -> bytes:
+    """TCP_REPAIR_OPTIONS: what the handshake would have negotiated."""
+    opts = [(TCPOPT_MSS, plan.mss)]
+    if plan.snd_wscale != NO_WSCALE:
+        opts.append((TCPOPT_WINDOW, plan.snd_wscale | (plan.rcv_wscale << 16)))
+    if plan.sack:
+        opts.append((TCPOPT_SACK_PERM, 0))
+    if plan.timestamps:
+        opts.append((TCPOPT_TIMESTAMP, 0))
+    return b"".join(_REPAIR_OPT.pack(code, value) for code, value in opts)
+
+
+def rebuild_socket(plan: SocketPlan, *, window_probe: bool | None) -> socket.socket:
+    """A connected, non-blocking socket in the state PLAN describes.
+
+    ``window_probe``: leave repair mode with one probe (TCP_REPAIR_OFF). The
+    probe carries the rebuilt socket's ACK: for the client's socket it
+    acknowledges the request bytes at once (the client does not retransmit
+    them) and makes the client announce its window again. False: leave it
+    without a probe; None: stay in repair mode (the caller leaves it). Raises
+    OSError; nothing has been sent then (a socket closed in repair mode is
+    silent)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        # Repair mode also forces the bind (SK_FORCE_REUSE; SO_REUSEADDR would
+        # undo it): the router's listener holds the client connection's port.
+        tcpstate.enter_repair(sock)
+        sock.bind(plan.local)
+        tcp = socket.IPPROTO_TCP
+        sock.setsockopt(tcp, tcpstate.TCP_REPAIR_QUEUE, tcpstate.TCP_SEND_QUEUE)
+        sock.setsockopt(tcp, tcpstate.TCP_QUEUE_SEQ, _U32.pack(plan.snd_nxt))
+        sock.setsockopt(tcp, tcpstate.TCP_REPAIR_QUEUE, tcpstate.TCP_RECV_QUEUE)
+        sock.setsockopt(tcp, tcpstate.TCP_QUEUE_SEQ, _U32.pack(plan.rcv_nxt))
+        # The MSS before connect: the connect computes the segment size from
+        # it (TCP_REPAIR_OPTIONS later only sets the clamp).
+        sock.setsockopt(tcp, socket.TCP_MAXSEG, plan.mss)
+        sock.connect(plan.remote)
+        sock.setsockopt(tcp, tcpstate.TCP_REPAIR_OPTIONS, repair_options(plan))
+        if plan.timestamps:
+            sock.setsockopt(tcp, tcpstate.TCP_TIMESTAMP, _U32.pack(plan.ts_clock))
+        if plan.received:
+            # Still the receive queue: what is "sent" now is queued as received.
+            view = memoryview(plan.received)
+            while view:
+                view = view[sock.send(view):]
+        sock.setsockopt(tcp, tcpstate.TCP_REPAIR_QUEUE, tcpstate.TCP_NO_QUEUE)
+        _, _, _, rcv_wnd, rcv_wup = _REPAIR_WINDOW.unpack(
+            sock.getsockopt(tcp, TCP_REPAIR_WINDOW, _REPAIR_WINDOW.size))
+        sock.setsockopt(tcp, TCP_REPAIR_WINDOW, _REPAIR_WINDOW.pack(
+            plan.snd_wl1, plan.snd_wnd, plan.snd_wnd, rcv_wnd, rcv_wup))
+        if window_probe is not None:
+            tcpstate.leave_repair(sock, window_probe=window_probe)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()  # in repair mode: nothing on the wire
+        raise
+    return sock

@@ -1,0 +1,373 @@
+"""Taking a handed-off connection back (blueprint 2.4): every request routed.
+
+When the client of a handed-off connection sends a new request, the router's
+ingress program (handoff/bpf/router.bpf.c, ``while_taken_back``) marks the
+entry TAKEBACK and passes the request's bytes here (``Capture`` records of
+the ring buffer) instead of to the target. The router then:
+
+1. asks the target's agent to let go (TAKEBACK): the agent answers only once
+   the client has acknowledged every byte the server sent (else the router
+   waits for the client's ACK and asks again), and ends its egress entry;
+2. rebuilds both of its sockets (handoff/rebuild.py), planned here from the
+   map entries, the client's segment and the agent's answer:
+   * the client's: seq after the last response byte, the request as its
+     receive queue; leaving repair mode with a window probe acknowledges
+     the request at once, so the client never retransmits it;
+   * the forwarding connection's, where the target's server stands: its
+     snd_nxt is what the client acknowledged, translated;
+3. deletes the ingress entry (the client's packets reach the rebuilt
+   socket) and gives the socket to the router (``Router.resume``), which
+   reads the request with h11 and decides it like any other. The rebuilt
+   forwarding connection travels with it (``TakenBack``): the engine reuses
+   it for a handoff to the same target, closes it (a FIN: the server sees
+   an ordinary close) otherwise.
+
+The planning functions are pure (tests/unit/test_takeback.py); ``TakeBacks``
+is the I/O around them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Awaitable, Callable
+
+from handoff.control import (TAKEN_OK, TAKEN_UNACKED, ControlClient, ControlUnavailable, Taken, TakeBack)
+from handoff.forward_pool import ForwardProfile, ReadyForward
+from handoff.lifecycle import forward_key_of, target_of, wire_key
+from handoff.maps import (FLOW_F_RST, FLOW_TAKEBACK, WATCH_CONNECTING,
+                          WATCH_OPT_SACK, WATCH_OPT_TS, WATCH_OPT_WSCALE, Capture, FlowEntry, FlowKey,
+                          WatchEntry)
+from handoff.rebuild import NO_WSCALE, SocketPlan, rebuild_socket
+from handoff.tcpstate import leave_repair, parse_tcp_options
+from handoff.translate import wrap
+
+if TYPE_CHECKING:
+    from arr.config import HandoffSettings
+    from arr.metrics import Metrics
+    from handoff.datapath import RouterDatapath
+    from handoff.lifecycle import RouterConnections
+
+log = logging.getLogger("arr.handoff")
+
+TS_STEP = 1 << 10
+"""Ticks a rebuilt socket's clock starts ahead of the newest TSval its peer
+can have seen (plus the time the take-back took): never older (PAWS)."""
+DEFAULT_MSS = 536
+UNACKED_POLL = 0.002
+"""Seconds between two looks at the client's ACK while a response is still
+on its way to it (a pipelining client)."""
+
+
+# ---------------------------------------------------------------- planning
+
+@dataclass(frozen=True)
+class Segment:
+    """The fields of a captured client segment's TCP header the plans use."""
+
+    seq: int
+    ack: int
+    window: int
+    tsval: int | None
+    tsecr: int | None
+
+    @classmethod
+    def parse(cls, header: bytes) -> "Segment":
+        seq, ack = struct.unpack_from("!II", header, 4)
+        (window,) = struct.unpack_from("!H", header, 14)
+        options = parse_tcp_options(header[20:])
+        return cls(seq, ack, window, options.tsval, options.tsecr)
+
+
+def assemble(start: int, pieces: list[tuple[int, bytes]]) -> bytes:
+    """The bytes from seq START on that PIECES ((seq, bytes), any order,
+    overlapping, repeated) hold without a hole; what lies beyond a hole the
+    client sends again."""
+    out = bytearray()
+    pending = sorted(((wrap(seq - start), data) for seq, data in pieces), key=lambda p: p[0])
+    for offset, data in pending:
+        if offset >= 1 << 31:  # before START: routed already (a retransmission)
+            head = (1 << 32) - offset
+            offset, data = 0, data[head:] if head < len(data) else b""
+        if offset > len(out):
+            break
+        out += data[len(out) - offset:]
+    return bytes(out)
+
+
+@dataclass(frozen=True)
+class Taking:
+    """What one take-back knows: the ingress entry, the captured request, the
+    agent's answer, the forwarding connection's watch entry."""
+
+    client_key: FlowKey
+    entry: FlowEntry
+    latest: Segment
+    """The newest captured segment (its ACK, window and timestamps)."""
+    received: bytes
+    taken: Taken
+    watch: WatchEntry | None
+    elapsed_ms: int
+    """Since the first capture: clocks have moved on by this much."""
+
+
+def plan_client(t: Taking) -> SocketPlan:
+    """The router's side of the client connection: as the client sees it."""
+    e, x = t.entry, t.entry.x
+    ts = bool(e.client_opts & WATCH_OPT_TS) and t.latest.tsecr is not None
+    return SocketPlan(
+        local=t.client_key.dst, remote=t.client_key.src,
+        # Everything the server sent, in the client's space: the client acked it.
+        snd_nxt=wrap(t.taken.snd_nxt + x.ack_delta),
+        rcv_nxt=e.take_from,
+        mss=e.client_mss or DEFAULT_MSS,
+        snd_wscale=x.wscale_in, rcv_wscale=e.router_wscale,
+        sack=bool(e.client_opts & WATCH_OPT_SACK), timestamps=ts,
+        ts_clock=wrap((t.latest.tsecr or 0) + t.elapsed_ms + TS_STEP),
+        snd_wnd=(e.peer_window or t.latest.window) << x.wscale_in,
+        snd_wl1=t.latest.seq,
+        received=t.received,
+    )
+
+
+def plan_forward(t: Taking) -> SocketPlan:
+    """The router's side of the forwarding connection: as the server sees it."""
+    e, x, w = t.entry, t.entry.x, t.watch
+    opts = w.synack_opts if w is not None else 0
+    ts = bool(opts & WATCH_OPT_TS) and t.latest.tsval is not None
+    return SocketPlan(
+        local=forward_key_of(e).dst,  # the router's end of it
+        remote=target_of(e),
+        snd_nxt=wrap(e.take_from + x.seq_delta),  # where the server's receive stream stops
+        rcv_nxt=t.taken.snd_nxt,
+        mss=(w.synack_mss if w is not None and w.synack_mss else DEFAULT_MSS),
+        snd_wscale=(w.synack_wscale if w is not None and opts & WATCH_OPT_WSCALE else NO_WSCALE),
+        rcv_wscale=x.wscale_out,
+        sack=bool(opts & WATCH_OPT_SACK), timestamps=ts,
+        # The newest TSval the server saw is the client's, translated.
+        ts_clock=wrap((t.latest.tsval or 0) + x.tsval_delta + t.elapsed_ms + TS_STEP),
+        snd_wnd=t.taken.window or 65535,
+        snd_wl1=t.taken.snd_nxt,
+    )
+
+
+@dataclass
+class TakenBack:
+    """A taken-back connection's handoff context (``ClientSession.handoff_context``):
+    what the engine needs to hand it off again without a saved SYN."""
+
+    profile: ForwardProfile
+    """The client's options, as its SYN announced them."""
+    client_syn_seq: int
+    client_tsval: int
+    """The client's newest TSval seen: the floor of the next translation."""
+    forward: ReadyForward | None
+    """The rebuilt forwarding connection (None once used or closed)."""
+    target: tuple[str, int]
+    """Where ``forward`` leads."""
+    target_syn_seq: int
+    """Seq of the server's SYN-ACK on ``forward`` (its egress entry's syn_seq)."""
+    target_tsval: int
+    """The server's newest TSval the client saw, in the server's clock."""
+    taken_ns: int = field(default_factory=time.monotonic_ns)
+
+
+# ---------------------------------------------------------------- I/O
+
+class TakeBackFailed(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class _Pending:
+    conn_id: int
+    pieces: list[tuple[int, bytes]] = field(default_factory=list)
+    latest: Segment | None = None
+    first_ns: int = field(default_factory=time.monotonic_ns)
+
+
+class TakeBacks:
+    """Runs take-backs as the ingress program's captures arrive."""
+
+    def __init__(self, datapath: "RouterDatapath", connections: "RouterConnections",
+                 settings: "HandoffSettings", metrics: "Metrics", *,
+                 agent_of: Callable[[tuple[str, int]], ControlClient | None],
+                 new_conn_id: Callable[[], int],
+                 release_now: Callable[[FlowKey], bool],
+                 resume: Callable[[socket.socket, tuple[str, int], int, TakenBack], Awaitable[None]]) -> None:
+        self.datapath = datapath
+        self.connections = connections
+        self.settings = settings
+        self.metrics = metrics
+        self.agent_of = agent_of
+        self.new_conn_id = new_conn_id
+        self.release_now = release_now
+        self.resume = resume
+        self._pending: dict[FlowKey, _Pending] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def on_captures(self, captures: list[Capture]) -> None:
+        for capture in captures:
+            key = FlowKey.from_buffer_copy(capture.key)
+            pending = self._pending.get(key)
+            if pending is None or pending.conn_id != capture.conn_id:
+                pending = self._pending[key] = _Pending(capture.conn_id)
+                task = asyncio.get_running_loop().create_task(self._take_back(key, pending))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            try:
+                segment = Segment.parse(capture.header)
+            except (ValueError, struct.error):
+                continue  # the client sends it again
+            pending.latest = segment
+            pending.pieces.append((wrap(segment.seq + capture.offset), capture.payload))
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _take_back(self, key: FlowKey, pending: _Pending) -> None:
+        started = time.perf_counter()
+        try:
+            await asyncio.sleep(0)  # the rest of this batch's captures first
+            sock, context, requests = await self._take(key, pending)
+        except TakeBackFailed as failed:
+            self.metrics.takebacks.labels(failed.reason).inc()
+            log.info("taking back %r failed: %s", key, failed.reason)
+            self._abandon(key, pending.conn_id)
+            return
+        except Exception:
+            log.exception("taking back %r failed", key)
+            self.metrics.takebacks.labels("error").inc()
+            self._abandon(key, pending.conn_id)
+            return
+        finally:
+            if self._pending.get(key) is pending:
+                del self._pending[key]
+        self.metrics.takebacks.labels("ok").inc()
+        self.metrics.takeback_duration.observe(time.perf_counter() - started)
+        await self.resume(sock, key.src, requests, context)
+
+    async def _take(self, key: FlowKey, pending: _Pending) -> tuple[socket.socket, TakenBack, int]:
+        entry = self._entry(key, pending.conn_id)
+        target = target_of(entry)
+        agent = self.agent_of(target)
+        if agent is None or not agent.connected:
+            raise TakeBackFailed("agent-unavailable")
+        forward_key = forward_key_of(entry)
+        deadline = time.monotonic() + self.settings.takeback_timeout
+        while True:
+            acked = wrap(entry.peer_ack - entry.x.ack_delta)
+            try:
+                taken = await agent.request(TakeBack(entry.conn_id, wire_key(forward_key), acked),
+                                            timeout=self.settings.agent_timeout)
+            except ControlUnavailable:
+                raise TakeBackFailed("agent-unavailable") from None
+            except (asyncio.TimeoutError, TimeoutError):
+                raise TakeBackFailed("agent-timeout") from None
+            if not isinstance(taken, Taken):
+                raise TakeBackFailed("agent-protocol")
+            if taken.status == TAKEN_OK:
+                break
+            if taken.status != TAKEN_UNACKED:
+                raise TakeBackFailed("target-closed" if taken.status else "agent-unknown")
+            # A response still on its way to the client (it pipelined): its
+            # ACKs still reach the server; ask again once they moved on.
+            self.metrics.takeback_waits.inc()
+            while entry.peer_ack == self._entry(key, pending.conn_id).peer_ack:
+                if time.monotonic() > deadline:
+                    raise TakeBackFailed("unacked")
+                await asyncio.sleep(UNACKED_POLL)
+            entry = self._entry(key, pending.conn_id)
+        entry = self._entry(key, pending.conn_id)  # the newest ACK and window
+        latest = pending.latest
+        if latest is None:
+            raise TakeBackFailed("capture-unreadable")
+        watch = self.datapath.watch.lookup(forward_key)
+        taking = Taking(client_key=key, entry=entry, latest=latest,
+                        received=assemble(entry.take_from, pending.pieces), taken=taken, watch=watch,
+                        elapsed_ms=(time.monotonic_ns() - pending.first_ns) // 1_000_000)
+        # The forwarding connection first: the server's packets on it reach
+        # the router's stack from here on (CONNECTING passes them, and records
+        # the server's TSval), where the rebuilt socket takes them.
+        forward_plan = plan_forward(taking)
+        conn_id = self.new_conn_id()
+        # The handoff's own forwarding socket may still be waiting for its
+        # release (handoff/release.py): it goes now, its 4-tuple is needed.
+        self.release_now(forward_key)
+        try:
+            forward = rebuild_socket(forward_plan, window_probe=False)
+        except OSError as exc:
+            log.warning("rebuilding the forwarding connection %s -> %s failed: %s", forward_plan.local,
+                        forward_plan.remote, exc)
+            raise TakeBackFailed(f"rebuild-forward-{exc.errno}") from None
+        self.connections.in_flight.add(forward_key)
+        self.datapath.watch.update(forward_key, _watch_for_rebuilt(watch, conn_id, taking))
+        try:
+            client = rebuild_socket(plan_client(taking), window_probe=None)
+        except BaseException as exc:
+            self._close_forward(ReadyForward(forward, forward_key, conn_id))
+            if isinstance(exc, OSError):
+                log.warning("rebuilding the client connection %r failed: %s", key, exc)
+                raise TakeBackFailed(f"rebuild-client-{exc.errno}") from None
+            raise
+        # The client's packets reach the rebuilt socket from here on; leaving
+        # repair mode, its probe acknowledges the request.
+        self.connections.taken_back(key, entry)
+        leave_repair(client, window_probe=True)
+        context = TakenBack(
+            profile=ForwardProfile(mss=entry.client_mss, sack=bool(entry.client_opts & WATCH_OPT_SACK),
+                                   timestamps=bool(entry.client_opts & WATCH_OPT_TS)),
+            client_syn_seq=entry.syn_seq, client_tsval=latest.tsval or 0,
+            forward=ReadyForward(forward, forward_key, conn_id, asyncio.get_running_loop().time()),
+            target=target, target_syn_seq=taken.syn_seq,
+            target_tsval=wrap((latest.tsecr or 0) - entry.x.tsecr_delta))
+        return client, context, entry.requests
+
+    def _entry(self, key: FlowKey, conn_id: int) -> FlowEntry:
+        entry = self.datapath.ingress.lookup(key)
+        if entry is None or entry.conn_id != conn_id or entry.state != FLOW_TAKEBACK:
+            raise TakeBackFailed("entry-gone")
+        if entry.flags & FLOW_F_RST:
+            raise TakeBackFailed("client-reset")
+        return entry
+
+    def _abandon(self, key: FlowKey, conn_id: int) -> None:
+        """No way back: the client's connection ends (its next packet meets
+        the router's stack, which resets it), the agent ends the server's."""
+        entry = self.datapath.ingress.lookup(key)
+        if entry is not None and entry.conn_id == conn_id:
+            self.connections.abandon(key, entry)
+
+    def close_forward(self, ready: ReadyForward) -> None:
+        self._close_forward(ready)
+
+    def _close_forward(self, ready: ReadyForward) -> None:
+        """Close a rebuilt forwarding connection the way any client would: a
+        FIN, then the kernel's usual ending (the router's side waits in
+        TIME_WAIT, which keeps the port from reuse). Its watch entry goes: the
+        server's last packets are the router stack's business."""
+        try:
+            ready.sock.close()
+        finally:
+            self.connections.in_flight.discard(ready.watch_key)
+            self.datapath.watch.delete(ready.watch_key)
+
+
+def _watch_for_rebuilt(watch: WatchEntry | None, conn_id: int, taking: Taking) -> WatchEntry:
+    """CONNECTING (pass the server's packets to the stack, record its TSval),
+    keeping what the server's SYN-ACK said (a later take-back needs it)."""
+    entry = WatchEntry() if watch is None else watch
+    entry.state = WATCH_CONNECTING
+    entry.conn_id = conn_id
+    entry.closed_ns = 0
+    entry.target_tsval = wrap((taking.latest.tsecr or 0) - taking.entry.x.tsecr_delta)
+    return entry
+
