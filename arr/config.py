@@ -117,12 +117,15 @@ class PoolSettings:
 @dataclass(frozen=True)
 class RuleSettings:
     pool: str
+    """The pool matching requests go to ('' for a ``reject`` rule)."""
     host: str | None = None
     path_prefix: str | None = None
     path_regex: str | None = None
     method: str | None = None
     header: tuple[str, str | None] | None = None
     cookie: tuple[str, str | None] | None = None
+    reject: int | None = None
+    """An access rule: matching requests get this status from the router."""
 
 
 @dataclass(frozen=True)
@@ -423,14 +426,20 @@ def _match_pair(value: Any, where: str) -> tuple[str, str | None]:
 def _rule(data: Any, where: str, pools: set[str]) -> RuleSettings:
     s = _Section(data, where)
     pool = s.get("pool", str)
-    if pool is None:
-        raise ConfigError(f"{where}.pool: required (the pool this rule selects)")
-    if pool not in pools:
+    reject = s.get("reject", int)
+    if pool is not None and reject is not None:
+        raise ConfigError(f"{where}: both 'pool' and 'reject' given (a rule either selects a pool or refuses)")
+    if reject is not None and not 400 <= reject <= 599:
+        raise ConfigError(f"{where}.reject: must be a 4xx or 5xx status, got {reject}")
+    if pool is None and reject is None:
+        raise ConfigError(f"{where}.pool: required (the pool this rule selects), or 'reject' (a status)")
+    if pool is not None and pool not in pools:
         raise ConfigError(f"{where}.pool: no pool named {pool!r} (have: {', '.join(sorted(pools))})")
     header, cookie = s.get("header", dict), s.get("cookie", dict)
     _check_regex(s.get("path_regex", str), s.path("path_regex"), "path_regex")
     rule = RuleSettings(
-        pool=pool,
+        pool=pool or "",
+        reject=reject,
         host=s.get("host", str),
         path_prefix=s.get("path_prefix", str),
         path_regex=s.get("path_regex", str),

@@ -15,13 +15,15 @@ HOP_BY_HOP = frozenset({
 
 
 class HttpError(Exception):
-    """A request the router answers itself with ``status`` and then closes."""
+    """A request the router answers itself with ``status`` and then closes,
+    unless ``recoverable`` (the request was read whole: the connection goes on)."""
 
     def __init__(self, status: int, reason: str, detail: str = "") -> None:
         super().__init__(f"{status} {reason}: {detail}" if detail else f"{status} {reason}")
         self.status = status
         self.reason = reason
         self.detail = detail
+        self.recoverable = False
 
 
 def reason_phrase(status: int) -> bytes:

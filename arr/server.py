@@ -201,6 +201,8 @@ class Router:
                 read = await session.read_request()
             except HttpError as error:
                 self._log_rejected(session, error)
+                if await session.answer_and_continue(error):
+                    continue
                 await session.send_error(error)
                 return
             except ClientGone:

@@ -344,8 +344,13 @@ class ClientSession(asyncio.Protocol):
         # single read is measured here, so the limit holds however it is sent.
         head_size = self.fed - len(self.conn.trailing_data[0])
         if head_size > self.limits.header_bytes:
-            raise HttpError(431, "header-too-large",
-                            f"request head is {head_size} bytes, limit {self.limits.header_bytes}")
+            error = HttpError(431, "header-too-large",
+                              f"request head is {head_size} bytes, limit {self.limits.header_bytes}")
+            # Parsed whole and without a body: the connection can go on (a
+            # keep-alive client's later requests are not its fault).
+            error.recoverable = check_request_framing(event.headers) in (None, 0) and not any(
+                n == b"transfer-encoding" for n, _ in event.headers)
+            raise error
         return await self._prepare(event)
 
     async def _prepare(self, head: h11.Request) -> tuple[Request, h11.Request, RequestBody]:
@@ -441,6 +446,23 @@ class ClientSession(asyncio.Protocol):
             await self.send_raw(error_response(error.status, f"{error.detail}\n".encode()))
         except ClientGone:
             pass
+
+    async def answer_and_continue(self, error: HttpError) -> bool:
+        """Answer a refused request whose head h11 parsed whole and that has
+        no body (``error.recoverable``) with a complete response, and make the
+        connection ready for the next request. False: it must be closed
+        (``send_error``)."""
+        if not error.recoverable or self.response_started or self.conn.our_state is not h11.SEND_RESPONSE:
+            return False
+        self.metrics.client_errors.labels(error.reason, str(error.status)).inc()
+        try:
+            if not isinstance(self.poll_event(), h11.EndOfMessage):
+                return False
+            await self.send_complete(error.status, f"{error.detail}\n".encode(),
+                                     [(b"content-type", b"text/plain")])
+        except (HttpError, ClientGone):
+            return False
+        return self.finish_exchange()
 
     # -------------------------------------------------------------- lifecycle
 

@@ -1,7 +1,10 @@
 """The goals, judged on a run's summary: pure functions (tests/unit/test_bench_goals.py).
 
 ``goal_verdicts``: issue 9's goals ("a handoff as cheap as a proxy's accept"),
-each a ratio against a peer measured in the same run, or an absolute bound.
+each a ratio against a peer measured in the same run, or an absolute bound;
+then goals 8 and 9 ("every request routed"): what routing a keep-alive
+connection's later request costs the router, against a first handoff in the
+same run.
 ``earlier_goals``: the goals of issue 5 that no issue-9 goal supersedes
 (router bytes per byte served, memory per handed-off connection). Dropped
 from issue 5: router/marginal CPU per GiB vs haproxy (superseded by goal 4),
@@ -171,12 +174,70 @@ def idle_goal(s: Mapping) -> Verdict:
                    fmt="{:.2f}% of a core", note="; ".join(notes))
 
 
+REHANDOFF_SAME = 0.5
+"""Goal 8: a same-target re-handoff's router CPU, at most this x a first handoff's."""
+REHANDOFF_OTHER = 1.0
+"""Goal 9: a take-back to another target's router CPU, at most this x a first handoff's."""
+MIN_SHARE = 0.9
+"""A keep-alive routing window is judged only when at least this share of its
+decided requests were what it measures (else it measured something else)."""
+
+
+def rehandoff_goals(s: Mapping) -> list[Verdict]:
+    """Goals 8 and 9, "every request routed": the arr-nat router's CPU per
+    request in the keep-alive routing test's same-target and other-target
+    windows over its CPU per request in the first-handoff window (ratios paired
+    run by run, median). n/a when a window's requests were mostly not what it
+    measures (stats.phase_share, from the router's own counters). HAProxy's
+    figures for the same windows are in the note for scale."""
+    r = s.get("arr-nat", {}).get("rehandoff") or {}
+    hap = s.get("haproxy", {}).get("rehandoff") or {}
+    first = _med((r.get("first") or {}).get("router_cpu_per_request_ms"))
+    hap_first = _med((hap.get("first") or {}).get("router_cpu_per_request_ms"))
+    out = []
+    for phase, key, limit, goal, what in (
+            ("same", "same_to_first", REHANDOFF_SAME,
+             f"8. same-target re-handoff <= {REHANDOFF_SAME:g}x first handoff router CPU", "same-target re-handoffs"),
+            ("other", "other_to_first", REHANDOFF_OTHER,
+             f"9. take-back to another target <= {REHANDOFF_OTHER:g}x first handoff router CPU",
+             "take-backs to another target")):
+        target = f"<= {limit:g} x first handoff"
+        if not r:
+            out.append(Verdict(goal, target, "not measured", "n/a", "no keep-alive routing test with arr-nat"))
+            continue
+        per = _med((r.get(phase) or {}).get("router_cpu_per_request_ms"))
+        notes = []
+        if per is not None and first is not None:
+            notes.append(f"arr-nat router CPU per request {per:.3f} ms vs first handoff {first:.3f} ms")
+        hap_per = _med((hap.get(phase) or {}).get("router_cpu_per_request_ms"))
+        if hap_per is not None and hap_first is not None:
+            notes.append(f"haproxy, same windows: {hap_per:.3f} ms per keep-alive request vs "
+                         f"{hap_first:.3f} ms per new connection")
+        tb = _med((r.get(phase) or {}).get("takeback_p50_ms"))
+        if tb is not None:
+            notes.append(f"take-back p50 {tb:.2f} ms")
+        share = _med((r.get(phase) or {}).get("share"))
+        first_share = _med((r.get("first") or {}).get("share"))
+        if share is not None:
+            notes.append(f"{share * 100:.0f}% of the window's requests were {what}")
+        short = [f"{name} window: {x * 100:.0f}% {label}" for name, x, label in (
+            (phase, share, what), ("first", first_share, "first handoffs")) if x is not None and x < MIN_SHARE]
+        if short:
+            out.append(Verdict(goal, target, "not measurable", "n/a",
+                               "; ".join(short) + f" (< {MIN_SHARE * 100:.0f}%: not what it measures)"))
+            continue
+        out.append(verdict(goal, target, _med(r.get(key)), limit, at_most=True, fmt="{:.2f} x first handoff",
+                           note="; ".join(notes)))
+    return out
+
+
 def goal_verdicts(results: Mapping) -> list[Verdict]:
-    """Issue 9's goals on RESULTS (the JSON the harness writes), in goal order."""
+    """The goals on RESULTS (the JSON the harness writes), in goal order: issue
+    9's (1-7), then every request routed (8, 9)."""
     s = results.get("summary", {})
     conn = conn_per_core_goals(s)
     return [*conn[:2], agent_cpu_goal(s), ttfb_goal(s), *large_response_goals(s), *sustain_goals(s),
-            idle_goal(s), conn[2]]
+            idle_goal(s), conn[2], *rehandoff_goals(s)]
 
 
 def earlier_goals(results: Mapping) -> list[Verdict]:

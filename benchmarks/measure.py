@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Sequence
 
 from arr.testbed import Cluster
-from arr.testbed.router import router_interface_bytes, wait_for  # noqa: F401 - re-exported for run.py, systems.py
+from arr.testbed.router import histogram_quantile, router_interface_bytes, wait_for  # noqa: F401 - re-exported for run.py, systems.py
 
-from benchmarks.stats import cpu_seconds_from_stat, machine_busy_seconds, parse_skmem
+from benchmarks.stats import cpu_seconds_from_stat, machine_busy_seconds, parse_skmem, router_counts
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -228,6 +228,63 @@ def run_wrk(cluster: Cluster, urls: Sequence[str], connections: int, duration: f
     return collect_wrk(cluster, procs, duration, body_size, timeout_s)
 
 
+ROUTE_HEADER = "X-Arr-Bench-Target"
+"""The request header the keep-alive routing test's configurations route on
+(systems.py ``by_header``): ``t1`` to the second target, anything else to the
+first. A header, not a path, so that every window fetches the same 1 KiB file
+and the policy alone decides where each request goes."""
+
+ROUTE_LUA = WRK_LUA + r"""
+-- One connection per thread (wrk -tN -cN): each thread has its own Lua state,
+-- so a thread's counter counts one connection's requests. wrk's request() is
+-- not told which connection asks, so this is the only way to make consecutive
+-- requests of one connection alternate targets exactly.
+local next_conn = 0
+function setup(thread)
+  thread:set("conn", next_conn)
+  next_conn = next_conn + 1
+end
+
+function init(args)
+  mode = args[1]
+  sent = 0
+end
+
+function request()
+  local t = conn % 2                  -- same: a connection's every request to one target
+  if mode ~= "same" then
+    t = (conn + sent) % 2             -- first, other: alternate, connections out of phase
+  end
+  sent = sent + 1
+  local h = {["Host"] = wrk.headers["Host"], ["@HEADER@"] = "t" .. t}
+  if mode == "first" then
+    h["Connection"] = "close"
+  end
+  return wrk.format("GET", wrk.path, h)
+end
+""".replace("@HEADER@", ROUTE_HEADER)
+
+ROUTE_MODES = ("first", "same", "other")
+
+
+def start_wrk_routed(cluster: Cluster, url: str, connections: int, duration: float, mode: str,
+                     timeout_s: int = 10) -> list[subprocess.Popen]:
+    """One ``wrk -tN -cN`` (one connection per thread) in the client namespace whose
+    requests carry :data:`ROUTE_HEADER`: MODE ``first``, ``Connection: close``
+    (every request a new connection), alternating targets; ``same``, keep-alive,
+    each connection's requests all to one target (connections spread over both);
+    ``other``, keep-alive, each connection's consecutive requests alternating
+    between the two targets. Collect with :func:`collect_wrk`."""
+    if mode not in ROUTE_MODES:
+        raise ValueError(f"mode {mode!r} not one of {ROUTE_MODES}")
+    script = cluster.workdir / "bench-wrk-route.lua"
+    script.write_text(ROUTE_LUA)
+    argv = ["wrk", f"-t{connections}", f"-c{connections}", f"-d{duration:g}s", f"--timeout={timeout_s}s",
+            "-s", str(script), url, "--", mode]
+    return [cluster.popen(cluster.client, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+
+
+# ----------------------------------------------------------------------- curl
 # ----------------------------------------------------------------------- curl
 
 def run_curl_parallel(cluster: Cluster, urls: Sequence[str], count: int, parallel: int,
@@ -345,6 +402,41 @@ def version_of(argv: Sequence[str]) -> str:
         return f"unavailable ({e})"
     text = (cp.stdout + cp.stderr).strip().splitlines()
     return text[0] if text else ""
+
+
+def router_samples(router) -> dict[str, float] | None:
+    """Every sample of an arr router's metrics (None without an arr router)."""
+    return None if router is None else router.metrics()
+
+
+def settled_samples(router, timeout: float = 3.0, interval: float = 0.2) -> dict[str, float] | None:
+    """The router's metrics once its request counters stopped moving: a load
+    client that just exited may have left decisions in flight (a handoff whose
+    request is counted when it completes), and the decided check compares
+    counters that are bumped at different steps of one request."""
+    if router is None:
+        return None
+    last = router.metrics()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(interval)
+        now = router.metrics()
+        if router_counts(now) == router_counts(last):
+            return now
+        last = now
+    return last
+
+
+def histogram_delta_quantile(a: dict[str, float] | None, b: dict[str, float] | None, histogram: str,
+                             q: float) -> float | None:
+    """Quantile Q of what HISTOGRAM observed between two metric reads A and B
+    (bucket counts subtracted), so a window's latency is not mixed with what
+    came before it."""
+    if a is None or b is None:
+        return None
+    prefix = histogram + "_bucket"
+    delta = {k: v - a.get(k, 0.0) for k, v in b.items() if k.startswith(prefix)}
+    return histogram_quantile(delta, histogram, q)
 
 
 def arr_counts(router) -> tuple[float, float]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from benchmarks.goals import SUSTAIN_RATE, earlier_goals, goal_verdicts
-from benchmarks.stats import KIB, Summary
+from benchmarks.stats import KIB, PHASES, Summary
 
 MIB = 1 << 20
 SYSTEM_ORDER = ("direct", "arr-nat", "arr-proxy", "haproxy", "haproxy-splice", "nginx")
@@ -173,6 +173,8 @@ def render_markdown(results: Mapping[str, Any], figures: Sequence[str] = ()) -> 
           f"| {fmt(t.get('p99_overhead_ms'), '{:.3f}') if system != 'direct' else '–'} |")
     w("")
     _conn_rate_section(w, systems, summary)
+    _rehandoff_section(w, systems, summary, raw)
+    _decided_section(w, raw)
 
     hp = [r.get("ttfb", {}).get("handoff_p50_ms") for r in raw.get("arr-nat", {}).get("runs", [])]
     hp99 = [r.get("ttfb", {}).get("handoff_p99_ms") for r in raw.get("arr-nat", {}).get("runs", [])]
@@ -202,8 +204,9 @@ def render_markdown(results: Mapping[str, Any], figures: Sequence[str] = ()) -> 
     _sustain_section(w, summary.get("arr-nat", {}).get("sustain"))
 
     w("## Goals\n")
-    w("Issue 9, \"a handoff as cheap as a proxy's accept\": ratios against the peers measured in this "
-      "same run (medians over runs).\n")
+    w("Goals 1-7, issue 9, \"a handoff as cheap as a proxy's accept\": ratios against the peers measured "
+      "in this same run (medians over runs). Goals 8 and 9, every request routed: a keep-alive request's "
+      "router CPU against a first handoff's, keep-alive routing test of the same run.\n")
     _goal_table(w, goal_verdicts(results))
     earlier = earlier_goals(results)
     if earlier:
@@ -218,8 +221,12 @@ def render_markdown(results: Mapping[str, Any], figures: Sequence[str] = ()) -> 
         if "error" in prof:
             w(f"Profile not taken: {prof['error']}\n")
         else:
-            w(f"{prof['samples']} samples of `arr serve` (nat) during the new-connection test "
-              f"({prof.get('conn_rate_during_profile', 0):.0f} conns/s while sampled; py-spy "
+            test = prof.get("test", "new-connection")
+            what = ("the new-connection test" if test == "new-connection"
+                    else f"the keep-alive routing test's {PHASE_LABELS.get(test, test)} window")
+            unit = "conns/s" if test == "new-connection" else "requests/s"
+            w(f"{prof['samples']} samples of `arr serve` (nat) during {what} "
+              f"({prof.get('conn_rate_during_profile', 0):.0f} {unit} while sampled; py-spy "
               "`--nonblocking`, 250 Hz, idle excluded). Raw stacks: "
               f"`{prof.get('raw_file', '')}`.\n")
             w("| self (innermost frame) | share | inclusive (on the stack) | share |")
@@ -251,8 +258,9 @@ def render_markdown(results: Mapping[str, Any], figures: Sequence[str] = ()) -> 
 METHOD_TEXT = """\
 * **Throughput**: body bytes of successful responses / wall time of the load generator. Objects up
   to 64 KiB: two `wrk -t1` processes in the client namespace, 4 keep-alive connections each, for a
-  fixed duration (for arr-nat that means each connection is handed off once, then its later requests
-  go straight to the target). 1 MiB and larger: one `curl -Z --parallel-max 4` process downloading
+  fixed duration (arr routes every request, as HAProxy and nginx do: with arr-nat a connection's
+  first request is handed off, each later one taken back, decided by the policy and handed off
+  again). 1 MiB and larger: one `curl -Z --parallel-max 4` process downloading
   about 1 GiB (quick: 96 MiB) of the object, each download on a new connection (`Connection: close`),
   every transfer checked for status 200 and full length. Before each size, one download through the
   system is checked against the file's SHA-256 (a mismatch is an error and makes the run exit 1).
@@ -283,6 +291,25 @@ METHOD_TEXT = """\
   = router CPU seconds / connections served; for arr-nat, the agents' CPU (utime+stime of every
   `arr agent`, same window) / handoffs. The VM has 2 vCPUs shared by client, router, targets and
   agents, so the router is rarely the only bottleneck.
+* **Every request decided** (arr systems, every wrk window): the router's `arr_requests_total`
+  (all decisions) over the window, read after its counters settled, must be at least the responses
+  the client counted (it may exceed them by the requests in flight when wrk stopped, at most one per
+  connection); for arr-nat, `arr_handoffs_total{result="ok"}` (first handoffs and re-handoffs) +
+  `arr_handoff_fallbacks_total` must equal it. A window where either fails is flagged and listed
+  under Errors.
+* **Keep-alive routing** (goals 8, 9): each router started again with a configuration that routes on
+  the request header `X-Arr-Bench-Target` (arr: the first target in the default pool, the second in
+  pool `t1` chosen by a header rule; HAProxy `use_backend`; nginx a `map` to one upstream per
+  target), so the client alone says where each request goes. One `wrk -tN -cN` (one connection per
+  thread, 8; each thread's Lua state counts its own connection's requests) fetches 1 KiB for three
+  fixed windows: *first* (`Connection: close`, every request a first handoff), *same* (keep-alive,
+  every request of a connection to one target: a take-back and a same-target re-handoff reusing
+  the forwarding connection) and *other* (keep-alive, a connection's consecutive requests alternating
+  targets: a take-back, the old forwarding connection closed, a handoff on a new one). Router CPU per
+  request = router processes' CPU over the window (as above) / responses; the ratios same/first and
+  other/first are paired run by run. The router's counters say what each window really was
+  (`arr_rehandoffs_total` by target over decided requests); take-back and handoff p50 come from the
+  router's histograms, bucket deltas over the window.
 * **Sustained handoffs to one target** (once per invocation, `--sustain SECONDS`): arr-nat with a
   router configuration that lists only the first target; two `wrk -t1` with `Connection: close`
   (32 connections in all) as fast as they go, no rate limit. The router's `arr_handoffs_total` is
@@ -335,6 +362,94 @@ def _conn_rate_section(w, systems: Sequence[str], summary: Mapping) -> None:
       "utilisation (1.0 = one core), i.e. handoffs or connections per core-second. Router CPU / conn: "
       "router processes' CPU / connections served; agents CPU / handoff: the arr-nat agents' CPU "
       "(on the targets) / handoffs. Machine CPU: all cores, 200% = both busy.\n")
+
+
+PHASE_LABELS = {"first": "first handoff", "same": "same target", "other": "other target"}
+PHASE_WHAT = {"first": "first handoffs", "same": "same-target re-handoffs", "other": "other-target take-backs"}
+
+
+def _rehandoff_section(w, systems: Sequence[str], summary: Mapping, raw: Mapping) -> None:
+    """The keep-alive routing test: router CPU per request in each window, and
+    for arr-nat what each window really measured."""
+    rows = [s for s in systems if summary[s].get("rehandoff")]
+    if not rows:
+        return
+    w("## Every request routed: router CPU per keep-alive request\n")
+    w("| system | window | requests/s | router CPU during it | router CPU / request ms | x first "
+      "| agents CPU / request ms | take-back p50 ms | handoff p50 ms | what the window was |")
+    w("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for system in rows:
+        r = summary[system]["rehandoff"]
+        for phase in PHASES:
+            p = r.get(phase) or {}
+            ratio = {"same": r.get("same_to_first"), "other": r.get("other_to_first")}.get(phase)
+            share = p.get("share")
+            was = f"{fmt(share, '{:.0f}%', 100)} {PHASE_WHAT[phase]}" if share else "–"
+            w(f"| {system} | {PHASE_LABELS[phase]} | {fmt(p.get('rate'), '{:.0f}')} "
+              f"| {fmt(p.get('router_cpu_util'), '{:.0f}%', 100)} "
+              f"| {fmt(p.get('router_cpu_per_request_ms'), '{:.3f}')} "
+              f"| {fmt(ratio, '{:.2f}') if phase != 'first' else '1'} "
+              f"| {fmt(p.get('agent_cpu_per_request_ms'), '{:.3f}')} | {fmt(p.get('takeback_p50_ms'), '{:.2f}')} "
+              f"| {fmt(p.get('handoff_p50_ms'), '{:.2f}')} | {was} |")
+    method = next((run["rehandoff"].get("method") for data in raw.values() for run in data.get("runs", [])
+                   if isinstance(run.get("rehandoff"), Mapping)), "")
+    w(f"\n{method}. Each router routes on that header (one target per value), so the client decides "
+      "where each request goes and the policy decides every request: first handoff = `Connection: close` "
+      "(each request a new connection), same target = keep-alive, a connection's requests all to one "
+      "target (arr-nat: take-back + same-target re-handoff), other target = keep-alive, consecutive "
+      "requests alternating targets (arr-nat: take-back, old forwarding connection closed, new handoff). "
+      "Router CPU / request: router processes' CPU over the window / responses; x first: that over the "
+      "first-handoff window's (paired run by run). \"What the window was\": the arr-nat router's own "
+      "counters (`arr_handoffs_total`, `arr_rehandoffs_total`) / requests it decided.\n")
+
+
+def decided_rows(raw: Mapping) -> list[dict[str, Any]]:
+    """The "every request decided" checks of every wrk window of arr systems,
+    added up per system and test over runs: responses counted by the client,
+    requests the router decided, handoffs + fallbacks (arr-nat), and whether
+    every run's check held (with the first problems when not)."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for system, data in raw.items():
+        for i, run in enumerate(data.get("runs", [])):
+            windows = [(f"keep-alive {size}", m) for size, m in
+                       sorted(run.get("sizes", {}).items(), key=lambda kv: _size_key(kv[0]))]
+            windows.append(("new connections", run.get("conn_rate")))
+            rh = run.get("rehandoff")
+            if isinstance(rh, Mapping):
+                windows += [(f"routing: {PHASE_LABELS[p]}", rh.get(p)) for p in PHASES]
+            for test, rec in windows:
+                check = (rec or {}).get("decided_check") if isinstance(rec, Mapping) else None
+                if not check:
+                    continue
+                row = out.setdefault((system, test), {"system": system, "test": test, "runs": 0, "requests": 0.0,
+                                                      "decided": 0.0, "handed_off": None, "ok": True,
+                                                      "problems": []})
+                row["runs"] += 1
+                row["requests"] += check.get("requests") or 0
+                row["decided"] += check.get("decided") or 0
+                if check.get("handed_off") is not None:
+                    row["handed_off"] = (row["handed_off"] or 0.0) + check["handed_off"]
+                if not check.get("ok"):
+                    row["ok"] = False
+                    row["problems"] += [f"run {i + 1}: {p}" for p in check.get("problems", [])]
+    return list(out.values())
+
+
+def _decided_section(w, raw: Mapping) -> None:
+    rows = decided_rows(raw)
+    if not rows:
+        return
+    w("## Every request decided (arr)\n")
+    w("| system | test | runs | responses (client) | decided (router) | handoffs + fallbacks | check |")
+    w("|---|---|---:|---:|---:|---:|---|")
+    for r in rows:
+        check = "ok" if r["ok"] else "**DISAGREE**: " + "; ".join(r["problems"][:3])
+        w(f"| {r['system']} | {r['test']} | {r['runs']} | {r['requests']:,.0f} | {r['decided']:,.0f} "
+          f"| {'–' if r['handed_off'] is None else format(r['handed_off'], ',.0f')} | {check} |")
+    w("\nResponses: what wrk counted (2xx); decided: the router's `arr_requests_total` over the same window "
+      "(may exceed the responses by the requests in flight when wrk stopped); handoffs + fallbacks "
+      "(arr-nat): `arr_handoffs_total{result=\"ok\"}` + `arr_handoff_fallbacks_total`, which must equal "
+      "decided. A disagreement voids the comparison with HAProxy and nginx and is listed under Errors.\n")
 
 
 def _idle_section(w, summary: Mapping) -> None:
@@ -423,6 +538,11 @@ def console_summary(results: Mapping[str, Any]) -> str:
             parts.append(f"ttfb p50 {fmt(e['ttfb']['p50_ms'], '{:.2f}')} ms")
         if "conn_rate" in e:
             parts.append(f"{fmt(e['conn_rate']['rate'], '{:.0f}')} conns/s")
+        if e.get("rehandoff"):
+            r = e["rehandoff"]
+            parts.append("router CPU ms/request " + ", ".join(
+                f"{PHASE_LABELS[p]} {fmt((r.get(p) or {}).get('router_cpu_per_request_ms'), '{:.3f}')}"
+                for p in PHASES))
         lines.append(f"{system:>10}: " + "; ".join(parts))
     lines.append("goals:")
     lines += [f"  {v.status:>4}  {v.goal}: {v.measured} (target {v.target})" for v in goal_verdicts(results)]
@@ -527,6 +647,17 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
         ax.set_title(f"CPU per new connection, one 1 KiB request each ({note})", fontsize=9)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         save(fig, "cpu_per_conn.png")
+
+    with_rh = [s for s in systems if summary[s].get("rehandoff")]
+    if with_rh:
+        by_label = {PHASE_LABELS[p]: p for p in PHASES}
+        fig, ax = plt.subplots(figsize=(8, 3.4))
+        _bar_groups(ax, list(by_label), with_rh,
+                    lambda s, g: (summary[s]["rehandoff"].get(by_label[g]) or {}).get("router_cpu_per_request_ms"))
+        ax.set_ylabel("router CPU ms / request")
+        ax.set_title(f"Router CPU per request, every request routed, 1 KiB ({note})", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        save(fig, "rehandoff.png")
 
     st = summary.get("arr-nat", {}).get("sustain")
     series = results.get("raw", {}).get("arr-nat", {}).get("sustain", {}).get("series") or []

@@ -2,10 +2,13 @@
 
 Order: for each run, for each system: start it, then (per object size) a sampled
 SHA-256 download and the throughput test, the TTFB test, the new-connection
-test; stop it. Then the idle-connection memory tests (a fresh start of the
-system for each N; for arr-nat also the idle CPU window), then once the
-sustained single-target test of arr-nat (benchmarks/sustain.py), then (full
-runs) a py-spy profile of the arr-nat router during the new-connection test.
+test; stop it; start it again routing on a request header for the keep-alive
+routing test (first-handoff, same-target and other-target windows); stop it.
+Then the idle-connection memory tests (a fresh start of the system for each
+N; for arr-nat also the idle CPU window), then once the sustained
+single-target test of arr-nat (benchmarks/sustain.py), then (full runs) a
+py-spy profile of the arr-nat router during the new-connection test (or
+``--profile-test``: a window of the keep-alive routing test).
 Runs are interleaved across systems so drift over time hits every system alike.
 """
 
@@ -26,12 +29,16 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import measure, report
-from benchmarks.stats import htab_elem_bytes, idle_core_pct, percentile, summarize
+from benchmarks.stats import (counts_delta, decided_check, htab_elem_bytes, idle_core_pct, percentile,
+                              router_counts, summarize)
 
 SIZES = {"1KiB": 1 << 10, "64KiB": 64 << 10, "1MiB": 1 << 20, "64MiB": 64 << 20}
 WRK_MAX_SIZE = 64 << 10  # objects up to this size go through wrk, larger through curl
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 QUICK_SYSTEMS = ("direct", "arr-nat", "arr-proxy", "haproxy")  # haproxy: the goals' peer
+TESTS = ("throughput", "ttfb", "conn", "rehandoff")
+"""The per-run tests (``--tests``): throughput per size, TTFB, new connections,
+the keep-alive routing test."""
 NO_MEMORY_TEST = ("direct", "haproxy-splice")
 """direct has no router; haproxy-splice holds idle connections exactly as haproxy does
 (splicing only changes how bodies are forwarded)."""
@@ -57,6 +64,10 @@ class Plan:
     sustain_connections: int = 32
     sustain_interval: float = 10.0  # how often the router's counters are sampled during it
     idle_seconds: float = 20.0  # goal 6: CPU window while arr-nat's memory test holds connections
+    tests: list[str] = field(default_factory=lambda: list(TESTS))
+    rehandoff_seconds: float = 5.0  # goals 8, 9: each window of the keep-alive routing test (whole seconds: wrk)
+    rehandoff_connections: int = 8  # one wrk thread per connection
+    profile_test: str = "new-connection"  # what --profile samples: new-connection, or a routing window
 
     def curl_count(self, size: int) -> int:
         return max(16 if self.curl_bytes >= 1 << 30 else 8, self.curl_bytes // size)
@@ -66,7 +77,7 @@ def quick_plan(systems: list[str] | None, sizes: list[str] | None, runs: int | N
     return Plan(systems=systems or list(QUICK_SYSTEMS), sizes=sizes or ["1KiB", "1MiB"],
                 runs=runs or 1, wrk_seconds=2.0, curl_bytes=96 << 20, ttfb_n=200, conn_seconds=2.0,
                 memory_ns=[1000], memory_runs=1, profile_seconds=0.0,
-                sustain_seconds=10.0, sustain_interval=2.0, idle_seconds=5.0)
+                sustain_seconds=10.0, sustain_interval=2.0, idle_seconds=5.0, rehandoff_seconds=2.0)
 
 
 def full_plan(systems: list[str] | None, sizes: list[str] | None, runs: int | None) -> Plan:
@@ -131,6 +142,20 @@ class Bench:
 
     _reason_delta = staticmethod(measure.reason_delta)
 
+    def _decided(self, running, test: str, requests: float, before: dict | None,
+                 after: dict | None) -> dict[str, Any]:
+        """The "every request decided" check of one load window of an arr
+        system (stats.decided_check), from the router's metrics read before it
+        and (settled) after it; a disagreement is recorded as an error too, so
+        the report lists it and the exit status says the comparison is void."""
+        delta = None if before is None or after is None else counts_delta(router_counts(before),
+                                                                          router_counts(after))
+        check = decided_check(requests, delta, hands_off=running.name == "arr-nat")
+        if not check["ok"]:
+            self.errors.append(f"{running.name} {test}: not every request decided by the policy: "
+                               + "; ".join(check["problems"]))
+        return check
+
     def _verify(self, running, name: str) -> None:
         info = self.cluster.files[name]
         for i in range(len(set(running.urls)) if running.name == "direct" else 1):
@@ -149,6 +174,7 @@ class Bench:
         urls = [u + info.url_path for u in running.urls]
         sampler = measure.Sampler(c, running.roots)
         agents = measure.Sampler(c, running.agent_roots) if running.agent_roots else None
+        m0 = measure.router_samples(running.router)
         h0, f0 = self._arr_counts(running)
         a = sampler.snap()
         aa = agents.snap() if agents else None
@@ -167,11 +193,16 @@ class Bench:
         agent_cpu = measure.Sampler.window(aa, agents.snap()).router_cpu_s if agents and aa else None
         w = measure.Sampler.window(a, b)
         h1, f1 = self._arr_counts(running)
+        decided: dict[str, Any] = {}
+        if running.router is not None and size <= WRK_MAX_SIZE:  # keep-alive: every request routed?
+            check = self._decided(running, f"throughput {size}", lr.requests, m0,
+                                  measure.settled_samples(running.router))
+            decided = {"decided": check["decided"], "decided_check": check}
         return {"method": method, "agent_cpu_s": agent_cpu, "requests": lr.requests, "bytes": lr.body_bytes, "seconds": lr.seconds,
                 "throughput_Bps": lr.body_bytes / lr.seconds if lr.seconds else None,
                 "router_cpu_s": w.router_cpu_s, "router_cpu_ticks_s": w.router_cpu_ticks_s,
                 "machine_cpu_s": w.machine_cpu_s, "window_s": w.seconds, "router_bytes": w.router_bytes,
-                "handoffs": h1 - h0, "fallbacks": f1 - f0}
+                "handoffs": h1 - h0, "fallbacks": f1 - f0, **decided}
 
     def ttfb(self, running) -> dict[str, Any]:
         c = self.cluster
@@ -200,6 +231,7 @@ class Bench:
         urls = [u + info.url_path for u in running.urls]
         sampler = measure.Sampler(c, running.roots)
         agents = measure.Sampler(c, running.agent_roots) if running.agent_roots else None
+        m0 = measure.router_samples(running.router)
         h0, f0 = self._arr_counts(running)
         r0 = self._fallback_reasons(running)
         a = sampler.snap()
@@ -212,8 +244,13 @@ class Bench:
         h1, f1 = self._arr_counts(running)
         reasons = self._reason_delta(r0, self._fallback_reasons(running))
         bad = {k: v for k, v in lr.errors.items() if v}
-        return {"method": f"{len(urls)} x (wrk -t1 -c{plan.conn_connections // len(urls)}), "
-                          "Connection: close",
+        decided: dict[str, Any] = {}
+        if running.router is not None:
+            check = self._decided(running, "new connections", lr.requests, m0,
+                                  measure.settled_samples(running.router))
+            decided = {"decided": check["decided"], "decided_check": check}
+        return {**decided, "method": f"{len(urls)} x (wrk -t1 -c{plan.conn_connections // len(urls)}), "
+                                     "Connection: close",
                 "requests": lr.requests, "seconds": lr.seconds, "rate": lr.requests / lr.seconds,
                 "handoff_rate": (h1 - h0) / w.seconds if running.router is not None and h1 > h0 else None,
                 "router_cpu_s": w.router_cpu_s, "router_cpu_ticks_s": w.router_cpu_ticks_s,
@@ -221,6 +258,72 @@ class Bench:
                 "agent_cpu_s": agent_cpu,
                 "machine_cpu_util": w.machine_cpu_s / w.seconds, "errors": bad,
                 "handoffs": h1 - h0, "fallbacks": f1 - f0, "fallback_reasons": reasons}
+
+    def rehandoff(self, running) -> dict[str, Any]:
+        """Goals 8 and 9: the router's CPU per request when every request is
+        routed. RUNNING routes on measure.ROUTE_HEADER (start_system
+        ``by_header``), so the client alone says where each request goes. Three
+        fixed windows of 1 KiB GETs from one ``wrk -tN -cN``:
+
+        * ``first``: ``Connection: close``, every request a new connection, so
+          for arr-nat a first handoff (the reference);
+        * ``same``: keep-alive, every request of a connection to the same
+          target: for arr-nat a take-back and a same-target re-handoff (the
+          forwarding connection reused);
+        * ``other``: keep-alive, consecutive requests of a connection
+          alternating targets: a take-back, the old forwarding connection
+          closed, a handoff on a new one.
+
+        Per window: router processes' CPU (the Sampler, as everywhere) /
+        responses; for arr systems the router's counters over it (decided
+        check; take-backs, re-handoffs by kind: what the window really
+        measured) and the take-back / handoff latency from its histograms."""
+        c, plan = self.cluster, self.plan
+        info = c.files["1KiB"]
+        url = running.urls[0] + info.url_path
+        measure.client_ttfb(c, [url], 20, info.sha256)  # warm-up, and a check it serves
+        out: dict[str, Any] = {
+            "method": f"wrk -t{plan.rehandoff_connections} -c{plan.rehandoff_connections} "
+                      f"-d{plan.rehandoff_seconds:g}s per window, 1 KiB, routed on {measure.ROUTE_HEADER}"}
+        for mode in measure.ROUTE_MODES:
+            self.progress.describe(f"{running.name}: keep-alive routing, {mode} window")
+            out[mode] = self.route_window(running, url, info.size, mode, plan.rehandoff_seconds)
+        return out
+
+    def route_window(self, running, url: str, size: int, mode: str, seconds: float) -> dict[str, Any]:
+        """One window of :meth:`rehandoff`."""
+        c, plan = self.cluster, self.plan
+        sampler = measure.Sampler(c, running.roots)
+        agents = measure.Sampler(c, running.agent_roots) if running.agent_roots else None
+        m0 = measure.router_samples(running.router)  # metrics outside the CPU window
+        a = sampler.snap()
+        aa = agents.snap() if agents else None
+        procs = measure.start_wrk_routed(c, url, plan.rehandoff_connections, seconds, mode)
+        lr = measure.collect_wrk(c, procs, seconds, size)
+        b = sampler.snap()
+        agent_cpu = measure.Sampler.window(aa, agents.snap()).router_cpu_s if agents and aa else None
+        w = measure.Sampler.window(a, b)
+        m1 = measure.settled_samples(running.router)
+        rec: dict[str, Any] = {
+            "requests": lr.requests, "seconds": lr.seconds, "window_s": w.seconds,
+            "router_cpu_s": w.router_cpu_s, "router_cpu_ticks_s": w.router_cpu_ticks_s,
+            "agent_cpu_s": agent_cpu, "machine_cpu_s": w.machine_cpu_s,
+            "errors": {k: v for k, v in lr.errors.items() if v}}
+        if running.router is not None:
+            check = self._decided(running, f"keep-alive routing {mode}", lr.requests, m0, m1)
+            rec.update(decided=check["decided"], decided_check=check,
+                       counts=counts_delta(router_counts(m0 or {}), router_counts(m1 or {})))
+            for hist, key in (("arr_takeback_duration_seconds", "takeback"),
+                              ("arr_handoff_duration_seconds", "handoff")):
+                for q in (0.5, 0.99):
+                    v = measure.histogram_delta_quantile(m0, m1, hist, q)
+                    rec[f"{key}_p{int(q * 100)}_ms"] = None if v is None else v * 1000
+        if lr.requests == 0:
+            raise measure.BenchError(f"{running.name} keep-alive routing {mode}: no response "
+                                     f"(wrk errors {rec['errors']})")
+        if lr.errors.get("status"):
+            self.errors.append(f"{running.name} keep-alive routing {mode}: {lr.errors['status']} non-2xx")
+        return rec
 
     def memory(self, running, n: int) -> dict[str, Any]:
         from benchmarks.systems import arr_map_entries
@@ -289,14 +392,24 @@ class Bench:
         if not pyspy.exists():
             return {"error": "py-spy not installed in .venv (scripts/setup.sh --bench installs it)"}
         raw_path = out_dir / "profile-arr-nat.txt"
-        with start_system(self.cluster, "arr-nat") as running:
+        test = self.plan.profile_test
+        routed = test != "new-connection"  # a window of the keep-alive routing test
+        with start_system(self.cluster, "arr-nat", by_header=routed) as running:
             pid = running.roots[0]
+            if routed:
+                info = self.cluster.files["1KiB"]
+                url = running.urls[0] + info.url_path
+                measure.client_ttfb(self.cluster, [url], 20, info.sha256)  # warm-up
             spy = subprocess.Popen([str(pyspy), "record", "--pid", str(pid), "--duration", str(int(seconds)),
                                     "--rate", "250", "--nonblocking", "--format", "raw", "-o", str(raw_path)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             try:
                 time.sleep(0.5)
-                cr = self.conn_rate(running, seconds=seconds - 1)
+                if routed:
+                    win = self.route_window(running, url, info.size, test, max(1, int(seconds - 1)))
+                    rate = win["requests"] / win["seconds"] if win["seconds"] else 0.0
+                else:
+                    rate = self.conn_rate(running, seconds=seconds - 1)["rate"]
                 _, err = spy.communicate(timeout=seconds + 30)
             finally:
                 if spy.poll() is None:
@@ -306,7 +419,8 @@ class Bench:
             return {"error": f"py-spy produced nothing: {err[-500:]}"}
         text = raw_path.read_text()
         prof = report.profile_summary(text)
-        prof["conn_rate_during_profile"] = cr["rate"]
+        prof["conn_rate_during_profile"] = rate
+        prof["test"] = test
         gz = raw_path.with_name(raw_path.name + ".gz")
         with gzip.open(gz, "wt") as f:  # collapsed stacks, compressed for the repository
             f.write(text)
@@ -335,19 +449,36 @@ class Bench:
                     self.raw[system]["runs"].append(rec)
                     try:
                         self.step(f"run {run + 1}/{plan.runs} {system}: starting")
-                        with start_system(c, system) as running:
-                            if run == 0:
-                                self.notes.setdefault("configs", {})[system] = running.config
-                            for size in plan.sizes:
-                                self.step(f"run {run + 1}/{plan.runs} {system}: throughput {size}")
-                                rec["sizes"][size] = self.throughput(running, size)
-                            self.step(f"run {run + 1}/{plan.runs} {system}: TTFB x{plan.ttfb_n}")
-                            rec["ttfb"] = self.ttfb(running)
-                            self.step(f"run {run + 1}/{plan.runs} {system}: new connections")
-                            rec["conn_rate"] = self.conn_rate(running)
+                        if any(t in plan.tests for t in ("throughput", "ttfb", "conn")):
+                            with start_system(c, system) as running:
+                                if run == 0:
+                                    self.notes.setdefault("configs", {})[system] = running.config
+                                if "throughput" in plan.tests:
+                                    for size in plan.sizes:
+                                        self.step(f"run {run + 1}/{plan.runs} {system}: throughput {size}")
+                                        rec["sizes"][size] = self.throughput(running, size)
+                                if "ttfb" in plan.tests:
+                                    self.step(f"run {run + 1}/{plan.runs} {system}: TTFB x{plan.ttfb_n}")
+                                    rec["ttfb"] = self.ttfb(running)
+                                if "conn" in plan.tests:
+                                    self.step(f"run {run + 1}/{plan.runs} {system}: new connections")
+                                    rec["conn_rate"] = self.conn_rate(running)
                     except Exception as e:  # noqa: BLE001 - recorded, the run goes on
                         self.errors.append(f"run {run + 1} {system}: {e}")
                         self.progress.log(f"[red]error[/red] run {run + 1} {system}: {e}")
+                        self.progress.log(traceback.format_exc(limit=3))
+                    if "rehandoff" not in plan.tests or system == "direct":  # direct: no router to cost
+                        continue
+                    try:
+                        self.step(f"run {run + 1}/{plan.runs} {system}: keep-alive routing (by header)")
+                        # its own start: the routers route on a header here (systems.header_routing)
+                        with start_system(c, system, by_header=True) as running:
+                            if run == 0:
+                                self.notes.setdefault("routing_configs", {})[system] = running.config
+                            rec["rehandoff"] = self.rehandoff(running)
+                    except Exception as e:  # noqa: BLE001
+                        self.errors.append(f"run {run + 1} {system} keep-alive routing: {e}")
+                        self.progress.log(f"[red]error[/red] run {run + 1} {system} keep-alive routing: {e}")
                         self.progress.log(traceback.format_exc(limit=3))
             for run in range(plan.memory_runs):
                 for system in plan.systems:
@@ -375,7 +506,7 @@ class Bench:
                     self.errors.append(f"sustain arr-nat: {e}")
                     self.progress.log(f"[red]error[/red] sustain arr-nat: {e}")
             if plan.profile_seconds and "arr-nat" in plan.systems:
-                self.step("profiling arr-nat (py-spy) during the new-connection test")
+                self.step(f"profiling arr-nat (py-spy) during the {plan.profile_test} test")
                 try:
                     self.profile = self.profile_nat(plan.profile_seconds, out_dir)
                 except Exception as e:  # noqa: BLE001
@@ -385,7 +516,10 @@ class Bench:
 
     def steps(self) -> int:
         p = self.plan
-        per_run = len(p.systems) * (1 + len(p.sizes) + 2)
+        per_run = len(p.systems) * (1 + (len(p.sizes) if "throughput" in p.tests else 0)
+                                    + ("ttfb" in p.tests) + ("conn" in p.tests))
+        if "rehandoff" in p.tests:
+            per_run += len([s for s in p.systems if s != "direct"])
         mem = p.memory_runs * len([s for s in p.systems if s not in NO_MEMORY_TEST]) * len(p.memory_ns)
         nat = "arr-nat" in p.systems
         return (2 + p.runs * per_run + mem + (1 if p.profile_seconds and nat else 0)
@@ -438,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description=f"arr benchmark: {', '.join(SYSTEMS)}")
     p.add_argument("--quick", action="store_true",
                    help="CI smoke: direct/arr-nat/arr-proxy/haproxy, 1KiB and 1MiB, 1 run, memory at 1k, "
-                        "sustain 10 s (about 1.5 min)")
+                        "sustain 10 s, keep-alive routing windows of 2 s (about 2 min)")
     p.add_argument("--out", type=Path, help=f"output directory (default {DEFAULT_OUT}, quick: .../quick)")
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, metavar="SYSTEM",
                    help=f"subset of {', '.join(SYSTEMS)}")
@@ -455,6 +589,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle", type=float, metavar="SECONDS",
                    help="goal 6: CPU window of arr-nat's router and agents while the memory test holds its "
                         "connections (default 20, quick 5; 0 = off)")
+    p.add_argument("--tests", nargs="+", choices=TESTS, metavar="TEST",
+                   help=f"per-run tests, subset of {', '.join(TESTS)} (default all; rehandoff: the keep-alive "
+                        "routing test of goals 8 and 9)")
+    p.add_argument("--rehandoff-seconds", type=int, metavar="SECONDS",
+                   help="goals 8, 9: each window of the keep-alive routing test (default 5, quick 2)")
+    p.add_argument("--profile-test", choices=("new-connection", *measure.ROUTE_MODES),
+                   help="what --profile samples: the new-connection test (default) or a window of the "
+                        "keep-alive routing test (first, same, other)")
     p.add_argument("--results-md", type=Path,
                    help="also write the markdown report here (e.g. benchmarks/RESULTS.md)")
     p.add_argument("--report-only", type=Path, metavar="JSON",
@@ -494,6 +636,12 @@ def main(argv: list[str] | None = None) -> int:
         plan.sustain_interval = min(plan.sustain_interval, max(1.0, args.sustain / 10))
     if args.idle is not None:
         plan.idle_seconds = args.idle
+    if args.tests:
+        plan.tests = list(args.tests)
+    if args.rehandoff_seconds is not None:
+        plan.rehandoff_seconds = float(max(1, args.rehandoff_seconds))
+    if args.profile_test:
+        plan.profile_test = args.profile_test
     # fds for the load generators and routers (inherited): as high as the hard limit allows
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -143,6 +143,92 @@ def parse_skmem(ss_output: str) -> tuple[int, int]:
     return sockets, total
 
 
+# ------------------------------------------------------- router counters
+
+def split_sample(key: str) -> tuple[str, dict[str, str]]:
+    """``'name{a="x",b="y"}'`` (a key of a parsed Prometheus exposition) into its
+    name and labels."""
+    import re
+
+    name, _, labels = key.partition("{")
+    return name, dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', labels))
+
+
+ROUTER_COUNTS = ("decided", "handoffs", "fallbacks", "takebacks", "takeback_failures",
+                 "rehandoffs_same", "rehandoffs_other")
+
+
+def router_counts(samples: Mapping[str, float]) -> dict[str, float]:
+    """The arr router's counters behind the "every request decided" check and the
+    keep-alive test, from one read of its metrics (``parse_exposition``):
+
+    ``decided``: ``arr_requests_total`` over every decision, status and target
+    (one per request the policy decided, counted when it was executed);
+    ``handoffs``: ``arr_handoffs_total{result="ok"}`` (first handoffs and
+    re-handoffs of taken-back connections alike); ``fallbacks``:
+    ``arr_handoff_fallbacks_total`` over reasons; ``takebacks`` /
+    ``takeback_failures``: ``arr_takebacks_total`` ok / any other result;
+    ``rehandoffs_same`` / ``rehandoffs_other``: ``arr_rehandoffs_total`` by target.
+    Only the ``_total`` samples count (``_created`` are timestamps)."""
+    out = dict.fromkeys(ROUTER_COUNTS, 0.0)
+    for key, value in samples.items():
+        name, labels = split_sample(key)
+        if name == "arr_requests_total":
+            out["decided"] += value
+        elif name == "arr_handoffs_total" and labels.get("result") == "ok":
+            out["handoffs"] += value
+        elif name == "arr_handoff_fallbacks_total":
+            out["fallbacks"] += value
+        elif name == "arr_takebacks_total":
+            out["takebacks" if labels.get("result") == "ok" else "takeback_failures"] += value
+        elif name == "arr_rehandoffs_total":
+            kind = labels.get("target")
+            if kind in ("same-target", "other-target"):
+                out["rehandoffs_same" if kind == "same-target" else "rehandoffs_other"] += value
+    return out
+
+
+def counts_delta(a: Mapping[str, float], b: Mapping[str, float]) -> dict[str, float]:
+    """B - A for every counter of B (a counter absent from A was 0)."""
+    return {k: v - a.get(k, 0.0) for k, v in b.items()}
+
+
+def decided_check(requests: float, delta: Mapping[str, float] | None, *, hands_off: bool) -> dict:
+    """Was every response the load client counted decided by the router's policy?
+
+    REQUESTS: responses the client counted in the window; DELTA: the router's
+    :func:`router_counts` over the same window. Two conditions (the issue's
+    acceptance), either failing flags the run:
+
+    * decided >= requests: a response without a decision is a request that
+      reached a target unrouted (a handed-off connection's later requests
+      going straight to the target). More decisions than responses is normal:
+      the client stops with up to one request per connection in flight, whose
+      decision the router made but whose response the client never counted.
+    * HANDS_OFF (arr-nat): handoffs + fallbacks == decided: every decision was
+      a handoff (first or re-handoff) or a counted fallback, none lost between
+      the policy and the engine.
+    """
+    rec: dict = {"requests": requests, "decided": None if delta is None else delta.get("decided", 0.0)}
+    problems: list[str] = []
+    if delta is None:
+        problems.append("router metrics not read")
+    else:
+        decided = rec["decided"]
+        if decided < requests:
+            problems.append(f"{requests - decided:,.0f} of {requests:,.0f} responses without a decision "
+                            f"({decided:,.0f} decided)")
+        if hands_off:
+            routed = delta.get("handoffs", 0.0) + delta.get("fallbacks", 0.0)
+            rec["handed_off"] = routed
+            if routed != decided:
+                problems.append(f"handoffs {delta.get('handoffs', 0.0):,.0f} + fallbacks "
+                                f"{delta.get('fallbacks', 0.0):,.0f} = {routed:,.0f}, not the {decided:,.0f} decided")
+    rec["ok"] = not problems
+    rec["problems"] = problems
+    return rec
+
+
 # ------------------------------------------------------------------- verdicts
 
 @dataclass(frozen=True)
@@ -256,6 +342,9 @@ def summarize(raw: Mapping[str, Mapping]) -> dict:
             entry["conn_rate"] = {"rate": _summ(rate), "handoff_rate": _summ(handoff_rate),
                                   "router_cpu_util": _summ(util), "per_router_core": _summ(per_core),
                                   **cpu_per_connection(runs)}
+        rehandoff = rehandoff_summary(runs)
+        if rehandoff:
+            entry["rehandoff"] = rehandoff
         memory = {}
         for n, mems in data.get("memory", {}).items():
             memory[str(n)] = {k: _summ(m.get(k) for m in mems) for k in (
@@ -289,6 +378,64 @@ def cpu_per_connection(runs: Sequence[Mapping]) -> dict:
         "agent_to_router_cpu": _summ(_per(a, c) if h else None for a, c, h in zip(acpu, rcpu, handoffs)),
         "machine_cpu_util": _summ(_runs_metric(runs, "conn_rate", "machine_cpu_util")),
     }
+
+
+PHASES = ("first", "same", "other")
+"""The keep-alive routing test's windows (run.py ``Bench.rehandoff``): ``first``,
+one request per connection (``Connection: close``: every request a first
+handoff); ``same``, keep-alive, every request of a connection to the same
+target (a same-target re-handoff each); ``other``, keep-alive, consecutive
+requests of a connection alternating between the two targets (a take-back to
+another target each)."""
+
+
+def phase_share(phase: str, counts: Mapping[str, float] | None) -> float | None:
+    """Share of a window's decided requests that were what the window measures,
+    from the router's counters (arr-nat only; None for a system that does not
+    hand off): first handoffs (handoffs that were no re-handoff), same-target or
+    other-target re-handoffs. The rest is e.g. each keep-alive connection's own
+    first request, or a connection that had to reconnect."""
+    if not counts or not counts.get("decided"):
+        return None
+    same, other = counts.get("rehandoffs_same", 0.0), counts.get("rehandoffs_other", 0.0)
+    handoffs = counts.get("handoffs", 0.0)
+    if handoffs <= 0:
+        return None
+    part = {"first": handoffs - same - other, "same": same, "other": other}[phase]
+    return part / counts["decided"]
+
+
+def rehandoff_summary(runs: Sequence[Mapping]) -> dict | None:
+    """The keep-alive routing test over runs: per window, the router's CPU per
+    request (ms), the agents' (arr-nat), the rate, the router's CPU utilisation,
+    take-back and handoff latency from the router's histograms, the share of
+    the window's requests that were what it measures; and, paired run by run,
+    the same-target and other-target windows' router CPU per request over the
+    first-handoff window's (the goals' ratios)."""
+    if not any(isinstance(r.get("rehandoff"), Mapping) for r in runs):
+        return None
+    out: dict = {}
+    per_request: dict[str, list[float | None]] = {}
+    for phase in PHASES:
+        def m(key: str) -> list[float | None]:
+            return _runs_metric(runs, "rehandoff", phase, key)
+
+        reqs, secs = m("requests"), m("seconds")
+        per_request[phase] = [_per(c, n, 1000) for c, n in zip(m("router_cpu_s"), reqs)]
+        counts = [((r.get("rehandoff") or {}).get(phase) or {}).get("counts") for r in runs]
+        out[phase] = {
+            "router_cpu_per_request_ms": _summ(per_request[phase]),
+            "agent_cpu_per_request_ms": _summ(_per(c, n, 1000) for c, n in zip(m("agent_cpu_s"), reqs)),
+            "rate": _summ(_per(n, s) for n, s in zip(reqs, secs)),
+            "router_cpu_util": _summ(_per(c, w) for c, w in zip(m("router_cpu_s"), m("window_s"))),
+            "takeback_p50_ms": _summ(m("takeback_p50_ms")),
+            "handoff_p50_ms": _summ(m("handoff_p50_ms")),
+            "share": _summ(phase_share(phase, c) for c in counts),
+            "requests": _summ(reqs),
+        }
+    out["same_to_first"] = _summ(_per(a, b) for a, b in zip(per_request["same"], per_request["first"]))
+    out["other_to_first"] = _summ(_per(a, b) for a, b in zip(per_request["other"], per_request["first"]))
+    return out
 
 
 def idle_core_pct(window_s: float, router_cpu_s: float, agent_cpu_s: float | None) -> dict[str, float | None]:

@@ -24,7 +24,7 @@ from typing import Iterator
 from arr.testbed import Cluster
 from arr.testbed import nginx as tb_nginx
 from arr.testbed.router import BPF_DIR, clear_handoff_programs, handoff_cluster, pin_instance
-from benchmarks.measure import BenchError, wait_for
+from benchmarks.measure import ROUTE_HEADER, BenchError, wait_for
 
 SYSTEMS = ("direct", "arr-nat", "arr-proxy", "haproxy", "haproxy-splice", "nginx")
 ROUTER_PORT = 80
@@ -120,8 +120,31 @@ HAPROXY_SPLICE = """\
 """
 
 
-def haproxy_config(cluster: Cluster, workdir: Path, splice: bool = False) -> str:
+def haproxy_config(cluster: Cluster, workdir: Path, splice: bool = False, by_header: bool = False) -> str:
+    """HAProxy's configuration; BY_HEADER: the keep-alive routing test's routing
+    (:func:`header_routing`), one backend per target chosen on ROUTE_HEADER,
+    instead of round-robin over both."""
     servers = "\n".join(f"    server {t.name} {t.ip}:{cluster.spec.target_port}" for t in cluster.targets)
+    routing = f"""\
+frontend fe
+    bind {cluster.vip}:{ROUTER_PORT} backlog 4096
+    default_backend be
+"""
+    backends = f"""\
+backend be
+    balance roundrobin
+{servers}
+"""
+    if by_header:
+        first, second = cluster.targets[0], cluster.targets[1]
+        routing = f"""\
+frontend fe
+    bind {cluster.vip}:{ROUTER_PORT} backlog 4096
+    use_backend be_{second.name} if {{ req.hdr({ROUTE_HEADER}) -m str t1 }}
+    default_backend be_{first.name}
+"""
+        backends = "\n".join(f"backend be_{t.name}\n    server {t.name} {t.ip}:{cluster.spec.target_port}\n"
+                             for t in (first, second))
     return f"""\
 global
     nbthread 1
@@ -141,18 +164,39 @@ defaults
     timeout http-request 10s
     maxconn {HAPROXY_MAXCONN}
 {HAPROXY_SPLICE if splice else ""}
-frontend fe
-    bind {cluster.vip}:{ROUTER_PORT} backlog 4096
-    default_backend be
-
-backend be
-    balance roundrobin
-{servers}
-"""
+{routing}
+{backends}"""
 
 
-def nginx_proxy_config(cluster: Cluster, workdir: Path) -> str:
+def nginx_proxy_config(cluster: Cluster, workdir: Path, by_header: bool = False) -> str:
+    """nginx's configuration; BY_HEADER: one upstream per target chosen on
+    ROUTE_HEADER (a ``map`` to the upstream's name), the keep-alive routing
+    test's routing, instead of round-robin over both."""
     servers = "\n".join(f"        server {t.ip}:{cluster.spec.target_port};" for t in cluster.targets)
+    upstreams = f"""\
+    upstream be {{
+{servers}
+        keepalive 64;
+        keepalive_requests 10000;
+    }}
+"""
+    upstream_name = "be"
+    if by_header:
+        first, second = cluster.targets[0], cluster.targets[1]
+        header_var = "$http_" + ROUTE_HEADER.lower().replace("-", "_")
+        upstreams = f"""\
+    map {header_var} $bench_upstream {{
+        t1 be_{second.name};
+        default be_{first.name};
+    }}
+""" + "".join(f"""\
+    upstream be_{h.name} {{
+        server {h.ip}:{cluster.spec.target_port};
+        keepalive 64;
+        keepalive_requests 10000;
+    }}
+""" for h in (first, second))
+        upstream_name = "$bench_upstream"
     t = workdir / "tmp"
     return f"""\
 daemon off;
@@ -177,16 +221,11 @@ http {{
     keepalive_timeout 300;
     keepalive_requests 10000;
 
-    upstream be {{
-{servers}
-        keepalive 64;
-        keepalive_requests 10000;
-    }}
-
+{upstreams}
     server {{
         listen {cluster.vip}:{ROUTER_PORT} backlog=4096;
         location / {{
-            proxy_pass http://be;
+            proxy_pass http://{upstream_name};
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header Host $host;
@@ -222,6 +261,25 @@ def _external(cluster: Cluster, name: str, config: str, argv_of) -> Iterator[Run
         cluster.stop_process(proc)
 
 
+def header_routing(cluster: Cluster) -> dict:
+    """arr router config sections for the keep-alive routing test: the first
+    target alone in the default pool (the top-level ``[[targets]]``, which the
+    test bed's configuration always has), the second alone in pool ``t1``, and
+    a rule that sends a request carrying ``ROUTE_HEADER: t1`` to pool ``t1``.
+    The client's header (measure.ROUTE_LUA) then says where each request goes:
+    the policy decides every request, and whether two requests of a connection
+    go to the same target is the client's choice, exactly, not round-robin's
+    luck (a global round-robin's turn depends on how the connections interleave)."""
+    from arr.testbed.router import default_config
+
+    base = default_config(cluster, "nat")
+    first, second = base["targets"][:2]
+    return {"targets": [first],
+            "pools": {"t1": {"targets": [second], "policy": dict(base["policy"]),
+                             "health": dict(base["health"])}},
+            "rules": [{"pool": "t1", "header": {"name": ROUTE_HEADER, "value": "^t1$"}}]}
+
+
 def single_target(cluster: Cluster) -> list[dict[str, str]]:
     """The router config's ``targets`` with only the cluster's first target."""
     from arr.testbed.router import default_config
@@ -230,11 +288,17 @@ def single_target(cluster: Cluster) -> list[dict[str, str]]:
 
 
 @contextmanager
-def start_system(cluster: Cluster, name: str, one_target: bool = False) -> Iterator[Running]:
+def start_system(cluster: Cluster, name: str, one_target: bool = False,
+                 by_header: bool = False) -> Iterator[Running]:
     """Start NAME in CLUSTER, yield how to reach and watch it, stop it.
 
     ``one_target`` (arr systems): the router's configuration lists only the
-    first target, so every connection goes to it (the sustain test)."""
+    first target, so every connection goes to it (the sustain test).
+    ``by_header``: every router routes each request on ROUTE_HEADER, one target
+    per value (:func:`header_routing`, ``haproxy_config``, ``nginx_proxy_config``;
+    the keep-alive routing test)."""
+    if by_header and len(cluster.targets) < 2:
+        raise BenchError("routing by header needs two targets")
     clear_handoff_programs(cluster)
     if name == "direct":
         yield Running(name, [f"http://{t.ip}:{cluster.spec.target_port}" for t in cluster.targets])
@@ -243,6 +307,8 @@ def start_system(cluster: Cluster, name: str, one_target: bool = False) -> Itera
         sections = {"limits": ARR_LIMITS}
         if one_target:
             sections["targets"] = single_target(cluster)
+        if by_header:
+            sections.update(header_routing(cluster))
         try:
             with handoff_cluster(cluster, mode, **sections) as (router, agents):
                 router.wait_healthy(count=1 if one_target else None, timeout=15)
@@ -255,13 +321,14 @@ def start_system(cluster: Cluster, name: str, one_target: bool = False) -> Itera
     elif name in ("haproxy", "haproxy-splice"):
         workdir = cluster.workdir / f"bench-{name}"
         workdir.mkdir(exist_ok=True)
-        with _external(cluster, name, haproxy_config(cluster, workdir, splice=name == "haproxy-splice"),
+        with _external(cluster, name, haproxy_config(cluster, workdir, splice=name == "haproxy-splice",
+                                                     by_header=by_header),
                        lambda conf: ["haproxy", "-db", "-f", str(conf)]) as r:
             yield r
     elif name == "nginx":
         workdir = cluster.workdir / "bench-nginx"
         workdir.mkdir(exist_ok=True)
-        with _external(cluster, name, nginx_proxy_config(cluster, workdir),
+        with _external(cluster, name, nginx_proxy_config(cluster, workdir, by_header=by_header),
                        lambda conf: ["nginx", "-p", f"{workdir}/", "-c", str(conf),
                                      "-e", f"{workdir}/error.log"]) as r:
             yield r

@@ -37,7 +37,7 @@ from handoff.control import (TAKEN_CLOSED, TAKEN_OK, TAKEN_UNACKED, TAKEN_UNKNOW
 from handoff.datapath import DEFAULT_BPF_DIR, TargetDatapath
 from handoff.event_reader import EventReader
 from handoff.lifecycle import local_key
-from handoff.maps import (DEFAULT_CAPACITY, FLOW_ACTIVE, FLOW_F_FIN, FLOW_F_RST, FLOW_HOLD, Event, FlowEntry,
+from handoff.maps import (DEFAULT_CAPACITY, FLOW_ACTIVE, FLOW_F_FIN, FLOW_F_RST, FLOW_F_SENT, FLOW_HOLD, Event, FlowEntry,
                           MirrorState, Xlate)
 
 log = logging.getLogger("arr.agent")
@@ -317,9 +317,9 @@ class Agent:
 def _take_back_verdict(entry: FlowEntry, acked: int) -> int:
     if entry.flags & (FLOW_F_FIN | FLOW_F_RST):
         return TAKEN_CLOSED
-    # snd_max 0: the server has sent nothing since the handoff, not even the
-    # ACK of the request: too early to tell.
-    if entry.snd_max == 0 or entry.snd_max != acked:
+    # Not FLOW_F_SENT: the server has sent nothing since the handoff, not
+    # even the ACK of the request: too early to tell.
+    if not entry.flags & FLOW_F_SENT or entry.snd_max != acked:
         return TAKEN_UNACKED
     return TAKEN_OK
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from handoff.translate import Translation
 
 FLOW_HOLD, FLOW_ACTIVE, FLOW_ENDED, FLOW_TAKEBACK = 1, 2, 3, 4
-FLOW_F_FIN, FLOW_F_RST, FLOW_F_NEW_SYN = 1, 2, 4
+FLOW_F_FIN, FLOW_F_RST, FLOW_F_NEW_SYN, FLOW_F_SENT = 1, 2, 4, 8
 DEFAULT_CAPACITY = 65536
 """ARR_DEFAULT_CAPACITY of the header: entries per connection map."""
 WATCH_CONNECTING, WATCH_HANDED_OFF, WATCH_CLOSED = 1, 2, 3

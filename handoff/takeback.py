@@ -88,11 +88,15 @@ def assemble(start: int, pieces: list[tuple[int, bytes]]) -> bytes:
     overlapping, repeated) hold without a hole; what lies beyond a hole the
     client sends again."""
     out = bytearray()
-    pending = sorted(((wrap(seq - start), data) for seq, data in pieces), key=lambda p: p[0])
-    for offset, data in pending:
-        if offset >= 1 << 31:  # before START: routed already (a retransmission)
+    placed = []
+    for seq, data in pieces:
+        offset = wrap(seq - start)
+        if offset >= 1 << 31:  # starts before START: routed already, or a straddling retransmission
             head = (1 << 32) - offset
-            offset, data = 0, data[head:] if head < len(data) else b""
+            offset, data = 0, data[head:]
+        if data:
+            placed.append((offset, data))
+    for offset, data in sorted(placed, key=lambda p: p[0]):
         if offset > len(out):
             break
         out += data[len(out) - offset:]
@@ -266,8 +270,10 @@ class TakeBacks:
         while True:
             acked = wrap(entry.peer_ack - entry.x.ack_delta)
             try:
+                # The whole take-back's time, not one handoff's agent_timeout:
+                # the alternative to waiting is ending the connection.
                 taken = await agent.request(TakeBack(entry.conn_id, wire_key(forward_key), acked),
-                                            timeout=self.settings.agent_timeout)
+                                            timeout=max(self.settings.agent_timeout, deadline - time.monotonic()))
             except ControlUnavailable:
                 raise TakeBackFailed("agent-unavailable") from None
             except (asyncio.TimeoutError, TimeoutError):

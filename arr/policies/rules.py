@@ -35,6 +35,11 @@ class Rule:
       header matches if any of its values does.
     * ``cookie``: ``(name, regex)``; regex None means "present".
     * ``method``: exact (HTTP methods are case-sensitive).
+
+    ``reject``: an access rule: matching requests are answered by the router
+    with this status and go nowhere (``pool`` is then empty). With every
+    request of a keep-alive connection routed, it holds for the tenth request
+    as for the first.
     """
 
     pool: str
@@ -44,6 +49,7 @@ class Rule:
     header: tuple[str, str | None] | None = None
     cookie: tuple[str, str | None] | None = None
     method: str | None = None
+    reject: int | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +134,10 @@ class RoutingPolicy:
             raise ValueError(f"unknown routing mode {mode!r} (expected one of: {', '.join(MODES)})")
         known = ", ".join(sorted(pools)) or "none"
         for index, rule in enumerate(rules):
+            if rule.reject is not None:
+                if not 400 <= rule.reject <= 599:
+                    raise ValueError(f"rule {index}: reject status {rule.reject} is not a 4xx or 5xx")
+                continue
             if rule.pool not in pools:
                 raise ValueError(f"rule {index}: unknown pool {rule.pool!r} (known pools: {known})")
         if default_pool is not None and default_pool not in pools:
@@ -138,17 +148,23 @@ class RoutingPolicy:
         self.mode: Mode = mode
         self._compiled = tuple(_CompiledRule.of(i, rule) for i, rule in enumerate(self.rules))
 
-    def pool_for(self, request: "Request") -> "Pool | None":
-        """The pool the request routes to, or None when nothing matches."""
+    def pool_for(self, request: "Request") -> "Pool | Reject | None":
+        """The pool the request routes to, the Reject of an access rule, or
+        None when nothing matches."""
         for compiled in self._compiled:
             if compiled.matches(request):
-                return self.pools[compiled.rule.pool]
+                rule = compiled.rule
+                if rule.reject is not None:
+                    return Reject(rule.reject, f"{rule.reject} refused by rule\n".encode())
+                return self.pools[rule.pool]
         return self.pools[self.default_pool] if self.default_pool is not None else None
 
     def __call__(self, request: "Request") -> Decision:
         pool = self.pool_for(request)
         if pool is None:
             return NO_ROUTE
+        if isinstance(pool, Reject):
+            return pool
         target = pool.pick(request)
         if target is None:
             return NO_HEALTHY_TARGET

@@ -9,8 +9,11 @@ NGINX_BIN = "/usr/sbin/nginx"
 
 LOG_FORMAT = (
     '$remote_addr $remote_port [$time_local] "$request" $status $body_bytes_sent '
-    "$request_time $connection $connection_requests"
+    '"$http_x_forwarded_for" $request_time $connection $connection_requests'
 )
+"""Fields split on spaces: the first two and the last two are what the tests
+index (``$connection`` and ``$connection_requests`` last); X-Forwarded-For
+(quoted, it may hold spaces) in the middle."""
 
 
 @dataclass(frozen=True)

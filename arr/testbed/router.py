@@ -150,7 +150,8 @@ def histogram_quantile(samples: dict[str, float], histogram: str, q: float) -> f
 
 
 def default_config(cluster: Cluster, mode: str = "proxy", **sections: Any) -> dict[str, Any]:
-    """One pool with every target of the cluster, round-robin, health-checked."""
+    """One pool with every target of the cluster, round-robin, health-checked.
+    SECTIONS override (a dict is merged into the section; None removes it)."""
     config: dict[str, Any] = {
         "router": {"listen": f"{cluster.vip}:{ROUTER_PORT}", "mode": mode,
                    "metrics": f"127.0.0.1:{METRICS_PORT}", "access_log": False,
@@ -162,7 +163,9 @@ def default_config(cluster: Cluster, mode: str = "proxy", **sections: Any) -> di
         "health": {"path": "/health", "interval": 0.5, "rise": 2, "fall": 2, "timeout": 0.5},
     }
     for name, value in sections.items():
-        if isinstance(value, dict) and isinstance(config.get(name), dict):
+        if value is None:
+            config.pop(name, None)  # e.g. pools of one's own instead of "targets"
+        elif isinstance(value, dict) and isinstance(config.get(name), dict):
             config[name] = {**config[name], **value}
         else:
             config[name] = value

@@ -66,7 +66,7 @@ struct flow_entry {
 			     * is a request the router has not routed (0: never take back) */
 	__u32 peer_ack;     /* router: the client's latest ack field; target: unused */
 	__u32 snd_max;      /* target: the server's highest seq + length (+FIN) sent, i.e.
-			     * its snd_nxt (0: nothing sent yet) */
+			     * its snd_nxt (valid once FLOW_F_SENT is set) */
 	__u16 peer_window;  /* the latest raw window field (router: the client's; target:
 			     * the server's) */
 	__u16 client_mss;   /* router: the client's MSS (its SYN) */

@@ -191,7 +191,8 @@ static __always_inline void note_client_ack(struct __sk_buff *skb, const struct 
 /* FLOW_TAKEBACK: the client's new bytes go to userspace (and are dropped
  * here: the rebuilt socket acknowledges them); its RST still reaches the
  * target; its pure ACKs too (a response may still be on its way to the
- * client), their seq pinned to take_from, where the target's stream stops.
+ * client); both with their seq pinned to take_from, where the target's
+ * stream stops.
  * A FIN is dropped: the client sends it again to the rebuilt socket. */
 static __always_inline int while_taken_back(struct __sk_buff *skb, const struct pkt *p,
 					    struct flow_entry *e, __u32 seq, struct xlate *x)
@@ -202,16 +203,14 @@ static __always_inline int while_taken_back(struct __sk_buff *skb, const struct 
 		account(e, skb, p, 0);
 		return TC_ACT_SHOT;
 	}
-	if (p->flags & TCPF_RST) {
-		account(e, skb, p, ARR_EVM_RST);
-		return -1;
-	}
-	if ((p->flags & TCPF_FIN) || payload_len(p)) {
+	if (!(p->flags & TCPF_RST) && ((p->flags & TCPF_FIN) || payload_len(p))) {
 		count(STAT_HELD);
 		return TC_ACT_SHOT;
 	}
+	/* Pinned, the RST is exact at the target (RFC 5961 would answer one
+	 * beyond its rcv_nxt with a challenge ACK, not a reset). */
 	x->seq_delta += e->take_from - seq;
-	account(e, skb, p, 0);
+	account(e, skb, p, (p->flags & TCPF_RST) ? ARR_EVM_RST : 0);
 	return -1;
 }
 

@@ -68,8 +68,11 @@ static __always_inline void note_sent(struct __sk_buff *skb, const struct pkt *p
 	if (bpf_skb_load_bytes(skb, p->l4 + 4, &seq_be, 4) < 0)
 		return;
 	end = bpf_ntohl(seq_be) + payload_len(p) + (p->flags & TCPF_FIN ? 1 : 0);
-	if (!e->snd_max || seq_after(end, e->snd_max))
+	if (!(e->flags & FLOW_F_SENT) || seq_after(end, e->snd_max)) {
 		e->snd_max = end;
+		if (!(e->flags & FLOW_F_SENT))
+			__sync_fetch_and_or(&e->flags, FLOW_F_SENT);
+	}
 	if (bpf_skb_load_bytes(skb, p->l4 + 14, &win_be, 2) == 0)
 		e->peer_window = bpf_ntohs(win_be);
 }

@@ -94,9 +94,23 @@ async def test_body_exactly_max_body_accepted(start_router, upstream, http):
     assert response.status == 200 and response.json()["length"] == 1000
 
 
-async def test_complete_oversized_head_in_one_packet_is_431(router, http):
+async def test_complete_oversized_head_in_one_packet_is_431_and_the_connection_goes_on(router, http, upstream):
+    """Read whole and body-less, the refused request costs the keep-alive
+    client nothing else: its next request on the same connection is served."""
     client = await http.connect(router.address)
     await client.send(_req("GET /bytes/10 HTTP/1.1", "Host: a", "X-Big: " + "b" * (8 * HEADER_BYTES)))
+    response = await client.read_response()
+    assert response.status == 431
+    await client.send(_req("GET /bytes/10 HTTP/1.1", "Host: a"))
+    response = await client.read_response()
+    assert response.status == 200 and len(response.body) == 10
+    assert len(upstream.served) == 1  # the refused one never relayed
+
+
+async def test_oversized_head_with_a_body_is_431_and_closes(router, http):
+    client = await http.connect(router.address)
+    await client.send(_req("POST /echo HTTP/1.1", "Host: a", "Content-Length: 3",
+                           "X-Big: " + "b" * (8 * HEADER_BYTES)) + b"abc")
     response = await client.read_response()
     assert response.status == 431
     assert await client.closed_by_peer()

@@ -91,6 +91,23 @@ def test_all_conditions_must_match():
     assert not routed(rule, req("/v2/x", host="www.example.com", method="PUT"))
 
 
+def test_a_reject_rule_refuses_before_any_pool_and_in_order():
+    policy = RoutingPolicy([Rule("", method="DELETE", reject=405), Rule("hit", path_prefix="/")],
+                           pools("hit", "miss"), default_pool="miss")
+    refused = policy(req("/x", method="DELETE"))
+    assert isinstance(refused, Reject) and refused.status == 405
+    assert isinstance(policy(req("/x", method="GET")), Proxy)
+    # After a matching pool rule, a later reject rule is not reached.
+    later = RoutingPolicy([Rule("hit", path_prefix="/"), Rule("", method="DELETE", reject=405)],
+                          pools("hit", "miss"))
+    assert isinstance(later(req("/x", method="DELETE")), Proxy)
+
+
+def test_a_reject_status_must_be_an_error():
+    with pytest.raises(ValueError, match="rule 0: reject status 302 is not a 4xx or 5xx"):
+        RoutingPolicy([Rule("", reject=302)], pools("hit"))
+
+
 def test_rule_without_conditions_is_a_catch_all():
     assert routed(Rule("hit"), req("/anything", host="anywhere"))
 

@@ -1,0 +1,300 @@
+"""Every request routed: a handed-off connection taken back on its client's next
+request and handed on, with unmodified nginx targets (issue 10's acceptance).
+
+Two pools of one target each: ``names`` (t0) serves ``/whoami`` (nginx answers
+the target's name), ``files`` (t1) serves ``/files/``. A rule refuses DELETE.
+Each request of one keep-alive connection is decided by the policy: the
+router's access log has a line per request, all from the client's one port,
+and nginx logs each with the X-Forwarded-For the router added.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import time
+
+import pytest
+
+from arr import netlink
+from arr.testbed import Cluster
+from arr.testbed.loss import CounterWatch, dropped, inject_loss
+from arr.testbed.router import AGENT_PORT, ROUTER_PORT, handoff_cluster, wait_for
+
+pytestmark = pytest.mark.net
+
+MiB = 1 << 20
+HEADER_BYTES = 8 * 1024
+
+
+def target_entry(c: Cluster, i: int) -> dict:
+    t = c.targets[i]
+    return {"address": f"{t.ip}:{c.spec.target_port}", "name": t.name, "agent": f"{t.ip}:{AGENT_PORT}"}
+
+
+def two_pools(c: Cluster, **router: object) -> dict:
+    """Sections for handoff_cluster: pools ``names`` (t0) and ``files`` (t1),
+    rules by path, DELETE refused, access log on."""
+    return {
+        "router": {"access_log": True, **router},
+        "limits": {"header_bytes": HEADER_BYTES},
+        "targets": None, "policy": None, "health": None,
+        "pools": {"names": {"targets": [target_entry(c, 0)]}, "files": {"targets": [target_entry(c, 1)]}},
+        "default_pool": "names",
+        "rules": [{"method": "DELETE", "reject": 405},
+                  {"path_prefix": "/files/", "pool": "files"},
+                  {"path_prefix": "/whoami", "pool": "names"}],
+    }
+
+
+def connect(c: Cluster) -> tuple[http.client.HTTPConnection, int]:
+    """http.client on a socket opened in the client's namespace; never
+    reconnects by itself (a second connection would fail the port check)."""
+    sock = netlink.socket_in_netns(c.client.ns)
+    sock.settimeout(10)
+    sock.connect((c.vip, ROUTER_PORT))
+    conn = http.client.HTTPConnection(c.vip, ROUTER_PORT, timeout=10)
+    conn.sock = sock
+    return conn, sock.getsockname()[1]
+
+
+def get(conn: http.client.HTTPConnection, method: str, path: str, **headers: str) -> tuple[int, bytes]:
+    conn.request(method, path, headers={"Host": "arr.test", **headers})
+    response = conn.getresponse()
+    body = response.read()
+    assert not response.will_close, f"{method} {path}: the router closed the connection"
+    return response.status, body
+
+
+def access_lines(router, port: int) -> list[dict]:
+    """The router's access-log records of the client's port PORT."""
+    records = []
+    for line in router.log_path.read_text(errors="replace").splitlines():
+        start = line.find("{")
+        if " arr.access " not in line or start < 0:
+            continue
+        record = json.loads(line[start:])
+        if record.get("client", "").endswith(f":{port}"):
+            records.append(record)
+    return records
+
+
+def nginx_lines(c: Cluster, i: int, needle: str) -> list[str]:
+    return [line for line in c.nginx_log(i) if needle in line]
+
+
+def test_one_keep_alive_connection_every_request_routed(cluster):
+    c = cluster(targets=2, files={"1k": 1024, "1m": MiB})
+    sections = two_pools(c)
+    with handoff_cluster(c, **sections) as (router, agents):
+        router.wait_healthy()
+        conn, port = connect(c)
+        expected: list[tuple[int, str]] = []
+        for n in range(1, 101):
+            if n in (2, 100):
+                status, body = get(conn, "DELETE", f"/files/1k?n={n}")
+                assert status == 405, (n, status)
+                expected.append((405, "reject"))
+            elif n == 50:
+                status, body = get(conn, "GET", f"/whoami?n={n}", **{"X-Big": "b" * (2 * HEADER_BYTES)})
+                assert status == 431, (n, status)
+                expected.append((431, "error"))
+            elif n % 2:
+                status, body = get(conn, "GET", f"/whoami?n={n}")
+                assert (status, body) == (200, f"{c.targets[0].name}\n".encode()), n
+                expected.append((200, "handoff"))
+            else:
+                name = "1m" if n % 10 == 0 else "1k"
+                status, body = get(conn, "GET", f"{c.files[name].url_path}?n={n}")
+                assert status == 200, n
+                assert hashlib.sha256(body).hexdigest() == c.files[name].sha256, n
+                expected.append((200, "handoff"))
+        conn.close()
+
+        # The router decided each of the 100, in order, on the one connection.
+        assert wait_for(lambda: len(access_lines(router, port)) == 100, 5), len(access_lines(router, port))
+        records = access_lines(router, port)
+        assert [(r["status"], r["decision"]) for r in records] == expected
+        # Each handoff reached its target (nginx logged it) with X-Forwarded-For.
+        client_ip = c.client.ip
+        for n, (status, decision) in enumerate(expected, start=1):
+            if decision != "handoff":
+                assert not any(nginx_lines(c, i, f"n={n} ") for i in range(2)), n
+                continue
+            target = 0 if n % 2 else 1
+            lines = nginx_lines(c, target, f"n={n} ")
+            assert len(lines) == 1 and f'"{client_ip}"' in lines[0], (n, lines)
+            assert not nginx_lines(c, 1 - target, f"n={n} "), n
+        handed = sum(1 for s, d in expected if d == "handoff")
+        assert router.metric_sum("arr_handoffs_total", result="ok") == handed
+        # The first handoff is the connection's; every later one follows a
+        # take-back (after the rejected and refused ones the router held it).
+        assert router.metric_sum("arr_takebacks_total", result="ok") >= handed - 4
+        assert router.metric_sum("arr_takebacks_total") == router.metric_sum("arr_takebacks_total", result="ok")
+
+
+def test_consecutive_requests_to_one_target_reuse_its_connection(cluster):
+    c = cluster(targets=2, files={"1k": 1024})
+    with handoff_cluster(c, **two_pools(c)) as (router, agents):
+        router.wait_healthy()
+        conn, port = connect(c)
+        for n in range(1, 11):
+            status, body = get(conn, "GET", f"/whoami?same={n}")
+            assert (status, body) == (200, f"{c.targets[0].name}\n".encode())
+        status, _ = get(conn, "GET", f"{c.files['1k'].url_path}?same=11")
+        status2, body = get(conn, "GET", "/whoami?same=12")
+        assert (status, status2) == (200, 200)
+        conn.close()
+        lines = [nginx_lines(c, 0, f"same={n} ")[0] for n in range(1, 11)]
+        # nginx's $connection and $connection_requests: one connection, requests 1..10.
+        assert {line.split()[-2] for line in lines} == {lines[0].split()[-2]}, lines
+        assert [line.split()[-1] for line in lines] == [str(n) for n in range(1, 11)]
+        # After a request to the other pool, the old connection was closed
+        # (a FIN: nginx logs no error) and a new one carries request 12.
+        twelfth = nginx_lines(c, 0, "same=12 ")[0]
+        assert twelfth.split()[-2] != lines[0].split()[-2]
+        assert router.metric_sum("arr_rehandoffs_total", target="same-target") == 9
+        assert router.metric_sum("arr_rehandoffs_total", target="other-target") == 2
+        assert "[error]" not in c.nginx_error_log(0)
+
+
+def test_curl_wrk_and_http_client_bodies_and_decisions(cluster):
+    c = cluster(targets=2, files={"1k": 1024, "1m": MiB})
+    with handoff_cluster(c, **two_pools(c)) as (router, agents):
+        router.wait_healthy()
+        # curl: several URLs on one connection, both pools.
+        urls = [c.files["1k"].url_path, "/whoami", c.files["1m"].url_path, "/whoami", c.files["1k"].url_path]
+        argv = ["curl", "-sS", "--noproxy", "*", "--max-time", "60"]
+        for i, path in enumerate(urls):
+            argv += ["-o", str(c.workdir / f"curl{i}"), router.url + path]
+        c.exec(c.client, argv)
+        for i, path in enumerate(urls):
+            data = (c.workdir / f"curl{i}").read_bytes()
+            if path == "/whoami":
+                assert data == f"{c.targets[0].name}\n".encode()
+            else:
+                name = "1k" if path.endswith("1k") else "1m"
+                assert hashlib.sha256(data).hexdigest() == c.files[name].sha256
+        decided = router.metric_sum("arr_requests_total")
+        assert decided == len(urls)
+        assert router.metric_sum("arr_takebacks_total", result="ok") == len(urls) - 1
+
+        # wrk keep-alive on each pool: every request decided by the policy.
+        for path in (c.files["1k"].url_path, c.files["1m"].url_path, "/whoami"):
+            before = router.metric_sum("arr_requests_total")
+            out = c.exec(c.client, ["wrk", "-t1", "-c4", "-d2s", "--latency", router.url + path],
+                         timeout=60).stdout
+            done = int(next(line.split()[0] for line in out.splitlines() if "requests in" in line))
+            assert "Non-2xx" not in out and "Socket errors" not in out, out
+            assert done > 20, out
+            decided = router.metric_sum("arr_requests_total") - before
+            # wrk counts the responses it read; requests cut by its stop are decided, not counted.
+            assert done <= decided <= done + 4, (path, done, decided)
+        assert router.metric_sum("arr_takebacks_total") == router.metric_sum("arr_takebacks_total", result="ok")
+
+        # http.client: a fresh connection, both pools, bodies checked.
+        conn, port = connect(c)
+        for n in range(20):
+            if n % 2:
+                status, body = get(conn, "GET", c.files["1m"].url_path)
+                assert status == 200 and hashlib.sha256(body).hexdigest() == c.files["1m"].sha256
+            else:
+                assert get(conn, "GET", "/whoami") == (200, f"{c.targets[0].name}\n".encode())
+        conn.close()
+        assert wait_for(lambda: len(access_lines(router, port)) == 20, 5)
+
+
+def test_1000_keep_alive_requests_under_2_percent_loss_each_way(cluster):
+    c = cluster(targets=2, files={"64k": 64 * 1024})
+    info = c.files["64k"]
+    with handoff_cluster(c, **two_pools(c)) as (router, agents):
+        router.wait_healthy()
+        for host in (c.client, *c.targets):
+            inject_loss(c, host, 20)
+        watch = CounterWatch(c, (c.client, *c.targets))
+        slowest, done = 0.0, 0
+        for _ in range(10):
+            conn, port = connect(c)
+            for n in range(100):
+                started = time.monotonic()
+                if n % 2:
+                    status, body = get(conn, "GET", info.url_path)
+                    assert status == 200 and hashlib.sha256(body).hexdigest() == info.sha256, n
+                else:
+                    assert get(conn, "GET", "/whoami") == (200, f"{c.targets[0].name}\n".encode()), n
+                slowest = max(slowest, time.monotonic() - started)
+                done += 1
+            conn.close()
+        assert done == 1000
+        assert slowest < 2, f"a request took {slowest:.2f}s"
+        deltas = watch.assert_clean()
+        drops = {h.name: dropped(c, h) for h in (c.client, *c.targets)}
+        assert sum(drops.values()) > 100, f"the loss did not happen: {drops}"
+        assert router.metric_sum("arr_requests_total", decision="handoff") == 1000
+        taken = router.metric_sum("arr_takebacks_total", result="ok")
+        assert taken == 990 and router.metric_sum("arr_takebacks_total") == taken
+        retrans = sum(d.get("TcpRetransSegs", 0) for d in deltas.values())
+        print(f"\n1,000 keep-alive requests under 2% loss each way: drops {drops}, retransmitted segments "
+              f"{retrans}, slowest {slowest:.2f}s, take-backs {taken:.0f}, take-back p99 "
+              f"{router.quantile('arr_takeback_duration_seconds', 0.99)}")
+
+
+def raw_request(sock, path: str) -> bytes:
+    """One GET on a raw keep-alive socket; the body (nginx sends Content-Length)."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: arr.test\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return body
+
+
+def test_least_connections_counts_handed_off_connections(cluster):
+    """Twenty idle keep-alive connections handed off to t0 (a pool of its own
+    pins them); then twenty new connections through a least-connections pool
+    of t0 and t1 all go to t1 until it holds as many."""
+    c = cluster(targets=2, files={"1k": 1024})
+    sections = {
+        "targets": None, "policy": None, "health": None,
+        "pools": {"pinned": {"targets": [target_entry(c, 0)]},
+                  "lc": {"targets": [target_entry(c, 0), target_entry(c, 1)],
+                         "policy": {"kind": "least-connections"}}},
+        "default_pool": "lc",
+        "rules": [{"path_prefix": "/files/", "pool": "pinned"}],
+    }
+    held = []
+    with handoff_cluster(c, **sections) as (router, agents):
+        router.wait_healthy()
+        try:
+            for _ in range(20):
+                sock = netlink.socket_in_netns(c.client.ns)
+                sock.settimeout(10)
+                sock.connect((c.vip, ROUTER_PORT))
+                assert hashlib.sha256(raw_request(sock, c.files["1k"].url_path)).hexdigest() == c.files["1k"].sha256
+                held.append(sock)
+            assert wait_for(lambda: router.metric_sum("arr_handed_off_connections") == 20, 5)
+            split = {t.name: 0 for t in c.targets}
+            for _ in range(20):
+                sock = netlink.socket_in_netns(c.client.ns)
+                sock.settimeout(10)
+                sock.connect((c.vip, ROUTER_PORT))
+                split[raw_request(sock, "/whoami").decode().strip()] += 1
+                held.append(sock)  # stays open: load on the target that got it
+            print(f"\nleast-connections with 20 handed-off connections on t0: new ones went {split}")
+            assert split == {c.targets[0].name: 0, c.targets[1].name: 20}, split
+            # Both now hold 20: the next ones alternate.
+            more = {t.name: 0 for t in c.targets}
+            for _ in range(10):
+                sock = netlink.socket_in_netns(c.client.ns)
+                sock.settimeout(10)
+                sock.connect((c.vip, ROUTER_PORT))
+                more[raw_request(sock, "/whoami").decode().strip()] += 1
+                held.append(sock)
+            assert abs(more[c.targets[0].name] - more[c.targets[1].name]) <= 2, more
+        finally:
+            for sock in held:
+                sock.close()

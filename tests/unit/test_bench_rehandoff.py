@@ -1,0 +1,247 @@
+"""Every request routed: the benchmark's "every request decided" check, the
+keep-alive routing test's figures, goals 8 and 9, the header-routing
+configurations, and how the report shows them (pure parts only)."""
+
+from __future__ import annotations
+
+import tomllib
+from types import SimpleNamespace
+
+import pytest
+
+from arr.testbed.router import parse_exposition, to_toml
+from benchmarks import report
+from benchmarks.goals import goal_verdicts, rehandoff_goals
+from benchmarks.stats import (
+    counts_delta,
+    decided_check,
+    phase_share,
+    rehandoff_summary,
+    router_counts,
+    summarize,
+)
+
+EXPOSITION = """\
+# HELP arr_requests_total Requests answered, by decision executed, status and target.
+# TYPE arr_requests_total counter
+arr_requests_total{decision="handoff",status="200",target="t0"} 900.0
+arr_requests_total{decision="handoff",status="200",target="t1"} 95.0
+arr_requests_total{decision="proxy",status="200",target="t1"} 5.0
+arr_requests_created{decision="handoff",status="200",target="t0"} 1.7e9
+arr_handoffs_total{result="ok"} 995.0
+arr_handoffs_total{result="fallback"} 5.0
+arr_handoffs_created{result="ok"} 1.7e9
+arr_handoff_fallbacks_total{reason="half-closed"} 5.0
+arr_takebacks_total{result="ok"} 980.0
+arr_takebacks_total{result="unacked"} 2.0
+arr_rehandoffs_total{target="same-target"} 970.0
+arr_rehandoffs_total{target="other-target"} 10.0
+arr_takeback_duration_seconds_bucket{le="0.001"} 3.0
+"""
+
+
+def test_router_counts_from_an_exposition():
+    c = router_counts(parse_exposition(EXPOSITION))
+    assert c == {"decided": 1000.0, "handoffs": 995.0, "fallbacks": 5.0, "takebacks": 980.0,
+                 "takeback_failures": 2.0, "rehandoffs_same": 970.0, "rehandoffs_other": 10.0}
+    assert router_counts({}) == dict.fromkeys(c, 0.0)  # a proxy router: nothing handed off
+    assert counts_delta({"decided": 10.0}, {"decided": 25.0, "handoffs": 3.0}) == {"decided": 15.0, "handoffs": 3.0}
+
+
+def test_decided_check_conditions():
+    ok = decided_check(1000, {"decided": 1008.0, "handoffs": 1000.0, "fallbacks": 8.0}, hands_off=True)
+    assert ok["ok"] and ok["decided"] == 1008 and ok["handed_off"] == 1008 and ok["problems"] == []
+    # responses the router never decided: a connection's later requests went straight to a target
+    short = decided_check(1000, {"decided": 8.0, "handoffs": 8.0, "fallbacks": 0.0}, hands_off=True)
+    assert not short["ok"] and "992 of 1,000 responses without a decision" in short["problems"][0]
+    # decisions lost between the policy and the engine
+    lost = decided_check(1000, {"decided": 1000.0, "handoffs": 990.0, "fallbacks": 0.0}, hands_off=True)
+    assert not lost["ok"] and "not the 1,000 decided" in lost["problems"][0]
+    # arr-proxy: only the first condition
+    proxy = decided_check(1000, {"decided": 1003.0, "handoffs": 0.0, "fallbacks": 0.0}, hands_off=False)
+    assert proxy["ok"] and "handed_off" not in proxy
+    assert decided_check(5, None, hands_off=False)["problems"] == ["router metrics not read"]
+
+
+def counts(decided, handoffs, same=0.0, other=0.0):
+    return {"decided": decided, "handoffs": handoffs, "fallbacks": decided - handoffs,
+            "rehandoffs_same": same, "rehandoffs_other": other}
+
+
+def test_phase_share():
+    assert phase_share("first", counts(1000, 1000)) == 1.0
+    assert phase_share("same", counts(1000, 1000, same=992)) == pytest.approx(0.992)
+    assert phase_share("other", counts(1000, 990, other=900)) == pytest.approx(0.9)
+    assert phase_share("first", counts(1000, 1000, same=100)) == pytest.approx(0.9)
+    assert phase_share("same", counts(1000, 0)) is None  # a proxy: nothing handed off
+    assert phase_share("same", None) is None and phase_share("same", counts(0, 0)) is None
+
+
+def window(requests, cpu, seconds=5.0, agent=None, c=None, takeback=None):
+    return {"requests": requests, "seconds": seconds, "window_s": seconds + 0.1, "router_cpu_s": cpu,
+            "agent_cpu_s": agent, "counts": c, "takeback_p50_ms": takeback, "handoff_p50_ms": 0.3}
+
+
+def nat_run(first_cpu=1.0, same_cpu=0.4, other_cpu=0.9, n=2000, same_share=1.0, other_share=1.0):
+    return {"rehandoff": {
+        "method": "wrk -t8 -c8 -d5s per window",
+        "first": window(n, first_cpu, agent=0.2, c=counts(n, n)),
+        "same": window(n, same_cpu, agent=0.1, c=counts(n, n, same=n * same_share), takeback=0.8),
+        "other": window(n, other_cpu, agent=0.3, c=counts(n, n, other=n * other_share), takeback=0.9)}}
+
+
+def test_rehandoff_summary_pairs_ratios_run_by_run():
+    s = rehandoff_summary([nat_run(1.0, 0.4, 0.9), nat_run(2.0, 0.6, 1.0)])
+    assert s["first"]["router_cpu_per_request_ms"]["median"] == pytest.approx((0.5 + 1.0) / 2)
+    assert s["same_to_first"]["min"] == pytest.approx(0.3) and s["same_to_first"]["max"] == pytest.approx(0.4)
+    assert s["other_to_first"]["max"] == pytest.approx(0.9)
+    assert s["same"]["rate"]["median"] == pytest.approx(400.0)
+    assert s["other"]["agent_cpu_per_request_ms"]["median"] == pytest.approx(0.15)
+    assert s["same"]["share"]["median"] == 1.0 and s["same"]["takeback_p50_ms"]["median"] == 0.8
+    assert rehandoff_summary([{"sizes": {}}]) is None
+    # summarize carries it per system
+    assert "rehandoff" in summarize({"arr-nat": {"runs": [nat_run()]}})["arr-nat"]
+    assert "rehandoff" not in summarize({"direct": {"runs": [{"sizes": {}}]}})["direct"]
+
+
+def results(*nat_runs, hap=None):
+    raw = {"arr-nat": {"runs": list(nat_runs)}}
+    if hap is not None:
+        raw["haproxy"] = {"runs": [hap]}
+    return {"summary": summarize(raw), "raw": raw, "plan": {"runs": len(nat_runs)}, "errors": []}
+
+
+def by_goal(r):
+    return {v.goal[:2]: v for v in goal_verdicts(r) if v.goal[:2] in ("8.", "9.")}
+
+
+def test_goals_8_and_9_boundaries():
+    v = by_goal(results(nat_run(first_cpu=1.0, same_cpu=0.5, other_cpu=1.0)))  # exactly the limits
+    assert v["8."].status == "PASS" and v["9."].status == "PASS"
+    assert v["8."].measured == "0.50 x first handoff" and v["8."].target == "<= 0.5 x first handoff"
+    assert "0.250 ms vs first handoff 0.500 ms" in v["8."].note and "take-back p50 0.80 ms" in v["8."].note
+    v = by_goal(results(nat_run(first_cpu=1.0, same_cpu=0.51, other_cpu=1.01)))
+    assert v["8."].status == "MISS" and v["9."].status == "MISS"
+    assert "same-target re-handoff <= 0.5x first handoff router CPU" in v["8."].goal
+    assert "take-back to another target <= 1x first handoff router CPU" in v["9."].goal
+
+
+def test_goals_8_and_9_show_haproxy_and_refuse_a_window_that_measured_something_else():
+    hap = {"rehandoff": {"first": window(5000, 0.5), "same": window(5000, 0.2), "other": window(5000, 0.21)}}
+    v = by_goal(results(nat_run(), hap=hap))
+    assert "haproxy, same windows: 0.040 ms per keep-alive request vs 0.100 ms per new connection" in v["8."].note
+    # round-robin luck instead of exact alternation: most requests went back to the same target
+    v = by_goal(results(nat_run(other_share=0.5)))
+    assert v["9."].status == "n/a" and "other window: 50% take-backs to another target" in v["9."].note
+    assert v["8."].status == "PASS"
+    names = [g.goal[:2] for g in rehandoff_goals({})]
+    assert names == ["8.", "9."] and all(g.status == "n/a" for g in rehandoff_goals({}))
+
+
+def test_report_shows_the_routing_cost_and_the_decided_checks():
+    run = nat_run()
+    run["sizes"] = {"1KiB": {"bytes": 1 << 20, "seconds": 2.0, "router_cpu_s": 1.0, "machine_cpu_s": 2.0,
+                             "router_bytes": 1000, "requests": 1024, "decided": 1030,
+                             "decided_check": decided_check(1024, counts(1030, 1030), hands_off=True)}}
+    run["rehandoff"]["same"]["decided_check"] = decided_check(2000, counts(8, 8), hands_off=True)
+    r = results(run)
+    md = report.render_markdown(r, ["rehandoff.png"])
+    assert "## Every request routed: router CPU per keep-alive request" in md
+    assert "| arr-nat | same target | 400 | 8% | 0.200 | 0.40 | 0.050 | 0.80 | 0.30 | 100% same-target re-handoffs |" in md
+    assert "## Every request decided (arr)" in md
+    assert "| arr-nat | keep-alive 1KiB | 1 | 1,024 | 1,030 | 1,030 | ok |" in md
+    assert "| arr-nat | routing: same target | 1 | 2,000 | 8 | 8 | **DISAGREE**: run 1: 1,992 of 2,000" in md
+    assert "8. same-target re-handoff" in md and "9. take-back to another target" in md
+    for block in md.split("\n\n"):
+        rows = [x for x in block.splitlines() if x.startswith("|")]
+        if rows:
+            assert len({x.count("|") for x in rows}) == 1, block
+    rows = report.decided_rows(r["raw"])
+    assert [x["test"] for x in rows] == ["keep-alive 1KiB", "routing: same target"]
+    assert "router CPU ms/request first handoff 0.500" in report.console_summary(r)
+
+
+def test_rehandoff_plot(tmp_path):
+    r = results(nat_run())
+    assert "rehandoff.png" in {p.name for p in report.write_plots(r, tmp_path)}
+
+
+# ----------------------------------------------------------- configurations
+
+def fake_cluster(tmp_path):
+    hosts = [SimpleNamespace(name="t0", ip="10.0.0.11"), SimpleNamespace(name="t1", ip="10.0.0.12")]
+    return SimpleNamespace(targets=hosts, spec=SimpleNamespace(target_port=8080), vip="10.0.0.1",
+                           workdir=tmp_path, id="abc123", router=SimpleNamespace(name="router"))
+
+
+def test_header_routing_config_decides_each_request_on_the_header(tmp_path):
+    from arr.config import config_from_dict
+    from arr.decisions import Handoff
+    from arr.request import Request
+    from arr.routing import build_routing
+    from arr.testbed.router import default_config
+    from benchmarks.measure import ROUTE_HEADER
+    from benchmarks.systems import header_routing
+
+    cluster = fake_cluster(tmp_path)
+    data = default_config(cluster, "nat", **header_routing(cluster))
+    config = config_from_dict(tomllib.loads(to_toml(data)))  # as the router reads it
+    assert sorted(p.name for p in config.pools) == ["default", "t1"]
+    policy = build_routing(config).policy
+
+    def target(headers):
+        d = policy(Request.build("GET", "/files/1KiB", headers))
+        assert isinstance(d, Handoff)
+        return d.target.name
+
+    assert target([(ROUTE_HEADER, "t1")]) == "t1"
+    assert target([(ROUTE_HEADER, "t0")]) == "t0" and target([]) == "t0"
+    assert target([(ROUTE_HEADER, "t10")]) == "t0"  # anchored
+
+
+def test_haproxy_and_nginx_route_on_the_header(tmp_path):
+    from benchmarks.measure import ROUTE_HEADER
+    from benchmarks.systems import haproxy_config, nginx_proxy_config
+
+    cluster = fake_cluster(tmp_path)
+    hap = haproxy_config(cluster, tmp_path, by_header=True)
+    assert f"use_backend be_t1 if {{ req.hdr({ROUTE_HEADER}) -m str t1 }}" in hap
+    assert "default_backend be_t0" in hap and "balance roundrobin" not in hap
+    assert "backend be_t0\n    server t0 10.0.0.11:8080" in hap
+    plain = haproxy_config(cluster, tmp_path)
+    assert "use_backend" not in plain and "balance roundrobin" in plain
+    ngx = nginx_proxy_config(cluster, tmp_path, by_header=True)
+    assert "map $http_x_arr_bench_target $bench_upstream {" in ngx and "proxy_pass http://$bench_upstream;" in ngx
+    assert ngx.count("keepalive 64;") == 2
+    assert "proxy_pass http://be;" in nginx_proxy_config(cluster, tmp_path)
+
+
+def test_route_lua_and_modes():
+    from benchmarks.measure import ROUTE_HEADER, ROUTE_LUA, start_wrk_routed
+
+    assert f'["{ROUTE_HEADER}"] = "t" .. t' in ROUTE_LUA and "@HEADER@" not in ROUTE_LUA
+    assert 'thread:set("conn", next_conn)' in ROUTE_LUA and "done = function" in ROUTE_LUA
+    with pytest.raises(ValueError):
+        start_wrk_routed(None, "http://x/", 8, 1, "sideways")
+
+
+def test_histogram_delta_quantile_counts_only_the_window():
+    from benchmarks.measure import histogram_delta_quantile
+
+    h = "arr_takeback_duration_seconds"
+    a = {f'{h}_bucket{{le="0.001"}}': 100.0, f'{h}_bucket{{le="0.002"}}': 100.0, f'{h}_bucket{{le="+Inf"}}': 100.0}
+    b = {f'{h}_bucket{{le="0.001"}}': 100.0, f'{h}_bucket{{le="0.002"}}': 200.0, f'{h}_bucket{{le="+Inf"}}': 200.0}
+    # before the window everything was under 1 ms; in it, everything between 1 and 2 ms
+    assert histogram_delta_quantile(a, b, h, 0.5) == pytest.approx(0.0015)
+    assert histogram_delta_quantile(None, b, h, 0.5) is None
+
+
+def test_cli_and_plans():
+    from benchmarks.run import TESTS, build_parser, full_plan, quick_plan
+
+    a = build_parser().parse_args(["--tests", "rehandoff", "--rehandoff-seconds", "10", "--profile-test", "same"])
+    assert a.tests == ["rehandoff"] and a.rehandoff_seconds == 10 and a.profile_test == "same"
+    q, f = quick_plan(None, None, None), full_plan(None, None, None)
+    assert q.tests == list(TESTS) == f.tests and "rehandoff" in TESTS
+    assert 1 <= q.rehandoff_seconds <= 2 and f.rehandoff_seconds == 5
+    assert float(q.rehandoff_seconds).is_integer()  # wrk takes whole seconds

@@ -1,0 +1,251 @@
+"""TAKEBACK and TAKEN on the control channel (handoff/control/frames.py), and the
+agent's answer to a TAKEBACK (handoff/agent.py)."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from handoff.agent import Agent, AgentSettings, _take_back_verdict
+from handoff.control import (TAKEN_CLOSED, TAKEN_OK, TAKEN_UNACKED, TAKEN_UNKNOWN, ControlConnection,
+                             ControlError, FlowKey, MessageType, Taken, TakeBack)
+from handoff.control.frames import _Malformed, decode_payload, encode_frame, encode_payload
+from handoff.lifecycle import local_key
+from handoff.maps import FLOW_ACTIVE, FLOW_F_FIN, FLOW_F_RST, FLOW_F_SENT, FLOW_HOLD, FlowEntry, MirrorState, Xlate
+from handoff.translate import Translation
+
+PSK = bytes(range(32))
+KEY = FlowKey(saddr="10.0.0.9", daddr="192.168.1.7", sport=8080, dport=51234)
+
+TAKEBACKS = [TakeBack(conn_id=7, key=KEY, acked=0xFFFFFFFF), TakeBack(conn_id=(1 << 64) - 1, key=KEY, acked=0)]
+TAKENS = [Taken(conn_id=7, status=TAKEN_OK, snd_nxt=0xFFFFFFFF, window=29200 << 7, syn_seq=0xFFFFFFFE),
+          Taken(conn_id=1, status=TAKEN_UNACKED, snd_nxt=5),
+          Taken(conn_id=(1 << 64) - 1, status=TAKEN_UNKNOWN),
+          Taken(conn_id=2, status=TAKEN_CLOSED, snd_nxt=9)]
+
+
+def pair() -> tuple[ControlConnection, ControlConnection]:
+    """An established client (router) / server (agent) pair, as test_control_frames.py builds it."""
+    client = ControlConnection("client", PSK, "router-1")
+    server = ControlConnection("server", PSK, "agent-1")
+    server.receive_data(client.start())
+    client.receive_data(server.data_to_send())
+    assert client.established and server.established
+    return client, server
+
+
+def reason_of(conn: ControlConnection, data: bytes) -> str:
+    with pytest.raises(ControlError) as info:
+        conn.receive_data(data)
+    return info.value.reason
+
+
+# ------------------------------------------------------------------ codecs
+
+
+@pytest.mark.parametrize("message", TAKEBACKS + TAKENS, ids=repr)
+def test_payload_round_trip(message):
+    mtype, payload = encode_payload(message)
+    assert mtype is (MessageType.TAKEBACK if isinstance(message, TakeBack) else MessageType.TAKEN)
+    assert decode_payload(mtype, payload) == message
+
+
+def test_takeback_wire_layout():
+    _, payload = encode_payload(TakeBack(conn_id=0x0102030405060708, key=KEY, acked=0xA0B0C0D0))
+    assert payload == (bytes.fromhex("0102030405060708") + bytes([10, 0, 0, 9, 192, 168, 1, 7])
+                       + struct.pack(">HHI", 8080, 51234, 0xA0B0C0D0))
+
+
+def test_taken_wire_layout():
+    _, payload = encode_payload(Taken(conn_id=3, status=TAKEN_UNACKED, snd_nxt=4, window=5, syn_seq=6))
+    assert payload == struct.pack(">QBIII", 3, 1, 4, 5, 6)
+
+
+@pytest.mark.parametrize("message", TAKEBACKS, ids=repr)
+def test_takeback_through_a_connection(message):
+    client, server = pair()
+    assert server.receive_data(client.send(message)) == [message]
+
+
+@pytest.mark.parametrize("message", TAKENS, ids=repr)
+def test_taken_through_a_connection(message):
+    client, server = pair()
+    assert client.receive_data(server.send(message)) == [message]
+
+
+def test_question_and_answer_in_one_session():
+    client, server = pair()
+    ask = TakeBack(conn_id=11, key=KEY, acked=1000)
+    assert server.receive_data(client.send(ask)) == [ask]
+    answer = Taken(conn_id=11, status=TAKEN_OK, snd_nxt=1000, window=65535, syn_seq=1)
+    assert client.receive_data(server.send(answer)) == [answer]
+
+
+@pytest.mark.parametrize("status", [4, 5, 0xFF])
+def test_taken_with_an_unknown_status_is_malformed(status):
+    payload = struct.pack(">QBIII", 1, status, 0, 0, 0)
+    with pytest.raises(_Malformed):
+        decode_payload(MessageType.TAKEN, payload)
+    client, server = pair()
+    assert reason_of(client, encode_frame(MessageType.TAKEN, 1, payload, client._key)) == "malformed"
+
+
+@pytest.mark.parametrize("message", [TAKEBACKS[0], TAKENS[0]], ids=repr)
+@pytest.mark.parametrize("change", ["truncate", "extend"])
+def test_truncated_or_extended_payload_is_malformed(message, change):
+    client, server = pair()
+    mtype, payload = encode_payload(message)
+    payload = payload[:-1] if change == "truncate" else payload + b"\x00"
+    receiver = server if isinstance(message, TakeBack) else client
+    assert reason_of(receiver, encode_frame(mtype, 1, payload, receiver._key)) == "malformed"
+
+
+def test_values_that_do_not_fit_are_refused_on_send():
+    client, server = pair()
+    with pytest.raises(ValueError):
+        client.send(TakeBack(conn_id=1, key=KEY, acked=1 << 32))
+    with pytest.raises(ValueError):
+        server.send(Taken(conn_id=1, status=TAKEN_OK, window=1 << 32))
+
+
+# ------------------------------------------------------------------ roles
+
+
+def test_server_does_not_send_takeback_nor_client_taken():
+    client, server = pair()
+    with pytest.raises(ValueError, match="only a client"):
+        server.send(TAKEBACKS[0])
+    with pytest.raises(ValueError, match="only a server"):
+        client.send(TAKENS[0])
+    # The refusals consumed no counter: the session goes on.
+    assert server.receive_data(client.send(TAKEBACKS[1])) == [TAKEBACKS[1]]
+
+
+def test_takeback_arriving_at_the_client_is_refused():
+    """A TAKEBACK is the router's: one reaching the router (a reflected or
+    forged frame, authentic under the shared session key) is unknown-type."""
+    client, server = pair()
+    mtype, payload = encode_payload(TAKEBACKS[0])
+    assert reason_of(client, encode_frame(mtype, 1, payload, client._key)) == "unknown-type"
+
+
+def test_taken_arriving_at_the_server_is_refused():
+    client, server = pair()
+    mtype, payload = encode_payload(TAKENS[0])
+    assert reason_of(server, encode_frame(mtype, 1, payload, server._key)) == "unknown-type"
+
+
+# ------------------------------------------------------------------ the agent's verdict
+
+
+def entry(snd_max: int, flags: int = FLOW_F_SENT, **fields) -> FlowEntry:
+    """An egress entry whose server has sent something (FLOW_F_SENT) up to SND_MAX."""
+    return FlowEntry(state=FLOW_ACTIVE, flags=flags, snd_max=snd_max, conn_id=5, **fields)
+
+
+@pytest.mark.parametrize("flags", [FLOW_F_FIN, FLOW_F_RST, FLOW_F_FIN | FLOW_F_RST])
+def test_verdict_closed_when_the_server_sent_fin_or_rst(flags):
+    # Even when everything is acknowledged: nothing left to take back.
+    assert _take_back_verdict(entry(1000, flags), 1000) == TAKEN_CLOSED
+    assert _take_back_verdict(entry(0, flags), 0) == TAKEN_CLOSED
+
+
+def test_verdict_unacked_before_the_server_sent_anything():
+    assert _take_back_verdict(entry(0, flags=0), 0) == TAKEN_UNACKED
+    assert _take_back_verdict(entry(1000, flags=0), 1000) == TAKEN_UNACKED
+
+
+def test_verdict_ok_at_zero_once_the_server_sent():
+    """snd_nxt 0 is a sequence number like any other (FLOW_F_SENT says it is one)."""
+    assert _take_back_verdict(entry(0), 0) == TAKEN_OK
+
+
+@pytest.mark.parametrize("snd_max, acked", [(1000, 999), (1000, 1001), (5, 0xFFFFFFFF), (0xFFFFFFFF, 0)])
+def test_verdict_unacked_while_the_ack_is_elsewhere(snd_max, acked):
+    assert _take_back_verdict(entry(snd_max), acked) == TAKEN_UNACKED
+
+
+@pytest.mark.parametrize("snd_max", [1, 1000, 0xFFFFFFFF])
+def test_verdict_ok_when_all_is_acknowledged(snd_max):
+    assert _take_back_verdict(entry(snd_max), snd_max) == TAKEN_OK
+
+
+# ------------------------------------------------------------------ Agent._take_back
+
+
+class FakeMap:
+    """The dict-backed subset of a BpfMap the agent uses (values copied, like the kernel's)."""
+
+    def __init__(self, value_type: type) -> None:
+        self.value_type = value_type
+        self.data: dict[bytes, bytes] = {}
+        self.updates: list[tuple[bytes, int]] = []
+
+    def lookup(self, key):
+        raw = self.data.get(bytes(key))
+        return None if raw is None else self.value_type.from_buffer_copy(raw)
+
+    def update(self, key, value) -> None:
+        self.data[bytes(key)] = bytes(value)
+        self.updates.append((bytes(key), getattr(value, "state", 0)))
+
+    def delete(self, key) -> None:
+        self.data.pop(bytes(key), None)
+
+
+class FakeDatapath:
+    def __init__(self) -> None:
+        self.egress = FakeMap(FlowEntry)
+        self.mirror = FakeMap(MirrorState)
+
+
+class FakeConnections:
+    def __init__(self) -> None:
+        self.taken: list = []
+
+    def taken_back(self, key) -> None:
+        self.taken.append(key)
+
+
+TO_CLIENT = Translation(saddr="192.168.1.7", daddr="10.0.0.2", sport=80, dport=40000, seq_delta=1, ack_delta=2,
+                        tsval_delta=3, tsecr_delta=4, wscale_in=7, wscale_out=6)
+
+
+def agent_with(egress_entry: FlowEntry | None) -> tuple[Agent, FakeDatapath, FakeConnections]:
+    agent = Agent(AgentSettings(listen=("127.0.0.1", 0), secret_file="/nonexistent"))
+    datapath, connections = FakeDatapath(), FakeConnections()
+    agent.datapath, agent.connections = datapath, connections  # type: ignore[assignment]
+    if egress_entry is not None:
+        datapath.egress.update(local_key(KEY), egress_entry)
+        datapath.mirror.update(local_key(KEY), MirrorState(mirror_until=1))
+        datapath.egress.updates.clear()
+    return agent, datapath, connections
+
+
+def test_agent_take_back_ok_ends_the_entry_and_reports_the_server_state():
+    e = entry(5000, x=Xlate.of(TO_CLIENT), peer_window=300, syn_seq=0xABCDEF)
+    agent, datapath, connections = agent_with(e)
+    taken = agent._take_back(TakeBack(conn_id=5, key=KEY, acked=5000))
+    assert taken == Taken(5, TAKEN_OK, snd_nxt=5000, window=300 << 7, syn_seq=0xABCDEF)
+    # Paused (HOLD) before it was checked again and ended.
+    assert [state for _, state in datapath.egress.updates] == [FLOW_HOLD]
+    assert datapath.egress.lookup(local_key(KEY)) is None and datapath.mirror.lookup(local_key(KEY)) is None
+    assert connections.taken == [local_key(KEY)] and agent.taken_back == 1
+
+
+def test_agent_take_back_unacked_leaves_the_entry_active():
+    agent, datapath, connections = agent_with(entry(5000, x=Xlate.of(TO_CLIENT)))
+    taken = agent._take_back(TakeBack(conn_id=5, key=KEY, acked=4000))
+    assert (taken.status, taken.snd_nxt) == (TAKEN_UNACKED, 5000)
+    assert datapath.egress.lookup(local_key(KEY)).state == FLOW_ACTIVE and not connections.taken
+
+
+@pytest.mark.parametrize("conn_id, state, present", [(6, FLOW_ACTIVE, True), (5, FLOW_HOLD, True),
+                                                     (5, FLOW_ACTIVE, False)])
+def test_agent_take_back_unknown(conn_id, state, present):
+    e = entry(5000)
+    e.state = state
+    agent, datapath, connections = agent_with(e if present else None)
+    assert agent._take_back(TakeBack(conn_id=conn_id, key=KEY, acked=5000)) == Taken(conn_id, TAKEN_UNKNOWN)
+    assert not connections.taken
