@@ -195,10 +195,10 @@ def rehandoff_goals(s: Mapping) -> list[Verdict]:
     first = _med((r.get("first") or {}).get("router_cpu_per_request_ms"))
     hap_first = _med((hap.get("first") or {}).get("router_cpu_per_request_ms"))
     out = []
-    for phase, key, limit, goal, what in (
-            ("same", "same_to_first", REHANDOFF_SAME,
+    for phase, phase_name, key, limit, goal, what in (
+            ("same", "same-target", "same_to_first", REHANDOFF_SAME,
              f"8. same-target re-handoff <= {REHANDOFF_SAME:g}x first handoff router CPU", "same-target re-handoffs"),
-            ("other", "other_to_first", REHANDOFF_OTHER,
+            ("other", "other-target", "other_to_first", REHANDOFF_OTHER,
              f"9. take-back to another target <= {REHANDOFF_OTHER:g}x first handoff router CPU",
              "take-backs to another target")):
         target = f"<= {limit:g} x first handoff"
@@ -216,6 +216,12 @@ def rehandoff_goals(s: Mapping) -> list[Verdict]:
         tb = _med((r.get(phase) or {}).get("takeback_p50_ms"))
         if tb is not None:
             notes.append(f"take-back p50 {tb:.2f} ms")
+        fell = [f"{name} window {x * 100:.1f}%" for name, x in (
+            ("first-handoff", _med((r.get("first") or {}).get("fallback_share"))),
+            (phase_name, _med((r.get(phase) or {}).get("fallback_share"))))
+            if x and x >= 0.001]  # a few at wrk's stop (half-closed) are the client's doing
+        if fell:
+            notes.append("fell back to proxying: " + ", ".join(fell))
         share = _med((r.get(phase) or {}).get("share"))
         first_share = _med((r.get("first") or {}).get("share"))
         if share is not None:

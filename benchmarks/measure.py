@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Sequence
 
 from arr.testbed import Cluster
-from arr.testbed.router import histogram_quantile, router_interface_bytes, wait_for  # noqa: F401 - re-exported for run.py, systems.py
+from arr.testbed.router import histogram_quantile
+from arr.testbed.router import router_interface_bytes, wait_for  # noqa: F401 - re-exported for run.py, systems.py
 
 from benchmarks.stats import cpu_seconds_from_stat, machine_busy_seconds, parse_skmem, router_counts
 
@@ -374,6 +375,32 @@ def router_skmem(cluster: Cluster) -> tuple[int, int]:
     """(TCP sockets, their skmem bytes) in the router namespace (``ss -tanm``)."""
     cp = cluster.exec(cluster.router, ["ss", "-tanm"], timeout=60)
     return parse_skmem(cp.stdout)
+
+
+def forward_ports_of(router) -> tuple[int, int]:
+    """The forwarding connections' local port range of an arr router (its
+    ``handoff.forward_ports``, else arr's default)."""
+    from arr.config import HandoffSettings
+
+    ports = ((router.config.get("handoff") or {}).get("forward_ports") if router is not None else None)
+    return tuple(ports) if ports else HandoffSettings().forward_ports  # type: ignore[return-value]
+
+
+def forward_time_wait(cluster: Cluster, ports: tuple[int, int], kill: bool = False) -> int:
+    """TIME_WAIT sockets in the router namespace on a local port of PORTS (arr's
+    forward ports); KILL: destroy them (``ss -K``, sock_diag destroy).
+
+    A take-back to another target closes the old forwarding connection with a
+    FIN from the router (handoff/takeback.py ``_close_forward``): the router's
+    side then waits 60 s in TIME_WAIT, and a port in TIME_WAIT cannot be bound
+    (``no-forward-port`` fallbacks once the range runs out). Those sockets
+    outlive the router process, so a test would inherit the previous test's.
+    Returns how many there were (before destroying them)."""
+    lo, hi = ports
+    argv = ["ss", *(["-K"] if kill else []), "-Htan", "state", "time-wait",
+            f"( sport >= :{lo} and sport <= :{hi} )"]
+    cp = cluster.exec(cluster.router, argv, timeout=120, check=False)
+    return sum(1 for line in cp.stdout.splitlines() if line.strip())
 
 
 def tcp_slab_objsize() -> int | None:

@@ -309,7 +309,11 @@ METHOD_TEXT = """\
   request = router processes' CPU over the window (as above) / responses; the ratios same/first and
   other/first are paired run by run. The router's counters say what each window really was
   (`arr_rehandoffs_total` by target over decided requests); take-back and handoff p50 come from the
-  router's histograms, bucket deltas over the window.
+  router's histograms, bucket deltas over the window. Before each arr-nat test and window the
+  harness destroys (`ss -K`) the router namespace's TIME_WAIT sockets on forward ports that earlier
+  tests left: a take-back to another target closes the old forwarding connection from the router,
+  which keeps that port 60 s, so a test would otherwise inherit the previous one's `no-forward-port`
+  fallbacks. How many each window left and how many were destroyed is in the JSON and the report.
 * **Sustained handoffs to one target** (once per invocation, `--sustain SECONDS`): arr-nat with a
   router configuration that lists only the first target; two `wrk -t1` with `Connection: close`
   (32 connections in all) as fast as they go, no rate limit. The router's `arr_handoffs_total` is
@@ -391,6 +395,12 @@ def _rehandoff_section(w, systems: Sequence[str], summary: Mapping, raw: Mapping
               f"| {fmt(ratio, '{:.2f}') if phase != 'first' else '1'} "
               f"| {fmt(p.get('agent_cpu_per_request_ms'), '{:.3f}')} | {fmt(p.get('takeback_p50_ms'), '{:.2f}')} "
               f"| {fmt(p.get('handoff_p50_ms'), '{:.2f}')} | {was} |")
+    fell = _window_fallbacks(raw.get("arr-nat", {}))
+    if fell:
+        w(f"\narr-nat requests that fell back to proxying, per window (all runs): {fell}.")
+    tw = _time_wait_text(raw.get("arr-nat", {}))
+    if tw:
+        w(f"\n{tw}")
     method = next((run["rehandoff"].get("method") for data in raw.values() for run in data.get("runs", [])
                    if isinstance(run.get("rehandoff"), Mapping)), "")
     w(f"\n{method}. Each router routes on that header (one target per value), so the client decides "
@@ -401,6 +411,53 @@ def _rehandoff_section(w, systems: Sequence[str], summary: Mapping, raw: Mapping
       "Router CPU / request: router processes' CPU over the window / responses; x first: that over the "
       "first-handoff window's (paired run by run). \"What the window was\": the arr-nat router's own "
       "counters (`arr_handoffs_total`, `arr_rehandoffs_total`) / requests it decided.\n")
+
+
+def _window_fallbacks(data: Mapping) -> str:
+    """Fallbacks to proxying (and failed take-backs) in each keep-alive routing
+    window, over runs, by reason: what else than a handoff the window held."""
+    parts = []
+    for phase in PHASES:
+        recs = [(run.get("rehandoff") or {}).get(phase) for run in data.get("runs", [])]
+        recs = [r for r in recs if isinstance(r, Mapping) and r.get("counts")]
+        if not recs:
+            continue
+        decided = sum(r["counts"].get("decided", 0) for r in recs)
+        reasons: dict[str, float] = {}
+        for r in recs:
+            for k, v in (r.get("fallback_reasons") or {}).items():
+                reasons[k] = reasons.get(k, 0) + v
+        failed = sum(v for r in recs for k, v in (r.get("takeback_results") or {}).items() if k != "ok")
+        total = sum(reasons.values()) or sum(r["counts"].get("fallbacks", 0) for r in recs)
+        why = ", ".join(f"{k} {v:.0f}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1]))
+        parts.append(f"{PHASE_LABELS[phase]} {total:.0f} of {decided:,.0f}" + (f" ({why})" if why else "")
+                     + (f", {failed:.0f} failed take-backs" if failed else ""))
+    return "; ".join(parts)
+
+
+def _time_wait_text(data: Mapping) -> str:
+    """The router's TIME_WAIT sockets on forward ports each keep-alive routing
+    window left (a take-back to another target closes the old forwarding
+    connection from the router: 60 s of TIME_WAIT holding its port), and how
+    many earlier tests had left before it (destroyed before the window)."""
+    after: dict[str, list[float]] = {}
+    cleared = 0.0
+    for run in data.get("runs", []):
+        for phase in PHASES:
+            rec = (run.get("rehandoff") or {}).get(phase)
+            if isinstance(rec, Mapping) and rec.get("forward_time_wait_after") is not None:
+                after.setdefault(phase, []).append(rec["forward_time_wait_after"])
+                cleared += rec.get("forward_time_wait_cleared") or 0
+    if not after:
+        return ""
+    parts = ", ".join(f"{PHASE_LABELS[p]} {fmt(Summary.of(v).to_json(), '{:,.0f}')}" for p, v in after.items())
+    return (f"arr-nat router TIME_WAIT sockets on forward ports left by each window (median over runs): {parts}. "
+            "A take-back to another target closes the old forwarding connection from the router, whose side "
+            "then holds its forward port 60 s; with the default 11,000 forward ports and one source address "
+            "that caps sustained take-backs to another target near 11,000 / 60 s = 183/s before "
+            "`no-forward-port` fallbacks. "
+            "Each arr-nat start and each window begins without the ones earlier tests left (destroyed; "
+            f"{cleared:,.0f} at window starts).")
 
 
 def decided_rows(raw: Mapping) -> list[dict[str, Any]]:

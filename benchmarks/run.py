@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import measure, report
-from benchmarks.stats import (counts_delta, decided_check, htab_elem_bytes, idle_core_pct, percentile,
-                              router_counts, summarize)
+from benchmarks.stats import (by_label, counts_delta, decided_check, htab_elem_bytes, idle_core_pct,
+                              percentile, router_counts, summarize)
 
 SIZES = {"1KiB": 1 << 10, "64KiB": 64 << 10, "1MiB": 1 << 20, "64MiB": 64 << 20}
 WRK_MAX_SIZE = 64 << 10  # objects up to this size go through wrk, larger through curl
@@ -142,6 +142,23 @@ class Bench:
 
     _reason_delta = staticmethod(measure.reason_delta)
 
+    def _fresh_forward_ports(self, running) -> dict[str, int]:
+        """arr-nat: destroy the router namespace's TIME_WAIT sockets on forward
+        ports before a test (measure.forward_time_wait): each take-back to
+        another target leaves one for 60 s, and a test must not inherit the
+        previous test's, or it measures that test's fallbacks (no-forward-port)
+        instead of its own work. Returns how many there were, for the record;
+        a window that exhausts the range by itself still shows its fallbacks."""
+        if running.name != "arr-nat":
+            return {}
+        ports = measure.forward_ports_of(running.router)
+        n = measure.forward_time_wait(self.cluster, ports)
+        left = 0
+        if n:
+            measure.forward_time_wait(self.cluster, ports, kill=True)
+            left = measure.forward_time_wait(self.cluster, ports)  # ss -K unsupported: they stay
+        return {"forward_time_wait_cleared": n - left, "forward_time_wait_left": left}
+
     def _decided(self, running, test: str, requests: float, before: dict | None,
                  after: dict | None) -> dict[str, Any]:
         """The "every request decided" check of one load window of an arr
@@ -151,6 +168,7 @@ class Bench:
         delta = None if before is None or after is None else counts_delta(router_counts(before),
                                                                           router_counts(after))
         check = decided_check(requests, delta, hands_off=running.name == "arr-nat")
+        check["counts"] = delta  # the window's take-backs and re-handoffs by kind, for the record
         if not check["ok"]:
             self.errors.append(f"{running.name} {test}: not every request decided by the policy: "
                                + "; ".join(check["problems"]))
@@ -174,6 +192,7 @@ class Bench:
         urls = [u + info.url_path for u in running.urls]
         sampler = measure.Sampler(c, running.roots)
         agents = measure.Sampler(c, running.agent_roots) if running.agent_roots else None
+        fresh = self._fresh_forward_ports(running)
         m0 = measure.router_samples(running.router)
         h0, f0 = self._arr_counts(running)
         a = sampler.snap()
@@ -202,12 +221,13 @@ class Bench:
                 "throughput_Bps": lr.body_bytes / lr.seconds if lr.seconds else None,
                 "router_cpu_s": w.router_cpu_s, "router_cpu_ticks_s": w.router_cpu_ticks_s,
                 "machine_cpu_s": w.machine_cpu_s, "window_s": w.seconds, "router_bytes": w.router_bytes,
-                "handoffs": h1 - h0, "fallbacks": f1 - f0, **decided}
+                "handoffs": h1 - h0, "fallbacks": f1 - f0, **decided, **fresh}
 
     def ttfb(self, running) -> dict[str, Any]:
         c = self.cluster
         info = c.files["1KiB"]
         urls = [u + info.url_path for u in (running.urls if running.name == "direct" else running.urls[:1])]
+        fresh = self._fresh_forward_ports(running)
         h0, f0 = self._arr_counts(running)
         r = measure.client_ttfb(c, urls, self.plan.ttfb_n, info.sha256)
         h1, f1 = self._arr_counts(running)
@@ -223,7 +243,7 @@ class Bench:
         conn = [x * 1000 for x in r["connect"]]
         return {"n": r["n"], "p50_ms": percentile(t, 0.5), "p90_ms": percentile(t, 0.9),
                 "p99_ms": percentile(t, 0.99), "connect_p50_ms": percentile(conn, 0.5),
-                "handoffs": h1 - h0, "fallbacks": f1 - f0, **hist}
+                "handoffs": h1 - h0, "fallbacks": f1 - f0, **hist, **fresh}
 
     def conn_rate(self, running, seconds: float | None = None) -> dict[str, Any]:
         c, plan = self.cluster, self.plan
@@ -231,6 +251,7 @@ class Bench:
         urls = [u + info.url_path for u in running.urls]
         sampler = measure.Sampler(c, running.roots)
         agents = measure.Sampler(c, running.agent_roots) if running.agent_roots else None
+        fresh = self._fresh_forward_ports(running)
         m0 = measure.router_samples(running.router)
         h0, f0 = self._arr_counts(running)
         r0 = self._fallback_reasons(running)
@@ -257,7 +278,7 @@ class Bench:
                 "router_cpu_util": w.router_cpu_s / w.seconds if running.roots else None,
                 "agent_cpu_s": agent_cpu,
                 "machine_cpu_util": w.machine_cpu_s / w.seconds, "errors": bad,
-                "handoffs": h1 - h0, "fallbacks": f1 - f0, "fallback_reasons": reasons}
+                "handoffs": h1 - h0, "fallbacks": f1 - f0, "fallback_reasons": reasons, **fresh}
 
     def rehandoff(self, running) -> dict[str, Any]:
         """Goals 8 and 9: the router's CPU per request when every request is
@@ -295,6 +316,7 @@ class Bench:
         c, plan = self.cluster, self.plan
         sampler = measure.Sampler(c, running.roots)
         agents = measure.Sampler(c, running.agent_roots) if running.agent_roots else None
+        fresh = self._fresh_forward_ports(running)
         m0 = measure.router_samples(running.router)  # metrics outside the CPU window
         a = sampler.snap()
         aa = agents.snap() if agents else None
@@ -308,11 +330,18 @@ class Bench:
             "requests": lr.requests, "seconds": lr.seconds, "window_s": w.seconds,
             "router_cpu_s": w.router_cpu_s, "router_cpu_ticks_s": w.router_cpu_ticks_s,
             "agent_cpu_s": agent_cpu, "machine_cpu_s": w.machine_cpu_s,
-            "errors": {k: v for k, v in lr.errors.items() if v}}
+            "errors": {k: v for k, v in lr.errors.items() if v}, **fresh}
+        if fresh:  # what this window left behind: one per take-back to another target
+            rec["forward_time_wait_after"] = measure.forward_time_wait(c, measure.forward_ports_of(running.router))
         if running.router is not None:
             check = self._decided(running, f"keep-alive routing {mode}", lr.requests, m0, m1)
             rec.update(decided=check["decided"], decided_check=check,
                        counts=counts_delta(router_counts(m0 or {}), router_counts(m1 or {})))
+            # what else the window held: fallbacks to proxying and failed take-backs, by reason
+            for key, name, label in (("fallback_reasons", "arr_handoff_fallbacks_total", "reason"),
+                                     ("takeback_results", "arr_takebacks_total", "result")):
+                rec[key] = {k: v for k, v in counts_delta(by_label(m0 or {}, name, label),
+                                                          by_label(m1 or {}, name, label)).items() if v}
             for hist, key in (("arr_takeback_duration_seconds", "takeback"),
                               ("arr_handoff_duration_seconds", "handoff")):
                 for q in (0.5, 0.99):
@@ -321,8 +350,8 @@ class Bench:
         if lr.requests == 0:
             raise measure.BenchError(f"{running.name} keep-alive routing {mode}: no response "
                                      f"(wrk errors {rec['errors']})")
-        if lr.errors.get("status"):
-            self.errors.append(f"{running.name} keep-alive routing {mode}: {lr.errors['status']} non-2xx")
+        if rec["errors"]:  # e.g. a failed take-back ends its connection: wrk sees a read error
+            self.errors.append(f"{running.name} keep-alive routing {mode}: wrk errors {rec['errors']}")
         return rec
 
     def memory(self, running, n: int) -> dict[str, Any]:

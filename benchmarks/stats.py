@@ -188,6 +188,17 @@ def router_counts(samples: Mapping[str, float]) -> dict[str, float]:
     return out
 
 
+def by_label(samples: Mapping[str, float], name: str, label: str) -> dict[str, float]:
+    """Sample NAME summed by the value of one of its labels (e.g. fallbacks by reason)."""
+    out: dict[str, float] = {}
+    for key, value in samples.items():
+        sample, labels = split_sample(key)
+        if sample == name:
+            v = labels.get(label, "?")
+            out[v] = out.get(v, 0.0) + value
+    return out
+
+
 def counts_delta(a: Mapping[str, float], b: Mapping[str, float]) -> dict[str, float]:
     """B - A for every counter of B (a counter absent from A was 0)."""
     return {k: v - a.get(k, 0.0) for k, v in b.items()}
@@ -431,6 +442,7 @@ def rehandoff_summary(runs: Sequence[Mapping]) -> dict | None:
             "takeback_p50_ms": _summ(m("takeback_p50_ms")),
             "handoff_p50_ms": _summ(m("handoff_p50_ms")),
             "share": _summ(phase_share(phase, c) for c in counts),
+            "fallback_share": _summ(_per(c.get("fallbacks"), c.get("decided")) if c else None for c in counts),
             "requests": _summ(reqs),
         }
     out["same_to_first"] = _summ(_per(a, b) for a, b in zip(per_request["same"], per_request["first"]))

@@ -24,7 +24,7 @@ from typing import Iterator
 from arr.testbed import Cluster
 from arr.testbed import nginx as tb_nginx
 from arr.testbed.router import BPF_DIR, clear_handoff_programs, handoff_cluster, pin_instance
-from benchmarks.measure import ROUTE_HEADER, BenchError, wait_for
+from benchmarks.measure import ROUTE_HEADER, BenchError, forward_ports_of, forward_time_wait, wait_for
 
 SYSTEMS = ("direct", "arr-nat", "arr-proxy", "haproxy", "haproxy-splice", "nginx")
 ROUTER_PORT = 80
@@ -304,6 +304,8 @@ def start_system(cluster: Cluster, name: str, one_target: bool = False,
         yield Running(name, [f"http://{t.ip}:{cluster.spec.target_port}" for t in cluster.targets])
     elif name in ("arr-nat", "arr-proxy"):
         mode = name.split("-")[1]
+        if mode == "nat":  # an earlier test's take-backs must not take this one's forward ports
+            forward_time_wait(cluster, forward_ports_of(None), kill=True)
         sections = {"limits": ARR_LIMITS}
         if one_target:
             sections["targets"] = single_target(cluster)

@@ -59,6 +59,10 @@ HOLD_RACE_ROUNDS = 3
 was read (a segment already past tc when the hold went in)."""
 
 
+HANDSHAKE_LOSS_RTO_US = 1_000_000
+"""A socket whose RTO is still this high after its handshake resent a SYN."""
+
+
 class Fallback(Exception):
     """A handoff step failed before the point of no return; ``reason`` is counted."""
 
@@ -167,7 +171,7 @@ class RouterHandoff:
         self.releaser = ForwardReleaser(self._release_forward, self.settings.request_ack_timeout)
         counters = {result: self.metrics.forward_pool.labels(result) for result in ("hit", "miss", "stale")}
         self.pool = pool = ForwardPool(self._open_forward, self._discard_forward, self.settings.forward_pool,
-                                       count=lambda result: counters[result].inc())
+                                       count=lambda result: counters[result].inc(), clean=self._clean_handshake)
         self.metrics.forward_pool_ready.set_function(lambda: pool.ready)  # computed at scrape time
         for client in self.agents.values():
             await client.start()
@@ -185,6 +189,16 @@ class RouterHandoff:
             await self.connections.stop()
         if self.datapath is not None:
             self.datapath.close()  # programs stay attached: handed-off connections live on
+
+    def _clean_handshake(self, ready: ReadyForward) -> bool:
+        """No packet of the handshake was lost. After a loss both ends start
+        with RFC 6298's 3 s RTO, and a request or response segment lost then
+        stalls a client for seconds: the target's socket if it resent its
+        SYN-ACK (the router's BPF counts them), the router's own (which may
+        have to resend the request) if it resent its SYN."""
+        assert self.datapath is not None
+        watch = self.datapath.watch.lookup(ready.watch_key)
+        return watch is not None and watch.synacks <= 1 and tcpstate.rto_us(ready.sock) < HANDSHAKE_LOSS_RTO_US
 
     def _release_now(self, watch_key: FlowKey) -> bool:
         return self.releaser is not None and self.releaser.release_now(watch_key)

@@ -83,9 +83,13 @@ class _Shelf:
 class ForwardPool:
     def __init__(self, open_forward: Callable[["Target", ForwardProfile], Awaitable[ReadyForward]],
                  discard: Callable[[ReadyForward], None], depth: int, *,
-                 count: Callable[[str], None] = lambda result: None) -> None:
+                 count: Callable[[str], None] = lambda result: None,
+                 clean: Callable[[ReadyForward], bool] = lambda ready: True) -> None:
         self.open_forward = open_forward
         self.discard = discard
+        self.clean = clean
+        """Whether a connection's handshake went without a loss (the engine
+        asks the watch entry): the target's RTO starts at 3 s after one."""
         self.depth = depth
         self.count = count
         """Told each outcome: "hit", "miss" (connect inline), "stale" (closed unused)."""
@@ -112,7 +116,7 @@ class ForwardPool:
                 reason = fastpath.ineligible(candidate.sock)
             except OSError:
                 reason = "gone"
-            if usable(candidate.opened, now, reason):
+            if usable(candidate.opened, now, reason) and self.clean(candidate):
                 found = candidate
                 break
             self._stale(candidate)
@@ -129,29 +133,50 @@ class ForwardPool:
         return found
 
     async def _refill(self, target: "Target", profile: ForwardProfile, shelf: _Shelf) -> None:
+        """Keep the shelf at ``depth``: up to that many connects at once, each
+        on its own, so that one whose SYN is lost (the kernel resends it after
+        a second) holds one slot, not the whole shelf's refill."""
         loop = asyncio.get_running_loop()
-        while True:
-            now = loop.time()
-            if now - shelf.last_taken > IDLE_PROFILE:
-                self._empty(shelf)
-                del self.shelves[(target, profile)]
-                return
-            while shelf.ready and now - shelf.ready[0].opened >= MAX_AGE:
-                self._stale(shelf.ready.popleft())
-            if len(shelf.ready) >= self.depth:
-                # Full: wake at a take, or when the oldest ages out.
-                await shelf.alarm.sleep(min(MAX_AGE - (now - shelf.ready[0].opened), IDLE_PROFILE))
-                continue
-            try:
-                ready = await self.open_forward(target, profile)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the target is down or the ports are taken: inline connects say why
-                log.debug("forward pool for %s: %s", target.name, exc)
-                await asyncio.sleep(RETRY_AFTER)
-                continue
-            ready.opened = loop.time()
-            shelf.ready.append(ready)
+        opening: set[asyncio.Task[None]] = set()
+
+        def opened(task: asyncio.Task[None]) -> None:
+            opening.discard(task)
+            shelf.alarm.wake()
+
+        try:
+            while True:
+                now = loop.time()
+                if now - shelf.last_taken > IDLE_PROFILE and not opening:
+                    self._empty(shelf)
+                    del self.shelves[(target, profile)]
+                    return
+                while shelf.ready and now - shelf.ready[0].opened >= MAX_AGE:
+                    self._stale(shelf.ready.popleft())
+                for _ in range(self.depth - len(shelf.ready) - len(opening)):
+                    task = loop.create_task(self._open_one(target, profile, shelf))
+                    opening.add(task)
+                    task.add_done_callback(opened)
+                # Wake at a take, a connect done, or when the oldest ages out.
+                oldest = MAX_AGE - (now - shelf.ready[0].opened) if shelf.ready else MAX_AGE
+                await shelf.alarm.sleep(min(oldest, IDLE_PROFILE))
+        finally:
+            for task in opening:
+                task.cancel()
+
+    async def _open_one(self, target: "Target", profile: ForwardProfile, shelf: _Shelf) -> None:
+        try:
+            ready = await self.open_forward(target, profile)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the target is down or the ports are taken: inline connects say why
+            log.debug("forward pool for %s: %s", target.name, exc)
+            await asyncio.sleep(RETRY_AFTER)  # holding its slot: no storm of connects to a dead target
+            return
+        if len(shelf.ready) >= self.depth or (target, profile) not in self.shelves:
+            self.discard(ready)  # the shelf filled (or went) meanwhile
+            return
+        ready.opened = asyncio.get_running_loop().time()
+        shelf.ready.append(ready)
 
     def _stale(self, ready: ReadyForward) -> None:
         self.stale += 1

@@ -86,17 +86,19 @@ class Xlate(ctypes.Structure):
                 ("seq_delta", ctypes.c_uint32), ("ack_delta", ctypes.c_uint32),
                 ("tsval_delta", ctypes.c_uint32), ("tsecr_delta", ctypes.c_uint32),
                 ("wscale_in", ctypes.c_uint8), ("wscale_out", ctypes.c_uint8),
-                ("pad", ctypes.c_uint8 * 2)]
+                ("pad", ctypes.c_uint8 * 2), ("tsecr_floor", ctypes.c_uint32)]
 
     @classmethod
     def of(cls, t: Translation) -> "Xlate":
         return cls(_ip(t.saddr), _ip(t.daddr), _port(t.sport), _port(t.dport),
-                   t.seq_delta, t.ack_delta, t.tsval_delta, t.tsecr_delta, t.wscale_in, t.wscale_out)
+                   t.seq_delta, t.ack_delta, t.tsval_delta, t.tsecr_delta, t.wscale_in, t.wscale_out,
+                   (ctypes.c_uint8 * 2)(), t.tsecr_floor)
 
     def translation(self) -> Translation:
         return Translation(_ip_text(self.saddr), _ip_text(self.daddr), socket.ntohs(self.sport),
                            socket.ntohs(self.dport), self.seq_delta, self.ack_delta,
-                           self.tsval_delta, self.tsecr_delta, self.wscale_in, self.wscale_out)
+                           self.tsval_delta, self.tsecr_delta, self.wscale_in, self.wscale_out,
+                           self.tsecr_floor)
 
 
 class FlowEntry(ctypes.Structure):
@@ -121,7 +123,7 @@ class WatchEntry(ctypes.Structure):
                 ("client_sack", ctypes.c_uint8), ("client_ts", ctypes.c_uint8),
                 ("target_tsval", ctypes.c_uint32), ("rcv_nxt", ctypes.c_uint32),
                 ("synack_mss", ctypes.c_uint16), ("synack_wscale", ctypes.c_uint8),
-                ("synack_opts", ctypes.c_uint8), ("pad", ctypes.c_uint32),
+                ("synack_opts", ctypes.c_uint8), ("synacks", ctypes.c_uint32),
                 ("mirrored", ctypes.c_uint64), ("syn_rewrites", ctypes.c_uint64),
                 ("closed_ns", ctypes.c_uint64), ("conn_id", ctypes.c_uint64),
                 ("client", FlowKey), ("pad2", ctypes.c_uint32)]

@@ -221,6 +221,11 @@ class TakeBacks:
             key = FlowKey.from_buffer_copy(capture.key)
             pending = self._pending.get(key)
             if pending is None or pending.conn_id != capture.conn_id:
+                entry = self.datapath.ingress.lookup(key)
+                if entry is None or entry.conn_id != capture.conn_id or entry.state != FLOW_TAKEBACK:
+                    # Late: a copy the client resent, captured just before its
+                    # take-back ended (the rebuilt socket has those bytes).
+                    continue
                 pending = self._pending[key] = _Pending(capture.conn_id)
                 task = asyncio.get_running_loop().create_task(self._take_back(key, pending))
                 self._tasks.add(task)

@@ -250,6 +250,11 @@ def tcp_basics(sock: socket.socket) -> TcpBasics:
 
 # --- Queues ---
 
+def rto_us(sock: socket.socket) -> int:
+    """The socket's retransmission timeout now (tcpi_rto, microseconds)."""
+    return struct.unpack_from("=I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 12), 8)[0]
+
+
 def _ioctl_int(sock: socket.socket, request: int) -> int:
     buf = bytearray(4)
     fcntl.ioctl(sock.fileno(), request, buf)

@@ -47,6 +47,20 @@ class Translation:
     """Shift of the window field as it arrives (the sender's shift)."""
     wscale_out: int
     """Shift the receiver applies (what the router announced to it)."""
+    tsecr_floor: int = 0
+    """The lowest TSecr (as it arrives) that echoes a TSval of the receiver's:
+    the receiver's TSvals reach the sender translated, so every genuine echo
+    is at or after this. An earlier one echoes a TSval of the router's own
+    socket (the sender's peer before the handoff, or the router's rebuilt
+    socket before a re-handoff): translated, it would look to the receiver
+    like its own TSval from long ago (an RTT sample of minutes on a
+    retransmission it acknowledges, which sets its RTO to the maximum). It
+    leaves as 0, which Linux takes for "no echo". 0: no floor."""
+
+
+def echo_is_genuine(tsecr: int, floor: int) -> bool:
+    """Whether an arriving TSecr is one to translate (``Translation.tsecr_floor``)."""
+    return not floor or (tsecr != 0 and (tsecr - floor) % MOD < 1 << 31)
 
 
 @dataclass(frozen=True)
@@ -104,15 +118,21 @@ def compute_translations(inputs: HandoffInputs, margin: int = TS_MARGIN
         ts_in = wrap(f.ts_clock + margin_ticks(margin, f.ts_usec) - inputs.client_syn_tsval)
     else:
         ts_out = ts_in = 0
+    # Genuine echoes: of the target's TSvals (from the one recorded on), as
+    # the client got them; of the client's (from its SYN's, or the newest a
+    # take-back saw), as the target got them.
+    # (A floor that falls on 0 is taken one tick later: 0 means "none".)
+    floor_in = (wrap(inputs.target_tsval + ts_out) or 1) if c.timestamps else 0
+    floor_out = (wrap(inputs.client_syn_tsval + ts_in) or 1) if c.timestamps else 0
     to_target = Translation(
         saddr=f.local[0], daddr=f.remote[0], sport=f.local[1], dport=f.remote[1],
         seq_delta=d_in, ack_delta=d_out, tsval_delta=ts_in, tsecr_delta=ts_out,
-        wscale_in=c.snd_wscale, wscale_out=f.rcv_wscale,
+        wscale_in=c.snd_wscale, wscale_out=f.rcv_wscale, tsecr_floor=floor_in,
     )
     to_client = Translation(
         saddr=c.local[0], daddr=c.remote[0], sport=c.local[1], dport=c.remote[1],
         seq_delta=d_out, ack_delta=d_in, tsval_delta=ts_out, tsecr_delta=ts_in,
-        wscale_in=f.snd_wscale, wscale_out=c.rcv_wscale,
+        wscale_in=f.snd_wscale, wscale_out=c.rcv_wscale, tsecr_floor=floor_out,
     )
     return to_target, to_client
 
@@ -149,6 +169,7 @@ def translate_fields(fields: TcpFields, x: Translation) -> TcpFields:
         ack=wrap(fields.ack - x.ack_delta),
         window=rescale_window(fields.window, x.wscale_in, x.wscale_out),
         tsval=None if fields.tsval is None else wrap(fields.tsval + x.tsval_delta),
-        tsecr=None if fields.tsecr is None else wrap(fields.tsecr - x.tsecr_delta),
+        tsecr=None if fields.tsecr is None else (
+            wrap(fields.tsecr - x.tsecr_delta) if echo_is_genuine(fields.tsecr, x.tsecr_floor) else 0),
         sack=tuple((wrap(a - x.ack_delta), wrap(b - x.ack_delta)) for a, b in fields.sack),
     )

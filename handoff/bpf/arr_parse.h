@@ -99,9 +99,16 @@ static long opt_visit(__u32 n, void *data)
 	if (kind == TCP_OPT_TS && olen == 10) {
 		if (i + 10 > TCP_OPTS_MAX)
 			goto bad;
-		if (w->mode == OPT_TRANSLATE && (w->tsval_delta || w->tsecr_delta)) {
+		if (w->mode == OPT_TRANSLATE && (w->tsval_delta || w->tsecr_delta || w->tsecr_floor)) {
+			__u32 ecr = get_be32(&w->opts[i + 6]);
+
 			put_be32(&w->opts[i + 2], get_be32(&w->opts[i + 2]) + w->tsval_delta);
-			put_be32(&w->opts[i + 6], get_be32(&w->opts[i + 6]) - w->tsecr_delta);
+			/* An echo of the router's own TSval leaves as 0 (struct xlate). */
+			if (w->tsecr_floor && (ecr == 0 || (__s32)(ecr - w->tsecr_floor) < 0))
+				ecr = 0;
+			else
+				ecr -= w->tsecr_delta;
+			put_be32(&w->opts[i + 6], ecr);
 			w->changed = 1;
 		} else if (w->mode == OPT_RECORD) {
 			w->tsval = get_be32(&w->opts[i + 2]);

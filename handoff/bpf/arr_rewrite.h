@@ -85,6 +85,7 @@ static __always_inline int rewrite_options(struct __sk_buff *skb, const struct p
 	w.mode = OPT_TRANSLATE;
 	w.tsval_delta = x->tsval_delta;
 	w.tsecr_delta = x->tsecr_delta;
+	w.tsecr_floor = x->tsecr_floor;
 	w.ack_delta = x->ack_delta;
 	if (opt_load(skb, p, &w) < 0)
 		return -1;

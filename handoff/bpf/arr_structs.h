@@ -31,6 +31,9 @@ struct xlate {
 	__u8 wscale_in;    /* the sender's window shift */
 	__u8 wscale_out;   /* the shift the receiver applies */
 	__u8 pad[2];
+	__u32 tsecr_floor; /* an arriving TSecr before it echoes the router's own TSval:
+			    * it leaves as 0 (translate.Translation.tsecr_floor says why);
+			    * 0: no floor */
 };
 
 enum flow_state {
@@ -129,7 +132,9 @@ struct watch_entry {
 	__u16 synack_mss;
 	__u8 synack_wscale; /* 0xff: no window scale option */
 	__u8 synack_opts;   /* WATCH_OPT_* seen in the SYN-ACK */
-	__u32 pad;
+	__u32 synacks;      /* SYN-ACKs seen: more than one, and the handshake lost a packet;
+			     * the target's socket then starts with RFC 6298's 3 s RTO, so
+			     * the forward pool gives no client such a connection */
 	__u64 mirrored;     /* mirrored copies received */
 	__u64 syn_rewrites; /* router SYNs normalised */
 	__u64 closed_ns;    /* userspace: when the router let go (its port's quarantine) */
@@ -207,7 +212,7 @@ struct opt_walk {
 	__u32 at;   /* offset of the next option */
 	__u32 mode; /* enum opt_mode */
 	/* OPT_TRANSLATE */
-	__u32 tsval_delta, tsecr_delta, ack_delta;
+	__u32 tsval_delta, tsecr_delta, ack_delta, tsecr_floor;
 	/* OPT_NORMALISE */
 	__u16 mss;
 	__u8 sack_ok, ts_ok;

@@ -28,6 +28,7 @@ static __always_inline void record_target(struct __sk_buff *skb, const struct pk
 		w->synack_mss = walk.mss_seen;
 		w->synack_wscale = walk.wscale_seen;
 		w->synack_opts = walk.seen;
+		__sync_fetch_and_add(&w->synacks, 1);
 		count(STAT_SYNACK_RECORDED);
 	}
 }

@@ -236,7 +236,7 @@ class _Malformed(Exception):
 
 
 _KEY = struct.Struct(">4s4sHH")
-_XLATE = struct.Struct(">4s4sHHIIIIBB")
+_XLATE = struct.Struct(">4s4sHHIIIIBBI")
 _U64 = struct.Struct(">Q")
 _HANDOFF_TAIL = struct.Struct(">III")
 _HOLDING_HEAD = struct.Struct(">BH")
@@ -284,14 +284,14 @@ def _decode_key(data: bytes, offset: int) -> FlowKey:
 
 def _encode_xlate(x: Translation) -> bytes:
     return _pack(_XLATE, _ip(x.saddr), _ip(x.daddr), x.sport, x.dport, x.seq_delta, x.ack_delta,
-                 x.tsval_delta, x.tsecr_delta, x.wscale_in, x.wscale_out)
+                 x.tsval_delta, x.tsecr_delta, x.wscale_in, x.wscale_out, x.tsecr_floor)
 
 
 def _decode_xlate(data: bytes, offset: int) -> Translation:
-    s, d, sp, dp, seq, ack, tsv, tse, w_in, w_out = _unpack(_XLATE, data, offset)
+    s, d, sp, dp, seq, ack, tsv, tse, w_in, w_out, floor = _unpack(_XLATE, data, offset)
     return Translation(saddr=_ip_text(s), daddr=_ip_text(d),
                        sport=sp, dport=dp, seq_delta=seq, ack_delta=ack, tsval_delta=tsv,
-                       tsecr_delta=tse, wscale_in=w_in, wscale_out=w_out)
+                       tsecr_delta=tse, wscale_in=w_in, wscale_out=w_out, tsecr_floor=floor)
 
 
 def _encode_text(text: str) -> bytes:

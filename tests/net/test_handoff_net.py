@@ -264,18 +264,20 @@ def test_a_full_map_falls_back_and_a_later_request_is_handed_off(cluster):
             assert head.startswith(b"HTTP/1.1 200") and hashlib.sha256(body).hexdigest() == sha
             assert router.metric_sum("arr_handoff_fallbacks_total", reason="agent-nack") == 1
             assert router.metric_sum("arr_requests_total", decision="proxy") == 1
-            # The live connection kept its entry and still works.
+            # The live connection kept its entry and still works: its next
+            # request taken back and handed off again (the agent's one slot is
+            # its own again).
             assert hashlib.sha256(first.get(c.files["1k"].url_path)[1]).hexdigest() == sha
+            assert router.metric_sum("arr_takebacks_total", result="ok") == 1
+            assert router.metric_sum("arr_handoffs_total", result="ok") == 2
             first.close()
             assert wait_for(lambda: entries(c, c.targets[0], "arr_egress") == 0, 5)
             head, body = second.get(c.files["1k"].url_path)
             assert hashlib.sha256(body).hexdigest() == sha
-            assert router.metric_sum("arr_handoffs_total", result="ok") == 2
+            assert router.metric_sum("arr_handoffs_total", result="ok") == 3
             assert router.metric_sum("arr_handoff_fallbacks_total", reason="no-saved-syn") == 0
-            # Decided: both first requests and the second's later one; the first
-            # connection's second request went to its target after the handoff
-            # (routing every request of a connection is a later issue).
-            assert router.metric_sum("arr_requests_total") == 3
+            # Every request decided: two on each connection.
+            assert router.metric_sum("arr_requests_total") == 4
         finally:
             first.close()
             second.close()

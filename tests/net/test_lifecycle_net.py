@@ -357,9 +357,10 @@ def test_target_killed_mid_download_client_sees_reset(cluster, ending):
     transfer or a reset, never a hang until its own time limit), and the
     entries go. ``fin``: curl; the killed worker's kernel ends the connection
     with a FIN after what it had queued. ``rst``: a raw client that sent a
-    second (pipelined) request mid-download, which nginx leaves unread while
-    it sends: closing a socket with unread data makes the target's kernel
-    send a RST instead."""
+    second (pipelined) request mid-download. In proxy mode nginx leaves it
+    unread while it sends, and closing a socket with unread data makes the
+    target's kernel send a RST; in nat mode the router holds it (taken back,
+    waiting for the download to be acknowledged), so nginx ends with a FIN."""
     c = cluster(targets=1, files={"64m": 64 * MiB})
     info = c.files["64m"]
     with lifecycle_cluster(c) as (router, agents):
@@ -395,7 +396,10 @@ def test_target_killed_mid_download_client_sees_reset(cluster, ending):
             assert size < info.size, "the download cannot have completed"
         exited = time.monotonic()
         print(f"\n  {how}, {exited - kill_time:.2f} s after the kill, {size / MiB:.1f} MiB of 64")
-        assert decisions(router) == 1
+        # rst: the second request is the router's to decide (taken back, not
+        # forwarded): decided if the take-back completed before the target's
+        # end, else the take-back ended the connection (a reset for the client).
+        assert decisions(router) in ((1, 2) if ending == "rst" and NAT else (1,))
         clean = wait_for(lambda: at_baseline(map_counts(c), max_watch=1 << 30), AGENT["linger"] + 2)
         print(f"  maps {map_counts(c)} {time.monotonic() - exited:.1f} s after the client's end")
         assert clean, f"entries left: {map_counts(c)}"
@@ -489,11 +493,11 @@ def test_sigkill_router_or_agent_while_connections_end(cluster, victim):
             tag = conn.get()
             logged = served_by(c, tag)
             assert len(logged) == 1, f"port {conn.port}: {logged}"
-            if NAT:  # the same connection to the same nginx: its second request
-                (target, line), = logged
-                assert target == conn.target and line.split()[-1] == "2", line
-        expected = (0 if victim == "router" else 20) if NAT else 30
-        assert decisions(router) == expected  # after the handoff, keep-alive is the target's
+        # Every request decided, the live connections' second ones too: taken
+        # back (by the restarted router from the pinned maps, if it was the one
+        # killed) and handed off again.
+        expected = (10 if victim == "router" else 30) if NAT else 30
+        assert decisions(router) == expected
         for conn in live:
             conn.close()
 
@@ -511,7 +515,7 @@ def test_idle_keepalive_survives_and_target_close_is_seen(cluster):
             conn.get()
         except (OSError, Failure) as exc:
             raise AssertionError(f"keep-alive request after 4 s idle failed: {exc!r}") from None
-        assert decisions(router) == (1 if NAT else 2)
+        assert decisions(router) == 2  # the request after the idle time decided too (taken back)
         conn.close()
 
         conn = Conn(c)
@@ -526,7 +530,7 @@ def test_idle_keepalive_survives_and_target_close_is_seen(cluster):
             assert killed == 1, f"ss -K destroyed {killed} sockets for forwarding port {x.sport}"
             took = assert_closed_by_peer(conn.sock, 2.0)
             print(f"\n  the client saw the target's close {took * 1000:.0f} ms after it")
-            assert decisions(router) == 2
+            assert decisions(router) == 3
         else:  # the router holds the client's connection: a target's close stays behind it
             killed = reset_target_upstreams(c, target)
             print(f"\n  proxy: destroyed {killed} upstream sockets of t{target}")

@@ -214,6 +214,7 @@ def test_1000_keep_alive_requests_under_2_percent_loss_each_way(cluster):
             inject_loss(c, host, 20)
         watch = CounterWatch(c, (c.client, *c.targets))
         slowest, done = 0.0, 0
+        slow: list[tuple[int, float]] = []
         for _ in range(10):
             conn, port = connect(c)
             for n in range(100):
@@ -223,20 +224,32 @@ def test_1000_keep_alive_requests_under_2_percent_loss_each_way(cluster):
                     assert status == 200 and hashlib.sha256(body).hexdigest() == info.sha256, n
                 else:
                     assert get(conn, "GET", "/whoami") == (200, f"{c.targets[0].name}\n".encode()), n
-                slowest = max(slowest, time.monotonic() - started)
+                took = time.monotonic() - started
+                slowest = max(slowest, took)
+                if took > 0.3:
+                    slow.append((n, round(took, 2)))
                 done += 1
             conn.close()
         assert done == 1000
-        assert slowest < 2, f"a request took {slowest:.2f}s"
-        deltas = watch.assert_clean()
+        assert slowest < 2, (f"a request took {slowest:.2f}s; over 0.3 s: {slow}; " + "; ".join(
+            line for line in router.metrics_text().splitlines()
+            if line.startswith(("arr_handoff_duration_seconds_bucket", "arr_takeback_duration_seconds_bucket",
+                                "arr_forward_pool_total", "arr_handoff_fallbacks_total"))))
+        outcomes = "; ".join(line for line in router.metrics_text().splitlines()
+                             if line.startswith(("arr_handoff_fallbacks_total", "arr_takebacks_total")))
+        assert router.metric_sum("arr_requests_total", decision="handoff") == 1000, outcomes
+        ended = [{k: v for k, v in a.metrics().items() if "ended" in k and v} for a in agents]
+        try:
+            deltas = watch.assert_clean()
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; {outcomes}; agents ended {ended}") from None
         drops = {h.name: dropped(c, h) for h in (c.client, *c.targets)}
         assert sum(drops.values()) > 100, f"the loss did not happen: {drops}"
-        assert router.metric_sum("arr_requests_total", decision="handoff") == 1000
         taken = router.metric_sum("arr_takebacks_total", result="ok")
         assert taken == 990 and router.metric_sum("arr_takebacks_total") == taken
         retrans = sum(d.get("TcpRetransSegs", 0) for d in deltas.values())
         print(f"\n1,000 keep-alive requests under 2% loss each way: drops {drops}, retransmitted segments "
-              f"{retrans}, slowest {slowest:.2f}s, take-backs {taken:.0f}, take-back p99 "
+              f"{retrans}, slowest {slowest:.2f}s, over 0.3 s {slow}, take-backs {taken:.0f}, take-back p99 "
               f"{router.quantile('arr_takeback_duration_seconds', 0.99)}")
 
 

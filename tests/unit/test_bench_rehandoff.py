@@ -13,6 +13,7 @@ from arr.testbed.router import parse_exposition, to_toml
 from benchmarks import report
 from benchmarks.goals import goal_verdicts, rehandoff_goals
 from benchmarks.stats import (
+    by_label,
     counts_delta,
     decided_check,
     phase_share,
@@ -46,6 +47,13 @@ def test_router_counts_from_an_exposition():
                  "takeback_failures": 2.0, "rehandoffs_same": 970.0, "rehandoffs_other": 10.0}
     assert router_counts({}) == dict.fromkeys(c, 0.0)  # a proxy router: nothing handed off
     assert counts_delta({"decided": 10.0}, {"decided": 25.0, "handoffs": 3.0}) == {"decided": 15.0, "handoffs": 3.0}
+
+
+def test_by_label():
+    samples = parse_exposition(EXPOSITION)
+    assert by_label(samples, "arr_takebacks_total", "result") == {"ok": 980.0, "unacked": 2.0}
+    assert by_label(samples, "arr_handoff_fallbacks_total", "reason") == {"half-closed": 5.0}
+    assert by_label(samples, "arr_nothing_total", "reason") == {}
 
 
 def test_decided_check_conditions():
@@ -147,7 +155,8 @@ def test_report_shows_the_routing_cost_and_the_decided_checks():
     r = results(run)
     md = report.render_markdown(r, ["rehandoff.png"])
     assert "## Every request routed: router CPU per keep-alive request" in md
-    assert "| arr-nat | same target | 400 | 8% | 0.200 | 0.40 | 0.050 | 0.80 | 0.30 | 100% same-target re-handoffs |" in md
+    assert ("| arr-nat | same target | 400 | 8% | 0.200 | 0.40 | 0.050 | 0.80 | 0.30 "
+            "| 100% same-target re-handoffs |") in md
     assert "## Every request decided (arr)" in md
     assert "| arr-nat | keep-alive 1KiB | 1 | 1,024 | 1,030 | 1,030 | ok |" in md
     assert "| arr-nat | routing: same target | 1 | 2,000 | 8 | 8 | **DISAGREE**: run 1: 1,992 of 2,000" in md
@@ -159,6 +168,54 @@ def test_report_shows_the_routing_cost_and_the_decided_checks():
     rows = report.decided_rows(r["raw"])
     assert [x["test"] for x in rows] == ["keep-alive 1KiB", "routing: same target"]
     assert "router CPU ms/request first handoff 0.500" in report.console_summary(r)
+
+
+def test_fallbacks_in_a_window_are_shown_and_noted():
+    run = nat_run()
+    run["rehandoff"]["other"]["counts"] = counts(2000, 1900, other=1890)  # 100 fell back
+    run["rehandoff"]["other"]["fallback_reasons"] = {"no-forward-port": 99, "half-closed": 1}
+    run["rehandoff"]["other"]["takeback_results"] = {"ok": 1990, "unacked": 2}
+    r = results(run)
+    assert r["summary"]["arr-nat"]["rehandoff"]["other"]["fallback_share"]["median"] == pytest.approx(0.05)
+    md = report.render_markdown(r)
+    assert ("arr-nat requests that fell back to proxying, per window (all runs): first handoff 0 of 2,000; "
+            "same target 0 of 2,000; other target 100 of 2,000 (no-forward-port 99, half-closed 1), "
+            "2 failed take-backs.") in md
+    v = by_goal(r)
+    assert "fell back to proxying: other-target window 5.0%" in v["9."].note
+    assert "fell back" not in v["8."].note
+    run["rehandoff"]["other"]["counts"] = counts(20000, 19999, other=19990)  # 1 at wrk's stop: not noted
+    assert "fell back" not in by_goal(results(run))["9."].note
+
+
+def test_time_wait_left_by_the_windows_is_reported():
+    run = nat_run()
+    for phase, left in (("first", 0), ("same", 0), ("other", 4800)):
+        run["rehandoff"][phase].update(forward_time_wait_after=left, forward_time_wait_cleared=100)
+    md = report.render_markdown(results(run))
+    assert ("TIME_WAIT sockets on forward ports left by each window (median over runs): first handoff 0, "
+            "same target 0, other target 4,800.") in md
+    assert "(destroyed; 300 at window starts)" in md
+    assert "TIME_WAIT" not in report.render_markdown(results(nat_run())).split("## How it is measured")[0]
+
+
+def test_forward_time_wait_asks_ss_for_the_forward_range():
+    from benchmarks.measure import forward_ports_of, forward_time_wait
+
+    calls = []
+
+    class Cluster:
+        router = "router-ns"
+
+        def exec(self, host, argv, timeout, check):
+            calls.append((host, argv))
+            return SimpleNamespace(stdout="0 0 10.0.0.1:50001 10.0.0.11:8080\n0 0 10.0.0.1:50002 10.0.0.11:8080\n\n")
+
+    assert forward_time_wait(Cluster(), (50000, 60999), kill=True) == 2
+    assert calls == [("router-ns", ["ss", "-K", "-Htan", "state", "time-wait",
+                                    "( sport >= :50000 and sport <= :60999 )"])]
+    assert forward_ports_of(None) == (50000, 60999)  # arr's default
+    assert forward_ports_of(SimpleNamespace(config={"handoff": {"forward_ports": [40000, 40999]}})) == (40000, 40999)
 
 
 def test_rehandoff_plot(tmp_path):

@@ -32,7 +32,7 @@ addresses = st.ip_addresses(v=4).map(str)
 
 translations = st.builds(Translation, saddr=addresses, daddr=addresses, sport=ports, dport=ports,
                          seq_delta=u32, ack_delta=u32, tsval_delta=u32, tsecr_delta=u32,
-                         wscale_in=st.integers(0, 14), wscale_out=st.integers(0, 14))
+                         wscale_in=st.integers(0, 14), wscale_out=st.integers(0, 14), tsecr_floor=u32)
 
 option = st.one_of(
     st.just(("NOP", None)),
@@ -75,7 +75,8 @@ def scapy_translate(pkt: Ether, x: Translation) -> bytes:
     options = []
     for kind, value in tcp.options:
         if kind == "Timestamp":
-            value = ((value[0] + x.tsval_delta) % MOD, (value[1] - x.tsecr_delta) % MOD)
+            genuine = not x.tsecr_floor or (value[1] != 0 and (value[1] - x.tsecr_floor) % MOD < 1 << 31)
+            value = ((value[0] + x.tsval_delta) % MOD, (value[1] - x.tsecr_delta) % MOD if genuine else 0)
         elif kind == "SAck":
             value = tuple((edge - x.ack_delta) % MOD for edge in value)
         options.append((kind, value))
