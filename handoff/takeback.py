@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 from handoff.control import (TAKEN_OK, TAKEN_UNACKED, ControlClient, ControlUnavailable, Taken, TakeBack)
+from handoff.forward_close import ForwardCloser
 from handoff.forward_pool import ForwardProfile, ReadyForward
 from handoff.lifecycle import forward_key_of, target_of, wire_key
 from handoff.maps import (FLOW_F_RST, FLOW_TAKEBACK, WATCH_CONNECTING,
@@ -215,6 +216,7 @@ class TakeBacks:
         self.resume = resume
         self._pending: dict[FlowKey, _Pending] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self.closer = ForwardCloser(datapath, connections)
 
     def on_captures(self, captures: list[Capture]) -> None:
         for capture in captures:
@@ -241,6 +243,7 @@ class TakeBacks:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.closer.stop()
 
     async def _take_back(self, key: FlowKey, pending: _Pending) -> None:
         started = time.perf_counter()
@@ -324,7 +327,7 @@ class TakeBacks:
         try:
             client = rebuild_socket(plan_client(taking), window_probe=None)
         except BaseException as exc:
-            self._close_forward(ReadyForward(forward, forward_key, conn_id))
+            self.close_forward(ReadyForward(forward, forward_key, conn_id))
             if isinstance(exc, OSError):
                 log.warning("rebuilding the client connection %r failed: %s", key, exc)
                 raise TakeBackFailed(f"rebuild-client-{exc.errno}") from None
@@ -358,18 +361,9 @@ class TakeBacks:
             self.connections.abandon(key, entry)
 
     def close_forward(self, ready: ReadyForward) -> None:
-        self._close_forward(ready)
-
-    def _close_forward(self, ready: ReadyForward) -> None:
         """Close a rebuilt forwarding connection the way any client would: a
-        FIN, then the kernel's usual ending (the router's side waits in
-        TIME_WAIT, which keeps the port from reuse). Its watch entry goes: the
-        server's last packets are the router stack's business."""
-        try:
-            ready.sock.close()
-        finally:
-            self.connections.in_flight.discard(ready.watch_key)
-            self.datapath.watch.delete(ready.watch_key)
+        FIN (handoff/forward_close.py frees its port once the exchange is over)."""
+        self.closer.close(ready)
 
 
 def _watch_for_rebuilt(watch: WatchEntry | None, conn_id: int, taking: Taking) -> WatchEntry:

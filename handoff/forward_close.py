@@ -1,0 +1,96 @@
+"""Closing a forwarding connection the router rebuilt (handoff/takeback.py),
+without the 60 s of TIME_WAIT that would keep its port from the next handoff.
+
+A taken-back connection whose next request goes elsewhere than its target
+closes its forwarding connection the way any client would: a FIN, answered by
+the server's. The router's side then waits in TIME_WAIT, holding the port
+(the kernel refuses to bind it) for a minute: at a thousand take-backs to
+another target a second, 11,000 forwarding ports last eleven seconds. So once
+the router's socket is in TIME_WAIT (the server closed too) it is destroyed
+(sock_diag, by cookie: no packet), as the agents do with the targets' TIME_WAIT
+sockets, for the same reasons (README, "How a handed-off connection ends"),
+and the port is free. Until then the watch entry stays CONNECTING: the
+server's FIN and ACK reach the router's socket, and the port counts as taken.
+A server that never answers leaves the port in quarantine (WATCH_CLOSED).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from arr import netlink
+from arr.inet_diag import TcpState
+from handoff.forward_pool import ReadyForward
+from handoff.maps import WATCH_CLOSED, FlowKey
+
+if TYPE_CHECKING:
+    from handoff.datapath import RouterDatapath
+    from handoff.lifecycle import RouterConnections
+
+log = logging.getLogger("arr.handoff")
+
+LOOKS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+"""Seconds after the FIN at which the router's socket is looked at."""
+
+
+class ForwardCloser:
+    def __init__(self, datapath: "RouterDatapath", connections: "RouterConnections") -> None:
+        self.datapath = datapath
+        self.connections = connections
+        self.reclaimed = 0
+        self._diag = netlink.SockDiag(None)
+        self._timers: dict[FlowKey, asyncio.TimerHandle] = {}
+
+    def close(self, ready: ReadyForward) -> None:
+        """FIN now; the port is free once the exchange is over."""
+        # Kept "in flight" meanwhile: the lifecycle's sweep leaves its watch entry be.
+        self.connections.in_flight.add(ready.watch_key)
+        try:
+            ready.sock.close()
+        finally:
+            self._schedule(ready.watch_key, ready.conn_id, 0)
+
+    def _schedule(self, key: FlowKey, conn_id: int, look: int) -> None:
+        self._timers[key] = asyncio.get_running_loop().call_later(LOOKS[look], self._look, key, conn_id, look)
+
+    def _look(self, key: FlowKey, conn_id: int, look: int) -> None:
+        self._timers.pop(key, None)
+        watch = self.datapath.watch.lookup(key)
+        if watch is None or watch.conn_id != conn_id:
+            self.connections.in_flight.discard(key)
+            return  # the port went another way meanwhile
+        local, remote = key.dst, key.src
+        try:
+            found = self._diag.sockets_of([(local, remote)])[(local, remote)]
+        except OSError as exc:
+            log.debug("looking up the closed forwarding connection %r: %s", key, exc)
+            found = None if look + 1 >= len(LOOKS) else _UNKNOWN
+        if found is None or (found is not _UNKNOWN and found.state == TcpState.TIME_WAIT):
+            if found is not None:
+                try:
+                    netlink.destroy_tcp_socket(None, local, remote, cookie=found.cookie)
+                    self.reclaimed += 1
+                except OSError as exc:
+                    log.debug("destroying %r in TIME_WAIT: %s", key, exc)
+            self.datapath.watch.delete(key)
+            self.connections.in_flight.discard(key)
+        elif look + 1 < len(LOOKS):
+            self._schedule(key, conn_id, look + 1)
+        else:
+            # The server never finished: the port waits out the quarantine.
+            watch.state, watch.closed_ns = WATCH_CLOSED, time.monotonic_ns()
+            self.datapath.watch.update(key, watch)
+            self.connections.in_flight.discard(key)
+
+    def stop(self) -> None:
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        self._diag.close()
+
+
+_UNKNOWN = object()
+"""A lookup that failed: look again later."""
