@@ -48,12 +48,18 @@ def two_pools(c: Cluster, **router: object) -> dict:
     }
 
 
-def connect(c: Cluster) -> tuple[http.client.HTTPConnection, int]:
-    """http.client on a socket opened in the client's namespace; never
-    reconnects by itself (a second connection would fail the port check)."""
+def client_socket(c: Cluster):
+    """A TCP connection to the router from the client's namespace."""
     sock = netlink.socket_in_netns(c.client.ns)
     sock.settimeout(10)
     sock.connect((c.vip, ROUTER_PORT))
+    return sock
+
+
+def connect(c: Cluster) -> tuple[http.client.HTTPConnection, int]:
+    """http.client on a socket opened in the client's namespace; never
+    reconnects by itself (a second connection would fail the port check)."""
+    sock = client_socket(c)
     conn = http.client.HTTPConnection(c.vip, ROUTER_PORT, timeout=10)
     conn.sock = sock
     return conn, sock.getsockname()[1]
@@ -306,17 +312,13 @@ def test_least_connections_counts_handed_off_connections(cluster):
         router.wait_healthy()
         try:
             for _ in range(20):
-                sock = netlink.socket_in_netns(c.client.ns)
-                sock.settimeout(10)
-                sock.connect((c.vip, ROUTER_PORT))
+                sock = client_socket(c)
                 assert hashlib.sha256(raw_request(sock, c.files["1k"].url_path)).hexdigest() == c.files["1k"].sha256
                 held.append(sock)
             assert wait_for(lambda: router.metric_sum("arr_handed_off_connections") == 20, 5)
             split = {t.name: 0 for t in c.targets}
             for _ in range(20):
-                sock = netlink.socket_in_netns(c.client.ns)
-                sock.settimeout(10)
-                sock.connect((c.vip, ROUTER_PORT))
+                sock = client_socket(c)
                 split[raw_request(sock, "/whoami").decode().strip()] += 1
                 held.append(sock)  # stays open: load on the target that got it
             print(f"\nleast-connections with 20 handed-off connections on t0: new ones went {split}")
@@ -324,9 +326,7 @@ def test_least_connections_counts_handed_off_connections(cluster):
             # Both now hold 20: the next ones alternate.
             more = {t.name: 0 for t in c.targets}
             for _ in range(10):
-                sock = netlink.socket_in_netns(c.client.ns)
-                sock.settimeout(10)
-                sock.connect((c.vip, ROUTER_PORT))
+                sock = client_socket(c)
                 more[raw_request(sock, "/whoami").decode().strip()] += 1
                 held.append(sock)
             assert abs(more[c.targets[0].name] - more[c.targets[1].name]) <= 2, more
