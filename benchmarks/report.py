@@ -311,9 +311,9 @@ METHOD_TEXT = """\
   (`arr_rehandoffs_total` by target over decided requests); take-back and handoff p50 come from the
   router's histograms, bucket deltas over the window. Before each arr-nat test and window the
   harness destroys (`ss -K`) the router namespace's TIME_WAIT sockets on forward ports that earlier
-  tests left: a take-back to another target closes the old forwarding connection from the router,
-  which keeps that port 60 s, so a test would otherwise inherit the previous one's `no-forward-port`
-  fallbacks. How many each window left and how many were destroyed is in the JSON and the report.
+  tests left (arr destroys its own once the server answered, handoff/forward_close.py; the harness
+  makes sure a window never inherits `no-forward-port` fallbacks from an older arr or an aborted
+  run). How many each window left and how many were destroyed is in the JSON and the report.
 * **Sustained handoffs to one target** (once per invocation, `--sustain SECONDS`): arr-nat with a
   router configuration that lists only the first target; two `wrk -t1` with `Connection: close`
   (32 connections in all) as fast as they go, no rate limit. The router's `arr_handoffs_total` is
@@ -438,8 +438,9 @@ def _window_fallbacks(data: Mapping) -> str:
 def _time_wait_text(data: Mapping) -> str:
     """The router's TIME_WAIT sockets on forward ports each keep-alive routing
     window left (a take-back to another target closes the old forwarding
-    connection from the router: 60 s of TIME_WAIT holding its port), and how
-    many earlier tests had left before it (destroyed before the window)."""
+    connection from the router; handoff/forward_close.py destroys its TIME_WAIT
+    socket once the server answered, so this should stay near 0), and how many
+    earlier tests had left before it (destroyed before the window)."""
     after: dict[str, list[float]] = {}
     cleared = 0.0
     for run in data.get("runs", []):
@@ -452,10 +453,10 @@ def _time_wait_text(data: Mapping) -> str:
         return ""
     parts = ", ".join(f"{PHASE_LABELS[p]} {fmt(Summary.of(v).to_json(), '{:,.0f}')}" for p, v in after.items())
     return (f"arr-nat router TIME_WAIT sockets on forward ports left by each window (median over runs): {parts}. "
-            "A take-back to another target closes the old forwarding connection from the router, whose side "
-            "then holds its forward port 60 s; with the default 11,000 forward ports and one source address "
-            "that caps sustained take-backs to another target near 11,000 / 60 s = 183/s before "
-            "`no-forward-port` fallbacks. "
+            "A take-back to another target closes the old forwarding connection from the router; its "
+            "TIME_WAIT socket is destroyed once the server answered the FIN (handoff/forward_close.py), "
+            "so the port is free at once. Left in TIME_WAIT (60 s), 11,000 forward ports would cap "
+            "take-backs to another target near 183/s (`no-forward-port` fallbacks). "
             "Each arr-nat start and each window begins without the ones earlier tests left (destroyed; "
             f"{cleared:,.0f} at window starts).")
 
