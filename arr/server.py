@@ -16,7 +16,6 @@ import inspect
 import json
 import logging
 import signal
-import socket
 import time
 from typing import TYPE_CHECKING, Protocol
 
@@ -30,6 +29,7 @@ from arr.routing import Policy, build_routing
 from arr.session import ClientGone, ClientSession
 
 if TYPE_CHECKING:
+    import socket
     from collections.abc import Coroutine
 
     import h11

@@ -63,21 +63,26 @@ class ForwardCloser:
             self.connections.in_flight.discard(key)
             return  # the port went another way meanwhile
         local, remote = key.dst, key.src
+        last = look + 1 >= len(LOOKS)
         try:
             found = self._diag.sockets_of([(local, remote)])[(local, remote)]
         except OSError as exc:
             log.debug("looking up the closed forwarding connection %r: %s", key, exc)
-            found = None if look + 1 >= len(LOOKS) else _UNKNOWN
-        if found is None or (found is not _UNKNOWN and found.state == TcpState.TIME_WAIT):
-            if found is not None:
-                try:
-                    netlink.destroy_tcp_socket(None, local, remote, cookie=found.cookie)
-                    self.reclaimed += 1
-                except OSError as exc:
-                    log.debug("destroying %r in TIME_WAIT: %s", key, exc)
+            if not last:
+                self._schedule(key, conn_id, look + 1)
+                return
+            found = None  # no answer to the end: taken as gone
+        if found is not None and found.state == TcpState.TIME_WAIT:
+            try:
+                netlink.destroy_tcp_socket(None, local, remote, cookie=found.cookie)
+                self.reclaimed += 1
+            except OSError as exc:
+                log.debug("destroying %r in TIME_WAIT: %s", key, exc)
+            found = None
+        if found is None:
             self.datapath.watch.delete(key)
             self.connections.in_flight.discard(key)
-        elif look + 1 < len(LOOKS):
+        elif not last:
             self._schedule(key, conn_id, look + 1)
         else:
             # The server never finished: the port waits out the quarantine.
@@ -90,7 +95,3 @@ class ForwardCloser:
             timer.cancel()
         self._timers.clear()
         self._diag.close()
-
-
-_UNKNOWN = object()
-"""A lookup that failed: look again later."""

@@ -119,6 +119,11 @@ class Taking:
     elapsed_ms: int
     """Since the first capture: clocks have moved on by this much."""
 
+    @property
+    def target_tsval(self) -> int:
+        """The server's newest TSval the client saw (its TSecr), in the server's clock."""
+        return wrap((self.latest.tsecr or 0) - self.entry.x.tsecr_delta)
+
 
 def plan_client(t: Taking) -> SocketPlan:
     """The router's side of the client connection: as the client sees it."""
@@ -176,9 +181,6 @@ class TakenBack:
     """Where ``forward`` leads."""
     target_syn_seq: int
     """Seq of the server's SYN-ACK on ``forward`` (its egress entry's syn_seq)."""
-    target_tsval: int
-    """The server's newest TSval the client saw, in the server's clock."""
-    taken_ns: int = field(default_factory=time.monotonic_ns)
 
 
 # ---------------------------------------------------------------- I/O
@@ -341,8 +343,7 @@ class TakeBacks:
                                    timestamps=bool(entry.client_opts & WATCH_OPT_TS)),
             client_syn_seq=entry.syn_seq, client_tsval=latest.tsval or 0,
             forward=ReadyForward(forward, forward_key, conn_id, asyncio.get_running_loop().time()),
-            target=target, target_syn_seq=taken.syn_seq,
-            target_tsval=wrap((latest.tsecr or 0) - entry.x.tsecr_delta))
+            target=target, target_syn_seq=taken.syn_seq)
         return client, context, entry.requests
 
     def _entry(self, key: FlowKey, conn_id: int) -> FlowEntry:
@@ -373,6 +374,6 @@ def _watch_for_rebuilt(watch: WatchEntry | None, conn_id: int, taking: Taking) -
     entry.state = WATCH_CONNECTING
     entry.conn_id = conn_id
     entry.closed_ns = 0
-    entry.target_tsval = wrap((taking.latest.tsecr or 0) - taking.entry.x.tsecr_delta)
+    entry.target_tsval = taking.target_tsval
     return entry
 
