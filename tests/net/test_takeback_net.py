@@ -169,6 +169,7 @@ def test_consecutive_requests_to_one_target_reuse_its_connection(cluster):
         # (a FIN: nginx logs no error) and a new one carries request 12.
         twelfth = nginx_lines(c, 0, "same=12 ")[0]
         assert twelfth.split()[-2] != lines[0].split()[-2]
+        assert router.metric_sum("arr_requests_total", decision="handoff") == 12  # each decided
         assert router.metric_sum("arr_rehandoffs_total", target="same-target") == 9
         assert router.metric_sum("arr_rehandoffs_total", target="other-target") == 2
         assert "[error]" not in c.nginx_error_log(0)
@@ -340,6 +341,8 @@ def test_least_connections_counts_handed_off_connections(cluster):
                 more[raw_request(sock, "/whoami").decode().strip()] += 1
                 held.append(sock)
             assert abs(more[c.targets[0].name] - more[c.targets[1].name]) <= 2, more
+            # The policy placed each of the 50 (the split is its work, not chance).
+            assert router.metric_sum("arr_requests_total", decision="handoff") == 50
         finally:
             for sock in held:
                 sock.close()
