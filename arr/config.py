@@ -32,15 +32,26 @@ class Limits:
 
     header_bytes: int = 64 * 1024
     header_timeout: float = 10.0
+    """Deadline for a whole request head: from the connection's start for its
+    first request, from the request's first byte for later ones (408)."""
     body_buffer: int = 64 * 1024
     """Body bytes read before the decision (larger bodies stream after it)."""
     max_body: int = 1 << 30
     """Largest request body accepted (413 beyond); 0 means unlimited."""
     body_timeout: float = 30.0
     """Longest wait for the next body chunk (408 when exceeded)."""
+    body_deadline: float = 300.0
+    """Longest time for a whole request body, from the end of its head (408)."""
+    min_body_rate: int = 1024
+    """Bytes per second a body must average once ``body_rate_grace`` has
+    passed since its start (408 below); 0 disables the check."""
+    body_rate_grace: float = 5.0
     keepalive_timeout: float = 60.0
     max_connections: int = 10_000
     max_requests_per_connection: int = 10_000
+    reserved_fds: int = 256
+    """File descriptors kept free of client connections, for health checks,
+    upstream and forwarding connections, maps and logs (see arr/fdlimit.py)."""
 
 
 @dataclass(frozen=True)
@@ -280,10 +291,14 @@ def _limits(data: Any) -> Limits:
         body_buffer=s.number("body_buffer", d.body_buffer, integer=True),
         max_body=s.number("max_body", d.max_body, integer=True),
         body_timeout=s.number("body_timeout", d.body_timeout, allow_zero=False),
+        body_deadline=s.number("body_deadline", d.body_deadline, allow_zero=False),
+        min_body_rate=s.number("min_body_rate", d.min_body_rate, integer=True),
+        body_rate_grace=s.number("body_rate_grace", d.body_rate_grace),
         keepalive_timeout=s.number("keepalive_timeout", d.keepalive_timeout, allow_zero=False),
         max_connections=s.number("max_connections", d.max_connections, minimum=1, integer=True),
         max_requests_per_connection=s.number(
             "max_requests_per_connection", d.max_requests_per_connection, minimum=1, integer=True),
+        reserved_fds=s.number("reserved_fds", d.reserved_fds, minimum=16, integer=True),
     )
     s.finish()
     return limits
