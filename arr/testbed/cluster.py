@@ -416,7 +416,9 @@ class Cluster:
             raise TestbedError(f"{ns!r} is not a namespace of cluster {self.id}")
         if isinstance(argv, (str, bytes)):
             raise TypeError("argv must be a sequence of strings, not a string")
-        return ["ip", "netns", "exec", ns, *map(str, argv)]
+        # ip by absolute path: a command may run with a PATH of its own
+        # (an installed arr, tests/net/test_wheel_net.py) that lacks it.
+        return [shutil.which("ip") or "ip", "netns", "exec", ns, *map(str, argv)]
 
     def exec(
         self,

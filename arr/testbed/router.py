@@ -172,12 +172,38 @@ def default_config(cluster: Cluster, mode: str = "proxy", **sections: Any) -> di
     return config
 
 
+@dataclass(frozen=True)
+class ArrInstall:
+    """Which arr a test bed runs: this checkout (the default), or an installed
+    one, e.g. a wheel in a virtualenv (tests/net/test_wheel_net.py). An
+    installed arr runs with ``env`` only and its interpreter's directory as
+    PATH, so nothing of the checkout (nor a compiler) is within its reach."""
+
+    python: str = sys.executable
+    env: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def checkout(self) -> bool:
+        return self.python == sys.executable
+
+    def environment(self) -> dict[str, str]:
+        if self.checkout:
+            return {**_python_env(), **dict(self.env)}
+        return {"PATH": str(Path(self.python).parent), **dict(self.env)}
+
+
+CHECKOUT = ArrInstall()
+
+
 def start_arr(cluster: Cluster, host: Host, argv: list[str], log_path: Path, port: tuple[str, int],
-              timeout: float, what: str) -> subprocess.Popen:
+              timeout: float, what: str, install: ArrInstall = CHECKOUT) -> subprocess.Popen:
     """``python -m arr ARGV`` in HOST's namespace, waiting until PORT accepts."""
     with log_path.open("ab") as log:
-        proc = cluster.popen(host, [sys.executable, "-m", "arr", *argv],
-                             stdout=log, stderr=subprocess.STDOUT, env=_python_env())
+        # An installed arr starts outside the checkout: ``-m`` puts the
+        # working directory first on sys.path.
+        proc = cluster.popen(host, [install.python, "-m", "arr", *argv],
+                             stdout=log, stderr=subprocess.STDOUT, env=install.environment(),
+                             cwd=None if install.checkout else str(cluster.workdir))
     deadline = time.monotonic() + timeout
     while not cluster.port_open(host, port[0], port[1], timeout=0.2):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -204,6 +230,7 @@ class ArrProcess:
     cluster: Cluster
     proc: subprocess.Popen | None
     log_path: Path
+    install: ArrInstall
 
     def stop(self) -> int | None:
         if self.proc is None:
@@ -227,6 +254,7 @@ class RouterProcess(ArrProcess):
     config: dict[str, Any]
     name: str = "router"
     proc: subprocess.Popen | None = None
+    install: ArrInstall = CHECKOUT
     log_path: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -241,7 +269,7 @@ class RouterProcess(ArrProcess):
         config_path.write_text(to_toml(self.config))
         host, port = self.config["router"]["listen"].rsplit(":", 1)
         self.proc = start_arr(self.cluster, self.cluster.router, ["serve", "--config", str(config_path)],
-                              self.log_path, (host, int(port)), timeout, "arr serve")
+                              self.log_path, (host, int(port)), timeout, "arr serve", self.install)
         return self
 
     def wait_healthy(self, count: int | None = None, timeout: float = 10.0) -> None:
@@ -300,6 +328,7 @@ class AgentProcess(ArrProcess):
     index: int
     overrides: dict[str, Any] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
+    install: ArrInstall = CHECKOUT
 
     @property
     def host(self) -> Host:
@@ -317,7 +346,7 @@ class AgentProcess(ArrProcess):
         config_path.write_text(to_toml({"agent": settings}))
         self.proc = start_arr(self.cluster, self.host, ["agent", "--config", str(config_path)],
                               self.log_path, (self.host.ip, AGENT_PORT), timeout,
-                              f"arr agent on {self.host.name}")
+                              f"arr agent on {self.host.name}", self.install)
         return self
 
     def metrics(self) -> dict[str, float]:
@@ -350,15 +379,18 @@ def clear_handoff_programs(cluster: Cluster) -> int:
 
 @contextmanager
 def handoff_cluster(cluster: Cluster, mode: str = "nat", agent: dict[str, Any] | None = None,
+                    install: ArrInstall = CHECKOUT,
                     **sections: Any) -> Iterator[tuple[RouterProcess, list[AgentProcess]]]:
     """Agents on every target (``agent``: their [agent] overrides) and a router
-    in MODE (``sections``: overrides of its config sections); pins removed at the end."""
+    in MODE (``sections``: overrides of its config sections), all run from
+    INSTALL; pins removed at the end."""
     host_bpffs()
     agents: list[AgentProcess] = []
-    router = RouterProcess(cluster, default_config(cluster, mode, **sections))
+    router = RouterProcess(cluster, default_config(cluster, mode, **sections), install=install)
     try:
         if mode == "nat":
-            agents = [AgentProcess(cluster, i, dict(agent or {})).start() for i in range(len(cluster.targets))]
+            agents = [AgentProcess(cluster, i, dict(agent or {}), install=install).start()
+                      for i in range(len(cluster.targets))]
         router.start()
         yield router, agents
     finally:

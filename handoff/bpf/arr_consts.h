@@ -1,4 +1,4 @@
-/* SPDX-License-Identifier: (GPL-2.0 OR Apache-2.0) */
+/* SPDX-License-Identifier: GPL-2.0-only OR Apache-2.0 */
 /*
  * arr handoff: constants (Katran's lib/bpf layout: constants, structs, maps,
  * parsing and rewrite helpers in headers of their own; arr_handoff.h includes

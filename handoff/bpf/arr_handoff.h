@@ -1,4 +1,4 @@
-/* SPDX-License-Identifier: (GPL-2.0 OR Apache-2.0) */
+/* SPDX-License-Identifier: GPL-2.0-only OR Apache-2.0 */
 /*
  * arr handoff: what the router and target programs share, laid out by role
  * as Katran's lib/bpf is:

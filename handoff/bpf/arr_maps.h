@@ -1,4 +1,4 @@
-/* SPDX-License-Identifier: (GPL-2.0 OR Apache-2.0) */
+/* SPDX-License-Identifier: GPL-2.0-only OR Apache-2.0 */
 /*
  * arr handoff: the maps (each object has its own instances), and the two
  * helpers that write to the shared ones: count() and emit().

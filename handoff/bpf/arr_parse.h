@@ -1,4 +1,4 @@
-/* SPDX-License-Identifier: (GPL-2.0 OR Apache-2.0) */
+/* SPDX-License-Identifier: GPL-2.0-only OR Apache-2.0 */
 /*
  * arr handoff: reading packets: where the headers are, sequence arithmetic,
  * and the TCP option walker (one option per bpf_loop callback).

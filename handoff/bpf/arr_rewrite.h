@@ -1,4 +1,4 @@
-/* SPDX-License-Identifier: (GPL-2.0 OR Apache-2.0) */
+/* SPDX-License-Identifier: GPL-2.0-only OR Apache-2.0 */
 /*
  * arr handoff: rewriting packets: the blueprint's section 3 table with
  * incremental checksums (the Python reference model is handoff/translate.py

@@ -1,4 +1,4 @@
-/* SPDX-License-Identifier: (GPL-2.0 OR Apache-2.0) */
+/* SPDX-License-Identifier: GPL-2.0-only OR Apache-2.0 */
 /*
  * arr handoff: the layouts of map keys and values (mirrored field for field by
  * handoff/maps.py, checked against BTF by tests/unit/test_bpf_layout.py), the

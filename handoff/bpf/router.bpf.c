@@ -1,4 +1,4 @@
-// SPDX-License-Identifier: (GPL-2.0 OR Apache-2.0)
+// SPDX-License-Identifier: GPL-2.0-only OR Apache-2.0
 /*
  * Router side of the handoff, attached with tc (clsact, direct action).
  *
@@ -324,4 +324,6 @@ int arr_router_egress(struct __sk_buff *skb)
 	return TC_ACT_OK;
 }
 
-char LICENSE[] SEC("license") = "Dual BSD/GPL";
+/* The kernel knows no "Apache/GPL" dual string; the object declares the GPL-2.0
+ * side of its SPDX expression (LICENSES/GPL-2.0-only.txt). */
+char LICENSE[] SEC("license") = "GPL";

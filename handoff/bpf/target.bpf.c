@@ -1,4 +1,4 @@
-// SPDX-License-Identifier: (GPL-2.0 OR Apache-2.0)
+// SPDX-License-Identifier: GPL-2.0-only OR Apache-2.0
 /*
  * Target side of the handoff, attached with tc (clsact, direct action) on
  * egress of the interface that leads to the router.
@@ -129,4 +129,6 @@ int arr_target_egress(struct __sk_buff *skb)
 	return verdict;
 }
 
-char LICENSE[] SEC("license") = "Dual BSD/GPL";
+/* The kernel knows no "Apache/GPL" dual string; the object declares the GPL-2.0
+ * side of its SPDX expression (LICENSES/GPL-2.0-only.txt). */
+char LICENSE[] SEC("license") = "GPL";
