@@ -127,10 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     agent.set_defaults(func=_agent)
 
     conns = sub.add_parser("conns", help="list handed-off connections (reads the pinned maps)")
-    conns.add_argument("--side", choices=("router", "agent"), default="router")
-    conns.add_argument("--bpf-dir", default="/run/arr/bpf")
-    conns.add_argument("--instance", help="pinned maps' instance (default: this netns's)")
-    conns.add_argument("--json", action="store_true")
+    from handoff.inspect import add_arguments as add_conns_arguments
+
+    add_conns_arguments(conns)
     conns.set_defaults(func=_conns)
 
     check = sub.add_parser("check-config", help="validate a configuration file and exit")

@@ -23,6 +23,7 @@ from typing import Callable
 
 from arr import netlink
 from handoff.build import object_path
+from handoff.instances import forget_owner, record_owner
 from handoff.libbpf import BpfMap, BpfObject, RingBuffer
 from handoff.ports import PortRange, reservation_text
 from handoff.maps import (DEFAULT_CAPACITY, Capture, FLOW_ACTIVE, STAT_NAMES, Event, FlowEntry, FlowKey, MirrorState,
@@ -124,6 +125,10 @@ class Datapath:
                              capacity={name: capacity for name in self.connection_maps})
         self.stats_map = BpfMap(self.obj.map_fd("arr_stats"), StatIndex, StatIndex)
         self.attached: list[Attachment] = []
+        try:  # for `arr conns --instances` (handoff/instances.py); never worth failing for
+            record_owner(self.pin_dir.parent, self.pin_dir.name, self.role)
+        except OSError as exc:
+            log.warning("could not record the owner of %s: %s", self.pin_dir, exc)
 
     def attach(self, program: str, ifname: str, direction: str) -> None:
         netlink.bpf_attach(None, ifname, direction, self.obj.program_fd(program), program)
@@ -158,6 +163,7 @@ class Datapath:
     def unpin(self) -> None:
         """Remove the pinned maps (after detach: connections handed off are lost)."""
         shutil.rmtree(self.pin_dir, ignore_errors=True)
+        forget_owner(self.pin_dir.name)
 
 
 class IngressMap(BpfMap[FlowKey, FlowEntry]):

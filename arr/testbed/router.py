@@ -67,8 +67,15 @@ def remove_stale_pins() -> list[str]:
         cluster_id = pins.name.split("-")[0]
         if re.fullmatch(r"[0-9a-f]{6}", cluster_id) and cluster_id not in live:
             shutil.rmtree(pins, ignore_errors=True)
+            _forget_owner(pins.name)
             removed.append(pins.name)
     return removed
+
+
+def _forget_owner(instance: str) -> None:
+    from handoff.instances import forget_owner
+
+    forget_owner(instance)
 
 
 def remove_pins(cluster: Cluster) -> None:
@@ -77,6 +84,7 @@ def remove_pins(cluster: Cluster) -> None:
     if root.is_dir():
         for pins in root.glob(f"{cluster.id}-*"):
             shutil.rmtree(pins, ignore_errors=True)
+            _forget_owner(pins.name)
 
 
 def _toml_value(value: Any) -> str:
