@@ -59,6 +59,8 @@ class TargetState:
     longer passes through the router, so ``active`` does not see it."""
     consecutive_ok: int = 0
     consecutive_failures: int = 0
+    weight_override: int | None = None
+    """A weight set at run time (``arr weight``, arr/admin.py) instead of the configured one."""
 
     @property
     def name(self) -> str:
@@ -66,7 +68,7 @@ class TargetState:
 
     @property
     def weight(self) -> int:
-        return self.target.weight
+        return self.target.weight if self.weight_override is None else self.weight_override
 
     @property
     def load(self) -> int:
@@ -79,7 +81,7 @@ class TargetState:
 
     @property
     def available(self) -> bool:
-        return self.healthy and not self.draining and self.target.weight > 0
+        return self.healthy and not self.draining and self.weight > 0
 
     def record_check(self, ok: bool, rule: HealthRule) -> bool:
         """Feed one health observation; return True when health flipped."""
