@@ -22,6 +22,9 @@ MODES = ("nat", "proxy")
 FALLBACKS = ("proxy", "503")
 
 
+DEFAULT_ADMIN_SOCKET = "/run/arr/admin.sock"
+
+
 class ConfigError(ValueError):
     """A configuration problem, prefixed with the dotted path of the field."""
 
@@ -80,6 +83,10 @@ class RouterSettings:
     access_log: bool = True
     health_path: str | None = "/_arr/health"
     """Answered locally (router liveness); None disables it."""
+    admin_socket: str | None = None
+    """The runtime admin interface's Unix socket (arr/admin.py). A config file
+    gets ``/run/arr/admin.sock`` unless it says otherwise ("" disables it); a
+    ``RouterSettings`` built in code has none unless given."""
 
 
 @dataclass(frozen=True)
@@ -275,7 +282,10 @@ def _router(data: Any) -> RouterSettings:
         drain_timeout=s.number("drain_timeout", 10.0),
         access_log=s.get("access_log", bool, True),
         health_path=s.get("health_path", str, "/_arr/health") or None,
+        admin_socket=s.get("admin_socket", str, DEFAULT_ADMIN_SOCKET) or None,
     )
+    if settings.admin_socket is not None and not settings.admin_socket.startswith("/"):
+        raise ConfigError(f"router.admin_socket: must be an absolute path, got {settings.admin_socket!r}")
     if settings.health_path is not None and not settings.health_path.startswith("/"):
         raise ConfigError(f"router.health_path: must start with '/', got {settings.health_path!r}")
     s.finish()

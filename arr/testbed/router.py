@@ -163,7 +163,8 @@ def default_config(cluster: Cluster, mode: str = "proxy", **sections: Any) -> di
     config: dict[str, Any] = {
         "router": {"listen": f"{cluster.vip}:{ROUTER_PORT}", "mode": mode,
                    "metrics": f"127.0.0.1:{METRICS_PORT}", "access_log": False,
-                   "secret_file": str(secret_file(cluster))},
+                   "secret_file": str(secret_file(cluster)),
+                   "admin_socket": str(cluster.workdir / "admin.sock")},
         "handoff": {"bpf_dir": BPF_DIR, "instance": pin_instance(cluster, cluster.router)},
         "targets": [{"address": f"{t.ip}:{cluster.spec.target_port}", "name": t.name,
                      "agent": f"{t.ip}:{AGENT_PORT}"} for t in cluster.targets],

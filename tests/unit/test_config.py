@@ -1,11 +1,13 @@
 """Configuration: both shapes load, and every error names its dotted field path."""
 
+import dataclasses
 import textwrap
 
 import pytest
 
 from arr.cli import main as cli_main
-from arr.config import Config, ConfigError, Limits, config_from_dict, load_config, parse_address
+from arr.config import (DEFAULT_ADMIN_SOCKET, Config, ConfigError, Limits, config_from_dict, load_config,
+                        parse_address)
 from arr.pool import HealthRule, Target
 
 T1, T2 = "10.0.0.1:80", "10.0.0.2:8080"
@@ -31,7 +33,10 @@ def test_handoff_forward_pool_is_read_and_defaults_to_four():
 
 def test_empty_dict_is_defaults():
     config = config_from_dict({})
-    assert config == Config()
+    # A config file gets the admin socket by default; a Config built in code does not.
+    assert config.router.admin_socket == DEFAULT_ADMIN_SOCKET and Config().router.admin_socket is None
+    assert config == dataclasses.replace(Config(), router=dataclasses.replace(
+        Config().router, admin_socket=DEFAULT_ADMIN_SOCKET))
     assert config.limits == Limits() and config.pools == () and config.default_pool is None
 
 
