@@ -80,7 +80,9 @@ class RouterSettings:
     secret_file: str | None = None
     metrics: tuple[str, int] | None = None
     drain_timeout: float = 10.0
-    access_log: bool = True
+    access_log: str | None = "stderr"
+    """Where the JSON-lines access log goes (arr/accesslog.py): "stderr",
+    "stdout" or a file path; None (``"off"`` or ``false`` in a file) for nowhere."""
     health_path: str | None = "/_arr/health"
     """Answered locally (router liveness); None disables it."""
     admin_socket: str | None = None
@@ -269,6 +271,18 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
+def _access_log(s: _Section) -> str | None:
+    value = s.get("access_log", (bool, str), "stderr")
+    if value is True:
+        return "stderr"
+    if value in (False, "off", ""):
+        return None
+    if value not in ("stderr", "stdout") and not value.startswith("/"):
+        raise ConfigError(f'{s.path("access_log")}: "stderr", "stdout", "off" or an absolute file path; '
+                          f"got {value!r}")
+    return value
+
+
 def _router(data: Any) -> RouterSettings:
     s = _Section(data, "router")
     listen = parse_address(s.get("listen", str, "127.0.0.1:8080"), s.path("listen"), ephemeral_ok=True)
@@ -280,7 +294,7 @@ def _router(data: Any) -> RouterSettings:
         secret_file=s.get("secret_file", str),
         metrics=parse_address(metrics_text, s.path("metrics"), ephemeral_ok=True) if metrics_text else None,
         drain_timeout=s.number("drain_timeout", 10.0),
-        access_log=s.get("access_log", bool, True),
+        access_log=_access_log(s),
         health_path=s.get("health_path", str, "/_arr/health") or None,
         admin_socket=s.get("admin_socket", str, DEFAULT_ADMIN_SOCKET) or None,
     )
