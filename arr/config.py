@@ -42,12 +42,15 @@ class Limits:
     max_body: int = 1 << 30
     """Largest request body accepted (413 beyond); 0 means unlimited."""
     body_timeout: float = 30.0
-    """Longest wait for the next body chunk (408 when exceeded)."""
+    """Longest wait for the next body bytes (408 body-stalled)."""
     body_deadline: float = 300.0
-    """Longest time for a whole request body, from the end of its head (408)."""
+    """Longest time for a whole request body, from the end of its head (408
+    body-deadline), streamed bodies included."""
     min_body_rate: int = 1024
-    """Bytes per second a body must average once ``body_rate_grace`` has
-    passed since its start (408 below); 0 disables the check."""
+    """Bytes per second a body must average over the time spent waiting for
+    the client, once ``body_rate_grace`` seconds of it have passed (408
+    body-too-slow); 0 disables the check. Time a streamed body spends blocked
+    on a slow target does not count against the client."""
     body_rate_grace: float = 5.0
     keepalive_timeout: float = 60.0
     max_connections: int = 10_000
@@ -377,6 +380,14 @@ def _port_range(s: _Section, key: str, default: tuple[int, int]) -> tuple[int, i
     return ports.low, ports.high
 
 
+def _weight(s: _Section) -> int:
+    weight = s.number("weight", 1, integer=True)
+    if weight < 1:
+        raise ConfigError(f"{s.path('weight')}: must be >= 1, got {weight} (a target that should take no "
+                          "traffic is left out, or drained at run time: arr drain / arr weight)")
+    return weight
+
+
 def _target(data: Any, where: str) -> Target:
     s = _Section(data, where)
     address = s.get("address", str)
@@ -386,7 +397,7 @@ def _target(data: Any, where: str) -> Target:
     agent_text = s.get("agent", str)
     target = Target(
         host=host, port=port,
-        weight=s.number("weight", 1, integer=True),
+        weight=_weight(s),
         agent=parse_address(agent_text, s.path("agent")) if agent_text else None,
         name=s.get("name", str, ""),
     )
@@ -567,10 +578,49 @@ def config_from_dict(data: Mapping[str, Any], base: Path = Path(".")) -> Config:
     if router.mode == "nat" and pools and router.secret_file is None:
         raise ConfigError("router.secret_file: required in nat mode (the control channel's "
                           "pre-shared key; the agents read the same file)")
+    if router.mode == "nat":
+        for pool in pools:
+            for target in pool.targets:
+                if target.agent is None:
+                    raise ConfigError(
+                        f"{_target_where(pool.name, flat_targets is not None)}: target {target.name} has no "
+                        "'agent' but mode is nat (a handoff needs the target's arr agent: add "
+                        "agent = \"host:port\", or use mode = \"proxy\")")
+    _check_unconditional_rules(rules)
     config = Config(router=router, limits=limits, upstream=upstream, pools=tuple(pools),
                     rules=rules, default_pool=default_pool, local=local, handoff=handoff)
     _validate_rules(config)
     return config
+
+
+def _target_where(pool: str, flat: bool) -> str:
+    return "targets" if flat and pool == "default" else f"pools.{pool}.targets"
+
+
+def _check_unconditional_rules(rules: tuple[RuleSettings, ...]) -> None:
+    """A rule without any condition matches every request: rules after it
+    could never match, which is never what the author meant."""
+    for index, rule in enumerate(rules[:-1]):
+        if not any((rule.host, rule.path_prefix, rule.path_regex, rule.method, rule.header, rule.cookie)):
+            raise ConfigError(
+                f"rules[{index}]: has no condition, so it matches every request and rules[{index + 1}] and "
+                "after can never match (put it last, use default_pool, or add a condition)")
+
+
+def check_files(config: Config) -> None:
+    """What ``arr check-config`` adds to parsing: the files the config names
+    exist and are usable (the key file is read as the router would)."""
+    if config.router.mode == "nat" and config.router.secret_file:
+        from handoff.control import load_psk
+
+        try:
+            load_psk(config.router.secret_file)
+        except ValueError as exc:
+            raise ConfigError(f"router.secret_file: {exc}") from None
+    if config.router.access_log not in (None, "stderr", "stdout"):
+        directory = Path(config.router.access_log).parent
+        if not directory.is_dir():
+            raise ConfigError(f"router.access_log: directory {str(directory)!r} does not exist")
 
 
 def _validate_rules(config: Config) -> None:
@@ -596,4 +646,6 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{path}: not valid UTF-8 (byte {exc.start}); TOML files are UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    if not data:
+        raise ConfigError(f"{path}: the file is empty (at least [[targets]] or [pools.NAME] is needed)")
     return config_from_dict(data, base=path.parent)

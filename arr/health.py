@@ -11,6 +11,7 @@ probe, trying again is the only way to learn it recovered.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from typing import TYPE_CHECKING
 
@@ -24,10 +25,15 @@ log = logging.getLogger("arr.health")
 
 PASSIVE_RULE = HealthRule()
 PASSIVE_COOLDOWN = 10.0
+LOCAL_EXHAUSTION = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+"""Errors that say the router is out of fds or memory, nothing about the target."""
 
 
-async def probe(member: "TargetState", rule: HealthRule) -> bool:
-    """One HTTP/1.1 GET of ``rule.path``; True if the status is in range."""
+async def probe(member: "TargetState", rule: HealthRule) -> bool | None:
+    """One HTTP/1.1 GET of ``rule.path``; True if the status is in range.
+    None: no check was made, the router itself had no fd (or memory) for it
+    (``limits.reserved_fds`` keeps fds for the probes, arr/fdlimit.py; should
+    they run out anyway, a target must not be taken down for it)."""
     host, port = member.target.address
     writer = None
     try:
@@ -52,7 +58,9 @@ async def probe(member: "TargetState", rule: HealthRule) -> bool:
         except (OSError, TimeoutError):
             pass
         return healthy
-    except (OSError, TimeoutError):
+    except OSError as exc:
+        return None if exc.errno in LOCAL_EXHAUSTION else False
+    except TimeoutError:
         return False
     finally:
         if writer is not None:
@@ -91,6 +99,9 @@ class HealthMonitor:
         while True:
             results = await asyncio.gather(*(probe(m, rule) for m in pool.members))
             for member, ok in zip(pool.members, results):
+                if ok is None:
+                    self.metrics.health_checks.labels(pool.name, member.name, "no-fd").inc()
+                    continue
                 self.metrics.health_checks.labels(pool.name, member.name, "ok" if ok else "fail").inc()
                 self.observe(pool, member, ok, rule)
             await asyncio.sleep(rule.interval)

@@ -35,7 +35,17 @@ class Metrics:
             "arr_connections", "Client connections accepted.", registry=r)
         self.refused_connections = Counter(
             "arr_refused_connections",
-            "Client connections answered 503 because max_connections was reached.", registry=r)
+            "Client connections answered 503 and closed because the router was full: at its "
+            "effective max_connections (arr_max_connections), or out of file descriptors "
+            "(arr_accept_errors).", registry=r)
+        self.max_connections = Gauge(
+            "arr_max_connections", "Client connections admitted at once: limits.max_connections, "
+            "lowered to fit the file-descriptor limit (arr/fdlimit.py).", registry=r)
+        self.accept_errors = Counter(
+            "arr_accept_errors", "accept() failures on the listening socket, by reason (emfile, "
+            "enfile: out of file descriptors, the connection is answered 503 with a spare fd; "
+            "enobufs, enomem, others: accepting pauses briefly, clients wait in the backlog).",
+            ("reason",), registry=r)
         self.client_errors = Counter(
             "arr_client_errors", "Requests rejected before any decision, by reason.",
             ("reason", "status"), registry=r)
@@ -46,7 +56,8 @@ class Metrics:
             "arr_target_up", "1 if the target takes traffic (healthy, not draining).",
             ("pool", "target"), registry=r)
         self.health_checks = Counter(
-            "arr_health_checks", "Active health checks, by result.",
+            "arr_health_checks", "Active health checks, by result (ok, fail; no-fd: not made, the "
+            "router had no file descriptor for it, the target keeps its state).",
             ("pool", "target", "result"), registry=r)
         self.upstream_errors = Counter(
             "arr_upstream_errors", "Failures talking to targets, by kind.",

@@ -74,6 +74,8 @@ class Request:
 
     method: str
     target: str
+    """From the router's front-end: the normalised origin-form target, the
+    one the target receives (an absolute-form request's authority is in Host)."""
     headers: Headers
     client: tuple[str, int]
     http_version: str = "1.1"
@@ -102,8 +104,11 @@ class Request:
 
     @property
     def path(self) -> str:
-        """The path as the target will see it. An origin-form target is split
-        at '?' only: urlsplit would read '//admin/x' as a host and a path."""
+        """The path as the target will see it. The router's front-end builds
+        every Request with the normalised origin-form target it forwards
+        (arr/paths.py), so a policy matches what the target serves. An
+        origin-form target is split at '?' only: urlsplit would read
+        '//admin/x' as a host and a path."""
         if self.target.startswith("/"):
             return self.target.partition("?")[0]
         if "://" in self.target:  # absolute-form

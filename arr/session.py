@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING, AsyncIterator, Callable, Coroutine, Iterable
 import h11
 
 from arr.config import Limits
-from arr.http1 import HttpError, check_request_framing, error_response, reason_phrase
+from arr.http1 import (ALLOW, ChunkScanner, HeadScanner, HttpError, check_method, check_request_framing,
+                       error_response, reason_phrase)
+from arr.paths import PathError, route_target
 from arr.request import Headers, Request
 
 if TYPE_CHECKING:
@@ -39,8 +41,13 @@ class RequestBody:
     """The request body: a buffered prefix, then whatever is still on the wire.
 
     Bodies up to ``Limits.body_buffer`` are read before the decision so a policy
-    may look at them; larger ones stream through ``chunks()`` afterwards, with
-    ``max_body`` and ``body_timeout`` enforced as they arrive.
+    may look at them; larger ones stream through ``chunks()`` afterwards. Both
+    ways, as bytes arrive: ``max_body`` (413), and three clocks for 408:
+    ``body_timeout`` for each wait (body-stalled), ``body_deadline`` for the
+    whole body from the end of the head (body-deadline), and ``min_body_rate``
+    over the time spent waiting for the client once ``body_rate_grace`` of it
+    has passed (body-too-slow). The rate counts waiting time only, not the
+    time a streamed body spends blocked on a slow target.
     """
 
     def __init__(self, session: "ClientSession", declared_length: int | None, chunked: bool) -> None:
@@ -51,22 +58,48 @@ class RequestBody:
         self.received = 0
         self.complete = False
         """True once h11 delivered EndOfMessage (at once for body-less requests)."""
+        self.started = session._loop.time() if session._loop is not None else 0.0
+        """When the head ended: where body_deadline counts from."""
+        self.waited = 0.0
+        """Seconds spent waiting for the client's body bytes."""
 
     @property
     def present(self) -> bool:
         return self.chunked or bool(self.declared_length)
+
+    def _wait_budget(self, now: float) -> tuple[float, str]:
+        """How long the next wait for body bytes may last, and the 408's
+        reason if it lasts that long."""
+        limits = self.session.limits
+        budget, reason = limits.body_timeout, "body-stalled"
+        left = self.started + limits.body_deadline - now
+        if left < budget:
+            budget, reason = left, "body-deadline"
+        if limits.min_body_rate:
+            # The average falls below the rate once waited > received / rate.
+            allowance = max(limits.body_rate_grace, self.received / limits.min_body_rate) - self.waited
+            if allowance < budget:
+                budget, reason = allowance, "body-too-slow"
+        return budget, reason
 
     async def _next_data(self) -> bytes | None:
         session = self.session
         limits = session.limits
         while True:
             event = session.poll_event()
-            if event is h11.NEED_DATA:  # a timer only when the wire has to be waited for
+            if event is h11.NEED_DATA:  # the clocks run only when the wire has to be waited for
+                loop = session._loop
+                now = loop.time()  # type: ignore[union-attr]
+                budget, reason = self._wait_budget(now)
                 try:
-                    async with asyncio.timeout(limits.body_timeout):
+                    if budget <= 0:
+                        raise TimeoutError
+                    async with asyncio.timeout(budget):
                         event = await session.next_event()
                 except TimeoutError:
-                    raise HttpError(408, "body-timeout", "request body stalled") from None
+                    raise HttpError(408, reason, _BODY_TIMEOUT_DETAIL[reason]) from None
+                finally:
+                    self.waited += loop.time() - now  # type: ignore[union-attr]
             if isinstance(event, h11.Data):
                 self.received += len(event.data)
                 if limits.max_body and self.received > limits.max_body:
@@ -95,6 +128,13 @@ class RequestBody:
             data = await self._next_data()
             if data is not None:
                 yield data
+
+
+_BODY_TIMEOUT_DETAIL = {
+    "body-stalled": "request body stalled",
+    "body-deadline": "request body not complete by the body deadline",
+    "body-too-slow": "request body slower than the minimum rate",
+}
 
 
 class DetachError(RuntimeError):
@@ -185,6 +225,12 @@ class ClientSession(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         """The task serving this connection (what ``serve`` returned)."""
         self._serve = serve
+        self._started = 0.0
+        """When the connection was accepted: the first head's deadline counts from it."""
+        self._head_scan: HeadScanner | None = None
+        """Checks the current head's bytes before h11 parses them (while one is read)."""
+        self._chunk_scan: ChunkScanner | None = None
+        """Checks the current chunked body's framing before h11 reads it."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._transport: asyncio.Transport | None = None
         self._chunks: list[bytes] = []
@@ -215,6 +261,7 @@ class ClientSession(asyncio.Protocol):
             self._wake()
             return
         self._loop = asyncio.get_running_loop()
+        self._started = self._loop.time()
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = (peer[0], peer[1])
@@ -273,10 +320,22 @@ class ClientSession(asyncio.Protocol):
             raise ClientGone(str(self._error) or type(self._error).__name__)
         chunks = self._chunks
         if chunks:
+            # The scanners see the bytes before h11, so that what they refuse
+            # is refused at the byte that proves it (h11 would wait, or accept).
+            held = self._held
+            head_scan = self._head_scan
+            if head_scan is not None and not head_scan.done:
+                # (an empty chunk would be EOF to h11: drop what was all empty lines)
+                chunks = [kept for kept in map(head_scan.feed, chunks) if kept]
+                held = sum(map(len, chunks))
+            chunk_scan = self._chunk_scan
+            if chunk_scan is not None and not chunk_scan.done:
+                for chunk in chunks:
+                    chunk_scan.feed(chunk)
             receive = self.conn.receive_data
             for chunk in chunks:
                 receive(chunk)
-            self.fed += self._held
+            self.fed += held
             self._chunks = []
             self._held = 0
             if self._read_paused and not self._detached:
@@ -310,36 +369,58 @@ class ClientSession(asyncio.Protocol):
         """The next request, its body buffered as far as the limits allow.
 
         Returns None when the client is done (EOF, or idle past keep-alive).
-        Raises HttpError for anything that deserves a 4xx.
+        Raises HttpError for anything that deserves a 4xx/5xx. ``OPTIONS *``
+        is answered here (it is about the router, not about a resource).
         """
+        while True:
+            read = await self._read_one()
+            if read is not _ANSWERED_HERE:
+                return read  # type: ignore[return-value]
+            if not self.finish_exchange():  # OPTIONS * was answered: on to the next request
+                return None
+
+    async def _read_one(self) -> "tuple[Request, h11.Request, RequestBody] | _AnsweredHere | None":
         limits = self.limits
+        loop = self._loop or asyncio.get_running_loop()
+        self._head_scan = None
+        first = not self.requests_served
+        # The head deadline: for a connection's first request from its
+        # start (a silent client and one trickling a head are cut alike),
+        # for a kept-alive one from the request's first byte; the idle
+        # time before that byte is keepalive_timeout's.
+        deadline = self._started + limits.header_timeout if first else 0.0
         if not self.fed and not self._chunks:
-            # Idle: before the first byte a new connection gets header_timeout
-            # (a silent client is a slow one), a kept-alive one keepalive_timeout.
-            idle = limits.keepalive_timeout if self.requests_served else limits.header_timeout
             try:
-                async with asyncio.timeout(idle):
-                    await self._readable()
+                if first:
+                    async with asyncio.timeout_at(deadline):
+                        await self._readable()
+                else:
+                    async with asyncio.timeout(limits.keepalive_timeout):
+                        await self._readable()
             except TimeoutError:
-                if self.requests_served:
+                if not first:
                     return None
-                raise HttpError(408, "header-timeout", "no request received") from None
+                raise HttpError(408, "head-deadline", "no request received") from None
             if not self._chunks or self._error is not None:
                 return None  # EOF, or the connection is gone
+        if not first:
+            deadline = loop.time() + limits.header_timeout
         self.busy = True
         try:
+            self._begin_head()
             event = self.poll_event()
             if event is h11.NEED_DATA:  # the head is still on its way
-                async with asyncio.timeout(limits.header_timeout):
+                async with asyncio.timeout_at(deadline):
                     event = await self.next_event()
         except TimeoutError:
-            raise HttpError(408, "header-timeout", "request head incomplete") from None
+            raise HttpError(408, "head-deadline", "request head not complete by the head deadline") from None
         except ClientGone:
             return None
         if isinstance(event, h11.ConnectionClosed):
             return None
         if not isinstance(event, h11.Request):
             raise HttpError(400, "malformed", f"unexpected {type(event).__name__}")
+        self._head_scan = None  # the head is whole; what follows is body
         # h11 bounds only an incomplete head; one that arrived whole in a
         # single read is measured here, so the limit holds however it is sent.
         head_size = self.fed - len(self.conn.trailing_data[0])
@@ -353,27 +434,59 @@ class ClientSession(asyncio.Protocol):
             raise error
         return await self._prepare(event)
 
-    async def _prepare(self, head: h11.Request) -> tuple[Request, h11.Request, RequestBody]:
-        if head.method == b"CONNECT":
-            # A reverse proxy opens no tunnels; h11 would also stop parsing the
-            # connection after a 2xx to CONNECT.
-            raise HttpError(405, "method-not-allowed", "CONNECT is not supported by a reverse proxy")
+    def _begin_head(self) -> None:
+        """Start checking a new head: also the bytes of it that h11 already
+        holds (pipelined behind the previous request)."""
+        scan = self._head_scan = HeadScanner(self.limits.header_bytes)
+        if not self.fed:
+            return
+        pending = self.conn.trailing_data[0]
+        rest = scan.feed(pending)
+        if len(rest) != len(pending):
+            # Empty lines before the request line, which h11 refuses: a
+            # connection between two requests holds nothing else, so a
+            # fresh h11 state takes the rest.
+            self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.header_bytes)
+            if rest:  # (b"" would be EOF to h11)
+                self.conn.receive_data(rest)
+            self.fed = len(rest)
+
+    async def _prepare(self, head: h11.Request) -> "tuple[Request, h11.Request, RequestBody] | _AnsweredHere":
+        """Check what the head asks for, read the body as far as the limits
+        allow, and build the Request the policy sees and the head the target
+        receives (the normalised target); or answer it here (OPTIONS *)."""
+        check_method(head.method)
         declared = check_request_framing(head.headers)
         chunked = any(n == b"transfer-encoding" for n, _ in head.headers)
+        asterisk = head.target == b"*"
+        routed = None
+        if asterisk:
+            if head.method != b"OPTIONS":
+                raise HttpError(400, "bad-target", "'*' is the request-target of OPTIONS only")
+        else:
+            try:
+                routed = route_target(head.target.decode("ascii"))
+            except UnicodeDecodeError:  # pragma: no cover - HeadScanner lets ASCII through only
+                raise HttpError(400, "bad-target", "non-ASCII request-target") from None
+            except PathError as exc:
+                raise HttpError(400, exc.reason, exc.detail) from None
         max_body = self.limits.max_body
         if max_body and declared is not None and declared > max_body:
             raise HttpError(413, "body-too-large", f"Content-Length {declared} > {max_body}")
         body = RequestBody(self, declared, chunked)
+        if chunked:
+            scan = self._chunk_scan = ChunkScanner()
+            scan.feed(self.conn.trailing_data[0])  # the body bytes h11 already holds
         if body.present and self.conn.they_are_waiting_for_100_continue:
             await self.send_raw(self.conn.send(h11.InformationalResponse(status_code=100, headers=[])))
         buffered = await body.buffer(self.limits.body_buffer)
-        try:
-            target = head.target.decode("ascii")
-        except UnicodeDecodeError:
-            raise HttpError(400, "malformed", "non-ASCII request target") from None
+        if routed is None:  # OPTIONS *: about the router, answered by it
+            await self.send_complete(200, b"", [(b"allow", ALLOW)])
+            return _ANSWERED_HERE
+        head = _forwarded_head(head, routed.target, routed.authority)
         request = Request.build(
             method=head.method.decode("ascii"),
-            target=target,
+            target=routed.target,
             headers=Headers.from_raw(head.headers),
             client=self.peer,
             http_version=head.http_version.decode("ascii"),
@@ -443,7 +556,8 @@ class ClientSession(asyncio.Protocol):
             return  # too late for a status line; closing is the only signal left
         self.response_started = True
         try:
-            await self.send_raw(error_response(error.status, f"{error.detail}\n".encode()))
+            await self.send_raw(error_response(error.status, f"{error.detail}\n".encode(),
+                                               headers=error.headers))
         except ClientGone:
             pass
 
@@ -483,6 +597,7 @@ class ClientSession(asyncio.Protocol):
                 or self.conn.their_state is not h11.DONE):
             return False
         self.conn.start_next_cycle()
+        self._chunk_scan = None
         self.fed = len(self.conn.trailing_data[0])  # pipelined bytes already belong to the next request
         return True
 
@@ -577,6 +692,13 @@ class ClientSession(asyncio.Protocol):
             raise ClientGone(f"reattach: {exc}") from None
 
 
+class _AnsweredHere:
+    """``_read_one``'s result for a request the session answered itself."""
+
+
+_ANSWERED_HERE = _AnsweredHere()
+
+
 def _resolve(waiter: "asyncio.Future[None] | None") -> None:
     """Wake whoever waits on WAITER, if anyone still does."""
     if waiter is not None and not waiter.done():
@@ -585,5 +707,29 @@ def _resolve(waiter: "asyncio.Future[None] | None") -> None:
 
 def _protocol_error(exc: h11.RemoteProtocolError) -> HttpError:
     status = exc.error_status_hint or 400
-    reason = "header-too-large" if status == 431 else ("unsupported" if status == 501 else "malformed")
-    return HttpError(status, reason, str(exc))
+    if status == 431:
+        return HttpError(431, "header-too-large", str(exc))
+    if status == 501:
+        # h11's only 501s: Transfer-Encoding other than one 'chunked'. A
+        # router cannot frame such a body the way every target would: 400
+        # (RFC 9112 6.3 says so where 'chunked' is not the final coding).
+        return HttpError(400, "bad-transfer-encoding", str(exc))
+    return HttpError(status, "malformed", str(exc))
+
+
+def _forwarded_head(head: h11.Request, target: str, authority: str | None) -> h11.Request:
+    """HEAD as the target is to receive it: the normalised origin-form
+    target; for an absolute-form request the authority as Host (RFC 9112
+    3.2.2: the Host header is ignored then); HTTP/1.x with x >= 2 as 1.1.
+    HEAD itself when nothing changes (the common case: no copy)."""
+    version = head.http_version
+    new_version = version if version in (b"1.1", b"1.0") else b"1.1"
+    new_target = target.encode("ascii")
+    if new_target == head.target and authority is None and new_version is version:
+        return head
+    headers = list(head.headers)
+    if authority is not None:
+        host = authority.encode("ascii")
+        headers = [(n, v) for n, v in headers if n != b"host"]
+        headers.insert(0, (b"host", host))
+    return h11.Request(method=head.method, target=new_target, headers=headers, http_version=new_version)

@@ -31,6 +31,12 @@ class Rule:
       but not ``example.com`` itself, as in nginx.
     * ``path_prefix``: the path starts with it (plain string prefix).
     * ``path_regex``: ``re.search`` on the path (anchor it with ``^`` if needed).
+
+    The path is the one the router forwards: normalised by the front-end
+    (arr/paths.py: unreserved escapes decoded, dot segments removed, slashes
+    merged; ambiguous encodings already refused with 400), so ``/%77hoami``,
+    ``/./whoami`` or ``//whoami`` match ``path_prefix = "/whoami"`` as the
+    target will serve them. It stays case-sensitive.
     * ``header``: ``(name, regex)``; regex None means "present". A multi-valued
       header matches if any of its values does.
     * ``cookie``: ``(name, regex)``; regex None means "present".

@@ -77,10 +77,10 @@ def test_full_shape(tmp_path):
         "upstream": {"connect_timeout": 0.5, "read_timeout": 2, "retries": 0},
         "pools": {
             "web": {"targets": [{"address": T1, "name": "w1", "agent": "10.0.0.1:7000"},
-                                {"address": T2, "weight": 0}],
+                                {"address": T2, "weight": 2, "agent": "10.0.0.2:7000"}],
                     "policy": {"kind": "lard", "key": "path", "t_low": 5, "t_high": 10},
                     "health": {"path": "/health", "interval": 1, "timeout": 0.5}},
-            "api": {"targets": [{"address": "10.0.1.1:80"}], "policy": "round-robin"},
+            "api": {"targets": [{"address": "10.0.1.1:80", "agent": "10.0.1.1:7070"}], "policy": "round-robin"},
         },
         "rules": [{"pool": "api", "host": "*.api.example", "path_prefix": "/v1/",
                    "path_regex": "^/v1/[a-z]+$", "method": "GET",
@@ -97,7 +97,7 @@ def test_full_shape(tmp_path):
     web, api = config.pools
     assert (web.name, api.name) == ("web", "api")
     assert web.targets[0].name == "w1" and web.targets[0].agent == ("10.0.0.1", 7000)
-    assert web.targets[1].name == T2 and web.targets[1].weight == 0
+    assert web.targets[1].name == T2 and web.targets[1].weight == 2
     assert web.policy == "lard" and web.health.path == "/health" and api.health is None
     rule = config.rules[0]
     assert rule.header == ("X-Api", None) and rule.cookie == ("sid", "^a")
@@ -213,6 +213,12 @@ ERRORS = [
      "pools.web.targets[1].address: 'web1' is not an IP address"),
     ({"pools": {"web": {"targets": [{"address": T1, "weight": -1}]}}},
      "pools.web.targets[0].weight: must be >= 0"),
+    ({"pools": {"web": {"targets": [{"address": T1, "weight": 0}]}}},
+     "pools.web.targets[0].weight: must be >= 1, got 0 (a target that should take no traffic"),
+    ({"router": {"mode": "nat", "secret_file": "/k"}, "targets": [{"address": T1}]},
+     "targets: target 10.0.0.1:80 has no 'agent' but mode is nat"),
+    ({"pools": {"web": {"targets": [{"address": T1}]}}, "rules": [{"pool": "web"}, {"pool": "web", "host": "x"}]},
+     "rules[0]: has no condition, so it matches every request and rules[1] and after can never match"),
     ({"pools": {"web": {"targets": [{"address": T1, "weight": True}]}}},
      "pools.web.targets[0].weight: expected an integer, got a boolean"),
     ({"pools": {"web": {"targets": [{"address": T1, "agent": "10.0.0.1"}]}}},

@@ -35,11 +35,11 @@ BAD = {
                                  413, "body-too-large"),
     "chunked-too-large": (_req("POST /echo HTTP/1.1", "Host: a", "Transfer-Encoding: chunked")
                           + b"%x\r\n" % (MAX_BODY + 10) + b"z" * (MAX_BODY + 10), 413, "body-too-large"),
-    "stalled-head": (b"GET /bytes/10 HTTP/1.1\r\nHost: a\r\nX-Partial: ", 408, "header-timeout"),
+    "stalled-head": (b"GET /bytes/10 HTTP/1.1\r\nHost: a\r\nX-Partial: ", 408, "head-deadline"),
     "stalled-body": (_req("POST /echo HTTP/1.1", "Host: a", "Content-Length: 1000", body=b"x" * 10),
-                     408, "body-timeout"),
+                     408, "body-stalled"),
     "stalled-streamed-body": (_req("POST /echo HTTP/1.1", "Host: a", "Content-Length: 90000",
-                                   body=b"x" * 40000), 408, "body-timeout"),
+                                   body=b"x" * 40000), 408, "body-stalled"),
     "cl-and-te": (_req("POST /echo HTTP/1.1", "Host: a", "Content-Length: 5",
                        "Transfer-Encoding: chunked", body=b"0\r\n\r\n"), 400, "conflicting-framing"),
     "conflicting-cl": (_req("POST /echo HTTP/1.1", "Host: a", "Content-Length: 5", "Content-Length: 6",
@@ -179,3 +179,117 @@ async def test_hundred_bad_clients_concurrently_with_good_ones(router, http):
                 for s, r in {(s, r) for _, s, r in BAD.values()})
     assert total == 100
     assert (await http.request(router.address, "GET", "/bytes/5")).status == 200
+
+
+# ---------------------------------------------------------------- deadlines and rates
+
+DEADLINE = 1.0
+
+
+async def trickle(client, data: bytes, every: float) -> None:
+    """Send DATA a byte at a time until the router closes the connection."""
+    for i in range(len(data)):
+        try:
+            await client.send(data[i:i + 1])
+        except (ConnectionError, OSError):
+            return
+        await asyncio.sleep(every)
+
+
+async def cut_after(client, sending, expected_reason, router, status=408):
+    """Wait for the router's answer while SENDING goes on; the seconds it took."""
+    started = time.monotonic()
+    task = asyncio.ensure_future(sending)
+    try:
+        response = await client.read_response(timeout=10)
+    finally:
+        task.cancel()
+    assert response.status == status
+    assert response.header("connection") == "close"
+    assert await client.closed_by_peer()
+    assert router.metrics.value("arr_client_errors_total",
+                                {"reason": expected_reason, "status": str(status)}) == 1
+    return time.monotonic() - started
+
+
+async def test_head_deadline_runs_from_the_connection_start(start_router, upstream, http):
+    """An idle start and a trickled head share one budget: cut at header_timeout after accept."""
+    router = await start_router(http.pool_config(upstream, limits={"header_timeout": DEADLINE}))
+    client = await http.connect(router.address)
+    connected = time.monotonic()
+    await asyncio.sleep(0.5)
+    await cut_after(client, trickle(client, _req("GET /bytes/1 HTTP/1.1", "Host: a", "X-Pad: " + "p" * 50),
+                                    0.05), "head-deadline", router)
+    elapsed = time.monotonic() - connected
+    assert DEADLINE * 0.9 <= elapsed < DEADLINE + 0.4  # not 0.5 + DEADLINE
+    assert upstream.served == []
+
+
+async def test_kept_alive_head_deadline_runs_from_its_first_byte(start_router, upstream, http):
+    router = await start_router(http.pool_config(upstream, limits={"header_timeout": DEADLINE,
+                                                                   "keepalive_timeout": 5.0}))
+    client = await http.connect(router.address)
+    await client.send(_req("GET /bytes/1 HTTP/1.1", "Host: a"))
+    assert (await client.read_response()).status == 200
+    await asyncio.sleep(DEADLINE * 1.2)  # idle between requests is keepalive_timeout's business
+    elapsed = await cut_after(client, trickle(client, _req("GET /bytes/1 HTTP/1.1", "Host: a",
+                                                           "X-Pad: " + "p" * 50), 0.05),
+                              "head-deadline", router)
+    assert DEADLINE * 0.9 <= elapsed < DEADLINE + 0.4
+    assert len(upstream.served) == 1
+
+
+BODY_LIMITS = {"body_timeout": 5.0, "body_deadline": 30.0, "min_body_rate": 0, "body_rate_grace": 0.5,
+               "body_buffer": 1024, "max_body": 1 << 20}
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["buffered", "streamed"])
+async def test_body_deadline_bounds_the_whole_body(start_router, upstream, http, streamed):
+    """Bytes keep coming, each gap far under body_timeout: the deadline still cuts."""
+    router = await start_router(http.pool_config(upstream, limits={**BODY_LIMITS, "body_deadline": DEADLINE}))
+    client = await http.connect(router.address)
+    await client.send(_req("POST /echo HTTP/1.1", "Host: a", "Content-Length: 100000")
+                      + (b"s" * 2000 if streamed else b""))
+
+    async def steady():
+        while True:
+            await client.send(b"x" * 50)
+            await asyncio.sleep(0.05)
+
+    elapsed = await cut_after(client, steady(), "body-deadline", router)
+    assert DEADLINE * 0.9 <= elapsed < DEADLINE + 0.4
+    assert upstream.served == []  # never a whole request upstream
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["buffered", "streamed"])
+async def test_body_below_the_minimum_rate_is_cut_after_the_grace(start_router, upstream, http, streamed):
+    rate = 2000 if streamed else 100
+    router = await start_router(http.pool_config(upstream, limits={**BODY_LIMITS, "min_body_rate": rate}))
+    client = await http.connect(router.address)
+    prefix = b"s" * 1100 if streamed else b""  # beyond body_buffer: relayed while it arrives
+    await client.send(_req("POST /echo HTTP/1.1", "Host: a", "Content-Length: 100000") + prefix)
+    # 20 bytes/s, a byte every 50 ms: far inside body_timeout, far below the rate
+    elapsed = await cut_after(client, trickle(client, b"x" * 1000, 0.05), "body-too-slow", router)
+    budget = max(BODY_LIMITS["body_rate_grace"], len(prefix) / rate)  # waiting time the bytes bought
+    assert budget * 0.9 <= elapsed < budget + 0.4
+    assert upstream.served == []
+
+
+async def test_body_at_the_minimum_rate_is_served(start_router, upstream, http):
+    router = await start_router(http.pool_config(upstream, limits={**BODY_LIMITS, "min_body_rate": 100}))
+    client = await http.connect(router.address)
+    body = b"y" * 300
+    await client.send(_req("POST /echo HTTP/1.1", "Host: a", f"Content-Length: {len(body)}"))
+    for i in range(0, len(body), 50):  # 500 bytes/s
+        await client.send(body[i:i + 50])
+        await asyncio.sleep(0.1)
+    response = await client.read_response()
+    assert response.json()["sha256"] == http.sha256(body)
+
+
+async def test_stalled_body_keeps_its_reason(start_router, upstream, http):
+    router = await start_router(http.pool_config(upstream, limits={**BODY_LIMITS, "body_timeout": 0.3}))
+    client = await http.connect(router.address)
+    await client.send(_req("POST /echo HTTP/1.1", "Host: a", "Content-Length: 10") + b"abc")
+    elapsed = await cut_after(client, asyncio.sleep(10), "body-stalled", router)
+    assert 0.25 <= elapsed < 0.8

@@ -220,3 +220,190 @@ def test_handed_off_request_carries_expect_no_further():
     assert body == b"abc"
     assert b"expect" not in head_text.lower()
     assert b"content-length: 3" in head_text and b"x-forwarded-for: 10.0.0.7" in head_text
+
+
+# ---------------------------------------------------------------- wire checks
+
+import h11  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from arr.http1 import ALLOW, KNOWN_METHODS, ChunkScanner, HeadScanner, check_method  # noqa: E402
+
+
+def scan(cls, *pieces):
+    """('ok', done) or (status, detail) after feeding PIECES one by one."""
+    scanner = cls()
+    try:
+        for piece in pieces:
+            scanner.feed(piece)
+    except HttpError as error:
+        return error.status, error.reason
+    return "ok", scanner.done
+
+
+@pytest.mark.parametrize("data, outcome", [
+    (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", ("ok", True)),
+    (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n\x00\x01 body bytes are not looked at", ("ok", True)),
+    (b"GET / HTTP/1.0\n\n", ("ok", True)),
+    (b"GET / HTTP/1.9\r\nHost: a\r\n\r\n", ("ok", True)),
+    (b"\r\n\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n", ("ok", True)),
+    (b"GET /a?b=c&d=%41 HTTP/1.1\r\nX-Empty:\r\nX-Obs-Text: \xe9\xff\r\nX-Tab:\ta\tb\r\n\r\n", ("ok", True)),
+    (b"GET http://[::1]:8/x HTTP/1.1\r\n", ("ok", False)),
+    (b"GET / HTTP/1.1\r\nHost: a\r\n", ("ok", False)),
+    (b"G", ("ok", False)),
+    (b"\x16\x03\x01", (400, "malformed")),
+    (b"\rX", (400, "malformed")),
+    (b"GET /\r\n", (400, "malformed")),
+    (b"GET / HTTP/1.1\r\nHost: a\r\n folded\r\n", (400, "malformed")),
+    (b"GET / HTTP/1.1\r\n folded\r\n", (400, "malformed")),
+    (b"GET / HTTP/1.1\r\nX: \x01\r\n", (400, "malformed")),
+    (b"GET / HTTP/1.1\r\nX: \x7f\r\n", (400, "malformed")),
+    (b"GET / HTTP/1.1\r\nX:\r \r\n", (400, "malformed")),
+    (b"GET / HTTP/1.1\r\n: empty name\r\n", (400, "malformed")),
+    (b"GET / HTTP/1.1\r\nno-colon\r\n", (400, "malformed")),
+    (b"GET  / HTTP/1.1\r\n", (400, "malformed")),
+    (b"GET / HTTP/11.1\r\n", (400, "malformed")),
+    (b"GET / HTTP/1.1x", (400, "malformed")),
+    (b"GET / HTTP/2.0\r\n", (505, "version-not-supported")),
+    (b"GET / HTTP/0.9\n", (505, "version-not-supported")),
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", (505, "version-not-supported")),
+])
+def test_head_scanner(data, outcome):
+    assert scan(HeadScanner, data) == outcome
+    assert scan(HeadScanner, *[data[i:i + 1] for i in range(len(data))]) == outcome
+
+
+def test_head_scanner_strips_empty_lines_before_the_request_line_only():
+    scanner = HeadScanner()
+    assert scanner.feed(b"\r\n\r") == b""
+    assert scanner.feed(b"\nGET / HTTP/1.1\r\n") == b"GET / HTTP/1.1\r\n"
+    assert scanner.feed(b"\r\n\r\n") == b"\r\n\r\n" and scanner.done
+
+
+def test_head_scanner_bounds_empty_lines():
+    with pytest.raises(HttpError):
+        HeadScanner(limit=10).feed(b"\r\n" * 6)
+
+
+@pytest.mark.parametrize("body, outcome", [
+    (b"5\r\nhello\r\n0\r\n\r\n", ("ok", True)),
+    (b"5;a=b;c=\"q \\\" x\"\r\nhello\r\n0;last\r\nX-T: 1\r\nY:\r\n\r\n", ("ok", True)),
+    (b"A\r\n0123456789\r\n0\r\n\r\nGET / next request", ("ok", True)),
+    (b"5\r\nhel", ("ok", False)),
+    (b"5\nhello\n0\n\n", (400, "malformed")),
+    (b"5\r\nhello\n", (400, "malformed")),
+    (b"5\r\nhello\r\n0\n", (400, "malformed")),
+    (b"5\r\nhello\r\n0\r\n\n", (400, "malformed")),
+    (b"5\rx", (400, "malformed")),
+    (b"x", (400, "malformed")),
+    (b" 5\r\n", (400, "malformed")),
+    (b"5 \r\n", (400, "malformed")),
+    (b"-5\r\n", (400, "malformed")),
+    (b"0x5\r\n", (400, "malformed")),
+    (b"11111111111111111\r\n", (400, "malformed")),
+    (b"5;\r\n", (400, "malformed")),
+    (b"5;a=\x01\r\n", (400, "malformed")),
+    (b"5;a=\"unterminated\r\n", (400, "malformed")),
+    (b"5\r\nhelloxx", (400, "malformed")),
+    (b"0\r\nbad trailer\r\n", (400, "malformed")),
+    (b"0\r\nX: \x01\r\n", (400, "malformed")),
+    (b"5;" + b"a" * 5000, (400, "malformed")),
+])
+def test_chunk_scanner(body, outcome):
+    assert scan(ChunkScanner, body) == outcome
+    assert scan(ChunkScanner, *[body[i:i + 1] for i in range(len(body))]) == outcome
+
+
+def test_check_method():
+    for method in KNOWN_METHODS:
+        check_method(method)
+    for method, status in [(b"TRACE", 405), (b"CONNECT", 501), (b"get", 501), (b"Get", 501), (b"BREW", 501)]:
+        with pytest.raises(HttpError) as info:
+            check_method(method)
+        assert info.value.status == status
+    with pytest.raises(HttpError) as info:
+        check_method(b"TRACE")
+    assert info.value.headers == ((b"allow", ALLOW),)
+    assert b"TRACE" not in ALLOW and b"CONNECT" not in ALLOW
+
+
+def test_error_response_extra_headers():
+    raw = error_response(405, b"no\n", headers=[(b"allow", b"GET")])
+    assert b"\r\nallow: GET\r\n" in raw and raw.endswith(b"\r\n\r\nno\n")
+
+
+# Heads built from pieces that are valid, or almost: the scanner's verdict
+# must not depend on how the bytes were split, and what it lets through h11
+# must parse.
+_head_piece = st.sampled_from([
+    b"GET", b"get", b"POST", b" ", b"/", b"/a", b"?q=1", b"%41", b"*", b"\"", b"\\", b"HTTP/1.1", b"HTTP/2.0",
+    b"HTTP/1.", b"\r\n", b"\n", b"\r", b"Host: a", b"X-A:", b" b", b"\t", b"\x01", b"\x7f", b"\xe9", b":",
+    b"\x00", b"Content-Length: 3",
+])
+_head = st.one_of(
+    st.lists(_head_piece, max_size=14).map(b"".join),
+    st.tuples(st.sampled_from([b"GET / HTTP/1.1\r\n", b"\r\nPOST /x HTTP/1.0\n"]),
+              st.lists(st.sampled_from([b"Host: a\r\n", b"X-B: c d\r\n", b"X-C:\t\xe9\n", b"X: \x01\r\n",
+                                        b" fold\r\n", b"\r\n", b"\r"]), max_size=5)
+              ).map(lambda t: t[0] + b"".join(t[1])),
+)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(_head, st.lists(st.integers(min_value=0, max_value=80), max_size=6))
+def test_head_scanner_verdict_does_not_depend_on_the_split(data, cuts):
+    cuts = sorted({min(c, len(data)) for c in cuts})
+    pieces = [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])]
+    assert scan(HeadScanner, data) == scan(HeadScanner, *pieces)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(_head)
+def test_what_the_head_scanner_accepts_h11_parses(data):
+    data = data + b"\r\n\r\n"
+    scanner = HeadScanner()
+    try:
+        rest = scanner.feed(data)
+    except HttpError:
+        return
+    if not scanner.done:
+        return
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(rest)
+    try:
+        event = conn.next_event()
+    except h11.RemoteProtocolError as exc:
+        # h11's own checks beyond syntax (Host, Content-Length values) answer 400 as before
+        assert "Host" in str(exc) or "Content-Length" in str(exc), (data, exc)
+        return
+    assert isinstance(event, h11.Request), (data, event)
+
+
+def test_forwarded_head():
+    from arr.session import _forwarded_head
+
+    original = h11.Request(method="GET", target="/x/../y", headers=[("Host", "a"), ("X", "1")],
+                           http_version="1.1")
+    same = h11.Request(method="GET", target="/y", headers=[("Host", "a")])
+    assert _forwarded_head(same, "/y", None) is same  # nothing to change: no copy
+    forwarded = _forwarded_head(original, "/y", None)
+    assert forwarded.target == b"/y" and list(forwarded.headers) == list(original.headers)
+    absolute = _forwarded_head(original, "/y", "b.example:81")
+    assert [v for n, v in absolute.headers if n == b"host"] == [b"b.example:81"]
+    newer = h11.Request(method="GET", target="/y", headers=[("Host", "a")], http_version="1.2")
+    assert _forwarded_head(newer, "/y", None).http_version == b"1.1"
+    older = h11.Request(method="GET", target="/y", headers=[], http_version="1.0")
+    assert _forwarded_head(older, "/y", None) is older
+
+
+def test_a_handed_off_request_carries_the_normalised_target():
+    from arr.session import _forwarded_head
+    from handoff.engine import serialize_request
+
+    raw = h11.Request(method="GET", target="http://Secret.Example/x/%2e%2e/%77hoami?q=%2F",
+                      headers=[("Host", "other"), ("X", "1")], http_version="1.2")
+    head = _forwarded_head(raw, "/whoami?q=%2F", "Secret.Example")
+    request = Request.build("GET", "/whoami?q=%2F", [("Host", "Secret.Example")], client=("10.0.0.7", 4000))
+    wire = serialize_request(request, head)
+    assert wire.startswith(b"GET /whoami?q=%2F HTTP/1.1\r\nhost: Secret.Example\r\n")
