@@ -41,13 +41,13 @@ def timestamp(now: float | None = None) -> str:
 
 def request_record(*, request_id: str, client: tuple[str, int], method: str, target: str, host: str,
                    user_agent: str, number: int, decision: str, upstream: str, status: int | None,
-                   handed_off: bool, request_bytes: int, response_bytes: int | None, duration_s: float,
+                   handed_off: bool, request_body_bytes: int, response_bytes: int | None, duration_s: float,
                    reason: str = "", now: float | None = None) -> dict[str, Any]:
     record: dict[str, Any] = {
         "time": timestamp(now), "type": "request", "id": request_id,
         "client": f"{client[0]}:{client[1]}", "method": method, "target": target, "host": host,
         "user_agent": user_agent, "request": number, "decision": decision, "upstream": upstream,
-        "status": status, "handed_off": handed_off, "request_bytes": request_bytes,
+        "status": status, "handed_off": handed_off, "request_body_bytes": request_body_bytes,
         "response_bytes": response_bytes, "duration_ms": round(duration_s * 1000, 3),
     }
     if reason:
@@ -58,7 +58,8 @@ def request_record(*, request_id: str, client: tuple[str, int], method: str, tar
 def rejected_record(*, client: tuple[str, int], status: int, reason: str, detail: str,
                     now: float | None = None) -> dict[str, Any]:
     return {"time": timestamp(now), "type": "rejected", "id": request_id(),
-            "client": f"{client[0]}:{client[1]}", "status": status, "reason": reason, "detail": detail}
+            "client": f"{client[0]}:{client[1]}", "decision": "error", "status": status, "reason": reason,
+            "detail": detail}
 
 
 def connection_end(*, client: tuple[str, int], target: tuple[str, int], how: str, duration_s: float | None,
@@ -83,8 +84,17 @@ class _Line(logging.Formatter):
         return record.getMessage()
 
 
+_destination: str | None = None
+
+
+def current_destination() -> str | None:
+    return _destination
+
+
 def configure(destination: str | None) -> logging.Logger:
     """Point ``arr.access`` at DESTINATION (None or "off": nowhere)."""
+    global _destination
+    _destination = destination
     logger = logging.getLogger(ACCESS_LOGGER)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)

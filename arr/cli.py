@@ -9,7 +9,7 @@ import logging
 import sys
 from typing import TYPE_CHECKING
 
-from arr.config import ConfigError, load_config, parse_address
+from arr.config import ConfigError, check_files, load_config, parse_address
 
 if TYPE_CHECKING:
     from arr.config import Config
@@ -58,16 +58,63 @@ def _serve(args: argparse.Namespace) -> int:
     if overrides:
         config = dataclasses.replace(config, router=dataclasses.replace(config.router, **overrides))
     _install_uvloop()
-    asyncio.run(run(build_router(config)))
+    try:
+        asyncio.run(run(build_router(config), config_path=str(args.config)))
+    except OSError as exc:
+        return _startup_failed("arr serve", exc)
     return 0
+
+
+def _startup_failed(what: str, exc: OSError) -> int:
+    """A port in use, a socket path taken: one line, no traceback."""
+    print(f"{what}: cannot start: {exc.strerror or exc}"
+          f"{f' ({exc.filename})' if exc.filename else ''}", file=sys.stderr)
+    return 1
 
 
 def _agent(args: argparse.Namespace) -> int:
     from handoff.agent import load_agent_config, run_agent
 
     settings = load_agent_config(args.config)
+    _check_agent_files(settings)
     _install_uvloop()
-    asyncio.run(run_agent(settings))
+    try:
+        asyncio.run(run_agent(settings))
+    except OSError as exc:
+        return _startup_failed("arr agent", exc)
+    return 0
+
+
+def _check_agent_files(settings: object) -> None:
+    from handoff.control import load_psk
+
+    try:
+        load_psk(settings.secret_file)  # type: ignore[attr-defined]
+    except ValueError as exc:
+        raise ConfigError(f"agent.secret_file: {exc}") from None
+
+
+def _admin(args: argparse.Namespace) -> int:
+    """``arr targets|drain|enable|weight|reload|status``: one admin request."""
+    import json
+
+    from arr.admin import AdminError, request
+
+    payload = {k: getattr(args, k) for k in ("target", "weight") if getattr(args, k, None) is not None}
+    try:
+        result = request(args.command, payload, path=args.socket)
+    except AdminError as exc:
+        print(f"arr {args.command}: {exc}", file=sys.stderr)
+        return 1
+    if args.json or args.command in ("status", "reload"):
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{'pool':<12} {'target':<24} {'address':<22} {'weight':>6} {'state':<9} "
+              f"{'in flight':>9} {'handed off':>10}")
+        for t in result:
+            state = "draining" if t["draining"] else "up" if t["healthy"] else "down"
+            print(f"{t['pool']:<12} {t['target']:<24} {t['address']:<22} {t['weight']:>6} {state:<9} "
+                  f"{t['in_flight']:>9} {t['handed_off']:>10}")
     return 0
 
 
@@ -78,7 +125,24 @@ def _conns(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    """A router config, or an agent config (a file with an [agent] table):
+    parsed, validated, and the files it names read as the process would."""
+    import tomllib
+    from pathlib import Path
+
+    try:
+        is_agent = "agent" in tomllib.loads(Path(args.config).read_text())
+    except (OSError, ValueError):
+        is_agent = False  # load_config names the problem
+    if is_agent:
+        from handoff.agent import load_agent_config
+
+        settings = load_agent_config(args.config)
+        _check_agent_files(settings)
+        print(f"{args.config}: ok (agent, listen {settings.listen[0]}:{settings.listen[1]})")
+        return 0
     config = load_config(args.config)
+    check_files(config)
     print(f"{args.config}: ok ({len(config.pools)} pool(s), {len(config.rules)} rule(s), "
           f"mode {config.router.mode}, listen {config.router.listen[0]}:{config.router.listen[1]})")
     return 0
@@ -111,35 +175,65 @@ def _size(text: str) -> int:
     return int(number) * units[unit]
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="arr", description="Layer-7 routing with direct server return.")
-    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    from arr.admin import DEFAULT_SOCKET
+    from arr.version import describe
+
+    # --log-level before or after the subcommand: the subcommands' copy does
+    # not overwrite the main one unless given (SUPPRESS).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS,
+                        help="application log level (default info; the access log has its own destination)")
+    parser = argparse.ArgumentParser(prog="arr", description="Layer-7 routing with direct server return.",
+                                     parents=[common])
+    parser.add_argument("--version", action="version", version=describe())
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the router")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[common])
+
+    serve = command("serve", help="run the router")
     serve.add_argument("--config", required=True, help="TOML configuration file")
     serve.add_argument("--listen", help="override router.listen (host:port)")
     serve.add_argument("--mode", choices=("nat", "proxy"), help="override router.mode")
     serve.set_defaults(func=_serve)
 
-    agent = sub.add_parser("agent", help="run the target-side handoff agent")
+    agent = command("agent", help="run the target-side handoff agent")
     agent.add_argument("--config", required=True, help="TOML configuration file ([agent])")
     agent.set_defaults(func=_agent)
 
-    conns = sub.add_parser("conns", help="list handed-off connections (reads the pinned maps)")
+    conns = command("conns", help="list handed-off connections (reads the pinned maps)")
     from handoff.inspect import add_arguments as add_conns_arguments
 
     add_conns_arguments(conns)
     conns.set_defaults(func=_conns)
 
-    check = sub.add_parser("check-config", help="validate a configuration file and exit")
+    check = command("check-config", help="validate a configuration file and exit")
     check.add_argument("config")
     check.set_defaults(func=_check)
 
-    sub.add_parser("bench", help="benchmark arr against HAProxy, nginx and a direct connection "
+    admin_help = {"targets": "list targets: state, weight, in flight, handed off (admin socket)",
+                  "drain": "stop sending new requests to a target; in-flight ones finish",
+                  "enable": "undo drain", "weight": "set a target's weight at run time",
+                  "reload": "reload the configuration file (as SIGHUP), report what changed",
+                  "status": "the running router: version, uptime, connections"}
+    for name, text in admin_help.items():
+        admin = command(name, help=text)
+        if name in ("drain", "enable", "weight"):
+            admin.add_argument("target", help="a target's name or host:port")
+        if name == "weight":
+            admin.add_argument("weight", type=int)
+        admin.add_argument("--socket", default=DEFAULT_SOCKET, help=f"admin socket (default {DEFAULT_SOCKET})")
+        admin.add_argument("--json", action="store_true")
+        admin.set_defaults(func=_admin)
+
+    command("bench", help="benchmark arr against HAProxy, nginx and a direct connection "
                                  "(arguments go to the harness: arr bench --help)")
 
-    demo = sub.add_parser("demo", help="build a namespace cluster, download through the router")
+    demo = command("demo", help="build a namespace cluster, download through the router")
     demo.add_argument("--mode", choices=("nat", "proxy"), default="nat")
     demo.add_argument("--size", type=_size, default=_size("64MiB"), help="object size (default 64MiB)")
     demo.add_argument("--targets", type=int, default=2)
@@ -155,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:
         return _bench(argv[1:])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+    logging.basicConfig(level=getattr(args, "log_level", "info").upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         return args.func(args)

@@ -110,6 +110,7 @@ class HealthMonitor:
         if member.record_check(ok, rule):
             log.warning("target %s in pool %s is now %s", member.name, pool.name,
                         "up" if member.healthy else "down")
+            self.metrics.health_transitions.labels(pool.name, member.name, "up" if member.healthy else "down").inc()
             self._publish(pool, member)
 
     def passive_failure(self, member: "TargetState", pool: "Pool | None") -> None:
@@ -128,4 +129,5 @@ class HealthMonitor:
         member.healthy = True
         member.consecutive_failures = 0
         log.warning("target %s in pool %s is back after the passive cool-down", member.name, pool.name)
+        self.metrics.health_transitions.labels(pool.name, member.name, "up").inc()
         self._publish(pool, member)

@@ -10,7 +10,9 @@ import asyncio
 import logging
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector,
+                               ProcessCollector)
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 log = logging.getLogger("arr.metrics")
@@ -103,6 +105,43 @@ class Metrics:
             "arr_proxied_bytes", "Body bytes relayed by the router, by direction.",
             ("direction",), registry=r)
 
+        # What HAProxy's and Envoy's exporters have besides the above.
+        self.upstream_connect = Histogram(
+            "arr_upstream_connect_seconds", "Time to connect to a target (proxied requests).",
+            ("target",), buckets=LATENCY_BUCKETS, registry=r)
+        self.upstream_response = Histogram(
+            "arr_upstream_response_seconds", "Time from the request sent to the response head "
+            "received (proxied requests).", ("target",), buckets=LATENCY_BUCKETS, registry=r)
+        self.upstream_retries = Counter(
+            "arr_upstream_retries", "Requests sent to another target after a connect failure, by the "
+            "target that failed.", ("target",), registry=r)
+        self.health_transitions = Counter(
+            "arr_health_transitions", "Targets going up or down (health checks, passive detection).",
+            ("pool", "target", "to"), registry=r)
+        self.handed_off_bytes = Counter(
+            "arr_handed_off_bytes", "Bytes of ended handed-off connections, as their agents reported "
+            "them: direction=client (sent by clients, through the router's ingress), "
+            "direction=target (served by targets directly, never through the router).",
+            ("direction",), registry=r)
+        self.handed_off_packets = Counter(
+            "arr_handed_off_packets", "Packets of ended handed-off connections (as arr_handed_off_bytes).",
+            ("direction",), registry=r)
+        self.map_capacity = Gauge(
+            "arr_map_capacity", "Entries the connection maps hold (handoff.capacity): "
+            "arr_handed_off_connections / arr_map_capacity is their fill.", registry=r)
+        self.build_info = Gauge(
+            "arr_build_info", "Always 1; the labels say what runs.", ("version", "python", "fastpath"),
+            registry=r)
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self._targets: Any = None
+        r.register(_TargetCollector(self))
+
+    def watch_targets(self, pools: Any) -> None:
+        """Export per-target in-flight and handed-off counts from POOLS (a
+        callable returning the router's pools; read at scrape time)."""
+        self._targets = pools
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -112,16 +151,51 @@ class Metrics:
         return found if found is not None else 0.0
 
 
+class _TargetCollector:
+    """``arr_target_in_flight`` and ``arr_target_handed_off`` per pool and
+    target, read from the live pools when scraped (a reload swaps them)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Any:
+        in_flight = GaugeMetricFamily("arr_target_in_flight", "Requests in flight to a target through "
+                                      "the router (proxied, or being handed off).", labels=["pool", "target"])
+        handed_off = GaugeMetricFamily("arr_target_handed_off", "Connections handed off to a target and "
+                                       "not yet over.", labels=["pool", "target"])
+        pools = self.metrics._targets() if self.metrics._targets is not None else {}
+        for pool in pools.values():
+            for member in pool.members:
+                in_flight.add_metric([pool.name, member.name], member.active)
+                handed_off.add_metric([pool.name, member.name], member.handed_off)
+        yield in_flight
+        yield handed_off
+
+
+def route_metrics_request(head: bytes) -> tuple[bytes, bytes] | None:
+    """The status and body for a request head that is not a scrape (None: it is).
+    Only ``GET /metrics`` (with any query) is answered with the exposition."""
+    line = head.split(b"\r\n", 1)[0].split(b" ")
+    if len(line) != 3 or line[0] not in (b"GET", b"HEAD"):
+        return b"405 Method Not Allowed", b"only GET /metrics\n"
+    if line[1].split(b"?", 1)[0] != b"/metrics":
+        return b"404 Not Found", b"only /metrics is served here\n"
+    return None
+
+
 async def serve_metrics(metrics: "Metrics | Any", host: str, port: int) -> asyncio.AbstractServer:
-    """A minimal HTTP endpoint for scrapers: any GET answers the exposition
-    (of anything with an ``exposition() -> bytes`` method)."""
+    """A minimal HTTP endpoint for scrapers: ``GET /metrics`` answers the
+    exposition (of anything with an ``exposition() -> bytes`` method)."""
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            ok = head.startswith(b"GET ")
-            body = metrics.exposition() if ok else b"only GET\n"
-            status = b"200 OK" if ok else b"405 Method Not Allowed"
+            refused = route_metrics_request(head)
+            ok = refused is None
+            status, body = (b"200 OK", metrics.exposition()) if refused is None else refused
             content_type = CONTENT_TYPE_LATEST.encode() if ok else b"text/plain"
             writer.write(b"HTTP/1.1 " + status + b"\r\ncontent-type: " + content_type
                          + b"\r\ncontent-length: " + str(len(body)).encode()

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import h11
 
+from arr.health import LOCAL_EXHAUSTION
 from arr.http1 import HttpError, add_forwarding, end_to_end
 from arr.session import READ_SIZE, ClientGone
 
@@ -102,21 +103,35 @@ class Relay:
         self.health = health
         self.idle = IdleConnections(upstream.keepalive, upstream.keepalive_timeout)
 
+    def reconfigure(self, upstream: "Upstream", health: "HealthMonitor") -> None:
+        """A reload: new upstream settings and health monitor for requests
+        from now on; idle connections stay (their targets may remain)."""
+        self.settings, self.health = upstream, health
+        self.idle.max_per_target, self.idle.idle_timeout = upstream.keepalive, upstream.keepalive_timeout
+
     async def _connect(self, request: "Request", target: "TargetState", pool: "Pool | None"
                        ) -> tuple["TargetState", UpstreamConnection]:
         tried: list["TargetState"] = []
         while True:
+            started = time.perf_counter()
             try:
                 async with asyncio.timeout(self.settings.connect_timeout):
                     reader, writer = await asyncio.open_connection(*target.target.address)
+                self.metrics.upstream_connect.labels(target.name).observe(time.perf_counter() - started)
                 return target, UpstreamConnection(reader, writer, h11.Connection(h11.CLIENT))
             except (OSError, TimeoutError) as exc:
+                if isinstance(exc, OSError) and exc.errno in LOCAL_EXHAUSTION:
+                    # The router's own shortage (arr/fdlimit.py) says nothing about the target.
+                    self.metrics.upstream_errors.labels(target.name, "no-fd").inc()
+                    raise HttpError(503, "no-fd", "router out of file descriptors") from None
                 timed_out = isinstance(exc, TimeoutError)
                 self.metrics.upstream_errors.labels(target.name, "connect-timeout" if timed_out
                                                     else "connect").inc()
                 self.health.passive_failure(target, pool)
                 tried.append(target)
                 retry = pool.pick(request, exclude=tried) if pool and len(tried) <= self.settings.retries else None
+                if retry is not None:
+                    self.metrics.upstream_retries.labels(target.name).inc()
                 if retry is None:
                     if timed_out:
                         raise HttpError(504, "upstream-connect-timeout", f"{target.name}: connect timed out") from None
@@ -190,11 +205,13 @@ class Relay:
             self.metrics.upstream_errors.labels(target.name, "send").inc()
             raise HttpError(502, "upstream-send", f"{target.name}: {exc}") from None
 
-        return await self._relay_response(session, request, upstream, reader, target, resendable)
+        return await self._relay_response(session, request, upstream, reader, target, resendable,
+                                          sent_at=time.perf_counter())
 
     async def _relay_response(self, session: "ClientSession", request: "Request",
                               upstream: h11.Connection, reader: asyncio.StreamReader,
-                              target: "TargetState", resendable: bool = False) -> RelayResult:
+                              target: "TargetState", resendable: bool = False,
+                              sent_at: float | None = None) -> RelayResult:
         status = 0
         sent = 0
         head_only = request.method == "HEAD"
@@ -240,6 +257,8 @@ class Relay:
                 continue  # 100-continue was answered to the client by the router itself
             if isinstance(event, h11.Response):
                 status = event.status_code
+                if sent_at is not None:
+                    self.metrics.upstream_response.labels(target.name).observe(time.perf_counter() - sent_at)
                 pending.append(session.head_bytes(status, end_to_end(event.headers), event.reason))
             elif isinstance(event, h11.Data):
                 if not head_only:

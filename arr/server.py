@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import inspect
-import json
 import logging
 import os
 import resource
@@ -32,13 +31,16 @@ import socket
 import time
 from typing import TYPE_CHECKING, Protocol
 
-from arr.config import Config, ConfigError, Limits
+from arr import accesslog
+from arr.admin import AdminCommands, AdminError, AdminServer
+from arr.config import Config, ConfigError, Limits, load_config
 from arr.decisions import Decision, Handoff, Local, LocalResponse, Proxy, Reject, decision_name
 from arr.fdlimit import FdPlan, fds_per_connection, plan_fds
 from arr.health import HealthMonitor
 from arr.http1 import HttpError, error_response
 from arr.metrics import Metrics, serve_metrics
 from arr.proxy import Relay, UpstreamFailed
+from arr.reload import ReloadPlan, effective_config, plan_reload
 from arr.routing import Policy, build_routing
 from arr.session import ClientGone, ClientSession
 
@@ -52,7 +54,6 @@ if TYPE_CHECKING:
     from arr.session import RequestBody
 
 log = logging.getLogger("arr")
-access_log = logging.getLogger("arr.access")
 
 ACCEPT_BATCH = 64
 """Connections accepted per wake-up of a listening socket: the loop's other
@@ -90,6 +91,9 @@ class HandoffEngine(Protocol):
     async def hand_off(self, session: ClientSession, request: "Request", head: "h11.Request",
                        target: "TargetState") -> str | None: ...
 
+    async def reconfigure(self, router: "Router") -> None:
+        """The router's pools changed (a reload): reach the agents of new targets."""
+
     def forget(self, session: ClientSession) -> None:
         """SESSION (one the engine gave back with ``Router.resume``) no longer
         needs what the engine kept for it (``session.handoff_context``): its
@@ -108,6 +112,9 @@ class NoHandoff:
     async def hand_off(self, session: ClientSession, request: "Request", head: "h11.Request",
                        target: "TargetState") -> str | None:
         return "unavailable"
+
+    async def reconfigure(self, router: "Router") -> None:
+        pass
 
     def forget(self, session: ClientSession) -> None:
         pass
@@ -143,6 +150,13 @@ class Router:
         self._warned_at: dict[str, float] = {}
         self._metrics_server: asyncio.AbstractServer | None = None
         self._closed = asyncio.Event()
+        self.config_path: str | None = None
+        """The file ``reload`` (SIGHUP, ``arr reload``) reads again; set by ``run``."""
+        self.admin: AdminServer | None = None
+        self.started = time.monotonic()
+        self._reloading = asyncio.Lock()
+        self.metrics.watch_targets(lambda: self.pools)
+        self.metrics.build_info.labels(*_build_labels()).set(1)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -161,6 +175,11 @@ class Router:
             loop.add_reader(listener.fileno(), self._on_listener_readable, listener)
         if self.config.router.metrics:
             self._metrics_server = await serve_metrics(self.metrics, *self.config.router.metrics)
+        if self.config.router.admin_socket:
+            commands = AdminCommands(lambda: self.pools, self.metrics, reload=self._reload_command,
+                                     status=self.status)
+            self.admin = AdminServer(commands, self.config.router.admin_socket)
+            await self.admin.start()
         await self.handoff.start(self)
         self.health.start()
         log.info("arr listening on %s:%d (mode %s)", *self.address, self.config.router.mode)
@@ -213,7 +232,65 @@ class Router:
         await self.handoff.stop()
         if self._metrics_server is not None:
             self._metrics_server.close()
+        if self.admin is not None:
+            await self.admin.stop()
         self._closed.set()
+
+    # ------------------------------------------------------------ reloading
+
+    async def reload(self, config: Config) -> ReloadPlan:
+        """Run with CONFIG from now on, without dropping a connection: pools,
+        rules, targets, limits and upstream settings (arr/reload.py says what
+        carries over and what needs a restart). Exchanges in flight finish as
+        they began; new connections and requests see the new configuration.
+        Raises ConfigError (nothing changed) when CONFIG cannot be run."""
+        async with self._reloading:
+            effective = effective_config(self.config, config)
+            try:
+                routing = build_routing(effective)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            plan = plan_reload(self.config, config, self.pools, routing.pools)
+            await self.health.stop()
+            self.config = plan.config
+            self.policy, self.pools = routing.policy, routing.pools
+            self._pool_of = {m: p for p in self.pools.values() for m in p.members}
+            self.health = HealthMonitor(self.pools, self.metrics)
+            self.relay.reconfigure(self.config.upstream, self.health)
+            self.fd_plan = apply_fd_plan(self.config.limits, self._fds_per_connection(), self._shared_fds())
+            self.max_connections = max(self.fd_plan.max_connections, 1)
+            self.metrics.max_connections.set(self.max_connections)
+            await self.handoff.reconfigure(self)
+            self.health.start()
+            if self.config.router.access_log != accesslog.current_destination():
+                accesslog.configure(self.config.router.access_log)
+            log.info("configuration reloaded: %d target(s) kept, added %s, removed %s%s",
+                     len(plan.kept), list(plan.added) or "none", list(plan.removed) or "none",
+                     f"; needs a restart to change: {', '.join(plan.needs_restart)}" if plan.needs_restart else "")
+            return plan
+
+    async def reload_from_file(self) -> ReloadPlan:
+        """Read ``config_path`` again and ``reload``; on any error, log why and
+        keep running the old configuration (the error is raised again)."""
+        if self.config_path is None:
+            raise ConfigError("no configuration file to reload (the router was not started from one)")
+        try:
+            return await self.reload(load_config(self.config_path))
+        except ConfigError as exc:
+            log.error("reload of %s failed, keeping the running configuration: %s", self.config_path, exc)
+            raise
+
+    async def _reload_command(self) -> dict[str, object]:
+        try:
+            return (await self.reload_from_file()).summary()
+        except ConfigError as exc:
+            raise AdminError(f"reload failed, nothing changed: {exc}") from None
+
+    def status(self) -> dict[str, object]:
+        return {"version": _build_labels()[0], "mode": self.config.router.mode,
+                "listen": "%s:%d" % self.config.router.listen, "config": self.config_path,
+                "uptime_s": round(time.monotonic() - self.started, 3), "connections": len(self._sessions),
+                "max_connections": self.max_connections, "pools": sorted(self.pools)}
 
     # ------------------------------------------------------------ accepting
 
@@ -249,7 +326,7 @@ class Router:
             self._admitting -= 1
             return self._begin(session)
 
-        limits, metrics = self.config.limits, self.metrics
+        limits, metrics = self.config.limits, self.metrics  # as configured now (reload)
         try:
             sock.setblocking(False)
             await asyncio.get_running_loop().connect_accepted_socket(
@@ -402,7 +479,9 @@ class Router:
                         body: "RequestBody") -> bool:
         """Decide and execute one request. True if the connection was handed off."""
         started = time.perf_counter()
-        status, target_name, executed, reason = 0, "", "error", ""
+        status: int | None = 0
+        target_name, executed, reason = "", "error", ""
+        response_bytes: int | None = None
         try:
             decision = await self._decide(request)
             executed = decision_name(decision)
@@ -410,7 +489,9 @@ class Router:
                 self.handoff.forget(session)  # e.g. the reclaimed forwarding connection: closed now
             if isinstance(decision, Handoff):
                 if await self._try_handoff(session, request, head, body, decision):
-                    status, target_name = 200, decision.target.name
+                    # The target answers the client directly: the router never
+                    # sees the status or the bytes (accesslog.py).
+                    status, target_name = None, decision.target.name
                     return True
                 decision = self._fallback(decision)
                 executed = decision_name(decision)
@@ -418,11 +499,11 @@ class Router:
             if isinstance(decision, Proxy):
                 result = await self.relay.relay(session, request, head, body, decision.target,
                                                 self._pool_of.get(decision.target))
-                status, target_name = result.status, result.target.name
+                status, target_name, response_bytes = result.status, result.target.name, result.response_bytes
             elif isinstance(decision, Local):
-                status = await self._answer_local(session, request, decision)
+                status, response_bytes = await self._answer_local(session, request, decision)
             elif isinstance(decision, Reject):
-                status = decision.status
+                status, response_bytes = decision.status, len(decision.body or b"")
                 await session.send_complete(decision.status, decision.body or b"",
                                             [(n.encode(), v.encode()) for n, v in decision.headers],
                                             head_only=request.method == "HEAD")
@@ -446,10 +527,16 @@ class Router:
             session.draining = True
         finally:
             elapsed = time.perf_counter() - started
-            self.metrics.requests.labels(executed, str(status), target_name).inc()
+            self.metrics.requests.labels(executed, "" if status is None else str(status), target_name).inc()
             self.metrics.latency.labels(executed).observe(elapsed)
             if self.config.router.access_log:
-                self._log_request(session, request, executed, status, target_name, elapsed, reason)
+                accesslog.emit(accesslog.request_record(
+                    request_id=accesslog.request_id(), client=session.peer, method=request.method,
+                    target=request.target, host=request.headers.get("host", ""),
+                    user_agent=request.headers.get("user-agent", ""), number=request.number,
+                    decision=executed, upstream=target_name, status=status, handed_off=status is None,
+                    request_body_bytes=body.received, response_bytes=response_bytes, duration_s=elapsed,
+                    reason=reason))
         return False
 
     async def _decide(self, request: "Request") -> Decision:
@@ -473,7 +560,8 @@ class Router:
             return Reject(503, b"handoff unavailable\n")
         return Proxy(decision.target)
 
-    async def _answer_local(self, session: ClientSession, request: "Request", decision: Local) -> int:
+    async def _answer_local(self, session: ClientSession, request: "Request",
+                            decision: Local) -> tuple[int, int]:
         response = decision.handler(request)
         if inspect.isawaitable(response):
             response = await response
@@ -482,28 +570,26 @@ class Router:
         await session.send_complete(response.status, response.body,
                                     [(n.encode(), v.encode()) for n, v in response.headers],
                                     head_only=request.method == "HEAD")
-        return response.status
+        return response.status, len(response.body)
 
     # ------------------------------------------------------------ logging
 
-    def _log_request(self, session: ClientSession, request: "Request", decision: str, status: int,
-                     target: str, elapsed: float, reason: str) -> None:
-        record = {
-            "client": f"{session.peer[0]}:{session.peer[1]}", "method": request.method,
-            "target": request.target, "host": request.headers.get("host", ""),
-            "decision": decision, "upstream": target, "status": status,
-            "ms": round(elapsed * 1000, 3),
-        }
-        if reason:
-            record["reason"] = reason
-        access_log.info(json.dumps(record, separators=(",", ":")))
-
     def _log_rejected(self, session: ClientSession, error: HttpError) -> None:
         if self.config.router.access_log:
-            access_log.info(json.dumps({
-                "client": f"{session.peer[0]}:{session.peer[1]}", "decision": "error",
-                "status": error.status, "reason": error.reason, "detail": error.detail,
-            }, separators=(",", ":")))
+            accesslog.emit(accesslog.rejected_record(client=session.peer, status=error.status,
+                                                     reason=error.reason, detail=error.detail))
+
+
+def _build_labels() -> tuple[str, str, str]:
+    import platform
+
+    from arr.version import version
+
+    try:
+        from handoff.fastpath import COMPILED
+    except ImportError:  # pragma: no cover - arr without its handoff package
+        COMPILED = False
+    return version(), platform.python_version(), "compiled" if COMPILED else "python"
 
 
 class FdLimitError(ConfigError):
@@ -572,17 +658,39 @@ def _discard_received(sock: socket.socket) -> None:
             return
 
 
-async def run(router: Router) -> None:
-    """Serve until SIGTERM or SIGINT, then drain (what ``arr serve`` does)."""
+async def run(router: Router, config_path: str | None = None) -> None:
+    """What ``arr serve`` does: serve until SIGTERM or SIGINT, then drain;
+    reload CONFIG_PATH on SIGHUP (a broken file changes nothing, the error is
+    logged). The access log goes where ``router.access_log`` says."""
     loop = asyncio.get_running_loop()
+    router.config_path = config_path
+    accesslog.configure(router.config.router.access_log)
     await router.start()
     stopping: list[asyncio.Task[None]] = []
+    reloads: set[asyncio.Task[object]] = set()
 
     def stop() -> None:
         if not stopping:
             log.info("signal received: draining for up to %.1fs", router.config.router.drain_timeout)
             stopping.append(loop.create_task(router.shutdown()))
 
+    def reload() -> None:
+        if config_path is None:
+            log.warning("SIGHUP: no configuration file to reload")
+            return
+        log.info("SIGHUP: reloading %s", config_path)
+        task = loop.create_task(_reload_quietly(router))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop)
+    loop.add_signal_handler(signal.SIGHUP, reload)
     await router.serve()
+
+
+async def _reload_quietly(router: Router) -> None:
+    try:
+        await router.reload_from_file()
+    except ConfigError:
+        pass  # logged by reload_from_file; the old configuration runs on

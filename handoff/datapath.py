@@ -227,6 +227,16 @@ class RouterDatapath(Datapath):
         for ifname in dict.fromkeys(target_ifnames):
             self.attach("arr_router_egress", ifname, "egress")
 
+    def attach_target_interfaces(self, target_ifnames: list[str]) -> None:
+        """Targets added at run time (a reload): attach where not attached yet."""
+        done = {(a.ifname, a.direction) for a in self.attached}
+        for ifname in dict.fromkeys(target_ifnames):
+            if (ifname, "ingress") not in done:
+                self.enable_forwarding(ifname)
+                self.attach("arr_router_ingress", ifname, "ingress")
+            if (ifname, "egress") not in done:
+                self.attach("arr_router_egress", ifname, "egress")
+
 
 class TargetDatapath(Datapath):
     role = "target"

@@ -149,19 +149,9 @@ class RouterHandoff:
         for server_socket in router.listening_sockets():
             tcpstate.enable_saved_syn(server_socket)
         self.connections = RouterConnections(self.datapath, self.settings, self.metrics)
-        for target in self.targets:
-            if target.agent and target.agent not in self.agents:
-                client = ControlClient(self.secret, self.node_id, *target.agent,
-                                       on_message=self.connections.on_agent_message,
-                                       on_connect=functools.partial(self.connections.holding_sync,
-                                                                    target.agent),
-                                       backoff_max=2.0)
-                self.agents[target.agent] = client
-            if target.agent:
-                self.connections.route(target.address, target.agent, self.agents[target.agent])
-        for pool in router.pools.values():
-            for state in pool.members:
-                self._states_at.setdefault(state.target.address, []).append(state)
+        self._route_targets(self.targets)
+        self._track_states(router)
+        self.metrics.map_capacity.set(self.settings.capacity)
         self.connections.on_load = self._publish_load
         self.takebacks = TakeBacks(self.datapath, self.connections, self.settings, self.metrics,
                                    agent_of=self._agent_at, new_conn_id=lambda: next(self._ids),
@@ -174,6 +164,47 @@ class RouterHandoff:
                                        count=lambda result: counters[result].inc(), clean=self._clean_handshake)
         self.metrics.forward_pool_ready.set_function(lambda: pool.ready)  # computed at scrape time
         for client in self.agents.values():
+            await client.start()
+
+    def _route_targets(self, targets: list["Target"]) -> list[ControlClient]:
+        """A control client per agent (new ones returned, not yet started),
+        and each target's connections routed to its agent."""
+        assert self.connections is not None
+        new = []
+        for target in targets:
+            if target.agent and target.agent not in self.agents:
+                client = ControlClient(self.secret, self.node_id, *target.agent,
+                                       on_message=self.connections.on_agent_message,
+                                       on_connect=functools.partial(self.connections.holding_sync,
+                                                                    target.agent),
+                                       backoff_max=2.0)
+                self.agents[target.agent] = client
+                new.append(client)
+            if target.agent:
+                self.connections.route(target.address, target.agent, self.agents[target.agent])
+        return new
+
+    def _track_states(self, router: "Router") -> None:
+        states: dict[tuple[str, int], list["TargetState"]] = {}
+        for pool in router.pools.values():
+            for state in pool.members:
+                states.setdefault(state.target.address, []).append(state)
+        self._states_at = states
+
+    async def reconfigure(self, router: "Router") -> None:
+        """A reload (arr/server.py ``Router.reload``): targets added get their
+        interfaces attached and their agents reached; targets removed keep
+        their agents, which still end their live connections."""
+        if self.datapath is None:
+            return
+        from arr import netlink
+
+        targets = router.config.all_targets()
+        self.datapath.attach_target_interfaces([netlink.route_interface(None, t.host)[1] for t in targets])
+        new_clients = self._route_targets(targets)
+        self.targets = targets
+        self._track_states(router)
+        for client in new_clients:
             await client.start()
 
     async def stop(self) -> None:

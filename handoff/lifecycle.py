@@ -47,11 +47,12 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
+from arr import accesslog
 from handoff.control import (CLOSED_TARGET_GONE, MAX_HOLDING_KEYS, Closed, ControlClient,
                              ControlUnavailable, Holding, Message, Release)
 from handoff.control import FlowKey as WireKey
 from handoff.event_reader import EventReader
-from handoff.maps import (EV_NEW_SYN, EV_RST, FLOW_ACTIVE, FLOW_ENDED, FLOW_F_RST, FLOW_HOLD, FLOW_TAKEBACK,
+from handoff.maps import (EV_NEW_SYN, EV_RST, FLOW_ACTIVE, FLOW_ENDED, FLOW_F_FIN, FLOW_F_RST, FLOW_HOLD, FLOW_TAKEBACK,
                           WATCH_CLOSED, Capture, Event, FlowEntry, FlowKey)
 
 if TYPE_CHECKING:
@@ -186,9 +187,23 @@ class RouterConnections:
     def on_agent_message(self, message: Any) -> None:
         """CLOSED from an agent: with GONE, the connection is over at the target."""
         if isinstance(message, Closed) and message.flags & CLOSED_TARGET_GONE:
-            self.target_gone(message.conn_id, local_key(message.key))
+            self.target_gone(message.conn_id, local_key(message.key), message)
 
-    def target_gone(self, conn_id: int, forward: FlowKey) -> None:
+    def _record_end(self, client: FlowKey, entry: FlowEntry, report: Closed, why: str) -> None:
+        """What a handed-off connection cost and how it ended: the client's
+        side from the router's ingress entry, the target's (everything it
+        served, directly) from the agent's CLOSED."""
+        self.metrics.handed_off_bytes.labels("client").inc(entry.bytes)
+        self.metrics.handed_off_packets.labels("client").inc(entry.packets)
+        self.metrics.handed_off_bytes.labels("target").inc(report.bytes)
+        self.metrics.handed_off_packets.labels("target").inc(report.packets)
+        how = "rst" if report.flags & FLOW_F_RST else "fin" if report.flags & FLOW_F_FIN else why
+        duration = (time.monotonic_ns() - entry.created_ns) / 1e9 if entry.created_ns else None
+        accesslog.emit(accesslog.connection_end(
+            client=client.src, target=target_of(entry), how=how, duration_s=duration,
+            packets_in=entry.packets, bytes_in=entry.bytes, packets_out=report.packets, bytes_out=report.bytes))
+
+    def target_gone(self, conn_id: int, forward: FlowKey, report: Closed | None = None) -> None:
         """The agent says connection CONN_ID on FORWARD is over at the target
         and its entry gone: end the ingress entry, then free the port."""
         watch = self.datapath.watch.lookup(forward)
@@ -204,7 +219,10 @@ class RouterConnections:
         entry = self.datapath.ingress.lookup(watch.client)
         if entry is not None and entry.conn_id == conn_id and entry.state != FLOW_HOLD:
             self.datapath.ingress.delete(watch.client)
-            self._counted_end(conn_id, "reset" if entry.flags & FLOW_F_RST else "closed", target_of(entry))
+            why = "reset" if entry.flags & FLOW_F_RST else "closed"
+            self._counted_end(conn_id, why, target_of(entry))
+            if report is not None:
+                self._record_end(watch.client, entry, report, why)
         # No ingress entry translates onto the 4-tuple any more and the target
         # holds nothing on it: the port is free.
         self.datapath.watch.delete(forward)
