@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -90,8 +90,8 @@ class RouterSettings:
     """Answered locally (router liveness); None disables it."""
     admin_socket: str | None = None
     """The runtime admin interface's Unix socket (arr/admin.py). A config file
-    gets ``/run/arr/admin.sock`` unless it says otherwise ("" disables it); a
-    ``RouterSettings`` built in code has none unless given."""
+    (``load_config``) gets ``/run/arr/admin.sock`` unless it says otherwise
+    ("" disables it); a config built in code or from a dict has none unless given."""
 
 
 @dataclass(frozen=True)
@@ -299,7 +299,7 @@ def _router(data: Any) -> RouterSettings:
         drain_timeout=s.number("drain_timeout", 10.0),
         access_log=_access_log(s),
         health_path=s.get("health_path", str, "/_arr/health") or None,
-        admin_socket=s.get("admin_socket", str, DEFAULT_ADMIN_SOCKET) or None,
+        admin_socket=s.get("admin_socket", str) or None,
     )
     if settings.admin_socket is not None and not settings.admin_socket.startswith("/"):
         raise ConfigError(f"router.admin_socket: must be an absolute path, got {settings.admin_socket!r}")
@@ -648,4 +648,10 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     if not data:
         raise ConfigError(f"{path}: the file is empty (at least [[targets]] or [pools.NAME] is needed)")
-    return config_from_dict(data, base=path.parent)
+    config = config_from_dict(data, base=path.parent)
+    router = data.get("router")
+    if not (isinstance(router, dict) and "admin_socket" in router):
+        # An operator's router (a file) gets the admin interface unless it says
+        # otherwise; a router built in code (a library, a test) only if asked.
+        config = replace(config, router=replace(config.router, admin_socket=DEFAULT_ADMIN_SOCKET))
+    return config

@@ -8,23 +8,16 @@
 The handoff itself lives in the ``handoff`` package; the router only knows the
 ``HandoffEngine`` protocol, so it runs (falling back to proxy) without it.
 
-Accepting is the router's own (``Router._on_listener_readable``), not the
-loop's ``create_server``: uvloop's accept loop takes every pending connection
-in one go before any of them is looked at, and on EMFILE libuv accepts and
-closes the rest silently (its "EMFILE trick"); asyncio's pauses accepting for
-a second while clients hang. Here each connection is admitted or answered 503
-the moment it is accepted, within the file-descriptor budget of
-arr/fdlimit.py, and a spare fd answers 503 when accept() still fails with
-EMFILE/ENFILE.
+Accepting is the router's own (arr/listener.py): each connection is admitted
+or answered 503 the moment it is accepted, within the file-descriptor budget
+of arr/fdlimit.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import inspect
 import logging
-import os
 import resource
 import signal
 import socket
@@ -37,7 +30,8 @@ from arr.config import Config, ConfigError, Limits, load_config
 from arr.decisions import Decision, Handoff, Local, LocalResponse, Proxy, Reject, decision_name
 from arr.fdlimit import FdPlan, fds_per_connection, plan_fds
 from arr.health import HealthMonitor
-from arr.http1 import HttpError, error_response
+from arr.listener import REFUSAL, Listener
+from arr.http1 import HttpError
 from arr.metrics import Metrics, serve_metrics
 from arr.proxy import Relay, UpstreamFailed
 from arr.reload import ReloadPlan, effective_config, plan_reload
@@ -55,23 +49,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("arr")
 
-ACCEPT_BATCH = 64
-"""Connections accepted per wake-up of a listening socket: the loop's other
-work (sessions, health checks) runs between batches."""
-ACCEPT_PAUSE = 0.05
-"""Seconds accepting pauses when out of fds with no spare to answer with: the
-clients wait in the backlog meanwhile, none is reset."""
-WARN_EVERY = 10.0
-"""Seconds between two warnings of the same overload (refusing, out of fds)."""
 FIXED_FDS = 8
 """Fds the router holds whatever its configuration: stdio, listening and
 metrics sockets, the spare fd, the loop's epoll and wake-up fds."""
-REFUSAL = error_response(503, b"too many connections\n")
-_OUT_OF_FDS = {errno.EMFILE: "emfile", errno.ENFILE: "enfile"}
-_OUT_OF_MEMORY = {errno.ENOBUFS: "enobufs", errno.ENOMEM: "enomem"}
-_GONE_BEFORE_ACCEPT = (errno.ECONNABORTED, errno.EPROTO, errno.EPERM)
-"""accept() errors that concern one connection only (reset while queued, or
-refused by a firewall rule): the next one is accepted as usual."""
 
 
 class HandoffEngine(Protocol):
@@ -144,10 +124,7 @@ class Router:
         self.fd_plan: FdPlan | None = None
         self._admitting = 0
         """Connections accepted and admitted whose session has not started yet."""
-        self._listeners: list[socket.socket] = []
-        self._spare_fd: int | None = None
-        self._accept_paused: asyncio.TimerHandle | None = None
-        self._warned_at: dict[str, float] = {}
+        self.listener: Listener | None = None
         self._metrics_server: asyncio.AbstractServer | None = None
         self._closed = asyncio.Event()
         self.config_path: str | None = None
@@ -169,10 +146,10 @@ class Router:
         self.max_connections = plan.max_connections
         self.metrics.max_connections.set(plan.max_connections)
         loop = asyncio.get_running_loop()
-        self._listeners = listen_sockets(*self.config.router.listen)
-        self._spare_fd = _open_spare()
-        for listener in self._listeners:
-            loop.add_reader(listener.fileno(), self._on_listener_readable, listener)
+        self.listener = Listener(self.config.router.listen, has_room=self._has_room, admit=self._on_accepted,
+                                 metrics=self.metrics, connections=lambda: len(self._sessions),
+                                 max_connections=lambda: self.max_connections)
+        self.listener.start(loop)
         if self.config.router.metrics:
             self._metrics_server = await serve_metrics(self.metrics, *self.config.router.metrics)
         if self.config.router.admin_socket:
@@ -200,24 +177,25 @@ class Router:
         return FIXED_FDS + (self.config.upstream.keepalive + ready) * len(targets) + probes
 
     def listening_sockets(self) -> list[socket.socket]:
-        assert self._listeners, "router not started"
-        return list(self._listeners)
+        assert self.listener is not None, "router not started"
+        return list(self.listener.sockets)
 
     @property
     def address(self) -> tuple[str, int]:
-        assert self._listeners, "router not started"
-        return self._listeners[0].getsockname()[:2]
+        assert self.listener is not None, "router not started"
+        return self.listener.sockets[0].getsockname()[:2]
 
     async def serve(self) -> None:
         """Start, then run until ``shutdown`` (SIGTERM/SIGINT under ``run``)."""
-        if not self._listeners:
+        if self.listener is None:
             await self.start()
         await self._closed.wait()
 
     async def shutdown(self, timeout: float | None = None) -> None:
         """Stop accepting; let in-flight exchanges finish for up to ``timeout``."""
         timeout = self.config.router.drain_timeout if timeout is None else timeout
-        self._stop_accepting()
+        if self.listener is not None:
+            self.listener.stop()
         for session in list(self._sessions):
             session.draining = True
             if not session.busy:
@@ -294,27 +272,13 @@ class Router:
 
     # ------------------------------------------------------------ accepting
 
-    def _on_listener_readable(self, listener: socket.socket) -> None:
-        """Accept what is pending: admit each connection while the router has
-        room, answer the others 503 at once (their fd is closed again before
-        the next accept, so a flood costs one fd at a time)."""
-        for _ in range(ACCEPT_BATCH):
-            try:
-                sock, _peer = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in _GONE_BEFORE_ACCEPT:
-                    continue
-                self._accept_failed(listener, exc)
-                return
-            if len(self._sessions) + self._admitting >= self.max_connections:
-                self._warn("full", "at max_connections %d: new connections are answered 503 "
-                           "(arr_refused_connections)", self.max_connections)
-                self._refuse_now(sock)
-                continue
-            self._admitting += 1
-            asyncio.get_running_loop().create_task(self._admit(sock))
+    def _has_room(self) -> bool:
+        return len(self._sessions) + self._admitting < self.max_connections
+
+    def _on_accepted(self, sock: socket.socket) -> None:
+        """The listener admitted SOCK (arr/listener.py): give it a session."""
+        self._admitting += 1
+        asyncio.get_running_loop().create_task(self._admit(sock))
 
     async def _admit(self, sock: socket.socket) -> None:
         """Give an admitted connection its session (``connection_made`` starts it)."""
@@ -337,79 +301,6 @@ class Router:
         finally:
             if not started:
                 self._admitting -= 1
-
-    def _refuse_now(self, sock: socket.socket) -> None:
-        """503 and close, before anything else is read or opened."""
-        try:
-            sock.setblocking(False)
-            sock.send(REFUSAL)  # a fresh connection's send buffer takes it whole
-            _discard_received(sock)
-        except OSError:
-            pass  # the client is gone: nothing to answer
-        finally:
-            sock.close()
-        self.metrics.refused_connections.inc()
-
-    def _accept_failed(self, listener: socket.socket, exc: OSError) -> None:
-        """accept() failed for want of an fd (or memory). With the spare fd
-        free for a moment, the pending connection is accepted and answered
-        503, and the loop comes back for the next; without one, accepting
-        pauses for ``ACCEPT_PAUSE`` and the clients wait in the backlog."""
-        reason = _OUT_OF_FDS.get(exc.errno) or _OUT_OF_MEMORY.get(exc.errno) \
-            or errno.errorcode.get(exc.errno or 0, "error").lower()
-        self.metrics.accept_errors.labels(reason).inc()
-        if exc.errno in _OUT_OF_FDS and self._spare_fd is not None:
-            self._warn(reason, "accept: out of file descriptors (%s) with %d client connections: "
-                       "answering 503 with the spare fd; something outside client connections "
-                       "holds more than limits.reserved_fds", reason.upper(), len(self._sessions))
-            os.close(self._spare_fd)
-            self._spare_fd = None
-            try:
-                sock, _peer = listener.accept()
-            except OSError:
-                pass
-            else:
-                self._refuse_now(sock)
-            self._spare_fd = _open_spare()
-            if self._spare_fd is not None:
-                return  # the listener is still readable if more are pending
-        self._warn(reason + "-pause", "accept: %s; pausing accepting for %.2fs", exc, ACCEPT_PAUSE)
-        self._pause_accepting()
-
-    def _pause_accepting(self) -> None:
-        loop = asyncio.get_running_loop()
-        for listener in self._listeners:
-            loop.remove_reader(listener.fileno())
-        self._accept_paused = loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
-
-    def _resume_accepting(self) -> None:
-        self._accept_paused = None
-        if self._spare_fd is None:
-            self._spare_fd = _open_spare()
-        loop = asyncio.get_running_loop()
-        for listener in self._listeners:
-            loop.add_reader(listener.fileno(), self._on_listener_readable, listener)
-
-    def _stop_accepting(self) -> None:
-        if self._accept_paused is not None:
-            self._accept_paused.cancel()
-            self._accept_paused = None
-        loop = asyncio.get_running_loop()
-        for listener in self._listeners:
-            if listener.fileno() >= 0:
-                loop.remove_reader(listener.fileno())
-                listener.close()
-        if self._spare_fd is not None:
-            os.close(self._spare_fd)
-            self._spare_fd = None
-
-    def _warn(self, what: str, message: str, *args: object) -> None:
-        """MESSAGE, at most once per ``WARN_EVERY`` for WHAT: an overload
-        must not turn into a log line per connection."""
-        now = time.monotonic()
-        if now - self._warned_at.get(what, -WARN_EVERY) >= WARN_EVERY:
-            self._warned_at[what] = now
-            log.warning(message, *args)
 
     # ------------------------------------------------------------ per client
 
@@ -615,47 +506,6 @@ def apply_fd_plan(limits: Limits, per_connection: int, shared_fds: int) -> FdPla
 
 def _limit(value: int) -> int | None:
     return None if value == resource.RLIM_INFINITY else value
-
-
-def listen_sockets(host: str, port: int) -> list[socket.socket]:
-    """Non-blocking listening sockets for HOST:PORT (every address it names,
-    as ``loop.create_server`` would bind)."""
-    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    sockets: list[socket.socket] = []
-    try:
-        for family, kind, proto, _, address in dict.fromkeys(infos):
-            sock = socket.socket(family, kind, proto)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
-            sock.listen(4096)
-            sock.setblocking(False)
-    except OSError:
-        for sock in sockets:
-            sock.close()
-        raise
-    return sockets
-
-
-def _open_spare() -> int | None:
-    """The fd kept free for answering 503 when accept() meets EMFILE."""
-    try:
-        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-
-
-def _discard_received(sock: socket.socket) -> None:
-    """Read what the client already sent: closing a socket with unread bytes
-    sends a RST instead of a FIN, which may cost the client the 503."""
-    for _ in range(4):
-        try:
-            if not sock.recv(65536):
-                return
-        except (BlockingIOError, InterruptedError):
-            return
 
 
 async def run(router: Router, config_path: str | None = None) -> None:

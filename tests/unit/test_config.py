@@ -1,6 +1,5 @@
 """Configuration: both shapes load, and every error names its dotted field path."""
 
-import dataclasses
 import textwrap
 
 import pytest
@@ -33,11 +32,17 @@ def test_handoff_forward_pool_is_read_and_defaults_to_four():
 
 def test_empty_dict_is_defaults():
     config = config_from_dict({})
-    # A config file gets the admin socket by default; a Config built in code does not.
-    assert config.router.admin_socket == DEFAULT_ADMIN_SOCKET and Config().router.admin_socket is None
-    assert config == dataclasses.replace(Config(), router=dataclasses.replace(
-        Config().router, admin_socket=DEFAULT_ADMIN_SOCKET))
+    assert config == Config()
     assert config.limits == Limits() and config.pools == () and config.default_pool is None
+
+
+def test_a_config_file_gets_the_admin_socket_unless_it_says_otherwise(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text('[router]\nmode = "proxy"\n[[targets]]\naddress = "10.0.0.1:80"\n')
+    assert load_config(path).router.admin_socket == DEFAULT_ADMIN_SOCKET
+    path.write_text('[router]\nmode = "proxy"\nadmin_socket = ""\n[[targets]]\naddress = "10.0.0.1:80"\n')
+    assert load_config(path).router.admin_socket is None
+    assert config_from_dict({}).router.admin_socket is None
 
 
 def test_minimal_shape():

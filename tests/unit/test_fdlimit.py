@@ -306,8 +306,8 @@ async def test_emfile_at_accept_is_answered_503_with_the_spare_fd(start_router):
 
 async def test_emfile_without_a_spare_pauses_accepting_and_the_client_waits(start_router):
     router = await start_router({"limits": {"max_connections": 100}}, policy=answer_ok)
-    os.close(router._spare_fd)  # as if something else had taken it
-    router._spare_fd = None
+    os.close(router.listener.spare_fd)  # as if something else had taken it
+    router.listener.spare_fd = None
     client = socket.socket()
     try:
         with Exhausted() as exhausted:
@@ -319,6 +319,6 @@ async def test_emfile_without_a_spare_pauses_accepting_and_the_client_waits(star
             received = await answer
         assert received.startswith(b"HTTP/1.1 200 ") and received.endswith(b"ok\n")
         assert router.metrics.value("arr_refused_connections_total") == 0
-        assert router._spare_fd is not None
+        assert router.listener.spare_fd is not None
     finally:
         client.close()
