@@ -12,17 +12,24 @@ from typing import TYPE_CHECKING
 from arr.config import ConfigError, check_files, load_config, parse_address
 
 if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
     from arr.config import Config
     from arr.server import Router
 
 
-def _install_uvloop() -> None:
+def _run(main: "Coroutine[object, object, object]") -> None:
+    """MAIN on uvloop where installed, through a loop factory (event-loop
+    policies are deprecated from Python 3.14)."""
+    factory = None
     try:
         import uvloop
+
+        factory = uvloop.new_event_loop
     except ImportError:  # the router works on the stock loop, only slower
         logging.getLogger("arr").warning("uvloop not installed; using the default asyncio loop")
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main)
 
 
 def build_router(config: "Config") -> "Router":
@@ -57,9 +64,8 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["mode"] = args.mode
     if overrides:
         config = dataclasses.replace(config, router=dataclasses.replace(config.router, **overrides))
-    _install_uvloop()
     try:
-        asyncio.run(run(build_router(config), config_path=str(args.config)))
+        _run(run(build_router(config), config_path=str(args.config)))
     except OSError as exc:
         return _startup_failed("arr serve", exc)
     return 0
@@ -77,9 +83,8 @@ def _agent(args: argparse.Namespace) -> int:
 
     settings = load_agent_config(args.config)
     _check_agent_files(settings)
-    _install_uvloop()
     try:
-        asyncio.run(run_agent(settings))
+        _run(run_agent(settings))
     except OSError as exc:
         return _startup_failed("arr agent", exc)
     return 0
