@@ -34,6 +34,8 @@ from arr.metrics import serve_metrics
 from handoff.agent_lifecycle import TargetConnections
 from handoff.control import (TAKEN_CLOSED, TAKEN_OK, TAKEN_UNACKED, TAKEN_UNKNOWN, Ack, ControlServer,
                              HandoffRequest, Holding, Nack, Release, StopMirror, Taken, TakeBack, load_psk)
+from handoff.control.outbound import (DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_SESSIONS, DEFAULT_MAX_SESSIONS_PER_ADDRESS,
+                                      DEFAULT_SEND_BUFFER, DEFAULT_SEND_TIMEOUT)
 from handoff.datapath import DEFAULT_BPF_DIR, TargetDatapath
 from handoff.event_reader import EventReader
 from handoff.lifecycle import local_key
@@ -66,6 +68,18 @@ class AgentSettings:
     """Handed-off connections the maps hold; HANDOFFs beyond it are refused."""
     metrics: tuple[str, int] | None = None
     """Prometheus endpoint ``host:port``; off by default."""
+    control_max_sessions: int = DEFAULT_MAX_SESSIONS
+    """Control connections at once, proven or not; more are refused and counted."""
+    control_max_sessions_per_address: int = DEFAULT_MAX_SESSIONS_PER_ADDRESS
+    """Control connections at once from one address, proven or not."""
+    control_max_handshakes: int = DEFAULT_MAX_HANDSHAKES
+    """Control connections at once whose peer has not proven it holds the key."""
+    control_handshake_timeout: float = 5.0
+    """Seconds from a control connection's accept to its peer's proof."""
+    control_send_buffer: int = DEFAULT_SEND_BUFFER
+    """Bytes queued for one router at most; a router that lets more pile up is dropped."""
+    control_send_timeout: float = DEFAULT_SEND_TIMEOUT
+    """Seconds a router may leave bytes sent to it untaken before it is dropped."""
 
 
 def load_agent_config(path: str | Path) -> AgentSettings:
@@ -107,6 +121,14 @@ def load_agent_config(path: str | Path) -> AgentSettings:
                                  or not 1 <= values["capacity"] <= 1 << 24):
         raise ConfigError(f"agent.capacity: must be a whole number of connections from 1 to {1 << 24}, "
                           f"got {values['capacity']!r}")
+    for key in ("control_max_sessions", "control_max_sessions_per_address", "control_max_handshakes",
+                "control_send_buffer"):
+        if key in values and (not isinstance(values[key], int) or isinstance(values[key], bool) or values[key] < 1):
+            raise ConfigError(f"agent.{key}: must be a whole number >= 1, got {values[key]!r}")
+    for key in ("control_handshake_timeout", "control_send_timeout"):
+        if key in values and (not isinstance(values[key], (int, float)) or isinstance(values[key], bool)
+                              or values[key] <= 0):
+            raise ConfigError(f"agent.{key}: must be a positive number, got {values[key]!r}")
     return AgentSettings(**values)
 
 
@@ -126,6 +148,15 @@ class AgentMetrics:
             for reason, count in sorted(agent.server.rejected.items()):
                 rejected.add_metric([reason], count)
         yield rejected
+        sessions = GaugeMetricFamily("arr_agent_control_sessions", "Control connections open, by stage.",
+                                     labels=["stage"])
+        if agent.server is not None:
+            sessions.add_metric(["proven"], len(agent.server.sessions))
+            sessions.add_metric(["handshake"], agent.server.connections - len(agent.server.sessions))
+        yield sessions
+        yield CounterMetricFamily("arr_agent_reports_unrouted",
+                                  "CLOSED reports dropped: the router owning the connection was not connected.",
+                                  value=agent.connections.unreported if agent.connections else 0)
         yield CounterMetricFamily("arr_agent_handoffs_installed", "Egress entries installed.",
                                   value=agent.installed)
         yield CounterMetricFamily("arr_agent_handoffs_refused", "HANDOFF requests answered NACK.",
@@ -182,7 +213,12 @@ class Agent:
         self.datapath.attach_interfaces(interfaces)
         self.local_addresses = set(netlink.addresses(None)) | {s.listen[0]}
         node_id = s.node_id or f"agent@{s.listen[0]}"
-        self.server = ControlServer(psk, node_id, self, *s.listen)
+        self.server = ControlServer(psk, node_id, self, *s.listen,
+                                    handshake_timeout=s.control_handshake_timeout,
+                                    max_sessions=s.control_max_sessions,
+                                    max_sessions_per_address=s.control_max_sessions_per_address,
+                                    max_handshakes=s.control_max_handshakes,
+                                    send_buffer=s.control_send_buffer, send_timeout=s.control_send_timeout)
         self.connections.sessions = self.server.sessions
         await self.server.start()
         if s.metrics is not None:
@@ -211,7 +247,9 @@ class Agent:
         if self.connections is not None:
             self.connections.close()
         if self.server is not None:
-            await self.server.stop()
+            await self.server.stop()  # bounded: the agent stops within its drain time, routers connected or not
+            log.info("arr agent stopping: control connections rejected: %s",
+                     ", ".join(f"{r} {n}" for r, n in sorted(self.server.rejected.items())) or "none")
         if self._metrics_server is not None:
             self._metrics_server.close()
         if self.datapath is not None:
@@ -221,7 +259,7 @@ class Agent:
 
     async def on_message(self, session: Any, message: Any) -> None:
         if isinstance(message, HandoffRequest):
-            reply = self._install(message)
+            reply = self._install(message, owner=session.peer_node_id)
             if isinstance(reply, Nack):
                 self.refused += 1
                 log.warning("refused handoff %d: %s", message.conn_id, reply.reason)
@@ -238,7 +276,8 @@ class Agent:
             assert self.connections is not None
             await self.connections.holding(session, message)
 
-    def _install(self, message: HandoffRequest) -> Ack | Nack:
+    def _install(self, message: HandoffRequest, owner: str | None = None) -> Ack | Nack:
+        """OWNER: the node id of the router asking, to which the entry's reports go."""
         assert self.datapath is not None
         key = local_key(message.key)
         if key.src[0] not in self.local_addresses:
@@ -259,7 +298,7 @@ class Agent:
             reason = "map full" if exc.errno == errno.E2BIG else f"map update failed: {exc}"
             return Nack(conn_id=message.conn_id, reason=reason)
         assert self.connections is not None
-        self.connections.installed(key)
+        self.connections.installed(key, owner)
         self.installed += 1
         return Ack(conn_id=message.conn_id)
 

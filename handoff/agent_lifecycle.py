@@ -48,6 +48,20 @@ An entry ends when its connection ends:
 Silence ends nothing: a live socket keeps its entry however long it is idle.
 ``verdict`` and ``next_look`` are the decisions as pure functions;
 ``TargetConnections`` the I/O.
+
+Reports go to the router that owns the connection, and to no other: the
+agent records the node id of the (proven) control session whose HANDOFF
+installed each entry, or whose HOLDING lists it (which restores the record
+after an agent restart), in ``owners``. A CLOSED goes to the connected
+sessions of that node id; an entry whose owner is unknown (installed before
+a restart and not listed yet) is reported to the sessions from the address
+the connection's 4-tuple names (the router's forwarding address). When the
+owner is not connected, the report is dropped and counted (``unreported``):
+nothing is kept, so nothing grows; on reconnecting, the router sends its
+complete HOLDING list, and the agent answers GONE for each listed connection
+it no longer holds, which is all the report would have said. Reports are
+queued, never awaited: a router that does not read delays no other router and
+no cleanup (handoff/control/channel.py drops it).
 """
 
 from __future__ import annotations
@@ -90,6 +104,9 @@ HOLDING_LOOKS = 3
 """Looks at a connection the router asks about (HOLDING, not complete)."""
 SWEEP_INTERVAL = 60.0
 """Seconds between two full sweeps (the safety net under the events)."""
+REPORT_YIELD_EVERY = 256
+"""Reports queued between two returns to the event loop (which sends them):
+a HOLDING answered with thousands of GONE must not pile them all up first."""
 
 
 class Verdict(enum.Enum):
@@ -146,6 +163,12 @@ class TargetConnections:
         """Entries to look at: (when, looks so far, looks in all, whatever the
         state). Bounded by the map."""
         self.sessions: set["ServerSession"] = set()
+        """The proven control sessions (the server's own set)."""
+        self.owners: dict[FlowKey, str] = {}
+        """Node id of the router that owns each entry (bounded by the map)."""
+        self.unreported = 0
+        """Reports dropped: their router was not connected (for the agent's metrics)."""
+        self._reports = 0
         self.ended: dict[str, int] = {}
         """Entries ended, by why (for the agent's metrics)."""
         self.looked = 0
@@ -188,9 +211,14 @@ class TargetConnections:
     def close(self) -> None:
         self._diag.close()
 
-    def installed(self, key: FlowKey) -> None:
+    def installed(self, key: FlowKey, owner: str | None = None) -> None:
+        """A HANDOFF installed KEY's entry; OWNER: the node id of the router that sent it."""
         self.over_since.pop(key, None)
         self.suspects.pop(key, None)
+        if owner is None:
+            self.owners.pop(key, None)
+        else:
+            self.owners[key] = owner
 
     def taken_back(self, key: FlowKey) -> None:
         """The router took the connection back (agent.py ended its entry): the
@@ -198,6 +226,7 @@ class TargetConnections:
         report, nothing to look at."""
         self.over_since.pop(key, None)
         self.suspects.pop(key, None)
+        self.owners.pop(key, None)
         self.ended["taken-back"] = self.ended.get("taken-back", 0) + 1
 
     # ---------------------------------------------------------- events
@@ -257,6 +286,7 @@ class TargetConnections:
             if entry is None:
                 self.suspects.pop(key, None)
                 self.over_since.pop(key, None)
+                self.owners.pop(key, None)
         # Exact lookups, however many: a dump would cost in proportion to
         # every socket of the port, a lookup to the connection looked at.
         found = self._diag.sockets_of([(key.src, key.dst) for key, _ in present])
@@ -306,6 +336,10 @@ class TargetConnections:
     async def sweep(self, now_ns: int) -> int:
         """Every entry against a dump of its server port's sockets."""
         entries = self.datapath.egress.items()
+        if len(self.owners) > len(entries):  # records of entries no longer in the map
+            present = {key for key, _ in entries}
+            for key in [k for k in self.owners if k not in present]:
+                del self.owners[key]
         if not entries:
             return 0
         sockets = self._target_sockets(key for key, _ in entries)
@@ -356,10 +390,14 @@ class TargetConnections:
             entry = self.datapath.egress.lookup(key)
             if entry is None or entry.conn_id != conn_id:
                 await self._report(not_held(conn_id, wire), session)
-            elif message.complete:
-                self._sync[session][1].add(conn_id)
             else:
-                looks.append(key)
+                owner = getattr(session, "peer_node_id", None)
+                if owner is not None:
+                    self.owners[key] = owner  # the router holds it: it owns it (after an agent restart too)
+                if message.complete:
+                    self._sync[session][1].add(conn_id)
+                else:
+                    looks.append(key)
         # A few looks: the router saw the client's RST pass a moment ago (the
         # target's kernel has it by now), or asks about a silent connection
         # (it asks again after another idle_timeout).
@@ -388,21 +426,32 @@ class TargetConnections:
                 log.warning("could not end the target's socket %s: %s", key, exc)
         self.over_since.pop(key, None)
         self.suspects.pop(key, None)
+        owner = self.owners.pop(key, None)
         self.ended[why] = self.ended.get(why, 0) + 1
         await self._report(Closed(conn_id=entry.conn_id, key=wire_key(key),
                                   packets=entry.packets, bytes=entry.bytes,
-                                  flags=entry.flags | CLOSED_TARGET_GONE))
+                                  flags=entry.flags | CLOSED_TARGET_GONE), owner=owner)
 
-    async def _report(self, closed: Closed, session: "ServerSession | None" = None) -> None:
-        """To the router that owns the connection (its address is the key's
-        destination); a router that is not connected learns it from the
-        HOLDING sync when it is back."""
-        if session is not None:
-            targets = [session]
-        else:
-            targets = [s for s in self.sessions if s.peer_host == closed.key.daddr] or list(self.sessions)
+    def report_targets(self, closed: Closed, owner: str | None) -> list["ServerSession"]:
+        """Who is told about CLOSED: the sessions of the owner's node id; with
+        no owner known, the sessions from the connection's router address."""
+        if owner is not None:
+            return [s for s in self.sessions if getattr(s, "peer_node_id", None) == owner]
+        return [s for s in self.sessions if s.peer_host == closed.key.daddr]
+
+    async def _report(self, closed: Closed, session: "ServerSession | None" = None,
+                      owner: str | None = None) -> None:
+        """To SESSION (the router asking), else to the router that owns the
+        connection (see the module's docstring); queued, never waited for."""
+        targets = [session] if session is not None else self.report_targets(closed, owner)
+        if not targets:
+            self.unreported += 1
+            return
         for target in targets:
             try:
                 await target.send(closed)
             except (ConnectionError, OSError):
                 continue
+        self._reports += 1
+        if self._reports % REPORT_YIELD_EVERY == 0:
+            await asyncio.sleep(0)

@@ -1,18 +1,29 @@
 """The control channel over asyncio: the agent's server, the router's client.
 
 Both drive a sans-IO ``ControlConnection`` (``frames.py``). A connection that
-breaks the protocol is counted in ``rejected[reason]``, logged in one line and
-closed; nothing else is affected.
+breaks the protocol, or any limit below, is counted in ``rejected[reason]``
+(``CHANNEL_REASONS`` beside the protocol's ``REASONS``), logged in one line
+(rate-limited: ``RejectionLog``) and closed; nothing else is affected.
 
 * ``ControlServer`` (agent): accepts routers; hands every message but PING to
   ``handler.on_message(session, message)`` (awaited, in order, per
-  connection) and answers PINGs itself. ``sessions`` holds the established
-  sessions, so the agent can push CLOSED to every router.
+  connection) and answers PINGs itself. ``sessions`` holds the proven
+  sessions only: a peer is in it, and gets anything but the handshake, only
+  once its PROOF verified. Connections are bounded in total, per peer
+  address, and while unproven (``max_sessions``, ``max_sessions_per_address``,
+  ``max_handshakes``); the handshake must complete within
+  ``handshake_timeout`` of the accept, a started frame within ``frame_timeout``.
 * ``ControlClient`` (router): keeps one connection to one agent up,
   reconnecting with exponential backoff (``on_connect`` messages go first on
   each new connection); ``request`` for HANDOFF -> ACK/NACK,
-  ``send`` for fire-and-forget; PINGs the agent and reconnects when it stops
-  answering.
+  ``send``/``post`` for fire-and-forget; PINGs the agent and reconnects when
+  it stops answering.
+
+Every send on either side is queued, never awaited (``FrameSender``): the
+bytes waiting for a peer are bounded, and a peer that leaves bytes untaken
+for ``send_timeout`` seconds is dropped (``slow-reader``). So nothing, the
+agent's cleanup and report loop included, ever waits on a peer that does not
+read.
 
 ``load_psk`` reads the key file.
 """
@@ -26,22 +37,24 @@ import itertools
 import logging
 import os
 import random
+import socket
 import stat
 import string
 from pathlib import Path
 from typing import Any, Callable
 
+from handoff.control.outbound import (
+    DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_SESSIONS, DEFAULT_MAX_SESSIONS_PER_ADDRESS,
+    DEFAULT_SEND_BUFFER, DEFAULT_SEND_TIMEOUT, ControlUnavailable, FrameSender, RejectionLog, peer_name,
+)
 from handoff.control.frames import (
-    Ack, ControlConnection, ControlError, HandoffRequest, Hello, Message, Nack, Ping, Taken, TakeBack,
+    Ack, ControlConnection, ControlError, Established, HandoffRequest, Message, Nack, Ping, SeenNonces, Taken,
+    TakeBack,
 )
 
 log = logging.getLogger("arr.control")
 
 _READ = 65536
-
-
-class ControlUnavailable(ConnectionError):
-    """No established control connection (or it was lost while waiting)."""
 
 
 # ------------------------------------------------------------------ the key
@@ -92,7 +105,6 @@ def load_psk(path: str | os.PathLike[str], *, strict: bool = False) -> bytes:
 
 # ------------------------------------------------------------------ helpers
 
-
 def _expire(future: "asyncio.Future[Any]") -> None:
     if not future.done():
         future.set_exception(asyncio.TimeoutError())
@@ -101,42 +113,6 @@ def _expire(future: "asyncio.Future[Any]") -> None:
 async def _maybe_await(result: Any) -> None:
     if inspect.isawaitable(result):
         await result
-
-
-def _peer(writer: asyncio.StreamWriter) -> str:
-    peer = writer.get_extra_info("peername")
-    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-
-
-class CoalescingWriter:
-    """Frames queued during one event-loop iteration leave in one write.
-
-    Under load many handoffs reach the control step in the same iteration;
-    one write (one segment, one wakeup of the peer) for all of them instead of
-    one each. The flush runs at the end of the iteration (``call_soon``), so
-    a frame waits for no timer. Order is kept: frames carry counters that the
-    peer checks (frames.py)."""
-
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
-        self._chunks: list[bytes] = []
-        self._scheduled = False
-
-    def write(self, frame: bytes) -> None:
-        self._chunks.append(frame)
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
-
-    def flush(self) -> None:
-        self._scheduled = False
-        chunks, self._chunks = self._chunks, []
-        if chunks and not self.writer.is_closing():
-            self.writer.write(b"".join(chunks) if len(chunks) > 1 else chunks[0])
-
-    async def drain(self) -> None:
-        """Back-pressure as StreamWriter.drain (raises once the connection is lost)."""
-        await self.writer.drain()
 
 
 async def _close_writer(writer: asyncio.StreamWriter) -> None:
@@ -151,17 +127,21 @@ async def _close_writer(writer: asyncio.StreamWriter) -> None:
 
 
 class ServerSession:
-    """One router's established connection, as the agent's handler sees it."""
+    """One router's connection, as the agent's handler sees it (proven: the
+    handler sees no other)."""
 
-    def __init__(self, conn: ControlConnection, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, conn: ControlConnection, writer: asyncio.StreamWriter, sender: FrameSender) -> None:
         self.conn = conn
         self.writer = writer
-        self._out = CoalescingWriter(writer)
-        self.peer = _peer(writer)
+        self.sender = sender
+        self.peer = peer_name(writer)
         self.closed = False
+        self.proven = False
+        """Set once the peer's PROOF verified (and stays set after the close)."""
 
     @property
     def peer_node_id(self) -> str | None:
+        """The router's node id, once it proved it holds the key (None before)."""
         return self.conn.peer_node_id
 
     @property
@@ -169,16 +149,22 @@ class ServerSession:
         """The router's address on this connection (without the port)."""
         return self.peer.rsplit(":", 1)[0]
 
+    def post(self, message: Message) -> None:
+        """Queue MESSAGE; never waits. ControlUnavailable (a ConnectionError)
+        once the session is gone, before it is proven, or when the router
+        does not read (the session is then dropped)."""
+        if self.closed or not self.conn.established or not self.sender.usable:
+            raise ControlUnavailable(f"control session with {self.peer} is closed or not proven")
+        self.sender.write(self.conn.send(message))
+
     async def send(self, message: Message) -> None:
-        """Raises ControlUnavailable (a ConnectionError) once the session is gone."""
-        if self.closed or self.conn.failed is not None or self.writer.is_closing():
-            raise ControlUnavailable(f"control session with {self.peer} is closed")
-        self._out.write(self.conn.send(message))
-        await self._out.drain()
+        """As ``post`` (kept awaitable for handlers): it never waits for the peer."""
+        self.post(message)
 
     def close(self) -> None:
         self.closed = True
         self.conn.close()
+        self.sender.close()
         self.writer.close()
 
     def __repr__(self) -> str:
@@ -188,85 +174,126 @@ class ServerSession:
 class ControlServer:
     """The agent's end: ``handler.on_message(session, message)`` is called for
     every message but PING (a plain callable ``handler(session, message)`` is
-    accepted too; either may be a coroutine function)."""
+    accepted too; either may be a coroutine function) of proven sessions."""
 
     def __init__(self, psk: bytes, node_id: str, handler: Any, host: str = "127.0.0.1", port: int = 0,
-                 *, handshake_timeout: float = 5.0, idle_timeout: float | None = 60.0) -> None:
+                 *, handshake_timeout: float = 5.0, idle_timeout: float | None = 60.0,
+                 frame_timeout: float = 5.0, max_sessions: int = DEFAULT_MAX_SESSIONS,
+                 max_sessions_per_address: int = DEFAULT_MAX_SESSIONS_PER_ADDRESS,
+                 max_handshakes: int = DEFAULT_MAX_HANDSHAKES, send_buffer: int = DEFAULT_SEND_BUFFER,
+                 send_timeout: float = DEFAULT_SEND_TIMEOUT, remembered_hellos: int = 4096,
+                 socket_send_buffer: int | None = 256 * 1024, stop_timeout: float = 1.0) -> None:
         self.psk = psk
         self.node_id = node_id
         self.host = host
         self.port = port
         self.handshake_timeout = handshake_timeout
+        """From the accept to a verified PROOF."""
         self.idle_timeout = idle_timeout
         """A router that sends nothing (not even its PINGs) for this long is dropped."""
+        self.frame_timeout = frame_timeout
+        """A proven router's frame, once begun, must be complete within this."""
+        self.max_sessions = max_sessions
+        """Connections at once, proven or not."""
+        self.max_sessions_per_address = max_sessions_per_address
+        self.max_handshakes = max_handshakes
+        """Unproven connections at once."""
+        self.send_buffer = send_buffer
+        self.send_timeout = send_timeout
+        self.socket_send_buffer = socket_send_buffer
+        """SO_SNDBUF of each connection: what the kernel holds for a router that
+        does not read is bounded too, and the send deadline starts soon after."""
+        self.stop_timeout = stop_timeout
         self._on_message: Callable[..., Any] = getattr(handler, "on_message", handler)
         self.rejected: collections.Counter[str] = collections.Counter()
         self.sessions: set[ServerSession] = set()
+        """Proven sessions."""
+        self.log_rejection = RejectionLog(log)
+        self._seen = SeenNonces(remembered_hellos)
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        self._per_address: collections.Counter[str] = collections.Counter()
+        self._handshaking = 0
 
     @property
     def address(self) -> tuple[str, int]:
         return (self.host, self.port)
 
+    @property
+    def connections(self) -> int:
+        """Connections open now, proven or not."""
+        return len(self._writers)
+
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port, reuse_address=True)
+        self._server = await asyncio.start_server(self._serve, self.host, self.port, reuse_address=True,
+                                                  limit=2 * 65536)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
+        """Close the listener and every connection at once, then wait (bounded)
+        for the tasks: on Python 3.12+ ``wait_closed`` waits for every open
+        connection, so they go first, and the wait is bounded anyway."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        for session in list(self.sessions):
+            session.close()
         for writer in list(self._writers):
             writer.close()
         for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=self.stop_timeout)
+        if server is not None:
+            try:
+                await asyncio.wait_for(server.wait_closed(), self.stop_timeout)
+            except asyncio.TimeoutError:
+                log.warning("control: listener not closed within %.1fs; going on", self.stop_timeout)
         self.sessions.clear()
+        self.log_rejection.flush()
+        if self.rejected:
+            log.info("control: connections rejected while running: %s",
+                     ", ".join(f"{r} {n}" for r, n in sorted(self.rejected.items())))
+
+    def reject(self, reason: str, peer: str, detail: str) -> None:
+        """Count and log (rate-limited) one rejection."""
+        self.rejected[reason] += 1
+        self.log_rejection(reason, peer, detail)
+
+    def _refusal(self, host: str) -> tuple[str, str] | None:
+        if len(self._writers) >= self.max_sessions:
+            return "too-many-sessions", f"{len(self._writers)} connections open (max_sessions)"
+        if self._per_address[host] >= self.max_sessions_per_address:
+            return "too-many-from-address", f"{self._per_address[host]} open from {host} (max_sessions_per_address)"
+        if self._handshaking >= self.max_handshakes:
+            return "too-many-handshakes", f"{self._handshaking} handshakes under way (max_handshakes)"
+        return None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = peer_name(writer)
+        host = peer.rsplit(":", 1)[0]
+        refusal = self._refusal(host)
+        if refusal is not None:
+            self.reject(refusal[0], peer, refusal[1])
+            writer.transport.abort()  # no FIN dance, no buffers: the fd goes now
+            return
+        if self.socket_send_buffer is not None:
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.socket_send_buffer)
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
         self._writers.add(writer)
-        conn = ControlConnection("server", self.psk, self.node_id)
-        session = ServerSession(conn, writer)
+        self._per_address[host] += 1
+        self._handshaking += 1
+        session = ServerSession(ControlConnection("server", self.psk, self.node_id, seen_nonces=self._seen),
+                                writer, FrameSender(writer, max_bytes=self.send_buffer, deadline=self.send_timeout,
+                                                    on_give_up=lambda reason, detail: self.reject(reason, peer,
+                                                                                                  detail)))
         try:
-            while True:
-                timeout = self.idle_timeout if conn.established else self.handshake_timeout
-                try:
-                    async with asyncio.timeout(timeout):  # cheaper than wait_for per read
-                        data = await reader.read(_READ)
-                except asyncio.TimeoutError:
-                    log.info("control: %s %s silent for %.0fs; closing", session.peer,
-                             "established but" if conn.established else "no HELLO,", timeout)
-                    return
-                if not data:
-                    return
-                try:
-                    messages = conn.receive_data(data)
-                except ControlError as exc:
-                    self.rejected[exc.reason] += 1
-                    log.warning("control: rejected %s from %s (%s); closing", exc.reason, session.peer,
-                                exc.detail)
-                    return
-                for message in messages:
-                    if isinstance(message, Hello):
-                        writer.write(conn.data_to_send())
-                        await writer.drain()
-                        self.sessions.add(session)
-                        log.info("control: router %r connected from %s", message.node_id, session.peer)
-                    elif isinstance(message, Ping):
-                        await session.send(Ping(message.token, reply=True))
-                    else:
-                        try:
-                            await _maybe_await(self._on_message(session, message))
-                        except (ConnectionError, OSError):
-                            raise
-                        except Exception:
-                            log.exception("control: handler failed on %r from %s", message, session.peer)
+            await self._converse(reader, session)
         except (ConnectionError, OSError):
             pass
         except asyncio.CancelledError:
@@ -274,10 +301,78 @@ class ControlServer:
             # start_server log an error for it.
             pass
         finally:
+            if not session.proven:
+                self._handshaking -= 1
             self.sessions.discard(session)
             session.close()
             self._writers.discard(writer)
+            self._per_address[host] -= 1
+            if not self._per_address[host]:
+                del self._per_address[host]
             self._tasks.discard(task)
+
+    async def _converse(self, reader: asyncio.StreamReader, session: ServerSession) -> None:
+        """One connection's life."""
+        conn, peer = session.conn, session.peer
+        loop = asyncio.get_running_loop()
+        handshake_deadline = loop.time() + self.handshake_timeout
+        last_heard = loop.time()
+        frame_begun: float | None = None
+        proven = False
+        while True:
+            if not proven:
+                deadline, why = handshake_deadline, "handshake-timeout"
+            else:
+                deadline, why = (last_heard + self.idle_timeout if self.idle_timeout is not None else None,
+                                 "idle-timeout")
+            if frame_begun is not None and (deadline is None or frame_begun + self.frame_timeout < deadline):
+                deadline, why = frame_begun + self.frame_timeout, "stalled-frame"
+            if not proven and conn.buffered:
+                why = "stalled-frame"  # the handshake's deadline, with a frame begun
+            try:
+                async with asyncio.timeout_at(deadline):  # cheaper than wait_for per read
+                    data = await reader.read(_READ)
+            except TimeoutError:
+                what = {"stalled-frame": f"{conn.buffered} bytes of a frame pending too long",
+                        "handshake-timeout": f"no complete handshake within {self.handshake_timeout:.1f}s",
+                        "idle-timeout": f"silent for {self.idle_timeout}s"}[why]
+                self.reject(why, peer, f"{what} (stage {conn.stage}, node id {conn.claimed_node_id!r})")
+                return
+            if not data:
+                if not proven and session.sender.failed is None:
+                    self.reject("handshake-abandoned", peer, f"closed at stage {conn.stage} "
+                                f"(node id {conn.claimed_node_id!r})")
+                return
+            last_heard = loop.time()
+            try:
+                messages = conn.receive_data(data)
+            except ControlError as exc:
+                self.reject(exc.reason, peer, exc.detail)
+                return
+            handshake = conn.data_to_send()
+            if handshake:
+                session.sender.write(handshake)  # the CHALLENGE: all an unproven peer ever gets
+            if not conn.buffered:
+                frame_begun = None
+            elif frame_begun is None or messages:
+                frame_begun = last_heard
+            for message in messages:
+                if isinstance(message, Established):
+                    proven = session.proven = True
+                    self._handshaking -= 1
+                    self.sessions.add(session)
+                    log.info("control: router %r connected from %s", message.peer_node_id, peer)
+                elif isinstance(message, Ping):
+                    session.post(Ping(message.token, reply=True))
+                else:
+                    try:
+                        await _maybe_await(self._on_message(session, message))
+                    except (ConnectionError, OSError):
+                        raise
+                    except Exception:
+                        log.exception("control: handler failed on %r from %s", message, peer)
+            if not session.sender.usable and session.sender.failed is not None:
+                return
 
 
 # ------------------------------------------------------------------ client
@@ -295,7 +390,8 @@ class ControlClient:
                  on_message: Callable[[Message], Any] | None = None, *,
                  on_connect: Callable[[], list[Message]] | None = None,
                  ping_interval: float = 5.0, ping_timeout: float = 5.0, connect_timeout: float = 5.0,
-                 backoff_initial: float = 0.1, backoff_max: float = 5.0) -> None:
+                 backoff_initial: float = 0.1, backoff_max: float = 5.0,
+                 send_buffer: int = 16 << 20, send_timeout: float = DEFAULT_SEND_TIMEOUT) -> None:
         self.psk = psk
         self.node_id = node_id
         self.host = host
@@ -307,15 +403,18 @@ class ControlClient:
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.connect_timeout = connect_timeout
+        """Bounds the TCP connect, and then the whole handshake."""
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
+        self.send_buffer = send_buffer
+        self.send_timeout = send_timeout
         self.rejected: collections.Counter[str] = collections.Counter()
         self.connects = 0
         """Established connections so far (reconnections included)."""
         self.peer_node_id: str | None = None
         self._conn: ControlConnection | None = None
         self._writer: asyncio.StreamWriter | None = None
-        self._out: CoalescingWriter | None = None
+        self._out: FrameSender | None = None
         self._pending: dict[int, asyncio.Future[Ack | Nack | Taken]] = {}
         self._pongs: dict[int, asyncio.Future[None]] = {}
         self._tokens = itertools.count(1)
@@ -325,8 +424,8 @@ class ControlClient:
 
     @property
     def connected(self) -> bool:
-        return (self._conn is not None and self._conn.established and self._writer is not None
-                and not self._writer.is_closing())
+        return (self._conn is not None and self._conn.established and self._out is not None
+                and self._out.usable)
 
     async def start(self) -> None:
         """Start connecting (in the background: an agent that is down is no error)."""
@@ -361,7 +460,7 @@ class ControlClient:
         # future and callbacks): this runs once per handoff.
         expiry = loop.call_later(timeout, _expire, future)
         try:
-            await self.send(message)
+            self.post(message)
             return await future
         finally:
             expiry.cancel()
@@ -369,24 +468,17 @@ class ControlClient:
                 del self._pending[message.conn_id]
 
     def post(self, message: Message) -> None:
-        """Queue MESSAGE without waiting (no back-pressure): for the small
-        notices of the handoff path, where a task per message would cost more
-        than the message. ``ControlUnavailable`` when not connected."""
+        """Queue MESSAGE without waiting (the queue is bounded: an agent that
+        does not read is dropped, see ``FrameSender``). ``ControlUnavailable``
+        when not connected."""
         if not self.connected:
             raise ControlUnavailable(f"no control connection to {self.host}:{self.port}")
         assert self._conn is not None and self._out is not None
         self._out.write(self._conn.send(message))
 
     async def send(self, message: Message) -> None:
-        """Fire and forget. ``ControlUnavailable`` when not connected."""
-        if not self.connected:
-            raise ControlUnavailable(f"no control connection to {self.host}:{self.port}")
-        assert self._conn is not None and self._out is not None
-        self._out.write(self._conn.send(message))
-        try:
-            await self._out.drain()
-        except (ConnectionError, OSError) as exc:
-            raise ControlUnavailable(f"control connection to {self.host}:{self.port} lost: {exc}") from None
+        """Fire and forget (as ``post``). ``ControlUnavailable`` when not connected."""
+        self.post(message)
 
     # ---------------------------------------------------------- the connection loop
 
@@ -404,6 +496,11 @@ class ControlClient:
                 log.exception("control: %s:%d: unexpected failure", self.host, self.port)
             finally:
                 self._drop()
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # A cancel that met a connection error at once (3.11's
+                # wait_for can trade the one for the other): still a cancel.
+                raise asyncio.CancelledError()
             if established:
                 delay = self.backoff_initial
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
@@ -413,6 +510,8 @@ class ControlClient:
         self._connected.clear()
         if self._conn is not None:
             self._conn.close()
+        if self._out is not None:
+            self._out.close()
         if self._writer is not None:
             self._writer.close()
         self._conn = None
@@ -427,27 +526,35 @@ class ControlClient:
                 pong.cancel()
         self._pongs.clear()
 
+    def _give_up(self, reason: str, detail: str) -> None:
+        self.rejected[reason] += 1
+        log.warning("control: agent at %s:%d does not read (%s); reconnecting", self.host, self.port, detail)
+
     async def _connect_and_serve(self) -> bool:
         """One connection's life; True if the handshake completed."""
+        loop = asyncio.get_running_loop()
+        handshake_deadline = loop.time() + self.connect_timeout
         reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port),
                                                 self.connect_timeout)
         conn = ControlConnection("client", self.psk, self.node_id)
-        self._writer = writer
-        self._out = CoalescingWriter(writer)
-        self._conn = conn
-        writer.write(conn.start())
-        await writer.drain()
+        out = FrameSender(writer, max_bytes=self.send_buffer, deadline=self.send_timeout, on_give_up=self._give_up)
+        self._writer, self._out, self._conn = writer, out, conn
+        out.write(conn.start())
         pinger: asyncio.Task[None] | None = None
         established = False
         try:
             while True:
-                timeout = None if conn.established else self.connect_timeout
-                async with asyncio.timeout(timeout):  # cheaper than wait_for per read
+                async with asyncio.timeout_at(None if conn.established else handshake_deadline):
                     data = await reader.read(_READ)
                 if not data:
                     if established:
                         log.info("control: agent %r at %s:%d closed the connection",
                                  conn.peer_node_id, self.host, self.port)
+                    elif out.failed is None:
+                        self.rejected["handshake-abandoned"] += 1
+                        log.warning("control: agent at %s:%d closed the connection during the handshake "
+                                    "(another key, an agent of another protocol version, or its limits: "
+                                    "see its log)", self.host, self.port)
                     return established
                 try:
                     messages = conn.receive_data(data)
@@ -457,17 +564,17 @@ class ControlClient:
                                 exc.reason, self.host, self.port, exc.detail)
                     return established
                 for message in messages:
-                    if isinstance(message, Hello):
+                    if isinstance(message, Established):
                         established = True
                         self.connects += 1
-                        self.peer_node_id = message.node_id
+                        self.peer_node_id = message.peer_node_id
+                        out.write(conn.data_to_send())  # the PROOF, before anything else
                         if self.on_connect is not None:
                             for first in self.on_connect():
-                                writer.write(conn.send(first))
-                            await writer.drain()
+                                out.write(conn.send(first))
                         self._connected.set()
-                        pinger = asyncio.get_running_loop().create_task(self._ping_loop(writer))
-                        log.info("control: connected to agent %r at %s:%d", message.node_id,
+                        pinger = loop.create_task(self._ping_loop(writer))
+                        log.info("control: connected to agent %r at %s:%d", message.peer_node_id,
                                  self.host, self.port)
                     else:
                         await self._dispatch(message)
@@ -475,6 +582,7 @@ class ControlClient:
             if pinger is not None:
                 pinger.cancel()
                 await asyncio.gather(pinger, return_exceptions=True)
+            out.flush()
             await _close_writer(writer)
 
     async def _dispatch(self, message: Message) -> None:
@@ -503,7 +611,7 @@ class ControlClient:
             pong: asyncio.Future[None] = loop.create_future()
             self._pongs[token] = pong
             try:
-                await self.send(Ping(token))
+                self.post(Ping(token))
                 await asyncio.wait_for(pong, self.ping_timeout)
             except (asyncio.TimeoutError, ControlUnavailable):
                 log.warning("control: agent at %s:%d did not answer PING within %.1fs; reconnecting",

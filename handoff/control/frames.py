@@ -1,4 +1,4 @@
-"""The control channel's protocol, sans-IO: framing, authentication, codecs.
+"""The control channel's protocol, sans-IO: framing, the handshake, authentication, codecs.
 
 Nothing here does I/O. ``ControlConnection`` is fed the bytes that arrived
 (``receive_data``) and hands back messages; it turns messages into the bytes
@@ -7,28 +7,55 @@ to write (``send``). The asyncio shell in ``channel.py`` moves the bytes.
 Wire format of one frame (big-endian)::
 
     u32 length        bytes after this field (header rest + payload + MAC)
-    u8  version       FRAME_VERSION (1)
+    u8  version       FRAME_VERSION (2)
     u8  type          MessageType
     u16 flags         0
-    u64 counter       0 for HELLO; 1, 2, 3... afterwards, per direction
+    u64 counter       0 for the handshake's frames; 1, 2, 3... afterwards, per direction
     ... payload
     32  HMAC-SHA256   over every preceding byte of the frame, length included
 
-HELLO frames are MACed with the pre-shared key; every later frame with
-``session_key = HMAC-SHA256(psk, b"arr control v1" + client_nonce + server_nonce)``.
-A whole frame (length field included) is at most ``MAX_FRAME`` bytes.
+A whole frame (length field included) is at most ``MAX_FRAME`` bytes; before
+the handshake is complete, at most ``MAX_HANDSHAKE_FRAME``.
+
+The handshake (protocol 2) proves to each side that the other holds the key
+*for this session*, so that a recorded HELLO, or a whole recorded handshake,
+replayed later establishes nothing::
+
+    client -> server  HELLO      version, client node id, client nonce Nc (fresh)
+    server -> client  CHALLENGE  version, server node id, server nonce Ns (fresh), proof_s
+    client -> server  PROOF      proof_c
+
+    hello_key  = HMAC(psk, "arr control v2 handshake")        MACs the three frames above
+    transcript = SHA-256("arr control v2" || HELLO payload || CHALLENGE payload without proof_s)
+    key_c2s    = HMAC(psk, "arr control v2 client to server" || transcript)
+    key_s2c    = HMAC(psk, "arr control v2 server to client" || transcript)
+    proof_s    = HMAC(key_s2c, "server proof");  proof_c = HMAC(key_c2s, "client proof")
+
+The transcript holds both nonces and both node ids, so each proof answers the
+other side's fresh nonce: a replayed HELLO cannot answer a new CHALLENGE (its
+sender has no key) and a replayed CHALLENGE cannot answer a new HELLO. The
+client is established once proof_s verifies; the server only once proof_c
+does: before that it hands nothing on and sends nothing but its CHALLENGE.
+Every later frame is MACed with its direction's key, so frames recorded in
+one session (or reflected back to their sender) fail the MAC in any other.
+A server also remembers the nonces of recent HELLOs (``SeenNonces``): a
+HELLO replayed while its nonce is remembered is refused at once (``replay``),
+without a CHALLENGE; one replayed later gets a CHALLENGE it cannot answer.
 
 Checks on a received frame, in order: the length (``oversize`` before the
-body is read; shorter than a bare header + MAC: ``malformed``), the MAC
-(``bad-mac``: nothing unauthenticated is interpreted, so flipping any bit
-after the length field is ``bad-mac``), the frame version (``version``), the
-type (``unknown-type``; a type the peer's role never sends is also
-``unknown-type``), handshake order (``handshake``), the counter (``replay``),
-then flags and payload (``malformed``).
+body is read; shorter than a bare header + MAC: ``malformed``), the frame
+version (``version``: read before the MAC, since a peer of another version
+MACs differently; the frame is refused either way), the MAC (``bad-mac``:
+nothing unauthenticated is interpreted, so flipping any bit after the version
+byte is ``bad-mac``), the type (``unknown-type``; a type the peer's role
+never sends is also ``unknown-type``), handshake order (``handshake``), the
+counter (``replay``), then flags and payload (``malformed``); in the
+handshake, the peer's protocol version (``version``), a remembered HELLO
+nonce (``replay``) and the proof (``bad-proof``).
 
-Message types are one-way: the client (router) sends HANDOFF, STOP_MIRROR,
-RELEASE, HOLDING and PING requests; the server (agent) sends ACK, NACK, CLOSED
-and PING replies.
+Message types are one-way: the client (router) sends HELLO, PROOF, HANDOFF,
+STOP_MIRROR, RELEASE, HOLDING, TAKEBACK and PING requests; the server (agent)
+sends CHALLENGE, ACK, NACK, TAKEN, CLOSED and PING replies.
 
 Lifecycle messages (blueprint 2.2/2.3): CLOSED with ``CLOSED_TARGET_GONE`` says
 the target's kernel holds no live socket for the connection any more and the
@@ -41,14 +68,11 @@ connection must never touch a new one on the same 4-tuple. HOLDING: ``complete``
 connection, in chunks, ``last`` on the final one) means "these and no others",
 so the agent ends the rest; otherwise it is a question about silent ones. The
 agent answers CLOSED(GONE) for every listed connection it does not hold.
-Since both directions share the session key, this is what stops a frame
-being reflected back to the side that sent it.
 """
 
 from __future__ import annotations
 
 import enum
-import hashlib
 import hmac
 import secrets
 import socket
@@ -56,15 +80,22 @@ import struct
 from dataclasses import dataclass
 from typing import Union
 
+from handoff.control.handshake import SeenNonces, SessionKeys, hello_key, transcript_hash
 from handoff.translate import Translation
 
-FRAME_VERSION = 1
-PROTOCOL_VERSION = 1
+FRAME_VERSION = 2
+PROTOCOL_VERSION = 2
+"""2: the challenge-response handshake (HELLO, CHALLENGE, PROOF) and keys per
+direction. A peer of protocol 1 is refused with ``version``."""
 MAX_FRAME = 64 * 1024
 """The largest frame, its length field included."""
+MAX_HANDSHAKE_FRAME = 1024
+"""The largest frame before the handshake is complete: an unproven peer makes
+the other side buffer no more than this."""
 MAC_LEN = 32
-NONCE_LEN = 16
-SESSION_LABEL = b"arr control v1"
+NONCE_LEN = 32
+MAX_NODE_ID = 255
+"""Bytes of a node id (UTF-8)."""
 
 _LEN = struct.Struct(">I")
 _HEAD = struct.Struct(">IBBHQ")  # length, version, type, flags, counter
@@ -72,7 +103,7 @@ HEADER_LEN = _HEAD.size  # 16
 MIN_LENGTH = HEADER_LEN - _LEN.size + MAC_LEN
 """The smallest value of the length field: an empty payload."""
 
-REASONS = ("bad-mac", "replay", "malformed", "oversize", "unknown-type", "version", "handshake")
+REASONS = ("bad-mac", "replay", "malformed", "oversize", "unknown-type", "version", "handshake", "bad-proof")
 
 
 class ControlError(Exception):
@@ -87,6 +118,8 @@ class ControlError(Exception):
 
 class MessageType(enum.IntEnum):
     HELLO = 1
+    CHALLENGE = 12
+    PROOF = 13
     HANDOFF = 2
     ACK = 3
     NACK = 4
@@ -97,6 +130,7 @@ class MessageType(enum.IntEnum):
     HOLDING = 9
     TAKEBACK = 10
     TAKEN = 11
+    # CHALLENGE = 12, PROOF = 13 (above, with HELLO: the handshake)
 
 
 CLOSED_TARGET_GONE = 0x100
@@ -113,9 +147,36 @@ MAX_HOLDING_KEYS = 3000
 
 @dataclass(frozen=True)
 class Hello:
+    """The client's first frame: who it is and its fresh nonce."""
+
     node_id: str
     nonce: bytes
     version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """The server's answer to a HELLO: who it is, its fresh nonce, and its
+    proof over both (see the module's docstring)."""
+
+    node_id: str
+    nonce: bytes
+    proof: bytes
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class Proof:
+    """The client's proof over both nonces and both node ids."""
+
+    proof: bytes
+
+
+@dataclass(frozen=True)
+class Established:
+    """Not a message: what ``receive_data`` returns once the peer is proven."""
+
+    peer_node_id: str
 
 
 @dataclass(frozen=True)
@@ -222,7 +283,8 @@ class Ping:
     reply: bool = False
 
 
-Message = Union[Hello, HandoffRequest, Ack, Nack, StopMirror, Closed, Ping, Release, Holding, TakeBack, Taken]
+Message = Union[Hello, Challenge, Proof, HandoffRequest, Ack, Nack, StopMirror, Closed, Ping, Release, Holding,
+                TakeBack, Taken]
 
 
 # ------------------------------------------------------------------ codecs
@@ -312,10 +374,16 @@ def _decode_text(data: bytes, offset: int) -> tuple[str, int]:
 
 def encode_payload(message: Message) -> tuple[MessageType, bytes]:
     if isinstance(message, Hello):
-        if len(message.nonce) != NONCE_LEN:
-            raise ValueError(f"HELLO nonce must be {NONCE_LEN} bytes")
-        node = message.node_id.encode("utf-8")
-        return MessageType.HELLO, _pack(_HELLO_HEAD, message.version, len(node)) + node + message.nonce
+        return MessageType.HELLO, _encode_greeting(message.version, message.node_id, message.nonce)
+    if isinstance(message, Challenge):
+        if len(message.proof) != MAC_LEN:
+            raise ValueError(f"CHALLENGE proof must be {MAC_LEN} bytes")
+        return MessageType.CHALLENGE, (_encode_greeting(message.version, message.node_id, message.nonce)
+                                       + message.proof)
+    if isinstance(message, Proof):
+        if len(message.proof) != MAC_LEN:
+            raise ValueError(f"PROOF must be {MAC_LEN} bytes")
+        return MessageType.PROOF, bytes(message.proof)
     if isinstance(message, HandoffRequest):
         return MessageType.HANDOFF, (_pack(_U64, message.conn_id) + _encode_key(message.key)
                                      + _encode_xlate(message.translation)
@@ -350,6 +418,31 @@ def encode_payload(message: Message) -> tuple[MessageType, bytes]:
     raise TypeError(f"not a control message: {message!r}")
 
 
+def _encode_greeting(version: int, node_id: str, nonce: bytes) -> bytes:
+    """The start of HELLO and CHALLENGE: version, node id, nonce."""
+    if len(nonce) != NONCE_LEN:
+        raise ValueError(f"nonce must be {NONCE_LEN} bytes")
+    node = node_id.encode("utf-8")
+    if len(node) > MAX_NODE_ID:
+        raise ValueError(f"node id of {len(node)} bytes exceeds {MAX_NODE_ID}")
+    return _pack(_HELLO_HEAD, version, len(node)) + node + bytes(nonce)
+
+
+def _decode_greeting(data: bytes, what: str) -> tuple[int, str, bytes, int]:
+    """(version, node id, nonce, offset after the nonce)."""
+    version, n = _unpack(_HELLO_HEAD, data, 0)
+    if n > MAX_NODE_ID:
+        raise _Malformed(f"{what} node id of {n} bytes exceeds {MAX_NODE_ID}")
+    end = _HELLO_HEAD.size + n + NONCE_LEN
+    if len(data) < end:
+        raise _Malformed(f"{what} of {len(data)} bytes with a node id of {n}")
+    try:
+        node_id = data[_HELLO_HEAD.size:_HELLO_HEAD.size + n].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _Malformed(f"node id is not UTF-8: {exc}") from None
+    return version, node_id, bytes(data[end - NONCE_LEN:end]), end
+
+
 def _encode_conn_key(conn_id: int, key: FlowKey) -> bytes:
     """The whole payload of STOP_MIRROR and RELEASE: a connection and its key."""
     return _pack(_U64, conn_id) + _encode_key(key)
@@ -370,14 +463,18 @@ def _done(data: bytes, offset: int) -> None:
 def decode_payload(mtype: MessageType, data: bytes) -> Message:
     """Raises _Malformed."""
     if mtype is MessageType.HELLO:
-        version, n = _unpack(_HELLO_HEAD, data, 0)
-        if len(data) != 4 + n + NONCE_LEN:
-            raise _Malformed(f"HELLO of {len(data)} bytes with a node id of {n}")
-        try:
-            node_id = data[4:4 + n].decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise _Malformed(f"node id is not UTF-8: {exc}") from None
-        return Hello(node_id=node_id, nonce=bytes(data[4 + n:]), version=version)
+        version, node_id, nonce, end = _decode_greeting(data, "HELLO")
+        _done(data, end)
+        return Hello(node_id=node_id, nonce=nonce, version=version)
+    if mtype is MessageType.CHALLENGE:
+        version, node_id, nonce, end = _decode_greeting(data, "CHALLENGE")
+        if len(data) != end + MAC_LEN:
+            raise _Malformed(f"CHALLENGE of {len(data)} bytes: its proof must be {MAC_LEN}")
+        return Challenge(node_id=node_id, nonce=nonce, proof=bytes(data[end:]), version=version)
+    if mtype is MessageType.PROOF:
+        if len(data) != MAC_LEN:
+            raise _Malformed(f"PROOF of {len(data)} bytes, not {MAC_LEN}")
+        return Proof(bytes(data))
     if mtype is MessageType.HANDOFF:
         (conn_id,) = _unpack(_U64, data, 0)
         key = _decode_key(data, 8)
@@ -449,10 +546,6 @@ def encode_frame(mtype: int, counter: int, payload: bytes, key: bytes, *,
     return body + hmac.digest(key, body, "sha256")
 
 
-def session_key(psk: bytes, client_nonce: bytes, server_nonce: bytes) -> bytes:
-    return hmac.new(psk, SESSION_LABEL + client_nonce + server_nonce, hashlib.sha256).digest()
-
-
 # ------------------------------------------------------------------ the connection
 
 CLIENT = "client"
@@ -460,22 +553,38 @@ SERVER = "server"
 
 _SENT_BY: dict[type, str] = {
     # the role that sends each message (PING: both, told apart by the reply flag)
+    Hello: CLIENT,
+    Proof: CLIENT,
     HandoffRequest: CLIENT,
     StopMirror: CLIENT,
     Release: CLIENT,
     Holding: CLIENT,
     TakeBack: CLIENT,
+    Challenge: SERVER,
     Ack: SERVER,
     Taken: SERVER,
     Nack: SERVER,
     Closed: SERVER,
 }
+_HANDSHAKE_TYPES = frozenset({MessageType.HELLO, MessageType.CHALLENGE, MessageType.PROOF})
 
 
 def _sender_of(message: Message) -> str | None:
     if isinstance(message, Ping):
         return SERVER if message.reply else CLIENT
     return _SENT_BY.get(type(message))
+
+
+class _Stage(enum.Enum):
+    NEW = "new"                          # client: start() not called yet
+    AWAIT_HELLO = "await-hello"          # server
+    AWAIT_CHALLENGE = "await-challenge"  # client, its HELLO sent
+    AWAIT_PROOF = "await-proof"          # server, its CHALLENGE sent
+    ESTABLISHED = "established"
+
+
+_EXPECTED = {_Stage.AWAIT_HELLO: MessageType.HELLO, _Stage.AWAIT_CHALLENGE: MessageType.CHALLENGE,
+             _Stage.AWAIT_PROOF: MessageType.PROOF}
 
 
 class ControlConnection:
@@ -485,15 +594,17 @@ class ControlConnection:
 
         conn = ControlConnection("client", psk, "router-1")
         write(conn.start())                      # its HELLO
-        for msg in conn.receive_data(read()):    # the server's Hello, then messages
+        for msg in conn.receive_data(read()):    # Established (the CHALLENGE verified), then messages
             ...
+        write(conn.data_to_send())               # its PROOF (send() would put it first anyway)
         write(conn.send(HandoffRequest(...)))    # once conn.established
 
     Server (agent)::
 
-        conn = ControlConnection("server", psk, "agent-1")
-        msgs = conn.receive_data(read())         # the client's Hello ...
-        write(conn.data_to_send())               # ... and the HELLO answering it
+        conn = ControlConnection("server", psk, "agent-1", seen_nonces=shared)
+        conn.receive_data(read())                # the client's HELLO: nothing yet ...
+        write(conn.data_to_send())               # ... but the CHALLENGE answering it
+        conn.receive_data(read())                # [Established(...)] once the PROOF verifies
 
     ``receive_data`` raises ``ControlError`` on any violation; messages
     decoded earlier in the same call are dropped with it (the peer is not to be
@@ -501,72 +612,94 @@ class ControlConnection:
     ``ControlError`` again: the connection must be discarded.
     """
 
-    def __init__(self, role: str, psk: bytes, node_id: str, *, nonce: bytes | None = None) -> None:
+    def __init__(self, role: str, psk: bytes, node_id: str, *, nonce: bytes | None = None,
+                 seen_nonces: SeenNonces | None = None) -> None:
         if role not in (CLIENT, SERVER):
             raise ValueError(f"role must be 'client' or 'server', not {role!r}")
         if not psk:
             raise ValueError("empty pre-shared key")
+        if len(node_id.encode("utf-8")) > MAX_NODE_ID:
+            raise ValueError(f"node id longer than {MAX_NODE_ID} bytes")
         self.role = role
         self._psk = bytes(psk)
+        self._hello_key = hello_key(self._psk)
         self.node_id = node_id
         self._nonce = nonce if nonce is not None else secrets.token_bytes(NONCE_LEN)
         if len(self._nonce) != NONCE_LEN:
             raise ValueError(f"nonce must be {NONCE_LEN} bytes")
-        self._key: bytes | None = None  # the session key, once established
+        self._seen = seen_nonces
+        self._stage = _Stage.NEW if role == CLIENT else _Stage.AWAIT_HELLO
+        self._hello_payload = b""  # the client's own, for the transcript
+        self._keys: SessionKeys | None = None  # derived at the HELLO (server) or CHALLENGE (client)
+        self._send_key: bytes | None = None  # set once established
+        self._recv_key: bytes | None = None
         self._buffer = bytearray()
         self._outbox = bytearray()
-        self._started = False
         self._send_counter = 0
         self._recv_counter = 0
         self._error: ControlError | None = None
         self.peer_node_id: str | None = None
+        """The peer's node id, once proven (a server: once the PROOF verifies)."""
+        self.claimed_node_id: str | None = None
+        """The node id the peer's greeting claims (before it is proven; for logs)."""
         self.peer_nonce: bytes | None = None
 
     @property
     def established(self) -> bool:
-        return self._key is not None and self._error is None
+        return self._stage is _Stage.ESTABLISHED and self._error is None
 
     @property
     def failed(self) -> ControlError | None:
         return self._error
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received of a frame not complete yet (a stalled peer leaves some)."""
+        return len(self._buffer)
+
+    @property
+    def stage(self) -> str:
+        return self._stage.value
+
     def _check_usable(self) -> None:
         if self._error is not None:
             raise ControlError(self._error.reason, f"connection already failed ({self._error.detail})")
-
-    def _hello_frame(self) -> bytes:
-        _, payload = encode_payload(Hello(node_id=self.node_id, nonce=self._nonce))
-        return encode_frame(MessageType.HELLO, 0, payload, self._psk)
 
     def start(self) -> bytes:
         """The client's HELLO (b"" for a server, which answers the client's)."""
         self._check_usable()
         if self.role == SERVER:
             return b""
-        if self._started:
+        if self._stage is not _Stage.NEW:
             raise RuntimeError("start() called twice")
-        self._started = True
-        return self._hello_frame()
+        self._stage = _Stage.AWAIT_CHALLENGE
+        _, self._hello_payload = encode_payload(Hello(node_id=self.node_id, nonce=self._nonce))
+        return encode_frame(MessageType.HELLO, 0, self._hello_payload, self._hello_key)
 
     def data_to_send(self) -> bytes:
-        """Bytes the connection produced by itself (the server's HELLO); clears them."""
+        """Bytes of the handshake the connection produced by itself (the
+        server's CHALLENGE, the client's PROOF); clears them."""
         out = bytes(self._outbox)
         self._outbox.clear()
         return out
 
     def send(self, message: Message) -> bytes:
-        """The frame carrying MESSAGE. ValueError if it does not fit the wire
-        or is not this role's to send; RuntimeError before the handshake."""
+        """The frame carrying MESSAGE (preceded by handshake bytes not taken
+        with ``data_to_send`` yet). ValueError if it does not fit the wire or
+        is not this role's to send; RuntimeError before the handshake."""
         self._check_usable()
-        if self._key is None:
+        if self._send_key is None:
             raise RuntimeError("the handshake is not complete")
         sender = _sender_of(message)
-        if sender != self.role:
+        if sender != self.role or isinstance(message, (Hello, Challenge, Proof)):
             raise ValueError(f"a {self.role} does not send {type(message).__name__} "
-                             f"{'' if sender is None else '(only a ' + sender + ' does)'}".rstrip())
+                             f"{'' if sender is None or sender == self.role else '(only a ' + sender + ' does)'}"
+                             .rstrip())
         mtype, payload = encode_payload(message)
-        frame = encode_frame(mtype, self._send_counter + 1, payload, self._key)
+        frame = encode_frame(mtype, self._send_counter + 1, payload, self._send_key)
         self._send_counter += 1
+        if self._outbox:
+            return self.data_to_send() + frame
         return frame
 
     def close(self) -> None:
@@ -574,61 +707,72 @@ class ControlConnection:
         if self._error is None:
             self._error = ControlError("handshake", "connection closed")
 
-    def receive_data(self, data: bytes) -> list[Message]:
+    def receive_data(self, data: bytes) -> list[Message | Established]:
         self._check_usable()
         self._buffer += data
-        out: list[Message] = []
+        out: list[Message | Established] = []
         try:
             while len(self._buffer) >= _LEN.size:
                 (length,) = _LEN.unpack_from(self._buffer, 0)
-                if length + _LEN.size > MAX_FRAME:
-                    raise ControlError("oversize", f"frame length {length} exceeds {MAX_FRAME - _LEN.size}")
+                limit = MAX_FRAME if self._stage is _Stage.ESTABLISHED else MAX_HANDSHAKE_FRAME
+                if length + _LEN.size > limit:
+                    raise ControlError("oversize", f"frame length {length} exceeds {limit - _LEN.size}"
+                                       + ("" if limit == MAX_FRAME else " before the handshake is complete"))
                 if length < MIN_LENGTH:
                     raise ControlError("malformed", f"frame length {length} below {MIN_LENGTH}")
                 if len(self._buffer) < _LEN.size + length:
                     break
                 frame = bytes(self._buffer[:_LEN.size + length])
                 del self._buffer[:_LEN.size + length]
-                out.append(self._frame(frame))
+                item = self._frame(frame)
+                if item is not None:
+                    out.append(item)
         except ControlError as exc:
             self._error = exc
             self._buffer.clear()
             raise
         return out
 
-    def _frame(self, frame: bytes) -> Message:
+    def _frame(self, frame: bytes) -> Message | Established | None:
         body, mac = frame[:-MAC_LEN], frame[-MAC_LEN:]
-        key = self._key if self._key is not None else self._psk
-        if not hmac.compare_digest(hmac.digest(key, body, "sha256"), mac):
-            raise ControlError("bad-mac", "HELLO not MACed with our pre-shared key (wrong key?)"
-                               if self._key is None else "frame MAC does not verify")
         _, version, raw_type, flags, counter = _HEAD.unpack_from(body, 0)
         if version != FRAME_VERSION:
-            raise ControlError("version", f"frame version {version}, we speak {FRAME_VERSION}")
+            # Read before the MAC: a peer of another version MACs otherwise.
+            # Refused either way; a forger only picks the reason counted.
+            raise ControlError("version", f"frame version {version}, we speak {FRAME_VERSION}"
+                               + (" (a peer of protocol 1: upgrade it)" if version == 1 else ""))
+        established = self._stage is _Stage.ESTABLISHED
+        key = self._recv_key if established else self._hello_key
+        assert key is not None
+        if not hmac.compare_digest(hmac.digest(key, body, "sha256"), mac):
+            raise ControlError("bad-mac", "frame MAC does not verify" if established else
+                               "handshake frame not MACed with our pre-shared key (wrong key?)")
         try:
             mtype = MessageType(raw_type)
         except ValueError:
             raise ControlError("unknown-type", f"frame type {raw_type}") from None
-        if self._key is None:
-            if mtype is not MessageType.HELLO:
-                raise ControlError("handshake", f"{mtype.name} before HELLO")
-            if self.role == CLIENT and not self._started:
-                raise ControlError("handshake", "HELLO before ours was sent")
+        if not established:
+            if self._stage is _Stage.NEW:
+                raise ControlError("handshake", f"{mtype.name} before our HELLO was sent")
+            expected = _EXPECTED[self._stage]
+            if mtype is not expected:
+                raise ControlError("handshake", f"{mtype.name} while awaiting {expected.name}")
             if counter != 0:
-                raise ControlError("handshake", f"HELLO with counter {counter}")
+                raise ControlError("handshake", f"{mtype.name} with counter {counter}")
         else:
-            if mtype is MessageType.HELLO:
-                raise ControlError("handshake", "second HELLO")
+            if mtype in _HANDSHAKE_TYPES:
+                raise ControlError("handshake", f"{mtype.name} after the handshake")
             if counter != self._recv_counter + 1:
                 raise ControlError("replay", f"counter {counter}, expected {self._recv_counter + 1}")
         if flags != 0:
             raise ControlError("malformed", f"flags {flags:#x}")
+        payload = body[HEADER_LEN:]
         try:
-            message = decode_payload(mtype, body[HEADER_LEN:])
+            message = decode_payload(mtype, payload)
         except _Malformed as exc:
             raise ControlError("malformed", f"{mtype.name}: {exc}") from None
-        if self._key is None:
-            return self._hello(message)  # type: ignore[arg-type]
+        if not established:
+            return self._handshake(message, payload)
         sender = _sender_of(message)
         if sender == self.role:
             raise ControlError("unknown-type", f"{mtype.name}{' reply' if getattr(message, 'reply', False) else ''}"
@@ -636,16 +780,54 @@ class ControlConnection:
         self._recv_counter = counter
         return message
 
-    def _hello(self, hello: Hello) -> Hello:
-        if hello.version != PROTOCOL_VERSION:
-            raise ControlError("version", f"peer speaks protocol {hello.version}, we speak {PROTOCOL_VERSION}")
-        if hello.nonce == self._nonce:
-            raise ControlError("handshake", "peer's HELLO carries our own nonce (reflected)")
-        self.peer_node_id = hello.node_id
-        self.peer_nonce = hello.nonce
-        if self.role == SERVER:
-            self._outbox += self._hello_frame()
-            self._key = session_key(self._psk, hello.nonce, self._nonce)
-        else:
-            self._key = session_key(self._psk, self._nonce, hello.nonce)
-        return hello
+    # ---------------------------------------------------------- the handshake
+
+    def _handshake(self, message: Message, payload: bytes) -> Established | None:
+        if isinstance(message, Hello):
+            return self._on_hello(message, payload)
+        if isinstance(message, Challenge):
+            return self._on_challenge(message, payload)
+        assert isinstance(message, Proof)
+        return self._on_proof(message)
+
+    def _check_greeting(self, greeting: Hello | Challenge) -> None:
+        if greeting.version != PROTOCOL_VERSION:
+            raise ControlError("version", f"peer speaks protocol {greeting.version}, we speak {PROTOCOL_VERSION}")
+        if greeting.nonce == self._nonce:
+            raise ControlError("handshake", "peer's greeting carries our own nonce (reflected)")
+        self.claimed_node_id = greeting.node_id
+        self.peer_nonce = greeting.nonce
+
+    def _on_hello(self, hello: Hello, payload: bytes) -> None:
+        self._check_greeting(hello)
+        if self._seen is not None and not self._seen.remember(hello.nonce):
+            raise ControlError("replay", f"HELLO of {hello.node_id!r} with a nonce seen before (a replayed HELLO)")
+        core = _encode_greeting(PROTOCOL_VERSION, self.node_id, self._nonce)
+        self._keys = SessionKeys.derive(self._psk, transcript_hash(payload, core))
+        self._outbox += encode_frame(MessageType.CHALLENGE, 0, core + self._keys.server_proof(), self._hello_key)
+        self._stage = _Stage.AWAIT_PROOF
+        return None
+
+    def _on_challenge(self, challenge: Challenge, payload: bytes) -> Established:
+        self._check_greeting(challenge)
+        keys = SessionKeys.derive(self._psk, transcript_hash(self._hello_payload, payload[:-MAC_LEN]))
+        if not hmac.compare_digest(keys.server_proof(), challenge.proof):
+            raise ControlError("bad-proof", "the CHALLENGE does not answer our HELLO (replayed, or another key)")
+        self._keys = keys
+        _, proof = encode_payload(Proof(keys.client_proof()))
+        self._outbox += encode_frame(MessageType.PROOF, 0, proof, self._hello_key)
+        return self._establish(send=keys.client_to_server, receive=keys.server_to_client)
+
+    def _on_proof(self, proof: Proof) -> Established:
+        assert self._keys is not None
+        if not hmac.compare_digest(self._keys.client_proof(), proof.proof):
+            raise ControlError("bad-proof", f"PROOF of {self.claimed_node_id!r} does not answer our CHALLENGE "
+                               "(a replayed handshake?)")
+        return self._establish(send=self._keys.server_to_client, receive=self._keys.client_to_server)
+
+    def _establish(self, *, send: bytes, receive: bytes) -> Established:
+        self._send_key, self._recv_key = send, receive
+        self._stage = _Stage.ESTABLISHED
+        self.peer_node_id = self.claimed_node_id
+        assert self.peer_node_id is not None
+        return Established(self.peer_node_id)

@@ -14,9 +14,10 @@ from hypothesis import strategies as st
 
 from handoff.control import (
     MAX_FRAME, MAX_HOLDING_KEYS, Ack, Closed, ControlConnection, ControlError, FlowKey, HandoffRequest,
-    Hello, Holding, MessageType, Nack, Ping, Release, StopMirror, load_psk,
+    Hello, Holding, MessageType, Nack, Ping, Release, SeenNonces, StopMirror, load_psk,
 )
-from handoff.control.frames import encode_frame, encode_payload, session_key
+from handoff.control.frames import (MAX_HANDSHAKE_FRAME, Challenge, Established, Proof, SessionKeys, decode_payload,
+                                    encode_frame, encode_payload, hello_key, transcript_hash)
 from handoff.translate import Translation
 
 PSK = bytes(range(32))
@@ -40,10 +41,10 @@ def pair(psk_client: bytes = PSK, psk_server: bytes = PSK) -> tuple[ControlConne
     """An established client/server pair."""
     client = ControlConnection("client", psk_client, "router-1")
     server = ControlConnection("server", psk_server, "agent-1")
-    [hello] = server.receive_data(client.start())
-    assert hello == Hello(node_id="router-1", nonce=hello.nonce, version=1)
-    [answer] = client.receive_data(server.data_to_send())
-    assert answer.node_id == "agent-1"
+    assert server.receive_data(client.start()) == []  # the HELLO: nothing is handed on yet
+    assert not server.established
+    assert client.receive_data(server.data_to_send()) == [Established("agent-1")]  # the CHALLENGE
+    assert server.receive_data(client.data_to_send()) == [Established("router-1")]  # the PROOF
     assert client.established and server.established
     return client, server
 
@@ -57,11 +58,13 @@ def reason_of(conn: ControlConnection, data: bytes) -> str:
 # ------------------------------------------------------------------ handshake, round trips
 
 
-def test_handshake_sets_peer_ids_and_session_key():
+def test_handshake_sets_peer_ids_and_keys_per_direction():
     client, server = pair()
     assert client.peer_node_id == "agent-1" and server.peer_node_id == "router-1"
-    assert client._key == server._key == session_key(PSK, server.peer_nonce, client.peer_nonce)
-    assert server.data_to_send() == b""  # drained
+    assert client._send_key == server._recv_key and client._recv_key == server._send_key
+    assert client._send_key != client._recv_key
+    assert client._send_key not in (PSK, hello_key(PSK))
+    assert server.data_to_send() == b"" and client.data_to_send() == b""  # drained
 
 
 def test_server_start_sends_nothing_and_client_not_established_before_answer():
@@ -73,7 +76,9 @@ def test_server_start_sends_nothing_and_client_not_established_before_answer():
     with pytest.raises(RuntimeError):
         client.send(Ping(1))
     server.receive_data(hello)
-    assert server.established and not client.established
+    assert not server.established and not client.established  # the server waits for the PROOF
+    with pytest.raises(RuntimeError):
+        server.send(Ack(1))
 
 
 @pytest.mark.parametrize("message", CLIENT_MESSAGES, ids=lambda m: type(m).__name__)
@@ -105,20 +110,38 @@ def test_frame_layout_is_as_specified():
     frame = client.send(StopMirror(conn_id=0x0102030405060708, key=KEY))
     length, version, mtype, flags, counter = struct.unpack(">IBBHQ", frame[:16])
     assert length == len(frame) - 4
-    assert (version, mtype, flags, counter) == (1, MessageType.STOP_MIRROR, 0, 1)
+    assert (version, mtype, flags, counter) == (2, MessageType.STOP_MIRROR, 0, 1)
     payload = frame[16:-32]
     assert payload == bytes.fromhex("0102030405060708") + bytes([10, 0, 0, 2, 192, 168, 1, 7]) + \
         struct.pack(">HH", 40000, 80)
-    assert frame[-32:] == hmac.new(client._key, frame[:-32], hashlib.sha256).digest()
+    assert frame[-32:] == hmac.new(client._send_key, frame[:-32], hashlib.sha256).digest()
     assert client.send(Ping(1))[8:16] == struct.pack(">Q", 2)
 
 
-def test_hello_frame_is_maced_with_psk_and_counter_zero():
-    client = ControlConnection("client", PSK, "rtr", nonce=b"N" * 16)
+def test_handshake_frames_are_as_specified():
+    client = ControlConnection("client", PSK, "rtr", nonce=b"N" * 32)
+    server = ControlConnection("server", PSK, "agt", nonce=b"S" * 32)
+    handshake_key = hmac.new(PSK, b"arr control v2 handshake", hashlib.sha256).digest()
     frame = client.start()
-    assert frame[4:16] == bytes([1, MessageType.HELLO, 0, 0]) + bytes(8)
-    assert frame[16:-32] == struct.pack(">HH", 1, 3) + b"rtr" + b"N" * 16
-    assert frame[-32:] == hmac.new(PSK, frame[:-32], hashlib.sha256).digest()
+    assert frame[4:16] == bytes([2, MessageType.HELLO, 0, 0]) + bytes(8)
+    hello = struct.pack(">HH", 2, 3) + b"rtr" + b"N" * 32
+    assert frame[16:-32] == hello
+    assert frame[-32:] == hmac.new(handshake_key, frame[:-32], hashlib.sha256).digest()
+    server.receive_data(frame)
+    challenge = server.data_to_send()
+    assert challenge[4:16] == bytes([2, MessageType.CHALLENGE, 0, 0]) + bytes(8)
+    core = struct.pack(">HH", 2, 3) + b"agt" + b"S" * 32
+    transcript = hashlib.sha256(b"arr control v2" + hello + core).digest()
+    s2c = hmac.new(PSK, b"arr control v2 server to client" + transcript, hashlib.sha256).digest()
+    c2s = hmac.new(PSK, b"arr control v2 client to server" + transcript, hashlib.sha256).digest()
+    assert challenge[16:-32] == core + hmac.new(s2c, b"server proof", hashlib.sha256).digest()
+    assert challenge[-32:] == hmac.new(handshake_key, challenge[:-32], hashlib.sha256).digest()
+    client.receive_data(challenge)
+    proof = client.data_to_send()
+    assert proof[4:16] == bytes([2, MessageType.PROOF, 0, 0]) + bytes(8)
+    assert proof[16:-32] == hmac.new(c2s, b"client proof", hashlib.sha256).digest()
+    server.receive_data(proof)
+    assert (client._send_key, client._recv_key) == (c2s, s2c) == (server._recv_key, server._send_key)
 
 
 def test_values_that_do_not_fit_are_refused_on_send():
@@ -169,12 +192,16 @@ def test_byte_by_byte_including_handshake():
     got = []
     for b in client.start():
         got += server.receive_data(bytes([b]))
-    assert [type(m) for m in got] == [Hello]
+    assert got == [] and server.buffered == 0
     answer = server.data_to_send()
     for b in answer[:-1]:
         assert client.receive_data(bytes([b])) == []
+        assert client.buffered > 0
     assert not client.established
     assert len(client.receive_data(answer[-1:])) == 1 and client.established
+    for b in client.data_to_send():
+        got += server.receive_data(bytes([b]))
+    assert got == [Established("r")] and server.established
     got = []
     for b in b"".join(server.send(m) for m in SERVER_MESSAGES):
         got += client.receive_data(bytes([b]))
@@ -186,10 +213,10 @@ def test_byte_by_byte_including_handshake():
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(message=st.sampled_from(CLIENT_MESSAGES), data=st.data())
-def test_flipping_any_bit_after_the_length_is_bad_mac(message, data):
+def test_flipping_any_bit_after_the_version_is_bad_mac(message, data):
     client, server = pair()
     frame = bytearray(client.send(message))
-    bit = data.draw(st.integers(min_value=32, max_value=len(frame) * 8 - 1))
+    bit = data.draw(st.integers(min_value=40, max_value=len(frame) * 8 - 1))
     frame[bit // 8] ^= 1 << (bit % 8)
     assert reason_of(server, bytes(frame)) == "bad-mac"
 
@@ -206,8 +233,16 @@ def test_flipping_a_length_bit_never_delivers(bit):
         assert exc.reason in ("bad-mac", "oversize", "malformed")
 
 
+@pytest.mark.parametrize("bit", range(32, 40))
+def test_flipping_a_bit_of_the_version_is_version(bit):
+    client, server = pair()
+    frame = bytearray(client.send(Ping(1)))
+    frame[bit // 8] ^= 1 << (bit % 8)
+    assert reason_of(server, bytes(frame)) == "version"
+
+
 @settings(max_examples=50, deadline=None)
-@given(bit=st.integers(min_value=32, max_value=(16 + 4 + 3 + 16 + 32) * 8 - 1))  # "rtr"
+@given(bit=st.integers(min_value=40, max_value=(16 + 4 + 3 + 32 + 32) * 8 - 1))  # "rtr"
 def test_flipping_any_bit_of_a_hello_is_bad_mac(bit):
     client = ControlConnection("client", PSK, "rtr")
     frame = bytearray(client.start())
@@ -257,25 +292,72 @@ def test_reordered_frames_are_replay():
 def test_counter_zero_after_handshake_is_replay():
     client, server = pair()
     _, payload = encode_payload(Ping(1))
-    assert reason_of(server, encode_frame(MessageType.PING, 0, payload, server._key)) == "replay"
+    assert reason_of(server, encode_frame(MessageType.PING, 0, payload, server._recv_key)) == "replay"
 
 
 def test_server_frame_replayed_back_to_the_server_is_refused():
-    """Both directions share the key: a reflected frame must not pass."""
+    """Each direction has its key: a reflected frame fails the MAC."""
     client, server = pair()
-    assert reason_of(server, server.send(Ack(1))) == "unknown-type"
+    assert reason_of(server, server.send(Ack(1))) == "bad-mac"
     client, server = pair()
-    assert reason_of(client, client.send(Ping(1))) == "unknown-type"
+    assert reason_of(client, client.send(Ping(1))) == "bad-mac"
+
+
+def record_session() -> list[bytes]:
+    """The client's frames of one whole session, as a wiretap sees them:
+    HELLO, PROOF, then two messages."""
+    client = ControlConnection("client", PSK, "router-1")
+    server = ControlConnection("server", PSK, "agent-1")
+    hello = client.start()
+    server.receive_data(hello)
+    client.receive_data(server.data_to_send())
+    proof = client.data_to_send()
+    server.receive_data(proof)
+    return [hello, proof, client.send(HANDOFF), client.send(Ping(1))]
 
 
 def test_old_hello_replayed_to_a_new_session_cannot_be_followed():
-    client, server = pair()
-    recorded = [client._hello_frame(), client.send(HANDOFF), client.send(Ping(1))]
+    hello, proof, handoff_frame, ping = record_session()
+    fresh = ControlConnection("server", PSK, "agent-1")  # no memory of the HELLO (a restarted agent, say)
+    assert fresh.receive_data(hello) == []  # the HELLO itself is authentic: a CHALLENGE goes out...
+    assert fresh.data_to_send()[5] == MessageType.CHALLENGE and not fresh.established
+    assert reason_of(fresh, proof) == "bad-proof"  # ...which the recorded PROOF does not answer
     fresh = ControlConnection("server", PSK, "agent-1")
-    [hello] = fresh.receive_data(recorded[0])  # the HELLO itself is authentic...
-    assert hello.node_id == "router-1" and fresh.established
-    assert fresh._key != server._key  # ...but the new server's nonce changes the key
-    assert reason_of(fresh, recorded[1]) == "bad-mac"
+    fresh.receive_data(hello)
+    assert reason_of(fresh, handoff_frame) == "bad-mac"  # the old session's frames are MACed with its keys
+
+
+def test_replayed_hello_is_refused_while_remembered():
+    seen = SeenNonces(capacity=2)
+    hello, *_ = record_session()
+    first = ControlConnection("server", PSK, "agent-1", seen_nonces=seen)
+    assert first.receive_data(hello) == []
+    again = ControlConnection("server", PSK, "agent-1", seen_nonces=seen)
+    assert reason_of(again, hello) == "replay"
+    assert again.data_to_send() == b""  # no CHALLENGE for a replay
+    for _ in range(2):  # two newer HELLOs push it out: then it gets a CHALLENGE it cannot answer
+        ControlConnection("server", PSK, "a", seen_nonces=seen).receive_data(record_session()[0])
+    assert len(seen) == 2
+    late = ControlConnection("server", PSK, "agent-1", seen_nonces=seen)
+    assert late.receive_data(hello) == [] and not late.established
+
+
+def test_replayed_challenge_is_refused_by_the_client():
+    client = ControlConnection("client", PSK, "router-1")
+    server = ControlConnection("server", PSK, "agent-1")
+    server.receive_data(client.start())
+    recorded = server.data_to_send()
+    other = ControlConnection("client", PSK, "router-1")
+    other.start()
+    assert reason_of(other, recorded) == "bad-proof"
+
+
+def test_a_forged_proof_is_bad_proof():
+    client = ControlConnection("client", PSK, "r")
+    server = ControlConnection("server", PSK, "a")
+    server.receive_data(client.start())
+    _, payload = encode_payload(Proof(bytes(32)))
+    assert reason_of(server, encode_frame(MessageType.PROOF, 0, payload, hello_key(PSK))) == "bad-proof"
 
 
 def test_reflected_hello_is_refused():
@@ -292,6 +374,28 @@ def test_oversize_length_before_the_body():
     assert reason_of(server, struct.pack(">I", MAX_FRAME - 3)) == "oversize"  # 4 bytes, no body
     assert reason_of(ControlConnection("server", PSK, "a"), b"\xff\xff\xff\xff") == "oversize"
     assert reason_of(ControlConnection("server", PSK, "a"), b"GET / HTTP/1.1\r\n") == "oversize"
+
+
+def test_frames_are_small_until_the_peer_is_proven():
+    """An unproven peer makes the other side buffer a handshake frame at most."""
+    assert reason_of(ControlConnection("server", PSK, "a"), struct.pack(">I", MAX_HANDSHAKE_FRAME - 3)) == "oversize"
+    client = ControlConnection("client", PSK, "r")
+    client.start()
+    assert reason_of(client, struct.pack(">I", MAX_HANDSHAKE_FRAME - 3)) == "oversize"
+    assert ControlConnection("server", PSK, "a").receive_data(struct.pack(">I", MAX_HANDSHAKE_FRAME - 4)) == []
+
+
+def test_handshake_codecs_and_keys():
+    challenge = Challenge("agent-1", b"s" * 32, b"p" * 32)
+    assert decode_payload(*encode_payload(challenge)) == challenge
+    assert decode_payload(*encode_payload(Proof(b"q" * 32))) == Proof(b"q" * 32)
+    for bad in (Challenge("a", b"s" * 31, b"p" * 32), Challenge("a", b"s" * 32, b"p"), Proof(b"x"),
+                Hello("x" * 256, b"n" * 32)):
+        with pytest.raises(ValueError):
+            encode_payload(bad)
+    keys = SessionKeys.derive(PSK, transcript_hash(b"hello", b"challenge"))
+    assert len({keys.client_to_server, keys.server_to_client, keys.client_proof(), keys.server_proof()}) == 4
+    assert SessionKeys.derive(PSK, transcript_hash(b"hello", b"challengf")) != keys
 
 
 def test_largest_frame_is_accepted():
@@ -317,7 +421,7 @@ def test_truncated_or_extended_payload_is_malformed(message, change):
     client, server = pair()
     mtype, payload = encode_payload(message)
     payload = payload[:-1] if change == "truncate" else payload + b"\x00"
-    assert reason_of(server, encode_frame(mtype, 1, payload, server._key)) == "malformed"
+    assert reason_of(server, encode_frame(mtype, 1, payload, server._recv_key)) == "malformed"
 
 
 @settings(max_examples=100, deadline=None)
@@ -325,42 +429,51 @@ def test_truncated_or_extended_payload_is_malformed(message, change):
 def test_garbage_payloads_are_refused_cleanly(mtype, garbage):
     """Authentic garbage never crashes the decoder: a message or a ControlError."""
     client, server = pair()
-    frame = encode_frame(mtype, 1, garbage, server._key)
+    frame = encode_frame(mtype, 1, garbage, server._recv_key)
     try:
         server.receive_data(frame)
     except ControlError as exc:
         assert exc.reason in ("malformed", "handshake", "unknown-type")
 
 
-@pytest.mark.parametrize("payload", [b"", bytes(5), struct.pack(">HH", 1, 5) + b"ab" + bytes(16),
-                                     struct.pack(">HH", 1, 2) + b"\xff\xfe" + bytes(16)])
+@pytest.mark.parametrize("payload", [b"", bytes(5), struct.pack(">HH", 2, 5) + b"ab" + bytes(32),
+                                     struct.pack(">HH", 2, 2) + b"\xff\xfe" + bytes(32),
+                                     struct.pack(">HH", 2, 0) + bytes(33),
+                                     struct.pack(">HH", 2, 256) + b"x" * 256 + bytes(32)])
 def test_malformed_hello(payload):
     server = ControlConnection("server", PSK, "a")
-    assert reason_of(server, encode_frame(MessageType.HELLO, 0, payload, PSK)) == "malformed"
+    assert reason_of(server, encode_frame(MessageType.HELLO, 0, payload, hello_key(PSK))) == "malformed"
 
 
 def test_bad_ping_flag_and_nonzero_flags_are_malformed():
     client, server = pair()
-    assert reason_of(server, encode_frame(MessageType.PING, 1, struct.pack(">QB", 1, 2), server._key)) \
+    assert reason_of(server, encode_frame(MessageType.PING, 1, struct.pack(">QB", 1, 2), server._recv_key)) \
         == "malformed"
     client, server = pair()
     _, payload = encode_payload(Ping(1))
-    assert reason_of(server, encode_frame(MessageType.PING, 1, payload, server._key, flags=1)) == "malformed"
+    assert reason_of(server, encode_frame(MessageType.PING, 1, payload, server._recv_key, flags=1)) == "malformed"
 
 
 def test_unknown_type():
     client, server = pair()
-    assert reason_of(server, encode_frame(99, 1, b"", server._key)) == "unknown-type"
-    assert reason_of(ControlConnection("server", PSK, "a"), encode_frame(0, 0, b"", PSK)) == "unknown-type"
+    assert reason_of(server, encode_frame(99, 1, b"", server._recv_key)) == "unknown-type"
+    assert reason_of(ControlConnection("server", PSK, "a"), encode_frame(0, 0, b"", hello_key(PSK))) \
+        == "unknown-type"
 
 
 def test_message_before_hello_is_handshake():
     _, payload = encode_payload(HANDOFF)
     server = ControlConnection("server", PSK, "a")
-    assert reason_of(server, encode_frame(MessageType.HANDOFF, 1, payload, PSK)) == "handshake"
+    assert reason_of(server, encode_frame(MessageType.HANDOFF, 0, payload, hello_key(PSK))) == "handshake"
     client = ControlConnection("client", PSK, "r")
     client.start()
-    assert reason_of(client, encode_frame(MessageType.ACK, 0, struct.pack(">Q", 1), PSK)) == "handshake"
+    assert reason_of(client, encode_frame(MessageType.ACK, 0, struct.pack(">Q", 1), hello_key(PSK))) \
+        == "handshake"
+    # a message before the PROOF, after the HELLO
+    client = ControlConnection("client", PSK, "r")
+    server = ControlConnection("server", PSK, "a")
+    server.receive_data(client.start())
+    assert reason_of(server, encode_frame(MessageType.HANDOFF, 0, payload, hello_key(PSK))) == "handshake"
 
 
 def test_client_refuses_a_hello_it_did_not_ask_for():
@@ -370,26 +483,38 @@ def test_client_refuses_a_hello_it_did_not_ask_for():
 
 
 def test_hello_with_nonzero_counter_is_handshake():
-    _, payload = encode_payload(Hello("r", b"n" * 16))
+    _, payload = encode_payload(Hello("r", b"n" * 32))
     server = ControlConnection("server", PSK, "a")
-    assert reason_of(server, encode_frame(MessageType.HELLO, 3, payload, PSK)) == "handshake"
+    assert reason_of(server, encode_frame(MessageType.HELLO, 3, payload, hello_key(PSK))) == "handshake"
 
 
 def test_second_hello_is_handshake():
     client, server = pair()
-    _, payload = encode_payload(Hello("r", b"n" * 16))
-    assert reason_of(server, encode_frame(MessageType.HELLO, 1, payload, server._key)) == "handshake"
+    _, payload = encode_payload(Hello("r", b"n" * 32))
+    assert reason_of(server, encode_frame(MessageType.HELLO, 1, payload, server._recv_key)) == "handshake"
     client, server = pair()
-    assert reason_of(server, client._hello_frame()) == "bad-mac"  # MACed with the PSK: not this session's
+    hello = ControlConnection("client", PSK, "r").start()
+    assert reason_of(server, hello) == "bad-mac"  # MACed with the handshake key: not this session's
 
 
 def test_version_mismatch():
-    _, payload = encode_payload(Hello("r", b"n" * 16, version=2))
+    _, payload = encode_payload(Hello("r", b"n" * 32, version=3))
     assert reason_of(ControlConnection("server", PSK, "a"),
-                     encode_frame(MessageType.HELLO, 0, payload, PSK)) == "version"
-    _, payload = encode_payload(Hello("r", b"n" * 16))
+                     encode_frame(MessageType.HELLO, 0, payload, hello_key(PSK))) == "version"
+    _, payload = encode_payload(Hello("r", b"n" * 32))
     assert reason_of(ControlConnection("server", PSK, "a"),
-                     encode_frame(MessageType.HELLO, 0, payload, PSK, version=2)) == "version"
+                     encode_frame(MessageType.HELLO, 0, payload, hello_key(PSK), version=3)) == "version"
+
+
+def test_a_protocol_1_hello_is_version():
+    """What a router of protocol 1 sends (its frame layout: version 1, a
+    16-byte nonce, MACed with the PSK itself) is refused as ``version``."""
+    v1_payload = struct.pack(">HH", 1, 8) + b"router-1" + b"n" * 16
+    v1_hello = encode_frame(MessageType.HELLO, 0, v1_payload, PSK, version=1)
+    server = ControlConnection("server", PSK, "a")
+    with pytest.raises(ControlError) as info:
+        server.receive_data(v1_hello)
+    assert info.value.reason == "version" and "protocol 1" in info.value.detail
 
 
 def test_after_an_error_the_connection_refuses_use():
@@ -457,8 +582,8 @@ def test_holding_is_bounded_and_its_flags_checked():
     with pytest.raises(ValueError, match="exceeds"):
         client.send(Holding(((1, KEY),) * (MAX_HOLDING_KEYS + 1)))
     mtype, payload = encode_payload(Holding(((1, KEY),), complete=True, last=True))
-    forged = encode_frame(mtype, 1, bytes([0x80]) + payload[1:], server._key)
+    forged = encode_frame(mtype, 1, bytes([0x80]) + payload[1:], server._recv_key)
     assert reason_of(server, forged) == "malformed"
     _, server = pair()
-    forged = encode_frame(mtype, 1, payload[:1] + struct.pack(">H", 2) + payload[3:], server._key)
+    forged = encode_frame(mtype, 1, payload[:1] + struct.pack(">H", 2) + payload[3:], server._recv_key)
     assert reason_of(server, forged) == "malformed"  # claims 2 keys, carries 1

@@ -30,7 +30,8 @@ def pair() -> tuple[ControlConnection, ControlConnection]:
     client = ControlConnection("client", PSK, "router-1")
     server = ControlConnection("server", PSK, "agent-1")
     server.receive_data(client.start())
-    client.receive_data(server.data_to_send())
+    client.receive_data(server.data_to_send())  # the CHALLENGE
+    server.receive_data(client.data_to_send())  # the PROOF
     assert client.established and server.established
     return client, server
 
@@ -88,7 +89,7 @@ def test_taken_with_an_unknown_status_is_malformed(status):
     with pytest.raises(_Malformed):
         decode_payload(MessageType.TAKEN, payload)
     client, server = pair()
-    assert reason_of(client, encode_frame(MessageType.TAKEN, 1, payload, client._key)) == "malformed"
+    assert reason_of(client, encode_frame(MessageType.TAKEN, 1, payload, client._recv_key)) == "malformed"
 
 
 @pytest.mark.parametrize("message", [TAKEBACKS[0], TAKENS[0]], ids=repr)
@@ -98,7 +99,7 @@ def test_truncated_or_extended_payload_is_malformed(message, change):
     mtype, payload = encode_payload(message)
     payload = payload[:-1] if change == "truncate" else payload + b"\x00"
     receiver = server if isinstance(message, TakeBack) else client
-    assert reason_of(receiver, encode_frame(mtype, 1, payload, receiver._key)) == "malformed"
+    assert reason_of(receiver, encode_frame(mtype, 1, payload, receiver._recv_key)) == "malformed"
 
 
 def test_values_that_do_not_fit_are_refused_on_send():
@@ -124,16 +125,16 @@ def test_server_does_not_send_takeback_nor_client_taken():
 
 def test_takeback_arriving_at_the_client_is_refused():
     """A TAKEBACK is the router's: one reaching the router (a reflected or
-    forged frame, authentic under the shared session key) is unknown-type."""
+    forged frame, authentic under the client's receiving key) is unknown-type."""
     client, server = pair()
     mtype, payload = encode_payload(TAKEBACKS[0])
-    assert reason_of(client, encode_frame(mtype, 1, payload, client._key)) == "unknown-type"
+    assert reason_of(client, encode_frame(mtype, 1, payload, client._recv_key)) == "unknown-type"
 
 
 def test_taken_arriving_at_the_server_is_refused():
     client, server = pair()
     mtype, payload = encode_payload(TAKENS[0])
-    assert reason_of(server, encode_frame(mtype, 1, payload, server._key)) == "unknown-type"
+    assert reason_of(server, encode_frame(mtype, 1, payload, server._recv_key)) == "unknown-type"
 
 
 # ------------------------------------------------------------------ the agent's verdict
