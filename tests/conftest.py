@@ -102,14 +102,19 @@ class Upstream:
         return self
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        # The connections first: since Python 3.12.1 Server.wait_closed() also
+        # waits for every connection the server accepted to close, and a
+        # router's idle keep-alive connections to us would hold it forever.
+        await asyncio.sleep(0)  # a connection accepted just now: its handler starts
+        while self._tasks:  # (and one that started meanwhile is ended too)
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if server is not None:
+            await server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -151,6 +156,11 @@ class Upstream:
                     return
                 conn.start_next_cycle()
         except (h11.ProtocolError, ConnectionError, OSError):
+            pass
+        except asyncio.CancelledError:
+            # stop(): end quietly; a cancelled handler makes start_server log an
+            # error for it (3.11.7, 3.12.1: its done-callback asks the task for
+            # its exception, which raises CancelledError).
             pass
         finally:
             self._tasks.discard(task)

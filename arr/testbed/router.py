@@ -285,6 +285,12 @@ class RouterProcess(ArrProcess):
         """Until ``count`` targets (default all) report up in the router's metrics."""
         want = len(self.cluster.targets) if count is None else count
         deadline = time.monotonic() + timeout
+        # The router listens before its metrics endpoint does (start() waits
+        # for the listener only): an endpoint not up yet is "not healthy yet".
+        while not self.cluster.port_open(self.cluster.router, "127.0.0.1", METRICS_PORT, timeout=0.2):
+            if time.monotonic() > deadline:
+                raise TestbedError(f"the router's metrics endpoint 127.0.0.1:{METRICS_PORT} is not up")
+            time.sleep(0.05)
         while self.metric_sum("arr_target_up") < want:
             if time.monotonic() > deadline:
                 raise TestbedError(f"only {self.metric_sum('arr_target_up'):.0f}/{want} targets up")
