@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -231,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
             admin.add_argument("target", help="a target's name or host:port")
         if name == "weight":
             admin.add_argument("weight", type=int)
-        admin.add_argument("--socket", default=DEFAULT_SOCKET, help=f"admin socket (default {DEFAULT_SOCKET})")
+        admin.add_argument("--socket", default=os.environ.get("ARR_ADMIN_SOCKET", DEFAULT_SOCKET),
+                           help=f"admin socket (default $ARR_ADMIN_SOCKET or {DEFAULT_SOCKET})")
         admin.add_argument("--json", action="store_true")
         admin.set_defaults(func=_admin)
 

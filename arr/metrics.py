@@ -106,6 +106,9 @@ class Metrics:
             ("direction",), registry=r)
 
         # What HAProxy's and Envoy's exporters have besides the above.
+        self.pool_requests = Counter(
+            "arr_pool_requests", "Requests decided for a pool's target, by pool and decision executed.",
+            ("pool", "decision"), registry=r)
         self.upstream_connect = Histogram(
             "arr_upstream_connect_seconds", "Time to connect to a target (proxied requests).",
             ("target",), buckets=LATENCY_BUCKETS, registry=r)

@@ -373,9 +373,11 @@ class Router:
         status: int | None = 0
         target_name, executed, reason = "", "error", ""
         response_bytes: int | None = None
+        chosen: "TargetState | None" = None
         try:
             decision = await self._decide(request)
             executed = decision_name(decision)
+            chosen = getattr(decision, "target", None)
             if session.handoff_context is not None and not isinstance(decision, Handoff):
                 self.handoff.forget(session)  # e.g. the reclaimed forwarding connection: closed now
             if isinstance(decision, Handoff):
@@ -419,6 +421,10 @@ class Router:
         finally:
             elapsed = time.perf_counter() - started
             self.metrics.requests.labels(executed, "" if status is None else str(status), target_name).inc()
+            if chosen is not None:
+                pool = self._pool_of.get(chosen)
+                if pool is not None:
+                    self.metrics.pool_requests.labels(pool.name, executed).inc()
             self.metrics.latency.labels(executed).observe(elapsed)
             if self.config.router.access_log:
                 accesslog.emit(accesslog.request_record(

@@ -16,6 +16,7 @@ import argparse
 import collections
 import ipaddress
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Iterable
 
 from handoff.datapath import default_instance
-from handoff.instances import ORPHANED, list_instances, remove_instance
+from handoff.instances import ORPHANED, list_instances, read_owner, remove_instance
 from handoff.libbpf import BpfError, BpfMap
 from handoff.maps import FlowEntry, FlowKey, FlowSummary
 
@@ -140,8 +141,20 @@ def summarise(conns: Iterable[Connection]) -> dict[str, object]:
     }
 
 
+def local_instance(bpf_dir: str | Path, side: str) -> str:
+    """The instance a router or agent of this network namespace pinned (its
+    owner record says so, whatever ``handoff.instance`` named it), else the
+    default name."""
+    netns = os.stat("/proc/self/ns/net").st_ino
+    for inst in list_instances(bpf_dir):
+        record = read_owner(inst.name)
+        if record is not None and record.netns_inode == netns and record.role == ROLES[side]:
+            return inst.name
+    return default_instance(ROLES[side])
+
+
 def read_connections(bpf_dir: str | Path, side: str, instance: str | None = None) -> list[Connection]:
-    pin_dir = Path(bpf_dir) / (instance or default_instance(ROLES[side]))
+    pin_dir = Path(bpf_dir) / (instance or local_instance(bpf_dir, side))
     flows = BpfMap.pinned(pin_dir / MAPS[side], FlowKey, FlowEntry)
     try:
         now = time.monotonic_ns()
@@ -153,7 +166,8 @@ def read_connections(bpf_dir: str | Path, side: str, instance: str | None = None
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--side", choices=("router", "agent"), default="router")
     parser.add_argument("--bpf-dir", default="/run/arr/bpf")
-    parser.add_argument("--instance", help="pinned maps' instance (default: this netns's)")
+    parser.add_argument("--instance", help="pinned maps' instance (default: the one this netns's router "
+                        "or agent pinned, by its owner record)")
     parser.add_argument("--client", help="only connections of this client: address, prefix or address:port")
     parser.add_argument("--target", help="only connections to this target: address or address:port")
     parser.add_argument("--state", action="append", choices=STATES, default=[],
