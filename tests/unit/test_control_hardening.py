@@ -28,24 +28,15 @@ from handoff.control.outbound import RejectionLog
 from handoff.control.frames import MAX_HANDSHAKE_FRAME, encode_frame, encode_payload, hello_key
 from handoff.lifecycle import local_key
 from handoff.maps import FLOW_ACTIVE, FlowEntry
-from handoff.translate import Translation
+from control_support import handoff_request, until
 
 LOOPBACK = "127.0.0.1"
 PSK = b"0123456789abcdef0123456789abcdef"
 KEY = FlowKey(saddr="127.0.0.2", daddr="127.0.0.1", sport=8080, dport=50000)
-XLATE = Translation(saddr="127.0.0.3", daddr="127.0.0.4", sport=80, dport=5000, seq_delta=1, ack_delta=2,
-                    tsval_delta=3, tsecr_delta=4, wscale_in=7, wscale_out=7)
 
 
 def handoff(conn_id: int, key: FlowKey = KEY) -> HandoffRequest:
-    return HandoffRequest(conn_id=conn_id, key=key, translation=XLATE, mirror_from=10, mirror_until=20)
-
-
-async def until(predicate, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
+    return handoff_request(conn_id, key)
 
 
 class Recorder:
