@@ -28,7 +28,8 @@ BPF_DIR = "/run/arr/bpf"
 PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
 
 
-def _python_env() -> dict[str, str]:
+def python_env() -> dict[str, str]:
+    """What a process needs to import this checkout (PYTHONPATH)."""
     return {"PYTHONPATH": os.pathsep.join(filter(None, [PROJECT_ROOT, os.environ.get("PYTHONPATH")]))}
 
 
@@ -197,7 +198,7 @@ class ArrInstall:
 
     def environment(self) -> dict[str, str]:
         if self.checkout:
-            return {**_python_env(), **dict(self.env)}
+            return {**python_env(), **dict(self.env)}
         return {"PATH": str(Path(self.python).parent), **dict(self.env)}
 
 

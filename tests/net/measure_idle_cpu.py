@@ -18,7 +18,7 @@ import sys
 import time
 
 from arr.testbed import Cluster, ClusterSpec
-from arr.testbed.router import _python_env, handoff_cluster
+from arr.testbed.router import python_env, handoff_cluster
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -66,7 +66,7 @@ def main() -> None:
             hold = c.popen(c.client, [sys.executable, "-c", HOLDER, router.url.split("//")[1],
                                       c.files["1k"].url_path, str(n)],
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           env={**os.environ, **_python_env()})
+                           env={**os.environ, **python_env()})
             try:
                 ready, _, _ = select.select([hold.stdout], [], [], 600)
                 line = hold.stdout.readline() if ready else b""

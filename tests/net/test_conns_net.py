@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from arr import netlink
+from arr.testbed import slowclient
 from arr.testbed.router import BPF_DIR, handoff_cluster, pin_instance, wait_for
 from handoff.instances import OWNERS_DIR
 
@@ -34,8 +35,8 @@ def test_conns_names_filters_and_sums_live_connections(cluster):
     info = c.files["8m"]
     with handoff_cluster(c) as (router, agents):
         router.wait_healthy()
-        curls = [c.popen(c.client, ["curl", "-sS", "--noproxy", "*", "--limit-rate", "1M", "--max-time", "60",
-                                    "-o", "/dev/null", router.url + info.url_path]) for _ in range(2)]
+        # 8 MiB at 1 MiB/s each: live entries for the whole test.
+        curls = [slowclient.start(c, router.url + info.url_path, c.workdir / f"slow{i}", 1 << 20) for i in range(2)]
         try:
             where = ["--instance", pin_instance(c, c.router)]
             assert wait_for(lambda: len(conns(c, c.router, "--json", *where)) == 2, 10)
@@ -50,8 +51,9 @@ def test_conns_names_filters_and_sums_live_connections(cluster):
             mine = conns(c, c.router, "--json", "--target", t0, *where)
             assert [e["target_ip"] for e in mine] == [t0]
             assert conns(c, c.router, "--json", "--client", "192.0.2.0/24", *where) == []
+            everything = conns(c, c.router, "--json", *where)
             assert len(conns(c, c.router, "--json", "--client", f"{c.client.ip}/32", "--state", "active",
-                             *where)) == 2
+                             *where)) == 2, everything
             summary = conns(c, c.router, "--json", "-s", *where)
             assert summary["connections"] == 2 and summary["by_state"] == {"active": 2}
             assert summary["clients"] == 1 and sum(summary["by_target"].values()) == 2

@@ -39,7 +39,7 @@ from arr import netlink
 from arr.testbed import Cluster
 from arr.testbed.files import sha256_file
 from arr.testbed.loadclient import Failure, Response
-from arr.testbed.router import (BPF_DIR, ROUTER_PORT, RouterProcess, _python_env, handoff_cluster,
+from arr.testbed.router import (BPF_DIR, ROUTER_PORT, RouterProcess, python_env, handoff_cluster,
                                 pin_instance, wait_for)
 from handoff.libbpf import BpfMap
 from handoff.maps import FlowEntry, FlowKey, WatchEntry
@@ -121,7 +121,7 @@ def load(cluster: Cluster, url: str, count: int, mode: str = "close", parallel: 
     if sha256:
         argv += ["--sha256", sha256]
     cp = cluster.exec(cluster.client, argv, timeout=duration + 4 * timeout + 30,
-                      env={**os.environ, **_python_env()})
+                      env={**os.environ, **python_env()})
     report = json.loads(cp.stdout)
     print(f"\n  {label or mode}: {report['counts']} {report['rps']:.0f} req/s, "
           f"max {report['max_latency'] * 1000:.1f} ms, p99 {report['p99_latency'] * 1000:.1f} ms, "

@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from arr.testbed import slowclient
 from arr.testbed.files import sha256_file
 from arr.testbed.router import handoff_cluster, to_toml, wait_for
 
@@ -61,9 +61,8 @@ def test_sighup_adds_a_target_during_downloads_and_a_broken_file_changes_nothing
     with handoff_cluster(c, targets=targets_of(c, [0, 1]), router={"access_log": "stderr"}) as (router, _):
         router.wait_healthy(count=2)
         outs = [c.workdir / f"dl{i}" for i in range(4)]
-        curls = [c.popen(c.client, ["curl", "-sS", "--noproxy", "*", "--limit-rate", "25M", "--max-time", "60",
-                                    "-o", str(out), "-w", "%{http_code}", router.url + info.url_path],
-                         stdout=subprocess.PIPE, text=True) for out in outs]
+        # 64 MiB at 12 MiB/s each: in flight through both reloads.
+        curls = [slowclient.start(c, router.url + info.url_path, out, 12 << 20) for out in outs]
         try:
             assert wait_for(lambda: all(o.exists() and o.stat().st_size > 8 * MiB for o in outs), 20)
             assert set(whoami(c, router, 4)) == {c.targets[0].name, c.targets[1].name}
@@ -80,9 +79,10 @@ def test_sighup_adds_a_target_during_downloads_and_a_broken_file_changes_nothing
             listed = admin(c, router, "targets")
             assert sorted(t["target"] for t in listed) == sorted(t.name for t in c.targets)
             assert set(whoami(c, router, 6)) == {t.name for t in c.targets}
+            assert all(curl.poll() is None for curl in curls), "a download ended before the reloads were done"
             for curl, out in zip(curls, outs):
-                stdout, _ = curl.communicate(timeout=60)
-                assert stdout == "200" and curl.returncode == 0
+                stdout, stderr = curl.communicate(timeout=60)
+                assert stdout.strip() == "200" and curl.returncode == 0, stderr
                 assert sha256_file(out)[0] == info.sha256
         finally:
             for curl in curls:
@@ -94,7 +94,8 @@ def test_sighup_adds_a_target_during_downloads_and_a_broken_file_changes_nothing
         handed = [r for r in records if r["decision"] == "handoff"]
         assert handed and all(r["status"] is None and r["handed_off"] and r["response_bytes"] is None
                               for r in handed)
-        assert all(r["user_agent"].startswith("curl/") and r["id"] and r["time"].endswith("Z") for r in records)
+        assert all(r["user_agent"].startswith(("curl/", "arr-slowclient")) and r["id"] and r["time"].endswith("Z")
+                   for r in records)
         # Ended connections are recorded from the agents' CLOSED: the downloads' bytes, served by the targets.
         assert wait_for(lambda: sum(1 for r in access_records(router) if r["type"] == "connection_end"
                                     and r["target_bytes"] >= info.size) >= 4, 10)
@@ -117,9 +118,7 @@ def test_drain_through_the_admin_socket(cluster):
         out = c.workdir / "slow"
         curl = None
         for _ in range(4):  # round-robin: the first request may land on either target
-            curl = c.popen(c.client, ["curl", "-sS", "--noproxy", "*", "--limit-rate", "4M", "--max-time", "60",
-                                      "-o", str(out), "-w", "%{http_code}", router.url + info.url_path],
-                           stdout=subprocess.PIPE, text=True)
+            curl = slowclient.start(c, router.url + info.url_path, out, 4 << 20)  # 16 MiB: 4 s
             time.sleep(0.5)
             on_t0 = [t for t in admin(c, router, "targets") if t["target"] == c.targets[0].name][0]
             if on_t0["handed_off"] == 1:
@@ -136,8 +135,9 @@ def test_drain_through_the_admin_socket(cluster):
             assert whoami(c, router, 10) == [c.targets[1].name] * 10
             assert router.metric_sum("arr_requests_total", target=c.targets[0].name) == before
             assert router.metric_sum("arr_requests_total", target=c.targets[1].name) >= 10
-            stdout, _ = curl.communicate(timeout=60)
-            assert stdout == "200" and sha256_file(out)[0] == info.sha256
+            assert curl.poll() is None, "the download ended before the drain was checked"
+            stdout, stderr = curl.communicate(timeout=60)
+            assert stdout.strip() == "200" and sha256_file(out)[0] == info.sha256, stderr
             admin(c, router, "enable", f"{c.targets[0].ip}:{c.spec.target_port}")
             assert c.targets[0].name in whoami(c, router, 4)
             weighted = admin(c, router, "weight", c.targets[1].name, "3")
