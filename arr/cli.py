@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import socket
 import sys
 from typing import TYPE_CHECKING
 
@@ -50,7 +51,7 @@ def build_router(config: "Config") -> "Router":
         raise ConfigError(f"router.secret_file: {exc}") from None
     metrics = Metrics()
     engine = RouterHandoff(config.handoff, config.all_targets(), metrics, secret=secret,
-                           node_id=f"router@{config.router.listen[0]}:{config.router.listen[1]}")
+                           node_id=f"router@{socket.gethostname()}/{config.router.listen[0]}:{config.router.listen[1]}")
     return Router(config, handoff=engine, metrics=metrics)
 
 

@@ -25,7 +25,7 @@ import random
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from arr.config import HandoffSettings
 from arr.http1 import add_forwarding
@@ -152,6 +152,7 @@ class RouterHandoff:
         self._route_targets(self.targets)
         self._track_states(router)
         self.metrics.map_capacity.set(self.settings.capacity)
+        self.metrics.registry.register(_ControlRejections(self.agents))
         self.connections.on_load = self._publish_load
         self.takebacks = TakeBacks(self.datapath, self.connections, self.settings, self.metrics,
                                    agent_of=self._agent_at, new_conn_id=lambda: next(self._ids),
@@ -631,3 +632,26 @@ def _discard_urgent(client: socket.socket) -> bytes:
         return client.recv(65536, socket.MSG_DONTWAIT)
     except (BlockingIOError, OSError):
         return b""
+
+
+class _ControlRejections:
+    """``arr_control_rejected_total{agent,reason}``: what the router's control
+    clients refused from their agents (handoff/control/channel.py), read at
+    scrape time."""
+
+    def __init__(self, agents: dict[tuple[str, int], ControlClient]) -> None:
+        self.agents = agents
+
+    def describe(self) -> list[object]:
+        return []
+
+    def collect(self) -> Iterator[object]:
+        from prometheus_client.core import CounterMetricFamily
+
+        family = CounterMetricFamily("arr_control_rejected", "Control frames or connections the router "
+                                     "refused from an agent, by reason.", labels=["agent", "reason"])
+        for (host, port), client in sorted(self.agents.items()):
+            for reason, count in sorted(client.rejected.items()):
+                family.add_metric([f"{host}:{port}", reason], count)
+        yield family
+
