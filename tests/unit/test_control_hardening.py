@@ -9,6 +9,7 @@ frames made without the key establishes a session.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import socket
 import struct
@@ -404,12 +405,18 @@ async def test_a_router_that_does_not_read_is_dropped_and_stalls_nothing(started
     assert len(server.sessions) == 1
     # ... while every post returned at once and the other router got every
     # frame promptly.
+    # post() is plain code on a non-blocking socket: it cannot wait for a
+    # peer. The times below are quantiles, not maxima: a loaded VM may
+    # deschedule this process for a moment (CI saw one 0.2 s pause), which
+    # says nothing about the channel; a stall behind the slow router would
+    # show in most frames (its deadline is 0.5 s).
+    assert not inspect.iscoroutinefunction(type(sessions["router-fast"]).post)
     post_times.sort()
-    assert post_times[len(post_times) * 99 // 100] < 0.005 and post_times[-1] < 0.2  # (a loaded VM's hiccups)
+    assert post_times[len(post_times) * 99 // 100] < 0.005
     sent_at = dict((conn_id, t) for t, conn_id in pushed)
-    delays = [t - sent_at[m.conn_id] for t, m in fast.received]
+    delays = sorted(t - sent_at[m.conn_id] for t, m in fast.received)
     assert [m.conn_id for _, m in fast.received] == list(range(1, n + 1))
-    assert max(delays) < 0.25, max(delays)
+    assert delays[len(delays) // 2] < 0.05 and delays[len(delays) * 99 // 100] < 0.25, delays[-5:]
     slow.close()
     fast.close()
 
