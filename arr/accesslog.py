@@ -39,12 +39,12 @@ def timestamp(now: float | None = None) -> str:
         timespec="milliseconds").replace("+00:00", "Z")
 
 
-def request_record(*, request_id: str, client: tuple[str, int], method: str, target: str, host: str,
+def request_record(*, client: tuple[str, int], method: str, target: str, host: str,
                    user_agent: str, number: int, decision: str, upstream: str, status: int | None,
                    handed_off: bool, request_body_bytes: int, response_bytes: int | None, duration_s: float,
                    reason: str = "", now: float | None = None) -> dict[str, Any]:
     record: dict[str, Any] = {
-        "time": timestamp(now), "type": "request", "id": request_id,
+        "time": timestamp(now), "type": "request", "id": request_id(),
         "client": f"{client[0]}:{client[1]}", "method": method, "target": target, "host": host,
         "user_agent": user_agent, "request": number, "decision": decision, "upstream": upstream,
         "status": status, "handed_off": handed_off, "request_body_bytes": request_body_bytes,

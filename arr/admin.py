@@ -77,10 +77,6 @@ class AdminCommands:
         self.extra: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {}
         """Commands added by other parts (the migration work adds its own)."""
 
-    def _publish(self, member: Member) -> None:
-        self.metrics.target_up.labels(member.pool.name, member.state.name).set(
-            1 if member.state.available else 0)
-
     async def run(self, command: str, args: dict[str, Any]) -> Any:
         if command in self.extra:
             return await self.extra[command](args)
@@ -90,7 +86,7 @@ class AdminCommands:
             members = find_members(self._pools(), _target_arg(args))
             for member in members:
                 member.state.draining = command == "drain"
-                self._publish(member)
+                self.metrics.publish_target(member.pool, member.state)
             log.info("admin: %s %s (%d pool membership(s))", command, _target_arg(args), len(members))
             return [describe(m) for m in members]
         if command == "weight":
@@ -100,7 +96,7 @@ class AdminCommands:
             members = find_members(self._pools(), _target_arg(args))
             for member in members:
                 member.state.weight_override = weight
-                self._publish(member)
+                self.metrics.publish_target(member.pool, member.state)
             log.info("admin: weight %s = %d", _target_arg(args), weight)
             return [describe(m) for m in members]
         if command == "reload":

@@ -11,7 +11,7 @@ import socket
 import sys
 from typing import TYPE_CHECKING
 
-from arr.config import ConfigError, check_files, load_config, parse_address
+from arr.config import ConfigError, check_files, load_config, parse_address, router_secret
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
@@ -41,14 +41,9 @@ def build_router(config: "Config") -> "Router":
 
     if config.router.mode != "nat" or not config.pools:
         return Router(config)
-    from handoff.control import load_psk
     from handoff.engine import RouterHandoff
 
-    assert config.router.secret_file is not None
-    try:
-        secret = load_psk(config.router.secret_file)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"router.secret_file: {exc}") from None
+    secret = router_secret(config)
     metrics = Metrics()
     engine = RouterHandoff(config.handoff, config.all_targets(), metrics, secret=secret,
                            node_id=f"router@{socket.gethostname()}/{config.router.listen[0]}:{config.router.listen[1]}")

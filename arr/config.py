@@ -607,16 +607,24 @@ def _check_unconditional_rules(rules: tuple[RuleSettings, ...]) -> None:
                 "after can never match (put it last, use default_pool, or add a condition)")
 
 
+def router_secret(config: Config) -> bytes:
+    """The control channel's key, read from ``router.secret_file`` (a
+    ConfigError naming the field when it cannot be used)."""
+    from handoff.control import load_psk
+
+    if config.router.secret_file is None:
+        raise ConfigError("router.secret_file: required in nat mode")
+    try:
+        return load_psk(config.router.secret_file)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"router.secret_file: {exc}") from None
+
+
 def check_files(config: Config) -> None:
     """What ``arr check-config`` adds to parsing: the files the config names
     exist and are usable (the key file is read as the router would)."""
     if config.router.mode == "nat" and config.router.secret_file:
-        from handoff.control import load_psk
-
-        try:
-            load_psk(config.router.secret_file)
-        except ValueError as exc:
-            raise ConfigError(f"router.secret_file: {exc}") from None
+        router_secret(config)
     if config.router.access_log not in (None, "stderr", "stdout"):
         directory = Path(config.router.access_log).parent
         if not directory.is_dir():

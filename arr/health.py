@@ -75,10 +75,7 @@ class HealthMonitor:
         self._revivals: dict["TargetState", asyncio.TimerHandle] = {}
         for pool in pools.values():
             for member in pool.members:
-                self._publish(pool, member)
-
-    def _publish(self, pool: "Pool", member: "TargetState") -> None:
-        self.metrics.target_up.labels(pool.name, member.name).set(1 if member.available else 0)
+                self.metrics.publish_target(pool, member)
 
     def start(self) -> None:
         for pool in self.pools.values():
@@ -111,7 +108,7 @@ class HealthMonitor:
             log.warning("target %s in pool %s is now %s", member.name, pool.name,
                         "up" if member.healthy else "down")
             self.metrics.health_transitions.labels(pool.name, member.name, "up" if member.healthy else "down").inc()
-            self._publish(pool, member)
+            self.metrics.publish_target(pool, member)
 
     def passive_failure(self, member: "TargetState", pool: "Pool | None") -> None:
         """A connect failure seen by the relay."""
@@ -130,4 +127,4 @@ class HealthMonitor:
         member.consecutive_failures = 0
         log.warning("target %s in pool %s is back after the passive cool-down", member.name, pool.name)
         self.metrics.health_transitions.labels(pool.name, member.name, "up").inc()
-        self._publish(pool, member)
+        self.metrics.publish_target(pool, member)

@@ -137,13 +137,17 @@ class Metrics:
             registry=r)
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
-        self._targets: Any = None
-        r.register(_TargetCollector(self))
+        self._target_collector = _TargetCollector()
+        r.register(self._target_collector)
 
     def watch_targets(self, pools: Any) -> None:
         """Export per-target in-flight and handed-off counts from POOLS (a
         callable returning the router's pools; read at scrape time)."""
-        self._targets = pools
+        self._target_collector.pools = pools
+
+    def publish_target(self, pool: Any, member: Any) -> None:
+        """``arr_target_up`` of MEMBER in POOL as it stands now (health, drain, weight)."""
+        self.target_up.labels(pool.name, member.name).set(1 if member.available else 0)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -158,8 +162,9 @@ class _TargetCollector:
     """``arr_target_in_flight`` and ``arr_target_handed_off`` per pool and
     target, read from the live pools when scraped (a reload swaps them)."""
 
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
+    def __init__(self) -> None:
+        self.pools: Any = dict
+        """A callable returning the router's pools (``Metrics.watch_targets``)."""
 
     def describe(self) -> list[Any]:
         return []
@@ -169,8 +174,7 @@ class _TargetCollector:
                                       "the router (proxied, or being handed off).", labels=["pool", "target"])
         handed_off = GaugeMetricFamily("arr_target_handed_off", "Connections handed off to a target and "
                                        "not yet over.", labels=["pool", "target"])
-        pools = self.metrics._targets() if self.metrics._targets is not None else {}
-        for pool in pools.values():
+        for pool in self.pools().values():
             for member in pool.members:
                 in_flight.add_metric([pool.name, member.name], member.active)
                 handed_off.add_metric([pool.name, member.name], member.handed_off)

@@ -37,6 +37,7 @@ from arr.proxy import Relay, UpstreamFailed
 from arr.reload import ReloadPlan, effective_config, plan_reload
 from arr.routing import Policy, build_routing
 from arr.session import ClientGone, ClientSession
+from arr.version import build, version
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
@@ -130,21 +131,20 @@ class Router:
         self.config_path: str | None = None
         """The file ``reload`` (SIGHUP, ``arr reload``) reads again; set by ``run``."""
         self.admin: AdminServer | None = None
-        self.started = time.monotonic()
+        self.started: float | None = None
+        """When ``start`` ran (monotonic), for ``status``."""
         self._reloading = asyncio.Lock()
         self.metrics.watch_targets(lambda: self.pools)
-        self.metrics.build_info.labels(*_build_labels()).set(1)
+        self.metrics.build_info.labels(*build()).set(1)
 
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        self.fd_plan = plan = apply_fd_plan(self.config.limits, self._fds_per_connection(),
-                                            self._shared_fds())
+        plan = self._fit_fds()
         (log.warning if plan.warning else log.info)("%s", plan.describe())
         if plan.max_connections < 1:
             raise FdLimitError(plan.describe())
-        self.max_connections = plan.max_connections
-        self.metrics.max_connections.set(plan.max_connections)
+        self.started = time.monotonic()
         loop = asyncio.get_running_loop()
         self.listener = Listener(self.config.router.listen, has_room=self._has_room, admit=self._on_accepted,
                                  metrics=self.metrics, connections=lambda: len(self._sessions),
@@ -160,6 +160,15 @@ class Router:
         await self.handoff.start(self)
         self.health.start()
         log.info("arr listening on %s:%d (mode %s)", *self.address, self.config.router.mode)
+
+    def _fit_fds(self) -> FdPlan:
+        """Plan the configured limits into the fd limit (arr/fdlimit.py) and
+        admit at most what it allows (at least one: ``start`` refuses a plan
+        that holds none)."""
+        self.fd_plan = plan = apply_fd_plan(self.config.limits, self._fds_per_connection(), self._shared_fds())
+        self.max_connections = max(plan.max_connections, 1)
+        self.metrics.max_connections.set(self.max_connections)
+        return plan
 
     def _fds_per_connection(self) -> int:
         # A router without a handoff engine falls back to proxying every
@@ -235,9 +244,7 @@ class Router:
             self._pool_of = {m: p for p in self.pools.values() for m in p.members}
             self.health = HealthMonitor(self.pools, self.metrics)
             self.relay.reconfigure(self.config.upstream, self.health)
-            self.fd_plan = apply_fd_plan(self.config.limits, self._fds_per_connection(), self._shared_fds())
-            self.max_connections = max(self.fd_plan.max_connections, 1)
-            self.metrics.max_connections.set(self.max_connections)
+            self._fit_fds()
             await self.handoff.reconfigure(self)
             self.health.start()
             if self.config.router.access_log != accesslog.current_destination():
@@ -265,9 +272,10 @@ class Router:
             raise AdminError(f"reload failed, nothing changed: {exc}") from None
 
     def status(self) -> dict[str, object]:
-        return {"version": _build_labels()[0], "mode": self.config.router.mode,
+        return {"version": version(), "mode": self.config.router.mode,
                 "listen": "%s:%d" % self.config.router.listen, "config": self.config_path,
-                "uptime_s": round(time.monotonic() - self.started, 3), "connections": len(self._sessions),
+                "uptime_s": None if self.started is None else round(time.monotonic() - self.started, 3),
+                "connections": len(self._sessions),
                 "max_connections": self.max_connections, "pools": sorted(self.pools)}
 
     # ------------------------------------------------------------ accepting
@@ -428,7 +436,7 @@ class Router:
             self.metrics.latency.labels(executed).observe(elapsed)
             if self.config.router.access_log:
                 accesslog.emit(accesslog.request_record(
-                    request_id=accesslog.request_id(), client=session.peer, method=request.method,
+                    client=session.peer, method=request.method,
                     target=request.target, host=request.headers.get("host", ""),
                     user_agent=request.headers.get("user-agent", ""), number=request.number,
                     decision=executed, upstream=target_name, status=status, handed_off=status is None,
@@ -475,18 +483,6 @@ class Router:
         if self.config.router.access_log:
             accesslog.emit(accesslog.rejected_record(client=session.peer, status=error.status,
                                                      reason=error.reason, detail=error.detail))
-
-
-def _build_labels() -> tuple[str, str, str]:
-    import platform
-
-    from arr.version import version
-
-    try:
-        from handoff.fastpath import COMPILED
-    except ImportError:  # pragma: no cover - arr without its handoff package
-        COMPILED = False
-    return version(), platform.python_version(), "compiled" if COMPILED else "python"
 
 
 class FdLimitError(ConfigError):

@@ -14,8 +14,16 @@ def version() -> str:
         return "0+unknown"
 
 
-def describe() -> str:
-    from handoff.fastpath import COMPILED
+def build() -> tuple[str, str, str]:
+    """(arr version, Python version, "compiled" or "python" handoff fast path):
+    the labels of ``arr_build_info``."""
+    try:
+        from handoff.fastpath import COMPILED
+    except ImportError:  # pragma: no cover - arr without its handoff package
+        COMPILED = False
+    return version(), platform.python_version(), "compiled" if COMPILED else "python"
 
-    return (f"arr {version()} (Python {platform.python_version()}, "
-            f"{'compiled' if COMPILED else 'Python'} handoff fast path)")
+
+def describe() -> str:
+    arr, python, fastpath = build()
+    return f"arr {arr} (Python {python}, {'compiled' if fastpath == 'compiled' else 'Python'} handoff fast path)"

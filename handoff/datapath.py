@@ -221,14 +221,13 @@ class RouterDatapath(Datapath):
     def attach_interfaces(self, client_ifname: str, target_ifnames: list[str]) -> None:
         # Client packets arrive on the client side; the targets' SYN-ACKs and
         # mirrored ACKs on the target side (often the same interface).
-        for ifname in dict.fromkeys([client_ifname, *target_ifnames]):
-            self.enable_forwarding(ifname)
-            self.attach("arr_router_ingress", ifname, "ingress")
-        for ifname in dict.fromkeys(target_ifnames):
-            self.attach("arr_router_egress", ifname, "egress")
+        self.enable_forwarding(client_ifname)
+        self.attach("arr_router_ingress", client_ifname, "ingress")
+        self.attach_target_interfaces(target_ifnames)
 
     def attach_target_interfaces(self, target_ifnames: list[str]) -> None:
-        """Targets added at run time (a reload): attach where not attached yet."""
+        """The target side, where not attached yet (also for targets added at
+        run time, a reload)."""
         done = {(a.ifname, a.direction) for a in self.attached}
         for ifname in dict.fromkeys(target_ifnames):
             if (ifname, "ingress") not in done:

@@ -10,7 +10,7 @@ from arr import accesslog
 
 def test_a_handed_off_request_claims_no_status():
     record = accesslog.request_record(
-        request_id="r1", client=("10.0.0.2", 4000), method="GET", target="/x", host="h", user_agent="curl/8",
+        client=("10.0.0.2", 4000), method="GET", target="/x", host="h", user_agent="curl/8",
         number=3, decision="handoff", upstream="t1", status=None, handed_off=True, request_body_bytes=0,
         response_bytes=None, duration_s=0.0012, now=0.0)
     assert record["status"] is None and record["handed_off"] is True and record["response_bytes"] is None
