@@ -70,8 +70,11 @@ def test_sighup_adds_a_target_during_downloads_and_a_broken_file_changes_nothing
             rewrite_config(router, {**router.config, "targets": targets_of(c, [0, 1, 2])})
             assert wait_for(lambda: "configuration reloaded" in router.log_tail(20000), 10), router.log_tail()
             router.wait_healthy(count=3)
+            decided_for_t2 = router.metric_sum("arr_requests_total", target=c.targets[2].name)
             served = whoami(c, router, 9)
             assert served.count(c.targets[2].name) == 3, served  # round-robin over three
+            # ... and the router's policy decided those three (not a connection left over).
+            assert router.metric_sum("arr_requests_total", target=c.targets[2].name) - decided_for_t2 == 3
             # A broken file: nothing changes, the reason is logged.
             rewrite_config(router, "[router\nlisten = ")
             assert wait_for(lambda: "reload of" in router.log_tail(20000)
