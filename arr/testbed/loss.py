@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+from arr.testbed.capture import ResetCapture
 from arr.testbed.cluster import Cluster
 
 # Counters that must not move on a handed-off connection's endpoints.
@@ -23,12 +24,18 @@ def tcp_counters(cluster: Cluster, host) -> dict[str, int]:
 
 
 class CounterWatch:
-    """Absolute counters of some hosts, compared at the end."""
+    """Absolute counters of some hosts, compared at the end, and a capture of
+    their resets (arr/testbed/capture.py) that tells which connections those
+    ended."""
 
     def __init__(self, cluster: Cluster, hosts) -> None:
         self.cluster = cluster
         self.hosts = list(hosts)
+        self.capture = ResetCapture(cluster, self.hosts).__enter__()
         self.before = {h.name: tcp_counters(cluster, h) for h in self.hosts}
+        self.empty_resets: dict[str, int] = {}
+        """After ``assert_clean``: {host: resets it sent on connections that
+        carried nothing from it} (the router's unused forward-pool connections)."""
 
     def deltas(self) -> dict[str, dict[str, int]]:
         out = {}
@@ -39,9 +46,16 @@ class CounterWatch:
 
     def assert_clean(self, tolerated: dict[str, int] | None = None) -> dict[str, dict[str, int]]:
         """No bad counter moved on any host, beyond TOLERATED ({counter: at
-        most this many on each host}: a known defect a test names and says why)."""
+        most this many on each host}: a known defect a test names and says
+        why). A reset on a connection that carried nothing from its sender
+        harms no one's data: it is reported in ``empty_resets`` and not
+        counted in ``TcpOutRsts``; every other reset is."""
         tolerated = tolerated or {}
         deltas = self.deltas()
+        self.capture.stop()
+        for host, verdicts in self.capture.resets().items():
+            self.empty_resets[host] = sum(v.empty for v in verdicts)
+            deltas[host]["TcpOutRsts"] = deltas[host].get("TcpOutRsts", 0) - self.empty_resets[host]
         for d in deltas.values():
             # Under loss the router may retransmit its SYN-ACK after the
             # client's handshake ACK was dropped; the established client then

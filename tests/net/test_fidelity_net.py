@@ -62,7 +62,8 @@ def test_50_downloads_under_2_percent_loss_each_way(cluster):
               f"slowest {slowest:.2f}s, handoffs {router.metric_sum('arr_handoffs_total', result='ok'):.0f}, "
               f"fallbacks {fallback_reasons(router)}, "
               f"SACK recoveries {sum(d.get('TcpExtTCPSackRecovery', 0) for d in deltas.values())}, "
-              f"PAWS rejects {sum(d.get('TcpExtPAWSEstab', 0) for d in deltas.values())}")
+              f"PAWS rejects {sum(d.get('TcpExtPAWSEstab', 0) for d in deltas.values())}, "
+              f"resets of unused connections {watch.empty_resets}")
 
 
 PEERS = {

@@ -1,0 +1,175 @@
+"""Which connections a host's resets ended: a capture of handshakes and resets.
+
+The loss tests count ``TcpOutRsts`` per host (arr/testbed/loss.py), which
+cannot say *whose* connection a reset ended. A reset that ends a connection
+that carried a client's request is a defect; one the target sends on a
+forwarding connection that never carried a byte either way (the router's
+forward pool, handoff/forward_pool.py, closes unused connections every
+``MAX_AGE``) harms no one, and the tests report those apart.
+
+``ResetCapture`` runs this module in a host's namespace: an AF_PACKET socket
+whose classic BPF filter passes only TCP segments with SYN or RST set (a few
+per connection, whatever the transfer), written as JSON lines. ``classify``
+is the pure part: for each reset the host sent, the SYN-ACK or SYN it sent
+earlier on the 4-tuple gives its initial sequence number, and a reset whose
+sequence number is at most ISN + 2 (SYN and FIN) followed a connection on
+which this host sent no payload.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import struct
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+ETH_P_ALL = 0x0003
+PACKET_OUTGOING = 4
+SO_ATTACH_FILTER = 26
+SYN, RST = 0x02, 0x04
+SEQ_MOD = 1 << 32
+EMPTY_CONNECTION_SPAN = 2
+"""A connection on which a host sent only SYN and FIN has used 2 sequence numbers."""
+
+
+def _filter_program() -> bytes:
+    """cBPF: IPv4 TCP with SYN or RST (Ethernet framing), else drop."""
+    ins = [
+        (0x28, 0, 0, 12),            # ldh [12]            ethertype
+        (0x15, 0, 6, 0x0800),        # jeq IPv4 else drop
+        (0x30, 0, 0, 23),            # ldb [23]            protocol
+        (0x15, 0, 4, 6),             # jeq TCP else drop
+        (0xB1, 0, 0, 14),            # ldxb 4*([14]&0xf)   IP header length
+        (0x50, 0, 0, 14 + 13),       # ldb [x+27]          TCP flags
+        (0x45, 0, 1, SYN | RST),     # jset SYN|RST else drop
+        (0x06, 0, 0, 0x40000),       # ret whole packet
+        (0x06, 0, 0, 0),             # ret 0 (drop)
+    ]
+    return b"".join(struct.pack("HBBI", *i) for i in ins)
+
+
+@dataclass(frozen=True)
+class Segment:
+    at: float
+    sent: bool
+    """Sent by this host (PACKET_OUTGOING), not received."""
+    src: tuple[str, int]
+    dst: tuple[str, int]
+    flags: int
+    seq: int
+
+
+def parse(frame: bytes, pkttype: int, at: float) -> Segment | None:
+    if len(frame) < 14 + 20 or frame[12:14] != b"\x08\x00" or frame[14 + 9] != 6:
+        return None
+    ihl = (frame[14] & 0x0F) * 4
+    tcp = frame[14 + ihl:]
+    if len(tcp) < 14:
+        return None
+    sport, dport, seq = struct.unpack("!HHI", tcp[:8])
+    return Segment(at, pkttype == PACKET_OUTGOING, (socket.inet_ntoa(frame[26:30]), sport),
+                   (socket.inet_ntoa(frame[30:34]), dport), tcp[13], seq)
+
+
+@dataclass(frozen=True)
+class ResetVerdict:
+    reset: Segment
+    empty: bool
+    """The host had sent nothing but SYN (and FIN) on the connection it reset."""
+
+
+def classify(segments: Iterable[Segment]) -> list[ResetVerdict]:
+    """Each reset this host sent, with whether its connection was empty on
+    this host's side. A reset with no handshake of ours before it on its
+    4-tuple counts as not empty (the safe side)."""
+    isn: dict[tuple, int] = {}
+    verdicts = []
+    for seg in sorted(segments, key=lambda s: s.at):
+        if not seg.sent:
+            continue
+        key = (seg.src, seg.dst)
+        if seg.flags & SYN:
+            isn[key] = seg.seq
+        elif seg.flags & RST:
+            start = isn.get(key)
+            span = (seg.seq - start) % SEQ_MOD if start is not None else None
+            verdicts.append(ResetVerdict(seg, span is not None and span <= EMPTY_CONNECTION_SPAN))
+    return verdicts
+
+
+def read(path: Path) -> list[Segment]:
+    segments = []
+    for line in path.read_text().splitlines():
+        d = json.loads(line)
+        segments.append(Segment(d["at"], d["sent"], tuple(d["src"]), tuple(d["dst"]), d["flags"], d["seq"]))
+    return segments
+
+
+class ResetCapture:
+    """The capture running in HOSTS' namespaces for the length of a ``with``."""
+
+    def __init__(self, cluster, hosts) -> None:
+        self.cluster = cluster
+        self.hosts = list(hosts)
+        self.procs: dict[str, object] = {}
+        self.paths = {h.name: cluster.workdir / f"capture-{h.name}.jsonl" for h in self.hosts}
+
+    def __enter__(self) -> "ResetCapture":
+        for host in self.hosts:
+            self.procs[host.name] = self.cluster.popen(
+                host, [sys.executable, "-m", "arr.testbed.capture", str(self.paths[host.name])],
+                stdout=None, stderr=None)
+        deadline = time.monotonic() + 10
+        while not all(p.exists() for p in self.paths.values()):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"capture did not start: {self.paths}")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            self.cluster.stop_process(proc)
+        self.procs.clear()
+
+    def resets(self) -> dict[str, list[ResetVerdict]]:
+        """{host: its resets, classified}; call after ``stop``."""
+        return {name: classify(read(path)) for name, path in self.paths.items()}
+
+
+def capture(out: Path) -> None:
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    program = _filter_program()
+    import ctypes
+    buf = ctypes.create_string_buffer(program)
+    fprog = struct.pack("HL", len(program) // 8, ctypes.addressof(buf))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+    sock.settimeout(0.1)
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    with out.open("w", buffering=1) as f:
+        while not stopping:
+            try:
+                frame, addr = sock.recvfrom(128)
+            except socket.timeout:
+                continue
+            seg = parse(frame, addr[2], time.monotonic())
+            if seg is not None:
+                f.write(json.dumps({"at": seg.at, "sent": seg.sent, "src": seg.src, "dst": seg.dst,
+                                    "flags": seg.flags, "seq": seg.seq}) + "\n")
+
+
+if __name__ == "__main__":
+    capture(Path(sys.argv[1]))

@@ -1,0 +1,64 @@
+"""The reset classifier of the loss tests (arr/testbed/capture.py): which
+connection a host's reset ended, from the handshakes and resets it sent."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+from hypothesis import given, strategies as st
+
+from arr.testbed.capture import PACKET_OUTGOING, RST, SYN, Segment, classify, parse
+
+TARGET, ROUTER = ("10.0.0.11", 8080), ("10.0.0.1", 40001)
+ACK, FIN = 0x10, 0x01
+
+
+def sent(at: float, flags: int, seq: int, src=TARGET, dst=ROUTER) -> Segment:
+    return Segment(at, True, src, dst, flags, seq)
+
+
+def frame(src, dst, flags: int, seq: int) -> bytes:
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0, 64, 6, 0,
+                     socket.inet_aton(src[0]), socket.inet_aton(dst[0]))
+    tcp = struct.pack("!HHIIBBHHH", src[1], dst[1], seq, 0, 5 << 4, flags, 512, 0, 0)
+    return b"\x00" * 12 + b"\x08\x00" + ip + tcp
+
+
+def test_parse_reads_addresses_flags_and_direction():
+    seg = parse(frame(TARGET, ROUTER, RST | ACK, 77), PACKET_OUTGOING, 1.5)
+    assert seg == Segment(1.5, True, TARGET, ROUTER, RST | ACK, 77)
+    assert parse(frame(TARGET, ROUTER, SYN, 1), 0, 0).sent is False
+    assert parse(b"\x00" * 12 + b"\x86\xdd" + b"\x00" * 60, PACKET_OUTGOING, 0) is None  # IPv6
+
+
+def test_a_reset_after_only_syn_and_fin_is_empty():
+    isn = 1000
+    verdicts = classify([sent(0, SYN | ACK, isn), sent(1, RST, isn + 2)])
+    assert [v.empty for v in verdicts] == [True]
+
+
+def test_a_reset_after_a_response_is_not_empty():
+    isn = 1000
+    verdicts = classify([sent(0, SYN | ACK, isn), sent(1, RST, isn + 1 + 512)])
+    assert [v.empty for v in verdicts] == [False]
+
+
+def test_a_reset_without_a_handshake_seen_is_not_empty():
+    assert [v.empty for v in classify([sent(1, RST, 3)])] == [False]
+
+
+def test_received_resets_are_not_this_hosts():
+    assert classify([sent(0, SYN | ACK, 5), Segment(1, False, ROUTER, TARGET, RST, 6)]) == []
+
+
+def test_the_latest_handshake_on_a_reused_four_tuple_counts():
+    segs = [sent(0, SYN | ACK, 10), sent(5, SYN | ACK, 90_000), sent(6, RST, 90_002)]
+    assert [v.empty for v in classify(segs)] == [True]
+
+
+@given(isn=st.integers(0, (1 << 32) - 1), sent_bytes=st.integers(0, 1 << 20))
+def test_sequence_numbers_wrap(isn: int, sent_bytes: int):
+    rst_seq = (isn + 2 + sent_bytes) % (1 << 32)
+    (verdict,) = classify([sent(0, SYN | ACK, isn), sent(1, RST, rst_seq)])
+    assert verdict.empty == (sent_bytes == 0)
