@@ -1,8 +1,9 @@
 """The router's runtime admin interface: a root-only Unix socket, JSON lines.
 
 In the style of HAProxy's runtime API and Envoy's admin endpoint, for the
-operator at the router's host: ``arr targets``, ``arr drain TARGET``,
-``arr enable TARGET``, ``arr weight TARGET N``, ``arr reload``. One request per
+operator at the router's host: ``arr targets``, ``arr drain TARGET
+[--move [--within S]]``, ``arr enable TARGET``, ``arr weight TARGET N``,
+``arr migrate --from A [--to B] ...`` (arr/migration.py), ``arr reload``. One request per
 line, ``{"command": "drain", "args": {"target": "t1"}}``; one answer per line,
 ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "..."}``.
 
@@ -24,6 +25,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from arr.migration import MoveOrder, MoveReport, OrderError, PortRange
 
 if TYPE_CHECKING:
     from arr.metrics import Metrics
@@ -69,11 +72,16 @@ class AdminCommands:
 
     def __init__(self, pools: Callable[[], dict[str, "Pool"]], metrics: "Metrics",
                  reload: Callable[[], Awaitable[dict[str, Any]]] | None = None,
-                 status: Callable[[], dict[str, Any]] | None = None) -> None:
+                 status: Callable[[], dict[str, Any]] | None = None,
+                 migrate: Callable[[MoveOrder], Awaitable[MoveReport]] | None = None,
+                 move_wait: float = 30.0) -> None:
         self._pools = pools  # a callable: a reload replaces the router's pools
         self.metrics = metrics
         self._reload = reload
         self._status = status
+        self._migrate = migrate
+        self.move_wait = move_wait
+        """A live move's default wait for a response in flight (handoff.migrate_wait)."""
         self.extra: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {}
         """Commands added by other parts (the migration work adds its own)."""
 
@@ -84,11 +92,25 @@ class AdminCommands:
             return [describe(Member(p, m)) for p in self._pools().values() for m in p.members]
         if command in ("drain", "enable"):
             members = find_members(self._pools(), _target_arg(args))
+            move = args.get("move", False)
+            if command == "drain" and not isinstance(move, bool):
+                raise AdminError(f"move must be true or false, got {move!r}")
+            within = _seconds(args, "within", self.move_wait) if move else None
             for member in members:
                 member.state.draining = command == "drain"
                 self.metrics.publish_target(member.pool, member.state)
             log.info("admin: %s %s (%d pool membership(s))", command, _target_arg(args), len(members))
-            return [describe(m) for m in members]
+            described = [describe(m) for m in members]
+            if not move or within is None:
+                return described
+            # Its connections go where the policy sends them: the target is
+            # draining, so elsewhere. Busy ones move once their response is
+            # acknowledged, within WITHIN; the rest finish where they are.
+            order = MoveOrder(source=members[0].state.target.address, destination=None, mode="live",
+                              wait=within)
+            return {"targets": described, "moved": (await self._run_migration(order)).as_json()}
+        if command == "migrate":
+            return (await self._run_migration(self.move_order(args))).as_json()
         if command == "weight":
             weight = args.get("weight")
             if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= 1_000_000:
@@ -106,8 +128,42 @@ class AdminCommands:
         if command == "status":
             return self._status() if self._status else {}
         if command == "help":
-            return sorted(["targets", "drain", "enable", "weight", "reload", "status", "help", *self.extra])
+            return sorted(["targets", "drain", "enable", "weight", "reload", "status", "migrate", "help",
+                           *self.extra])
         raise AdminError(f"unknown command {command!r} (try: help)")
+
+    def move_order(self, args: dict[str, Any]) -> MoveOrder:
+        """``migrate``'s arguments, checked: targets by name or host:port."""
+        unknown = set(args) - {"from", "to", "client", "port", "max", "mode", "wait"}
+        if unknown:
+            raise AdminError(f"migrate: unknown argument(s) {', '.join(sorted(unknown))}")
+        source = args.get("from")
+        if not isinstance(source, str) or not source:
+            raise AdminError('migrate needs "from": a target\'s name or host:port')
+        destination = args.get("to")
+        if destination is not None and (not isinstance(destination, str) or not destination):
+            raise AdminError('"to" must be a target\'s name or host:port')
+        limit = args.get("max")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)):
+            raise AdminError(f"max: expected a count, got {limit!r}")
+        try:
+            return MoveOrder(
+                source=find_members(self._pools(), source)[0].state.target.address,
+                destination=find_members(self._pools(), destination)[0].state.target.address
+                if destination else None,
+                mode=args.get("mode") or "live",
+                clients=MoveOrder.parse_clients(args.get("client")),
+                ports=PortRange.parse(args["port"]) if args.get("port") not in (None, "") else None,
+                limit=limit, wait=_seconds(args, "wait", self.move_wait))
+        except OrderError as exc:
+            raise AdminError(str(exc)) from None
+
+    async def _run_migration(self, order: MoveOrder) -> MoveReport:
+        if self._migrate is None:
+            raise AdminError("this router cannot move connections (no handoff engine)")
+        report = await self._migrate(order)
+        log.info("admin: migrate done: %s", report.as_json())
+        return report
 
     async def answer(self, line: bytes) -> dict[str, Any]:
         """One request line -> one answer (never raises)."""
@@ -123,6 +179,9 @@ class AdminCommands:
             return {"ok": False, "error": f"not JSON: {exc.msg}"}
         except AdminError as exc:
             return {"ok": False, "error": str(exc)}
+        except Exception as exc:  # a bug must answer, not drop the operator's connection
+            log.exception("admin: %r failed", line[:200])
+            return {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
 
 
 def _target_arg(args: dict[str, Any]) -> str:
@@ -130,6 +189,15 @@ def _target_arg(args: dict[str, Any]) -> str:
     if not isinstance(target, str) or not target:
         raise AdminError('this command needs "target": a target\'s name or host:port')
     return target
+
+
+def _seconds(args: dict[str, Any], key: str, default: float) -> float:
+    value = args.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 3600:
+        raise AdminError(f"{key}: expected seconds in (0, 3600], got {value!r}")
+    return float(value)
 
 
 def peer_uid(sock: socket.socket) -> int:

@@ -97,19 +97,31 @@ def _check_agent_files(settings: object) -> None:
 
 
 def _admin(args: argparse.Namespace) -> int:
-    """``arr targets|drain|enable|weight|reload|status``: one admin request."""
+    """``arr targets|drain|enable|weight|reload|status|migrate``: one admin request."""
     import json
 
     from arr.admin import AdminError, request
 
     payload = {k: getattr(args, k) for k in ("target", "weight") if getattr(args, k, None) is not None}
+    timeout = 30.0
+    if args.command == "migrate":
+        payload = {"from": args.source, "to": args.destination, "client": args.client, "port": args.port,
+                   "max": args.max, "mode": args.mode, "wait": args.wait}
+        payload = {k: v for k, v in payload.items() if v is not None}
+        timeout = (args.wait or MOVE_WAIT_CEILING) + 30.0
+    elif args.command == "drain" and args.move:
+        payload.update(move=True, **({"within": args.within} if args.within else {}))
+        timeout = (args.within or MOVE_WAIT_CEILING) + 30.0
     try:
-        result = request(args.command, payload, path=args.socket)
+        result = request(args.command, payload, path=args.socket, timeout=timeout)
     except AdminError as exc:
         print(f"arr {args.command}: {exc}", file=sys.stderr)
         return 1
     if args.json or args.command in ("status", "reload"):
         print(json.dumps(result, indent=2))
+    elif args.command == "migrate" or isinstance(result, dict):
+        report = result if args.command == "migrate" else result["moved"]
+        print(describe_move(report))
     else:
         print(f"{'pool':<12} {'target':<24} {'address':<22} {'weight':>6} {'state':<9} "
               f"{'in flight':>9} {'handed off':>10}")
@@ -118,6 +130,19 @@ def _admin(args: argparse.Namespace) -> int:
             print(f"{t['pool']:<12} {t['target']:<24} {t['address']:<22} {t['weight']:>6} {state:<9} "
                   f"{t['in_flight']:>9} {t['handed_off']:>10}")
     return 0
+
+
+MOVE_WAIT_CEILING = 3600.0
+"""The longest wait a move may be given (arr/admin.py checks it)."""
+
+
+def describe_move(report: dict) -> str:
+    """One line a person reads: what a migration did."""
+    skipped = ", ".join(f"{why} {n}" for why, n in report["skipped"].items()) or "none"
+    left = ", ".join(f"{why} {n}" for why, n in report["left"].items()) or "none"
+    return (f"migrate {report['from']} -> {report['to'] or 'policy'} ({report['mode']}): "
+            f"{report['selected']} selected, {report['moved']} moved, {report['reset']} reset, "
+            f"skipped: {skipped}; not selected: {left}; {report['seconds']:.2f} s")
 
 
 def _conns(args: argparse.Namespace) -> int:
@@ -221,13 +246,35 @@ def build_parser() -> argparse.ArgumentParser:
                   "drain": "stop sending new requests to a target; in-flight ones finish",
                   "enable": "undo drain", "weight": "set a target's weight at run time",
                   "reload": "reload the configuration file (as SIGHUP), report what changed",
-                  "status": "the running router: version, uptime, connections"}
+                  "status": "the running router: version, uptime, connections",
+                  "migrate": "move handed-off connections from one target to another (live or reset)"}
     for name, text in admin_help.items():
         admin = command(name, help=text)
         if name in ("drain", "enable", "weight"):
             admin.add_argument("target", help="a target's name or host:port")
         if name == "weight":
             admin.add_argument("weight", type=int)
+        if name == "drain":
+            admin.add_argument("--move", action="store_true",
+                               help="also move its handed-off connections away (live; busy ones once "
+                                    "their response is acknowledged)")
+            admin.add_argument("--within", type=float, metavar="SECONDS",
+                               help="with --move: how long a busy connection may take (default "
+                                    "handoff.migrate_wait)")
+        if name == "migrate":
+            admin.add_argument("--from", dest="source", required=True, metavar="TARGET",
+                               help="the target to move connections off (name or host:port)")
+            admin.add_argument("--to", dest="destination", metavar="TARGET",
+                               help="where their next requests go (default: the policy decides)")
+            admin.add_argument("--client", metavar="CIDR", help="only clients in this network")
+            admin.add_argument("--port", metavar="N[-M]", help="only clients from these source ports")
+            admin.add_argument("--max", type=int, metavar="N", help="at most this many connections")
+            admin.add_argument("--mode", choices=("live", "reset"), default="live",
+                               help="live: move without the client noticing (default); reset: reset "
+                                    "them, their reconnections go to --to")
+            admin.add_argument("--wait", type=float, metavar="SECONDS",
+                               help="live: how long a connection in the middle of a response may take "
+                                    "(default handoff.migrate_wait)")
         admin.add_argument("--socket", default=os.environ.get("ARR_ADMIN_SOCKET", DEFAULT_SOCKET),
                            help=f"admin socket (default $ARR_ADMIN_SOCKET or {DEFAULT_SOCKET})")
         admin.add_argument("--json", action="store_true")

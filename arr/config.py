@@ -125,6 +125,15 @@ class HandoffSettings:
     """Longest a handed-off connection's next request waits for the client to
     acknowledge the previous response before the router takes it back (a
     pipelining client); past it the connection ends (handoff/takeback.py)."""
+    migrate_sticky: float = 60.0
+    """How long a migration's override sends a moved client's next requests
+    (a reset client's new connections too) to its destination (arr/migration.py)."""
+    migrate_wait: float = 30.0
+    """How long a live move waits for a response still on its way to the
+    client before it leaves that connection where it is (``arr migrate --wait``)."""
+    move_on_down: bool = True
+    """Move a target's handed-off connections off it when its health checks
+    mark it down: live where they are idle, reset otherwise (handoff/migrate.py)."""
 
 
 @dataclass(frozen=True)
@@ -360,6 +369,9 @@ def _handoff(data: Any) -> HandoffSettings:
         forward_ports=_port_range(s, "forward_ports", d.forward_ports),
         forward_pool=s.number("forward_pool", d.forward_pool, integer=True),
         takeback_timeout=s.number("takeback_timeout", d.takeback_timeout, allow_zero=False),
+        migrate_sticky=s.number("migrate_sticky", d.migrate_sticky, allow_zero=False),
+        migrate_wait=s.number("migrate_wait", d.migrate_wait, allow_zero=False),
+        move_on_down=s.get("move_on_down", bool, d.move_on_down),
     )
     s.finish()
     return settings

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from arr.pool import HealthRule
 
@@ -73,6 +73,9 @@ class HealthMonitor:
         self.metrics = metrics
         self._tasks: list[asyncio.Task[None]] = []
         self._revivals: dict["TargetState", asyncio.TimerHandle] = {}
+        self.on_down: Callable[["Pool", "TargetState"], None] = lambda pool, member: None
+        """Told each member that goes down (the router moves its handed-off
+        connections off it, arr/server.py)."""
         for pool in pools.values():
             for member in pool.members:
                 self.metrics.publish_target(pool, member)
@@ -109,6 +112,8 @@ class HealthMonitor:
                         "up" if member.healthy else "down")
             self.metrics.health_transitions.labels(pool.name, member.name, "up" if member.healthy else "down").inc()
             self.metrics.publish_target(pool, member)
+            if not member.healthy:
+                self.on_down(pool, member)
 
     def passive_failure(self, member: "TargetState", pool: "Pool | None") -> None:
         """A connect failure seen by the relay."""

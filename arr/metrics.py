@@ -94,6 +94,16 @@ class Metrics:
             "From the client's new request at the router's BPF to the rebuilt socket's session.",
             buckets=(0.0002, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5),
             registry=r)
+        self.router_takebacks = Counter(
+            "arr_router_takebacks", "Handed-off connections the router took back on its own initiative "
+            "(a migration, a drain, a response deadline), by result (ok, or why not).",
+            ("result",), registry=r)
+        self.migrations = Counter(
+            "arr_migrations", "Connections a migration (arr migrate, a drain, a target found down) selected, "
+            "by mode and outcome (moved, reset, skipped-<why>).", ("mode", "outcome"), registry=r)
+        self.steered = Counter(
+            "arr_migration_steered", "Requests sent to a migration's destination by its override "
+            "instead of the policy's choice.", registry=r)
         self.takeback_waits = Counter(
             "arr_takeback_waits", "Take-backs that waited for the client to acknowledge a response.",
             registry=r)

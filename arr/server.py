@@ -33,6 +33,7 @@ from arr.health import HealthMonitor
 from arr.listener import REFUSAL, Listener
 from arr.http1 import HttpError
 from arr.metrics import Metrics, serve_metrics
+from arr.migration import MoveOrder, MoveReport, Overrides, PortRange, steer
 from arr.proxy import Relay, UpstreamFailed
 from arr.reload import ReloadPlan, effective_config, plan_reload
 from arr.routing import Policy, build_routing
@@ -53,6 +54,9 @@ log = logging.getLogger("arr")
 FIXED_FDS = 8
 """Fds the router holds whatever its configuration: stdio, listening and
 metrics sockets, the spare fd, the loop's epoll and wake-up fds."""
+DOWN_MOVE_WAIT = 5.0
+"""Longest a move off a target found down waits for a response to complete
+before it resets the connection (a dead server completes none)."""
 
 
 class HandoffEngine(Protocol):
@@ -80,6 +84,10 @@ class HandoffEngine(Protocol):
         needs what the engine kept for it (``session.handoff_context``): its
         connection ended, or its request went elsewhere than a handoff."""
 
+    async def migrate(self, order: MoveOrder, *, fallback_reset: bool = False) -> MoveReport:
+        """Move the handed-off connections ORDER names off their target
+        (``arr migrate``, a drain, a target found down)."""
+
 
 class NoHandoff:
     """The engine used when no handoff data path is installed."""
@@ -99,6 +107,9 @@ class NoHandoff:
 
     def forget(self, session: ClientSession) -> None:
         pass
+
+    async def migrate(self, order: MoveOrder, *, fallback_reset: bool = False) -> MoveReport:
+        return MoveReport(order)  # nothing is ever handed off
 
 
 class Router:
@@ -134,6 +145,11 @@ class Router:
         self.started: float | None = None
         """When ``start`` ran (monotonic), for ``status``."""
         self._reloading = asyncio.Lock()
+        self.overrides = Overrides()
+        """Where migrated clients' next requests go (arr/migration.py)."""
+        self._moving: dict[tuple[str, int], asyncio.Task[MoveReport]] = {}
+        """Moves off a target found down, by its address (one at a time)."""
+        self.health.on_down = self._target_down
         self.metrics.watch_targets(lambda: self.pools)
         self.metrics.build_info.labels(*build()).set(1)
 
@@ -154,7 +170,8 @@ class Router:
             self._metrics_server = await serve_metrics(self.metrics, *self.config.router.metrics)
         if self.config.router.admin_socket:
             commands = AdminCommands(lambda: self.pools, self.metrics, reload=self._reload_command,
-                                     status=self.status)
+                                     status=self.status, migrate=self.handoff.migrate,
+                                     move_wait=self.config.handoff.migrate_wait)
             self.admin = AdminServer(commands, self.config.router.admin_socket)
             await self.admin.start()
         await self.handoff.start(self)
@@ -243,6 +260,7 @@ class Router:
             self.policy, self.pools = routing.policy, routing.pools
             self._pool_of = {m: p for p in self.pools.values() for m in p.members}
             self.health = HealthMonitor(self.pools, self.metrics)
+            self.health.on_down = self._target_down
             self.relay.reconfigure(self.config.upstream, self.health)
             self._fit_fds()
             await self.handoff.reconfigure(self)
@@ -384,6 +402,8 @@ class Router:
         chosen: "TargetState | None" = None
         try:
             decision = await self._decide(request)
+            if len(self.overrides):
+                decision = self._steered(decision, session.peer)
             executed = decision_name(decision)
             chosen = getattr(decision, "target", None)
             if session.handoff_context is not None and not isinstance(decision, Handoff):
@@ -443,6 +463,34 @@ class Router:
                     request_body_bytes=body.received, response_bytes=response_bytes, duration_s=elapsed,
                     reason=reason))
         return False
+
+    def steer(self, client_ip: str, ports: PortRange | None, destination: tuple[str, int]) -> None:
+        """Send the client's next requests (from PORTS; None: any) to the
+        target at DESTINATION for ``handoff.migrate_sticky`` seconds, where
+        the policy picks a member of a pool that has it (handoff/migrate.py)."""
+        until = asyncio.get_running_loop().time() + self.config.handoff.migrate_sticky
+        self.overrides.add(client_ip, ports, destination, until)
+
+    def _steered(self, decision: Decision, client: tuple[str, int]) -> Decision:
+        wanted = self.overrides.lookup(client, asyncio.get_running_loop().time())
+        steered = steer(decision, wanted, list(self.pools.values()))
+        if steered is not decision:
+            self.metrics.steered.inc()
+        return steered
+
+    def _target_down(self, pool: "Pool", member: "TargetState") -> None:
+        """Health checks found MEMBER down: its handed-off connections are
+        moved off it (live where idle, reset otherwise) rather than left to
+        hang (``handoff.move_on_down``)."""
+        address = member.target.address
+        running = self._moving.get(address)
+        if not self.config.handoff.move_on_down or (running is not None and not running.done()):
+            return
+        order = MoveOrder(source=address, destination=None, mode="live",
+                          wait=min(self.config.handoff.migrate_wait, DOWN_MOVE_WAIT))
+        task = asyncio.get_running_loop().create_task(self.handoff.migrate(order, fallback_reset=True))
+        self._moving[address] = task
+        task.add_done_callback(lambda t: self._moving.pop(address, None) if self._moving.get(address) is t else None)
 
     async def _decide(self, request: "Request") -> Decision:
         decision = self.policy(request)

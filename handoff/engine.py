@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Iterator
 
 from arr.config import HandoffSettings
 from arr.http1 import add_forwarding
+from arr.migration import MoveOrder, MoveReport
 from arr.session import DetachError
 from handoff import fastpath, tcpstate
 from handoff.control import Ack, ControlClient, ControlUnavailable, HandoffRequest, Nack, Release
@@ -37,6 +38,7 @@ from handoff.forward_pool import ForwardPool, ForwardProfile, ReadyForward
 from handoff.libbpf import BPF_NOEXIST, BpfError
 from handoff.lifecycle import PORT_QUARANTINE_NS, RouterConnections, wire_key
 from handoff.release import ForwardReleaser, PendingRelease
+from handoff.migrate import Migrator
 from handoff.takeback import TakenBack, TakeBacks
 from handoff.maps import (FLOW_ACTIVE, FLOW_HOLD, WATCH_CLOSED, WATCH_CONNECTING, WATCH_HANDED_OFF,
                           WATCH_OPT_SACK, WATCH_OPT_TS, FlowEntry, FlowKey, WatchEntry, Xlate)
@@ -130,6 +132,7 @@ class RouterHandoff:
         self.releaser: ForwardReleaser | None = None
         self.pool: ForwardPool | None = None
         self.takebacks: TakeBacks | None = None
+        self.migrator: Migrator | None = None
         self._states_at: dict[tuple[str, int], list["TargetState"]] = {}
         self._ok = metrics.handoffs.labels("ok")
         self._fallback = metrics.handoffs.labels("fallback")
@@ -158,6 +161,8 @@ class RouterHandoff:
                                    agent_of=self._agent_at, new_conn_id=lambda: next(self._ids),
                                    release_now=self._release_now, resume=router.resume)
         self.connections.on_captures = self.takebacks.on_captures
+        self.migrator = Migrator(self.datapath, self.connections, self.takebacks, self.metrics,
+                                 resume=router.resume, steer=router.steer)
         self.connections.start()
         self.releaser = ForwardReleaser(self._release_forward, self.settings.request_ack_timeout)
         counters = {result: self.metrics.forward_pool.labels(result) for result in ("hit", "miss", "stale")}
@@ -209,6 +214,8 @@ class RouterHandoff:
             await client.start()
 
     async def stop(self) -> None:
+        if self.migrator is not None:
+            await self.migrator.stop()
         if self.takebacks is not None:
             await self.takebacks.stop()
         if self.pool is not None:
@@ -245,6 +252,12 @@ class RouterHandoff:
         """Least-connections and LARD see handed-off connections as load."""
         for state in self._states_at.get(target, ()):
             state.handed_off = count
+
+    async def migrate(self, order: MoveOrder, *, fallback_reset: bool = False) -> MoveReport:
+        """Move the handed-off connections ORDER names (handoff/migrate.py)."""
+        if self.migrator is None:
+            return MoveReport(order)
+        return await self.migrator.migrate(order, fallback_reset=fallback_reset)
 
     def forget(self, session: "ClientSession") -> None:
         """A taken-back connection's request went elsewhere than a handoff, or

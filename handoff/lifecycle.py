@@ -429,6 +429,13 @@ class RouterConnections:
         self.gone.pop(entry.conn_id, None)
         self._counted_end(entry.conn_id, "taken-back", target_of(entry))
 
+    def end_moved(self, client_key: FlowKey, entry: FlowEntry) -> None:
+        """A connection moved off its target with resets (handoff/migrate.py):
+        the agent ends the server's side (destroying its socket, should the
+        router's RST have been lost); the client's packets meet the router's
+        stack, which resets it."""
+        self._release(client_key, entry, "migrated")
+
     def abandon(self, client_key: FlowKey, entry: FlowEntry) -> None:
         """A take-back that failed: the connection ends (the agent ends the
         server's side; the client's next packet meets the router's stack)."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from handoff.translate import Translation
 
 FLOW_HOLD, FLOW_ACTIVE, FLOW_ENDED, FLOW_TAKEBACK = 1, 2, 3, 4
-FLOW_F_FIN, FLOW_F_RST, FLOW_F_NEW_SYN, FLOW_F_SENT = 1, 2, 4, 8
+FLOW_F_FIN, FLOW_F_RST, FLOW_F_NEW_SYN, FLOW_F_SENT, FLOW_F_WANT_HEADER = 1, 2, 4, 8, 16
 DEFAULT_CAPACITY = 65536
 """ARR_DEFAULT_CAPACITY of the header: entries per connection map."""
 WATCH_CONNECTING, WATCH_HANDED_OFF, WATCH_CLOSED = 1, 2, 3
@@ -25,7 +25,7 @@ WATCH_OPT_SACK, WATCH_OPT_TS, WATCH_OPT_WSCALE = 1, 2, 4
 STAT_NAMES = ("rewritten", "held", "redirect_neigh", "fib_failed", "parse_skipped", "mirrored",
               "mirror_trimmed", "syn_normalised", "synack_recorded", "rewrite_failed",
               "dropped_after_close", "ended_by_syn", "stale_syn", "out_of_window", "passed_ended",
-              "events_lost", "mirror_done", "captured", "capture_lost")
+              "events_lost", "mirror_done", "captured", "capture_lost", "header_captured")
 EV_FIN, EV_RST, EV_NEW_SYN, EV_AFTER_FIN, EV_CAPTURE = 1, 2, 3, 4, 5
 """enum arr_event_kind: what an event of the arr_events ring buffer reports."""
 EVENTS_BYTES = 1024 * 1024

@@ -40,7 +40,7 @@ from handoff.control import (TAKEN_OK, TAKEN_UNACKED, ControlClient, ControlUnav
 from handoff.forward_close import ForwardCloser
 from handoff.forward_pool import ForwardProfile, ReadyForward
 from handoff.lifecycle import forward_key_of, target_of, wire_key
-from handoff.maps import (FLOW_F_RST, FLOW_TAKEBACK, WATCH_CONNECTING,
+from handoff.maps import (FLOW_ACTIVE, FLOW_F_RST, FLOW_F_WANT_HEADER, FLOW_TAKEBACK, WATCH_CONNECTING,
                           WATCH_OPT_SACK, WATCH_OPT_TS, WATCH_OPT_WSCALE, Capture, FlowEntry, FlowKey,
                           WatchEntry)
 from handoff.rebuild import NO_WSCALE, SocketPlan, rebuild_socket
@@ -62,6 +62,13 @@ DEFAULT_MSS = 536
 UNACKED_POLL = 0.002
 """Seconds between two looks at the client's ACK while a response is still
 on its way to it (a pipelining client)."""
+PROBE_INTERVAL = 0.5
+"""Seconds between two probes of a take-back the router started: a Linux
+client answers one old segment per 500 ms (net.ipv4.tcp_invalid_ratelimit)."""
+UNDONE = frozenset({"probe-unanswered", "unacked", "agent-unavailable"})
+"""Failures of a take-back the router started that leave the agent holding
+the connection: it goes on as it was. After any other (the agent may have let
+go) it ends."""
 
 
 # ---------------------------------------------------------------- planning
@@ -197,6 +204,8 @@ class _Pending:
     pieces: list[tuple[int, bytes]] = field(default_factory=list)
     latest: Segment | None = None
     first_ns: int = field(default_factory=time.monotonic_ns)
+    heard: asyncio.Event | None = None
+    """Set at the first capture (a take-back the router started waits on it)."""
 
 
 class TakeBacks:
@@ -239,7 +248,10 @@ class TakeBacks:
             except (ValueError, struct.error):
                 continue  # the client sends it again
             pending.latest = segment
-            pending.pieces.append((wrap(segment.seq + capture.offset), capture.payload))
+            if capture.len:
+                pending.pieces.append((wrap(segment.seq + capture.offset), capture.payload))
+            if pending.heard is not None:
+                pending.heard.set()
 
     async def stop(self) -> None:
         for task in list(self._tasks):
@@ -269,14 +281,83 @@ class TakeBacks:
         self.metrics.takeback_duration.observe(time.perf_counter() - started)
         await self.resume(sock, key.src, requests, context)
 
-    async def _take(self, key: FlowKey, pending: _Pending) -> tuple[socket.socket, TakenBack, int]:
+    async def take_back_now(self, key: FlowKey, *, probe: Callable[[FlowEntry], object],
+                            deadline: float) -> tuple[socket.socket, TakenBack, int]:
+        """Take back a connection whose client sent nothing new: the router's
+        own initiative (handoff/migrate.py: a migration, a drain, a target
+        found down). The entry goes to TAKEBACK asking for the header of the
+        client's next pure ACK, and PROBE (given the entry) makes the client
+        send one; its seq, ack, window and timestamps stand in for a
+        request's segment. A request the client sends meanwhile is captured
+        as usual and becomes the rebuilt socket's receive queue.
+
+        Until the agent has let go (a response still on its way past
+        DEADLINE (monotonic), the agent unreachable, no answer to the probes)
+        nothing is lost: the entry goes back to ACTIVE, the client resends
+        whatever was captured (nothing of it was acknowledged), and
+        TakeBackFailed says why. After that the connection is taken back or
+        ended (``_abandon``), as a take-back the client started."""
+        entry = self.datapath.ingress.lookup(key)
+        if entry is None or entry.state != FLOW_ACTIVE:
+            raise TakeBackFailed("not-active")
+        if key in self._pending:
+            raise TakeBackFailed("busy")
+        pending = self._pending[key] = _Pending(entry.conn_id, heard=asyncio.Event())
+        try:
+            entry.state = FLOW_TAKEBACK
+            entry.flags |= FLOW_F_WANT_HEADER
+            # The program may have written the entry since it was read (a
+            # counter, the client's ack): those writes are lost, and none of
+            # them is one the take-back needs from before this moment.
+            self.datapath.ingress.update(key, entry)
+            while pending.latest is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TakeBackFailed("probe-unanswered")
+                probe(self._entry(key, pending.conn_id))
+                try:
+                    await asyncio.wait_for(pending.heard.wait(), min(PROBE_INTERVAL, remaining))
+                except (asyncio.TimeoutError, TimeoutError):
+                    self._want_header(key, pending.conn_id)  # the flag may have been lost to a race
+            sock, context, requests = await self._take(key, pending, deadline)
+        except TakeBackFailed as failed:
+            if failed.reason in UNDONE:
+                self._resume_forwarding(key, pending.conn_id)
+            else:
+                self._abandon(key, pending.conn_id)
+            self.metrics.router_takebacks.labels(failed.reason).inc()
+            raise
+        finally:
+            if self._pending.get(key) is pending:
+                del self._pending[key]
+        self.metrics.router_takebacks.labels("ok").inc()
+        return sock, context, requests
+
+    def _want_header(self, key: FlowKey, conn_id: int) -> None:
+        entry = self.datapath.ingress.lookup(key)
+        if entry is not None and entry.conn_id == conn_id and entry.state == FLOW_TAKEBACK \
+                and not entry.flags & FLOW_F_WANT_HEADER:
+            entry.flags |= FLOW_F_WANT_HEADER
+            self.datapath.ingress.update(key, entry)
+
+    def _resume_forwarding(self, key: FlowKey, conn_id: int) -> None:
+        """Undo a take-back the router started, before the agent let go."""
+        entry = self.datapath.ingress.lookup(key)
+        if entry is not None and entry.conn_id == conn_id and entry.state == FLOW_TAKEBACK:
+            entry.state = FLOW_ACTIVE
+            entry.flags &= ~FLOW_F_WANT_HEADER
+            self.datapath.ingress.update(key, entry)
+
+    async def _take(self, key: FlowKey, pending: _Pending,
+                    deadline: float | None = None) -> tuple[socket.socket, TakenBack, int]:
         entry = self._entry(key, pending.conn_id)
         target = target_of(entry)
         agent = self.agent_of(target)
         if agent is None or not agent.connected:
             raise TakeBackFailed("agent-unavailable")
         forward_key = forward_key_of(entry)
-        deadline = time.monotonic() + self.settings.takeback_timeout
+        if deadline is None:
+            deadline = time.monotonic() + self.settings.takeback_timeout
         while True:
             acked = wrap(entry.peer_ack - entry.x.ack_delta)
             try:
@@ -285,7 +366,8 @@ class TakeBacks:
                 taken = await agent.request(TakeBack(entry.conn_id, wire_key(forward_key), acked),
                                             timeout=max(self.settings.agent_timeout, deadline - time.monotonic()))
             except ControlUnavailable:
-                raise TakeBackFailed("agent-unavailable") from None
+                # Lost while asking: the agent may have let go already.
+                raise TakeBackFailed("agent-lost") from None
             except (asyncio.TimeoutError, TimeoutError):
                 raise TakeBackFailed("agent-timeout") from None
             if not isinstance(taken, Taken):

@@ -42,6 +42,11 @@
 #define FLOW_F_RST (1U << 1)     /* a RST went through in this entry's direction */
 #define FLOW_F_NEW_SYN (1U << 2) /* ended: a SYN of a new connection on the same 4-tuple */
 #define FLOW_F_SENT (1U << 3)    /* target: snd_max holds what the server sent (any value, 0 too) */
+/* router, set by userspace while it takes a connection back on its own
+ * initiative (handoff/migrate.py): the client's next pure ACK (its answer to
+ * the router's probe) goes to userspace as a header-only capture; cleared by
+ * the program when it does. */
+#define FLOW_F_WANT_HEADER (1U << 4)
 
 /* The largest window TCP can announce (65535 << 14): a segment further than
  * this from what the connection has sent so far cannot belong to it. */

@@ -166,6 +166,7 @@ enum arr_stat {
 	STAT_MIRROR_DONE,      /* a mirror that ended itself (request acknowledged, tail over) */
 	STAT_CAPTURED,         /* client segments with a new request, passed to userspace */
 	STAT_CAPTURE_LOST,     /* pieces of them the ring buffer had no room for (the client resends) */
+	STAT_HEADER_CAPTURED,  /* a client's answer to a take-back probe, its header passed to userspace */
 	STAT_MAX,
 };
 

@@ -173,8 +173,41 @@ static __always_inline void capture(struct __sk_buff *skb, const struct pkt *p,
 	count(STAT_CAPTURED);
 }
 
+/* The header of the client's answer to the router's probe (a take-back the
+ * router started, handoff/migrate.py): its seq, ack, window and timestamps
+ * are the state the router rebuilds the client's socket from. A capture
+ * record with no data; the flag asked for one. */
+static __always_inline void capture_header(struct __sk_buff *skb, const struct pkt *p,
+					   struct flow_entry *e)
+{
+	struct arr_capture *c;
+	__u32 hlen = p->tcp_len;
+
+	if (hlen < 20 || hlen > 60)
+		return;
+	c = bpf_ringbuf_reserve(&arr_events, sizeof(*c), 0);
+	if (!c) {
+		count(STAT_CAPTURE_LOST);
+		return; /* the router probes again */
+	}
+	c->key = p->key;
+	c->kind = ARR_EV_CAPTURE;
+	c->conn_id = e->conn_id;
+	c->offset = 0;
+	c->len = 0;
+	c->tcp_len = hlen;
+	if (bpf_skb_load_bytes(skb, p->l4, c->tcp, hlen) < 0) {
+		bpf_ringbuf_discard(c, 0);
+		return;
+	}
+	bpf_ringbuf_submit(c, 0);
+	__sync_fetch_and_and(&e->flags, ~FLOW_F_WANT_HEADER);
+	count(STAT_HEADER_CAPTURED);
+}
+
 /* The client's latest ack and window, read by userspace while it takes the
- * connection back (it waits for the previous response to be acknowledged). */
+ * connection back (it waits for the previous response to be acknowledged)
+ * and when it moves one (handoff/migrate.py: its probe is one below). */
 static __always_inline void note_client_ack(struct __sk_buff *skb, const struct pkt *p,
 					    struct flow_entry *e)
 {
@@ -198,7 +231,9 @@ static __always_inline void note_client_ack(struct __sk_buff *skb, const struct 
 static __always_inline int while_taken_back(struct __sk_buff *skb, const struct pkt *p,
 					    struct flow_entry *e, __u32 seq, struct xlate *x)
 {
-	note_client_ack(skb, p, e);
+	if ((e->flags & FLOW_F_WANT_HEADER) && !payload_len(p) &&
+	    !(p->flags & (TCPF_SYN | TCPF_FIN | TCPF_RST)))
+		capture_header(skb, p, e);
 	if (new_request(p, e, seq)) {
 		capture(skb, p, e, seq);
 		account(e, skb, p, 0);
@@ -248,6 +283,7 @@ int arr_router_ingress(struct __sk_buff *skb)
 			return TC_ACT_SHOT;
 		}
 		x = e->x;
+		note_client_ack(skb, &p, e);
 		if (e->state == FLOW_TAKEBACK) {
 			verdict = while_taken_back(skb, &p, e, seq, &x);
 			if (verdict >= 0)

@@ -1,0 +1,85 @@
+"""Segments the router sends on a handed-off connection's behalf (raw IPv4).
+
+A handed-off connection has no socket at the router; to move it
+(handoff/migrate.py) the router speaks for one of its ends twice:
+
+* a *probe* to the client, from the router's address as the client knows it
+  (the service's): an ACK one below what the client has received, which the
+  client's TCP answers at once with an ACK of its own (RFC 793's answer to
+  an old segment, as a keepalive probe gets): seq, ack, window and
+  timestamps as they are now. That answer is the state a take-back the
+  router starts rebuilds the client's socket from; or, when the ingress
+  entry is gone already, it meets the router's stack, which answers it with
+  a RST whose sequence number is the client's own ack: exact (RFC 5961).
+* a *reset* to the old target, from the forwarding connection's address:
+  its sequence number is where the client's stream stops, translated, which
+  is the server's ``rcv_nxt`` once it has everything the client sent
+  (the seed's spoofed ACK learns it; the router knows it).
+
+``tcp_segment`` is pure (tests/unit/test_craft.py); ``RawSender`` is the
+socket.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+from handoff.packet import checksum
+
+TCP_ACK, TCP_RST = 0x10, 0x04
+IP_TTL = 64
+
+
+def tcp_segment(src: tuple[str, int], dst: tuple[str, int], *, seq: int, ack: int, flags: int,
+                window: int = 0) -> bytes:
+    """An IPv4 packet with a bare 20-byte TCP header (no options, no data),
+    both checksums computed. Timestamps are left out on purpose: a segment
+    without them skips the receiver's PAWS check (RFC 7323 5.3 lets a
+    receiver drop it; Linux does not), and no TSval the router could invent
+    would be right for both ends."""
+    saddr, daddr = socket.inet_aton(src[0]), socket.inet_aton(dst[0])
+    tcp = bytearray(struct.pack("!HHIIBBHHH", src[1], dst[1], seq & 0xFFFFFFFF, ack & 0xFFFFFFFF,
+                                5 << 4, flags, window & 0xFFFF, 0, 0))
+    pseudo = saddr + daddr + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(tcp))
+    struct.pack_into("!H", tcp, 16, checksum(pseudo + bytes(tcp)))
+    ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, IP_TTL,
+                               socket.IPPROTO_TCP, 0, saddr, daddr))
+    struct.pack_into("!H", ip, 10, checksum(bytes(ip)))
+    return bytes(ip + tcp)
+
+
+def probe(service: tuple[str, int], client: tuple[str, int], *, client_acked: int, client_next: int) -> bytes:
+    """The router's probe to a handed-off client: seq one below what the
+    client acknowledged (old, so it is answered, never accepted)."""
+    return tcp_segment(service, client, seq=client_acked - 1, ack=client_next, flags=TCP_ACK)
+
+
+def reset(source: tuple[str, int], destination: tuple[str, int], seq: int) -> bytes:
+    """A RST at SEQ (the receiver's rcv_nxt for it to be exact)."""
+    return tcp_segment(source, destination, seq=seq, ack=0, flags=TCP_RST)
+
+
+class RawSender:
+    """One raw socket (IP_HDRINCL) for every crafted segment: the kernel
+    routes them like its own (tc egress, neighbours), and no socket of the
+    router's stack owns their 4-tuples."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        self.sock.setblocking(False)
+        self.sent = 0
+        self.failed = 0
+
+    def send(self, packet: bytes) -> bool:
+        destination = socket.inet_ntoa(packet[16:20])
+        try:
+            self.sock.sendto(packet, (destination, 0))
+        except OSError:  # ENOBUFS and the like: the caller probes again, the agent ends the rest
+            self.failed += 1
+            return False
+        self.sent += 1
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
