@@ -93,7 +93,9 @@ class AdminCommands:
         if command in ("drain", "enable"):
             members = find_members(self._pools(), _target_arg(args))
             move = args.get("move", False)
-            if command == "drain" and not isinstance(move, bool):
+            if command == "enable" and "move" in args:
+                raise AdminError("move: only drain moves connections")
+            if not isinstance(move, bool):
                 raise AdminError(f"move must be true or false, got {move!r}")
             within = _seconds(args, "within", self.move_wait) if move else None
             for member in members:

@@ -110,8 +110,11 @@ def _admin(args: argparse.Namespace) -> int:
         payload = {k: v for k, v in payload.items() if v is not None}
         timeout = (args.wait or MOVE_WAIT_CEILING) + 30.0
     elif args.command == "drain" and args.move:
-        payload.update(move=True, **({"within": args.within} if args.within else {}))
-        timeout = (args.within or MOVE_WAIT_CEILING) + 30.0
+        payload.update(move=True, **({"within": args.within} if args.within is not None else {}))
+        timeout = (args.within if args.within is not None else MOVE_WAIT_CEILING) + 30.0
+    elif args.command == "drain" and args.within is not None:
+        print("arr drain: --within needs --move", file=sys.stderr)
+        return 2
     try:
         result = request(args.command, payload, path=args.socket, timeout=timeout)
     except AdminError as exc:

@@ -131,6 +131,15 @@ class HandoffSettings:
     migrate_wait: float = 30.0
     """How long a live move waits for a response still on its way to the
     client before it leaves that connection where it is (``arr migrate --wait``)."""
+    response_deadline: float = 0.0
+    """Seconds a target has to send the first byte of a handed-off request's
+    response; past it the router takes the connection back and sends the
+    request to another target of the pool (seed 000's deadline), if the
+    request is safe to repeat: an idempotent method, or a body of at most
+    ``redispatch_body_max`` bytes, which the router keeps until then.
+    0: off. Rules may set their own."""
+    redispatch_body_max: int = 65536
+    """The largest request body the router keeps for a re-dispatch."""
     move_on_down: bool = True
     """Move a target's handed-off connections off it when its health checks
     mark it down: live where they are idle, reset otherwise (handoff/migrate.py)."""
@@ -158,6 +167,8 @@ class RuleSettings:
     cookie: tuple[str, str | None] | None = None
     reject: int | None = None
     """An access rule: matching requests get this status from the router."""
+    response_deadline: float | None = None
+    """Overrides ``[handoff] response_deadline`` for this rule's requests (0: off)."""
 
 
 @dataclass(frozen=True)
@@ -372,6 +383,8 @@ def _handoff(data: Any) -> HandoffSettings:
         migrate_sticky=s.number("migrate_sticky", d.migrate_sticky, allow_zero=False),
         migrate_wait=s.number("migrate_wait", d.migrate_wait, allow_zero=False),
         move_on_down=s.get("move_on_down", bool, d.move_on_down),
+        response_deadline=s.number("response_deadline", d.response_deadline),
+        redispatch_body_max=s.number("redispatch_body_max", d.redispatch_body_max, integer=True),
     )
     s.finish()
     return settings
@@ -508,6 +521,7 @@ def _rule(data: Any, where: str, pools: set[str]) -> RuleSettings:
         method=s.get("method", str),
         header=_match_pair(header, f"{where}.header") if header is not None else None,
         cookie=_match_pair(cookie, f"{where}.cookie") if cookie is not None else None,
+        response_deadline=s.number("response_deadline", -1.0) if "response_deadline" in s.data else None,
     )
     s.finish()
     return rule

@@ -35,6 +35,10 @@ class Handoff:
     """
 
     target: "TargetState"
+    response_deadline: float | None = None
+    """Seconds the target has to send its first response byte before the
+    router takes the connection back and sends the request to another target
+    of the pool (a rule's ``response_deadline``; None: ``[handoff]``'s)."""
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,11 @@ class Metrics:
         self.migrations = Counter(
             "arr_migrations", "Connections a migration (arr migrate, a drain, a target found down) selected, "
             "by mode and outcome (moved, reset, skipped-<why>).", ("mode", "outcome"), registry=r)
+        self.redispatches = Counter(
+            "arr_redispatches", "Handed-off requests under a response deadline, by result (watched: "
+            "the timer started; answered: the target answered in time; redispatched: sent to another "
+            "target; not-repeatable: no timer, the request is not safe to repeat; takeback-failed).",
+            ("result",), registry=r)
         self.steered = Counter(
             "arr_migration_steered", "Requests sent to a migration's destination by its override "
             "instead of the policy's choice.", registry=r)

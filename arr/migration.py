@@ -56,11 +56,10 @@ class PortRange:
             first = last = value
         elif isinstance(value, str):
             head, sep, tail = value.strip().partition("-")
-            try:
-                first = int(head)
-                last = int(tail) if sep else first
-            except ValueError:
-                raise OrderError(f"port: expected N or N-M, got {value!r}") from None
+            if not head.isdigit() or (sep and not tail.isdigit()):  # int() would take "+80", "1_000"
+                raise OrderError(f"port: expected N or N-M, got {value!r}")
+            first = int(head)
+            last = int(tail) if sep else first
         else:
             raise OrderError(f"port: expected N or N-M, got {value!r}")
         if not 1 <= first <= last <= 65535:
@@ -243,6 +242,40 @@ def steer(decision: "Decision", wanted: Address | None, pools: Sequence["Pool"])
         if member is not None:
             return replace(decision, target=member)
     return decision
+
+
+@dataclass(frozen=True)
+class Replay:
+    """A handed-off request kept for a re-dispatch (seed 000's response
+    deadline, handoff/deadline.py): its bytes as the router read them, given
+    back to the front-end as if the client sent them again, and the target
+    that stayed silent, which the new decision avoids."""
+
+    raw: bytes
+    silent: Address
+
+
+def request_bytes(method: bytes, target: bytes, headers: Iterable[tuple[bytes, bytes]], body: bytes) -> bytes:
+    """An HTTP/1.1 request the front-end reads again: the head as h11 parsed
+    it (names lower-cased), the body de-chunked with its length."""
+    lines = [method + b" " + target + b" HTTP/1.1"]
+    lines += [n + b": " + v for n, v in headers if n not in (b"content-length", b"transfer-encoding")]
+    if body or method not in (b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"):
+        lines.append(b"content-length: " + str(len(body)).encode())
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def avoid(decision: "Decision", silent: Address, pools: Sequence["Pool"], pick: Any) -> "Decision | None":
+    """DECISION, but never to the target at SILENT: another available member
+    of the pool the policy chose from (PICK(pool, excluded) is the pool's
+    balancer), or None when the pool has no other (the caller answers 504)."""
+    if not isinstance(decision, (Handoff, Proxy)) or decision.target.target.address != silent:
+        return decision
+    for pool in pools:
+        if decision.target in pool.members:
+            other = pick(pool, [m for m in pool.members if m.target.address == silent])
+            return replace(decision, target=other) if other is not None else None
+    return None
 
 
 @dataclass

@@ -52,7 +52,8 @@ def build_routing(config: "Config") -> Routing:
     pools = build_pools(config)
     rules = [
         Rule(pool=r.pool, host=r.host, path_prefix=r.path_prefix, path_regex=r.path_regex,
-             method=r.method, header=r.header, cookie=r.cookie, reject=r.reject)
+             method=r.method, header=r.header, cookie=r.cookie, reject=r.reject,
+             response_deadline=r.response_deadline)
         for r in config.rules
     ]
     mode = "handoff" if config.router.mode == "nat" else "proxy"

@@ -33,7 +33,7 @@ from arr.health import HealthMonitor
 from arr.listener import REFUSAL, Listener
 from arr.http1 import HttpError
 from arr.metrics import Metrics, serve_metrics
-from arr.migration import MoveOrder, MoveReport, Overrides, PortRange, steer
+from arr.migration import MoveOrder, MoveReport, Overrides, PortRange, Replay, avoid, request_bytes, steer
 from arr.proxy import Relay, UpstreamFailed
 from arr.reload import ReloadPlan, effective_config, plan_reload
 from arr.routing import Policy, build_routing
@@ -74,7 +74,9 @@ class HandoffEngine(Protocol):
     async def stop(self) -> None: ...
 
     async def hand_off(self, session: ClientSession, request: "Request", head: "h11.Request",
-                       target: "TargetState") -> str | None: ...
+                       target: "TargetState", *, deadline: float = 0.0, replay: object = None) -> str | None:
+        """DEADLINE > 0: seconds the target has for its first response byte,
+        else the connection comes back with REPLAY (``resume``)."""
 
     async def reconfigure(self, router: "Router") -> None:
         """The router's pools changed (a reload): reach the agents of new targets."""
@@ -99,7 +101,7 @@ class NoHandoff:
         pass
 
     async def hand_off(self, session: ClientSession, request: "Request", head: "h11.Request",
-                       target: "TargetState") -> str | None:
+                       target: "TargetState", *, deadline: float = 0.0, replay: object = None) -> str | None:
         return "unavailable"
 
     async def reconfigure(self, router: "Router") -> None:
@@ -145,6 +147,9 @@ class Router:
         self.started: float | None = None
         """When ``start`` ran (monotonic), for ``status``."""
         self._reloading = asyncio.Lock()
+        self._silent: dict[ClientSession, tuple[str, int]] = {}
+        """Resumed sessions whose first request is a re-dispatch, and the
+        target it must avoid (``resume``)."""
         self.overrides = Overrides()
         """Where migrated clients' next requests go (arr/migration.py)."""
         self._moving: dict[tuple[str, int], asyncio.Task[MoveReport]] = {}
@@ -347,14 +352,22 @@ class Router:
         return self._on_client(session)
 
     async def resume(self, sock: "socket.socket", peer: tuple[str, int], requests_served: int,
-                     handoff_context: object) -> None:
+                     handoff_context: object, replay: Replay | None = None) -> None:
         """A connection handed off earlier comes back (the engine took it back
-        on its client's next request, handoff/takeback.py): it is served from
-        here on like any other, its requests counted on from REQUESTS_SERVED.
-        ``ClientSession.reattach`` is the one way its socket comes in."""
+        on its client's next request, handoff/takeback.py, or on its own:
+        handoff/migrate.py, handoff/deadline.py): it is served from here on
+        like any other, its requests counted on from REQUESTS_SERVED.
+        ``ClientSession.reattach`` is the one way its socket comes in.
+        REPLAY: its last request, whose target stayed silent, is read again
+        (before anything the client sent since) and decided without that
+        target."""
+        if replay is not None:
+            requests_served -= 1  # the replayed request keeps its number
         session = ClientSession.returning(self.config.limits, self.metrics, peer, requests_served)
         session.handoff_context = handoff_context
-        await session.reattach(sock)
+        if replay is not None:
+            self._silent[session] = replay.silent
+        await session.reattach(sock, replay.raw if replay is not None else b"")
         serving = self._accept(session)
         if serving is not None:
             session.task = asyncio.get_running_loop().create_task(serving)
@@ -368,6 +381,7 @@ class Router:
             log.exception("session with %s:%d failed", *session.peer)
         finally:
             self._sessions.discard(session)
+            self._silent.pop(session, None)
             self.metrics.active_connections.dec()
             await session.close()
             if session.handoff_context is not None:
@@ -404,6 +418,9 @@ class Router:
             decision = await self._decide(request)
             if len(self.overrides):
                 decision = self._steered(decision, session.peer)
+            silent = self._silent.pop(session, None) if self._silent else None
+            if silent is not None:
+                decision, reason = self._redispatched(request, decision, silent), "redispatched"
             executed = decision_name(decision)
             chosen = getattr(decision, "target", None)
             if session.handoff_context is not None and not isinstance(decision, Handoff):
@@ -498,15 +515,41 @@ class Router:
             decision = await decision
         return decision  # type: ignore[return-value]
 
+    def _redispatched(self, request: "Request", decision: Decision, silent: tuple[str, int]) -> Decision:
+        """A re-dispatched request's decision: never the target that stayed
+        silent; 504 when its pool has no other."""
+        other = avoid(decision, silent, list(self.pools.values()),
+                      lambda pool, excluded: pool.pick(request, exclude=excluded))
+        return other if other is not None else Reject(504, b"no other target to answer in time\n")
+
     async def _try_handoff(self, session: ClientSession, request: "Request", head: "h11.Request",
                            body: "RequestBody", decision: Handoff) -> bool:
         reason = "body-streaming" if request.body is None else None
         if reason is None:
-            reason = await self.handoff.hand_off(session, request, head, decision.target)
+            deadline = decision.response_deadline
+            if deadline is None:
+                deadline = self.config.handoff.response_deadline
+            replay = self._replay_for(request, head, decision) if deadline else None
+            if replay is None:
+                # An engine of one's own need not know deadlines until it is given one.
+                reason = await self.handoff.hand_off(session, request, head, decision.target)
+            else:
+                reason = await self.handoff.hand_off(session, request, head, decision.target,
+                                                     deadline=deadline, replay=replay)
         if reason is None:
             return True
         self.metrics.fallbacks.labels(reason).inc()
         return False
+
+    def _replay_for(self, request: "Request", head: "h11.Request", decision: Handoff) -> Replay | None:
+        """What a re-dispatch needs, if the request is safe to repeat: its
+        body is one the router holds (``handoff.redispatch_body_max``)."""
+        body = request.body or b""
+        if len(body) > self.config.handoff.redispatch_body_max:
+            self.metrics.redispatches.labels("not-repeatable").inc()
+            return None
+        return Replay(request_bytes(head.method, head.target, head.headers, body),
+                      decision.target.target.address)
 
     def _fallback(self, decision: Handoff) -> Decision:
         if self.config.router.fallback == "503":

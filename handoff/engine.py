@@ -38,6 +38,7 @@ from handoff.forward_pool import ForwardPool, ForwardProfile, ReadyForward
 from handoff.libbpf import BPF_NOEXIST, BpfError
 from handoff.lifecycle import PORT_QUARANTINE_NS, RouterConnections, wire_key
 from handoff.release import ForwardReleaser, PendingRelease
+from handoff.deadline import ResponseDeadlines
 from handoff.migrate import Migrator
 from handoff.takeback import TakenBack, TakeBacks
 from handoff.maps import (FLOW_ACTIVE, FLOW_HOLD, WATCH_CLOSED, WATCH_CONNECTING, WATCH_HANDED_OFF,
@@ -133,6 +134,7 @@ class RouterHandoff:
         self.pool: ForwardPool | None = None
         self.takebacks: TakeBacks | None = None
         self.migrator: Migrator | None = None
+        self.deadlines: ResponseDeadlines | None = None
         self._states_at: dict[tuple[str, int], list["TargetState"]] = {}
         self._ok = metrics.handoffs.labels("ok")
         self._fallback = metrics.handoffs.labels("fallback")
@@ -163,6 +165,8 @@ class RouterHandoff:
         self.connections.on_captures = self.takebacks.on_captures
         self.migrator = Migrator(self.datapath, self.connections, self.takebacks, self.metrics,
                                  resume=router.resume, steer=router.steer)
+        self.deadlines = ResponseDeadlines(self.datapath, self.takebacks, self.metrics, self.migrator.sender,
+                                           resume=router.resume)
         self.connections.start()
         self.releaser = ForwardReleaser(self._release_forward, self.settings.request_ack_timeout)
         counters = {result: self.metrics.forward_pool.labels(result) for result in ("hit", "miss", "stale")}
@@ -214,6 +218,8 @@ class RouterHandoff:
             await client.start()
 
     async def stop(self) -> None:
+        if self.deadlines is not None:
+            await self.deadlines.stop()
         if self.migrator is not None:
             await self.migrator.stop()
         if self.takebacks is not None:
@@ -270,15 +276,17 @@ class RouterHandoff:
     # ---------------------------------------------------------- the sequence
 
     async def hand_off(self, session: "ClientSession", request: "Request", head: "h11.Request",
-                       target: "TargetState") -> str | None:
+                       target: "TargetState", *, deadline: float = 0.0, replay: object = None) -> str | None:
         started = time.perf_counter()
         try:
-            await self._hand_off(session, request, head, target.target)
+            handed = await self._hand_off(session, request, head, target.target)
         except Fallback as fallback:
             self._fallback.inc()
             return fallback.reason
         self._ok.inc()
         self.metrics.handoff_duration.observe(time.perf_counter() - started)
+        if deadline > 0 and replay is not None and self.deadlines is not None:
+            self.deadlines.watch(*handed, deadline, replay)
         return None
 
     def _agent(self, target: "Target") -> ControlClient:
@@ -301,7 +309,9 @@ class RouterHandoff:
         return self._source_ip[target.address]
 
     async def _hand_off(self, session: "ClientSession", request: "Request", head: "h11.Request",
-                        target: "Target") -> None:
+                        target: "Target") -> tuple[FlowKey, int, int]:
+        """The handoff; (client key, conn_id, client-space seq of the
+        response's first byte) once the target has the connection."""
         assert self.datapath is not None and self.connections is not None
         agent = self._agent(target)
         if ":" in session.peer[0] or ":" in target.host:
@@ -396,9 +406,11 @@ class RouterHandoff:
         self.datapath.ingress.update(attempt.client_key, FlowEntry(
             x=Xlate.of(to_target), state=FLOW_ACTIVE, created_ns=time.monotonic_ns(),
             syn_seq=client_syn_seq, seq_next=c.rcv_nxt or 1, conn_id=conn_id,
+            peer_ack=c.snd_nxt,  # the send queue was empty: the client has acknowledged all of it
             take_from=c.rcv_nxt, client_mss=profile.mss or c.mss, router_wscale=c.rcv_wscale,
             client_opts=(WATCH_OPT_SACK if c.sack else 0) | (WATCH_OPT_TS if c.timestamps else 0),
             requests=min(session.requests_served + 1, 0xFFFF)))
+        self.connections.responses[conn_id] = c.snd_nxt
         tcpstate.close_silently(client)
         if context is not None:
             self.metrics.rehandoffs.labels("same-target" if reused else "other-target").inc()
@@ -420,6 +432,7 @@ class RouterHandoff:
         except OSError as exc:  # the connection is the target's now; it will end it
             log.warning("sending the request to %s after the handoff failed: %s", target.name, exc)
         self.releaser.add(PendingRelease(conn_id, forward, attempt.watch_key, agent))
+        return attempt.client_key, conn_id, c.snd_nxt
 
     async def _eligible(self, client: socket.socket) -> None:
         """Section 2.1 step 3: everything the router sent is acknowledged, the

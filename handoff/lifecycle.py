@@ -133,6 +133,12 @@ class RouterConnections:
         self._task: asyncio.Task[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._reader: EventReader[Event] | None = None
+        self.responses: dict[int, int] = {}
+        """Client-space seq of the first response byte of each live
+        connection's last handed-off request (handoff/engine.py): while the
+        client's ack is still there, that request is unanswered, and the
+        connection must not be moved (handoff/migrate.py). Unknown after a
+        router restart (moved as if answered)."""
         self.handed_off: dict[Address, int] = {}
         """Live handed-off connections per target (least-connections and
         LARD count them as load): kept as they start and end, recounted by
@@ -442,6 +448,7 @@ class RouterConnections:
         self._release(client_key, entry, "takeback-failed")
 
     def _counted_end(self, conn_id: int, why: str, target: Address) -> None:
+        self.responses.pop(conn_id, None)
         self._load(target, -1)
         self._checked.pop(conn_id, None)
         self._live = max(0, self._live - 1)

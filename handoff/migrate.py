@@ -54,6 +54,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("arr.handoff")
 
 Address = tuple[str, int]
+RESPONSE_POLL = 0.02
+"""Seconds between two looks at a connection whose request awaits its response."""
 CONCURRENT_MOVES = 64
 """Connections moved at once: each holds a probe, an agent request and two
 socket rebuilds; more at once only queues at the agent."""
@@ -143,6 +145,9 @@ class Migrator:
         """Take KEY's connection back and give it to the front-end; None, or
         why it stayed."""
         deadline = time.monotonic() + order.wait
+        why = await self._answered(key, deadline)
+        if why is not None:
+            return why
         try:
             sock, context, requests = await self.takebacks.take_back_now(
                 key, probe=lambda entry: self.sender.send(client_probe(key, entry)), deadline=deadline)
@@ -157,6 +162,22 @@ class Migrator:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return None
+
+    async def _answered(self, key: FlowKey, deadline: float) -> str | None:
+        """Wait until the connection's last request has its answer on the way
+        (the client acknowledged a response byte): taken back before that,
+        the request would be lost (the target has it, the router does not).
+        The rest of the response is the take-back's to wait for."""
+        while True:
+            entry = self.datapath.ingress.lookup(key)
+            if entry is None:
+                return "gone"
+            start = self.connections.responses.get(entry.conn_id)
+            if start is None or wrap(entry.peer_ack - start) != 0:
+                return None
+            if time.monotonic() >= deadline:
+                return "awaiting-response"
+            await asyncio.sleep(RESPONSE_POLL)
 
     async def reset(self, key: FlowKey, order: MoveOrder) -> str | None:
         """End KEY's connection with exact resets at both ends; None, or why not."""

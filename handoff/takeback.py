@@ -65,7 +65,7 @@ on its way to it (a pipelining client)."""
 PROBE_INTERVAL = 0.5
 """Seconds between two probes of a take-back the router started: a Linux
 client answers one old segment per 500 ms (net.ipv4.tcp_invalid_ratelimit)."""
-UNDONE = frozenset({"probe-unanswered", "unacked", "agent-unavailable"})
+UNDONE = frozenset({"probe-unanswered", "unacked", "agent-unavailable", "answered", "answering"})
 """Failures of a take-back the router started that leave the agent holding
 the connection: it goes on as it was. After any other (the agent may have let
 go) it ends."""
@@ -281,8 +281,8 @@ class TakeBacks:
         self.metrics.takeback_duration.observe(time.perf_counter() - started)
         await self.resume(sock, key.src, requests, context)
 
-    async def take_back_now(self, key: FlowKey, *, probe: Callable[[FlowEntry], object],
-                            deadline: float) -> tuple[socket.socket, TakenBack, int]:
+    async def take_back_now(self, key: FlowKey, *, probe: Callable[[FlowEntry], object], deadline: float,
+                            unanswered_at: int | None = None) -> tuple[socket.socket, TakenBack, int]:
         """Take back a connection whose client sent nothing new: the router's
         own initiative (handoff/migrate.py: a migration, a drain, a target
         found down). The entry goes to TAKEBACK asking for the header of the
@@ -296,7 +296,11 @@ class TakeBacks:
         nothing is lost: the entry goes back to ACTIVE, the client resends
         whatever was captured (nothing of it was acknowledged), and
         TakeBackFailed says why. After that the connection is taken back or
-        ended (``_abandon``), as a take-back the client started."""
+        ended (``_abandon``), as a take-back the client started.
+
+        UNANSWERED_AT (a response deadline, handoff/deadline.py): the client
+        must not have received a byte past this seq (client space), nor the
+        server have sent one; else "answered"/"answering", undone, at once."""
         entry = self.datapath.ingress.lookup(key)
         if entry is None or entry.state != FLOW_ACTIVE:
             raise TakeBackFailed("not-active")
@@ -319,7 +323,10 @@ class TakeBacks:
                     await asyncio.wait_for(pending.heard.wait(), min(PROBE_INTERVAL, remaining))
                 except (asyncio.TimeoutError, TimeoutError):
                     self._want_header(key, pending.conn_id)  # the flag may have been lost to a race
-            sock, context, requests = await self._take(key, pending, deadline)
+            if unanswered_at is not None and wrap(pending.latest.ack - unanswered_at) != 0:
+                raise TakeBackFailed("answered")
+            sock, context, requests = await self._take(key, pending, deadline,
+                                                       wait_unacked=unanswered_at is None)
         except TakeBackFailed as failed:
             if failed.reason in UNDONE:
                 self._resume_forwarding(key, pending.conn_id)
@@ -348,8 +355,8 @@ class TakeBacks:
             entry.flags &= ~FLOW_F_WANT_HEADER
             self.datapath.ingress.update(key, entry)
 
-    async def _take(self, key: FlowKey, pending: _Pending,
-                    deadline: float | None = None) -> tuple[socket.socket, TakenBack, int]:
+    async def _take(self, key: FlowKey, pending: _Pending, deadline: float | None = None,
+                    wait_unacked: bool = True) -> tuple[socket.socket, TakenBack, int]:
         entry = self._entry(key, pending.conn_id)
         target = target_of(entry)
         agent = self.agent_of(target)
@@ -376,6 +383,8 @@ class TakeBacks:
                 break
             if taken.status != TAKEN_UNACKED:
                 raise TakeBackFailed("target-closed" if taken.status else "agent-unknown")
+            if not wait_unacked:
+                raise TakeBackFailed("answering")
             # A response still on its way to the client (it pipelined): its
             # ACKs still reach the server; ask again once they moved on.
             self.metrics.takeback_waits.inc()

@@ -56,6 +56,9 @@ class Rule:
     cookie: tuple[str, str | None] | None = None
     method: str | None = None
     reject: int | None = None
+    response_deadline: float | None = None
+    """Handed-off requests of this rule: seconds until the first response
+    byte, else re-dispatched (None: ``[handoff] response_deadline``)."""
 
 
 @dataclass(frozen=True)
@@ -157,16 +160,19 @@ class RoutingPolicy:
     def pool_for(self, request: "Request") -> "Pool | Reject | None":
         """The pool the request routes to, the Reject of an access rule, or
         None when nothing matches."""
+        return self._match(request)[0]
+
+    def _match(self, request: "Request") -> "tuple[Pool | Reject | None, Rule | None]":
         for compiled in self._compiled:
             if compiled.matches(request):
                 rule = compiled.rule
                 if rule.reject is not None:
-                    return Reject(rule.reject, f"{rule.reject} refused by rule\n".encode())
-                return self.pools[rule.pool]
-        return self.pools[self.default_pool] if self.default_pool is not None else None
+                    return Reject(rule.reject, f"{rule.reject} refused by rule\n".encode()), rule
+                return self.pools[rule.pool], rule
+        return (self.pools[self.default_pool] if self.default_pool is not None else None), None
 
     def __call__(self, request: "Request") -> Decision:
-        pool = self.pool_for(request)
+        pool, rule = self._match(request)
         if pool is None:
             return NO_ROUTE
         if isinstance(pool, Reject):
@@ -174,4 +180,6 @@ class RoutingPolicy:
         target = pool.pick(request)
         if target is None:
             return NO_HEALTHY_TARGET
-        return Handoff(target) if self.mode == "handoff" else Proxy(target)
+        if self.mode != "handoff":
+            return Proxy(target)
+        return Handoff(target, rule.response_deadline if rule is not None else None)

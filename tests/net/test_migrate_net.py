@@ -8,15 +8,19 @@ draining B while they are opened (then B is enabled again); nginx's
 
 from __future__ import annotations
 
+import hashlib
 import json
+import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from arr import netlink
-from arr.testbed.router import ROUTER_PORT, handoff_cluster, wait_for
+from arr.testbed.loss import CounterWatch
+from arr.testbed.router import BPF_DIR, ROUTER_PORT, handoff_cluster, pin_instance, wait_for
 
 pytestmark = pytest.mark.net
 
@@ -107,3 +111,272 @@ def test_reset_migration_resets_clients_and_they_land_on_b(cluster):
         fresh = KeepAlive(c)
         assert fresh.get("/whoami") == f"{c.targets[1].name}\n".encode()
 
+
+
+# ---------------------------------------------------------------- helpers
+
+MiB = 1 << 20
+
+
+def whoami_of(c, i: int) -> bytes:
+    return f"{c.targets[i].name}\n".encode()
+
+
+def conns(c, target: int | None = None) -> list[dict]:
+    """The router's handed-off connections (``arr conns`` on its pinned
+    maps), those to target TARGET only if given."""
+    where = ["--instance", pin_instance(c, c.router)]
+    if target is not None:
+        where += ["--target", c.targets[target].ip]
+    out = c.exec(c.router, [sys.executable, "-m", "arr", "conns", "--bpf-dir", BPF_DIR, "--json", *where],
+                 check=True, env={"PYTHONPATH": str(PROJECT_ROOT)}).stdout
+    return json.loads(out)
+
+
+def ports_on(c, target: int) -> set[int]:
+    """Client ports of the connections handed off to TARGET, active."""
+    return {e["client_port"] for e in conns(c, target) if e["state"] == "active"}
+
+
+def server_peers(c, target: int) -> dict[tuple[str, int], str]:
+    """Every TCP socket of TARGET's nginx port: {peer (ip, port): state}."""
+    out = c.exec(c.targets[target], ["ss", "-Htna"]).stdout
+    peers = {}
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) < 5 or not fields[3].endswith(f":{c.spec.target_port}"):
+            continue
+        ip, _, port = fields[4].rpartition(":")
+        if port != "*":
+            peers[(ip, int(port))] = fields[0]
+    return peers
+
+
+def timed_admin(c, router, *args: str):
+    started = time.monotonic()
+    report = admin(c, router, *args)
+    return report, time.monotonic() - started
+
+
+def assert_reset_within(conns_: list[KeepAlive], since: float, limit: float) -> float:
+    """Each connection's next read fails with a reset, all by SINCE + LIMIT;
+    the latest such moment, relative to SINCE."""
+    latest = 0.0
+    for n, conn in enumerate(conns_):
+        conn.sock.settimeout(max(since + limit - time.monotonic(), 0.001))
+        try:
+            data = conn.sock.recv(100)
+        except ConnectionResetError:
+            latest = max(latest, time.monotonic() - since)
+            continue
+        except (TimeoutError, socket.timeout):
+            raise AssertionError(f"connection {n} (port {conn.port}) saw no reset within {limit} s") from None
+        raise AssertionError(f"connection {n} (port {conn.port}) read {data!r}, not a reset")
+    return latest
+
+
+def count_in(text: str, needle: str) -> int:
+    return text.count(needle)
+
+
+# ---------------------------------------------------------------- acceptance 1: reset
+
+
+def test_reset_migration_of_50_clients_there_and_back(cluster):
+    c = cluster(targets=2)
+    with handoff_cluster(c) as (router, agents):
+        router.wait_healthy()
+        clients = on_a(c, router, 50)
+        for src, dst in ((0, 1), (1, 0)):
+            assert wait_for(lambda: len(ports_on(c, src)) == 50, 10), conns(c)
+            listed = conns(c, src)
+            assert {e["client_port"] for e in listed} == {k.port for k in clients}
+            forwards = {(e["forward_ip"], e["forward_port"]) for e in listed}
+            assert len(forwards) == 50
+            peers = server_peers(c, src)
+            assert all(peers.get(f) == "ESTAB" for f in forwards), (forwards, peers)
+            errors_before = c.nginx_error_log(src)
+            resets_before = router.metric_sum("arr_migrations_total", mode="reset", outcome="reset")
+
+            report, took = timed_admin(c, router, "migrate", "--from", c.targets[src].name,
+                                       "--to", c.targets[dst].name, "--mode", "reset")
+            returned = time.monotonic()
+            assert report["selected"] == 50 and report["reset"] == 50 and report["moved"] == 0, report
+            assert report["skipped"] == {} and report["left"] == {}, report
+            latest = assert_reset_within(clients, returned, 1.0)
+            print(f"reset {c.targets[src].name} -> {c.targets[dst].name}: command {took:.2f} s "
+                  f"(report {report['seconds']} s), last client reset {latest:.3f} s after it returned")
+            assert router.metric_sum("arr_migrations_total", mode="reset", outcome="reset") - resets_before == 50
+
+            # The old target holds none of those forwarding connections any more.
+            assert wait_for(lambda: not forwards & server_peers(c, src).keys(), 2), \
+                (forwards & server_peers(c, src).keys())
+            assert conns(c, src) == []
+            # nginx saw each peer reset its connection (error_log level info shows it).
+            resets_logged = count_in(c.nginx_error_log(src)[len(errors_before):], "reset by peer")
+            print(f"nginx on {c.targets[src].name} logged {resets_logged} 'reset by peer'")
+            assert resets_logged == 50, c.nginx_error_log(src)[len(errors_before):][-3000:]
+
+            for conn in clients:
+                conn.close()
+            steered_before = router.metric_sum("arr_migration_steered_total")
+            clients = [KeepAlive(c) for _ in range(50)]
+            for conn in clients:
+                assert conn.get("/whoami") == whoami_of(c, dst)
+            # Round-robin alone would have sent half of them to the old target.
+            assert router.metric_sum("arr_migration_steered_total") - steered_before >= 20
+        for conn in clients:
+            conn.close()
+
+
+# ---------------------------------------------------------------- acceptance 2: live, 1,000
+
+
+def test_live_migration_of_1000_idle_connections_within_2_s(cluster):
+    c = cluster(targets=2)
+    with handoff_cluster(c) as (router, agents):
+        router.wait_healthy()
+        clients = on_a(c, router, 1000)
+        try:
+            assert wait_for(lambda: len(ports_on(c, 0)) == 1000, 20)
+            watch = CounterWatch(c, (c.client, *c.targets))
+            takebacks_before = router.metric_sum("arr_router_takebacks_total", result="ok")
+            report, took = timed_admin(c, router, "migrate", "--from", c.targets[0].name,
+                                       "--to", c.targets[1].name)
+            print(f"moved {report['moved']} in {report['seconds']} s (report), {took:.2f} s wall clock "
+                  f"(the CLI's start included)")
+            assert report["selected"] == 1000 and report["moved"] == 1000, report
+            assert report["skipped"] == {} and report["reset"] == 0, report
+            assert report["seconds"] < 2.0 and took < 2.0 + 1.0, (report, took)
+            assert router.metric_sum("arr_router_takebacks_total", result="ok") - takebacks_before == 1000
+            assert router.metric_sum("arr_migrations_total", mode="live", outcome="moved") == 1000
+            assert conns(c, 0) == []
+            started = time.monotonic()
+            for conn in clients:
+                assert conn.get("/whoami") == whoami_of(c, 1)
+            print(f"1000 next requests served by {c.targets[1].name} in {time.monotonic() - started:.2f} s")
+            info = c.files["1m"]
+            for conn in clients[::50]:
+                assert hashlib.sha256(conn.get(info.url_path)).hexdigest() == info.sha256
+                assert conn.get("/whoami") == whoami_of(c, 1)
+            deltas = watch.assert_clean()
+            print("TCP counters:", {h: {k: d[k] for k in ("TcpExtTCPTimeouts", "TcpRetransSegs", "TcpOutRsts")
+                                        if d.get(k)} for h, d in deltas.items()},
+                  "empty resets:", watch.empty_resets)
+            assert deltas[c.client.name].get("TcpExtTCPTimeouts", 0) == 0, deltas[c.client.name]
+            assert router.metric_sum("arr_migration_steered_total") >= 400
+        finally:
+            for conn in clients:
+                conn.close()
+
+
+# ---------------------------------------------------------------- acceptance 3: a download in flight
+
+
+class SlowDownload(threading.Thread):
+    """GET PATH on a keep-alive connection, its body read at RATE bytes/s
+    (a small receive buffer and sleeps: the server's sends wait for the
+    reader); the body's SHA-256 kept. The connection stays open for the next
+    request (``KeepAlive.get`` on ``conn``)."""
+
+    def __init__(self, c, path: str, rate: int) -> None:
+        super().__init__(daemon=True)
+        self.conn = KeepAlive.__new__(KeepAlive)
+        sock = netlink.socket_in_netns(c.client.ns)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)  # before connect: no autotuning
+        sock.settimeout(30)
+        sock.connect((c.vip, ROUTER_PORT))
+        self.conn.sock, self.conn.port, self.conn.buffer = sock, sock.getsockname()[1], b""
+        self.path, self.rate = path, rate
+        self.received = 0
+        self.length: int | None = None
+        self.sha256: str | None = None
+        self.error: BaseException | None = None
+        self.finished: float | None = None
+
+    def run(self) -> None:
+        try:
+            sock = self.conn.sock
+            sock.sendall(f"GET {self.path} HTTP/1.1\r\nHost: arr.test\r\n\r\n".encode())
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("closed before the response head")
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            self.length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                   if line.lower().startswith(b"content-length")))
+            digest = hashlib.sha256()
+            started = time.monotonic()
+            chunk = body
+            while True:
+                take = chunk[:self.length - self.received]
+                digest.update(take)
+                self.received += len(take)
+                if self.received >= self.length:
+                    self.conn.buffer = chunk[len(take):]
+                    break
+                ahead = started + self.received / self.rate - time.monotonic()
+                if ahead > 0:
+                    time.sleep(ahead)
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError(f"closed after {self.received} of {self.length} body bytes")
+            self.sha256 = digest.hexdigest()
+            self.finished = time.monotonic()
+        except BaseException as exc:  # noqa: BLE001: reported by the test
+            self.error = exc
+
+
+def test_live_migration_waits_for_a_64m_download_in_flight(cluster):
+    c = cluster(targets=2, files={"64m": 64 * MiB})
+    info = c.files["64m"]
+    with handoff_cluster(c) as (router, agents):
+        router.wait_healthy()
+        admin(c, router, "drain", c.targets[1].name)
+        download = SlowDownload(c, info.url_path, 16 * MiB)  # about 4 s
+        started = time.monotonic()
+        download.start()
+        try:
+            assert wait_for(lambda: download.received > 4 * MiB, 5), download.error
+            assert ports_on(c, 0) == {download.conn.port}
+            admin(c, router, "enable", c.targets[1].name)
+            assert wait_for(lambda: download.received > 8 * MiB, 5), download.error
+            waits_before = router.metric_sum("arr_takeback_waits_total")
+            at = download.received
+            report, took = timed_admin(c, router, "migrate", "--from", c.targets[0].name,
+                                       "--to", c.targets[1].name, "--wait", "30")
+            after = download.received
+            download.join(30)
+            if download.error is not None:
+                print("DEBUG at", at, "after", after, "final", download.received, "took", took, report)
+                print("ROUTER LOG", router.log_tail(8000))
+                print("NGINX0 ERR", [l for l in c.nginx_error_log(0).splitlines() if "waiting for request" not in l][-20:])
+                print("NGINX0 ACC", [l for l in c.nginx_log(0) if "health" not in l])
+                print("T0 SS", c.exec(c.targets[0], ["ss", "-tnio"]).stdout)
+                print("ROUTER SS", c.exec(c.router, ["ss", "-tnioa"]).stdout[-4000:])
+                print("CLIENT SS", c.exec(c.client, ["ss", "-tnio"]).stdout)
+                print("waits", router.metric_sum("arr_takeback_waits_total") - waits_before,
+                      "router takebacks", {k: v for k, v in router.metrics().items() if "router_takebacks" in k})
+                import arr.testbed.loss as L
+                for h in (c.router, c.targets[0], c.client):
+                    k = L.tcp_counters(c, h)
+                    print(h.name, {n: k[n] for n in L.BAD_COUNTERS + ("TcpExtTCPTimeouts", "TcpRetransSegs") if k.get(n)})
+                print("AGENT0", agents[0].log_tail(3000))
+            assert download.error is None, repr(download.error)
+            print(f"migration started at {at / MiB:.1f} MiB of 64; the download took "
+                  f"{download.finished - started:.2f} s; the command returned after {took:.2f} s "
+                  f"(report {report['seconds']} s), {time.monotonic() - download.finished:.2f} s after "
+                  f"the last byte was read")
+            assert report["selected"] == 1 and report["moved"] == 1 and report["skipped"] == {}, report
+            assert report["seconds"] > 0.5, report  # it waited for the response to be acknowledged
+            assert download.length == info.size and download.sha256 == info.sha256
+            assert router.metric_sum("arr_takeback_waits_total") - waits_before >= 1
+            # Every byte came from A: nginx logged the whole body on its connection.
+            assert [line for line in c.nginx_log(0) if info.url_path in line and f" {info.size} " in line]
+            assert download.conn.get("/whoami") == whoami_of(c, 1)
+            assert hashlib.sha256(download.conn.get(info.url_path)).hexdigest() == info.sha256
+        finally:
+            download.conn.close()
+            download.join(5)
