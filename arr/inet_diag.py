@@ -50,6 +50,11 @@ NO_COOKIE = (INET_DIAG_NOCOOKIE << 32) | INET_DIAG_NOCOOKIE
 INET_DIAG_REQ_BYTECODE = 1
 INET_DIAG_BC_S_GE = 2
 INET_DIAG_BC_S_LE = 3
+# reply attribute: struct tcp_info (asked for with the request's ext bit)
+INET_DIAG_INFO = 2
+TCP_INFO_NOTSENT_AT = 144
+"""Offset of tcpi_notsent_bytes in struct tcp_info (Linux 4.6+; the layout
+is handoff/tcpstate.py's, tests/unit/test_inet_diag.py checks the offset)."""
 
 
 class TcpState(IntEnum):
@@ -105,6 +110,9 @@ class TcpSocket:
     rqueue: int
     wqueue: int
     cookie: int
+    notsent: int | None = None
+    """Bytes written but not yet sent (tcpi_notsent_bytes): only from a
+    request that asked for tcp_info (``lookup_request(info=True)``)."""
 
 
 _HEADER = struct.Struct("=IHHII")  # nlmsghdr
@@ -164,8 +172,9 @@ def decode_sockid(data: bytes, offset: int = 0) -> tuple[Address, Address, int, 
     )
 
 
-def _message(msg_type: int, flags: int, seq: int, states: int, sockid: bytes, attributes: bytes = b"") -> bytes:
-    request = _REQUEST.pack(socket.AF_INET, socket.IPPROTO_TCP, 0, 0, states) + sockid + attributes
+def _message(msg_type: int, flags: int, seq: int, states: int, sockid: bytes, attributes: bytes = b"",
+             ext: int = 0) -> bytes:
+    request = _REQUEST.pack(socket.AF_INET, socket.IPPROTO_TCP, ext, 0, states) + sockid + attributes
     return _HEADER.pack(_HEADER.size + len(request), msg_type, flags, seq, 0) + request
 
 
@@ -210,7 +219,7 @@ def dump_request(states: int, local_port: int | None = None, seq: int = 1) -> by
     return _message(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, states, sockid, attributes)
 
 
-def lookup_request(local: Address, remote: Address, seq: int = 1) -> bytes:
+def lookup_request(local: Address, remote: Address, seq: int = 1, info: bool = False) -> bytes:
     """Exact lookup of the socket LOCAL -> REMOTE.
 
     Asks for an ACK so that the reply always ends with an NLMSG_ERROR (0, or
@@ -219,8 +228,11 @@ def lookup_request(local: Address, remote: Address, seq: int = 1) -> bytes:
     the same lookup as an incoming packet); check the reply's addresses.
     The id names no interface, so a socket bound to a device (SO_BINDTODEVICE)
     is not found; a dump lists it.
+    INFO: the reply carries tcp_info (``TcpSocket.notsent``; parse it with
+    ``parse_messages(..., info=True)``).
     """
-    return _message(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_ACK, seq, ALL_STATES, encode_sockid(local, remote))
+    return _message(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_ACK, seq, ALL_STATES, encode_sockid(local, remote),
+                    ext=1 << (INET_DIAG_INFO - 1) if info else 0)
 
 
 def destroy_request(local: Address, remote: Address, cookie: int | None = None, seq: int = 1) -> bytes:
@@ -231,7 +243,20 @@ def destroy_request(local: Address, remote: Address, cookie: int | None = None, 
     return _message(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, seq, ALL_STATES, sockid)
 
 
-def parse_messages(data: bytes | bytearray | memoryview) -> tuple[list[TcpSocket], bool, int | None]:
+def _notsent(data: bytes | bytearray | memoryview, at: int, end: int) -> int | None:
+    """tcpi_notsent_bytes from the INET_DIAG_INFO attribute among AT..END."""
+    while end - at >= _NLA.size:
+        length, kind = _NLA.unpack_from(data, at)
+        if length < _NLA.size or length > end - at:
+            raise ValueError(f"bad inet_diag attribute length {length}")
+        if kind & 0x3FFF == INET_DIAG_INFO and length - _NLA.size >= TCP_INFO_NOTSENT_AT + 4:
+            return struct.unpack_from("=I", data, at + _NLA.size + TCP_INFO_NOTSENT_AT)[0]
+        at += _align4(length)
+    return None
+
+
+def parse_messages(data: bytes | bytearray | memoryview, info: bool = False
+                   ) -> tuple[list[TcpSocket], bool, int | None]:
     """Walk the netlink messages in DATA (one or more whole messages).
 
     Returns (sockets, done, errno): the inet_diag_msg records as TcpSocket;
@@ -268,8 +293,9 @@ def parse_messages(data: bytes | bytearray | memoryview) -> tuple[list[TcpSocket
             sport, dport = unpack_ports(data, payload + _MSG_PORTS_AT)
             src_name = names.get(src) or names.setdefault(src, ntoa(src))
             dst_name = names.get(dst) or names.setdefault(dst, ntoa(dst))
+            notsent = _notsent(data, payload + _MSG.size, payload + payload_size) if info else None
             append(TcpSocket((src_name, sport), (dst_name, dport), state_of[state],
-                             inode, uid, rqueue, wqueue, low | (high << 32)))
+                             inode, uid, rqueue, wqueue, low | (high << 32), notsent))
         elif msg_type == NLMSG_ERROR or msg_type == NLMSG_DONE:
             if payload_size < _ERRNO.size:
                 if msg_type == NLMSG_ERROR:

@@ -628,7 +628,7 @@ def _sock_diag(ns: str | None) -> Iterator[socket.socket]:
         yield sock
 
 
-def _sock_diag_ask(sock: socket.socket, request: bytes) -> tuple[list[TcpSocket], int | None]:
+def _sock_diag_ask(sock: socket.socket, request: bytes, info: bool = False) -> tuple[list[TcpSocket], int | None]:
     """Send REQUEST; read the reply up to its NLMSG_DONE or NLMSG_ERROR.
 
     Returns the sockets listed and the errno of the end (None: a dump's
@@ -642,7 +642,7 @@ def _sock_diag_ask(sock: socket.socket, request: bytes) -> tuple[list[TcpSocket]
         size, _, flags, _ = sock.recvmsg_into([buffer])
         if flags & socket.MSG_TRUNC:
             raise NetlinkOpError(f"sock_diag reply larger than {len(buffer)} bytes")
-        sockets, done, err = inet_diag.parse_messages(view[:size])
+        sockets, done, err = inet_diag.parse_messages(view[:size], info)
         found += sockets
         if done or err is not None:
             return found, err
@@ -654,8 +654,10 @@ def _normal(address: Address) -> Address:
     return socket.inet_ntoa(socket.inet_pton(socket.AF_INET, host)), port
 
 
-def _lookup(sock: socket.socket, ns: str | None, local: Address, remote: Address) -> TcpSocket | None:
-    found, err = _sock_diag_ask(sock, inet_diag.lookup_request(local, remote))  # validates the addresses
+def _lookup(sock: socket.socket, ns: str | None, local: Address, remote: Address,
+            info: bool = False) -> TcpSocket | None:
+    found, err = _sock_diag_ask(sock, inet_diag.lookup_request(local, remote, info=info),  # validates the addresses
+                                info=info)
     if err == errno.ENOENT:
         return None
     if err:
@@ -687,10 +689,11 @@ def tcp_sockets(
     return found
 
 
-def tcp_socket(ns: str | None, local: Address, remote: Address) -> TcpSocket | None:
-    """The TCP socket LOCAL -> REMOTE in NS (exact 4-tuple), or None."""
+def tcp_socket(ns: str | None, local: Address, remote: Address, *, info: bool = False) -> TcpSocket | None:
+    """The TCP socket LOCAL -> REMOTE in NS (exact 4-tuple), or None. INFO:
+    with what only tcp_info tells (``TcpSocket.notsent``)."""
     with _sock_diag(ns) as sock:
-        return _lookup(sock, ns, local, remote)
+        return _lookup(sock, ns, local, remote, info)
 
 
 class SockDiag:

@@ -299,7 +299,9 @@ class Router:
                 "listen": "%s:%d" % self.config.router.listen, "config": self.config_path,
                 "uptime_s": None if self.started is None else round(time.monotonic() - self.started, 3),
                 "connections": len(self._sessions),
-                "max_connections": self.max_connections, "pools": sorted(self.pools)}
+                "max_connections": self.max_connections, "pools": sorted(self.pools),
+                "migration_overrides": len(self.overrides),
+                "moving_off": sorted("%s:%d" % a for a, t in self._moving.items() if not t.done())}
 
     # ------------------------------------------------------------ accepting
 

@@ -40,7 +40,7 @@ from handoff.datapath import DEFAULT_BPF_DIR, TargetDatapath
 from handoff.event_reader import EventReader
 from handoff.lifecycle import local_key
 from handoff.maps import (DEFAULT_CAPACITY, FLOW_ACTIVE, FLOW_F_FIN, FLOW_F_RST, FLOW_F_SENT, FLOW_HOLD, Event, FlowEntry,
-                          MirrorState, Xlate)
+                          FlowKey, MirrorState, Xlate)
 
 log = logging.getLogger("arr.agent")
 
@@ -163,6 +163,8 @@ class AgentMetrics:
                                   value=agent.refused)
         yield CounterMetricFamily("arr_agent_taken_back", "Connections the router took back (TAKEBACK answered OK).",
                                   value=agent.taken_back)
+        yield CounterMetricFamily("arr_agent_takeback_unsent", "TAKEBACKs told to wait: the server's socket still "
+                                  "held bytes the client's window held back.", value=agent.unsent_waits)
         ended = CounterMetricFamily("arr_agent_connections_ended",
                                     "Egress entries ended, by why (closed, replaced, released, unlisted).",
                                     labels=["why"])
@@ -197,6 +199,9 @@ class Agent:
         self.installed = 0
         self.refused = 0
         self.taken_back = 0
+        self.unsent_waits = 0
+        """TAKEBACKs answered UNACKED because the server's socket still held
+        bytes (a response in the middle, held back by the client's window)."""
         self.metrics = AgentMetrics(self)
         self._metrics_server: asyncio.AbstractServer | None = None
         self._gc: asyncio.Task[None] | None = None
@@ -323,6 +328,12 @@ class Agent:
         self.datapath.egress.update(key, entry)
         paused = self.datapath.egress.lookup(key)
         verdict = TAKEN_UNKNOWN if paused is None else _take_back_verdict(paused, message.acked)
+        if verdict == TAKEN_OK and _unsent(key):
+            # All it sent is acknowledged, but the server has written more
+            # that the client's window holds back (a response in the middle):
+            # taken back now, the rest would meet the router's socket.
+            verdict = TAKEN_UNACKED
+            self.unsent_waits += 1
         if paused is None or verdict != TAKEN_OK:
             if paused is not None:
                 paused.state = FLOW_ACTIVE
@@ -351,6 +362,18 @@ class Agent:
     async def sweep(self, now_ns: int) -> int:
         assert self.connections is not None
         return await self.connections.sweep(now_ns)
+
+
+def _unsent(key: FlowKey) -> bool:
+    """Whether the server's socket holds bytes written but not sent yet
+    (tcpi_notsent_bytes). Not wqueue: that counts sent bytes the server's
+    kernel has not seen acknowledged, and the client's last ACK may ride on
+    the very request the router captured, which never reaches it."""
+    try:
+        sock = netlink.tcp_socket(None, key.src, key.dst, info=True)
+    except OSError:
+        return False  # the entry's own verdict stands
+    return sock is not None and bool(sock.notsent)
 
 
 def _take_back_verdict(entry: FlowEntry, acked: int) -> int:

@@ -55,7 +55,10 @@ log = logging.getLogger("arr.handoff")
 
 Address = tuple[str, int]
 RESPONSE_POLL = 0.02
-"""Seconds between two looks at a connection whose request awaits its response."""
+"""Seconds between two looks at a connection that is not between responses yet."""
+QUIET_NS = 300_000_000
+"""A client silent this long has no response bytes arriving: it would have
+acknowledged them (Linux delays an ACK 200 ms at most)."""
 CONCURRENT_MOVES = 64
 """Connections moved at once: each holds a probe, an agent request and two
 socket rebuilds; more at once only queues at the agent."""
@@ -145,7 +148,7 @@ class Migrator:
         """Take KEY's connection back and give it to the front-end; None, or
         why it stayed."""
         deadline = time.monotonic() + order.wait
-        why = await self._answered(key, deadline)
+        why = await self._settled(key, deadline)
         if why is not None:
             return why
         try:
@@ -163,20 +166,26 @@ class Migrator:
         task.add_done_callback(self._tasks.discard)
         return None
 
-    async def _answered(self, key: FlowKey, deadline: float) -> str | None:
-        """Wait until the connection's last request has its answer on the way
-        (the client acknowledged a response byte): taken back before that,
-        the request would be lost (the target has it, the router does not).
-        The rest of the response is the take-back's to wait for."""
+    async def _settled(self, key: FlowKey, deadline: float) -> str | None:
+        """Wait until the connection is between responses: its last request
+        answered (the client acknowledged a response byte: taken back before
+        that, the request would be lost, the target has it and the router
+        does not), the client silent for ``QUIET`` (no response byte reached
+        it lately: it would have acknowledged it) and its window open (a
+        client that stopped reading holds the rest of a response back). The
+        router cannot see where a response ends (it never sees one); the
+        agent adds that the server's socket holds nothing unacknowledged."""
         while True:
             entry = self.datapath.ingress.lookup(key)
             if entry is None:
                 return "gone"
             start = self.connections.responses.get(entry.conn_id)
-            if start is None or wrap(entry.peer_ack - start) != 0:
+            answered = start is None or wrap(entry.peer_ack - start) != 0
+            quiet = time.monotonic_ns() - entry.last_seen_ns >= QUIET_NS and entry.peer_window != 0
+            if answered and quiet:
                 return None
             if time.monotonic() >= deadline:
-                return "awaiting-response"
+                return "awaiting-response" if not answered else "responding"
             await asyncio.sleep(RESPONSE_POLL)
 
     async def reset(self, key: FlowKey, order: MoveOrder) -> str | None:

@@ -160,6 +160,28 @@ def test_queues_are_reported(ns, sockets):
     wait_for(lambda: netlink.tcp_socket(ns, *ends(accepted)).rqueue == 1000, "1000 unread bytes")
 
 
+def test_notsent_counts_what_the_peer_s_window_holds_back(ns, sockets):
+    """What the agent asks before letting a connection go (handoff/agent.py
+    ``_unsent``): bytes written that the peer's full window keeps unsent."""
+    listener, _ = sockets.listener()
+    client, accepted = sockets.pair(listener)
+    assert netlink.tcp_socket(ns, *ends(accepted), info=True).notsent == 0
+    assert netlink.tcp_socket(ns, *ends(accepted)).notsent is None  # not asked for
+    accepted.setblocking(False)
+    written = 0
+    try:
+        while True:  # the client reads nothing: its window closes, the rest stays unsent
+            written += accepted.send(b"x" * 65536)
+    except BlockingIOError:
+        pass
+    found = netlink.tcp_socket(ns, *ends(accepted), info=True)
+    assert 0 < found.notsent <= written and found.wqueue >= found.notsent
+    received = 0
+    while received < written:  # reading opens the window: the rest goes out
+        received += len(client.recv(1 << 20))
+    wait_for(lambda: netlink.tcp_socket(ns, *ends(accepted), info=True).notsent == 0, "all sent once read")
+
+
 def test_local_port_filter_returns_only_that_servers_sockets(ns, sockets):
     listener, server = sockets.listener()
     other_listener, _ = sockets.listener()

@@ -326,3 +326,48 @@ def test_reply_round_trip(rows):
 def test_decode_sockid_truncated():
     with pytest.raises(ValueError, match="truncated"):
         d.decode_sockid(bytes(47))
+
+
+# ------------------------------------------------------------------ tcp_info (notsent)
+
+
+def test_notsent_offset_matches_the_tcp_info_layout():
+    import struct
+
+    from handoff.tcpstate import _TCP_INFO_LAYOUT
+
+    codes = ""
+    for name, code in _TCP_INFO_LAYOUT:
+        if name == "notsent_bytes":
+            break
+        codes += code
+    assert struct.calcsize("@" + codes) == d.TCP_INFO_NOTSENT_AT
+
+
+def test_lookup_request_asks_for_tcp_info_with_the_ext_bit():
+    plain, with_info = d.lookup_request(SERVER, CLIENT), d.lookup_request(SERVER, CLIENT, info=True)
+    assert plain[16 + 2] == 0 and with_info[16 + 2] == 1 << (d.INET_DIAG_INFO - 1)
+    assert plain[:18] == with_info[:18] and plain[19:] == with_info[19:]
+
+
+def test_notsent_is_read_from_the_info_attribute_among_others():
+    info = bytearray(232)
+    info[d.TCP_INFO_NOTSENT_AT:d.TCP_INFO_NOTSENT_AT + 4] = u32(70000)
+    attributes = nla(8, u8(1)) + nla(d.INET_DIAG_INFO, bytes(info)) + nla(21, u32(5) + u32(0))
+    data = diag_msg(SERVER, CLIENT, TcpState.ESTABLISHED, wqueue=9, attributes=attributes) + done()
+    (sock,), finished, err = d.parse_messages(data, info=True)
+    assert sock.notsent == 70000 and sock.wqueue == 9 and finished
+    (plain,), _, _ = d.parse_messages(data)
+    assert plain.notsent is None  # not asked: not walked
+
+
+def test_a_short_info_attribute_gives_no_notsent():
+    data = diag_msg(SERVER, CLIENT, TcpState.ESTABLISHED, attributes=nla(d.INET_DIAG_INFO, bytes(100))) + done()
+    (sock,), _, _ = d.parse_messages(data, info=True)
+    assert sock.notsent is None
+
+
+def test_a_broken_attribute_is_refused():
+    data = diag_msg(SERVER, CLIENT, TcpState.ESTABLISHED, attributes=u16(200) + u16(2) + bytes(4)) + done()
+    with pytest.raises(ValueError):
+        d.parse_messages(data, info=True)
