@@ -63,15 +63,30 @@ def reset(source: tuple[str, int], destination: tuple[str, int], seq: int) -> by
 class RawSender:
     """One raw socket (IP_HDRINCL) for every crafted segment: the kernel
     routes them like its own (tc egress, neighbours), and no socket of the
-    router's stack owns their 4-tuples."""
+    router's stack owns their 4-tuples. Opened at first use: a router
+    without CAP_NET_RAW runs, and only moving connections is refused
+    (``ready`` says why)."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-        self.sock.setblocking(False)
+        self.sock: socket.socket | None = None
+        self.error: str | None = None
         self.sent = 0
         self.failed = 0
 
+    def ready(self) -> bool:
+        if self.sock is None and self.error is None:
+            try:
+                self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+                self.sock.setblocking(False)
+            except OSError as exc:
+                self.error = f"no raw socket ({exc.strerror}: CAP_NET_RAW is needed to move connections)"
+        return self.sock is not None
+
     def send(self, packet: bytes) -> bool:
+        if not self.ready():
+            self.failed += 1
+            return False
+        assert self.sock is not None
         destination = socket.inet_ntoa(packet[16:20])
         try:
             self.sock.sendto(packet, (destination, 0))
@@ -82,4 +97,6 @@ class RawSender:
         return True
 
     def close(self) -> None:
-        self.sock.close()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None

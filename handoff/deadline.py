@@ -73,6 +73,10 @@ class ResponseDeadlines:
         if entry.state != FLOW_ACTIVE or wrap(entry.peer_ack - response_start) != 0:
             self.metrics.redispatches.labels("answered").inc()  # the client acknowledged response bytes
             return
+        if not self.sender.ready():
+            self.metrics.redispatches.labels("takeback-failed").inc()
+            log.error("response deadline of %r: %s", key, self.sender.error)
+            return
         task = asyncio.get_running_loop().create_task(self._redispatch(key, response_start, replay))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -110,6 +110,11 @@ class Migrator:
         keys = self.candidates()
         selection = select(order, keys)
         report = MoveReport(order, selected=len(selection.chosen), left=selection.left)
+        if selection.chosen and not self.sender.ready():
+            log.error("migrate: %s", self.sender.error)
+            for _ in selection.chosen:
+                report.skip("no-raw-socket")
+            selection.chosen = []
         slots = asyncio.Semaphore(CONCURRENT_MOVES)
 
         async def move(candidate: Candidate) -> None:
