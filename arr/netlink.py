@@ -706,15 +706,16 @@ class SockDiag:
         self.ns = ns
         self._sock: socket.socket | None = None
 
-    def sockets_of(self, pairs: Iterable[tuple[Address, Address]]
+    def sockets_of(self, pairs: Iterable[tuple[Address, Address]], *, info: bool = False
                    ) -> dict[tuple[Address, Address], TcpSocket | None]:
-        """The sockets of exact 4-tuples (local, remote), None where there is none."""
+        """The sockets of exact 4-tuples (local, remote), None where there is
+        none; INFO: with what tcp_info tells (``TcpSocket.notsent``)."""
         if self._sock is None:
             self._sock = _open_sock_diag(self.ns)
         found: dict[tuple[Address, Address], TcpSocket | None] = {}
         try:
             for local, remote in pairs:
-                found[(local, remote)] = _lookup(self._sock, self.ns, local, remote)
+                found[(local, remote)] = _lookup(self._sock, self.ns, local, remote, info)
         except BaseException:
             self.close()
             raise

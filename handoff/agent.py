@@ -200,6 +200,8 @@ class Agent:
         self.refused = 0
         self.taken_back = 0
         self.unsent_waits = 0
+        self._diag = netlink.SockDiag(None)
+        """Kept open: one exact lookup per take-back (a socket per look costs more)."""
         """TAKEBACKs answered UNACKED because the server's socket still held
         bytes (a response in the middle, held back by the client's window)."""
         self.metrics = AgentMetrics(self)
@@ -251,6 +253,7 @@ class Agent:
                 await asyncio.gather(task, return_exceptions=True)
         if self.connections is not None:
             self.connections.close()
+        self._diag.close()
         if self.server is not None:
             await self.server.stop()  # bounded: the agent stops within its drain time, routers connected or not
             log.info("arr agent stopping: control connections rejected: %s",
@@ -307,6 +310,17 @@ class Agent:
         self.installed += 1
         return Ack(conn_id=message.conn_id)
 
+    def _unsent(self, key: FlowKey) -> bool:
+        """Whether the server's socket holds bytes written but not sent yet
+        (tcpi_notsent_bytes). Not wqueue: that counts sent bytes the server's
+        kernel has not seen acknowledged, and the client's last ACK may ride on
+        the very request the router captured, which never reaches it."""
+        try:
+            sock = self._diag.sockets_of([(key.src, key.dst)], info=True)[(key.src, key.dst)]
+        except OSError:
+            return False  # the entry's own verdict stands
+        return sock is not None and bool(sock.notsent)
+
     def _take_back(self, message: TakeBack) -> Taken:
         """The router takes the connection back (its client sent a new request).
         Only once the client has acknowledged all the server sent: then no
@@ -328,7 +342,7 @@ class Agent:
         self.datapath.egress.update(key, entry)
         paused = self.datapath.egress.lookup(key)
         verdict = TAKEN_UNKNOWN if paused is None else _take_back_verdict(paused, message.acked)
-        if verdict == TAKEN_OK and _unsent(key):
+        if verdict == TAKEN_OK and self._unsent(key):
             # All it sent is acknowledged, but the server has written more
             # that the client's window holds back (a response in the middle):
             # taken back now, the rest would meet the router's socket.
@@ -362,18 +376,6 @@ class Agent:
     async def sweep(self, now_ns: int) -> int:
         assert self.connections is not None
         return await self.connections.sweep(now_ns)
-
-
-def _unsent(key: FlowKey) -> bool:
-    """Whether the server's socket holds bytes written but not sent yet
-    (tcpi_notsent_bytes). Not wqueue: that counts sent bytes the server's
-    kernel has not seen acknowledged, and the client's last ACK may ride on
-    the very request the router captured, which never reaches it."""
-    try:
-        sock = netlink.tcp_socket(None, key.src, key.dst, info=True)
-    except OSError:
-        return False  # the entry's own verdict stands
-    return sock is not None and bool(sock.notsent)
 
 
 def _take_back_verdict(entry: FlowEntry, acked: int) -> int:
