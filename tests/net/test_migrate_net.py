@@ -519,6 +519,41 @@ def test_a_target_hung_its_idle_connections_move_live_to_b(cluster):
                 conn.close()
 
 
+def test_a_target_hung_with_a_request_pending_resets_that_client_instead_of_hanging(cluster):
+    """nginx on A stopped while a request waits for its answer (no response
+    deadline configured): health checks mark A down; the live move waits for
+    an answer that never comes (arr/server.py DOWN_MOVE_WAIT), then resets
+    the connection at both ends rather than leave the client hanging; the
+    idle one beside it moves live."""
+    c = cluster(targets=2)
+    with handoff_cluster(c) as (router, agents):
+        router.wait_healthy()
+        pending, idle = on_a(c, router, 2)
+        stopped: list[int] = []
+        try:
+            assert wait_for(lambda: len(ports_on(c, 0)) == 2, 10)
+            for pid in nginx_processes(c, 0):
+                os.kill(pid, signal.SIGSTOP)
+                stopped.append(pid)
+            hung = time.monotonic()
+            pending.sock.sendall(b"GET /whoami HTTP/1.1\r\nHost: arr.test\r\n\r\n")
+            pending.sock.settimeout(15)
+            with pytest.raises(ConnectionResetError):
+                data = pending.sock.recv(100)
+                raise AssertionError(f"read {data!r}, not a reset")
+            reset_after = time.monotonic() - hung
+            assert 5.0 <= reset_after < 10.0, reset_after  # down (~1.5 s), then the move's 5 s bound
+            assert router.metric_sum("arr_migrations_total", mode="live", outcome="reset") == 1
+            assert router.metric_sum("arr_migrations_total", mode="live", outcome="moved") == 1
+            assert next_answer(c, idle, 5.0) == ("answered", whoami_of(c, 1))
+            print(f"the pending request's client was reset {reset_after:.2f} s after nginx stopped")
+        finally:
+            for pid in stopped:
+                os.kill(pid, signal.SIGCONT)
+            pending.close()
+            idle.close()
+
+
 # ---------------------------------------------------------------- acceptance 6: the commands
 
 
