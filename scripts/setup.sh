@@ -29,7 +29,8 @@ fi
 # SETUP_TOOLS: every external command the test bed, the tests and the demo run
 # (tests/unit/test_setup_tools.py checks the list against what they call).
 for tool in nginx:nginx-light curl:curl wrk:wrk ip:iproute2 nft:nftables ethtool:ethtool nstat:iproute2 \
-            ss:iproute2 sysctl:procps pgrep:procps clang:clang llc:llvm bpftool:bpftool gcc:gcc; do
+            ss:iproute2 sysctl:procps pgrep:procps setpriv:util-linux clang:clang llc:llvm bpftool:bpftool \
+            gcc:gcc; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool#*:}")
 done
 [ -f /usr/include/bpf/bpf_helpers.h ] || need_apt+=(libbpf-dev)
