@@ -83,7 +83,7 @@ class AdminCommands:
         self.move_wait = move_wait
         """A live move's default wait for a response in flight (handoff.migrate_wait)."""
         self.extra: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {}
-        """Commands added by other parts (the migration work adds its own)."""
+        """Commands added by a program that embeds the router (name -> handler)."""
 
     async def run(self, command: str, args: dict[str, Any]) -> Any:
         if command in self.extra:

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from arr.metrics import Metrics
     from handoff.craft import RawSender
     from handoff.datapath import RouterDatapath
-    from handoff.takeback import TakeBacks, TakenBack
+    from handoff.takeback import TakeBacks
 
 log = logging.getLogger("arr.handoff")
 
@@ -92,15 +92,10 @@ class ResponseDeadlines:
             if not answered:
                 log.warning("response deadline of %r: taking it back failed (%s)", key, failed.reason)
             return
-        self._close_forward(context)
+        self.takebacks.drop_forward(context)
         self.metrics.redispatches.labels("redispatched").inc()
         log.info("response deadline: %s:%d's request goes to another target", *key.src)
         await self.resume(sock, key.src, requests, context, replay=replay)
-
-    def _close_forward(self, context: "TakenBack") -> None:
-        if context.forward is not None:
-            forward, context.forward = context.forward, None
-            self.takebacks.close_forward(forward)
 
     async def stop(self) -> None:
         for timer in self._timers.values():

@@ -269,9 +269,8 @@ class RouterHandoff:
         """A taken-back connection's request went elsewhere than a handoff, or
         the connection ended: its rebuilt forwarding connection is closed."""
         context = session.handoff_context
-        if isinstance(context, TakenBack) and context.forward is not None and self.takebacks is not None:
-            forward, context.forward = context.forward, None
-            self.takebacks.close_forward(forward)
+        if isinstance(context, TakenBack) and self.takebacks is not None:
+            self.takebacks.drop_forward(context)
 
     # ---------------------------------------------------------- the sequence
 

@@ -161,9 +161,7 @@ class Migrator:
                 key, probe=lambda entry: self.sender.send(client_probe(key, entry)), deadline=deadline)
         except TakeBackFailed as failed:
             return failed.reason
-        if context.forward is not None:
-            forward, context.forward = context.forward, None
-            self.takebacks.close_forward(forward)
+        self.takebacks.drop_forward(context)
         if order.destination is not None:
             self.steer(key.src[0], PortRange(key.src[1], key.src[1]), order.destination)
         task = asyncio.get_running_loop().create_task(self.resume(sock, key.src, requests, context))
@@ -179,7 +177,8 @@ class Migrator:
         it lately: it would have acknowledged it) and its window open (a
         client that stopped reading holds the rest of a response back). The
         router cannot see where a response ends (it never sees one); the
-        agent adds that the server's socket holds nothing unacknowledged."""
+        agent adds that the server's socket holds nothing unsent
+        (handoff/agent.py ``_unsent``)."""
         while True:
             entry = self.datapath.ingress.lookup(key)
             if entry is None:

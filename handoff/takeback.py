@@ -452,6 +452,14 @@ class TakeBacks:
         if entry is not None and entry.conn_id == conn_id:
             self.connections.abandon(key, entry)
 
+    def drop_forward(self, context: TakenBack) -> None:
+        """Close CONTEXT's rebuilt forwarding connection if it still has one:
+        its next request went elsewhere, or the router moved the connection
+        (handoff/migrate.py, handoff/deadline.py)."""
+        if context.forward is not None:
+            forward, context.forward = context.forward, None
+            self.close_forward(forward)
+
     def close_forward(self, ready: ReadyForward) -> None:
         """Close a rebuilt forwarding connection the way any client would: a
         FIN (handoff/forward_close.py frees its port once the exchange is over)."""
