@@ -23,7 +23,7 @@ from __future__ import annotations
 import ipaddress
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable
 
 from arr.decisions import Handoff, Proxy
 
@@ -227,21 +227,17 @@ class Overrides:
         return len(self._order)
 
 
-def steer(decision: "Decision", wanted: Address | None, pools: Sequence["Pool"]) -> "Decision":
-    """DECISION with its target replaced by the member at WANTED, when the
-    policy chose a target of a pool that has WANTED as an available member."""
-    if wanted is None or not isinstance(decision, (Handoff, Proxy)):
+def steer(decision: "Decision", wanted: Address | None, pool: "Pool | None") -> "Decision":
+    """DECISION with its target replaced by the member at WANTED, when POOL
+    (the pool the policy chose DECISION's target from; None: none known, a
+    pool a reload replaced) has WANTED as an available member."""
+    if wanted is None or pool is None or not isinstance(decision, (Handoff, Proxy)):
         return decision
     if decision.target.target.address == wanted:
         return decision
-    for pool in pools:
-        if decision.target not in pool.members:
-            continue
-        member: "TargetState | None" = next(
-            (m for m in pool.members if m.target.address == wanted and m.available), None)
-        if member is not None:
-            return replace(decision, target=member)
-    return decision
+    member: "TargetState | None" = next(
+        (m for m in pool.members if m.target.address == wanted and m.available), None)
+    return replace(decision, target=member) if member is not None else decision
 
 
 @dataclass(frozen=True)
@@ -265,17 +261,16 @@ def request_bytes(method: bytes, target: bytes, headers: Iterable[tuple[bytes, b
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
-def avoid(decision: "Decision", silent: Address, pools: Sequence["Pool"], pick: Any) -> "Decision | None":
+def avoid(decision: "Decision", silent: Address, pool: "Pool | None", pick: Any) -> "Decision | None":
     """DECISION, but never to the target at SILENT: another available member
-    of the pool the policy chose from (PICK(pool, excluded) is the pool's
-    balancer), or None when the pool has no other (the caller answers 504)."""
+    of POOL, the pool the policy chose from (PICK(pool, excluded) is its
+    balancer), or None when there is no other (the caller answers 504)."""
     if not isinstance(decision, (Handoff, Proxy)) or decision.target.target.address != silent:
         return decision
-    for pool in pools:
-        if decision.target in pool.members:
-            other = pick(pool, [m for m in pool.members if m.target.address == silent])
-            return replace(decision, target=other) if other is not None else None
-    return None
+    if pool is None:
+        return None
+    other = pick(pool, [m for m in pool.members if m.target.address == silent])
+    return replace(decision, target=other) if other is not None else None
 
 
 @dataclass

@@ -492,7 +492,7 @@ class Router:
 
     def _steered(self, decision: Decision, client: tuple[str, int]) -> Decision:
         wanted = self.overrides.lookup(client, asyncio.get_running_loop().time())
-        steered = steer(decision, wanted, list(self.pools.values()))
+        steered = steer(decision, wanted, self._pool_of.get(getattr(decision, "target", None)))
         if steered is not decision:
             self.metrics.steered.inc()
         return steered
@@ -520,7 +520,7 @@ class Router:
     def _redispatched(self, request: "Request", decision: Decision, silent: tuple[str, int]) -> Decision:
         """A re-dispatched request's decision: never the target that stayed
         silent; 504 when its pool has no other."""
-        other = avoid(decision, silent, list(self.pools.values()),
+        other = avoid(decision, silent, self._pool_of.get(getattr(decision, "target", None)),
                       lambda pool, excluded: pool.pick(request, exclude=excluded))
         return other if other is not None else Reject(504, b"no other target to answer in time\n")
 

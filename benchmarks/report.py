@@ -439,7 +439,8 @@ def _time_wait_text(data: Mapping) -> str:
     """The router's TIME_WAIT sockets on forward ports each keep-alive routing
     window left (a take-back to another target closes the old forwarding
     connection from the router; handoff/forward_close.py destroys its TIME_WAIT
-    socket once the server answered, so this should stay near 0), and how many
+    socket a second after the server answered, so this, counted once that
+    second is over, should stay near 0), and how many
     earlier tests had left before it (destroyed before the window)."""
     after: dict[str, list[float]] = {}
     cleared = 0.0
@@ -454,8 +455,8 @@ def _time_wait_text(data: Mapping) -> str:
     parts = ", ".join(f"{PHASE_LABELS[p]} {fmt(Summary.of(v).to_json(), '{:,.0f}')}" for p, v in after.items())
     return (f"arr-nat router TIME_WAIT sockets on forward ports left by each window (median over runs): {parts}. "
             "A take-back to another target closes the old forwarding connection from the router; its "
-            "TIME_WAIT socket is destroyed once the server answered the FIN (handoff/forward_close.py), "
-            "so the port is free at once. Left in TIME_WAIT (60 s), 11,000 forward ports would cap "
+            "TIME_WAIT socket is destroyed a second after the server answered the FIN (handoff/forward_close.py: "
+            "long enough to re-ACK the server's retransmitted FIN), counted here after that second. Left in TIME_WAIT (60 s), 11,000 forward ports would cap "
             "take-backs to another target near 183/s (`no-forward-port` fallbacks). "
             "Each arr-nat start and each window begins without the ones earlier tests left (destroyed; "
             f"{cleared:,.0f} at window starts).")

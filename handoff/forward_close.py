@@ -8,10 +8,18 @@ the server's. The router's side then waits in TIME_WAIT, holding the port
 another target a second, 11,000 forwarding ports last eleven seconds. So once
 the router's socket is in TIME_WAIT (the server closed too) it is destroyed
 (sock_diag, by cookie: no packet), as the agents do with the targets' TIME_WAIT
-sockets, for the same reasons (README, "How a handed-off connection ends"),
-and the port is free. Until then the watch entry stays CONNECTING: the
-server's FIN and ACK reach the router's socket, and the port counts as taken.
-A server that never answers leaves the port in quarantine (WATCH_CLOSED).
+sockets (README, "How a handed-off connection ends"), and the port is free.
+Until then the watch entry stays CONNECTING: the server's FIN and ACK reach
+the router's socket, and the port counts as taken. A server that never
+answers leaves the port in quarantine (WATCH_CLOSED).
+
+Not at once, though: TIME_WAIT is there to re-ACK the server's FIN when the
+router's ACK of it was lost. Destroyed 10 ms after the FIN, the socket left
+the server's retransmitted FIN (an RTO, 200 ms or more, later) to find no
+socket and draw a RST (seen under 2% loss: 5 to 8 per 200 moved connections,
+tests/net/test_migrate_net.py). So TIME_WAIT is kept for ``TIME_WAIT_HOLD``,
+which covers the server's first two retransmissions; a thousand take-backs to
+another target a second then hold about 1,500 ports.
 """
 
 from __future__ import annotations
@@ -33,7 +41,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("arr.handoff")
 
 LOOKS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
-"""Seconds after the FIN at which the router's socket is looked at."""
+"""Seconds between looks at the router's socket, from the FIN on."""
+TIME_WAIT_HOLD = 1.0
+"""Seconds after the FIN before a TIME_WAIT socket is destroyed: the server's
+FIN, retransmitted at its RTO (200 ms, then 400 ms), still finds it."""
 
 
 class ForwardCloser:
@@ -51,12 +62,13 @@ class ForwardCloser:
         try:
             ready.sock.close()
         finally:
-            self._schedule(ready.watch_key, ready.conn_id, 0)
+            self._schedule(ready.watch_key, ready.conn_id, time.monotonic(), 0)
 
-    def _schedule(self, key: FlowKey, conn_id: int, look: int) -> None:
-        self._timers[key] = asyncio.get_running_loop().call_later(LOOKS[look], self._look, key, conn_id, look)
+    def _schedule(self, key: FlowKey, conn_id: int, closed_at: float, look: int) -> None:
+        self._timers[key] = asyncio.get_running_loop().call_later(
+            LOOKS[look], self._look, key, conn_id, closed_at, look)
 
-    def _look(self, key: FlowKey, conn_id: int, look: int) -> None:
+    def _look(self, key: FlowKey, conn_id: int, closed_at: float, look: int) -> None:
         self._timers.pop(key, None)
         watch = self.datapath.watch.lookup(key)
         if watch is None or watch.conn_id != conn_id:
@@ -69,10 +81,11 @@ class ForwardCloser:
         except OSError as exc:
             log.debug("looking up the closed forwarding connection %r: %s", key, exc)
             if not last:
-                self._schedule(key, conn_id, look + 1)
+                self._schedule(key, conn_id, closed_at, look + 1)
                 return
             found = None  # no answer to the end: taken as gone
-        if found is not None and found.state == TcpState.TIME_WAIT:
+        held = time.monotonic() - closed_at >= TIME_WAIT_HOLD
+        if found is not None and found.state == TcpState.TIME_WAIT and (held or last):
             try:
                 netlink.destroy_tcp_socket(None, local, remote, cookie=found.cookie)
                 self.reclaimed += 1
@@ -83,7 +96,7 @@ class ForwardCloser:
             self.datapath.watch.delete(key)
             self.connections.in_flight.discard(key)
         elif not last:
-            self._schedule(key, conn_id, look + 1)
+            self._schedule(key, conn_id, closed_at, look + 1)
         else:
             # The server never finished: the port waits out the quarantine.
             watch.state, watch.closed_ns = WATCH_CLOSED, time.monotonic_ns()

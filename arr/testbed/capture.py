@@ -19,6 +19,8 @@ which this host sent no payload.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import socket
 import struct
@@ -35,10 +37,16 @@ SYN, RST = 0x02, 0x04
 SEQ_MOD = 1 << 32
 EMPTY_CONNECTION_SPAN = 2
 """A connection on which a host sent only SYN and FIN has used 2 sequence numbers."""
+EVERY_SEGMENT_ENV = "ARR_CAPTURE_EVERY_SEGMENT"
+"""Set to a directory to capture every TCP segment, not only SYNs and resets,
+and keep the capture files there (``<host>-<n>.jsonl``): to read what led to
+a reset that a test could not explain."""
 
 
-def _filter_program() -> bytes:
-    """cBPF: IPv4 TCP with SYN or RST (Ethernet framing), else drop."""
+def _filter_program(every_segment: bool = False) -> bytes:
+    """cBPF: IPv4 TCP with SYN or RST (Ethernet framing), else drop; with
+    EVERY_SEGMENT, all IPv4 TCP (for reading what led to a reset)."""
+    flags_mask = 0xFF if every_segment else SYN | RST
     ins = [
         (0x28, 0, 0, 12),            # ldh [12]            ethertype
         (0x15, 0, 6, 0x0800),        # jeq IPv4 else drop
@@ -46,7 +54,7 @@ def _filter_program() -> bytes:
         (0x15, 0, 4, 6),             # jeq TCP else drop
         (0xB1, 0, 0, 14),            # ldxb 4*([14]&0xf)   IP header length
         (0x50, 0, 0, 14 + 13),       # ldb [x+27]          TCP flags
-        (0x45, 0, 1, SYN | RST),     # jset SYN|RST else drop
+        (0x45, 0, 1, flags_mask),    # jset SYN|RST else drop
         (0x06, 0, 0, 0x40000),       # ret whole packet
         (0x06, 0, 0, 0),             # ret 0 (drop)
     ]
@@ -62,6 +70,9 @@ class Segment:
     dst: tuple[str, int]
     flags: int
     seq: int
+    ack: int = 0
+    payload: int = 0
+    """TCP payload bytes (0 when the frame was cut short)."""
 
 
 def parse(frame: bytes, pkttype: int, at: float) -> Segment | None:
@@ -71,9 +82,11 @@ def parse(frame: bytes, pkttype: int, at: float) -> Segment | None:
     tcp = frame[14 + ihl:]
     if len(tcp) < 14:
         return None
-    sport, dport, seq = struct.unpack("!HHI", tcp[:8])
+    sport, dport, seq, ack = struct.unpack("!HHII", tcp[:12])
+    total = struct.unpack("!H", frame[16:18])[0]
+    payload = max(0, total - ihl - (tcp[12] >> 4) * 4)
     return Segment(at, pkttype == PACKET_OUTGOING, (socket.inet_ntoa(frame[26:30]), sport),
-                   (socket.inet_ntoa(frame[30:34]), dport), tcp[13], seq)
+                   (socket.inet_ntoa(frame[30:34]), dport), tcp[13], seq, ack, payload)
 
 
 @dataclass(frozen=True)
@@ -106,7 +119,8 @@ def read(path: Path) -> list[Segment]:
     segments = []
     for line in path.read_text().splitlines():
         d = json.loads(line)
-        segments.append(Segment(d["at"], d["sent"], tuple(d["src"]), tuple(d["dst"]), d["flags"], d["seq"]))
+        segments.append(Segment(d["at"], d["sent"], tuple(d["src"]), tuple(d["dst"]), d["flags"], d["seq"],
+                                d.get("ack", 0), d.get("payload", 0)))
     return segments
 
 
@@ -122,7 +136,8 @@ class ResetCapture:
     def __enter__(self) -> "ResetCapture":
         for host in self.hosts:
             self.procs[host.name] = self.cluster.popen(
-                host, [sys.executable, "-m", "arr.testbed.capture", str(self.paths[host.name])],
+                host, [sys.executable, "-m", "arr.testbed.capture", str(self.paths[host.name]),
+                       *(["--every-segment"] if os.environ.get(EVERY_SEGMENT_ENV) else [])],
                 stdout=None, stderr=None)
         deadline = time.monotonic() + 10
         while not all(p.exists() for p in self.paths.values()):
@@ -137,16 +152,26 @@ class ResetCapture:
     def stop(self) -> None:
         for proc in self.procs.values():
             self.cluster.stop_process(proc)
+        if self.procs and os.environ.get(EVERY_SEGMENT_ENV):
+            keep = Path(os.environ[EVERY_SEGMENT_ENV])
+            keep.mkdir(parents=True, exist_ok=True)
+            n = len(list(keep.iterdir()))
+            for name, path in self.paths.items():
+                shutil.copy(path, keep / f"{name}-{n}.jsonl")
         self.procs.clear()
 
     def resets(self) -> dict[str, list[ResetVerdict]]:
         """{host: its resets, classified}; call after ``stop``."""
         return {name: classify(read(path)) for name, path in self.paths.items()}
 
+    def received_resets(self) -> dict[str, list[Segment]]:
+        """{host: the resets it received}; call after ``stop``."""
+        return {name: [s for s in read(path) if not s.sent and s.flags & RST] for name, path in self.paths.items()}
 
-def capture(out: Path) -> None:
+
+def capture(out: Path, every_segment: bool = False) -> None:
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-    program = _filter_program()
+    program = _filter_program(every_segment)
     import ctypes
     buf = ctypes.create_string_buffer(program)
     fprog = struct.pack("HL", len(program) // 8, ctypes.addressof(buf))
@@ -168,8 +193,9 @@ def capture(out: Path) -> None:
             seg = parse(frame, addr[2], time.monotonic())
             if seg is not None:
                 f.write(json.dumps({"at": seg.at, "sent": seg.sent, "src": seg.src, "dst": seg.dst,
-                                    "flags": seg.flags, "seq": seg.seq}) + "\n")
+                                    "flags": seg.flags, "seq": seg.seq, "ack": seg.ack,
+                                    "payload": seg.payload}) + "\n")
 
 
 if __name__ == "__main__":
-    capture(Path(sys.argv[1]))
+    capture(Path(sys.argv[1]), every_segment="--every-segment" in sys.argv[2:])

@@ -5,9 +5,17 @@ no PAWS rejects, checksum errors or resets on a handed-off connection."""
 from __future__ import annotations
 
 import json
+import time
+from typing import Callable
 
 from arr.testbed.capture import ResetCapture
 from arr.testbed.cluster import Cluster
+from handoff.forward_pool import MAX_AGE
+
+CAPTURE_SETTLE = MAX_AGE + 0.2
+"""Seconds between the start of the reset capture and the counters' first
+reading: every forwarding connection the router's pool opened before the
+capture is gone by then (closed or handed off)."""
 
 # Counters that must not move on a handed-off connection's endpoints.
 BAD_COUNTERS = (
@@ -15,6 +23,11 @@ BAD_COUNTERS = (
     "TcpOutRsts", "TcpExtTCPAbortOnData", "TcpExtTCPAbortOnClose", "TcpExtTCPAbortOnMemory",
     "TcpExtTCPAbortOnTimeout", "TcpExtTCPAbortOnLinger", "TcpExtTCPAbortFailed",
 )
+ROUTER_BAD_COUNTERS = ("TcpOutRsts", "TcpInCsumErrors")
+"""What must not move on the router. Not the others: it closes every socket it
+hands off or takes back in repair mode, ESTABLISHED to CLOSE without a packet,
+which the kernel counts as ``TcpEstabResets``; its probes of clients draw
+challenge ACKs. A reset it sends is what a peer would see."""
 
 
 def tcp_counters(cluster: Cluster, host) -> dict[str, int]:
@@ -28,11 +41,21 @@ class CounterWatch:
     their resets (arr/testbed/capture.py) that tells which connections those
     ended."""
 
-    def __init__(self, cluster: Cluster, hosts) -> None:
+    def __init__(self, cluster: Cluster, hosts, router=None) -> None:
+        """HOSTS: endpoints (BAD_COUNTERS); ROUTER, if given, is watched
+        too (ROUTER_BAD_COUNTERS)."""
         self.cluster = cluster
-        self.hosts = list(hosts)
+        self.hosts = list(hosts) + ([router] if router is not None else [])
+        self.router_name = router.name if router is not None else None
         self.capture = ResetCapture(cluster, self.hosts).__enter__()
+        # A reset is told apart only if the capture saw its connection's
+        # handshake: the forwarding connections the router opened before the
+        # capture began are closed (unused) or handed off by now.
+        time.sleep(CAPTURE_SETTLE)
         self.before = {h.name: tcp_counters(cluster, h) for h in self.hosts}
+        self.since = time.monotonic()
+        """Resets from here on are the counters' (CLOCK_MONOTONIC is system-wide:
+        the capture's timestamps compare)."""
         self.empty_resets: dict[str, int] = {}
         """After ``assert_clean``: {host: resets it sent on connections that
         carried nothing from it} (the router's unused forward-pool connections)."""
@@ -44,29 +67,46 @@ class CounterWatch:
             out[h.name] = {k: now.get(k, 0) - self.before[h.name].get(k, 0) for k in now}
         return out
 
-    def assert_clean(self, tolerated: dict[str, int] | None = None) -> dict[str, dict[str, int]]:
+    def assert_clean(self, tolerated: dict[str, int] | None = None,
+                     explain: Callable[[], str] | None = None) -> dict[str, dict[str, int]]:
         """No bad counter moved on any host, beyond TOLERATED ({counter: at
         most this many on each host}: a known defect a test names and says
         why). A reset on a connection that carried nothing from its sender
         harms no one's data: it is reported in ``empty_resets`` and not
-        counted in ``TcpOutRsts``; every other reset is."""
+        counted in ``TcpOutRsts``; every other reset is. EXPLAIN, on failure,
+        adds to the message (arr.testbed.router.handoff_outcomes)."""
         tolerated = tolerated or {}
+        until = time.monotonic()  # a reset after this may miss the counters: not set apart
         deltas = self.deltas()
         self.capture.stop()
+        harmful, received = {}, {}
         for host, verdicts in self.capture.resets().items():
+            verdicts = [v for v in verdicts if self.since <= v.reset.at <= until]
             self.empty_resets[host] = sum(v.empty for v in verdicts)
+            harmful[host] = [_tuple(v.reset) for v in verdicts if not v.empty]
             deltas[host]["TcpOutRsts"] = deltas[host].get("TcpOutRsts", 0) - self.empty_resets[host]
+        for host, segments in self.capture.received_resets().items():
+            received[host] = [_tuple(r) for r in segments if self.since <= r.at <= until][:10]
         for d in deltas.values():
             # Under loss the router may retransmit its SYN-ACK after the
             # client's handshake ACK was dropped; the established client then
             # answers with a challenge ACK and counts TcpInErrs (RFC 5961 4.2).
             # That is the router's own handshake, not a handed-off connection.
             d["TcpInErrs"] = d.get("TcpInErrs", 0) - d.get("TcpExtTCPSYNChallenge", 0)
-        bad = {host: {k: d[k] for k in BAD_COUNTERS if d.get(k, 0) > tolerated.get(k, 0)}
+        bad = {host: {k: d[k] for k in (ROUTER_BAD_COUNTERS if host == self.router_name else BAD_COUNTERS)
+                      if d.get(k, 0) > tolerated.get(k, 0)}
                for host, d in deltas.items()}
         bad = {host: counters for host, counters in bad.items() if counters}
-        assert not bad, f"bad TCP counters moved: {bad}"
+        if bad:
+            raise AssertionError(f"bad TCP counters moved: {bad}; resets sent on connections that carried "
+                                 f"data: {({h: r for h, r in harmful.items() if r})}; resets received: "
+                                 f"{({h: r for h, r in received.items() if r})}"
+                                 + (f"; {explain()}" if explain is not None else ""))
         return deltas
+
+
+def _tuple(segment) -> str:
+    return f"{segment.src[0]}:{segment.src[1]}->{segment.dst[0]}:{segment.dst[1]}"
 
 
 def inject_loss(cluster: Cluster, host, per_mille: int) -> None:

@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from arr.testbed.cluster import NS_PREFIX, Cluster, Host, TestbedError
 
@@ -369,6 +369,28 @@ class AgentProcess(ArrProcess):
         return parse_exposition(self.cluster.exec(self.host, [
             "curl", "-sS", "--noproxy", "*", "--max-time", "5",
             f"http://127.0.0.1:{AGENT_METRICS_PORT}/metrics"]).stdout)
+
+
+def handoff_outcomes(router: RouterProcess, agents: Sequence[AgentProcess]) -> str:
+    """What the router and agents counted of fallbacks, take-backs, ended
+    connections and refused control frames: read into a failed network
+    test's message, it says which path a connection took before a reset."""
+    router_prefixes = ("arr_handoff_fallbacks_total", "arr_takebacks_total", "arr_router_takebacks_total",
+                       "arr_control_rejected_total", "arr_redispatches_total")
+    agent_prefixes = ("arr_agent_connections_ended", "arr_agent_control_rejected", "arr_agent_handoffs_refused",
+                      "arr_agent_reports_unrouted")
+    parts = [f"router: {_nonzero(router.metrics, router_prefixes)}"]
+    for agent in agents:
+        parts.append(f"agent {agent.host.name}: {_nonzero(agent.metrics, agent_prefixes)}")
+    return "; ".join(parts)
+
+
+def _nonzero(read: Callable[[], dict[str, float]], prefixes: tuple[str, ...]) -> dict[str, float] | str:
+    try:
+        samples = read()
+    except Exception as exc:  # noqa: BLE001: a stopped process; the test's own failure matters
+        return f"unreadable ({exc.__class__.__name__})"
+    return {k: v for k, v in samples.items() if k.startswith(prefixes) and v}
 
 
 def clear_handoff_programs(cluster: Cluster) -> int:

@@ -3,6 +3,8 @@
 * ``cluster``: a factory, ``cluster(targets=2, topology="gateway", ...)`` ->
   a started :class:`arr.testbed.Cluster`; every cluster it made is closed at
   teardown and checked to have left nothing behind.
+* ``ns``: a bare namespace with only loopback up, for tests of one host's
+  sockets (sock_diag, crafted segments); deleted at teardown.
 * A session fixture removes namespaces left by a crashed earlier run
   (``arr.testbed.cleanup_stale``: only our prefix, never a live cluster).
 
@@ -13,10 +15,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from typing import Callable, Iterator
 
 import pytest
 
+from arr import netlink
 from arr.testbed import Cluster, ClusterSpec, cleanup_stale
 from arr.testbed.router import remove_stale_pins
 
@@ -50,6 +54,17 @@ def netbed() -> Iterator[None]:
     if pins:
         print(f"[arr.testbed] removed stale pinned maps: {pins}")
     yield
+
+
+@pytest.fixture
+def ns(netbed: None) -> Iterator[str]:
+    name = f"arrns-{uuid.uuid4().hex[:8]}"
+    netlink.netns_create(name)
+    try:
+        netlink.link_up(name, "lo")
+        yield name
+    finally:
+        netlink.netns_delete(name)
 
 
 @pytest.fixture

@@ -5,12 +5,10 @@ receiver's rcv_nxt resets it; without CAP_NET_RAW the sender says so."""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -23,19 +21,6 @@ pytestmark = pytest.mark.net
 
 LOOPBACK = "127.0.0.1"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def ns() -> Iterator[str]:
-    if os.geteuid() != 0:
-        pytest.fail("tests/net need root; CI runs them as root. They are not skipped on purpose.", pytrace=False)
-    name = f"arrcraft-{uuid.uuid4().hex[:8]}"
-    netlink.netns_create(name)
-    try:
-        netlink.link_up(name, "lo")
-        yield name
-    finally:
-        netlink.netns_delete(name)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import pytest
 from arr import netlink
 from arr.testbed import Cluster
 from arr.testbed.loss import CounterWatch, dropped, inject_loss
-from arr.testbed.router import ROUTER_PORT, handoff_cluster
+from arr.testbed.router import ROUTER_PORT, handoff_cluster, handoff_outcomes
 
 pytestmark = pytest.mark.net
 
@@ -52,7 +52,7 @@ def test_50_downloads_under_2_percent_loss_each_way(cluster):
         assert not bad, f"{len(bad)} downloads failed, e.g. {bad[:3]}"
         slowest = max(r[2] for r in results)
         assert slowest < 10, f"a download took {slowest:.1f}s"
-        deltas = watch.assert_clean()
+        deltas = watch.assert_clean(explain=lambda: handoff_outcomes(router, agents))
         drops = {h.name: dropped(c, h) for h in (c.client, *c.targets)}
         assert sum(drops.values()) > 100, f"the loss did not happen: {drops}"
         assert router.metric_sum("arr_handoffs_total", result="ok") + router.metric_sum(
@@ -96,7 +96,7 @@ def test_clients_unlike_the_router(cluster, peer):
         results = [download(c, router.url + info.url_path) for _ in range(6)]
         assert all(r[0] == 200 and r[1] == info.sha256 for r in results), results
         assert max(r[2] for r in results) < 10
-        deltas = watch.assert_clean()
+        deltas = watch.assert_clean(explain=lambda: handoff_outcomes(router, agents))
         # Under loss a handoff may fall back (then it is proxied, correctly);
         # most must not.
         handed = router.metric_sum("arr_handoffs_total", result="ok")
@@ -122,7 +122,7 @@ def test_targets_with_other_window_scales_than_the_router(cluster):
         watch = CounterWatch(c, (c.client, *c.targets))
         results = [download(c, router.url + info.url_path) for _ in range(6)]
         assert all(r[0] == 200 and r[1] == info.sha256 for r in results), results
-        watch.assert_clean()
+        watch.assert_clean(explain=lambda: handoff_outcomes(router, agents))
         served = [sum(1 for line in c.nginx_log(i) if info.url_path in line) for i in range(2)]
         assert served == [3, 3]
 
@@ -149,7 +149,7 @@ for i in range(10):
 """
         lines = c.exec(c.client, ["python3", "-c", script]).stdout.split("\n")
         assert [line for line in lines if line] == [f"200 {c.files['1m'].sha256}"] * 10
-        watch.assert_clean()
+        watch.assert_clean(explain=lambda: handoff_outcomes(router, agents))
         # Every request decided: wrk's (each taken back and handed off again;
         # those cut by its stop are decided, not counted by it) and the
         # Python client's ten.
@@ -214,7 +214,7 @@ def test_pipelined_and_later_keep_alive_requests_in_order(cluster):
                                then=[c.files[n].url_path for n in later])
         got = [(status, hashlib.sha256(body).hexdigest()) for status, body in answers]
         assert got == [(200, c.files[n].sha256) for n in order + later]
-        watch.assert_clean()
+        watch.assert_clean(explain=lambda: handoff_outcomes(router, agents))
         # Each of the six decided: the two that arrived with a next one behind
         # them proxied (forwarded together, the next would reach the target
         # undecided), the third handed off, the later three taken back and
@@ -263,4 +263,4 @@ def test_urgent_data_falls_back_to_proxy(cluster):
         reasons = {r: router.metric_sum("arr_handoff_fallbacks_total", reason=r)
                    for r in ("urgent-data", "unread-data")}
         assert sum(reasons.values()) == 1, reasons
-        watch.assert_clean()  # and the connection ended with a FIN, not a RST
+        watch.assert_clean(explain=lambda: handoff_outcomes(router, agents))  # and the connection ended with a FIN, not a RST

@@ -36,7 +36,7 @@ import pytest
 
 from arr import netlink
 from arr.testbed.loss import CounterWatch, dropped, inject_loss, tcp_counters
-from arr.testbed.router import BPF_DIR, ROUTER_PORT, handoff_cluster, pin_instance, wait_for
+from arr.testbed.router import BPF_DIR, ROUTER_PORT, handoff_cluster, handoff_outcomes, pin_instance, wait_for
 
 pytestmark = pytest.mark.net
 
@@ -227,15 +227,19 @@ def test_live_migration_of_1000_idle_connections_within_2_s(cluster):
             assert router.metric_sum("arr_router_takebacks_total", result="ok") - takebacks_before == 1000
             assert router.metric_sum("arr_migrations_total", mode="live", outcome="moved") == 1000
             assert handed_off(c, 0) == []
+            decided_before = router.metric_sum("arr_requests_total", decision="handoff")
             started = time.monotonic()
             for conn in clients:
                 assert conn.get("/whoami") == whoami_of(c, 1)
             print(f"1000 next requests served by {c.targets[1].name} in {time.monotonic() - started:.2f} s")
+            # Each was read and decided by the router (steered to B), not
+            # carried to B at layer 4 unseen.
+            assert router.metric_sum("arr_requests_total", decision="handoff") - decided_before == 1000
             info = c.files["1m"]
             for conn in clients[::50]:
                 assert hashlib.sha256(conn.get(info.url_path)).hexdigest() == info.sha256
                 assert conn.get("/whoami") == whoami_of(c, 1)
-            deltas = watch.assert_clean()
+            deltas = watch.assert_clean(explain=lambda: handoff_outcomes(router, agents))
             print("TCP counters:", {h: {k: d[k] for k in ("TcpExtTCPTimeouts", "TcpRetransSegs", "TcpOutRsts")
                                         if d.get(k)} for h, d in deltas.items()},
                   "empty resets:", watch.empty_resets)
@@ -508,7 +512,7 @@ def test_a_target_hung_its_idle_connections_move_live_to_b(cluster):
                 started = time.monotonic()
                 assert next_answer(c, conn, 5.0) == ("answered", whoami_of(c, 1))
                 assert time.monotonic() - started < 1.0
-            deltas = watch.assert_clean()
+            deltas = watch.assert_clean(explain=lambda: handoff_outcomes(router, agents))
             assert deltas[c.client.name].get("TcpExtTCPTimeouts", 0) == 0, deltas[c.client.name]
             print(f"A down {down_after:.2f} s after nginx stopped, its 20 connections moved by "
                   f"{moved_after:.2f} s; {migrations}")
@@ -644,7 +648,9 @@ def test_live_migration_under_2_percent_loss_each_way(cluster):
         try:
             for host in (c.client, *c.targets):
                 inject_loss(c, host, 20)
-            watch = CounterWatch(c, (c.client, *c.targets))
+            # The router too: closing A's forwarding connections, it must
+            # re-ACK A's retransmitted FIN, not reset it (handoff/forward_close.py).
+            watch = CounterWatch(c, (c.client, *c.targets), router=c.router)
             report, took = timed_admin(c, router, "migrate", "--from", c.targets[0].name,
                                        "--to", c.targets[1].name)
             assert report["selected"] == 200 and report["moved"] == 200, report
@@ -654,7 +660,7 @@ def test_live_migration_under_2_percent_loss_each_way(cluster):
                 assert conn.get("/whoami") == whoami_of(c, 1)
                 assert hashlib.sha256(conn.get(info.url_path)).hexdigest() == info.sha256
                 slowest = max(slowest, time.monotonic() - started)
-            watch.assert_clean()
+            watch.assert_clean(explain=lambda: handoff_outcomes(router, agents))
             drops = {h.name: dropped(c, h) for h in (c.client, *c.targets)}
             assert sum(drops.values()) > 20, f"the loss did not happen: {drops}"
             taken = router.metric_sum("arr_router_takebacks_total", result="ok")

@@ -26,20 +26,6 @@ pytestmark = pytest.mark.net
 LOOPBACK = "127.0.0.1"
 
 
-@pytest.fixture
-def ns() -> Iterator[str]:
-    if os.geteuid() != 0:
-        pytest.fail("tests/net need root (network namespaces, SOCK_DESTROY); CI runs them as root. "
-                    "They are not skipped on purpose.", pytrace=False)
-    name = f"arrdiag-{uuid.uuid4().hex[:8]}"
-    netlink.netns_create(name)
-    try:
-        netlink.link_up(name, "lo")
-        yield name
-    finally:
-        netlink.netns_delete(name)
-
-
 class Sockets:
     """Makes sockets inside the namespace; closes them all at teardown."""
 

@@ -299,22 +299,27 @@ def pools() -> dict[str, Pool]:
     return {"web": Pool.of("web", [t0, t1], RoundRobin()), "api": Pool.of("api", [t0, t2], RoundRobin())}
 
 
+def pool_of(p: dict[str, Pool], decision) -> Pool | None:
+    """The pool whose member DECISION chose (the router's ``_pool_of``)."""
+    return next((q for q in p.values() if getattr(decision, "target", None) in q.members), None)
+
+
 @pytest.mark.parametrize("kind", [Handoff, Proxy])
 def test_steer_redirects_to_the_wanted_member_of_the_same_pool(kind):
     p = pools()
     decision = kind(p["web"].find("t0"))
-    steered = steer(decision, B, list(p.values()))
+    steered = steer(decision, B, pool_of(p, decision))
     assert type(steered) is kind and steered.target is p["web"].find("t1")
     # The api pool's t0 is another membership: its pool has no B, so no change.
     api_decision = kind(p["api"].find("t0"))
-    assert steer(api_decision, B, list(p.values())) is api_decision
-    assert steer(api_decision, C, list(p.values())).target is p["api"].find("t2")
+    assert steer(api_decision, B, pool_of(p, api_decision)) is api_decision
+    assert steer(api_decision, C, pool_of(p, api_decision)).target is p["api"].find("t2")
 
 
 def test_steer_leaves_a_decision_already_at_the_wanted_target():
     p = pools()
     decision = Handoff(p["web"].find("t1"))
-    assert steer(decision, B, list(p.values())) is decision
+    assert steer(decision, B, pool_of(p, decision)) is decision
 
 
 @pytest.mark.parametrize("make_unavailable", [
@@ -325,22 +330,22 @@ def test_steer_never_picks_an_unavailable_member(make_unavailable):
     p = pools()
     make_unavailable(p["web"].find("t1"))
     decision = Handoff(p["web"].find("t0"))
-    assert steer(decision, B, list(p.values())) is decision
+    assert steer(decision, B, pool_of(p, decision)) is decision
 
 
 def test_steer_leaves_everything_else_alone():
     p = pools()
     web_t0 = p["web"].find("t0")
     handoff = Handoff(web_t0)
-    assert steer(handoff, C, list(p.values())) is handoff          # C is in another pool only
-    assert steer(handoff, ("10.0.0.99", 80), list(p.values())) is handoff  # no such target
-    assert steer(handoff, None, list(p.values())) is handoff
-    assert steer(handoff, ("10.0.0.12", 8080), list(p.values())) is handoff  # same host, other port
+    assert steer(handoff, C, pool_of(p, handoff)) is handoff          # C is in another pool only
+    assert steer(handoff, ("10.0.0.99", 80), pool_of(p, handoff)) is handoff  # no such target
+    assert steer(handoff, None, pool_of(p, handoff)) is handoff
+    assert steer(handoff, ("10.0.0.12", 8080), pool_of(p, handoff)) is handoff  # same host, other port
     local, reject = Local(lambda request: LocalResponse()), Reject(503)
-    assert steer(local, B, list(p.values())) is local
-    assert steer(reject, B, list(p.values())) is reject
-    # A decision for a member of no pool given (a pool replaced by a reload) stays too.
-    assert steer(handoff, B, [p["api"]]) is handoff
+    assert steer(local, B, pool_of(p, local)) is local
+    assert steer(reject, B, pool_of(p, reject)) is reject
+    # A decision whose pool is unknown (a pool replaced by a reload) stays too.
+    assert steer(handoff, B, None) is handoff
 
 
 # ----------------------------------------------------------------- MoveReport

@@ -58,7 +58,7 @@ def test_avoid_picks_another_member_of_the_same_pool():
         return p.pick(Request.build("GET", "/", []), exclude=excluded)
 
     for kind in (Handoff, Proxy):
-        other = avoid(kind(a), A.address, [web], pick)
+        other = avoid(kind(a), A.address, web, pick)
         assert isinstance(other, kind) and other.target.target.address != A.address
     assert excluded_seen == ["a", "a"]
 
@@ -66,16 +66,18 @@ def test_avoid_picks_another_member_of_the_same_pool():
 def test_avoid_keeps_a_decision_that_does_not_go_to_the_silent_target():
     web = pool(A, B)
     decision = Handoff(web.members[1])
-    assert avoid(decision, A.address, [web], lambda p, e: None) is decision
+    assert avoid(decision, A.address, web, lambda p, e: None) is decision
     for other in (Reject(403), Local(lambda r: LocalResponse(200, b""))):
-        assert avoid(other, A.address, [web], lambda p, e: None) is other
+        assert avoid(other, A.address, web, lambda p, e: None) is other
 
 
 def test_avoid_has_nothing_when_the_pool_has_no_other_member():
     web = pool(A, B)
     web.members[1].draining = True
-    assert avoid(Handoff(web.members[0]), A.address, [web],
+    assert avoid(Handoff(web.members[0]), A.address, web,
                  lambda p, e: p.pick(Request.build("GET", "/", []), exclude=e)) is None
+    # A pool the router no longer knows (replaced by a reload): no other either.
+    assert avoid(Handoff(web.members[0]), A.address, None, lambda p, e: p.members[1]) is None
 
 
 def base_config(rule: dict) -> dict:
