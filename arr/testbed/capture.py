@@ -1,21 +1,33 @@
-"""Which connections a host's resets ended: a capture of handshakes and resets.
+"""Which connections a host's resets ended: a capture of handshakes, FINs and resets.
 
 The loss tests count ``TcpOutRsts`` per host (arr/testbed/loss.py), which
 cannot say *whose* connection a reset ended. A reset that ends a connection
-that carried a client's request is a defect; one the target sends on a
-forwarding connection that never carried a byte either way (the router's
-forward pool, handoff/forward_pool.py, closes unused connections every
-``MAX_AGE``) harms no one, and the tests report those apart.
+that carried a client's request is a defect. Two kinds harm no one, and the
+tests report them apart:
+
+* *empty*: one the target sends on a forwarding connection that never carried
+  a byte either way (the router's forward pool, handoff/forward_pool.py,
+  closes unused connections every ``MAX_AGE``);
+* *closed*: one a host sends after both sides of the connection closed. When
+  the host's ACK and FIN cross from two CPUs, the veth pair can deliver the
+  FIN first: the peer goes to TIME_WAIT on it, and the ACK that arrives after
+  is out of window for TIME_WAIT, which answers it with an ACK (RFC 793);
+  by then the host's socket has gone (LAST_ACK ended on the peer's first
+  ACK), so that second ACK draws a RST. Every byte of both sides was
+  delivered and acknowledged; the RST ends a TIME_WAIT. Seen on forward-pool
+  connections (both ends' captures); nothing in it is particular to them.
 
 ``ResetCapture`` runs this module in a host's namespace: an AF_PACKET socket
-whose classic BPF filter passes only TCP segments with SYN or RST set (a few
-per connection, whatever the transfer), written as JSON lines. ``classify``
-is the pure part: for each reset the host sent, the SYN-ACK or SYN it sent
-earlier on the 4-tuple gives its initial sequence number, and a reset whose
-sequence number is at most ISN + 2 (SYN and FIN) followed a connection on
-which this host sent no payload.
+whose classic BPF filter passes only TCP segments with SYN, FIN or RST set (a
+few per connection, whatever the transfer), written as JSON lines.
+``classify`` is the pure part: for each reset the host sent, the SYN-ACK or
+SYN it sent earlier on the 4-tuple gives its initial sequence number, and a
+reset whose sequence number is at most ISN + 2 (SYN and FIN) followed a
+connection on which this host sent no payload; a reset that answers a
+segment acknowledging the host's FIN (no ACK flag, its sequence number just
+past that FIN), after the host received the peer's FIN, followed a
+connection both sides had closed.
 """
-
 from __future__ import annotations
 
 import json
@@ -33,7 +45,7 @@ from typing import Iterable
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
 SO_ATTACH_FILTER = 26
-SYN, RST = 0x02, 0x04
+FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
 SEQ_MOD = 1 << 32
 EMPTY_CONNECTION_SPAN = 2
 """A connection on which a host sent only SYN and FIN has used 2 sequence numbers."""
@@ -44,9 +56,9 @@ a reset that a test could not explain."""
 
 
 def _filter_program(every_segment: bool = False) -> bytes:
-    """cBPF: IPv4 TCP with SYN or RST (Ethernet framing), else drop; with
-    EVERY_SEGMENT, all IPv4 TCP (for reading what led to a reset)."""
-    flags_mask = 0xFF if every_segment else SYN | RST
+    """cBPF: IPv4 TCP with SYN, FIN or RST (Ethernet framing), else drop;
+    with EVERY_SEGMENT, all IPv4 TCP (for reading what led to a reset)."""
+    flags_mask = 0xFF if every_segment else SYN | FIN | RST
     ins = [
         (0x28, 0, 0, 12),            # ldh [12]            ethertype
         (0x15, 0, 6, 0x0800),        # jeq IPv4 else drop
@@ -54,7 +66,7 @@ def _filter_program(every_segment: bool = False) -> bytes:
         (0x15, 0, 4, 6),             # jeq TCP else drop
         (0xB1, 0, 0, 14),            # ldxb 4*([14]&0xf)   IP header length
         (0x50, 0, 0, 14 + 13),       # ldb [x+27]          TCP flags
-        (0x45, 0, 1, flags_mask),    # jset SYN|RST else drop
+        (0x45, 0, 1, flags_mask),    # jset SYN|FIN|RST else drop
         (0x06, 0, 0, 0x40000),       # ret whole packet
         (0x06, 0, 0, 0),             # ret 0 (drop)
     ]
@@ -94,24 +106,41 @@ class ResetVerdict:
     reset: Segment
     empty: bool
     """The host had sent nothing but SYN (and FIN) on the connection it reset."""
+    closed: bool = False
+    """Both sides had closed: the reset answers a segment that acknowledged
+    the host's FIN (its seq is just past it, no ACK flag), and the host had
+    received the peer's FIN."""
 
 
 def classify(segments: Iterable[Segment]) -> list[ResetVerdict]:
     """Each reset this host sent, with whether its connection was empty on
-    this host's side. A reset with no handshake of ours before it on its
-    4-tuple counts as not empty (the safe side)."""
+    this host's side, or closed on both. A reset with no handshake of ours
+    before it on its 4-tuple counts as not empty (the safe side)."""
     isn: dict[tuple, int] = {}
+    fin_end: dict[tuple, int] = {}
+    """Per 4-tuple (ours first): the seq just past the FIN we sent."""
+    peer_fin: set[tuple] = set()
     verdicts = []
     for seg in sorted(segments, key=lambda s: s.at):
+        key = (seg.src, seg.dst) if seg.sent else (seg.dst, seg.src)
         if not seg.sent:
+            if seg.flags & SYN:
+                peer_fin.discard(key)
+            elif seg.flags & FIN:
+                peer_fin.add(key)
             continue
-        key = (seg.src, seg.dst)
         if seg.flags & SYN:
             isn[key] = seg.seq
+            fin_end.pop(key, None)
         elif seg.flags & RST:
             start = isn.get(key)
             span = (seg.seq - start) % SEQ_MOD if start is not None else None
-            verdicts.append(ResetVerdict(seg, span is not None and span <= EMPTY_CONNECTION_SPAN))
+            # A reply (no ACK flag) takes its seq from the segment it answers:
+            # that segment acknowledged our FIN. An abort's RST carries ACK.
+            closed = not seg.flags & ACK and key in peer_fin and fin_end.get(key) == seg.seq
+            verdicts.append(ResetVerdict(seg, span is not None and span <= EMPTY_CONNECTION_SPAN, closed))
+        elif seg.flags & FIN:
+            fin_end[key] = (seg.seq + seg.payload + 1) % SEQ_MOD
     return verdicts
 
 

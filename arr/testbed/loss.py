@@ -59,6 +59,9 @@ class CounterWatch:
         self.empty_resets: dict[str, int] = {}
         """After ``assert_clean``: {host: resets it sent on connections that
         carried nothing from it} (the router's unused forward-pool connections)."""
+        self.closed_resets: dict[str, int] = {}
+        """After ``assert_clean``: {host: resets it sent after both sides had
+        closed} (arr/testbed/capture.py says how they come about)."""
 
     def deltas(self) -> dict[str, dict[str, int]]:
         out = {}
@@ -71,9 +74,10 @@ class CounterWatch:
                      explain: Callable[[], str] | None = None) -> dict[str, dict[str, int]]:
         """No bad counter moved on any host, beyond TOLERATED ({counter: at
         most this many on each host}: a known defect a test names and says
-        why). A reset on a connection that carried nothing from its sender
-        harms no one's data: it is reported in ``empty_resets`` and not
-        counted in ``TcpOutRsts``; every other reset is. EXPLAIN, on failure,
+        why). A reset on a connection that carried nothing from its sender,
+        or sent after both sides had closed, harms no one's data: it is
+        reported in ``empty_resets`` or ``closed_resets`` and not counted in
+        ``TcpOutRsts``; every other reset is. EXPLAIN, on failure,
         adds to the message (arr.testbed.router.handoff_outcomes)."""
         tolerated = tolerated or {}
         until = time.monotonic()  # a reset after this may miss the counters: not set apart
@@ -83,8 +87,10 @@ class CounterWatch:
         for host, verdicts in self.capture.resets().items():
             verdicts = [v for v in verdicts if self.since <= v.reset.at <= until]
             self.empty_resets[host] = sum(v.empty for v in verdicts)
-            harmful[host] = [_tuple(v.reset) for v in verdicts if not v.empty]
-            deltas[host]["TcpOutRsts"] = deltas[host].get("TcpOutRsts", 0) - self.empty_resets[host]
+            self.closed_resets[host] = sum(v.closed and not v.empty for v in verdicts)
+            harmful[host] = [_tuple(v.reset) for v in verdicts if not (v.empty or v.closed)]
+            deltas[host]["TcpOutRsts"] = (deltas[host].get("TcpOutRsts", 0) - self.empty_resets[host]
+                                          - self.closed_resets[host])
         for host, segments in self.capture.received_resets().items():
             received[host] = [_tuple(r) for r in segments if self.since <= r.at <= until][:10]
         for d in deltas.values():

@@ -63,7 +63,7 @@ def test_50_downloads_under_2_percent_loss_each_way(cluster):
               f"fallbacks {fallback_reasons(router)}, "
               f"SACK recoveries {sum(d.get('TcpExtTCPSackRecovery', 0) for d in deltas.values())}, "
               f"PAWS rejects {sum(d.get('TcpExtPAWSEstab', 0) for d in deltas.values())}, "
-              f"resets of unused connections {watch.empty_resets}")
+              f"resets of unused connections {watch.empty_resets}, after both closed {watch.closed_resets}")
 
 
 PEERS = {

@@ -242,7 +242,7 @@ def test_live_migration_of_1000_idle_connections_within_2_s(cluster):
             deltas = watch.assert_clean(explain=lambda: handoff_outcomes(router, agents))
             print("TCP counters:", {h: {k: d[k] for k in ("TcpExtTCPTimeouts", "TcpRetransSegs", "TcpOutRsts")
                                         if d.get(k)} for h, d in deltas.items()},
-                  "empty resets:", watch.empty_resets)
+                  "empty resets:", watch.empty_resets, "after both closed:", watch.closed_resets)
             assert deltas[c.client.name].get("TcpExtTCPTimeouts", 0) == 0, deltas[c.client.name]
             assert router.metric_sum("arr_migration_steered_total") >= 400
         finally:

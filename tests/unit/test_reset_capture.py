@@ -6,16 +6,20 @@ from __future__ import annotations
 import socket
 import struct
 
+import pytest
 from hypothesis import given, strategies as st
 
-from arr.testbed.capture import PACKET_OUTGOING, RST, SYN, Segment, classify, parse
+from arr.testbed.capture import ACK, FIN, PACKET_OUTGOING, RST, SYN, Segment, classify, parse
 
 TARGET, ROUTER = ("10.0.0.11", 8080), ("10.0.0.1", 40001)
-ACK, FIN = 0x10, 0x01
 
 
-def sent(at: float, flags: int, seq: int, src=TARGET, dst=ROUTER) -> Segment:
-    return Segment(at, True, src, dst, flags, seq)
+def sent(at: float, flags: int, seq: int, src=TARGET, dst=ROUTER, payload: int = 0) -> Segment:
+    return Segment(at, True, src, dst, flags, seq, payload=payload)
+
+
+def received(at: float, flags: int, seq: int) -> Segment:
+    return Segment(at, False, ROUTER, TARGET, flags, seq)
 
 
 def frame(src, dst, flags: int, seq: int) -> bytes:
@@ -62,3 +66,42 @@ def test_sequence_numbers_wrap(isn: int, sent_bytes: int):
     rst_seq = (isn + 2 + sent_bytes) % (1 << 32)
     (verdict,) = classify([sent(0, SYN | ACK, isn), sent(1, RST, rst_seq)])
     assert verdict.empty == (sent_bytes == 0)
+
+
+# ------------------------------------------------------------ closed on both sides
+
+def test_a_reply_reset_after_both_fins_is_closed():
+    """The crossing the module describes: the peer's FIN, our FIN (after a
+    response), then a RST answering the peer's second ACK of our FIN."""
+    isn = 1000
+    segs = [sent(0, SYN | ACK, isn), received(1, FIN | ACK, 77), sent(2, FIN | ACK, isn + 1 + 512),
+            sent(3, RST, isn + 1 + 512 + 1)]
+    (verdict,) = classify(segs)
+    assert (verdict.empty, verdict.closed) == (False, True)
+
+
+def test_a_fin_with_payload_ends_past_its_payload():
+    isn = 1000
+    segs = [sent(0, SYN | ACK, isn), received(1, FIN | ACK, 77), sent(2, FIN | ACK | 0x08, isn + 1, payload=300),
+            sent(3, RST, isn + 1 + 300 + 1)]
+    assert [v.closed for v in classify(segs)] == [True]
+
+
+@pytest.mark.parametrize("case", ["no-peer-fin", "abort-with-ack", "seq-elsewhere", "no-own-fin",
+                                  "peer-fin-of-an-older-connection"])
+def test_a_reset_is_closed_only_after_both_fins_and_as_a_reply(case):
+    isn = 1000
+    fin_end = isn + 1 + 512 + 1
+    segs = [sent(0, SYN | ACK, isn), received(1, FIN | ACK, 77), sent(2, FIN | ACK, isn + 1 + 512),
+            sent(3, RST, fin_end)]
+    if case == "no-peer-fin":
+        del segs[1]
+    elif case == "abort-with-ack":  # the agent destroying a socket (tcp_abort) sends RST|ACK
+        segs[3] = sent(3, RST | ACK, fin_end)
+    elif case == "seq-elsewhere":
+        segs[3] = sent(3, RST, fin_end + 100)
+    elif case == "no-own-fin":
+        del segs[2]
+    elif case == "peer-fin-of-an-older-connection":
+        segs.insert(2, received(1.5, SYN, 5000))  # a new connection on the 4-tuple
+    assert [v.closed for v in classify(segs)] == [False]
