@@ -133,6 +133,7 @@ class RouterHandoff:
         self.releaser: ForwardReleaser | None = None
         self.pool: ForwardPool | None = None
         self.takebacks: TakeBacks | None = None
+        self._stopping = False
         self.migrator: Migrator | None = None
         self.deadlines: ResponseDeadlines | None = None
         self._states_at: dict[tuple[str, int], list["TargetState"]] = {}
@@ -170,7 +171,7 @@ class RouterHandoff:
         self.connections.start()
         self.releaser = ForwardReleaser(self._release_forward, self.settings.request_ack_timeout)
         counters = {result: self.metrics.forward_pool.labels(result) for result in ("hit", "miss", "stale")}
-        self.pool = pool = ForwardPool(self._open_forward, self._discard_forward, self.settings.forward_pool,
+        self.pool = pool = ForwardPool(self._open_forward, self._retire_forward, self.settings.forward_pool,
                                        count=lambda result: counters[result].inc(), clean=self._clean_handshake)
         self.metrics.forward_pool_ready.set_function(lambda: pool.ready)  # computed at scrape time
         for client in self.agents.values():
@@ -225,6 +226,7 @@ class RouterHandoff:
         if self.takebacks is not None:
             await self.takebacks.stop()
         if self.pool is not None:
+            self._stopping = True  # what the pool closes now goes plainly (_retire_forward)
             await self.pool.close()
         if self.releaser is not None:
             await self.releaser.finish()
@@ -499,6 +501,19 @@ class RouterHandoff:
             self._discard_forward(ready)
             raise
         return ready
+
+    def _retire_forward(self, ready: ReadyForward) -> None:
+        """A ready connection the pool closes unused (too old, or no shelf for
+        it): a FIN, and once the server answered, the router's TIME_WAIT
+        socket destroyed after its hold (handoff/forward_close.py), as for a
+        taken-back connection's. Closed plainly, it would hold its forward
+        port in TIME_WAIT for a minute: about 60 / MAX_AGE ports per shelf
+        whose connections go stale. Plainly when the router is stopping: no
+        one would finish the exchange."""
+        if self.takebacks is not None and not self._stopping:
+            self.takebacks.close_forward(ready)
+        else:
+            self._discard_forward(ready)
 
     def _discard_forward(self, ready: ReadyForward) -> None:
         """A forwarding connection that carried nothing: an ordinary close."""

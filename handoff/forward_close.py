@@ -1,5 +1,7 @@
 """Closing a forwarding connection the router rebuilt (handoff/takeback.py),
-without the 60 s of TIME_WAIT that would keep its port from the next handoff.
+or one its pool opened and did not use (handoff/forward_pool.py, through
+``HandoffEngine._retire_forward``), without the 60 s of TIME_WAIT that would
+keep its port from the next handoff.
 
 A taken-back connection whose next request goes elsewhere than its target
 closes its forwarding connection the way any client would: a FIN, answered by

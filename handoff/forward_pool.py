@@ -17,7 +17,8 @@ connections are closed, so an idle router holds nothing.
 
 The decisions are pure (``usable``, ``ForwardProfile``); ``ForwardPool`` is
 the I/O: the engine gives it ``open_forward`` (bind, watch entry, connect)
-and ``discard`` (close, watch entry gone).
+and ``discard`` (a FIN, its port free once the server answered:
+handoff/forward_close.py, so pool churn leaves no TIME_WAIT behind).
 """
 
 from __future__ import annotations

@@ -376,7 +376,8 @@ def handoff_outcomes(router: RouterProcess, agents: Sequence[AgentProcess]) -> s
     connections and refused control frames: read into a failed network
     test's message, it says which path a connection took before a reset."""
     router_prefixes = ("arr_handoff_fallbacks_total", "arr_takebacks_total", "arr_router_takebacks_total",
-                       "arr_control_rejected_total", "arr_redispatches_total")
+                       "arr_control_rejected_total", "arr_redispatches_total", "arr_health_transitions_total",
+                       "arr_migrations_total")
     agent_prefixes = ("arr_agent_connections_ended", "arr_agent_control_rejected", "arr_agent_handoffs_refused",
                       "arr_agent_reports_unrouted")
     parts = [f"router: {_nonzero(router.metrics, router_prefixes)}"]

@@ -17,7 +17,7 @@ import pytest
 
 from arr import netlink
 from arr.testbed import Cluster
-from arr.testbed.loss import CounterWatch, dropped, inject_loss
+from arr.testbed.loss import LOSSY_HEALTH, CounterWatch, dropped, inject_loss
 from arr.testbed.router import ROUTER_PORT, handoff_cluster, handoff_outcomes
 
 pytestmark = pytest.mark.net
@@ -42,7 +42,7 @@ def download(cluster: Cluster, url: str, timeout: float = 60) -> tuple[int, str,
 def test_50_downloads_under_2_percent_loss_each_way(cluster):
     c = cluster(targets=2, files={"8m": 8 * MiB})
     info = c.files["8m"]
-    with handoff_cluster(c) as (router, agents):
+    with handoff_cluster(c, health=LOSSY_HEALTH) as (router, agents):
         router.wait_healthy()
         for host in (c.client, *c.targets):
             inject_loss(c, host, 20)
@@ -87,7 +87,7 @@ def test_clients_unlike_the_router(cluster, peer):
         netlink.link_set_mtu(c.client.ns, c.client.ifname, mtu)
         netlink.link_set_mtu(c.gateway.ns, "eth1", mtu)
     info = c.files["4m"]
-    with handoff_cluster(c) as (router, agents):
+    with handoff_cluster(c, health=LOSSY_HEALTH) as (router, agents):
         router.wait_healthy()
         for host in (c.client, *c.targets):
             inject_loss(c, host, 10)
@@ -115,7 +115,7 @@ def test_targets_with_other_window_scales_than_the_router(cluster):
     netlink.sysctl_set(c.targets[0].ns, {"net.ipv4.tcp_rmem": "4096 65535 65535"})
     netlink.sysctl_set(c.targets[1].ns, {"net.ipv4.tcp_rmem": "4096 131072 1073741824"})
     info = c.files["4m"]
-    with handoff_cluster(c) as (router, agents):
+    with handoff_cluster(c, health=LOSSY_HEALTH) as (router, agents):
         router.wait_healthy()
         for host in (c.client, *c.targets):
             inject_loss(c, host, 10)

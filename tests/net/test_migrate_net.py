@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 
 from arr import netlink
-from arr.testbed.loss import CounterWatch, dropped, inject_loss, tcp_counters
+from arr.testbed.loss import LOSSY_HEALTH, CounterWatch, dropped, inject_loss, tcp_counters
 from arr.testbed.router import BPF_DIR, ROUTER_PORT, handoff_cluster, handoff_outcomes, pin_instance, wait_for
 
 pytestmark = pytest.mark.net
@@ -642,7 +642,7 @@ def test_live_migration_under_2_percent_loss_each_way(cluster):
     connection moves and its next request is served by B, byte-exact."""
     c = cluster(targets=2, files={"64k": 64 * 1024})
     info = c.files["64k"]
-    with handoff_cluster(c) as (router, agents):
+    with handoff_cluster(c, health=LOSSY_HEALTH) as (router, agents):
         router.wait_healthy()
         conns = on_a(c, router, 200)
         try:
