@@ -54,7 +54,11 @@ HANDOFF = {"linger": LINGER}
 AGENT = {"linger": LINGER}
 CLIENT_PORTS = "40000 40039"  # 40 source ports
 WRK_PORTS = "40000 45999"
-MAX_WATCH = 8  # watch entries allowed once a load is over (health probes in flight)
+MAX_WATCH = 2 * 3 * 4
+"""Watch entries allowed once a load is over: per forward-pool shelf (a client
+profile: one or two here), its 4 ready connections and those it retired
+within their TIME_WAIT hold (handoff/forward_close.py), up to 8 more (measured:
+8 to 12 a shelf, idle). A leak would leave one per connection: thousands."""
 MiB = 1 << 20
 FILES = {"1k": 1024, "1m": MiB}
 
