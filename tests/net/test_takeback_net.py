@@ -165,6 +165,8 @@ def test_consecutive_requests_to_one_target_reuse_its_connection(cluster):
         # nginx logs a request once it has finished it, which may be after the client read it.
         assert wait_for(lambda: nginx_lines(c, 0, "same=12 "), 3)
         lines = [nginx_lines(c, 0, f"same={n} ")[0] for n in range(1, 11)]
+        # Every request handed off (a fallback proxies on a connection of its own).
+        assert router.metric_sum("arr_handoff_fallbacks_total") == 0, handoff_outcomes(router, agents)
         # nginx's $connection and $connection_requests: one connection, requests 1..10.
         assert {line.split()[-2] for line in lines} == {lines[0].split()[-2]}, lines
         assert [line.split()[-1] for line in lines] == [str(n) for n in range(1, 11)]
