@@ -456,7 +456,9 @@ def _time_wait_text(data: Mapping) -> str:
     return (f"arr-nat router TIME_WAIT sockets on forward ports left by each window (median over runs): {parts}. "
             "A take-back to another target closes the old forwarding connection from the router; its "
             "TIME_WAIT socket is destroyed a second after the server answered the FIN (handoff/forward_close.py: "
-            "long enough to re-ACK the server's retransmitted FIN), counted here after that second. Left in TIME_WAIT (60 s), 11,000 forward ports would cap "
+            "long enough to re-ACK the server's retransmitted FIN), counted here after that second; the "
+            "forward pool's unused connections, retired every 0.9 s, pass through the same hold (a few per "
+            "shelf at any time). Left in TIME_WAIT (60 s), 11,000 forward ports would cap "
             "take-backs to another target near 183/s (`no-forward-port` fallbacks). "
             "Each arr-nat start and each window begins without the ones earlier tests left (destroyed; "
             f"{cleared:,.0f} at window starts).")

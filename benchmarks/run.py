@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import measure, report
-from handoff.forward_close import LOOKS
+from handoff.forward_close import TIME_WAIT_HOLD
 from benchmarks.stats import (by_label, counts_delta, decided_check, htab_elem_bytes, idle_core_pct,
                               percentile, router_counts, summarize)
 
@@ -333,9 +333,9 @@ class Bench:
             "agent_cpu_s": agent_cpu, "machine_cpu_s": w.machine_cpu_s,
             "errors": {k: v for k, v in lr.errors.items() if v}, **fresh}
         if fresh:  # what this window left behind: one per take-back to another target
-            # The router keeps each for TIME_WAIT_HOLD and destroys it at the next look
-            # (handoff/forward_close.py): count once that look is over.
-            time.sleep(sum(LOOKS[:5]) + 0.2)
+            # The router keeps each for TIME_WAIT_HOLD, then destroys it
+            # (handoff/forward_close.py): count once that is over.
+            time.sleep(TIME_WAIT_HOLD + 0.5)
             rec["forward_time_wait_after"] = measure.forward_time_wait(c, measure.forward_ports_of(running.router))
         if running.router is not None:
             check = self._decided(running, f"keep-alive routing {mode}", lr.requests, m0, m1)

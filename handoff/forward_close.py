@@ -66,9 +66,10 @@ class ForwardCloser:
         finally:
             self._schedule(ready.watch_key, ready.conn_id, time.monotonic(), 0)
 
-    def _schedule(self, key: FlowKey, conn_id: int, closed_at: float, look: int) -> None:
+    def _schedule(self, key: FlowKey, conn_id: int, closed_at: float, look: int,
+                  delay: float | None = None) -> None:
         self._timers[key] = asyncio.get_running_loop().call_later(
-            LOOKS[look], self._look, key, conn_id, closed_at, look)
+            LOOKS[look] if delay is None else delay, self._look, key, conn_id, closed_at, look)
 
     def _look(self, key: FlowKey, conn_id: int, closed_at: float, look: int) -> None:
         self._timers.pop(key, None)
@@ -86,8 +87,12 @@ class ForwardCloser:
                 self._schedule(key, conn_id, closed_at, look + 1)
                 return
             found = None  # no answer to the end: taken as gone
-        held = time.monotonic() - closed_at >= TIME_WAIT_HOLD
-        if found is not None and found.state == TcpState.TIME_WAIT and (held or last):
+        hold_left = TIME_WAIT_HOLD - (time.monotonic() - closed_at)
+        if found is not None and found.state == TcpState.TIME_WAIT and hold_left > 0 and not last:
+            # Over but for the hold: one more look, when it ends (not one per step of LOOKS).
+            self._schedule(key, conn_id, closed_at, look + 1, delay=hold_left)
+            return
+        if found is not None and found.state == TcpState.TIME_WAIT:
             try:
                 netlink.destroy_tcp_socket(None, local, remote, cookie=found.cookie)
                 self.reclaimed += 1
