@@ -16,6 +16,11 @@ tests report them apart:
   ACK), so that second ACK draws a RST. Every byte of both sides was
   delivered and acknowledged; the RST ends a TIME_WAIT. Seen on forward-pool
   connections (both ends' captures); nothing in it is particular to them.
+  Loss makes a second crossing: both FINs cross, one is lost, both are
+  retransmitted; the peer's ACK of the host's FIN ends the host's LAST_ACK
+  before the peer's retransmitted FIN arrives, and that FIN (its ack just
+  short of the host's FIN) draws a RST. Seen on a health check's connection
+  under 2% loss (router and target captures).
 
 ``ResetCapture`` runs this module in a host's namespace: an AF_PACKET socket
 whose classic BPF filter passes only TCP segments with SYN, FIN or RST set (a
@@ -24,9 +29,9 @@ few per connection, whatever the transfer), written as JSON lines.
 SYN it sent earlier on the 4-tuple gives its initial sequence number, and a
 reset whose sequence number is at most ISN + 2 (SYN and FIN) followed a
 connection on which this host sent no payload; a reset that answers a
-segment acknowledging the host's FIN (no ACK flag, its sequence number just
-past that FIN), after the host received the peer's FIN, followed a
-connection both sides had closed.
+segment acknowledging all the host sent before its FIN, or the FIN too (no
+ACK flag, its sequence number at that FIN or just past it), after the host
+received the peer's FIN, followed a connection both sides had closed.
 """
 from __future__ import annotations
 
@@ -108,8 +113,8 @@ class ResetVerdict:
     """The host had sent nothing but SYN (and FIN) on the connection it reset."""
     closed: bool = False
     """Both sides had closed: the reset answers a segment that acknowledged
-    the host's FIN (its seq is just past it, no ACK flag), and the host had
-    received the peer's FIN."""
+    everything up to the host's FIN or past it (its seq is the FIN's or just
+    past it, no ACK flag), and the host had received the peer's FIN."""
 
 
 def classify(segments: Iterable[Segment]) -> list[ResetVerdict]:
@@ -136,8 +141,11 @@ def classify(segments: Iterable[Segment]) -> list[ResetVerdict]:
             start = isn.get(key)
             span = (seg.seq - start) % SEQ_MOD if start is not None else None
             # A reply (no ACK flag) takes its seq from the segment it answers:
-            # that segment acknowledged our FIN. An abort's RST carries ACK.
-            closed = not seg.flags & ACK and key in peer_fin and fin_end.get(key) == seg.seq
+            # that segment acknowledged our FIN, or all before it (the peer's
+            # retransmitted FIN). An abort's RST carries ACK.
+            end = fin_end.get(key)
+            closed = not seg.flags & ACK and key in peer_fin and end is not None \
+                and (end - seg.seq) % SEQ_MOD <= 1
             verdicts.append(ResetVerdict(seg, span is not None and span <= EMPTY_CONNECTION_SPAN, closed))
         elif seg.flags & FIN:
             fin_end[key] = (seg.seq + seg.payload + 1) % SEQ_MOD

@@ -80,6 +80,18 @@ def test_a_reply_reset_after_both_fins_is_closed():
     assert (verdict.empty, verdict.closed) == (False, True)
 
 
+def test_a_reply_to_the_peers_retransmitted_fin_after_both_fins_is_closed():
+    """The crossing under loss (a health check's connection, router side):
+    both FINs, the peer's ACK of ours ends our LAST_ACK, then the peer's
+    retransmitted FIN, whose ack stops short of our FIN, draws a RST at our
+    FIN's own seq."""
+    isn = (1 << 32) - 300  # the FIN's seq wraps
+    fin_seq = (isn + 1 + 512) % (1 << 32)
+    segs = [sent(0, SYN, isn), received(1, FIN | ACK, 77), sent(2, FIN | ACK, fin_seq),
+            sent(2.2, FIN | ACK, fin_seq), received(2.3, FIN | ACK, 77), sent(2.4, RST, fin_seq)]
+    assert [(v.empty, v.closed) for v in classify(segs)] == [(False, True)]
+
+
 def test_a_fin_with_payload_ends_past_its_payload():
     isn = 1000
     segs = [sent(0, SYN | ACK, isn), received(1, FIN | ACK, 77), sent(2, FIN | ACK | 0x08, isn + 1, payload=300),
@@ -87,7 +99,7 @@ def test_a_fin_with_payload_ends_past_its_payload():
     assert [v.closed for v in classify(segs)] == [True]
 
 
-@pytest.mark.parametrize("case", ["no-peer-fin", "abort-with-ack", "seq-elsewhere", "no-own-fin",
+@pytest.mark.parametrize("case", ["no-peer-fin", "abort-with-ack", "seq-elsewhere", "seq-before-the-fin", "no-own-fin",
                                   "peer-fin-of-an-older-connection"])
 def test_a_reset_is_closed_only_after_both_fins_and_as_a_reply(case):
     isn = 1000
@@ -100,6 +112,8 @@ def test_a_reset_is_closed_only_after_both_fins_and_as_a_reply(case):
         segs[3] = sent(3, RST | ACK, fin_end)
     elif case == "seq-elsewhere":
         segs[3] = sent(3, RST, fin_end + 100)
+    elif case == "seq-before-the-fin":  # the answered segment left bytes before our FIN unacknowledged
+        segs[3] = sent(3, RST, fin_end - 2)
     elif case == "no-own-fin":
         del segs[2]
     elif case == "peer-fin-of-an-older-connection":
