@@ -12,14 +12,19 @@ from arr.testbed.capture import ResetCapture
 from arr.testbed.cluster import Cluster
 from handoff.forward_pool import MAX_AGE
 
-LOSSY_HEALTH = {"timeout": 3.0, "fall": 3}
+LOSSY_HEALTH = {"timeout": 6.0, "fall": 3}
 """Health-check settings (``handoff_cluster(..., health=LOSSY_HEALTH)``) that
 the injected loss does not fail. With the test bed's (0.5 s timeout, down
 after 2 failures) a lost SYN or SYN-ACK (retransmitted after 1 s) fails a
 probe (2 of 110 in 30 s under 2% loss each way, measured), and two in a row take a
 healthy target down, whose handed-off connections the router then moves
 (arr/server.py ``_target_down``: reset where they cannot move live): resets
-that a loss test would rightly count, for a cause it does not test."""
+that a loss test would rightly count, for a cause it does not test. The
+timeout covers a lost SYN and then a lost request: a handshake that needed a
+retransmitted SYN leaves the socket an RTO of 3 s (RFC 6298 5.7), so the
+request goes again about 4 s in; a probe that gave up at 3 s had closed its
+socket, and the answer then arriving drew a RST from the router (seen once
+in 46 live-migration runs, both ends captured)."""
 
 CAPTURE_SETTLE = MAX_AGE + 0.2
 """Seconds between the start of the reset capture and the counters' first
