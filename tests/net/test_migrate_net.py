@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -94,6 +95,12 @@ def on_a(c, router, n: int) -> list[KeepAlive]:
         assert conn.get("/whoami") == f"{c.targets[0].name}\n".encode()
     admin(c, router, "enable", c.targets[1].name)
     return conns
+
+
+def log_lines_of(router, port: int) -> list[str]:
+    """The router's log lines that name client port PORT."""
+    named = re.compile(rf":{port}\b|, {port}\)")
+    return [line for line in router.log_tail(1 << 20).splitlines() if named.search(line)]
 
 
 def whoami_of(c, i: int) -> bytes:
@@ -657,8 +664,15 @@ def test_live_migration_under_2_percent_loss_each_way(cluster):
             slowest = 0.0
             for conn in conns:
                 started = time.monotonic()
-                assert conn.get("/whoami") == whoami_of(c, 1)
-                assert hashlib.sha256(conn.get(info.url_path)).hexdigest() == info.sha256
+                try:
+                    assert conn.get("/whoami") == whoami_of(c, 1)
+                    assert hashlib.sha256(conn.get(info.url_path)).hexdigest() == info.sha256
+                except OSError as exc:
+                    # Seen once in CI (a reset), never reproduced since: say which path it took.
+                    raise AssertionError(f"client port {conn.port}: {exc!r} after "
+                                         f"{time.monotonic() - started:.2f} s; "
+                                         f"{handoff_outcomes(router, agents)}; router log: "
+                                         f"{log_lines_of(router, conn.port)}") from exc
                 slowest = max(slowest, time.monotonic() - started)
             watch.assert_clean(explain=lambda: handoff_outcomes(router, agents))
             drops = {h.name: dropped(c, h) for h in (c.client, *c.targets)}

@@ -265,11 +265,16 @@ def test_1000_keep_alive_requests_under_2_percent_loss_each_way(cluster):
             conn, port = connect(c)
             for n in range(100):
                 started = time.monotonic()
-                if n % 2:
-                    status, body = get(conn, "GET", info.url_path)
-                    assert status == 200 and hashlib.sha256(body).hexdigest() == info.sha256, n
-                else:
-                    assert get(conn, "GET", "/whoami") == (200, f"{c.targets[0].name}\n".encode()), n
+                try:
+                    if n % 2:
+                        status, body = get(conn, "GET", info.url_path)
+                        assert status == 200 and hashlib.sha256(body).hexdigest() == info.sha256, n
+                    else:
+                        assert get(conn, "GET", "/whoami") == (200, f"{c.targets[0].name}\n".encode()), n
+                except (OSError, http.client.HTTPException) as exc:
+                    raise AssertionError(f"request {n} on client port {port}: {exc!r} after "
+                                         f"{time.monotonic() - started:.2f} s; {handoff_outcomes(router, agents)}"
+                                         ) from exc
                 took = time.monotonic() - started
                 slowest = max(slowest, took)
                 if took > 0.3:
