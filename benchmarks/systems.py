@@ -261,7 +261,7 @@ def _external(cluster: Cluster, name: str, config: str, argv_of) -> Iterator[Run
         cluster.stop_process(proc)
 
 
-def header_routing(cluster: Cluster) -> dict:
+def header_routing(cluster: Cluster, health: dict | None = None) -> dict:
     """arr router config sections for the keep-alive routing test: the first
     target alone in the default pool (the top-level ``[[targets]]``, which the
     test bed's configuration always has), the second alone in pool ``t1``, and
@@ -269,10 +269,11 @@ def header_routing(cluster: Cluster) -> dict:
     The client's header (measure.ROUTE_LUA) then says where each request goes:
     the policy decides every request, and whether two requests of a connection
     go to the same target is the client's choice, exactly, not round-robin's
-    luck (a global round-robin's turn depends on how the connections interleave)."""
+    luck (a global round-robin's turn depends on how the connections interleave).
+    HEALTH overrides the health checks' settings (both pools)."""
     from arr.testbed.router import default_config
 
-    base = default_config(cluster, "nat")
+    base = default_config(cluster, "nat", **({"health": health} if health else {}))
     first, second = base["targets"][:2]
     return {"targets": [first],
             "pools": {"t1": {"targets": [second], "policy": dict(base["policy"]),
@@ -289,14 +290,15 @@ def single_target(cluster: Cluster) -> list[dict[str, str]]:
 
 @contextmanager
 def start_system(cluster: Cluster, name: str, one_target: bool = False,
-                 by_header: bool = False) -> Iterator[Running]:
+                 by_header: bool = False, health: dict | None = None) -> Iterator[Running]:
     """Start NAME in CLUSTER, yield how to reach and watch it, stop it.
 
     ``one_target`` (arr systems): the router's configuration lists only the
     first target, so every connection goes to it (the sustain test).
     ``by_header``: every router routes each request on ROUTE_HEADER, one target
     per value (:func:`header_routing`, ``haproxy_config``, ``nginx_proxy_config``;
-    the keep-alive routing test)."""
+    the keep-alive routing test). ``health`` (arr systems): overrides of the
+    health checks' settings (arr.testbed.loss.LOSSY_HEALTH under loss)."""
     if by_header and len(cluster.targets) < 2:
         raise BenchError("routing by header needs two targets")
     clear_handoff_programs(cluster)
@@ -309,8 +311,10 @@ def start_system(cluster: Cluster, name: str, one_target: bool = False,
         sections = {"limits": ARR_LIMITS}
         if one_target:
             sections["targets"] = single_target(cluster)
+        if health:
+            sections["health"] = health
         if by_header:
-            sections.update(header_routing(cluster))
+            sections.update(header_routing(cluster, health))
         try:
             with handoff_cluster(cluster, mode, **sections) as (router, agents):
                 router.wait_healthy(count=1 if one_target else None, timeout=15)

@@ -146,6 +146,11 @@ table inet arrloss {{
     cluster.exec(host, ["nft", "-f", "-"], input=rules)
 
 
+def clear_loss(cluster: Cluster, host) -> None:
+    """Undo ``inject_loss`` on HOST."""
+    cluster.exec(host, ["nft", "delete", "table", "inet", "arrloss"])
+
+
 def dropped(cluster: Cluster, host) -> int:
     out = cluster.exec(host, ["nft", "-j", "list", "table", "inet", "arrloss"]).stdout
     total = 0
