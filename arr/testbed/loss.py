@@ -129,10 +129,14 @@ def _tuple(segment) -> str:
     return f"{segment.src[0]}:{segment.src[1]}->{segment.dst[0]}:{segment.dst[1]}"
 
 
+LOSS_TABLE = "arrloss"
+"""The nftables table (family inet) that ``inject_loss`` makes in a host."""
+
+
 def inject_loss(cluster: Cluster, host, per_mille: int) -> None:
     """Drop PER_MILLE/1000 of TCP packets entering and leaving HOST (nftables)."""
     rules = f"""
-table inet arrloss {{
+table inet {LOSS_TABLE} {{
   chain incoming {{
     type filter hook prerouting priority -300; policy accept;
     meta l4proto tcp numgen random mod 1000 < {per_mille} counter drop
@@ -148,11 +152,11 @@ table inet arrloss {{
 
 def clear_loss(cluster: Cluster, host) -> None:
     """Undo ``inject_loss`` on HOST."""
-    cluster.exec(host, ["nft", "delete", "table", "inet", "arrloss"])
+    cluster.exec(host, ["nft", "delete", "table", "inet", LOSS_TABLE])
 
 
 def dropped(cluster: Cluster, host) -> int:
-    out = cluster.exec(host, ["nft", "-j", "list", "table", "inet", "arrloss"]).stdout
+    out = cluster.exec(host, ["nft", "-j", "list", "table", "inet", LOSS_TABLE]).stdout
     total = 0
     for item in json.loads(out)["nftables"]:
         for expr in item.get("rule", {}).get("expr", []):
