@@ -15,7 +15,9 @@ hands it to the other target), with nftables dropping LOSS per mille of TCP
 packets entering and leaving the client and both targets
 (arr/testbed/loss.py). ``direct`` sends the same requests to the first
 target's own address: what TCP alone does with the same loss. A request is
-timed from its send to its last body byte; connecting is not timed.
+timed from its send to its last body byte; connecting is not timed. For arr,
+a run counts only if the router's policy decided every request and, in nat
+mode, handed every one off (its ``arr_requests_total``).
 
 Pure parts (``summarize``, ``render``): tests/unit/test_bench_loss_tail.py.
 """
@@ -131,6 +133,16 @@ def run_system(c: Cluster, system: str, loss_per_mille: int) -> list[float]:
                                          info.sha256)
             if not sum(dropped(c, h) for h in lossy):
                 raise RuntimeError("no packet was dropped: the loss did not happen")
+            if running.router is not None:
+                # An answer alone does not show arr routed it: each request
+                # must be one the policy decided (arr_requests_total), and in
+                # nat mode handed off, not fallen back to proxying.
+                decided = running.router.metric_sum("arr_requests_total")
+                wanted = {"decision": "handoff"} if system == "arr-nat" else {}
+                executed = running.router.metric_sum("arr_requests_total", **wanted)
+                if decided != len(times) or executed != len(times):
+                    raise RuntimeError(f"{system}: {len(times)} requests, {decided:.0f} decided by the policy, "
+                                       f"{executed:.0f} {'handed off' if wanted else 'executed'}")
             return times
         finally:
             for host in lossy:
