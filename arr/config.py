@@ -143,6 +143,18 @@ class HandoffSettings:
     move_on_down: bool = True
     """Move a target's handed-off connections off it when its health checks
     mark it down: live where they are idle, reset otherwise (handoff/migrate.py)."""
+    rto_min: float = 0.02
+    """Floor of the retransmission timeout of the router's own connections
+    across the cluster's network (the control channel to the agents, the
+    forwarding connections to the targets), in seconds: a segment of them
+    lost waits this long (or srtt + 4 rttvar, if longer) before it is resent,
+    instead of Linux's 200 ms, and every request waits with it. 0.005 to 0.2;
+    0: the kernel's. Needs Linux 6.15 (TCP_RTO_MIN_US); older kernels keep
+    their own. Connections to clients keep the kernel's."""
+
+    @property
+    def rto_min_us(self) -> int:
+        return round(self.rto_min * 1_000_000)
 
 
 @dataclass(frozen=True)
@@ -385,9 +397,20 @@ def _handoff(data: Any) -> HandoffSettings:
         move_on_down=s.get("move_on_down", bool, d.move_on_down),
         response_deadline=s.number("response_deadline", d.response_deadline),
         redispatch_body_max=s.number("redispatch_body_max", d.redispatch_body_max, integer=True),
+        rto_min=_rto_min(s, "rto_min", d.rto_min),
     )
     s.finish()
     return settings
+
+
+def _rto_min(s: _Section, key: str, default: float) -> float:
+    from handoff.tcpstate import rto_min_problem
+
+    value = s.number(key, default)
+    problem = rto_min_problem(value)
+    if problem is not None:
+        raise ConfigError(f"{s.path(key)}: {problem}")
+    return value
 
 
 def _port_range(s: _Section, key: str, default: tuple[int, int]) -> tuple[int, int]:

@@ -86,6 +86,10 @@ class Metrics:
             "arr_forward_pool", "Forwarding connections asked of the pool, by result "
             "(hit: ready; miss: connected inline; stale: closed unused, aged or closed by the target).",
             ("result",), registry=r)
+        self.forward_connect_races = Counter(
+            "arr_forward_connect_races", "Forwarding connections opened on a request's path (the pool had "
+            "none ready) whose handshake was not over after 100 ms, so that a second attempt raced it "
+            "(a SYN or SYN-ACK lost: Linux resends it after 1 s).", registry=r)
         self.takebacks = Counter(
             "arr_takebacks", "Handed-off connections taken back on a new request, by result "
             "(ok, or why not: the connection then ends).", ("result",), registry=r)

@@ -41,6 +41,7 @@ from handoff.event_reader import EventReader
 from handoff.lifecycle import local_key
 from handoff.maps import (DEFAULT_CAPACITY, FLOW_ACTIVE, FLOW_F_FIN, FLOW_F_RST, FLOW_F_SENT, FLOW_HOLD, Event, FlowEntry,
                           FlowKey, MirrorState, Xlate)
+from handoff.tcpstate import rto_min_problem
 
 log = logging.getLogger("arr.agent")
 
@@ -80,6 +81,11 @@ class AgentSettings:
     """Bytes queued for one router at most; a router that lets more pile up is dropped."""
     control_send_timeout: float = DEFAULT_SEND_TIMEOUT
     """Seconds a router may leave bytes sent to it untaken before it is dropped."""
+    control_rto_min: float = 0.02
+    """Floor of the control connections' retransmission timeout, in seconds:
+    a lost answer (ACK, TAKEN) holds a handoff up this long instead of
+    Linux's 200 ms. 0.005 to 0.2; 0: the kernel's. Linux 6.15+ (the router's
+    ``handoff.rto_min`` is the same for its end)."""
 
 
 def load_agent_config(path: str | Path) -> AgentSettings:
@@ -129,6 +135,12 @@ def load_agent_config(path: str | Path) -> AgentSettings:
         if key in values and (not isinstance(values[key], (int, float)) or isinstance(values[key], bool)
                               or values[key] <= 0):
             raise ConfigError(f"agent.{key}: must be a positive number, got {values[key]!r}")
+    if "control_rto_min" in values:
+        value = values["control_rto_min"]
+        problem = (f"must be a number, got {value!r}" if not isinstance(value, (int, float))
+                   or isinstance(value, bool) else rto_min_problem(value))
+        if problem is not None:
+            raise ConfigError(f"agent.control_rto_min: {problem}")
     return AgentSettings(**values)
 
 
@@ -225,7 +237,8 @@ class Agent:
                                     max_sessions=s.control_max_sessions,
                                     max_sessions_per_address=s.control_max_sessions_per_address,
                                     max_handshakes=s.control_max_handshakes,
-                                    send_buffer=s.control_send_buffer, send_timeout=s.control_send_timeout)
+                                    send_buffer=s.control_send_buffer, send_timeout=s.control_send_timeout,
+                                    rto_min_us=round(s.control_rto_min * 1_000_000))
         self.connections.sessions = self.server.sessions
         await self.server.start()
         if s.metrics is not None:

@@ -64,6 +64,12 @@ was read (a segment already past tc when the hold went in)."""
 
 HANDSHAKE_LOSS_RTO_US = 1_000_000
 """A socket whose RTO is still this high after its handshake resent a SYN."""
+RACE_CONNECT_AFTER = 0.1
+"""Seconds a forwarding connection's handshake may take on a request's path
+(the pool had none ready) before a second attempt races it. Linux resends a
+lost SYN after 1 s, its initial RTO, which ``handoff.rto_min`` does not
+lower: without the race a SYN or SYN-ACK lost on the cluster's network holds
+the request that long. A handshake there takes well under a millisecond."""
 
 
 class Fallback(Exception):
@@ -134,6 +140,8 @@ class RouterHandoff:
         self.pool: ForwardPool | None = None
         self.takebacks: TakeBacks | None = None
         self._stopping = False
+        self._outraced: set[asyncio.Task[ReadyForward]] = set()
+        """Forwarding connects that lost a race (``_open_forward_raced``), still under way."""
         self.migrator: Migrator | None = None
         self.deadlines: ResponseDeadlines | None = None
         self._states_at: dict[tuple[str, int], list["TargetState"]] = {}
@@ -188,7 +196,7 @@ class RouterHandoff:
                                        on_message=self.connections.on_agent_message,
                                        on_connect=functools.partial(self.connections.holding_sync,
                                                                     target.agent),
-                                       backoff_max=2.0)
+                                       backoff_max=2.0, rto_min_us=self.settings.rto_min_us)
                 self.agents[target.agent] = client
                 new.append(client)
             if target.agent:
@@ -219,6 +227,9 @@ class RouterHandoff:
             await client.start()
 
     async def stop(self) -> None:
+        for task in list(self._outraced):
+            task.cancel()  # the router is going away: no one would finish the handshake's close
+        await asyncio.gather(*self._outraced, return_exceptions=True)
         if self.deadlines is not None:
             await self.deadlines.stop()
         if self.migrator is not None:
@@ -466,7 +477,7 @@ class RouterHandoff:
         if ready is None and self.pool is not None:
             ready = self.pool.take(target, profile)
         if ready is None:
-            ready = await self._open_forward(target, profile)
+            ready = await self._open_forward_raced(target, profile)
         attempt.forward, attempt.watch_key, attempt.conn_id = ready.sock, ready.watch_key, ready.conn_id
         return reused
 
@@ -492,6 +503,7 @@ class RouterHandoff:
         ready = ReadyForward(forward, watch_key, conn_id)
         self.connections.in_flight.add(watch_key)
         try:
+            tcpstate.bound_retransmissions(forward, min_us=self.settings.rto_min_us)
             async with asyncio.timeout(self.settings.connect_timeout):
                 await asyncio.get_running_loop().sock_connect(forward, target.address)
         except (OSError, TimeoutError):
@@ -501,6 +513,43 @@ class RouterHandoff:
             self._discard_forward(ready)
             raise
         return ready
+
+    async def _open_forward_raced(self, target: "Target", profile: ForwardProfile) -> ReadyForward:
+        """``_open_forward`` on a request's path: after RACE_CONNECT_AFTER a
+        second attempt joins, the first established wins. The other finishes
+        its handshake and is closed as the pool closes an unused connection
+        (a FIN). Cancelled halfway, its socket would meet the target's
+        retransmitted SYN-ACK with a RST, and free its port while the
+        target still holds the half-open connection."""
+        loop = asyncio.get_running_loop()
+        attempts = [loop.create_task(self._open_forward(target, profile))]
+        winner: asyncio.Task[ReadyForward] | None = None
+        try:
+            done, _ = await asyncio.wait(attempts, timeout=RACE_CONNECT_AFTER)
+            if not done:
+                self.metrics.forward_connect_races.inc()
+                attempts.append(loop.create_task(self._open_forward(target, profile)))
+            pending: set[asyncio.Task[ReadyForward]] = set(attempts)
+            failure: BaseException | None = None
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task.exception() is None:
+                        winner = task
+                        return task.result()
+                    failure = failure or task.exception()
+            assert failure is not None
+            raise failure
+        finally:
+            for task in attempts:
+                if task is not winner:
+                    self._outraced.add(task)
+                    task.add_done_callback(self._drop_raced)
+
+    def _drop_raced(self, task: "asyncio.Task[ReadyForward]") -> None:
+        self._outraced.discard(task)
+        if not task.cancelled() and task.exception() is None:
+            self._retire_forward(task.result())
 
     def _retire_forward(self, ready: ReadyForward) -> None:
         """A ready connection the pool closes unused (too old, or no shelf for

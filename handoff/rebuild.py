@@ -50,6 +50,11 @@ class SocketPlan:
     """Seq of the peer's segment that announced it."""
     received: bytes = b""
     """Bytes the peer sent that are queued as received (the receive queue)."""
+    rto_min_us: int = 0
+    rto_max_ms: int = 0
+    """Bounds of its retransmission timeout (tcpstate.bound_retransmissions;
+    0: the kernel's). A rebuilt socket has no RTT sample: without a cached
+    one for its peer (``ip tcp_metrics``) its first RTO is 3 s."""
 
     @property
     def rcv_end(self) -> int:
@@ -83,6 +88,8 @@ def rebuild_socket(plan: SocketPlan, *, window_probe: bool | None) -> socket.soc
         # Repair mode also forces the bind (SK_FORCE_REUSE; SO_REUSEADDR would
         # undo it): the router's listener holds the client connection's port.
         tcpstate.enter_repair(sock)
+        # Before the connect, which derives the first RTO from the floor.
+        tcpstate.bound_retransmissions(sock, min_us=plan.rto_min_us, max_ms=plan.rto_max_ms)
         sock.bind(plan.local)
         tcp = socket.IPPROTO_TCP
         sock.setsockopt(tcp, tcpstate.TCP_REPAIR_QUEUE, tcpstate.TCP_SEND_QUEUE)

@@ -44,7 +44,7 @@ from handoff.maps import (FLOW_ACTIVE, FLOW_F_RST, FLOW_F_WANT_HEADER, FLOW_TAKE
                           WATCH_OPT_SACK, WATCH_OPT_TS, WATCH_OPT_WSCALE, Capture, FlowEntry, FlowKey,
                           WatchEntry)
 from handoff.rebuild import NO_WSCALE, SocketPlan, rebuild_socket
-from handoff.tcpstate import leave_repair, parse_tcp_options
+from handoff.tcpstate import RTO_MAX_LEAST_MS, leave_repair, parse_tcp_options
 from handoff.translate import wrap
 
 if TYPE_CHECKING:
@@ -59,6 +59,9 @@ TS_STEP = 1 << 10
 """Ticks a rebuilt socket's clock starts ahead of the newest TSval its peer
 can have seen (plus the time the take-back took): never older (PAWS)."""
 DEFAULT_MSS = 536
+REBUILT_FORWARD_RTO_MAX_MS = RTO_MAX_LEAST_MS
+"""Ceiling of a rebuilt forwarding connection's RTO: the lowest the kernel
+allows, for a connection that lives for one request on the cluster's network."""
 UNACKED_POLL = 0.002
 """Seconds between two looks at the client's ACK while a response is still
 on its way to it (a pipelining client)."""
@@ -151,8 +154,9 @@ def plan_client(t: Taking) -> SocketPlan:
     )
 
 
-def plan_forward(t: Taking) -> SocketPlan:
-    """The router's side of the forwarding connection: as the server sees it."""
+def plan_forward(t: Taking, rto_min_us: int = 0) -> SocketPlan:
+    """The router's side of the forwarding connection: as the server sees it.
+    RTO_MIN_US: the floor of its retransmission timeout (``handoff.rto_min``)."""
     e, x, w = t.entry, t.entry.x, t.watch
     opts = w.synack_opts if w is not None else 0
     ts = bool(opts & WATCH_OPT_TS) and t.latest.tsval is not None
@@ -169,6 +173,9 @@ def plan_forward(t: Taking) -> SocketPlan:
         ts_clock=wrap((t.latest.tsval or 0) + x.tsval_delta + t.elapsed_ms + TS_STEP),
         snd_wnd=t.taken.window or 65535,
         snd_wl1=t.taken.snd_nxt,
+        # It carries one request across the cluster's network: a lost segment
+        # of it must not wait for the 3 s a socket with no RTT sample starts at.
+        rto_min_us=rto_min_us, rto_max_ms=REBUILT_FORWARD_RTO_MAX_MS,
     )
 
 
@@ -404,7 +411,7 @@ class TakeBacks:
         # The forwarding connection first: the server's packets on it reach
         # the router's stack from here on (CONNECTING passes them, and records
         # the server's TSval), where the rebuilt socket takes them.
-        forward_plan = plan_forward(taking)
+        forward_plan = plan_forward(taking, self.settings.rto_min_us)
         conn_id = self.new_conn_id()
         # The handoff's own forwarding socket may still be waiting for its
         # release (handoff/release.py): it goes now, its 4-tuple is needed.

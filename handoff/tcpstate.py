@@ -53,6 +53,12 @@ TCP_REPAIR_OPTIONS = 22
 TCP_TIMESTAMP = 24
 TCP_SAVE_SYN = 27
 TCP_SAVED_SYN = 28
+TCP_RTO_MAX_MS = 44  # Linux 6.15+, as TCP_RTO_MIN_US
+TCP_RTO_MIN_US = 45
+RTO_MIN_RANGE_US = (5_000, 200_000)
+"""What TCP_RTO_MIN_US accepts (Linux 6.18): a floor can only be lowered."""
+RTO_MAX_LEAST_MS = 1_000
+"""The lowest ceiling TCP_RTO_MAX_MS accepts."""
 
 TCP_REPAIR_ON = 1
 TCP_REPAIR_OFF = 0
@@ -253,6 +259,37 @@ def tcp_basics(sock: socket.socket) -> TcpBasics:
 def rto_us(sock: socket.socket) -> int:
     """The socket's retransmission timeout now (tcpi_rto, microseconds)."""
     return struct.unpack_from("=I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 12), 8)[0]
+
+
+def bound_retransmissions(sock: socket.socket, *, min_us: int = 0, max_ms: int = 0) -> bool:
+    """Floor (MIN_US) and ceiling (MAX_MS) of SOCK's retransmission timeout;
+    0 leaves one as the kernel has it. The floor also holds for the RTO a
+    connect derives from the route's cached RTT (``ip tcp_metrics``), so set
+    it before connecting. The ceiling holds whenever the timer is armed: a
+    socket with no RTT sample of its own (one rebuilt in repair mode, one
+    whose SYN was resent) starts at RFC 6298's 3 s, which it cuts.
+
+    False on a kernel without the options (before 6.15): nothing changed,
+    the connection works as before, its losses cost Linux's 200 ms floor."""
+    try:
+        if min_us:
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_RTO_MIN_US, min_us)
+        if max_ms:
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS, max_ms)
+    except OSError as exc:
+        if exc.errno in (errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+            return False
+        raise
+    return True
+
+
+def rto_min_problem(seconds: float) -> str | None:
+    """Why SECONDS cannot be a configured RTO floor (None: it can; 0 means
+    the kernel's own)."""
+    low, high = RTO_MIN_RANGE_US
+    if seconds == 0 or low <= round(seconds * 1_000_000) <= high:
+        return None
+    return f"must be 0 (the kernel's) or from {low / 1e6:g} to {high / 1e6:g} seconds, got {seconds!r}"
 
 
 def _ioctl_int(sock: socket.socket, request: int) -> int:

@@ -51,6 +51,7 @@ from handoff.control.frames import (
     Ack, ControlConnection, ControlError, Established, HandoffRequest, Message, Nack, Ping, SeenNonces, Taken,
     TakeBack,
 )
+from handoff.tcpstate import bound_retransmissions
 
 log = logging.getLogger("arr.control")
 
@@ -182,7 +183,8 @@ class ControlServer:
                  max_sessions_per_address: int = DEFAULT_MAX_SESSIONS_PER_ADDRESS,
                  max_handshakes: int = DEFAULT_MAX_HANDSHAKES, send_buffer: int = DEFAULT_SEND_BUFFER,
                  send_timeout: float = DEFAULT_SEND_TIMEOUT, remembered_hellos: int = 4096,
-                 socket_send_buffer: int | None = 256 * 1024, stop_timeout: float = 1.0) -> None:
+                 socket_send_buffer: int | None = 256 * 1024, stop_timeout: float = 1.0,
+                 rto_min_us: int = 0) -> None:
         self.psk = psk
         self.node_id = node_id
         self.host = host
@@ -203,6 +205,9 @@ class ControlServer:
         self.socket_send_buffer = socket_send_buffer
         """SO_SNDBUF of each connection: what the kernel holds for a router that
         does not read is bounded too, and the send deadline starts soon after."""
+        self.rto_min_us = rto_min_us
+        """Retransmission timeout floor of each connection (0: the kernel's):
+        a lost frame holds up a handoff for as long as it takes to resend."""
         self.stop_timeout = stop_timeout
         self._on_message: Callable[..., Any] = getattr(handler, "on_message", handler)
         self.rejected: collections.Counter[str] = collections.Counter()
@@ -228,6 +233,9 @@ class ControlServer:
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, self.host, self.port, reuse_address=True,
                                                   limit=2 * 65536)
+        for listening in self._server.sockets:
+            # Accepted connections inherit it before their first RTT sample.
+            bound_retransmissions(listening, min_us=self.rto_min_us)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
@@ -391,7 +399,8 @@ class ControlClient:
                  on_connect: Callable[[], list[Message]] | None = None,
                  ping_interval: float = 5.0, ping_timeout: float = 5.0, connect_timeout: float = 5.0,
                  backoff_initial: float = 0.1, backoff_max: float = 5.0,
-                 send_buffer: int = 16 << 20, send_timeout: float = DEFAULT_SEND_TIMEOUT) -> None:
+                 send_buffer: int = 16 << 20, send_timeout: float = DEFAULT_SEND_TIMEOUT,
+                 rto_min_us: int = 0) -> None:
         self.psk = psk
         self.node_id = node_id
         self.host = host
@@ -408,6 +417,9 @@ class ControlClient:
         self.backoff_max = backoff_max
         self.send_buffer = send_buffer
         self.send_timeout = send_timeout
+        self.rto_min_us = rto_min_us
+        """Retransmission timeout floor of the connection (0: the kernel's): a
+        lost frame holds up a handoff or a take-back until it is resent."""
         self.rejected: collections.Counter[str] = collections.Counter()
         self.connects = 0
         """Established connections so far (reconnections included)."""
@@ -530,12 +542,27 @@ class ControlClient:
         self.rejected[reason] += 1
         log.warning("control: agent at %s:%d does not read (%s); reconnecting", self.host, self.port, detail)
 
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """The TCP connection, its RTO floor set before the connect: the
+        handshake's RTT sample already uses it."""
+        loop = asyncio.get_running_loop()
+        family, kind, proto, _, address = (await loop.getaddrinfo(self.host, self.port,
+                                                                  type=socket.SOCK_STREAM))[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            bound_retransmissions(sock, min_us=self.rto_min_us)
+            await loop.sock_connect(sock, address)
+        except BaseException:
+            sock.close()
+            raise
+        return await asyncio.open_connection(sock=sock)
+
     async def _connect_and_serve(self) -> bool:
         """One connection's life; True if the handshake completed."""
         loop = asyncio.get_running_loop()
         handshake_deadline = loop.time() + self.connect_timeout
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port),
-                                                self.connect_timeout)
+        reader, writer = await asyncio.wait_for(self._open(), self.connect_timeout)
         conn = ControlConnection("client", self.psk, self.node_id)
         out = FrameSender(writer, max_bytes=self.send_buffer, deadline=self.send_timeout, on_give_up=self._give_up)
         self._writer, self._out, self._conn = writer, out, conn

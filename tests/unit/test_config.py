@@ -30,6 +30,18 @@ def test_handoff_forward_pool_is_read_and_defaults_to_four():
     assert config_from_dict({"handoff": {"forward_pool": 0}}).handoff.forward_pool == 0
 
 
+def test_handoff_rto_min_is_read_checked_and_defaults_to_20_ms():
+    assert Config().handoff.rto_min == 0.02 and Config().handoff.rto_min_us == 20_000
+    assert config_from_dict({"handoff": {"rto_min": 0}}).handoff.rto_min_us == 0  # the kernel's
+    assert config_from_dict({"handoff": {"rto_min": 0.005}}).handoff.rto_min_us == 5_000
+    for bad in (0.001, 0.5):
+        with pytest.raises(ConfigError, match=r"^handoff\.rto_min: must be 0 \(the kernel's\) or from 0\.005 to 0\.2"):
+            config_from_dict({"handoff": {"rto_min": bad}})
+    for bad in (-1, "fast"):
+        with pytest.raises(ConfigError, match=r"^handoff\.rto_min: (must be|expected)"):
+            config_from_dict({"handoff": {"rto_min": bad}})
+
+
 def test_empty_dict_is_defaults():
     config = config_from_dict({})
     assert config == Config()

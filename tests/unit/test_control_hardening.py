@@ -748,7 +748,11 @@ def test_the_agents_config_sets_the_control_limits(tmp_path):
     assert (settings.control_max_sessions, settings.control_max_sessions_per_address, settings.control_max_handshakes,
             settings.control_handshake_timeout, settings.control_send_buffer, settings.control_send_timeout) == \
         (10, 2, 3, 1.5, 65536, 4)
-    for bad in ("control_max_sessions = 0", "control_send_timeout = -1", "control_max_handshakes = true"):
+    assert settings.control_rto_min == 0.02  # the default
+    path.write_text('[agent]\nlisten = "127.0.0.1:7070"\nsecret_file = "/k"\ncontrol_rto_min = 0\n')
+    assert load_agent_config(path).control_rto_min == 0
+    for bad in ("control_max_sessions = 0", "control_send_timeout = -1", "control_max_handshakes = true",
+                "control_rto_min = 0.5", "control_rto_min = 0.001", 'control_rto_min = "low"'):
         path.write_text(f'[agent]\nlisten = "127.0.0.1:7070"\nsecret_file = "/k"\n{bad}\n')
         with pytest.raises(ConfigError, match=bad.split()[0]):
             load_agent_config(path)

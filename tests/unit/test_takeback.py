@@ -14,7 +14,8 @@ from handoff.control import TAKEN_OK, Taken
 from handoff.maps import (FLOW_TAKEBACK, WATCH_OPT_SACK, WATCH_OPT_TS, WATCH_OPT_WSCALE, FlowEntry, FlowKey,
                           WatchEntry, Xlate)
 from handoff.rebuild import NO_WSCALE, SocketPlan, repair_options
-from handoff.takeback import DEFAULT_MSS, TS_STEP, Segment, Taking, assemble, plan_client, plan_forward
+from handoff.takeback import (DEFAULT_MSS, REBUILT_FORWARD_RTO_MAX_MS, TS_STEP, Segment, Taking, assemble,
+                              plan_client, plan_forward)
 from handoff.translate import Translation
 
 MOD = 1 << 32
@@ -255,6 +256,16 @@ def test_forward_plan_stands_where_the_server_sees_the_router():
     assert plan.ts_clock == wrap(server_saw + 25 + TS_STEP) and ahead(plan.ts_clock, server_saw)
     assert plan.snd_wnd == t.taken.window
     assert plan.snd_wl1 == t.taken.snd_nxt
+
+
+def test_forward_plan_bounds_the_rebuilt_connections_rto():
+    """A rebuilt socket has no RTT sample: its RTO would start at 3 s."""
+    plan = plan_forward(make_taking(), 20_000)
+    assert (plan.rto_min_us, plan.rto_max_ms) == (20_000, REBUILT_FORWARD_RTO_MAX_MS) == (20_000, 1_000)
+    assert plan_forward(make_taking()).rto_min_us == 0  # the kernel's floor
+    # The client's side stays the kernel's: clients are not on the cluster's network.
+    client = plan_client(make_taking())
+    assert (client.rto_min_us, client.rto_max_ms) == (0, 0)
 
 
 def test_forward_plan_follows_the_synack_options():

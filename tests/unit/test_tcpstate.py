@@ -656,3 +656,37 @@ def test_tcp_basics_agree_with_the_full_tcp_info(net: Net) -> None:
         info, basics = ts.tcp_info(sock), ts.tcp_basics(sock)
         assert basics == (info.state, info.timestamps, info.sack, info.snd_wscale, info.rcv_wscale,
                           info.snd_mss)
+
+
+# --- Retransmission bounds (Linux 6.15+) ---
+
+def test_rto_min_problem_names_the_range() -> None:
+    assert ts.rto_min_problem(0) is None
+    assert ts.rto_min_problem(0.005) is None and ts.rto_min_problem(0.2) is None
+    for bad in (0.001, 0.0049, 0.25, 1, -0.02):
+        problem = ts.rto_min_problem(bad)
+        assert problem is not None and "0.005" in problem and "0.2" in problem and repr(bad) in problem
+
+
+def test_a_floor_set_before_the_connect_is_the_rto(net: Net) -> None:
+    """The handshake's RTT sample already uses the floor: a loopback
+    connection's RTO is the floor, not Linux's 200 ms."""
+    floored, _ = net.pair(before_connect=lambda s: ts.bound_retransmissions(s, min_us=20_000))
+    plain, _ = net.pair()
+    assert floored.getsockopt(socket.IPPROTO_TCP, ts.TCP_RTO_MIN_US) == 20_000
+    assert ts.rto_us(floored) <= 24_000  # 20 ms, in whole jiffies
+    assert ts.rto_us(plain) >= 200_000
+
+
+def test_bounds_of_zero_change_nothing_and_the_ceiling_is_kept() -> None:
+    with socket.socket() as sock:
+        before = (sock.getsockopt(socket.IPPROTO_TCP, ts.TCP_RTO_MIN_US),
+                  sock.getsockopt(socket.IPPROTO_TCP, ts.TCP_RTO_MAX_MS))
+        assert ts.bound_retransmissions(sock) is True
+        assert (sock.getsockopt(socket.IPPROTO_TCP, ts.TCP_RTO_MIN_US),
+                sock.getsockopt(socket.IPPROTO_TCP, ts.TCP_RTO_MAX_MS)) == before
+        assert ts.bound_retransmissions(sock, max_ms=ts.RTO_MAX_LEAST_MS)
+        assert sock.getsockopt(socket.IPPROTO_TCP, ts.TCP_RTO_MAX_MS) == ts.RTO_MAX_LEAST_MS
+        # Outside what the kernel accepts: its own error, nothing hidden.
+        with pytest.raises(OSError):
+            ts.bound_retransmissions(sock, min_us=ts.RTO_MIN_RANGE_US[1] + 1)
