@@ -61,6 +61,27 @@ WRAPPERS = ("(<frozen runpy>)", "(asyncio/runners.py)", "(arr/__main__.py)", "(a
 
 EVENT_LOOP = "Runner.run (asyncio/runners.py)"
 
+ROLES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("socket state: repair-mode reads, rebuilds, detach/reattach",
+     ("(handoff/tcpstate.py)", "(handoff/rebuild.py)", "(handoff/fastpath.py)", "ClientSession.detach ",
+      "ClientSession.reattach ", "Router.resume ", "RouterHandoff._client_state ", "RouterHandoff._hold ",
+      "RouterHandoff._eligible ")),
+    ("agent exchanges", ("(handoff/control/", "(hmac.py)", "RouterHandoff._install_at_agent ")),
+    ("request parsing", ("ClientSession.read_request ", "ClientSession._read_one ", "ClientSession._prepare ",
+                         "ClientSession.poll_event ", "ClientSession.next_event ", "ClientSession._feed ",
+                         "(h11/", "(arr/request.py)", "(arr/paths.py)", "(arr/http1.py)")),
+    ("forwarding connection: pool, the request's send, release",
+     ("(handoff/forward_pool.py)", "(handoff/forward_close.py)", "(handoff/release.py)",
+      "RouterHandoff._open_forward", "RouterHandoff._connect ", "send_request ")),
+    ("BPF map lookups and updates", ("(handoff/maps.py)", "(handoff/libbpf.py)")),
+    ("ring-buffer events and captures", ("(handoff/event_reader.py)", "TakeBacks.on_captures ",
+                                         "RouterConnections.on_events ")),
+    ("access log, metrics, policy", ("(arr/accesslog.py)", "(prometheus_client/", "(arr/metrics.py)",
+                                     "Router._decide ", "(arr/policies/", "(arr/routing.py)")),
+)
+"""Roles of the router's code in a handoff, by the frames that do them: a
+sample counts for the role of its innermost frame that names one."""
+
 
 def profile_summary(raw: str, top: int = 15) -> dict[str, Any]:
     """Top frames of a py-spy ``--format raw`` (collapsed stacks) profile.
@@ -73,6 +94,7 @@ def profile_summary(raw: str, top: int = 15) -> dict[str, Any]:
     self_c: Counter[str] = Counter()
     incl: Counter[str] = Counter()
     by_file: Counter[str] = Counter()
+    by_role: Counter[str] = Counter()
     total = 0
     for line in raw.splitlines():
         stack, _, count = line.rpartition(" ")
@@ -89,6 +111,7 @@ def profile_summary(raw: str, top: int = 15) -> dict[str, Any]:
             leaf = "event loop, native uvloop code (Runner.run)"
         self_c[leaf] += n
         by_file[_file_of(leaf)] += n
+        by_role[role_of(frames)] += n
         for f in set(frames):
             if not f.endswith(WRAPPERS):
                 incl[f] += n
@@ -96,7 +119,20 @@ def profile_summary(raw: str, top: int = 15) -> dict[str, Any]:
     def rows(c: Counter[str]) -> list[dict[str, Any]]:
         return [{"frame": f, "samples": n, "share": n / total if total else 0.0} for f, n in c.most_common(top)]
 
-    return {"samples": total, "self": rows(self_c), "inclusive": rows(incl), "by_file": rows(by_file)}
+    return {"samples": total, "self": rows(self_c), "inclusive": rows(incl), "by_file": rows(by_file),
+            "by_role": rows(by_role)}
+
+
+def role_of(frames: list[str]) -> str:
+    """The role (ROLES) of a stack, innermost frame first; the event loop's
+    own code, or the rest."""
+    for frame in reversed(frames):
+        for role, markers in ROLES:
+            if any(m in frame + " " for m in markers):
+                return role
+    if frames and frames[-1] == EVENT_LOOP:
+        return "event loop (uvloop's own code)"
+    return "the rest (accept, planning, translations, bookkeeping)"
 
 
 def _file_of(frame: str) -> str:
@@ -236,6 +272,9 @@ def render_markdown(results: Mapping[str, Any], figures: Sequence[str] = ()) -> 
             if prof.get("by_file"):
                 w("\nSelf time by source file: " + ", ".join(
                     f"`{r['frame']}` {r['share'] * 100:.0f}%" for r in prof["by_file"][:10]) + ".")
+            if prof.get("by_role"):
+                w("\nBy role (a sample counts for its innermost frame that has one, benchmarks/report.py "
+                  "`ROLES`): " + ", ".join(f"{r['frame']} {r['share'] * 100:.0f}%" for r in prof["by_role"]) + ".")
             w("")
 
     if figures:

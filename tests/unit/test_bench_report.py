@@ -209,6 +209,28 @@ def test_profile_summary_self_and_inclusive():
     assert files == {"x.py": 6, "handoff/engine.py": 3, "arr/cli.py": 1}
 
 
+def test_profile_roles_count_each_sample_for_its_innermost_role():
+    stack = "process 1:\"python\";main (arr/cli.py:10);_run (arr/cli.py:34)"
+    raw = (f"{stack};Router._serve_session (arr/server.py:1);RouterHandoff._hand_off (handoff/engine.py:5);"
+           "snapshot (handoff/fastpath.py:66) 5\n"
+           # the innermost frame with a role decides: the agent exchange, not the handoff around it
+           f"{stack};RouterHandoff._hand_off (handoff/engine.py:5);RouterHandoff._install_at_agent "
+           "(handoff/engine.py:9);ControlClient.request (handoff/control/channel.py:464) 3\n"
+           f"{stack};ClientSession._read_one (arr/session.py:435);next_event (h11/_connection.py:1) 2\n"
+           f"{stack};RouterHandoff._hand_off (handoff/engine.py:5);send_request (handoff/engine.py:7) 2\n"
+           f"{stack};Runner.run (asyncio/runners.py:118) 4\n"
+           f"{stack};RouterHandoff._hand_off (handoff/engine.py:5) 1\n")
+    roles = {r["frame"]: r["samples"] for r in report.profile_summary(raw)["by_role"]}
+    assert roles == {
+        "socket state: repair-mode reads, rebuilds, detach/reattach": 5,
+        "agent exchanges": 3,
+        "request parsing": 2,
+        "forwarding connection: pool, the request's send, release": 2,
+        "event loop (uvloop's own code)": 4,
+        "the rest (accept, planning, translations, bookkeeping)": 1,
+    }
+
+
 def test_report_only_renders_json_markdown_and_plots(tmp_path):
     import json
 
