@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -25,11 +24,6 @@ from handoff import tcpstate
 from handoff.rebuild import NO_WSCALE, SocketPlan, rebuild_socket
 
 WATCH = 2.5
-
-
-def queue_seq(sock: socket.socket, queue: int) -> int:
-    sock.setsockopt(socket.IPPROTO_TCP, tcpstate.TCP_REPAIR_QUEUE, queue)
-    return struct.unpack("=I", sock.getsockopt(socket.IPPROTO_TCP, tcpstate.TCP_QUEUE_SEQ, 4))[0]
 
 
 def main(min_us: int, max_ms: int, metrics: str) -> dict[str, int]:
@@ -50,11 +44,9 @@ def main(min_us: int, max_ms: int, metrics: str) -> dict[str, int]:
         subprocess.run(["ip", "tcp_metrics", "flush", "all"], check=False, capture_output=True)
     client = socket.create_connection(listener.getsockname())
     server, _ = listener.accept()
-    tcpstate.enter_repair(client)
-    snd_nxt = queue_seq(client, tcpstate.TCP_SEND_QUEUE)
-    rcv_nxt = queue_seq(client, tcpstate.TCP_RECV_QUEUE)
+    snd_nxt, rcv_nxt = tcpstate.read_sequence(client, window_probe=False)
     local = client.getsockname()
-    client.close()  # in repair mode: silent
+    tcpstate.close_silently(client)
     rebuilt = rebuild_socket(SocketPlan(
         local=local, remote=listener.getsockname(), snd_nxt=snd_nxt, rcv_nxt=rcv_nxt, mss=1400,
         snd_wscale=NO_WSCALE, rcv_wscale=0, sack=False, timestamps=False, ts_clock=0,
