@@ -591,7 +591,12 @@ def bpf_filters(ns: str | None, ifname: str, direction: str) -> list[BpfFilter]:
 # loop, run a dump of a big table in a thread (asyncio.to_thread), or filter
 # it in the kernel with local_port.
 
-_DIAG_RECV_BUFFER = 1 << 20  # the kernel sends at most ~32 KiB per datagram: ample
+_DIAG_RECV_BUFFER = 1 << 16
+"""Bytes of a sock_diag reply buffer: netlink caps a dump's datagrams at 32 KiB
+(netlink_recvmsg's max_recvmsg_len), an exact lookup's reply is one message.
+Kept small because it is zeroed at every allocation: a 1 MiB buffer per
+request was a tenth of the router's CPU in a take-back (benchmarks/RESULTS.md);
+``SockDiag`` allocates its buffer once."""
 _DIAG_TIMEOUT = 5.0  # the kernel answers at once; this only turns a bug into an error
 
 _DIAG_HINTS = {
@@ -628,14 +633,17 @@ def _sock_diag(ns: str | None) -> Iterator[socket.socket]:
         yield sock
 
 
-def _sock_diag_ask(sock: socket.socket, request: bytes, info: bool = False) -> tuple[list[TcpSocket], int | None]:
-    """Send REQUEST; read the reply up to its NLMSG_DONE or NLMSG_ERROR.
+def _sock_diag_ask(sock: socket.socket, request: bytes, info: bool = False,
+                   buffer: bytearray | None = None) -> tuple[list[TcpSocket], int | None]:
+    """Send REQUEST; read the reply up to its NLMSG_DONE or NLMSG_ERROR,
+    into BUFFER (a new one if None).
 
     Returns the sockets listed and the errno of the end (None: a dump's
     DONE, 0: an ACK). One buffer serves every datagram of a dump.
     """
     sock.send(request)
-    buffer = bytearray(_DIAG_RECV_BUFFER)
+    if buffer is None:
+        buffer = bytearray(_DIAG_RECV_BUFFER)
     view = memoryview(buffer)
     found: list[TcpSocket] = []
     while True:
@@ -655,9 +663,9 @@ def _normal(address: Address) -> Address:
 
 
 def _lookup(sock: socket.socket, ns: str | None, local: Address, remote: Address,
-            info: bool = False) -> TcpSocket | None:
+            info: bool = False, buffer: bytearray | None = None) -> TcpSocket | None:
     found, err = _sock_diag_ask(sock, inet_diag.lookup_request(local, remote, info=info),  # validates the addresses
-                                info=info)
+                                info, buffer)
     if err == errno.ENOENT:
         return None
     if err:
@@ -697,14 +705,17 @@ def tcp_socket(ns: str | None, local: Address, remote: Address, *, info: bool = 
 
 
 class SockDiag:
-    """A NETLINK_SOCK_DIAG socket in NS kept open for repeated exact lookups
-    (the agent looks at a few connections many times a second: a socket per
-    look cost more than the lookups). After any error it is closed and the
-    next call opens a new one, so a half-read reply never poisons a later one."""
+    """A NETLINK_SOCK_DIAG socket in NS, and its reply buffer, kept open for
+    repeated exact lookups and destroys (the agent looks at a few connections
+    many times a second, the router's ForwardCloser at every closed forwarding
+    connection: a socket per look cost more than the lookups). After any
+    error it is closed and the next call opens a new one, so a half-read
+    reply never poisons a later one."""
 
     def __init__(self, ns: str | None) -> None:
         self.ns = ns
         self._sock: socket.socket | None = None
+        self._buffer = bytearray(_DIAG_RECV_BUFFER)  # every reply is read whole before the next request
 
     def sockets_of(self, pairs: Iterable[tuple[Address, Address]], *, info: bool = False
                    ) -> dict[tuple[Address, Address], TcpSocket | None]:
@@ -715,11 +726,21 @@ class SockDiag:
         found: dict[tuple[Address, Address], TcpSocket | None] = {}
         try:
             for local, remote in pairs:
-                found[(local, remote)] = _lookup(self._sock, self.ns, local, remote, info)
+                found[(local, remote)] = _lookup(self._sock, self.ns, local, remote, info, self._buffer)
         except BaseException:
             self.close()
             raise
         return found
+
+    def destroy(self, local: Address, remote: Address, cookie: int | None = None) -> bool:
+        """:func:`destroy_tcp_socket` on this kept socket."""
+        if self._sock is None:
+            self._sock = _open_sock_diag(self.ns)
+        try:
+            return _destroy(self._sock, self.ns, local, remote, cookie, self._buffer)
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         if self._sock is not None:
@@ -757,12 +778,18 @@ def destroy_tcp_socket(ns: str | None, local: Address, remote: Address, *, cooki
     without CAP_NET_ADMIN, EOPNOTSUPP without CONFIG_INET_DIAG_DESTROY).
     """
     with _sock_diag(ns) as sock:
-        if cookie is None:
-            target = _lookup(sock, ns, local, remote)
-            if target is None:
-                return False
-            cookie = target.cookie
-        _, err = _sock_diag_ask(sock, inet_diag.destroy_request(local, remote, cookie))
+        return _destroy(sock, ns, local, remote, cookie)
+
+
+def _destroy(sock: socket.socket, ns: str | None, local: Address, remote: Address, cookie: int | None,
+             buffer: bytearray | None = None) -> bool:
+    """:func:`destroy_tcp_socket` on SOCK, reading replies into BUFFER."""
+    if cookie is None:
+        target = _lookup(sock, ns, local, remote, buffer=buffer)
+        if target is None:
+            return False
+        cookie = target.cookie
+    _, err = _sock_diag_ask(sock, inet_diag.destroy_request(local, remote, cookie), buffer=buffer)
     if err == errno.ENOENT:  # gone meanwhile, or no longer the socket of COOKIE
         return False
     if err:

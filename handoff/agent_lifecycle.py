@@ -421,7 +421,7 @@ class TargetConnections:
         self.datapath.mirror.delete(key)
         if destroy:
             try:
-                netlink.destroy_tcp_socket(None, key.src, key.dst, cookie=cookie)
+                self._diag.destroy(key.src, key.dst, cookie)
             except OSError as exc:
                 log.warning("could not end the target's socket %s: %s", key, exc)
         self.over_since.pop(key, None)

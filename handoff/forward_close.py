@@ -21,7 +21,9 @@ the server's retransmitted FIN (an RTO, 200 ms or more, later) to find no
 socket and draw a RST (seen under 2% loss: 5 to 8 per 200 moved connections,
 tests/net/test_migrate_net.py). So TIME_WAIT is kept for ``TIME_WAIT_HOLD``,
 which covers the server's first two retransmissions; a thousand take-backs to
-another target a second then hold about 1,500 ports.
+another target a second then hold about a thousand ports. The hold's end is
+also the first look (``LOOKS``): a close costs one sock_diag lookup and the
+destroy, both on the closer's own netlink socket.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from arr import netlink
@@ -42,11 +45,39 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("arr.handoff")
 
-LOOKS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
-"""Seconds between looks at the router's socket, from the FIN on."""
 TIME_WAIT_HOLD = 1.0
 """Seconds after the FIN before a TIME_WAIT socket is destroyed: the server's
 FIN, retransmitted at its RTO (200 ms, then 400 ms), still finds it."""
+LOOKS = (TIME_WAIT_HOLD, 1.0, 3.0)
+"""Seconds before each look at the router's socket, from the FIN on. The
+first is at the hold's end: by then almost every server has answered, so one
+look (and the destroy) is all a close costs; a look earlier could only find
+the socket still held (TIME_WAIT) or not done yet."""
+
+
+@dataclass(frozen=True)
+class CloseStep:
+    """What to do after a look at a closed forwarding connection's socket."""
+
+    action: str
+    """``destroy`` (TIME_WAIT, held long enough), ``free`` (the socket is
+    gone: the port is free), ``look`` (again, after ``delay`` seconds), or
+    ``quarantine`` (the server never finished: the port waits out WATCH_CLOSED)."""
+    delay: float = 0.0
+
+
+def close_step(state: TcpState | None, look: int, *, answered: bool = True) -> CloseStep:
+    """The step after look number LOOK (0-based) found the socket in STATE
+    (None: no socket). ANSWERED False: sock_diag failed, the state is unknown;
+    after the last look it counts as gone, as a socket nobody can see."""
+    last = look + 1 >= len(LOOKS)
+    if not answered:
+        return CloseStep("free") if last else CloseStep("look", LOOKS[look + 1])
+    if state is None:
+        return CloseStep("free")
+    if state == TcpState.TIME_WAIT:
+        return CloseStep("destroy")  # every look is at or after the hold's end
+    return CloseStep("quarantine") if last else CloseStep("look", LOOKS[look + 1])
 
 
 class ForwardCloser:
@@ -64,48 +95,37 @@ class ForwardCloser:
         try:
             ready.sock.close()
         finally:
-            self._schedule(ready.watch_key, ready.conn_id, time.monotonic(), 0)
+            self._schedule(ready.watch_key, ready.conn_id, 0)
 
-    def _schedule(self, key: FlowKey, conn_id: int, closed_at: float, look: int,
-                  delay: float | None = None) -> None:
-        self._timers[key] = asyncio.get_running_loop().call_later(
-            LOOKS[look] if delay is None else delay, self._look, key, conn_id, closed_at, look)
+    def _schedule(self, key: FlowKey, conn_id: int, look: int) -> None:
+        self._timers[key] = asyncio.get_running_loop().call_later(LOOKS[look], self._look, key, conn_id, look)
 
-    def _look(self, key: FlowKey, conn_id: int, closed_at: float, look: int) -> None:
+    def _look(self, key: FlowKey, conn_id: int, look: int) -> None:
         self._timers.pop(key, None)
         watch = self.datapath.watch.lookup(key)
         if watch is None or watch.conn_id != conn_id:
             self.connections.in_flight.discard(key)
             return  # the port went another way meanwhile
         local, remote = key.dst, key.src
-        last = look + 1 >= len(LOOKS)
+        found = None
         try:
             found = self._diag.sockets_of([(local, remote)])[(local, remote)]
+            step = close_step(None if found is None else found.state, look)
         except OSError as exc:
             log.debug("looking up the closed forwarding connection %r: %s", key, exc)
-            if not last:
-                self._schedule(key, conn_id, closed_at, look + 1)
-                return
-            found = None  # no answer to the end: taken as gone
-        hold_left = TIME_WAIT_HOLD - (time.monotonic() - closed_at)
-        if found is not None and found.state == TcpState.TIME_WAIT and hold_left > 0 and not last:
-            # Over but for the hold: one more look, when it ends (not one per step of LOOKS).
-            self._schedule(key, conn_id, closed_at, look + 1, delay=hold_left)
-            return
-        if found is not None and found.state == TcpState.TIME_WAIT:
+            step = close_step(None, look, answered=False)
+        if step.action == "destroy" and found is not None:
             try:
-                netlink.destroy_tcp_socket(None, local, remote, cookie=found.cookie)
+                self._diag.destroy(local, remote, found.cookie)
                 self.reclaimed += 1
             except OSError as exc:
                 log.debug("destroying %r in TIME_WAIT: %s", key, exc)
-            found = None
-        if found is None:
+        if step.action in ("destroy", "free"):
             self.datapath.watch.delete(key)
             self.connections.in_flight.discard(key)
-        elif not last:
-            self._schedule(key, conn_id, closed_at, look + 1)
+        elif step.action == "look":
+            self._schedule(key, conn_id, look + 1)
         else:
-            # The server never finished: the port waits out the quarantine.
             watch.state, watch.closed_ns = WATCH_CLOSED, time.monotonic_ns()
             self.datapath.watch.update(key, watch)
             self.connections.in_flight.discard(key)

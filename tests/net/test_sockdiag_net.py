@@ -333,3 +333,35 @@ def test_destroying_a_missing_socket_is_false_and_spares_the_listener(ns, socket
     assert netlink.tcp_sockets(ns, states=[TcpState.LISTEN]) == [listening]
     client, accepted = sockets.pair(listener)  # still accepting
     assert isinstance(netlink.tcp_socket(ns, *ends(accepted)), TcpSocket)
+
+
+def test_kept_sock_diag_looks_up_and_destroys_many_on_one_socket(ns, sockets):
+    # What the router's ForwardCloser and the agents do: one SockDiag, a
+    # lookup and a destroy per closed connection, many in a row; a miss or a
+    # stale cookie on the way leaves the kept socket usable.
+    listener, server = sockets.listener()
+    waiting = []
+    for _ in range(20):
+        client, accepted = sockets.pair(listener)
+        server_end, client_end = ends(accepted)
+        accepted.close()
+        assert client.recv(1) == b""
+        client.close()
+        waiting.append((server_end, client_end))
+    for server_end, client_end in waiting:
+        wait_for(lambda: state_of(ns, server_end, client_end) == TcpState.TIME_WAIT, "TIME_WAIT")
+    diag = netlink.SockDiag(ns)
+    try:
+        before = tcp_counters(ns)
+        for server_end, client_end in waiting:
+            found = diag.sockets_of([(server_end, client_end)])[(server_end, client_end)]
+            assert found is not None and found.state == TcpState.TIME_WAIT
+            assert diag.destroy(server_end, client_end, found.cookie + 1) is False  # not that socket
+            assert diag.destroy(server_end, client_end, found.cookie) is True
+            assert diag.destroy(server_end, client_end, found.cookie) is False  # gone
+            assert diag.sockets_of([(server_end, client_end)]) == {(server_end, client_end): None}
+        assert tcp_counters(ns)["OutSegs"] == before["OutSegs"]  # TIME_WAIT ends silently
+        assert diag.destroy(server, (LOOPBACK, 1)) is False  # a miss by 4-tuple spares the listener
+        assert [s.local for s in netlink.tcp_sockets(ns, states=TcpState)] == [server]
+    finally:
+        diag.close()
