@@ -52,7 +52,7 @@ fi
 # Reinstall only when the project's metadata changed since the last install.
 stamp=.venv/.arr-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q --upgrade pip 'setuptools>=77' >/dev/null
   .venv/bin/python -m pip install -q -e '.[dev]'
   touch "$stamp"
 fi
@@ -69,6 +69,9 @@ build_fastpath() {  # VENV_DIR ABI_TAG (sys.implementation.cache_tag, e.g. cpyth
   local fastpath
   fastpath=$(ls handoff/_fastpath."$2"-*.so 2>/dev/null | head -1 || true)
   if [ -z "$fastpath" ] || [ handoff/_fastpath.c -nt "$fastpath" ] || [ setup.py -nt "$fastpath" ]; then
+    # setup.py reads pyproject.toml with the venv's own setuptools, which must be one the
+    # build allows (build-system.requires): the one a new venv gets from ensurepip is older.
+    "$1"/bin/python -m pip install -q 'setuptools>=77' >/dev/null
     "$1"/bin/python setup.py -q build_ext --inplace >/dev/null
   fi
 }
