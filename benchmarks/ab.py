@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from benchmarks.stats import rehandoff_summary
+from benchmarks.stats import percentile, rehandoff_summary
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BENCH_ARGS = ("--systems", "arr-nat", "--tests", "rehandoff", "--runs", "1", "--no-memory",
@@ -85,11 +85,8 @@ def round_figures(label: str, round_no: int, results: Mapping) -> RoundFigures:
 
 
 def _median(values: Sequence[float | None]) -> float | None:
-    known = sorted(v for v in values if v is not None)
-    if not known:
-        return None
-    mid = len(known) // 2
-    return known[mid] if len(known) % 2 else (known[mid - 1] + known[mid]) / 2
+    known = [v for v in values if v is not None]
+    return percentile(known, 0.5) if known else None
 
 
 def _cell(value: float | None, spec: str) -> str:
@@ -131,9 +128,8 @@ def _git(*args: str, cwd: Path = PROJECT_ROOT) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
 
-def build_tree(base: str, where: Path) -> str:
-    """A detached worktree of BASE at WHERE, built; returns its commit."""
-    commit = _git("rev-parse", "--verify", f"{base}^{{commit}}")
+def build_tree(commit: str, where: Path) -> None:
+    """A detached worktree of COMMIT at WHERE, built."""
     if where.exists():
         _remove_tree(where)
     _git("worktree", "add", "--detach", str(where), commit)
@@ -141,7 +137,6 @@ def build_tree(base: str, where: Path) -> str:
                    stdout=subprocess.DEVNULL)
     subprocess.run([sys.executable, "-m", "handoff.build"], cwd=where, check=True, stdout=subprocess.DEVNULL,
                    env={**os.environ, "PYTHONPATH": str(where)})
-    return commit
 
 
 def _remove_tree(where: Path) -> None:
@@ -186,12 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     base_tree = out / "base-tree"
     try:
-        _git("rev-parse", "--verify", "--quiet", f"{args.base}^{{commit}}")
+        base_commit = _git("rev-parse", "--verify", "--quiet", f"{args.base}^{{commit}}")
     except subprocess.CalledProcessError:
         print(f"arr bench ab: --base {args.base!r} names no commit of this repository", file=sys.stderr)
         return 2
     try:
-        base_commit = build_tree(args.base, base_tree)
+        build_tree(base_commit, base_tree)
     except subprocess.CalledProcessError as exc:
         print(f"arr bench ab: could not build {args.base}: {exc.stderr or exc} (setup.py needs the venv's "
               "setuptools >= 77: bash scripts/setup.sh --bench)", file=sys.stderr)
