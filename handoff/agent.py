@@ -33,15 +33,16 @@ from arr.config import ConfigError, parse_address
 from arr.metrics import serve_metrics
 from handoff.agent_lifecycle import TargetConnections
 from handoff.control import (TAKEN_CLOSED, TAKEN_OK, TAKEN_UNACKED, TAKEN_UNKNOWN, Ack, ControlServer,
-                             HandoffRequest, Holding, Nack, Release, StopMirror, Taken, TakeBack, load_psk)
+                             HandoffRequest, Holding, Nack, Release, Shift, StopMirror, Taken, TakeBack, load_psk)
 from handoff.control.outbound import (DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_SESSIONS, DEFAULT_MAX_SESSIONS_PER_ADDRESS,
                                       DEFAULT_SEND_BUFFER, DEFAULT_SEND_TIMEOUT)
 from handoff.datapath import DEFAULT_BPF_DIR, TargetDatapath
 from handoff.event_reader import EventReader
 from handoff.lifecycle import local_key
-from handoff.maps import (DEFAULT_CAPACITY, FLOW_ACTIVE, FLOW_F_FIN, FLOW_F_RST, FLOW_F_SENT, FLOW_HOLD, Event, FlowEntry,
-                          FlowKey, MirrorState, Xlate)
+from handoff.maps import (DEFAULT_CAPACITY, FLOW_ACTIVE, FLOW_F_ACKED, FLOW_F_FIN, FLOW_F_RST, FLOW_F_SENT, FLOW_HOLD,
+                          AckShiftState, Event, FlowEntry, FlowKey, MirrorState, Xlate)
 from handoff.tcpstate import rto_min_problem
+from handoff.translate import AckShift
 
 log = logging.getLogger("arr.agent")
 
@@ -175,6 +176,13 @@ class AgentMetrics:
                                   value=agent.refused)
         yield CounterMetricFamily("arr_agent_taken_back", "Connections the router took back (TAKEBACK answered OK).",
                                   value=agent.taken_back)
+        yield CounterMetricFamily("arr_agent_shifted", "Re-handoffs in place: SHIFTs answered ACK.",
+                                  value=agent.shifted)
+        refused = CounterMetricFamily("arr_agent_shifts_refused", "SHIFTs answered NACK, by reason.",
+                                      labels=["reason"])
+        for reason, count in sorted(agent.shifts_refused.items()):
+            refused.add_metric([reason], count)
+        yield refused
         yield CounterMetricFamily("arr_agent_takeback_unsent", "TAKEBACKs told to wait: the server's socket still "
                                   "held bytes the client's window held back.", value=agent.unsent_waits)
         ended = CounterMetricFamily("arr_agent_connections_ended",
@@ -212,10 +220,13 @@ class Agent:
         self.refused = 0
         self.taken_back = 0
         self.unsent_waits = 0
-        self._diag = netlink.SockDiag(None)
-        """Kept open: one exact lookup per take-back (a socket per look costs more)."""
         """TAKEBACKs answered UNACKED because the server's socket still held
         bytes (a response in the middle, held back by the client's window)."""
+        self.shifted = 0
+        self.shifts_refused: dict[str, int] = {}
+        """SHIFTs answered NACK, by reason (``shift_refusal``)."""
+        self._diag = netlink.SockDiag(None)
+        """Kept open: one exact lookup per take-back (a socket per look costs more)."""
         self.metrics = AgentMetrics(self)
         self._metrics_server: asyncio.AbstractServer | None = None
         self._gc: asyncio.Task[None] | None = None
@@ -287,6 +298,8 @@ class Agent:
             await session.send(reply)
         elif isinstance(message, TakeBack):
             await session.send(self._take_back(message))
+        elif isinstance(message, Shift):
+            await session.send(self._shift(message))
         elif isinstance(message, StopMirror):
             assert self.datapath is not None
             self.datapath.mirror.delete(local_key(message.key))
@@ -373,6 +386,35 @@ class Agent:
         return Taken(conn_id, TAKEN_OK, snd_nxt=paused.snd_max,
                      window=paused.peer_window << paused.x.wscale_in, syn_seq=paused.syn_seq)
 
+    def _shift(self, message: Shift) -> Ack | Nack:
+        """A re-handoff in place: from the end of the rerouted request on, the
+        server's acks take the router's new delta; up to its start, the old
+        one (``translate.AckShift``). The router sends the request only after
+        this ACK, so no ack of it can leave with the old delta.
+
+        The entry is read, changed and written back whole: a counter or a
+        field the program wrote in between is lost. None that matters here:
+        the server is idle while its next request waits for this answer, and
+        the program moves ``peer_ack`` and ``snd_max`` on with its next packet."""
+        assert self.datapath is not None
+        key = local_key(message.key)
+        entry = self.datapath.egress.lookup(key)
+        refusal = shift_refusal(entry, message)
+        if refusal is not None:
+            self.shifts_refused[refusal] = self.shifts_refused.get(refusal, 0) + 1
+            log.info("refused to shift connection %d: %s", message.conn_id, refusal)
+            return Nack(conn_id=message.conn_id, reason=refusal)
+        assert entry is not None
+        entry.shift = AckShiftState.of(AckShift(message.start, message.end, entry.x.ack_delta))
+        entry.x.ack_delta = message.delta
+        try:
+            self.datapath.egress.update(key, entry)
+        except OSError as exc:
+            self.shifts_refused["map"] = self.shifts_refused.get("map", 0) + 1
+            return Nack(conn_id=message.conn_id, reason=f"map update failed: {exc}")
+        self.shifted += 1
+        return Ack(conn_id=message.conn_id)
+
     # ------------------------------------------------------------ lifecycle
 
     async def _gc_loop(self) -> None:
@@ -391,9 +433,30 @@ class Agent:
         return await self.connections.sweep(now_ns)
 
 
+def shift_refusal(entry: FlowEntry | None, message: Shift) -> str | None:
+    """Why the agent cannot shift ENTRY's acks as MESSAGE asks (None: it can).
+    The server must have acknowledged exactly up to where the rerouted request
+    starts: less, and a request before it is still on its way (a second step
+    of history the program does not keep); more, and the router's idea of the
+    connection is out of date."""
+    if entry is None or entry.conn_id != message.conn_id:
+        return "unknown"
+    if entry.state != FLOW_ACTIVE:
+        return "not-active"
+    if entry.flags & (FLOW_F_FIN | FLOW_F_RST):
+        return "closed"
+    if not entry.flags & FLOW_F_ACKED or entry.peer_ack != message.start:
+        return "unacked"
+    return None
+
+
 def _take_back_verdict(entry: FlowEntry, acked: int) -> int:
     if entry.flags & (FLOW_F_FIN | FLOW_F_RST):
         return TAKEN_CLOSED
+    # A request rerouted in place that the server has not all acknowledged:
+    # the router's rebuilt socket would start after bytes the server lacks.
+    if entry.shift.active:
+        return TAKEN_UNACKED
     # Not FLOW_F_SENT: the server has sent nothing since the handoff, not
     # even the ACK of the request: too early to tell.
     if not entry.flags & FLOW_F_SENT or entry.snd_max != acked:

@@ -13,10 +13,10 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from handoff.translate import Translation
+from handoff.translate import AckShift, Translation
 
 FLOW_HOLD, FLOW_ACTIVE, FLOW_ENDED, FLOW_TAKEBACK = 1, 2, 3, 4
-FLOW_F_FIN, FLOW_F_RST, FLOW_F_NEW_SYN, FLOW_F_SENT, FLOW_F_WANT_HEADER = 1, 2, 4, 8, 16
+FLOW_F_FIN, FLOW_F_RST, FLOW_F_NEW_SYN, FLOW_F_SENT, FLOW_F_WANT_HEADER, FLOW_F_ACKED = 1, 2, 4, 8, 16, 32
 DEFAULT_CAPACITY = 65536
 """ARR_DEFAULT_CAPACITY of the header: entries per connection map."""
 WATCH_CONNECTING, WATCH_HANDED_OFF, WATCH_CLOSED = 1, 2, 3
@@ -101,6 +101,20 @@ class Xlate(ctypes.Structure):
                            self.tsecr_floor)
 
 
+class AckShiftState(ctypes.Structure):
+    """struct ack_shift: a target egress entry's ack history (translate.AckShift)."""
+
+    _fields_ = [("start", ctypes.c_uint32), ("end", ctypes.c_uint32), ("prev_delta", ctypes.c_uint32),
+                ("active", ctypes.c_uint32)]
+
+    @classmethod
+    def of(cls, shift: AckShift) -> "AckShiftState":
+        return cls(shift.start, shift.end, shift.prev_delta, 1)
+
+    def model(self) -> AckShift | None:
+        return AckShift(self.start, self.end, self.prev_delta) if self.active else None
+
+
 class FlowEntry(ctypes.Structure):
     _fields_ = [("x", Xlate), ("state", ctypes.c_uint32), ("flags", ctypes.c_uint32),
                 ("syn_seq", ctypes.c_uint32), ("seq_next", ctypes.c_uint32),
@@ -110,7 +124,7 @@ class FlowEntry(ctypes.Structure):
                 ("take_from", ctypes.c_uint32), ("peer_ack", ctypes.c_uint32), ("snd_max", ctypes.c_uint32),
                 ("peer_window", ctypes.c_uint16), ("client_mss", ctypes.c_uint16),
                 ("router_wscale", ctypes.c_uint8), ("client_opts", ctypes.c_uint8),
-                ("requests", ctypes.c_uint16)]
+                ("requests", ctypes.c_uint16), ("shift", AckShiftState)]
 
 
 class MirrorState(ctypes.Structure):

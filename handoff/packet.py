@@ -37,7 +37,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from handoff.translate import TcpFields, Translation, translate_fields, wrap
+from handoff.translate import AckShift, TcpFields, Translation, seq_after, translate_fields, wrap
 
 MOD_32 = 1 << 32
 ETH_LEN = 14
@@ -192,8 +192,9 @@ def _u32(buf: bytes | bytearray, at: int) -> int:
     return struct.unpack_from("!I", buf, at)[0]
 
 
-def translate(frame: bytes, x: Translation) -> bytes:
-    """The frame after the rewrite of ``apply_xlate`` (MACs untouched).
+def translate(frame: bytes, x: Translation, shift: AckShift | None = None) -> bytes:
+    """The frame after the rewrite of ``apply_xlate`` (MACs untouched); SHIFT:
+    the target egress entry's ack history (``translate.AckShift``).
 
     Raises ValueError if ``parse`` rejects the frame, Malformed if the programs
     would drop it as unrewritable (nothing is ever half-rewritten)."""
@@ -218,7 +219,7 @@ def translate(frame: bytes, x: Translation) -> bytes:
     edges = [_u32(opts, o.offset + 2 + 4 * e) for o in sacks for e in range((o.length - 2) // 4)]
     fields = TcpFields(p.saddr, p.daddr, p.sport, p.dport, seq, ack, window,
                        sack=tuple(zip(edges[::2], edges[1::2])))
-    out = translate_fields(fields, x)
+    out = translate_fields(fields, x, shift)
 
     new_opts = bytearray(opts)
     new_edges = iter(edge for block in out.sack for edge in block)
@@ -272,12 +273,13 @@ def set_macs(frame: bytes, dst: bytes, src: bytes) -> bytes:
     return dst + src + frame[12:]
 
 
-def forward(frame: bytes, x: Translation, dst_mac: bytes, src_mac: bytes) -> tuple[int, bytes]:
+def forward(frame: bytes, x: Translation, dst_mac: bytes, src_mac: bytes,
+            shift: AckShift | None = None) -> tuple[int, bytes]:
     """(verdict, frame) of a packet of an ACTIVE entry whose next hop resolves
     to ``dst_mac`` from ``src_mac``: rewritten and redirected, or dropped
     unchanged when unrewritable."""
     try:
-        return TC_ACT_REDIRECT, set_macs(translate(frame, x), dst_mac, src_mac)
+        return TC_ACT_REDIRECT, set_macs(translate(frame, x, shift), dst_mac, src_mac)
     except Malformed:
         return TC_ACT_SHOT, frame
 
@@ -350,11 +352,6 @@ def trim_mirror(frame: bytes, rcv_nxt: int) -> bytes:
     pseudo = bytes(buf[26:34]) + struct.pack("!BBH", 0, IPPROTO_TCP, p.tcp_len)
     struct.pack_into("!H", buf, l4 + 16, checksum(pseudo + bytes(buf[l4:])))
     return bytes(buf)
-
-
-def seq_after(a: int, b: int) -> bool:
-    """a is after b modulo 2**32."""
-    return 0 < wrap(a - b) < 1 << 31
 
 
 # ---------------------------------------------------------- entry lifecycle

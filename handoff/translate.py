@@ -161,15 +161,55 @@ class TcpFields:
     sack: tuple[tuple[int, int], ...] = ()
 
 
-def translate_fields(fields: TcpFields, x: Translation) -> TcpFields:
+@dataclass(frozen=True)
+class AckShift:
+    """A re-handoff in place moved the ack translation of the target's packets
+    at the end of a rerouted request (``flow_entry.shift`` of the target's
+    egress entry; the agent installs it on the router's SHIFT).
+
+    The server received the rewritten request R' at [START, END) of its own
+    sequence space, where the client sent the original R, of another length:
+    acks up to START keep PREV_DELTA (the translation before R), acks from END
+    on take the entry's new ``ack_delta``. An edge inside R' has no exact
+    image in the client's space; it is rounded so that the client never hears
+    of more than the server has (``shift_edge``). Conntrack keeps the same
+    one-step history for the sequence adjustment of its FTP helper."""
+
+    start: int
+    end: int
+    prev_delta: int
+
+
+def seq_after(a: int, b: int) -> bool:
+    """A is after B in sequence space (RFC 1982 serial arithmetic)."""
+    return 0 < wrap(a - b) < 1 << 31
+
+
+def shift_edge(edge: int, delta: int, shift: AckShift | None, *, left: bool = False) -> int:
+    """An ack or a SACK edge of the server's, in the client's space. The
+    cumulative ack and a block's right edge round down inside the shifted
+    request (to where R starts: R is not acknowledged until all of R' is), a
+    block's left edge rounds up (to where R ends: no byte of R is claimed)."""
+    if shift is None:
+        return wrap(edge - delta)
+    if not seq_after(edge, shift.start):
+        return wrap(edge - shift.prev_delta)
+    if not seq_after(shift.end, edge):
+        return wrap(edge - delta)
+    return wrap(shift.end - delta) if left else wrap(shift.start - shift.prev_delta)
+
+
+def translate_fields(fields: TcpFields, x: Translation, shift: AckShift | None = None) -> TcpFields:
+    """FIELDS rewritten by X; SHIFT: the ack history of a target's egress entry."""
     return replace(
         fields,
         saddr=x.saddr, daddr=x.daddr, sport=x.sport, dport=x.dport,
         seq=wrap(fields.seq + x.seq_delta),
-        ack=wrap(fields.ack - x.ack_delta),
+        ack=shift_edge(fields.ack, x.ack_delta, shift),
         window=rescale_window(fields.window, x.wscale_in, x.wscale_out),
         tsval=None if fields.tsval is None else wrap(fields.tsval + x.tsval_delta),
         tsecr=None if fields.tsecr is None else (
             wrap(fields.tsecr - x.tsecr_delta) if echo_is_genuine(fields.tsecr, x.tsecr_floor) else 0),
-        sack=tuple((wrap(a - x.ack_delta), wrap(b - x.ack_delta)) for a, b in fields.sack),
+        sack=tuple((shift_edge(a, x.ack_delta, shift, left=True), shift_edge(b, x.ack_delta, shift))
+                   for a, b in fields.sack),
     )

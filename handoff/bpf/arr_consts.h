@@ -47,6 +47,7 @@
  * the router's probe) goes to userspace as a header-only capture; cleared by
  * the program when it does. */
 #define FLOW_F_WANT_HEADER (1U << 4)
+#define FLOW_F_ACKED (1U << 5)   /* target: peer_ack holds the server's highest ack */
 
 /* The largest window TCP can announce (65535 << 14): a segment further than
  * this from what the connection has sent so far cannot belong to it. */

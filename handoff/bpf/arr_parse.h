@@ -61,6 +61,22 @@ static __always_inline int seq_after(__u32 a, __u32 b)
 	return (__s32)(a - b) > 0;
 }
 
+/* An ack or a SACK edge of the server's, in the client's space
+ * (translate.shift_edge): inside a request rerouted in place the cumulative
+ * ack and a block's right edge round down to where the client's request
+ * starts, a left edge rounds up to where it ends; the client never hears of
+ * more than the server has. */
+static __always_inline __u32 shift_edge(__u32 edge, __u32 delta, const struct ack_shift *s, int left)
+{
+	if (!s || !s->active)
+		return edge - delta;
+	if (!seq_after(edge, s->start))
+		return edge - s->prev_delta;
+	if (!seq_after(s->end, edge))
+		return edge - delta;
+	return left ? s->end - delta : s->start - s->prev_delta;
+}
+
 static __always_inline __u32 get_be32(const __u8 *b)
 {
 	return ((__u32)b[0] << 24) | ((__u32)b[1] << 16) | ((__u32)b[2] << 8) | b[3];
@@ -123,16 +139,17 @@ static long opt_visit(__u32 n, void *data)
 		 * whether its translation happens to leave SACK as is. */
 		if (olen < 10 || (olen - 2) % 8)
 			goto bad;
-		if (!w->ack_delta)
+		if (!w->ack_delta && !w->shift.active)
 			return 0;
-		for (int e = 0; e < 8; e++) { /* up to 4 blocks: 8 edges */
+		for (int e = 0; e < 8; e++) { /* up to 4 blocks: 8 edges, left ones even */
 			__u32 at = i + 2 + e * 4;
 
 			if (e * 4 + 4 > olen - 2)
 				break;
 			if (at + 4 > TCP_OPTS_MAX)
 				goto bad;
-			put_be32(&w->opts[at], get_be32(&w->opts[at]) - w->ack_delta);
+			put_be32(&w->opts[at], shift_edge(get_be32(&w->opts[at]), w->ack_delta, &w->shift,
+							  !(e & 1)));
 		}
 		w->changed = 1;
 	} else if (kind == TCP_OPT_MSS && olen == 4) {

@@ -78,7 +78,7 @@ static __always_inline int opt_apply(struct __sk_buff *skb, const struct pkt *p,
 
 /* Rewrite TSval/TSecr and the SACK edges. */
 static __always_inline int rewrite_options(struct __sk_buff *skb, const struct pkt *p,
-					   const struct xlate *x)
+					   const struct xlate *x, const struct ack_shift *shift)
 {
 	struct opt_walk w = {};
 
@@ -87,15 +87,18 @@ static __always_inline int rewrite_options(struct __sk_buff *skb, const struct p
 	w.tsecr_delta = x->tsecr_delta;
 	w.tsecr_floor = x->tsecr_floor;
 	w.ack_delta = x->ack_delta;
+	if (shift)
+		w.shift = *shift;
 	if (opt_load(skb, p, &w) < 0)
 		return -1;
 	return opt_apply(skb, p, &w);
 }
 
 /* Apply an xlate to every field of the table (addresses, ports, seq, ack,
- * window, options), with incremental checksums. */
+ * window, options), with incremental checksums. SHIFT (target, may be NULL):
+ * the entry's ack history after a re-handoff in place. */
 static __always_inline int apply_xlate(struct __sk_buff *skb, const struct pkt *p,
-				       const struct xlate *x)
+				       const struct xlate *x, const struct ack_shift *shift)
 {
 	__be32 seq, ack;
 	__be16 window;
@@ -104,7 +107,7 @@ static __always_inline int apply_xlate(struct __sk_buff *skb, const struct pkt *
 	    bpf_skb_load_bytes(skb, p->l4 + 8, &ack, 4) < 0 ||
 	    bpf_skb_load_bytes(skb, p->l4 + 14, &window, 2) < 0)
 		return -1;
-	if (rewrite_options(skb, p, x) < 0)
+	if (rewrite_options(skb, p, x, shift) < 0)
 		return -1;
 	if (rewrite_addr(skb, p, offsetof(struct iphdr, saddr), p->key.saddr, x->saddr) < 0 ||
 	    rewrite_addr(skb, p, offsetof(struct iphdr, daddr), p->key.daddr, x->daddr) < 0)
@@ -113,7 +116,7 @@ static __always_inline int apply_xlate(struct __sk_buff *skb, const struct pkt *
 	    rewrite_tcp(skb, p, 2, p->key.dport, x->dport, 2) < 0)
 		return -1;
 	if (rewrite_tcp(skb, p, 4, seq, bpf_htonl(bpf_ntohl(seq) + x->seq_delta), 4) < 0 ||
-	    rewrite_tcp(skb, p, 8, ack, bpf_htonl(bpf_ntohl(ack) - x->ack_delta), 4) < 0)
+	    rewrite_tcp(skb, p, 8, ack, bpf_htonl(shift_edge(bpf_ntohl(ack), x->ack_delta, shift, 0)), 4) < 0)
 		return -1;
 	return rewrite_tcp(skb, p, 14, window,
 			   bpf_htons(rescale_window(bpf_ntohs(window), x->wscale_in, x->wscale_out)), 2);

@@ -36,6 +36,17 @@ struct xlate {
 			    * 0: no floor */
 };
 
+/* Target: the ack history of a re-handoff in place (translate.AckShift): the
+ * server received the rewritten request R' at [start, end) of its sequence
+ * space; acks up to start keep prev_delta, acks from end on xlate.ack_delta,
+ * edges inside R' are rounded (shift_edge in arr_parse.h). */
+struct ack_shift {
+	__u32 start;
+	__u32 end;
+	__u32 prev_delta;
+	__u32 active; /* 0: no history; the program clears it once the server acked end */
+};
+
 enum flow_state {
 	FLOW_HOLD = 1,   /* router: drop the client's packets while its state is read */
 	FLOW_ACTIVE = 2, /* rewrite and redirect */
@@ -67,7 +78,8 @@ struct flow_entry {
 	/* Router: what taking the connection back needs (handoff/takeback.py). */
 	__u32 take_from;    /* client seq of the first byte not forwarded: payload beyond it
 			     * is a request the router has not routed (0: never take back) */
-	__u32 peer_ack;     /* router: the client's latest ack field; target: unused */
+	__u32 peer_ack;     /* router: the client's latest ack field; target: the server's
+			     * highest ack (valid once FLOW_F_ACKED is set) */
 	__u32 snd_max;      /* target: the server's highest seq + length (+FIN) sent, i.e.
 			     * its snd_nxt (valid once FLOW_F_SENT is set) */
 	__u16 peer_window;  /* the latest raw window field (router: the client's; target:
@@ -76,6 +88,7 @@ struct flow_entry {
 	__u8 router_wscale; /* router: the window shift the router announced to the client */
 	__u8 client_opts;   /* router: WATCH_OPT_SACK | WATCH_OPT_TS the client negotiated */
 	__u16 requests;     /* router: requests routed on this connection so far */
+	struct ack_shift shift; /* target: set by the agent on the router's SHIFT */
 };
 
 /* Router: one piece of a client segment taken back (FLOW_TAKEBACK), in the
@@ -214,6 +227,7 @@ struct opt_walk {
 	__u32 mode; /* enum opt_mode */
 	/* OPT_TRANSLATE */
 	__u32 tsval_delta, tsecr_delta, ack_delta, tsecr_floor;
+	struct ack_shift shift; /* SACK edges inside a shifted request (target) */
 	/* OPT_NORMALISE */
 	__u16 mss;
 	__u8 sack_ok, ts_ok;

@@ -302,7 +302,7 @@ int arr_router_ingress(struct __sk_buff *skb)
 			 * the target's answer to it is seen by its agent. */
 			account(e, skb, &p, ARR_EVM_RST);
 		}
-		if (apply_xlate(skb, &p, &x) < 0) {
+		if (apply_xlate(skb, &p, &x, NULL) < 0) {
 			__sync_fetch_and_add(&e->errors, 1);
 			count(STAT_REWRITE_FAILED);
 			return TC_ACT_SHOT;

@@ -56,12 +56,23 @@ clone:
 
 /* The server's snd_nxt and window as they leave (target seq space): the
  * router asks for them when it takes the connection back (TAKEBACK), to know
- * that the client has acknowledged every byte of the response. */
+ * that the client has acknowledged every byte of the response. And the
+ * server's highest ack: the agent shifts the ack translation (SHIFT) only
+ * at a point the server has acknowledged (handoff/agent.py). */
 static __always_inline void note_sent(struct __sk_buff *skb, const struct pkt *p, struct flow_entry *e)
 {
-	__be32 seq_be;
+	__be32 seq_be, ack_be;
 	__be16 win_be;
-	__u32 end;
+	__u32 end, ack;
+
+	if ((p->flags & TCPF_ACK) && bpf_skb_load_bytes(skb, p->l4 + 8, &ack_be, 4) == 0) {
+		ack = bpf_ntohl(ack_be);
+		if (!(e->flags & FLOW_F_ACKED) || seq_after(ack, e->peer_ack)) {
+			e->peer_ack = ack;
+			if (!(e->flags & FLOW_F_ACKED))
+				__sync_fetch_and_or(&e->flags, FLOW_F_ACKED);
+		}
+	}
 
 	if (p->flags & TCPF_RST)
 		return;
@@ -82,6 +93,7 @@ int arr_target_egress(struct __sk_buff *skb)
 {
 	struct mirror_state *m;
 	struct flow_entry *e;
+	struct ack_shift shift;
 	struct xlate x;
 	struct pkt p;
 	__u32 stat = STAT_REWRITTEN;
@@ -114,12 +126,19 @@ int arr_target_egress(struct __sk_buff *skb)
 		count(STAT_MIRROR_DONE);
 	}
 	x = e->x;
+	/* This packet's history, before the server's ack may end it (its SACK
+	 * blocks can still reach below the shifted request). */
+	shift = e->shift;
 	/* The target's FIN and RST, and what follows its FIN (the ACK of the
 	 * client's FIN that puts its socket in TIME_WAIT): the agent looks at
 	 * the socket then (handoff/agent_lifecycle.py). */
 	account(e, skb, &p, ARR_EVM_FIN | ARR_EVM_RST | ARR_EVM_AFTER_FIN);
 	note_sent(skb, &p, e);
-	if (apply_xlate(skb, &p, &x) < 0) {
+	/* The server has all of the rerouted request: every later ack takes the
+	 * new delta, and the history goes before sequence numbers wrap around. */
+	if (shift.active && (e->flags & FLOW_F_ACKED) && !seq_after(shift.end, e->peer_ack))
+		e->shift.active = 0;
+	if (apply_xlate(skb, &p, &x, &shift) < 0) {
 		__sync_fetch_and_add(&e->errors, 1);
 		count(STAT_REWRITE_FAILED);
 		return TC_ACT_SHOT;

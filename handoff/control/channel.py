@@ -48,8 +48,8 @@ from handoff.control.outbound import (
     DEFAULT_SEND_BUFFER, DEFAULT_SEND_TIMEOUT, ControlUnavailable, FrameSender, RejectionLog, peer_name,
 )
 from handoff.control.frames import (
-    Ack, ControlConnection, ControlError, Established, HandoffRequest, Message, Nack, Ping, SeenNonces, Taken,
-    TakeBack,
+    Ack, ControlConnection, ControlError, Established, HandoffRequest, Message, Nack, Ping, SeenNonces, Shift,
+    Taken, TakeBack,
 )
 from handoff.tcpstate import bound_retransmissions
 
@@ -455,9 +455,9 @@ class ControlClient:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
-    async def request(self, message: HandoffRequest | TakeBack, timeout: float) -> Ack | Nack | Taken:
+    async def request(self, message: HandoffRequest | TakeBack | Shift, timeout: float) -> Ack | Nack | Taken:
         """Send MESSAGE and wait for the answer with its conn_id (ACK or NACK
-        to a HANDOFF, TAKEN to a TAKEBACK).
+        to a HANDOFF or a SHIFT, TAKEN to a TAKEBACK).
 
         ``ControlUnavailable`` when not connected or when the connection drops
         before the answer; ``asyncio.TimeoutError`` after TIMEOUT seconds."""

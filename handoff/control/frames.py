@@ -17,7 +17,7 @@ Wire format of one frame (big-endian)::
 A whole frame (length field included) is at most ``MAX_FRAME`` bytes; before
 the handshake is complete, at most ``MAX_HANDSHAKE_FRAME``.
 
-The handshake (protocol 2) proves to each side that the other holds the key
+The handshake (since protocol 2) proves to each side that the other holds the key
 *for this session*, so that a recorded HELLO, or a whole recorded handshake,
 replayed later establishes nothing::
 
@@ -54,7 +54,7 @@ handshake, the peer's protocol version (``version``), a remembered HELLO
 nonce (``replay``) and the proof (``bad-proof``).
 
 Message types are one-way: the client (router) sends HELLO, PROOF, HANDOFF,
-STOP_MIRROR, RELEASE, HOLDING, TAKEBACK and PING requests; the server (agent)
+STOP_MIRROR, RELEASE, HOLDING, TAKEBACK, SHIFT and PING requests; the server (agent)
 sends CHALLENGE, ACK, NACK, TAKEN, CLOSED and PING replies.
 
 Lifecycle messages (blueprint 2.2/2.3): CLOSED with ``CLOSED_TARGET_GONE`` says
@@ -84,9 +84,11 @@ from handoff.control.handshake import SeenNonces, SessionKeys, hello_key, transc
 from handoff.translate import Translation
 
 FRAME_VERSION = 2
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 """2: the challenge-response handshake (HELLO, CHALLENGE, PROOF) and keys per
-direction. A peer of protocol 1 is refused with ``version``."""
+direction. 3: SHIFT (a re-handoff in place), which an agent of protocol 2
+would take for an unknown type and end the session over. A peer of another
+protocol is refused with ``version`` at the handshake, which names both."""
 MAX_FRAME = 64 * 1024
 """The largest frame, its length field included."""
 MAX_HANDSHAKE_FRAME = 1024
@@ -130,6 +132,7 @@ class MessageType(enum.IntEnum):
     HOLDING = 9
     TAKEBACK = 10
     TAKEN = 11
+    SHIFT = 14
     # CHALLENGE = 12, PROOF = 13 (above, with HELLO: the handshake)
 
 
@@ -278,13 +281,32 @@ class Taken:
 
 
 @dataclass(frozen=True)
+class Shift:
+    """A re-handoff in place (the router's next request of CONN_ID goes to
+    the same server, on the same connection): the server is about to receive
+    the rewritten request at [START, END) of its sequence space, where the
+    client sent one of another length. The agent makes the egress entry
+    translate acks up to START as before and acks from END on with DELTA
+    (``translate.AckShift``), and answers ACK once it does; NACK when the
+    server has not acknowledged exactly up to START (a request still on its
+    way, or a connection that moved on): the router then takes the connection
+    back the usual way."""
+
+    conn_id: int
+    key: FlowKey
+    start: int
+    end: int
+    delta: int
+
+
+@dataclass(frozen=True)
 class Ping:
     token: int
     reply: bool = False
 
 
 Message = Union[Hello, Challenge, Proof, HandoffRequest, Ack, Nack, StopMirror, Closed, Ping, Release, Holding,
-                TakeBack, Taken]
+                TakeBack, Taken, Shift]
 
 
 # ------------------------------------------------------------------ codecs
@@ -306,6 +328,7 @@ _CLOSED_TAIL = struct.Struct(">QQI")
 _PING = struct.Struct(">QB")
 _TAKEBACK_TAIL = struct.Struct(">I")
 _TAKEN = struct.Struct(">QBIII")
+_SHIFT_TAIL = struct.Struct(">III")
 _HELLO_HEAD = struct.Struct(">HH")
 
 
@@ -412,6 +435,9 @@ def encode_payload(message: Message) -> tuple[MessageType, bytes]:
     if isinstance(message, TakeBack):
         return MessageType.TAKEBACK, (_encode_conn_key(message.conn_id, message.key)
                                       + _pack(_TAKEBACK_TAIL, message.acked))
+    if isinstance(message, Shift):
+        return MessageType.SHIFT, (_encode_conn_key(message.conn_id, message.key)
+                                   + _pack(_SHIFT_TAIL, message.start, message.end, message.delta))
     if isinstance(message, Taken):
         return MessageType.TAKEN, _pack(_TAKEN, message.conn_id, message.status, message.snd_nxt,
                                         message.window, message.syn_seq)
@@ -520,6 +546,14 @@ def decode_payload(mtype: MessageType, data: bytes) -> Message:
         (acked,) = _unpack(_TAKEBACK_TAIL, data, head)
         _done(data, head + _TAKEBACK_TAIL.size)
         return TakeBack(conn_id, key, acked)
+    if mtype is MessageType.SHIFT:
+        head = _U64.size + _KEY.size
+        conn_id, key = _decode_conn_key(data[:head])
+        start, end, delta = _unpack(_SHIFT_TAIL, data, head)
+        _done(data, head + _SHIFT_TAIL.size)
+        if start == end:
+            raise _Malformed("SHIFT of an empty request")
+        return Shift(conn_id, key, start, end, delta)
     if mtype is MessageType.TAKEN:
         conn_id, status, snd_nxt, window, syn_seq = _unpack(_TAKEN, data, 0)
         _done(data, _TAKEN.size)
@@ -560,6 +594,7 @@ _SENT_BY: dict[type, str] = {
     Release: CLIENT,
     Holding: CLIENT,
     TakeBack: CLIENT,
+    Shift: CLIENT,
     Challenge: SERVER,
     Ack: SERVER,
     Taken: SERVER,
@@ -792,7 +827,8 @@ class ControlConnection:
 
     def _check_greeting(self, greeting: Hello | Challenge) -> None:
         if greeting.version != PROTOCOL_VERSION:
-            raise ControlError("version", f"peer speaks protocol {greeting.version}, we speak {PROTOCOL_VERSION}")
+            raise ControlError("version",
+                               f"peer speaks protocol {greeting.version}, we speak protocol {PROTOCOL_VERSION}")
         if greeting.nonce == self._nonce:
             raise ControlError("handshake", "peer's greeting carries our own nonce (reflected)")
         self.claimed_node_id = greeting.node_id

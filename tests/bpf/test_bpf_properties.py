@@ -19,12 +19,11 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
 from handoff import packet
-from handoff.maps import (FLOW_ACTIVE, FLOW_ENDED, FLOW_F_FIN, FLOW_F_NEW_SYN, FLOW_F_RST, FLOW_F_SENT, FLOW_HOLD,
-                          WATCH_CLOSED,
-                          WATCH_CONNECTING, WATCH_HANDED_OFF, FlowEntry, FlowKey, MirrorState,
-                          WatchEntry, Xlate)
+from handoff.maps import (FLOW_ACTIVE, FLOW_ENDED, FLOW_F_ACKED, FLOW_F_FIN, FLOW_F_NEW_SYN, FLOW_F_RST,
+                          FLOW_F_SENT, FLOW_HOLD, WATCH_CLOSED, WATCH_CONNECTING, WATCH_HANDED_OFF, FlowEntry,
+                          FlowKey, MirrorState, AckShiftState, WatchEntry, Xlate)
 from handoff.packet import TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT
-from handoff.translate import Translation
+from handoff.translate import AckShift, Translation, seq_after
 
 pytestmark = pytest.mark.bpf
 
@@ -169,11 +168,27 @@ def active(x: Translation, state: int = FLOW_ACTIVE) -> FlowEntry:
 
 def expected_flags(frame: bytes, program: str = "") -> int:
     """FIN and RST as they pass; at the target, FLOW_F_SENT once the server
-    sent anything but a RST (its snd_max is tracked for a take-back)."""
+    sent anything but a RST (its snd_max is tracked for a take-back), and
+    FLOW_F_ACKED once it sent an ACK (its highest ack, for a SHIFT)."""
     tcp_flags = packet.parse(frame).flags
-    sent = program == "arr_target_egress" and not tcp_flags & packet.TCPF_RST
+    target = program == "arr_target_egress"
+    sent = target and not tcp_flags & packet.TCPF_RST
+    acked = target and tcp_flags & packet.TCPF_ACK
     return (FLOW_F_FIN if tcp_flags & packet.TCPF_FIN else 0) | (
-        FLOW_F_RST if tcp_flags & packet.TCPF_RST else 0) | (FLOW_F_SENT if sent else 0)
+        FLOW_F_RST if tcp_flags & packet.TCPF_RST else 0) | (FLOW_F_SENT if sent else 0) | (
+        FLOW_F_ACKED if acked else 0)
+
+
+def ack_of(frame: bytes) -> int:
+    return struct.unpack_from("!I", frame, packet.parse(frame).l4 + 8)[0]
+
+
+@st.composite
+def shifts_near(draw, ack: int) -> AckShift:
+    """An ack history whose shifted request lies around ACK: before it, after
+    it, or with ACK inside, at either end or in the middle."""
+    start = (ack + draw(st.integers(-3000, 3000))) % MOD
+    return AckShift(start, (start + draw(st.integers(1, 3000))) % MOD, draw(st.integers(0, MOD - 1)))
 
 
 def show(frame: bytes) -> str:
@@ -190,17 +205,28 @@ def test_rewrite_equals_the_model(bpf_env, program, table, data):
     x = data.draw(translations())
     key = key_of(frame)
     entry = active(x)
+    shift = None
+    if program == "arr_target_egress" and data.draw(st.booleans()):
+        # A re-handoff in place moved the ack translation near this ack.
+        shift = data.draw(shifts_near(ack_of(frame)))
+        entry.shift = AckShiftState.of(shift)
     if program == "arr_router_ingress" and data.draw(st.booleans()):
         # An armed window mark within reach of the segment.
         seq = struct.unpack_from("!I", frame, packet.parse(frame).l4 + 4)[0]
         entry.seq_next = (seq + data.draw(st.integers(-packet.SEQ_WINDOW_MAX, packet.SEQ_WINDOW_MAX))) % MOD
     run = bpf_env.run(program, frame, {table: {key: entry}})
-    verdict, out = packet.forward(frame, x, *bpf_env.next_hop(x.daddr))
+    verdict, out = packet.forward(frame, x, *bpf_env.next_hop(x.daddr), shift=shift)
     assert verdict == TC_ACT_REDIRECT
     assert (run.verdict, run.out) == (verdict, out), (show(run.out), show(out))
     after = run.maps[table][key]
     assert (after.packets, after.bytes, after.errors) == (1, len(frame), 0)
     assert after.flags == expected_flags(frame, program)
+    if program == "arr_target_egress":
+        server_acked = bool(packet.parse(frame).flags & packet.TCPF_ACK)
+        assert after.peer_ack == (ack_of(frame) if server_acked else 0)
+        # The history ends once the server acknowledged all of the shifted request.
+        ended = shift is not None and server_acked and not seq_after(shift.end, ack_of(frame))
+        assert after.shift.model() == (None if ended else shift)
     assert run.stats == {"rewritten": 1}
     if program == "arr_router_ingress":
         assert after.seq_next == packet.client_window(frame, entry.seq_next)[1]

@@ -14,7 +14,7 @@ from handoff import maps
 
 STRUCTS = {"flow_key": maps.FlowKey, "xlate": maps.Xlate, "flow_entry": maps.FlowEntry,
            "watch_entry": maps.WatchEntry, "mirror_state": maps.MirrorState, "arr_event": maps.Event,
-           "arr_capture": maps.Capture}
+           "arr_capture": maps.Capture, "ack_shift": maps.AckShiftState}
 
 
 def btf_structs(program: str) -> dict[str, tuple[int, dict[str, int]]]:
@@ -75,6 +75,9 @@ def test_constants_shared_with_the_header():
         "ARR_EV_AFTER_FIN": maps.EV_AFTER_FIN, "ARR_EV_CAPTURE": maps.EV_CAPTURE}
     assert define("ARR_CAPTURE_CHUNK") == str(maps.CAPTURE_CHUNK)
     assert define("ARR_CAPTURE_CHUNKS") == str(maps.CAPTURE_CHUNKS)
+    flags = {name: eval(value.replace("U <<", " <<")) for name, value in
+             re.findall(r"#define (FLOW_F_\w+) \((1U << \d+)\)", text)}
+    assert flags == {name: getattr(maps, name) for name in flags} and "FLOW_F_ACKED" in flags
     stats = re.search(r"enum arr_stat \{(.*?)\};", text, re.S).group(1)
     names = [n.lower()[5:] for n in re.findall(r"^\s*(STAT_\w+)", stats, re.M) if n != "STAT_MAX"]
     assert tuple(names) == maps.STAT_NAMES
