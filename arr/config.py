@@ -125,6 +125,11 @@ class HandoffSettings:
     """Longest a handed-off connection's next request waits for the client to
     acknowledge the previous response before the router takes it back (a
     pipelining client); past it the connection ends (handoff/takeback.py)."""
+    rehandoff_in_place: bool = True
+    """Send a handed-off connection's next request to the same target on the
+    same connection without taking it back, when the policy decides it for
+    that target from the captured bytes (handoff/inplace.py): one agent
+    exchange, no socket rebuilt. Anything else is taken back as before."""
     migrate_sticky: float = 60.0
     """How long a migration's override sends a moved client's next requests
     (a reset client's new connections too) to its destination (arr/migration.py)."""
@@ -392,6 +397,7 @@ def _handoff(data: Any) -> HandoffSettings:
         forward_ports=_port_range(s, "forward_ports", d.forward_ports),
         forward_pool=s.number("forward_pool", d.forward_pool, integer=True),
         takeback_timeout=s.number("takeback_timeout", d.takeback_timeout, allow_zero=False),
+        rehandoff_in_place=s.get("rehandoff_in_place", bool, d.rehandoff_in_place),
         migrate_sticky=s.number("migrate_sticky", d.migrate_sticky, allow_zero=False),
         migrate_wait=s.number("migrate_wait", d.migrate_wait, allow_zero=False),
         move_on_down=s.get("move_on_down", bool, d.move_on_down),

@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import re
 from http import HTTPStatus
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+if TYPE_CHECKING:
+    import h11
+
+    from arr.request import Request
 
 RawHeaders = list[tuple[bytes, bytes]]
 
@@ -109,6 +114,26 @@ def add_forwarding(headers: RawHeaders, client_ip: str, *, proto: str = "http",
     if not header_values(headers, b"x-forwarded-proto"):
         out.append((b"x-forwarded-proto", proto.encode()))
     return out
+
+
+def serialize_request(request: "Request", head: "h11.Request") -> bytes:
+    """The request as the target will receive it (R'), with this hop recorded.
+
+    Connection and keep-alive headers pass unchanged: after the handoff they
+    are end to end between the client and the target. ``Expect`` does not: the
+    router already answered 100 (or had the whole body), and a second 100 from
+    the target would reach the client as a stray response.
+    """
+    headers = [(n, v) for n, v in head.headers
+               if n not in (b"content-length", b"transfer-encoding", b"expect")]
+    host = next((v for n, v in head.headers if n == b"host"), None)
+    headers = add_forwarding(headers, request.client_ip, host=host)
+    body = request.body or b""
+    if body or any(n in (b"content-length", b"transfer-encoding") for n, _ in head.headers):
+        headers.append((b"content-length", str(len(body)).encode()))
+    lines = [head.method + b" " + head.target + b" HTTP/" + head.http_version]
+    lines += [n + b": " + v for n, v in headers]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
 def _quote_if_needed(value: str) -> str:

@@ -118,8 +118,16 @@ class Metrics:
             registry=r)
         self.rehandoffs = Counter(
             "arr_rehandoffs", "Handoffs of taken-back connections, by where "
-            "(same-target: its forwarding connection reused; other-target: that one closed).",
+            "(same-target: its forwarding connection reused; other-target: that one closed; "
+            "in-place: the same connection, not taken back, handoff/inplace.py).",
             ("target",), registry=r)
+        self.inplace = Counter(
+            "arr_inplace_reroutes", "Requests of handed-off connections sent to the same target in place, by "
+            "result (ok, or why the connection was taken back instead: other-target, agent-<reason>, ...).",
+            ("result",), registry=r)
+        self.inplace_resends = Counter(
+            "arr_inplace_resends", "Rewritten requests sent again because their client resent the original "
+            "(the server had not acknowledged it yet).", registry=r)
         self.proxied_bytes = Counter(
             "arr_proxied_bytes", "Body bytes relayed by the router, by direction.",
             ("direction",), registry=r)

@@ -22,7 +22,7 @@ import resource
 import signal
 import socket
 import time
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Awaitable, Callable, Protocol
 
 from arr import accesslog
 from arr.admin import AdminCommands, AdminError, AdminServer
@@ -150,6 +150,9 @@ class Router:
         self._silent: dict[ClientSession, tuple[str, int]] = {}
         """Resumed sessions whose first request is a re-dispatch, and the
         target it must avoid (``resume``)."""
+        self._decided: dict[ClientSession, Decision] = {}
+        """Resumed sessions whose first request the policy decided already,
+        from the captured bytes (``route_captured``): asked once per request."""
         self.overrides = Overrides()
         """Where migrated clients' next requests go (arr/migration.py)."""
         self._moving: dict[tuple[str, int], asyncio.Task[MoveReport]] = {}
@@ -354,7 +357,7 @@ class Router:
         return self._on_client(session)
 
     async def resume(self, sock: "socket.socket", peer: tuple[str, int], requests_served: int,
-                     handoff_context: object, replay: Replay | None = None) -> None:
+                     handoff_context: object, replay: Replay | None = None, decided: object = None) -> None:
         """A connection handed off earlier comes back (the engine took it back
         on its client's next request, handoff/takeback.py, or on its own:
         handoff/migrate.py, handoff/deadline.py): it is served from here on
@@ -362,13 +365,16 @@ class Router:
         ``ClientSession.reattach`` is the one way its socket comes in.
         REPLAY: its last request, whose target stayed silent, is read again
         (before anything the client sent since) and decided without that
-        target."""
+        target. DECIDED: the decision ``route_captured`` made for the request
+        the socket holds, which is not asked of the policy again."""
         if replay is not None:
             requests_served -= 1  # the replayed request keeps its number
         session = ClientSession.returning(self.config.limits, self.metrics, peer, requests_served)
         session.handoff_context = handoff_context
         if replay is not None:
             self._silent[session] = replay.silent
+        elif decided is not None:
+            self._decided[session] = decided  # type: ignore[assignment]
         await session.reattach(sock, replay.raw if replay is not None else b"")
         serving = self._accept(session)
         if serving is not None:
@@ -384,6 +390,7 @@ class Router:
         finally:
             self._sessions.discard(session)
             self._silent.pop(session, None)
+            self._decided.pop(session, None)
             self.metrics.active_connections.dec()
             await session.close()
             if session.handoff_context is not None:
@@ -417,8 +424,9 @@ class Router:
         response_bytes: int | None = None
         chosen: "TargetState | None" = None
         try:
-            decision = await self._decide(request)
-            if len(self.overrides):
+            decided = self._decided.pop(session, None) if self._decided else None
+            decision = decided if decided is not None else await self._decide(request)
+            if len(self.overrides) and decided is None:
                 decision = self._steered(decision, session.peer)
             silent = self._silent.pop(session, None) if self._silent else None
             if silent is not None:
@@ -466,22 +474,61 @@ class Router:
             await session.send_error(HttpError(500, "internal", "internal error"))
             session.draining = True
         finally:
-            elapsed = time.perf_counter() - started
-            self.metrics.requests.labels(executed, "" if status is None else str(status), target_name).inc()
-            if chosen is not None:
-                pool = self._pool_of.get(chosen)
-                if pool is not None:
-                    self.metrics.pool_requests.labels(pool.name, executed).inc()
-            self.metrics.latency.labels(executed).observe(elapsed)
-            if self.config.router.access_log:
-                accesslog.emit(accesslog.request_record(
-                    client=session.peer, method=request.method,
-                    target=request.target, host=request.headers.get("host", ""),
-                    user_agent=request.headers.get("user-agent", ""), number=request.number,
-                    decision=executed, upstream=target_name, status=status, handed_off=status is None,
-                    request_body_bytes=body.received, response_bytes=response_bytes, duration_s=elapsed,
-                    reason=reason))
+            self._record(session.peer, request, body, started, executed=executed, status=status,
+                         target_name=target_name, chosen=chosen, response_bytes=response_bytes, reason=reason)
         return False
+
+    def _record(self, peer: tuple[str, int], request: "Request", body: "RequestBody", started: float, *,
+                executed: str, status: int | None, target_name: str, chosen: "TargetState | None",
+                response_bytes: int | None, reason: str) -> None:
+        """One request's metrics and access-log line (STATUS None: handed off)."""
+        elapsed = time.perf_counter() - started
+        self.metrics.requests.labels(executed, "" if status is None else str(status), target_name).inc()
+        if chosen is not None:
+            pool = self._pool_of.get(chosen)
+            if pool is not None:
+                self.metrics.pool_requests.labels(pool.name, executed).inc()
+        self.metrics.latency.labels(executed).observe(elapsed)
+        if self.config.router.access_log:
+            accesslog.emit(accesslog.request_record(
+                client=peer, method=request.method,
+                target=request.target, host=request.headers.get("host", ""),
+                user_agent=request.headers.get("user-agent", ""), number=request.number,
+                decision=executed, upstream=target_name, status=status, handed_off=status is None,
+                request_body_bytes=body.received, response_bytes=response_bytes, duration_s=elapsed,
+                reason=reason))
+
+    async def route_captured(self, peer: tuple[str, int], requests_served: int, data: bytes,
+                             in_place: Callable[["Request", "h11.Request", "TargetState"], Awaitable[bool]]
+                             ) -> Decision | bool | None:
+        """A handed-off client's next request, from the bytes the handoff
+        engine captured (handoff/takeback.py): read and decided like any other
+        (limits, policy, migration overrides). For a handoff, IN_PLACE tries
+        it on the connection the target already holds (handoff/inplace.py):
+        True when it did, and the request is counted and logged here.
+        Otherwise the decision, which the engine gives back with the socket it
+        rebuilds (``resume``), or None when the bytes are not one whole request
+        to read without an answer (the socket's session reads it then)."""
+        read = await ClientSession.read_captured(self.config.limits, self.metrics, peer, requests_served, data)
+        if read is None:
+            return None
+        request, head, body = read
+        started = time.perf_counter()
+        decision = await self._decide(request)
+        if len(self.overrides):
+            decision = self._steered(decision, peer)
+        deadline = getattr(decision, "response_deadline", None)
+        if deadline is None:
+            deadline = self.config.handoff.response_deadline
+        # A request under a response deadline is watched from its own handoff
+        # (handoff/deadline.py); a streamed body is read from the socket.
+        if not isinstance(decision, Handoff) or request.body is None or deadline:
+            return decision
+        if not await in_place(request, head, decision.target):
+            return decision
+        self._record(peer, request, body, started, executed=decision_name(decision), status=None,
+                     target_name=decision.target.name, chosen=decision.target, response_bytes=None, reason="")
+        return True
 
     def steer(self, client_ip: str, ports: PortRange | None, destination: tuple[str, int]) -> None:
         """Send the client's next requests (from PORTS; None: any) to the

@@ -654,6 +654,32 @@ class ClientSession(asyncio.Protocol):
         session._detached = True
         return session
 
+    @classmethod
+    async def read_captured(cls, limits: Limits, metrics: "Metrics", peer: tuple[str, int], requests_served: int,
+                            data: bytes) -> tuple[Request, h11.Request, RequestBody] | None:
+        """The one request DATA holds: bytes a handed-off client sent, which
+        the handoff engine captured (handoff/takeback.py). Read with every
+        check a request on a socket gets, by a session without a transport.
+        None when DATA is not exactly one whole request that can be read
+        without an answer (incomplete, more bytes behind it, a 100-continue,
+        OPTIONS *, anything refused): the engine then takes the connection
+        back and the request is read from its socket, answered as usual."""
+        if not data or len(data) > READ_SIZE:
+            return None
+        session = cls(limits, metrics)
+        session.peer = peer
+        session.requests_served = requests_served
+        session._loop = asyncio.get_running_loop()
+        session._chunks, session._held = [data], len(data)
+        session._state = _CONNECTION_EOF  # nothing more comes: an incomplete request ends in an error
+        try:
+            read = await session._read_one()
+        except (HttpError, ClientGone):
+            return None
+        if not isinstance(read, tuple) or session._chunks or session.conn.trailing_data[0]:
+            return None
+        return read if read[2].complete else None
+
     def detach(self) -> tuple[socket.socket, bytes]:
         transport = self._transport
         if (transport is None or self._detached or self._state == _CONNECTION_LOST

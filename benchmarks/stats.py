@@ -183,8 +183,8 @@ def router_counts(samples: Mapping[str, float]) -> dict[str, float]:
             out["takebacks" if labels.get("result") == "ok" else "takeback_failures"] += value
         elif name == "arr_rehandoffs_total":
             kind = labels.get("target")
-            if kind in ("same-target", "other-target"):
-                out["rehandoffs_same" if kind == "same-target" else "rehandoffs_other"] += value
+            if kind in ("same-target", "in-place", "other-target"):  # in place: to the same target too
+                out["rehandoffs_other" if kind == "other-target" else "rehandoffs_same"] += value
     return out
 
 

@@ -361,13 +361,13 @@ class Agent:
         entry = self.datapath.egress.lookup(key)
         if entry is None or entry.conn_id != conn_id or entry.state != FLOW_ACTIVE:
             return Taken(conn_id, TAKEN_UNKNOWN)
-        verdict = _take_back_verdict(entry, message.acked)
+        verdict = _take_back_verdict(entry, message.acked, message.stream_end)
         if verdict != TAKEN_OK:
             return Taken(conn_id, verdict, snd_nxt=entry.snd_max)
         entry.state = FLOW_HOLD
         self.datapath.egress.update(key, entry)
         paused = self.datapath.egress.lookup(key)
-        verdict = TAKEN_UNKNOWN if paused is None else _take_back_verdict(paused, message.acked)
+        verdict = TAKEN_UNKNOWN if paused is None else _take_back_verdict(paused, message.acked, message.stream_end)
         if verdict == TAKEN_OK and self._unsent(key):
             # All it sent is acknowledged, but the server has written more
             # that the client's window holds back (a response in the middle):
@@ -438,7 +438,9 @@ def shift_refusal(entry: FlowEntry | None, message: Shift) -> str | None:
     The server must have acknowledged exactly up to where the rerouted request
     starts: less, and a request before it is still on its way (a second step
     of history the program does not keep); more, and the router's idea of the
-    connection is out of date."""
+    connection is out of date. And the client must have acknowledged all the
+    server sent: the router counts the new response from there (a connection
+    is moved only once its client acknowledged a byte of it, handoff/migrate.py)."""
     if entry is None or entry.conn_id != message.conn_id:
         return "unknown"
     if entry.state != FLOW_ACTIVE:
@@ -447,15 +449,22 @@ def shift_refusal(entry: FlowEntry | None, message: Shift) -> str | None:
         return "closed"
     if not entry.flags & FLOW_F_ACKED or entry.peer_ack != message.start:
         return "unacked"
+    if not entry.flags & FLOW_F_SENT or entry.snd_max != message.acked:
+        return "responding"
     return None
 
 
-def _take_back_verdict(entry: FlowEntry, acked: int) -> int:
+def _take_back_verdict(entry: FlowEntry, acked: int, stream_end: int) -> int:
+    """ACKED: the client's ack (server space); STREAM_END: where the router's
+    stream to the server ends (``TakeBack``)."""
     if entry.flags & (FLOW_F_FIN | FLOW_F_RST):
         return TAKEN_CLOSED
     # A request rerouted in place that the server has not all acknowledged:
-    # the router's rebuilt socket would start after bytes the server lacks.
-    if entry.shift.active:
+    # the router's rebuilt socket would start after bytes the server lacks
+    # (its resends go on meanwhile). Unless the router never sent it (its
+    # stream ends where the shift starts): then the shift is void.
+    shift = entry.shift
+    if shift.active and stream_end not in (shift.start, entry.peer_ack):
         return TAKEN_UNACKED
     # Not FLOW_F_SENT: the server has sent nothing since the handoff, not
     # even the ACK of the request: too early to tell.

@@ -27,20 +27,23 @@ import struct
 
 from handoff.packet import checksum
 
-TCP_ACK, TCP_RST = 0x10, 0x04
+TCP_ACK, TCP_RST, TCP_PSH = 0x10, 0x04, 0x08
 IP_TTL = 64
 
 
 def tcp_segment(src: tuple[str, int], dst: tuple[str, int], *, seq: int, ack: int, flags: int,
-                window: int = 0) -> bytes:
-    """An IPv4 packet with a bare 20-byte TCP header (no options, no data),
-    both checksums computed. Timestamps are left out on purpose: a segment
-    without them skips the receiver's PAWS check (RFC 7323 5.3 lets a
-    receiver drop it; Linux does not), and no TSval the router could invent
-    would be right for both ends."""
+                window: int = 0, options: bytes = b"", payload: bytes = b"") -> bytes:
+    """An IPv4 packet with a TCP header, OPTIONS (a multiple of 4 bytes) and
+    PAYLOAD, both checksums computed. Probes and resets carry no options on
+    purpose: a segment without timestamps skips the receiver's PAWS check
+    (RFC 7323 5.3 lets a receiver drop it; Linux does not), and no TSval the
+    router could invent would be right for both ends. A rerouted request
+    (handoff/inplace.py) carries the client's, translated."""
+    if len(options) % 4 or len(options) > 40:
+        raise ValueError(f"TCP options of {len(options)} bytes")
     saddr, daddr = socket.inet_aton(src[0]), socket.inet_aton(dst[0])
     tcp = bytearray(struct.pack("!HHIIBBHHH", src[1], dst[1], seq & 0xFFFFFFFF, ack & 0xFFFFFFFF,
-                                5 << 4, flags, window & 0xFFFF, 0, 0))
+                                (5 + len(options) // 4) << 4, flags, window & 0xFFFF, 0, 0) + options + payload)
     pseudo = saddr + daddr + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(tcp))
     struct.pack_into("!H", tcp, 16, checksum(pseudo + bytes(tcp)))
     ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, IP_TTL,

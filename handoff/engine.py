@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
 from arr.config import HandoffSettings
-from arr.http1 import add_forwarding
+from arr.http1 import serialize_request
 from arr.migration import MoveOrder, MoveReport
 from arr.session import DetachError
 from handoff import fastpath, tcpstate
@@ -41,6 +41,7 @@ from handoff.release import ForwardReleaser, PendingRelease
 from handoff.deadline import ResponseDeadlines
 from handoff.migrate import Migrator
 from handoff.takeback import TakenBack, TakeBacks
+from handoff.inplace import InPlace
 from handoff.maps import (FLOW_ACTIVE, FLOW_HOLD, WATCH_CLOSED, WATCH_CONNECTING, WATCH_HANDED_OFF,
                           WATCH_OPT_SACK, WATCH_OPT_TS, FlowEntry, FlowKey, WatchEntry, Xlate)
 from handoff.ports import PortRange, choose_port
@@ -99,26 +100,6 @@ class Attempt:
     steps: list[str] = field(default_factory=list)
 
 
-def serialize_request(request: "Request", head: "h11.Request") -> bytes:
-    """The request as the target will receive it (R'), with this hop recorded.
-
-    Connection and keep-alive headers pass unchanged: after the handoff they
-    are end to end between the client and the target. ``Expect`` does not: the
-    router already answered 100 (or had the whole body), and a second 100 from
-    the target would reach the client as a stray response.
-    """
-    headers = [(n, v) for n, v in head.headers
-               if n not in (b"content-length", b"transfer-encoding", b"expect")]
-    host = next((v for n, v in head.headers if n == b"host"), None)
-    headers = add_forwarding(headers, request.client_ip, host=host)
-    body = request.body or b""
-    if body or any(n in (b"content-length", b"transfer-encoding") for n, _ in head.headers):
-        headers.append((b"content-length", str(len(body)).encode()))
-    lines = [head.method + b" " + head.target + b" HTTP/" + head.http_version]
-    lines += [n + b": " + v for n, v in headers]
-    return b"\r\n".join(lines) + b"\r\n\r\n" + body
-
-
 class RouterHandoff:
     """Implements arr.server.HandoffEngine with the BPF data path."""
 
@@ -174,6 +155,11 @@ class RouterHandoff:
         self.connections.on_captures = self.takebacks.on_captures
         self.migrator = Migrator(self.datapath, self.connections, self.takebacks, self.metrics,
                                  resume=router.resume, steer=router.steer)
+        if self.settings.rehandoff_in_place:
+            in_place = InPlace(self.datapath, self.connections, self.settings, self.metrics, self.migrator.sender,
+                               self._agent_at)
+            self.takebacks.in_place, self.takebacks.route = in_place, router.route_captured
+            self.connections.on_resends = in_place.on_resends
         self.deadlines = ResponseDeadlines(self.datapath, self.takebacks, self.metrics, self.migrator.sender,
                                            resume=router.resume)
         self.connections.start()

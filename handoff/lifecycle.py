@@ -52,8 +52,8 @@ from handoff.control import (CLOSED_TARGET_GONE, MAX_HOLDING_KEYS, Closed, Contr
                              ControlUnavailable, Holding, Message, Release)
 from handoff.control import FlowKey as WireKey
 from handoff.event_reader import EventReader
-from handoff.maps import (EV_NEW_SYN, EV_RST, FLOW_ACTIVE, FLOW_ENDED, FLOW_F_FIN, FLOW_F_RST, FLOW_HOLD, FLOW_TAKEBACK,
-                          WATCH_CLOSED, Capture, Event, FlowEntry, FlowKey)
+from handoff.maps import (EV_NEW_SYN, EV_RESEND, EV_RST, FLOW_ACTIVE, FLOW_ENDED, FLOW_F_FIN, FLOW_F_RST, FLOW_HOLD,
+                          FLOW_TAKEBACK, WATCH_CLOSED, Capture, Event, FlowEntry, FlowKey)
 
 if TYPE_CHECKING:
     from arr.config import HandoffSettings
@@ -146,6 +146,8 @@ class RouterConnections:
         self.on_load: Callable[[Address, int], None] = lambda target, count: None
         """Told each change of ``handed_off``."""
         self.on_captures: Callable[[list[Capture]], None] = lambda captures: None
+        self.on_resends: Callable[[list[tuple[FlowKey, int]]], None] = lambda resends: None
+        """(client key, conn_id) of clients that resent a request rerouted in place (handoff/inplace.py)."""
         """Where the ingress program's captures go (handoff/takeback.py)."""
         datapath.ingress.on_active = self._installed
 
@@ -249,8 +251,12 @@ class RouterConnections:
         captures = [e for e in events if isinstance(e, Capture)]
         if captures:
             self.on_captures(captures)
+        resends = [(FlowKey.from_buffer_copy(e.key), e.conn_id) for e in events
+                   if not isinstance(e, Capture) and e.kind == EV_RESEND]
+        if resends:
+            self.on_resends(resends)
         for event in events:
-            if isinstance(event, Capture):
+            if isinstance(event, Capture) or event.kind == EV_RESEND:
                 continue
             key = FlowKey.from_buffer_copy(event.key)
             entry = self.datapath.ingress.lookup(key)

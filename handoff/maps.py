@@ -25,8 +25,8 @@ WATCH_OPT_SACK, WATCH_OPT_TS, WATCH_OPT_WSCALE = 1, 2, 4
 STAT_NAMES = ("rewritten", "held", "redirect_neigh", "fib_failed", "parse_skipped", "mirrored",
               "mirror_trimmed", "syn_normalised", "synack_recorded", "rewrite_failed",
               "dropped_after_close", "ended_by_syn", "stale_syn", "out_of_window", "passed_ended",
-              "events_lost", "mirror_done", "captured", "capture_lost", "header_captured")
-EV_FIN, EV_RST, EV_NEW_SYN, EV_AFTER_FIN, EV_CAPTURE = 1, 2, 3, 4, 5
+              "events_lost", "mirror_done", "captured", "capture_lost", "header_captured", "rerouted_resent")
+EV_FIN, EV_RST, EV_NEW_SYN, EV_AFTER_FIN, EV_CAPTURE, EV_RESEND = 1, 2, 3, 4, 5, 6
 """enum arr_event_kind: what an event of the arr_events ring buffer reports."""
 EVENTS_BYTES = 1024 * 1024
 """ARR_EVENTS_BYTES of the header: the ring buffer's size."""

@@ -34,8 +34,9 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
+from arr.http1 import serialize_request
 from handoff.control import (TAKEN_OK, TAKEN_UNACKED, ControlClient, ControlUnavailable, Taken, TakeBack)
 from handoff.forward_close import ForwardCloser
 from handoff.forward_pool import ForwardProfile, ReadyForward
@@ -48,7 +49,12 @@ from handoff.tcpstate import RTO_MAX_LEAST_MS, leave_repair, parse_tcp_options
 from handoff.translate import wrap
 
 if TYPE_CHECKING:
+    import h11
+
     from arr.config import HandoffSettings
+    from arr.pool import TargetState
+    from arr.request import Request
+    from handoff.inplace import InPlace
     from arr.metrics import Metrics
     from handoff.datapath import RouterDatapath
     from handoff.lifecycle import RouterConnections
@@ -223,7 +229,9 @@ class TakeBacks:
                  agent_of: Callable[[tuple[str, int]], ControlClient | None],
                  new_conn_id: Callable[[], int],
                  release_now: Callable[[FlowKey], bool],
-                 resume: Callable[[socket.socket, tuple[str, int], int, TakenBack], Awaitable[None]]) -> None:
+                 resume: Callable[..., Awaitable[None]]) -> None:
+        """RESUME(sock, peer, requests, context, decided=...): give the rebuilt
+        socket to the router (``Router.resume``)."""
         self.datapath = datapath
         self.connections = connections
         self.settings = settings
@@ -232,6 +240,12 @@ class TakeBacks:
         self.new_conn_id = new_conn_id
         self.release_now = release_now
         self.resume = resume
+        self.route: Callable[..., Awaitable[Any]] | None = None
+        self.in_place: "InPlace | None" = None
+        """Both set (``handoff.rehandoff_in_place``): a request is first read
+        and decided from its captures (``Router.route_captured``) and, for the
+        target that holds the connection, sent there without taking the
+        connection back (handoff/inplace.py). Unset: every request is taken back."""
         self._pending: dict[FlowKey, _Pending] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.closer = ForwardCloser(datapath, connections)
@@ -268,8 +282,17 @@ class TakeBacks:
 
     async def _take_back(self, key: FlowKey, pending: _Pending) -> None:
         started = time.perf_counter()
+        decided = None
         try:
             await asyncio.sleep(0)  # the rest of this batch's captures first
+            if self.in_place is not None and self.route is not None:
+                self.in_place.forget(key)  # its previous request is acknowledged or given up
+                decided = await self._route_in_place(key, pending)
+                if decided is True:  # a handoff of its request like any other, counted as one
+                    self.metrics.rehandoffs.labels("in-place").inc()
+                    self.metrics.handoffs.labels("ok").inc()
+                    self.metrics.handoff_duration.observe((time.monotonic_ns() - pending.first_ns) / 1e9)
+                    return
             sock, context, requests = await self._take(key, pending)
         except TakeBackFailed as failed:
             self.metrics.takebacks.labels(failed.reason).inc()
@@ -286,7 +309,35 @@ class TakeBacks:
                 del self._pending[key]
         self.metrics.takebacks.labels("ok").inc()
         self.metrics.takeback_duration.observe(time.perf_counter() - started)
-        await self.resume(sock, key.src, requests, context)
+        await self.resume(sock, key.src, requests, context, decided=decided)
+
+    async def _route_in_place(self, key: FlowKey, pending: _Pending) -> Any:
+        """Decide the captured request and, for the target that holds the
+        connection, send it there in place: True. Else the decision, for the
+        session of the socket the take-back rebuilds (None: decide it there)."""
+        assert self.in_place is not None and self.route is not None
+        entry = self.datapath.ingress.lookup(key)
+        latest = pending.latest
+        if entry is None or entry.conn_id != pending.conn_id or entry.state != FLOW_TAKEBACK or latest is None:
+            return None
+        data = assemble(entry.take_from, pending.pieces)
+        target = target_of(entry)
+        in_place = self.in_place
+
+        async def send_in_place(request: "Request", head: "h11.Request", chosen: "TargetState") -> bool:
+            if chosen.target.address != target:
+                self.metrics.inplace.labels("other-target").inc()
+                return False
+            reason = await in_place.reroute(key, pending.conn_id, len(data), serialize_request(request, head), latest)
+            self.metrics.inplace.labels(reason or "ok").inc()
+            return reason is None
+
+        try:
+            return await self.route(key.src, entry.requests, data, send_in_place)
+        except Exception:  # the take-back still has every byte: it goes on
+            log.exception("routing %r in place failed", key)
+            self.metrics.inplace.labels("error").inc()
+            return None
 
     async def take_back_now(self, key: FlowKey, *, probe: Callable[[FlowEntry], object], deadline: float,
                             unanswered_at: int | None = None) -> tuple[socket.socket, TakenBack, int]:
@@ -377,7 +428,9 @@ class TakeBacks:
             try:
                 # The whole take-back's time, not one handoff's agent_timeout:
                 # the alternative to waiting is ending the connection.
-                taken = await agent.request(TakeBack(entry.conn_id, wire_key(forward_key), acked),
+                ask = TakeBack(entry.conn_id, wire_key(forward_key), acked,
+                               stream_end=wrap(entry.take_from + entry.x.seq_delta))
+                taken = await agent.request(ask,
                                             timeout=max(self.settings.agent_timeout, deadline - time.monotonic()))
             except ControlUnavailable:
                 # Lost while asking: the agent may have let go already.

@@ -36,15 +36,19 @@ struct xlate {
 			    * 0: no floor */
 };
 
-/* Target: the ack history of a re-handoff in place (translate.AckShift): the
- * server received the rewritten request R' at [start, end) of its sequence
- * space; acks up to start keep prev_delta, acks from end on xlate.ack_delta,
- * edges inside R' are rounded (shift_edge in arr_parse.h). */
+/* A re-handoff in place (handoff/inplace.py): the client's request R went to
+ * the same server, rewritten as R', on the same connection.
+ * Target (translate.AckShift): the server received R' at [start, end) of its
+ * sequence space; acks up to start keep prev_delta, acks from end on
+ * xlate.ack_delta, edges inside R' are rounded (shift_edge in arr_parse.h).
+ * Router: [start, end) is R in the client's space (end is take_from): a
+ * retransmission of it asks userspace to resend R' (ARR_EV_RESEND); prev_delta
+ * is the seq_delta before R. */
 struct ack_shift {
 	__u32 start;
 	__u32 end;
 	__u32 prev_delta;
-	__u32 active; /* 0: no history; the program clears it once the server acked end */
+	__u32 active; /* 0: none; the target's program clears it once the server acked end */
 };
 
 enum flow_state {
@@ -180,6 +184,8 @@ enum arr_stat {
 	STAT_CAPTURED,         /* client segments with a new request, passed to userspace */
 	STAT_CAPTURE_LOST,     /* pieces of them the ring buffer had no room for (the client resends) */
 	STAT_HEADER_CAPTURED,  /* a client's answer to a take-back probe, its header passed to userspace */
+	STAT_REROUTED_RESENT,  /* a client's retransmission of a request rerouted in place: dropped,
+				* userspace resends the rewritten request */
 	STAT_MAX,
 };
 
@@ -189,6 +195,7 @@ enum arr_event_kind {
 	ARR_EV_NEW_SYN = 3,   /* a new connection took the 4-tuple: the entry is ENDED */
 	ARR_EV_AFTER_FIN = 4, /* a packet after the FIN (e.g. the ACK of the peer's FIN) */
 	ARR_EV_CAPTURE = 5,   /* router: a struct arr_capture (a new request's bytes) */
+	ARR_EV_RESEND = 6,    /* router: the client resent a request rerouted in place */
 };
 
 struct arr_event {

@@ -222,6 +222,26 @@ static __always_inline void note_client_ack(struct __sk_buff *skb, const struct 
 		e->peer_window = bpf_ntohs(win_be);
 }
 
+/* Payload before take_from after a re-handoff in place: the server holds it
+ * under other offsets (the rewritten request, or what preceded it), so it is
+ * never forwarded. A retransmission of the rerouted request itself means the
+ * client has not heard the server acknowledge it: userspace resends the
+ * rewritten request (handoff/inplace.py), the client keeping the timer. */
+static __always_inline int rerouted(const struct pkt *p, struct flow_entry *e, __u32 seq)
+{
+	__u32 len = payload_len(p);
+
+	if (!e->shift.active || !len)
+		return 0;
+	if (seq_after(seq + len, e->shift.start)) {
+		emit(&p->key, ARR_EV_RESEND, e->conn_id);
+		count(STAT_REROUTED_RESENT);
+	} else {
+		count(STAT_HELD);
+	}
+	return 1;
+}
+
 /* FLOW_TAKEBACK: the client's new bytes go to userspace (and are dropped
  * here: the rebuilt socket acknowledges them); its RST still reaches the
  * target; its pure ACKs too (a response may still be on its way to the
@@ -239,6 +259,8 @@ static __always_inline int while_taken_back(struct __sk_buff *skb, const struct 
 		account(e, skb, p, 0);
 		return TC_ACT_SHOT;
 	}
+	if (rerouted(p, e, seq))
+		return TC_ACT_SHOT;
 	if (!(p->flags & TCPF_RST) && ((p->flags & TCPF_FIN) || payload_len(p))) {
 		count(STAT_HELD);
 		return TC_ACT_SHOT;
@@ -295,6 +317,8 @@ int arr_router_ingress(struct __sk_buff *skb)
 			verdict = while_taken_back(skb, &p, e, seq, &x);
 			if (verdict >= 0)
 				return verdict;
+		} else if (rerouted(&p, e, seq)) {
+			return TC_ACT_SHOT;
 		} else {
 			/* The client's RST: its agent is asked at once (the target's
 			 * kernel sends nothing the agent would see). A new SYN is

@@ -255,6 +255,10 @@ class TakeBack:
     conn_id: int
     key: FlowKey
     acked: int
+    stream_end: int
+    """Where the router's stream to the server ends (server seq space): a
+    request rerouted in place (SHIFT) is over once the server acknowledged up
+    to here; a SHIFT that starts here was void (its request never sent)."""
 
 
 TAKEN_OK = 0
@@ -289,14 +293,17 @@ class Shift:
     translate acks up to START as before and acks from END on with DELTA
     (``translate.AckShift``), and answers ACK once it does; NACK when the
     server has not acknowledged exactly up to START (a request still on its
-    way, or a connection that moved on): the router then takes the connection
-    back the usual way."""
+    way, or a connection that moved on) or has sent more than the client
+    acknowledged (ACKED, server space: the response to the new request must
+    start there, where the router counts it from): the router then takes the
+    connection back the usual way."""
 
     conn_id: int
     key: FlowKey
     start: int
     end: int
     delta: int
+    acked: int
 
 
 @dataclass(frozen=True)
@@ -326,9 +333,9 @@ _HANDOFF_TAIL = struct.Struct(">III")
 _HOLDING_HEAD = struct.Struct(">BH")
 _CLOSED_TAIL = struct.Struct(">QQI")
 _PING = struct.Struct(">QB")
-_TAKEBACK_TAIL = struct.Struct(">I")
+_TAKEBACK_TAIL = struct.Struct(">II")
 _TAKEN = struct.Struct(">QBIII")
-_SHIFT_TAIL = struct.Struct(">III")
+_SHIFT_TAIL = struct.Struct(">IIII")
 _HELLO_HEAD = struct.Struct(">HH")
 
 
@@ -434,10 +441,11 @@ def encode_payload(message: Message) -> tuple[MessageType, bytes]:
                                                 for conn_id, key in message.connections))
     if isinstance(message, TakeBack):
         return MessageType.TAKEBACK, (_encode_conn_key(message.conn_id, message.key)
-                                      + _pack(_TAKEBACK_TAIL, message.acked))
+                                      + _pack(_TAKEBACK_TAIL, message.acked, message.stream_end))
     if isinstance(message, Shift):
         return MessageType.SHIFT, (_encode_conn_key(message.conn_id, message.key)
-                                   + _pack(_SHIFT_TAIL, message.start, message.end, message.delta))
+                                   + _pack(_SHIFT_TAIL, message.start, message.end, message.delta,
+                                           message.acked))
     if isinstance(message, Taken):
         return MessageType.TAKEN, _pack(_TAKEN, message.conn_id, message.status, message.snd_nxt,
                                         message.window, message.syn_seq)
@@ -543,17 +551,17 @@ def decode_payload(mtype: MessageType, data: bytes) -> Message:
     if mtype is MessageType.TAKEBACK:
         head = _U64.size + _KEY.size
         conn_id, key = _decode_conn_key(data[:head])
-        (acked,) = _unpack(_TAKEBACK_TAIL, data, head)
+        acked, stream_end = _unpack(_TAKEBACK_TAIL, data, head)
         _done(data, head + _TAKEBACK_TAIL.size)
-        return TakeBack(conn_id, key, acked)
+        return TakeBack(conn_id, key, acked, stream_end)
     if mtype is MessageType.SHIFT:
         head = _U64.size + _KEY.size
         conn_id, key = _decode_conn_key(data[:head])
-        start, end, delta = _unpack(_SHIFT_TAIL, data, head)
+        start, end, delta, acked = _unpack(_SHIFT_TAIL, data, head)
         _done(data, head + _SHIFT_TAIL.size)
         if start == end:
             raise _Malformed("SHIFT of an empty request")
-        return Shift(conn_id, key, start, end, delta)
+        return Shift(conn_id, key, start, end, delta, acked)
     if mtype is MessageType.TAKEN:
         conn_id, status, snd_nxt, window, syn_seq = _unpack(_TAKEN, data, 0)
         _done(data, _TAKEN.size)

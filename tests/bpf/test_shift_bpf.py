@@ -9,6 +9,7 @@ router sends the rewritten R' (150 bytes) to the server at [S, S + 150).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -84,19 +85,20 @@ def step(bpf_env, egress_map, frame: bytes, shift: AckShift | None) -> tuple[int
 def test_one_request_rerouted_in_place(bpf_env, egress):
     egress.update(FWD_KEY, FlowEntry(x=Xlate.of(TO_CLIENT), state=FLOW_ACTIVE, conn_id=CONN_ID))
     agent = agent_on(egress)
-    ask = Shift(conn_id=CONN_ID, key=WIRE_KEY, start=S, end=wrap(S + R2), delta=NEW)
+    ask = Shift(conn_id=CONN_ID, key=WIRE_KEY, start=S, end=wrap(S + R2), delta=NEW, acked=9300)
 
     # Before the server acknowledged the previous request, the agent refuses.
     assert agent._shift(ask) == Nack(conn_id=CONN_ID, reason="unacked")
-    # The server's response to it, acknowledging everything before R.
+    # The server's response to it (9000 to 9300), acknowledging everything before R.
     assert step(bpf_env, egress, server_frame(S, 300), None) == (T, ())
+    assert agent._shift(replace(ask, acked=9000)) == Nack(conn_id=CONN_ID, reason="responding")
     assert egress.lookup(FWD_KEY).flags & FLOW_F_ACKED and egress.lookup(FWD_KEY).peer_ack == S
 
     assert agent._shift(ask) == Ack(conn_id=CONN_ID)
     entry = egress.lookup(FWD_KEY)
     shift = AckShift(S, wrap(S + R2), PREV)
     assert entry.shift.model() == shift and entry.x.ack_delta == NEW
-    assert (agent.shifted, agent.shifts_refused) == (1, {"unacked": 1})
+    assert (agent.shifted, agent.shifts_refused) == (1, {"unacked": 1, "responding": 1})
 
     # A duplicate ACK from before R' arrived, D-SACKing the previous request's end: as before.
     assert step(bpf_env, egress, server_frame(S, sack=((wrap(S - 10), S),)), shift) == (T, ((wrap(T - 10), T),))
@@ -114,10 +116,9 @@ def test_one_request_rerouted_in_place(bpf_env, egress):
                 None) == (wrap(T + R), ((wrap(T + R + 10), wrap(T + R + 20)),))
 
     # A second shift at the new point is accepted; one at the old point is not.
-    assert agent._shift(Shift(conn_id=CONN_ID, key=WIRE_KEY, start=S, end=wrap(S + 5), delta=0)) == Nack(
-        conn_id=CONN_ID, reason="unacked")
-    assert agent._shift(Shift(conn_id=CONN_ID, key=WIRE_KEY, start=wrap(S + R2), end=wrap(S + R2 + 80),
-                              delta=wrap(NEW + 30))) == Ack(conn_id=CONN_ID)
+    assert agent._shift(replace(ask, end=wrap(S + 5), delta=0)) == Nack(conn_id=CONN_ID, reason="unacked")
+    assert agent._shift(replace(ask, start=wrap(S + R2), end=wrap(S + R2 + 80), delta=wrap(NEW + 30),
+                                acked=10000)) == Ack(conn_id=CONN_ID)  # its response: 9000 to 10000
     assert egress.lookup(FWD_KEY).shift.model() == AckShift(wrap(S + R2), wrap(S + R2 + 80), NEW)
 
 
@@ -126,6 +127,6 @@ def test_shift_of_another_connection_on_the_key_is_refused(bpf_env, egress):
                                      flags=FLOW_F_ACKED, peer_ack=S))
     agent = agent_on(egress)
     before = bytes(egress.lookup(FWD_KEY))
-    assert agent._shift(Shift(conn_id=CONN_ID + 1, key=WIRE_KEY, start=S, end=wrap(S + 1), delta=0)) == Nack(
-        conn_id=CONN_ID + 1, reason="unknown")
+    assert agent._shift(Shift(conn_id=CONN_ID + 1, key=WIRE_KEY, start=S, end=wrap(S + 1), delta=0,
+                              acked=0)) == Nack(conn_id=CONN_ID + 1, reason="unknown")
     assert bytes(egress.lookup(FWD_KEY)) == before

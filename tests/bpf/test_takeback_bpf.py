@@ -23,8 +23,8 @@ from arr import netlink
 from handoff import packet
 from handoff.datapath import read_stats
 from handoff.libbpf import RingBuffer
-from handoff.maps import (CAPTURE_CHUNK, EV_CAPTURE, EV_RST, FLOW_ACTIVE, FLOW_F_FIN, FLOW_F_RST, FLOW_TAKEBACK,
-                          Capture, Event, FlowEntry, FlowKey, Xlate)
+from handoff.maps import (CAPTURE_CHUNK, EV_CAPTURE, EV_RESEND, EV_RST, FLOW_ACTIVE, FLOW_F_FIN, FLOW_F_RST,
+                          FLOW_TAKEBACK, AckShiftState, Capture, Event, FlowEntry, FlowKey, Xlate)
 from handoff.packet import TC_ACT_REDIRECT, TC_ACT_SHOT
 from handoff.takeback import assemble
 from handoff.translate import Translation
@@ -428,3 +428,50 @@ def test_capture_record_layout_matches_the_program():
     # The ring buffer tells records apart by size: a Capture must not be an Event's size.
     assert ctypes.sizeof(Capture) != ctypes.sizeof(Event)
     assert Capture.data.size == CAPTURE_CHUNK
+
+
+# ------------------------------------------------------------------ (g) after a re-handoff in place
+# The router rerouted the client's request R = [T, T + 100) in place (handoff/inplace.py): the entry
+# is ACTIVE again with take_from after R and R's region kept (struct ack_shift, router side).
+
+T = MOD - 30  # R crosses the wrap
+
+
+def rerouted_entry(state: int = FLOW_ACTIVE) -> FlowEntry:
+    return ingress_entry(wrap(T + 100), state=state, shift=AckShiftState(T, wrap(T + 100), 0, 1))
+
+
+@pytest.mark.parametrize("state", [FLOW_ACTIVE, FLOW_TAKEBACK])
+@pytest.mark.parametrize("offset, size", [(0, 100), (50, 50), (0, 1), (99, 1)])
+def test_a_retransmission_of_the_rerouted_request_asks_for_a_resend(bpf_env, ring, state, offset, size):
+    frame = client_frame(wrap(T + offset), request(size))
+    run = bpf_env.run("arr_router_ingress", frame, {"arr_ingress": {KEY: rerouted_entry(state)}})
+    assert run.verdict == TC_ACT_SHOT  # never forwarded: the server holds R' under other offsets
+    assert run.stats == {"rerouted_resent": 1}
+    assert [(type(e), bytes(e.key), e.kind, e.conn_id) for e in ring.consume()] == [
+        (Event, bytes(KEY), EV_RESEND, CONN_ID)]
+    assert run.maps["arr_ingress"][KEY].state == state
+
+
+@pytest.mark.parametrize("before, size", [(100, 100), (1, 1)])
+def test_older_bytes_after_a_reroute_are_dropped_silently(bpf_env, ring, before, size):
+    # Before R: acknowledged by the server (the agent shifts only then), offsets no longer valid.
+    frame = client_frame(wrap(T - before), request(size))
+    run = bpf_env.run("arr_router_ingress", frame, {"arr_ingress": {KEY: rerouted_entry()}})
+    assert (run.verdict, run.stats, ring.consume()) == (TC_ACT_SHOT, {"held": 1}, [])
+
+
+def test_a_segment_beyond_the_rerouted_request_is_a_new_take_back(bpf_env, ring):
+    # R again with the next request behind it: the next request is captured from take_from on.
+    frame = client_frame(T, request(300))
+    run = bpf_env.run("arr_router_ingress", frame, {"arr_ingress": {KEY: rerouted_entry()}})
+    assert run.verdict == TC_ACT_SHOT and run.maps["arr_ingress"][KEY].state == FLOW_TAKEBACK
+    check_captures(captures(ring), frame, T, wrap(T + 100))
+
+
+@pytest.mark.parametrize("flags", ["A", "FA"])
+def test_pure_ack_and_fin_after_the_rerouted_request_are_forwarded(bpf_env, ring, flags):
+    frame = client_frame(wrap(T + 100), flags=flags)
+    run = bpf_env.run("arr_router_ingress", frame, {"arr_ingress": {KEY: rerouted_entry()}})
+    assert (run.verdict, run.out) == (TC_ACT_REDIRECT, forwarded(bpf_env, frame))
+    assert ring.consume() == []

@@ -155,9 +155,12 @@ for i in range(10):
         # Python client's ten.
         decided = router.metric_sum("arr_requests_total")
         assert requests + 10 <= decided <= requests + 10 + 8
-        # Each connection's first request, then one per take-back; each one
-        # handed off or (a request wrk cut by its RST) fallen back, counted.
-        assert decided == 9 + router.metric_sum("arr_takebacks_total", result="ok")
+        # Each connection's first request, then one per take-back or per
+        # request sent in place (round-robin: the same target as the one
+        # before, handoff/inplace.py); each one handed off or (a request wrk
+        # cut by its RST) fallen back, counted.
+        assert decided == 9 + router.metric_sum("arr_takebacks_total", result="ok") + router.metric_sum(
+            "arr_rehandoffs_total", target="in-place")
         assert decided == router.metric_sum("arr_handoffs_total")
 
 

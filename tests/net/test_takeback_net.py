@@ -33,11 +33,14 @@ def target_entry(c: Cluster, i: int) -> dict:
     return {"address": f"{t.ip}:{c.spec.target_port}", "name": t.name, "agent": f"{t.ip}:{AGENT_PORT}"}
 
 
-def two_pools(c: Cluster, **router: object) -> dict:
+def two_pools(c: Cluster, in_place: bool = False, **router: object) -> dict:
     """Sections for handoff_cluster: pools ``names`` (t0) and ``files`` (t1),
-    rules by path, DELETE refused, access log on."""
+    rules by path, DELETE refused, access log on. IN_PLACE: a request to the
+    same target goes in place (handoff/inplace.py, tests/net/test_inplace_net.py);
+    off here, so that these tests take every request back."""
     return {
         "router": {"access_log": True, **router},
+        "handoff": {"rehandoff_in_place": in_place},
         "limits": {"header_bytes": HEADER_BYTES},
         "targets": None, "policy": None, "health": None,
         "pools": {"names": {"targets": [target_entry(c, 0)]}, "files": {"targets": [target_entry(c, 1)]}},
@@ -97,6 +100,36 @@ def router_time_wait(c: Cluster) -> list[str]:
 
 def nginx_lines(c: Cluster, i: int, needle: str) -> list[str]:
     return [line for line in c.nginx_log(i) if needle in line]
+
+
+def curl_one_connection(c: Cluster, router, urls: list[str]) -> None:
+    """curl with several URLs (one connection); each body checked: the
+    target's name for ``/whoami``, the file's SHA-256 otherwise."""
+    argv = ["curl", "-sS", "--noproxy", "*", "--max-time", "60"]
+    for i, path in enumerate(urls):
+        argv += ["-o", str(c.workdir / f"curl{i}"), router.url + path]
+    c.exec(c.client, argv)
+    for i, path in enumerate(urls):
+        data = (c.workdir / f"curl{i}").read_bytes()
+        if path == "/whoami":
+            assert data == f"{c.targets[0].name}\n".encode()
+        else:
+            name = "1k" if path.endswith("1k") else "1m"
+            assert hashlib.sha256(data).hexdigest() == c.files[name].sha256
+
+
+def wrk_keep_alive(c: Cluster, router, path: str) -> int:
+    """Two seconds of wrk keep-alive (4 connections) on PATH: the responses it
+    read, after checking that the policy decided every one of them."""
+    before = router.metric_sum("arr_requests_total")
+    out = c.exec(c.client, ["wrk", "-t1", "-c4", "-d2s", "--latency", router.url + path], timeout=60).stdout
+    done = int(next(line.split()[0] for line in out.splitlines() if "requests in" in line))
+    assert "Non-2xx" not in out and "Socket errors" not in out, out
+    assert done > 20, out
+    decided = router.metric_sum("arr_requests_total") - before
+    # wrk counts the responses it read; requests cut by its stop are decided, not counted.
+    assert done <= decided <= done + 4, (path, done, decided)
+    return done
 
 
 def test_one_keep_alive_connection_every_request_routed(cluster):
@@ -195,32 +228,14 @@ def test_curl_wrk_and_http_client_bodies_and_decisions(cluster):
         router.wait_healthy()
         # curl: several URLs on one connection, both pools.
         urls = [c.files["1k"].url_path, "/whoami", c.files["1m"].url_path, "/whoami", c.files["1k"].url_path]
-        argv = ["curl", "-sS", "--noproxy", "*", "--max-time", "60"]
-        for i, path in enumerate(urls):
-            argv += ["-o", str(c.workdir / f"curl{i}"), router.url + path]
-        c.exec(c.client, argv)
-        for i, path in enumerate(urls):
-            data = (c.workdir / f"curl{i}").read_bytes()
-            if path == "/whoami":
-                assert data == f"{c.targets[0].name}\n".encode()
-            else:
-                name = "1k" if path.endswith("1k") else "1m"
-                assert hashlib.sha256(data).hexdigest() == c.files[name].sha256
+        curl_one_connection(c, router, urls)
         decided = router.metric_sum("arr_requests_total")
         assert decided == len(urls)
         assert router.metric_sum("arr_takebacks_total", result="ok") == len(urls) - 1
 
         # wrk keep-alive on each pool: every request decided by the policy.
         for path in (c.files["1k"].url_path, c.files["1m"].url_path, "/whoami"):
-            before = router.metric_sum("arr_requests_total")
-            out = c.exec(c.client, ["wrk", "-t1", "-c4", "-d2s", "--latency", router.url + path],
-                         timeout=60).stdout
-            done = int(next(line.split()[0] for line in out.splitlines() if "requests in" in line))
-            assert "Non-2xx" not in out and "Socket errors" not in out, out
-            assert done > 20, out
-            decided = router.metric_sum("arr_requests_total") - before
-            # wrk counts the responses it read; requests cut by its stop are decided, not counted.
-            assert done <= decided <= done + 4, (path, done, decided)
+            wrk_keep_alive(c, router, path)
         assert router.metric_sum("arr_takebacks_total") == router.metric_sum("arr_takebacks_total", result="ok")
 
         # http.client: a fresh connection, both pools, bodies checked. Its

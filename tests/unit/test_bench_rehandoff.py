@@ -35,13 +35,15 @@ arr_handoffs_created{result="ok"} 1.7e9
 arr_handoff_fallbacks_total{reason="half-closed"} 5.0
 arr_takebacks_total{result="ok"} 980.0
 arr_takebacks_total{result="unacked"} 2.0
-arr_rehandoffs_total{target="same-target"} 970.0
+arr_rehandoffs_total{target="same-target"} 270.0
+arr_rehandoffs_total{target="in-place"} 700.0
 arr_rehandoffs_total{target="other-target"} 10.0
 arr_takeback_duration_seconds_bucket{le="0.001"} 3.0
 """
 
 
 def test_router_counts_from_an_exposition():
+    # Re-handoffs in place go to the same target: they count with the same-target ones.
     c = router_counts(parse_exposition(EXPOSITION))
     assert c == {"decided": 1000.0, "handoffs": 995.0, "fallbacks": 5.0, "takebacks": 980.0,
                  "takeback_failures": 2.0, "rehandoffs_same": 970.0, "rehandoffs_other": 10.0}

@@ -72,7 +72,7 @@ def test_constants_shared_with_the_header():
     kinds = dict(re.findall(r"(ARR_EV_\w+) = (\d+)", text))
     assert {k: int(v) for k, v in kinds.items()} == {
         "ARR_EV_FIN": maps.EV_FIN, "ARR_EV_RST": maps.EV_RST, "ARR_EV_NEW_SYN": maps.EV_NEW_SYN,
-        "ARR_EV_AFTER_FIN": maps.EV_AFTER_FIN, "ARR_EV_CAPTURE": maps.EV_CAPTURE}
+        "ARR_EV_AFTER_FIN": maps.EV_AFTER_FIN, "ARR_EV_CAPTURE": maps.EV_CAPTURE, "ARR_EV_RESEND": maps.EV_RESEND}
     assert define("ARR_CAPTURE_CHUNK") == str(maps.CAPTURE_CHUNK)
     assert define("ARR_CAPTURE_CHUNKS") == str(maps.CAPTURE_CHUNKS)
     flags = {name: eval(value.replace("U <<", " <<")) for name, value in

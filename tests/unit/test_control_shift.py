@@ -16,8 +16,8 @@ from handoff.translate import AckShift
 
 PSK = bytes(range(32))
 KEY = FlowKey(saddr="10.0.0.9", daddr="192.168.1.7", sport=8080, dport=51234)
-SHIFTS = [Shift(conn_id=7, key=KEY, start=1000, end=1300, delta=0xFFFFFFFF),
-          Shift(conn_id=(1 << 64) - 1, key=KEY, start=0xFFFFFF00, end=0x10, delta=0)]
+SHIFTS = [Shift(conn_id=7, key=KEY, start=1000, end=1300, delta=0xFFFFFFFF, acked=5000),
+          Shift(conn_id=(1 << 64) - 1, key=KEY, start=0xFFFFFF00, end=0x10, delta=0, acked=0xFFFFFFFF)]
 
 
 def pair() -> tuple[ControlConnection, ControlConnection]:
@@ -44,9 +44,9 @@ def test_round_trip_through_a_connection(message):
 
 
 def test_wire_layout():
-    _, payload = encode_payload(Shift(conn_id=0x0102030405060708, key=KEY, start=1, end=2, delta=3))
+    _, payload = encode_payload(Shift(conn_id=0x0102030405060708, key=KEY, start=1, end=2, delta=3, acked=4))
     assert payload == (bytes.fromhex("0102030405060708") + bytes([10, 0, 0, 9, 192, 168, 1, 7])
-                       + struct.pack(">HHIII", 8080, 51234, 1, 2, 3))
+                       + struct.pack(">HHIIII", 8080, 51234, 1, 2, 3, 4))
 
 
 @pytest.mark.parametrize("change", ["truncate", "extend", "empty request"])
@@ -57,7 +57,7 @@ def test_malformed_shift_is_refused_and_named(change):
     elif change == "extend":
         payload += b"\0"
     else:
-        payload = payload[:-12] + struct.pack(">III", 5, 5, 0)
+        payload = payload[:-16] + struct.pack(">IIII", 5, 5, 0, 0)
         with pytest.raises(_Malformed, match="empty"):
             decode_payload(mtype, payload)
     client, server = pair()
@@ -82,15 +82,16 @@ def test_shift_is_the_routers():
 def test_values_that_do_not_fit_are_refused_on_send():
     client, _ = pair()
     with pytest.raises(ValueError):
-        client.send(Shift(conn_id=1, key=KEY, start=0, end=1 << 32, delta=0))
+        client.send(Shift(conn_id=1, key=KEY, start=0, end=1 << 32, delta=0, acked=0))
 
 
 # ------------------------------------------------------------------ the agent's verdict
 
 
 def entry(peer_ack: int = 1000, flags: int = FLOW_F_SENT | FLOW_F_ACKED, **fields) -> FlowEntry:
-    """An egress entry whose server has acknowledged up to PEER_ACK."""
-    values = dict(state=FLOW_ACTIVE, flags=flags, peer_ack=peer_ack, conn_id=7)
+    """An egress entry whose server has acknowledged up to PEER_ACK and sent
+    up to 5000 (what SHIFTS[0] says the client acknowledged)."""
+    values = dict(state=FLOW_ACTIVE, flags=flags, peer_ack=peer_ack, snd_max=5000, conn_id=7)
     return FlowEntry(**(values | fields))
 
 
@@ -107,13 +108,21 @@ def test_shift_at_the_servers_ack_is_accepted():
     (entry(flags=FLOW_F_SENT), "unacked"),   # the server's ack not seen yet
     (entry(peer_ack=900), "unacked"),        # the previous request still on its way
     (entry(peer_ack=1100), "unacked"),       # the router's view is out of date
+    (entry(snd_max=5100), "responding"),     # the client has not all of the last response yet
+    (entry(flags=FLOW_F_ACKED), "responding"),  # the server's snd_max not known
 ])
 def test_shift_refusals(found, reason):
     assert shift_refusal(found, SHIFTS[0]) == reason
 
 
 def test_takeback_waits_while_a_shifted_request_is_unacknowledged():
-    shifted = entry(snd_max=5000, shift=AckShiftState.of(AckShift(1000, 1300, 4)))
-    assert _take_back_verdict(shifted, 5000) == TAKEN_UNACKED
+    # R' is [1000, 1300) of the server's stream; the client acknowledged the response (5000).
+    shifted = entry(snd_max=5000, peer_ack=1000, shift=AckShiftState.of(AckShift(1000, 1300, 4)))
+    assert _take_back_verdict(shifted, 5000, 1300) == TAKEN_UNACKED  # the server lacks R'
+    shifted.peer_ack = 1300
+    assert _take_back_verdict(shifted, 5000, 1300) == TAKEN_OK  # it has all of it
+    shifted.peer_ack = 1000
+    # The router never sent R' (its SHIFT timed out): its stream ends where the shift starts.
+    assert _take_back_verdict(shifted, 5000, 1000) == TAKEN_OK
     shifted.shift.active = 0  # the program ended the history: the server has all of it
-    assert _take_back_verdict(shifted, 5000) == TAKEN_OK
+    assert _take_back_verdict(shifted, 5000, 1300) == TAKEN_OK

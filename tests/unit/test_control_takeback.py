@@ -18,7 +18,8 @@ from handoff.translate import Translation
 PSK = bytes(range(32))
 KEY = FlowKey(saddr="10.0.0.9", daddr="192.168.1.7", sport=8080, dport=51234)
 
-TAKEBACKS = [TakeBack(conn_id=7, key=KEY, acked=0xFFFFFFFF), TakeBack(conn_id=(1 << 64) - 1, key=KEY, acked=0)]
+TAKEBACKS = [TakeBack(conn_id=7, key=KEY, acked=0xFFFFFFFF, stream_end=0),
+             TakeBack(conn_id=(1 << 64) - 1, key=KEY, acked=0, stream_end=0xFFFFFFFF)]
 TAKENS = [Taken(conn_id=7, status=TAKEN_OK, snd_nxt=0xFFFFFFFF, window=29200 << 7, syn_seq=0xFFFFFFFE),
           Taken(conn_id=1, status=TAKEN_UNACKED, snd_nxt=5),
           Taken(conn_id=(1 << 64) - 1, status=TAKEN_UNKNOWN),
@@ -53,9 +54,10 @@ def test_payload_round_trip(message):
 
 
 def test_takeback_wire_layout():
-    _, payload = encode_payload(TakeBack(conn_id=0x0102030405060708, key=KEY, acked=0xA0B0C0D0))
+    _, payload = encode_payload(TakeBack(conn_id=0x0102030405060708, key=KEY, acked=0xA0B0C0D0,
+                                         stream_end=0x01020304))
     assert payload == (bytes.fromhex("0102030405060708") + bytes([10, 0, 0, 9, 192, 168, 1, 7])
-                       + struct.pack(">HHI", 8080, 51234, 0xA0B0C0D0))
+                       + struct.pack(">HHII", 8080, 51234, 0xA0B0C0D0, 0x01020304))
 
 
 def test_taken_wire_layout():
@@ -77,7 +79,7 @@ def test_taken_through_a_connection(message):
 
 def test_question_and_answer_in_one_session():
     client, server = pair()
-    ask = TakeBack(conn_id=11, key=KEY, acked=1000)
+    ask = TakeBack(conn_id=11, key=KEY, acked=1000, stream_end=77)
     assert server.receive_data(client.send(ask)) == [ask]
     answer = Taken(conn_id=11, status=TAKEN_OK, snd_nxt=1000, window=65535, syn_seq=1)
     assert client.receive_data(server.send(answer)) == [answer]
@@ -105,7 +107,7 @@ def test_truncated_or_extended_payload_is_malformed(message, change):
 def test_values_that_do_not_fit_are_refused_on_send():
     client, server = pair()
     with pytest.raises(ValueError):
-        client.send(TakeBack(conn_id=1, key=KEY, acked=1 << 32))
+        client.send(TakeBack(conn_id=1, key=KEY, acked=1 << 32, stream_end=0))
     with pytest.raises(ValueError):
         server.send(Taken(conn_id=1, status=TAKEN_OK, window=1 << 32))
 
@@ -148,28 +150,28 @@ def entry(snd_max: int, flags: int = FLOW_F_SENT, **fields) -> FlowEntry:
 @pytest.mark.parametrize("flags", [FLOW_F_FIN, FLOW_F_RST, FLOW_F_FIN | FLOW_F_RST])
 def test_verdict_closed_when_the_server_sent_fin_or_rst(flags):
     # Even when everything is acknowledged: nothing left to take back.
-    assert _take_back_verdict(entry(1000, flags), 1000) == TAKEN_CLOSED
-    assert _take_back_verdict(entry(0, flags), 0) == TAKEN_CLOSED
+    assert _take_back_verdict(entry(1000, flags), 1000, 0) == TAKEN_CLOSED
+    assert _take_back_verdict(entry(0, flags), 0, 0) == TAKEN_CLOSED
 
 
 def test_verdict_unacked_before_the_server_sent_anything():
-    assert _take_back_verdict(entry(0, flags=0), 0) == TAKEN_UNACKED
-    assert _take_back_verdict(entry(1000, flags=0), 1000) == TAKEN_UNACKED
+    assert _take_back_verdict(entry(0, flags=0), 0, 0) == TAKEN_UNACKED
+    assert _take_back_verdict(entry(1000, flags=0), 1000, 0) == TAKEN_UNACKED
 
 
 def test_verdict_ok_at_zero_once_the_server_sent():
     """snd_nxt 0 is a sequence number like any other (FLOW_F_SENT says it is one)."""
-    assert _take_back_verdict(entry(0), 0) == TAKEN_OK
+    assert _take_back_verdict(entry(0), 0, 0) == TAKEN_OK
 
 
 @pytest.mark.parametrize("snd_max, acked", [(1000, 999), (1000, 1001), (5, 0xFFFFFFFF), (0xFFFFFFFF, 0)])
 def test_verdict_unacked_while_the_ack_is_elsewhere(snd_max, acked):
-    assert _take_back_verdict(entry(snd_max), acked) == TAKEN_UNACKED
+    assert _take_back_verdict(entry(snd_max), acked, 0) == TAKEN_UNACKED
 
 
 @pytest.mark.parametrize("snd_max", [1, 1000, 0xFFFFFFFF])
 def test_verdict_ok_when_all_is_acknowledged(snd_max):
-    assert _take_back_verdict(entry(snd_max), snd_max) == TAKEN_OK
+    assert _take_back_verdict(entry(snd_max), snd_max, 0) == TAKEN_OK
 
 
 # ------------------------------------------------------------------ Agent._take_back
@@ -227,7 +229,7 @@ def agent_with(egress_entry: FlowEntry | None) -> tuple[Agent, FakeDatapath, Fak
 def test_agent_take_back_ok_ends_the_entry_and_reports_the_server_state():
     e = entry(5000, x=Xlate.of(TO_CLIENT), peer_window=300, syn_seq=0xABCDEF)
     agent, datapath, connections = agent_with(e)
-    taken = agent._take_back(TakeBack(conn_id=5, key=KEY, acked=5000))
+    taken = agent._take_back(TakeBack(conn_id=5, key=KEY, acked=5000, stream_end=0))
     assert taken == Taken(5, TAKEN_OK, snd_nxt=5000, window=300 << 7, syn_seq=0xABCDEF)
     # Paused (HOLD) before it was checked again and ended.
     assert [state for _, state in datapath.egress.updates] == [FLOW_HOLD]
@@ -237,7 +239,7 @@ def test_agent_take_back_ok_ends_the_entry_and_reports_the_server_state():
 
 def test_agent_take_back_unacked_leaves_the_entry_active():
     agent, datapath, connections = agent_with(entry(5000, x=Xlate.of(TO_CLIENT)))
-    taken = agent._take_back(TakeBack(conn_id=5, key=KEY, acked=4000))
+    taken = agent._take_back(TakeBack(conn_id=5, key=KEY, acked=4000, stream_end=0))
     assert (taken.status, taken.snd_nxt) == (TAKEN_UNACKED, 5000)
     assert datapath.egress.lookup(local_key(KEY)).state == FLOW_ACTIVE and not connections.taken
 
@@ -248,5 +250,5 @@ def test_agent_take_back_unknown(conn_id, state, present):
     e = entry(5000)
     e.state = state
     agent, datapath, connections = agent_with(e if present else None)
-    assert agent._take_back(TakeBack(conn_id=conn_id, key=KEY, acked=5000)) == Taken(conn_id, TAKEN_UNKNOWN)
+    assert agent._take_back(TakeBack(conn_id=conn_id, key=KEY, acked=5000, stream_end=0)) == Taken(conn_id, TAKEN_UNKNOWN)
     assert not connections.taken

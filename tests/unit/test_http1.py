@@ -209,7 +209,7 @@ def test_handed_off_request_carries_expect_no_further():
     the target must not send a second 100 straight to the client."""
     import h11
 
-    from handoff.engine import serialize_request
+    from arr.http1 import serialize_request
 
     raw = [(b"host", b"x"), (b"expect", b"100-continue"), (b"content-length", b"3")]
     head = h11.Request(method="POST", target="/up", headers=raw)
@@ -399,7 +399,7 @@ def test_forwarded_head():
 
 def test_a_handed_off_request_carries_the_normalised_target():
     from arr.session import _forwarded_head
-    from handoff.engine import serialize_request
+    from arr.http1 import serialize_request
 
     raw = h11.Request(method="GET", target="http://Secret.Example/x/%2e%2e/%77hoami?q=%2F",
                       headers=[("Host", "other"), ("X", "1")], http_version="1.2")

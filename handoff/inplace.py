@@ -1,0 +1,211 @@
+"""Re-handoff in place: a handed-off client's next request goes to the same
+server on the same connection, and no socket is rebuilt.
+
+The ingress program captures the client's next request as for any take-back
+(handoff/bpf/router.bpf.c, handoff/takeback.py). When the router reads and
+decides it from those bytes (``Router.route_captured``) and the decision is a
+handoff to the target that already holds the connection, ``InPlace.reroute``:
+
+1. asks the agent to SHIFT the ack translation at the rewritten request's end
+   (handoff/agent.py; the egress program keeps a one-step history,
+   ``translate.AckShift``) and waits for its ACK, so that no ack of the new
+   request can leave with the old offset;
+2. moves the ingress entry on (``plan_in_place``): the new seq offset,
+   take_from after the request, the request's region kept (the program drops
+   a retransmission of it and asks for a resend), ACTIVE again;
+3. sends the rewritten request to the server as crafted segments on the
+   forwarding connection's 4-tuple (``request_segments``) and keeps them. The
+   client stays the party that retransmits: nothing acknowledges its request
+   until the server's ACK of the rewritten one, translated, reaches it, and
+   each copy it resends makes the router send the segments again (``resend``).
+
+One agent exchange and one raw send per request. Whatever else (another
+target, Proxy, Local, Reject, bytes that are not one whole request, an agent
+that says no) goes the take-back's way, which still has every captured byte.
+The plans are pure (tests/unit/test_inplace.py); ``InPlace`` is the I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from handoff.control import Ack, ControlClient, ControlUnavailable, Nack, Shift
+from handoff.craft import TCP_ACK, TCP_PSH, RawSender, tcp_segment
+from handoff.lifecycle import forward_key_of, target_of, wire_key
+from handoff.maps import FLOW_ACTIVE, FLOW_F_WANT_HEADER, FLOW_TAKEBACK, AckShiftState, FlowEntry, FlowKey
+from handoff.translate import AckShift, TcpFields, translate_fields, wrap
+
+if TYPE_CHECKING:
+    from arr.config import HandoffSettings
+    from arr.metrics import Metrics
+    from handoff.datapath import RouterDatapath
+    from handoff.lifecycle import RouterConnections
+    from handoff.takeback import Segment
+
+log = logging.getLogger("arr.handoff")
+
+DEFAULT_SEGMENT = 1460
+"""Payload per crafted segment: an Ethernet MSS (they carry no options). The
+server's own MSS is at least that on any path the cluster uses."""
+KEEP_SEGMENTS = 60.0
+"""Seconds the router keeps a rerouted request's segments for resends: a
+client that has not heard the server acknowledge it by then has been
+retransmitting for most of a minute, and its connection ends the usual way."""
+
+
+@dataclass(frozen=True)
+class InPlacePlan:
+    """Where a rerouted request goes, in both sequence spaces."""
+
+    request_from: int
+    """Client seq of the request R (the entry's take_from)."""
+    take_from: int
+    """Client seq after R: the next request starts here."""
+    start: int
+    """Server seq of the rewritten request R' (where the server's stream stops)."""
+    end: int
+    """Server seq after R'."""
+    seq_delta: int
+    """The client-to-server offset from R's end on: also the egress entry's new
+    ack offset (the server's acks from ``end`` on, back in the client's space)."""
+
+
+def plan_in_place(entry: FlowEntry, request_len: int, rewritten_len: int) -> InPlacePlan:
+    """R (REQUEST_LEN bytes from the entry's take_from) rerouted as R' of REWRITTEN_LEN."""
+    t = entry.take_from
+    start = wrap(t + entry.x.seq_delta)
+    end = wrap(start + rewritten_len)
+    take_from = wrap(t + request_len)
+    return InPlacePlan(request_from=t, take_from=take_from, start=start, end=end, seq_delta=wrap(end - take_from))
+
+
+def moved_on(entry: FlowEntry, plan: InPlacePlan) -> FlowEntry:
+    """The ingress entry after the request went in place: ACTIVE, the new
+    offset and take_from, R's region (a retransmission of it: a resend)."""
+    entry.shift = AckShiftState.of(AckShift(plan.request_from, plan.take_from, entry.x.seq_delta))
+    entry.x.seq_delta = plan.seq_delta
+    entry.take_from = plan.take_from
+    entry.state = FLOW_ACTIVE
+    entry.flags &= ~FLOW_F_WANT_HEADER
+    entry.requests = min(entry.requests + 1, 0xFFFF)
+    return entry
+
+
+def request_segments(entry: FlowEntry, plan: InPlacePlan, rewritten: bytes, latest: "Segment",
+                     segment_size: int = DEFAULT_SEGMENT) -> list[bytes]:
+    """R' as the client would have sent it on the forwarding connection, from
+    ``plan.start``: the client's ack and window of LATEST (a captured segment)
+    translated as the ingress program translates them.
+
+    No timestamps: the server's PAWS check would compare them with the newest
+    TSval it saw, and the router cannot know the client's clock at the moment
+    it sends (a pure ACK of the client's forwarded after LATEST, a resend long
+    after it: a stale TSval is dropped, and every resend with it). A segment
+    without them skips PAWS (handoff/craft.py says why that is safe on Linux)
+    and leaves the server's ts_recent to the client's own segments."""
+    x = entry.x.translation()
+    fields = translate_fields(TcpFields("0.0.0.0", "0.0.0.0", 0, 0, 0, latest.ack, latest.window), x)
+    size = max(1, segment_size)
+    frames = []
+    for offset in range(0, len(rewritten), size):
+        last = offset + size >= len(rewritten)
+        frames.append(tcp_segment((x.saddr, x.sport), (x.daddr, x.dport), seq=wrap(plan.start + offset),
+                                  ack=fields.ack, flags=TCP_ACK | (TCP_PSH if last else 0), window=fields.window,
+                                  payload=rewritten[offset:offset + size]))
+    return frames
+
+
+@dataclass
+class _Sent:
+    conn_id: int
+    frames: list[bytes]
+    at: float
+
+
+class InPlace:
+    """Reroutes requests in place and resends them when their clients do."""
+
+    def __init__(self, datapath: "RouterDatapath", connections: "RouterConnections", settings: "HandoffSettings",
+                 metrics: "Metrics", sender: RawSender,
+                 agent_of: Callable[[tuple[str, int]], ControlClient | None]) -> None:
+        self.datapath = datapath
+        self.connections = connections
+        self.settings = settings
+        self.metrics = metrics
+        self.sender = sender
+        self.agent_of = agent_of
+        self._sent: dict[FlowKey, _Sent] = {}
+        self._last_prune = time.monotonic()
+
+    async def reroute(self, key: FlowKey, conn_id: int, request_len: int, rewritten: bytes,
+                      latest: "Segment") -> str | None:
+        """Send REWRITTEN (the request's REQUEST_LEN captured bytes, rewritten)
+        to the server on KEY's connection. None once it is on its way; else why
+        not, with nothing changed (the take-back goes on from the captures)."""
+        entry = self.datapath.ingress.lookup(key)
+        if entry is None or entry.conn_id != conn_id or entry.state != FLOW_TAKEBACK:
+            return "entry-gone"
+        if not self.sender.ready():
+            return "no-raw-socket"
+        agent = self.agent_of(target_of(entry))
+        if agent is None or not agent.connected:
+            return "agent-unavailable"
+        plan = plan_in_place(entry, request_len, len(rewritten))
+        # The client's ack on its request: all the server sent, or the agent says no.
+        acked = wrap(latest.ack - entry.x.ack_delta)
+        ask = Shift(conn_id=conn_id, key=wire_key(forward_key_of(entry)), start=plan.start, end=plan.end,
+                    delta=plan.seq_delta, acked=acked)
+        try:
+            reply = await agent.request(ask, timeout=self.settings.agent_timeout)
+        except ControlUnavailable:
+            return "agent-unavailable"
+        except (asyncio.TimeoutError, TimeoutError):
+            # The agent may shift yet: harmless, the server's acks stay below
+            # the shifted request until a take-back sends it (the history
+            # rounds them down, and the next SHIFT or TAKEBACK starts afresh).
+            return "agent-timeout"
+        if isinstance(reply, Nack):
+            return f"agent-{reply.reason}"
+        if not isinstance(reply, Ack):
+            return "agent-protocol"
+        # Read again: the program wrote the client's newest ack meanwhile.
+        entry = self.datapath.ingress.lookup(key)
+        if entry is None or entry.conn_id != conn_id or entry.state != FLOW_TAKEBACK:
+            return "entry-gone"
+        self.datapath.ingress.update(key, moved_on(entry, plan))
+        # The response starts where the client's ack stands: until the client
+        # acknowledges a byte past it, the request is unanswered (handoff/migrate.py).
+        self.connections.responses[conn_id] = latest.ack
+        frames = request_segments(entry, plan, rewritten, latest)
+        self._sent[key] = _Sent(conn_id, frames, time.monotonic())
+        for frame in frames:
+            self.sender.send(frame)
+        self._prune()
+        return None
+
+    def on_resends(self, keys: list[tuple[FlowKey, int]]) -> None:
+        """Clients resent requests rerouted in place (ARR_EV_RESEND): the
+        server has not acknowledged them yet; send the segments again."""
+        for key, conn_id in keys:
+            sent = self._sent.get(key)
+            if sent is None or sent.conn_id != conn_id:
+                continue
+            self.metrics.inplace_resends.inc()
+            for frame in sent.frames:
+                self.sender.send(frame)
+
+    def forget(self, key: FlowKey) -> None:
+        """KEY's client sent its next request (or is gone): no resend any more."""
+        self._sent.pop(key, None)
+
+    def _prune(self) -> None:
+        now = time.monotonic()
+        if now - self._last_prune < KEEP_SEGMENTS / 4:
+            return
+        self._last_prune = now
+        for key in [k for k, sent in self._sent.items() if now - sent.at > KEEP_SEGMENTS]:
+            del self._sent[key]
