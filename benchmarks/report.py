@@ -342,8 +342,9 @@ METHOD_TEXT = """\
   target), so the client alone says where each request goes. One `wrk -tN -cN` (one connection per
   thread, 8; each thread's Lua state counts its own connection's requests) fetches 1 KiB for three
   fixed windows: *first* (`Connection: close`, every request a first handoff), *same* (keep-alive,
-  every request of a connection to one target: a take-back and a same-target re-handoff reusing
-  the forwarding connection) and *other* (keep-alive, a connection's consecutive requests alternating
+  every request of a connection to one target: a re-handoff in place, handoff/inplace.py, or with
+  `handoff.rehandoff_in_place = false` a take-back and a re-handoff reusing the forwarding
+  connection) and *other* (keep-alive, a connection's consecutive requests alternating
   targets: a take-back, the old forwarding connection closed, a handoff on a new one). Router CPU per
   request = router processes' CPU over the window (as above) / responses; the ratios same/first and
   other/first are paired run by run. The router's counters say what each window really was
@@ -445,7 +446,7 @@ def _rehandoff_section(w, systems: Sequence[str], summary: Mapping, raw: Mapping
     w(f"\n{method}. Each router routes on that header (one target per value), so the client decides "
       "where each request goes and the policy decides every request: first handoff = `Connection: close` "
       "(each request a new connection), same target = keep-alive, a connection's requests all to one "
-      "target (arr-nat: take-back + same-target re-handoff), other target = keep-alive, consecutive "
+      "target (arr-nat: a re-handoff in place), other target = keep-alive, consecutive "
       "requests alternating targets (arr-nat: take-back, old forwarding connection closed, new handoff). "
       "Router CPU / request: router processes' CPU over the window / responses; x first: that over the "
       "first-handoff window's (paired run by run). \"What the window was\": the arr-nat router's own "

@@ -290,8 +290,8 @@ class Bench:
         * ``first``: ``Connection: close``, every request a new connection, so
           for arr-nat a first handoff (the reference);
         * ``same``: keep-alive, every request of a connection to the same
-          target: for arr-nat a take-back and a same-target re-handoff (the
-          forwarding connection reused);
+          target: for arr-nat a re-handoff in place (handoff/inplace.py: no
+          take-back, one agent exchange);
         * ``other``: keep-alive, consecutive requests of a connection
           alternating targets: a take-back, the old forwarding connection
           closed, a handoff on a new one.
