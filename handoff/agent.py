@@ -21,6 +21,7 @@ import logging
 import signal
 import time
 import tomllib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -223,7 +224,7 @@ class Agent:
         """TAKEBACKs answered UNACKED because the server's socket still held
         bytes (a response in the middle, held back by the client's window)."""
         self.shifted = 0
-        self.shifts_refused: dict[str, int] = {}
+        self.shifts_refused: Counter[str] = Counter()
         """SHIFTs answered NACK, by reason (``shift_refusal``)."""
         self._diag = netlink.SockDiag(None)
         """Kept open: one exact lookup per take-back (a socket per look costs more)."""
@@ -401,7 +402,7 @@ class Agent:
         entry = self.datapath.egress.lookup(key)
         refusal = shift_refusal(entry, message)
         if refusal is not None:
-            self.shifts_refused[refusal] = self.shifts_refused.get(refusal, 0) + 1
+            self.shifts_refused[refusal] += 1
             log.info("refused to shift connection %d: %s", message.conn_id, refusal)
             return Nack(conn_id=message.conn_id, reason=refusal)
         assert entry is not None
@@ -410,7 +411,7 @@ class Agent:
         try:
             self.datapath.egress.update(key, entry)
         except OSError as exc:
-            self.shifts_refused["map"] = self.shifts_refused.get("map", 0) + 1
+            self.shifts_refused["map"] += 1
             return Nack(conn_id=message.conn_id, reason=f"map update failed: {exc}")
         self.shifted += 1
         return Ack(conn_id=message.conn_id)

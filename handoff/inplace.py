@@ -28,7 +28,6 @@ The plans are pure (tests/unit/test_inplace.py); ``InPlace`` is the I/O.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
@@ -45,8 +44,6 @@ if TYPE_CHECKING:
     from handoff.datapath import RouterDatapath
     from handoff.lifecycle import RouterConnections
     from handoff.takeback import Segment
-
-log = logging.getLogger("arr.handoff")
 
 DEFAULT_SEGMENT = 1460
 """Payload per crafted segment: an Ethernet MSS (they carry no options). The
