@@ -130,6 +130,12 @@ class HandoffSettings:
     same connection without taking it back, when the policy decides it for
     that target from the captured bytes (handoff/inplace.py): one agent
     exchange, no socket rebuilt. Anything else is taken back as before."""
+    rehandoff_hand_on: bool = True
+    """Hand a handed-off connection's next request that the policy decides
+    for another target on from the captured bytes (handoff/takeback.py
+    ``_hand_on``): the old agent lets go, the old forwarding connection ends
+    with a FIN, the new handoff starts from the client's state as the maps
+    and the captured segment give it, no socket rebuilt for the client."""
     migrate_sticky: float = 60.0
     """How long a migration's override sends a moved client's next requests
     (a reset client's new connections too) to its destination (arr/migration.py)."""
@@ -398,6 +404,7 @@ def _handoff(data: Any) -> HandoffSettings:
         forward_pool=s.number("forward_pool", d.forward_pool, integer=True),
         takeback_timeout=s.number("takeback_timeout", d.takeback_timeout, allow_zero=False),
         rehandoff_in_place=s.get("rehandoff_in_place", bool, d.rehandoff_in_place),
+        rehandoff_hand_on=s.get("rehandoff_hand_on", bool, d.rehandoff_hand_on),
         migrate_sticky=s.number("migrate_sticky", d.migrate_sticky, allow_zero=False),
         migrate_wait=s.number("migrate_wait", d.migrate_wait, allow_zero=False),
         move_on_down=s.get("move_on_down", bool, d.move_on_down),

@@ -119,12 +119,17 @@ class Metrics:
         self.rehandoffs = Counter(
             "arr_rehandoffs", "Handoffs of taken-back connections, by where "
             "(same-target: its forwarding connection reused; other-target: that one closed; "
-            "in-place: the same connection, not taken back, handoff/inplace.py).",
+            "in-place: the same connection, not taken back, handoff/inplace.py; "
+            "handed-on: to another target from the captured request, no client socket rebuilt).",
             ("target",), registry=r)
         self.inplace = Counter(
             "arr_inplace_reroutes", "Requests of handed-off connections sent to the same target in place, by "
             "result (ok, or why the connection was taken back instead: other-target, agent-<reason>, ...).",
             ("result",), registry=r)
+        self.handons = Counter(
+            "arr_handons", "Requests of handed-off connections handed on to another target from their "
+            "captures, by result (ok, or the handoff's fallback reason: the connection was then taken "
+            "back and the request decided on the rebuilt socket).", ("result",), registry=r)
         self.inplace_resends = Counter(
             "arr_inplace_resends", "Rewritten requests sent again because their client resent the original "
             "(the server had not acknowledged it yet).", registry=r)

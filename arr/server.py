@@ -499,12 +499,13 @@ class Router:
                 reason=reason))
 
     async def route_captured(self, peer: tuple[str, int], requests_served: int, data: bytes,
-                             in_place: Callable[["Request", "h11.Request", "TargetState"], Awaitable[bool]]
+                             send_on: Callable[["Request", "h11.Request", "TargetState"], Awaitable[bool]]
                              ) -> Decision | bool | None:
         """A handed-off client's next request, from the bytes the handoff
         engine captured (handoff/takeback.py): read and decided like any other
-        (limits, policy, migration overrides). For a handoff, IN_PLACE tries
-        it on the connection the target already holds (handoff/inplace.py):
+        (limits, policy, migration overrides). For a handoff, SEND_ON tries it
+        from the captures: in place when the chosen target already holds the
+        connection (handoff/inplace.py), handed on to another one otherwise:
         True when it did, and the request is counted and logged here.
         Otherwise the decision, which the engine gives back with the socket it
         rebuilds (``resume``), or None when the bytes are not one whole request
@@ -524,7 +525,7 @@ class Router:
         # (handoff/deadline.py); a streamed body is read from the socket.
         if not isinstance(decision, Handoff) or request.body is None or deadline:
             return decision
-        if not await in_place(request, head, decision.target):
+        if not await send_on(request, head, decision.target):
             return decision
         self._record(peer, request, body, started, executed=decision_name(decision), status=None,
                      target_name=decision.target.name, chosen=decision.target, response_bytes=None, reason="")

@@ -183,8 +183,10 @@ def router_counts(samples: Mapping[str, float]) -> dict[str, float]:
             out["takebacks" if labels.get("result") == "ok" else "takeback_failures"] += value
         elif name == "arr_rehandoffs_total":
             kind = labels.get("target")
-            if kind in ("same-target", "in-place", "other-target"):  # in place: to the same target too
-                out["rehandoffs_other" if kind == "other-target" else "rehandoffs_same"] += value
+            if kind in ("same-target", "in-place"):  # in place: to the same target too
+                out["rehandoffs_same"] += value
+            elif kind in ("other-target", "handed-on"):  # handed on: to another target, from the captures
+                out["rehandoffs_other"] += value
     return out
 
 

@@ -40,12 +40,13 @@ from handoff.lifecycle import PORT_QUARANTINE_NS, RouterConnections, wire_key
 from handoff.release import ForwardReleaser, PendingRelease
 from handoff.deadline import ResponseDeadlines
 from handoff.migrate import Migrator
-from handoff.takeback import TakenBack, TakeBacks
+from handoff.takeback import HandOn, TakenBack, TakeBacks
 from handoff.inplace import InPlace
-from handoff.maps import (FLOW_ACTIVE, FLOW_HOLD, WATCH_CLOSED, WATCH_CONNECTING, WATCH_HANDED_OFF,
-                          WATCH_OPT_SACK, WATCH_OPT_TS, FlowEntry, FlowKey, WatchEntry, Xlate)
+from handoff.maps import (FLOW_ACTIVE, FLOW_F_RST, FLOW_HOLD, FLOW_TAKEBACK, WATCH_CLOSED, WATCH_CONNECTING,
+                          WATCH_HANDED_OFF, WATCH_OPT_SACK, WATCH_OPT_TS, AckShiftState, FlowEntry, FlowKey,
+                          WatchEntry, Xlate)
 from handoff.ports import PortRange, choose_port
-from handoff.translate import HandoffInputs, compute_translations, wrap
+from handoff.translate import AckShift, HandoffInputs, SocketState, Translation, compute_translations, wrap
 
 if TYPE_CHECKING:
     import h11
@@ -97,6 +98,8 @@ class Attempt:
     agent_may_have_entry: bool = False
     conn_id: int = 0
     kernel_bytes: bytes = b""
+    watch: WatchEntry | None = None
+    """The forwarding connection's watch entry as its handshake left it."""
     steps: list[str] = field(default_factory=list)
 
 
@@ -158,8 +161,12 @@ class RouterHandoff:
         if self.settings.rehandoff_in_place:
             in_place = InPlace(self.datapath, self.connections, self.settings, self.metrics, self.migrator.sender,
                                self._agent_at)
-            self.takebacks.in_place, self.takebacks.route = in_place, router.route_captured
+            self.takebacks.in_place = in_place
             self.connections.on_resends = in_place.on_resends
+        if self.settings.rehandoff_hand_on:
+            self.takebacks.hand_on = self.hand_on
+        if self.settings.rehandoff_in_place or self.settings.rehandoff_hand_on:
+            self.takebacks.route = router.route_captured
         self.deadlines = ResponseDeadlines(self.datapath, self.takebacks, self.metrics, self.migrator.sender,
                                            resume=router.resume)
         self.connections.start()
@@ -361,17 +368,10 @@ class RouterHandoff:
             c_snap = self._client_state(attempt, client)
             if attempt.kernel_bytes:
                 raise Fallback("pipelined")
-            f_snap = fastpath.snapshot(attempt.forward)
-            watch = self.datapath.watch.lookup(attempt.watch_key)
             request_bytes = serialize_request(request, head)
-            to_target, to_client = compute_translations(HandoffInputs(
-                client=c_snap.tcp, forward=f_snap.tcp, request_len=len(request_bytes),
-                client_syn_tsval=client_tsval, target_tsval=watch.target_tsval if watch else 0))
-            conn_id = attempt.conn_id
-            await self._install_at_agent(attempt, agent, HandoffRequest(
-                conn_id=conn_id, key=wire_key(attempt.watch_key), translation=to_client,
-                mirror_from=f_snap.tcp.snd_nxt, mirror_until=wrap(f_snap.tcp.snd_nxt + len(request_bytes)),
-                syn_seq=context.target_syn_seq if reused and context is not None else wrap(f_snap.tcp.rcv_nxt - 1)))
+            to_target, rcv_nxt = await self._install(
+                attempt, agent, c_snap.tcp, len(request_bytes), client_tsval,
+                syn_seq=context.target_syn_seq if reused and context is not None else None)
         except BaseException as exc:
             fallback = exc if isinstance(exc, Fallback) else None
             if fallback is None and not isinstance(exc, Exception):
@@ -392,40 +392,122 @@ class RouterHandoff:
 
         # Step 7, the point of no return: client packets are now rewritten to
         # the target; the router's socket goes away without a FIN or RST.
-        # The watch entry keeps what the target's SYN-ACK said (a take-back
-        # rebuilds the socket with it); the ingress entry what the client's
-        # SYN did, and where the bytes routed so far end (take_from: the
-        # client's next request is taken back, handoff/takeback.py).
-        handed = watch if watch is not None else WatchEntry()
-        handed.state, handed.rcv_nxt, handed.conn_id = WATCH_HANDED_OFF, f_snap.tcp.rcv_nxt, conn_id
-        handed.client, handed.closed_ns = attempt.client_key, 0
-        self.datapath.watch.update(attempt.watch_key, handed)
         c = c_snap.tcp
-        self.datapath.ingress.update(attempt.client_key, FlowEntry(
+        self._go_live(attempt, rcv_nxt, FlowEntry(
             x=Xlate.of(to_target), state=FLOW_ACTIVE, created_ns=time.monotonic_ns(),
-            syn_seq=client_syn_seq, seq_next=c.rcv_nxt or 1, conn_id=conn_id,
+            syn_seq=client_syn_seq, seq_next=c.rcv_nxt or 1, conn_id=attempt.conn_id,
             peer_ack=c.snd_nxt,  # the send queue was empty: the client has acknowledged all of it
             take_from=c.rcv_nxt, client_mss=profile.mss or c.mss, router_wscale=c.rcv_wscale,
             client_opts=(WATCH_OPT_SACK if c.sack else 0) | (WATCH_OPT_TS if c.timestamps else 0),
             requests=min(session.requests_served + 1, 0xFFFF)))
-        self.connections.responses[conn_id] = c.snd_nxt
         tcpstate.close_silently(client)
         if context is not None:
             self.metrics.rehandoffs.labels("same-target" if reused else "other-target").inc()
+        await self._send(attempt, agent, target, request_bytes)
+        return attempt.client_key, attempt.conn_id, c.snd_nxt
 
-        # Step 8: the request, as the target will see it; step 9 (the release
-        # of the forwarding socket once the target acknowledged it) is the
-        # releaser's, for all connections at once.
+    async def hand_on(self, on: HandOn, conn_id: int, request_bytes: bytes, target: "Target") -> str | None:
+        """Hand a taken-back connection's captured request (REQUEST_BYTES,
+        rewritten) to TARGET with no client socket: ON is the client's side as
+        the take-back planned it (handoff/takeback.py ``plan_hand_on``), once
+        the agent of CONN_ID (the connection as it was) let go. None when the
+        target has it, else the fallback reason, with the ingress entry as it
+        was (the take-back goes on from it).
+
+        The same steps as a handoff from a socket, minus the client's: there
+        is nothing to detach, hold or read. Nothing acknowledged the client's
+        request, so the new entry keeps its region (``shift``): a
+        retransmission of it is dropped at the router while the forwarding
+        socket delivers the rewritten one, whose ACK, translated, acknowledges
+        the client's."""
+        assert self.datapath is not None and self.connections is not None
+        started = time.perf_counter()
+        attempt = Attempt(client_key=on.client_key)
+        agent: ControlClient | None = None
+        try:
+            agent = self._agent(target)
+            await self._connect(attempt, target, on.profile, None)
+            to_target, rcv_nxt = await self._install(attempt, agent, on.client, len(request_bytes), on.client_tsval)
+            previous = self.datapath.ingress.lookup(on.client_key)
+            if previous is None or previous.conn_id != conn_id or previous.state != FLOW_TAKEBACK:
+                raise Fallback("entry-gone")
+            if previous.flags & FLOW_F_RST:
+                raise Fallback("client-reset")
+        except BaseException as exc:
+            self._roll_back(attempt, agent)
+            if isinstance(exc, Fallback):
+                self._fallback.inc()
+                return exc.reason
+            if not isinstance(exc, Exception):
+                raise
+            log.exception("handing %r on to %s failed", on.client_key, target.name)
+            self._fallback.inc()
+            return f"error-{type(exc).__name__}"
+
+        # The point of no return: the client's packets go to TARGET.
+        c = on.client
+        self.connections.handed_on(on.client_key, previous)
+        self._go_live(attempt, rcv_nxt, FlowEntry(
+            x=Xlate.of(to_target), state=FLOW_ACTIVE, created_ns=time.monotonic_ns(),
+            syn_seq=on.client_syn_seq, seq_next=c.rcv_nxt or 1, conn_id=attempt.conn_id,
+            peer_ack=c.snd_nxt, take_from=c.rcv_nxt, client_mss=on.profile.mss or c.mss,
+            router_wscale=c.rcv_wscale,
+            client_opts=(WATCH_OPT_SACK if c.sack else 0) | (WATCH_OPT_TS if c.timestamps else 0),
+            requests=min(on.requests + 1, 0xFFFF),
+            shift=AckShiftState.of(AckShift(on.request_from, c.rcv_nxt, previous.x.seq_delta))))
+        self.metrics.rehandoffs.labels("handed-on").inc()
+        self._ok.inc()
+        self.metrics.handoff_duration.observe(time.perf_counter() - started)
+        await self._send(attempt, agent, target, request_bytes)
+        return None
+
+    async def _install(self, attempt: Attempt, agent: ControlClient, client: SocketState, request_len: int,
+                       client_tsval: int, syn_seq: int | None = None) -> tuple[Translation, int]:
+        """Steps 5 to 6 past the client's state: the translations from CLIENT
+        and the forwarding socket, the target's entry installed by its agent.
+        SYN_SEQ: the server's SYN-ACK seq when the forwarding connection is a
+        rebuilt one (else its rcv_nxt says it). (The client -> target
+        translation, the forwarding connection's rcv_nxt.)"""
+        assert self.datapath is not None and attempt.forward is not None and attempt.watch_key is not None
+        f_snap = fastpath.snapshot(attempt.forward)
+        watch = self.datapath.watch.lookup(attempt.watch_key)
+        attempt.watch = watch
+        to_target, to_client = compute_translations(HandoffInputs(
+            client=client, forward=f_snap.tcp, request_len=request_len,
+            client_syn_tsval=client_tsval, target_tsval=watch.target_tsval if watch else 0))
+        await self._install_at_agent(attempt, agent, HandoffRequest(
+            conn_id=attempt.conn_id, key=wire_key(attempt.watch_key), translation=to_client,
+            mirror_from=f_snap.tcp.snd_nxt, mirror_until=wrap(f_snap.tcp.snd_nxt + request_len),
+            syn_seq=syn_seq if syn_seq is not None else wrap(f_snap.tcp.rcv_nxt - 1)))
+        return to_target, f_snap.tcp.rcv_nxt
+
+    def _go_live(self, attempt: Attempt, forward_rcv_nxt: int, entry: FlowEntry) -> None:
+        """Step 7's map writes. The watch entry keeps what the target's
+        SYN-ACK said (a take-back rebuilds the socket with it); the ingress
+        entry ENTRY what the client's SYN did, and where the bytes routed so
+        far end (take_from: the client's next request is taken back,
+        handoff/takeback.py)."""
+        assert self.datapath is not None and self.connections is not None and attempt.watch_key is not None
+        handed = attempt.watch if attempt.watch is not None else WatchEntry()
+        handed.state, handed.rcv_nxt, handed.conn_id = WATCH_HANDED_OFF, forward_rcv_nxt, attempt.conn_id
+        handed.client, handed.closed_ns = attempt.client_key, 0
+        self.datapath.watch.update(attempt.watch_key, handed)
+        self.datapath.ingress.update(attempt.client_key, entry)
+        self.connections.responses[attempt.conn_id] = entry.peer_ack
+
+    async def _send(self, attempt: Attempt, agent: ControlClient, target: "Target", request_bytes: bytes) -> None:
+        """Step 8: the request, as the target will see it; step 9 (the release
+        of the forwarding socket once the target acknowledged it) is the
+        releaser's, for all connections at once."""
         forward = attempt.forward
-        assert forward is not None and self.releaser is not None
+        assert forward is not None and attempt.watch_key is not None and self.releaser is not None
         try:
             sent = send_request(forward, request_bytes)
             if sent < len(request_bytes):
                 await asyncio.get_running_loop().sock_sendall(forward, memoryview(request_bytes)[sent:])
         except OSError as exc:  # the connection is the target's now; it will end it
             log.warning("sending the request to %s after the handoff failed: %s", target.name, exc)
-        self.releaser.add(PendingRelease(conn_id, forward, attempt.watch_key, agent))
-        return attempt.client_key, conn_id, c.snd_nxt
+        self.releaser.add(PendingRelease(attempt.conn_id, forward, attempt.watch_key, agent))
 
     async def _eligible(self, client: socket.socket) -> None:
         """Section 2.1 step 3: everything the router sent is acknowledged, the

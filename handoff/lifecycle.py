@@ -143,6 +143,10 @@ class RouterConnections:
         """Live handed-off connections per target (least-connections and
         LARD count them as load): kept as they start and end, recounted by
         every sweep."""
+        self._counted: dict[int, Address] = {}
+        """The connections (conn_id) ``handed_off`` counts, and where: an entry
+        written ACTIVE again (a request in place, a take-back undone) is the
+        same connection, counted once."""
         self.on_load: Callable[[Address, int], None] = lambda target, count: None
         """Told each change of ``handed_off``."""
         self.on_captures: Callable[[list[Capture]], None] = lambda captures: None
@@ -174,6 +178,9 @@ class RouterConnections:
                 await asyncio.gather(task, return_exceptions=True)
 
     def _installed(self, _key: FlowKey, entry: FlowEntry) -> None:
+        if entry.conn_id in self._counted:
+            return
+        self._counted[entry.conn_id] = target_of(entry)
         self._live += 1
         self.metrics.handed_off.set(self._live)
         self._load(target_of(entry), +1)
@@ -321,6 +328,7 @@ class RouterConnections:
         removed = live = 0
         seen: set[FlowKey] = set()
         live_ids: set[int] = set()
+        counted: dict[int, Address] = {}
         per_target: dict[Address, int] = {}
         silent: dict[ControlClient, list[tuple[int, WireKey]]] = {}
         for client_key, entry in self.datapath.ingress.items():
@@ -354,6 +362,7 @@ class RouterConnections:
                 live += 1
                 seen.add(forward)
                 live_ids.add(entry.conn_id)
+                counted[entry.conn_id] = forward.src
                 per_target[forward.src] = per_target.get(forward.src, 0) + 1
                 if idle > idle_ns and agent is not None and now_ns - self._checked.get(entry.conn_id, 0) > idle_ns:
                     self._checked[entry.conn_id] = now_ns
@@ -371,6 +380,7 @@ class RouterConnections:
         if len(self.gone) > self.datapath.capacity:
             self.gone.clear()
         self._checked = {c: t for c, t in self._checked.items() if c in live_ids}
+        self._counted = counted
         self._live = live
         self.metrics.handed_off.set(live)
         for target in set(self.handed_off) | set(per_target):
@@ -441,6 +451,13 @@ class RouterConnections:
         self.gone.pop(entry.conn_id, None)
         self._counted_end(entry.conn_id, "taken-back", target_of(entry))
 
+    def handed_on(self, client_key: FlowKey, entry: FlowEntry) -> None:
+        """The connection went on to another target from a take-back
+        (handoff/takeback.py ``_hand_on``): the new handoff's entry replaces
+        ENTRY under the same key; the old agent ended its side already."""
+        self.gone.pop(entry.conn_id, None)
+        self._counted_end(entry.conn_id, "handed-on", target_of(entry))
+
     def end_moved(self, client_key: FlowKey, entry: FlowEntry) -> None:
         """A connection moved off its target with resets (handoff/migrate.py):
         the agent ends the server's side (destroying its socket, should the
@@ -455,8 +472,10 @@ class RouterConnections:
 
     def _counted_end(self, conn_id: int, why: str, target: Address) -> None:
         self.responses.pop(conn_id, None)
-        self._load(target, -1)
         self._checked.pop(conn_id, None)
+        self.metrics.handoff_closed.labels(why).inc()
+        if self._counted.pop(conn_id, None) is None:
+            return  # never counted (a router restarted since): the sweeps' count has it
+        self._load(target, -1)
         self._live = max(0, self._live - 1)
         self.metrics.handed_off.set(self._live)
-        self.metrics.handoff_closed.labels(why).inc()

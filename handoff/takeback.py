@@ -22,6 +22,16 @@ the ring buffer) instead of to the target. The router then:
    it for a handoff to the same target, closes it (a FIN: the server sees
    an ordinary close) otherwise.
 
+Two shortcuts skip the client's socket when the router can decide the
+request from the captured bytes (``Router.route_captured``): a request for
+the target that holds the connection goes there in place (handoff/inplace.py,
+no take-back at all); one for another target is handed on (``_hand_on``):
+step 1 and the forwarding connection's half of step 2 as above, then the
+engine hands the captured request to the new target from the client's state
+as ``plan_hand_on`` computes it (what ``plan_client`` would rebuild, the
+request consumed), and the old forwarding connection ends with its FIN. Should
+that handoff fall back, the take-back goes on from where the agent let go.
+
 The planning functions are pure (tests/unit/test_takeback.py); ``TakeBacks``
 is the I/O around them.
 """
@@ -46,13 +56,13 @@ from handoff.maps import (FLOW_ACTIVE, FLOW_F_RST, FLOW_F_WANT_HEADER, FLOW_TAKE
                           WatchEntry)
 from handoff.rebuild import NO_WSCALE, SocketPlan, rebuild_socket
 from handoff.tcpstate import RTO_MAX_LEAST_MS, leave_repair, parse_tcp_options
-from handoff.translate import wrap
+from handoff.translate import SocketState, wrap
 
 if TYPE_CHECKING:
     import h11
 
     from arr.config import HandoffSettings
-    from arr.pool import TargetState
+    from arr.pool import Target, TargetState
     from arr.request import Request
     from handoff.inplace import InPlace
     from arr.metrics import Metrics
@@ -185,6 +195,51 @@ def plan_forward(t: Taking, rto_min_us: int = 0) -> SocketPlan:
     )
 
 
+@dataclass(frozen=True)
+class HandOn:
+    """A taken-back connection's client side as a handoff to another target
+    needs it, from the map entries, the captures and the agent's answer, with
+    no socket rebuilt (``plan_hand_on``): the engine hands the captured
+    request on from here (``RouterHandoff.hand_on``)."""
+
+    client_key: FlowKey
+    client: SocketState
+    """As the router's socket would read after receiving the request: what
+    ``plan_client`` rebuilds, the request consumed."""
+    profile: ForwardProfile
+    """The client's options, as its SYN announced them."""
+    client_syn_seq: int
+    client_tsval: int
+    """The client's newest TSval seen: the floor of the next translation."""
+    request_from: int
+    """Client seq of the request: up to ``client.rcv_nxt`` nobody has
+    acknowledged it (the new server's ACK of the rewritten one will), so a
+    retransmission of it is dropped at the router (``rerouted``)."""
+    requests: int
+    """Requests of the connection routed before this one."""
+
+
+def plan_hand_on(t: Taking, request_len: int) -> HandOn:
+    """The client side of a handoff from a take-back's TAKING, for the
+    request of REQUEST_LEN bytes from the entry's take_from (what the client
+    sent after it, captured too, it sends again: nothing acknowledged it)."""
+    plan = plan_client(t)
+    e = t.entry
+    state = SocketState(local=plan.local, remote=plan.remote, snd_nxt=plan.snd_nxt,
+                        rcv_nxt=wrap(e.take_from + request_len),
+                        snd_wscale=plan.snd_wscale, rcv_wscale=plan.rcv_wscale, ts_clock=plan.ts_clock,
+                        timestamps=plan.timestamps, sack=plan.sack, mss=plan.mss)
+    return HandOn(client_key=t.client_key, client=state, profile=profile_of(e),
+                  client_syn_seq=e.syn_seq, client_tsval=t.latest.tsval or 0,
+                  request_from=e.take_from, requests=e.requests)
+
+
+def profile_of(entry: FlowEntry) -> ForwardProfile:
+    """The client's options, as its SYN announced them (the ingress entry keeps them)."""
+    return ForwardProfile(mss=entry.client_mss, sack=bool(entry.client_opts & WATCH_OPT_SACK),
+                          timestamps=bool(entry.client_opts & WATCH_OPT_TS))
+
+
 @dataclass
 class TakenBack:
     """A taken-back connection's handoff context (``ClientSession.handoff_context``):
@@ -212,6 +267,21 @@ class TakeBackFailed(Exception):
 
 
 @dataclass
+class LetGo:
+    """A take-back past its agent's answer: the server's side of the
+    forwarding connection is the router's rebuilt socket's."""
+
+    taken: Taken
+    watch: WatchEntry | None
+    """The forwarding connection's watch entry as the handoff left it."""
+    target: tuple[str, int]
+    forward: ReadyForward | None
+    """The rebuilt forwarding connection (None once used or closed)."""
+    taking: Taking
+    """What the take-back knew when the agent let go."""
+
+
+@dataclass
 class _Pending:
     conn_id: int
     pieces: list[tuple[int, bytes]] = field(default_factory=list)
@@ -219,6 +289,7 @@ class _Pending:
     first_ns: int = field(default_factory=time.monotonic_ns)
     heard: asyncio.Event | None = None
     """Set at the first capture (a take-back the router started waits on it)."""
+    let_go: LetGo | None = None
 
 
 class TakeBacks:
@@ -241,11 +312,17 @@ class TakeBacks:
         self.release_now = release_now
         self.resume = resume
         self.route: Callable[..., Awaitable[Any]] | None = None
+        """``Router.route_captured``: with ``in_place`` or ``hand_on``, a
+        request is first read and decided from its captures."""
         self.in_place: "InPlace | None" = None
-        """Both set (``handoff.rehandoff_in_place``): a request is first read
-        and decided from its captures (``Router.route_captured``) and, for the
-        target that holds the connection, sent there without taking the
-        connection back (handoff/inplace.py). Unset: every request is taken back."""
+        """(``handoff.rehandoff_in_place``) A request for the target that holds
+        the connection is sent there without taking the connection back
+        (handoff/inplace.py)."""
+        self.hand_on: "Callable[[HandOn, int, bytes, Target], Awaitable[str | None]] | None" = None
+        """(``handoff.rehandoff_hand_on``) ``RouterHandoff.hand_on``: a request
+        for another target is handed on from its captures once the agent let
+        go, no socket rebuilt for the client. Neither set: every request is
+        taken back and decided on the rebuilt socket."""
         self._pending: dict[FlowKey, _Pending] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.closer = ForwardCloser(datapath, connections)
@@ -285,13 +362,11 @@ class TakeBacks:
         decided = None
         try:
             await asyncio.sleep(0)  # the rest of this batch's captures first
-            if self.in_place is not None and self.route is not None:
-                self.in_place.forget(key)  # its previous request is acknowledged or given up
-                decided = await self._route_in_place(key, pending)
-                if decided is True:  # a handoff of its request like any other, counted as one
-                    self.metrics.rehandoffs.labels("in-place").inc()
-                    self.metrics.handoffs.labels("ok").inc()
-                    self.metrics.handoff_duration.observe((time.monotonic_ns() - pending.first_ns) / 1e9)
+            if self.route is not None and (self.in_place is not None or self.hand_on is not None):
+                if self.in_place is not None:
+                    self.in_place.forget(key)  # its previous request is acknowledged or given up
+                decided = await self._route_captured(key, pending)
+                if decided is True:  # handed off again, counted as any handoff
                     return
             sock, context, requests = await self._take(key, pending)
         except TakeBackFailed as failed:
@@ -307,15 +382,20 @@ class TakeBacks:
         finally:
             if self._pending.get(key) is pending:
                 del self._pending[key]
+            if pending.let_go is not None and pending.let_go.forward is not None:
+                # Let go, and neither handed on nor taken back: it ends.
+                forward, pending.let_go.forward = pending.let_go.forward, None
+                self.close_forward(forward)
         self.metrics.takebacks.labels("ok").inc()
         self.metrics.takeback_duration.observe(time.perf_counter() - started)
         await self.resume(sock, key.src, requests, context, decided=decided)
 
-    async def _route_in_place(self, key: FlowKey, pending: _Pending) -> Any:
-        """Decide the captured request and, for the target that holds the
-        connection, send it there in place: True. Else the decision, for the
-        session of the socket the take-back rebuilds (None: decide it there)."""
-        assert self.in_place is not None and self.route is not None
+    async def _route_captured(self, key: FlowKey, pending: _Pending) -> Any:
+        """Decide the captured request; for the target that holds the
+        connection, send it there in place (handoff/inplace.py), for another,
+        hand it on (``_hand_on``): True when it went. Else the decision, for
+        the session of the socket the take-back rebuilds (None: decide it there)."""
+        assert self.route is not None
         entry = self.datapath.ingress.lookup(key)
         latest = pending.latest
         if entry is None or entry.conn_id != pending.conn_id or entry.state != FLOW_TAKEBACK or latest is None:
@@ -324,20 +404,49 @@ class TakeBacks:
         target = target_of(entry)
         in_place = self.in_place
 
-        async def send_in_place(request: "Request", head: "h11.Request", chosen: "TargetState") -> bool:
+        async def send_on(request: "Request", head: "h11.Request", chosen: "TargetState") -> bool:
             if chosen.target.address != target:
                 self.metrics.inplace.labels("other-target").inc()
+                return self.hand_on is not None and \
+                    await self._hand_on(key, pending, len(data), serialize_request(request, head), chosen.target)
+            if in_place is None:
                 return False
             reason = await in_place.reroute(key, pending.conn_id, len(data), serialize_request(request, head), latest)
             self.metrics.inplace.labels(reason or "ok").inc()
-            return reason is None
+            if reason is not None:
+                return False
+            self.metrics.rehandoffs.labels("in-place").inc()
+            self.metrics.handoffs.labels("ok").inc()
+            self.metrics.handoff_duration.observe((time.monotonic_ns() - pending.first_ns) / 1e9)
+            return True
 
         try:
-            return await self.route(key.src, entry.requests, data, send_in_place)
+            return await self.route(key.src, entry.requests, data, send_on)
+        except TakeBackFailed:
+            raise  # the agent may have let go: the take-back cannot start again
         except Exception:  # the take-back still has every byte: it goes on
-            log.exception("routing %r in place failed", key)
+            log.exception("routing %r from its captures failed", key)
             self.metrics.inplace.labels("error").inc()
             return None
+
+    async def _hand_on(self, key: FlowKey, pending: _Pending, request_len: int, rewritten: bytes,
+                       target: "Target") -> bool:
+        """The request (REQUEST_LEN captured bytes, REWRITTEN) to another
+        target without a socket rebuilt for the client: the agent lets go, the
+        engine hands the captured request on (``RouterHandoff.hand_on``) and
+        the old forwarding connection ends with a FIN. False when the engine
+        fell back (counted): the take-back goes on from where the agent let go."""
+        assert self.hand_on is not None
+        let_go = await self._let_go(key, pending)
+        on = plan_hand_on(let_go.taking, request_len)
+        reason = await self.hand_on(on, pending.conn_id, rewritten, target)
+        self.metrics.handons.labels(reason or "ok").inc()
+        if reason is not None:
+            return False
+        if let_go.forward is not None:
+            forward, let_go.forward = let_go.forward, None
+            self.close_forward(forward)
+        return True
 
     async def take_back_now(self, key: FlowKey, *, probe: Callable[[FlowEntry], object], deadline: float,
                             unanswered_at: int | None = None) -> tuple[socket.socket, TakenBack, int]:
@@ -415,6 +524,15 @@ class TakeBacks:
 
     async def _take(self, key: FlowKey, pending: _Pending, deadline: float | None = None,
                     wait_unacked: bool = True) -> tuple[socket.socket, TakenBack, int]:
+        if pending.let_go is None:  # a hand-on that failed has it already
+            await self._let_go(key, pending, deadline, wait_unacked)
+        return self._rebuild_client(key, pending)
+
+    async def _let_go(self, key: FlowKey, pending: _Pending, deadline: float | None = None,
+                      wait_unacked: bool = True) -> "LetGo":
+        """Steps 1 and 2 of the take-back up to the client's socket: the agent
+        lets go (TAKEBACK) and the forwarding connection is rebuilt where the
+        server's side of it stands (``pending.let_go``)."""
         entry = self._entry(key, pending.conn_id)
         target = target_of(entry)
         agent = self.agent_of(target)
@@ -453,14 +571,8 @@ class TakeBacks:
                     raise TakeBackFailed("unacked")
                 await asyncio.sleep(UNACKED_POLL)
             entry = self._entry(key, pending.conn_id)
-        entry = self._entry(key, pending.conn_id)  # the newest ACK and window
-        latest = pending.latest
-        if latest is None:
-            raise TakeBackFailed("capture-unreadable")
         watch = self.datapath.watch.lookup(forward_key)
-        taking = Taking(client_key=key, entry=entry, latest=latest,
-                        received=assemble(entry.take_from, pending.pieces), taken=taken, watch=watch,
-                        elapsed_ms=(time.monotonic_ns() - pending.first_ns) // 1_000_000)
+        taking = self._taking(key, pending, taken, watch)
         # The forwarding connection first: the server's packets on it reach
         # the router's stack from here on (CONNECTING passes them, and records
         # the server's TSval), where the rebuilt socket takes them.
@@ -477,24 +589,45 @@ class TakeBacks:
             raise TakeBackFailed(f"rebuild-forward-{exc.errno}") from None
         self.connections.in_flight.add(forward_key)
         self.datapath.watch.update(forward_key, _watch_for_rebuilt(watch, conn_id, taking))
+        pending.let_go = LetGo(taken, watch, target,
+                               ReadyForward(forward, forward_key, conn_id, asyncio.get_running_loop().time()),
+                               taking)
+        return pending.let_go
+
+    def _taking(self, key: FlowKey, pending: _Pending, taken: Taken, watch: WatchEntry | None) -> Taking:
+        """What the take-back knows now: the newest entry (the client's ACK
+        and window), captures and segment."""
+        entry = self._entry(key, pending.conn_id)
+        latest = pending.latest
+        if latest is None:
+            raise TakeBackFailed("capture-unreadable")
+        return Taking(client_key=key, entry=entry, latest=latest,
+                      received=assemble(entry.take_from, pending.pieces), taken=taken, watch=watch,
+                      elapsed_ms=(time.monotonic_ns() - pending.first_ns) // 1_000_000)
+
+    def _rebuild_client(self, key: FlowKey, pending: _Pending) -> tuple[socket.socket, TakenBack, int]:
+        """Step 2's client socket and step 3: the connection is the router's again."""
+        let_go = pending.let_go
+        assert let_go is not None and let_go.forward is not None
         try:
+            taking = self._taking(key, pending, let_go.taken, let_go.watch)
             client = rebuild_socket(plan_client(taking), window_probe=None)
         except BaseException as exc:
-            self.close_forward(ReadyForward(forward, forward_key, conn_id))
+            forward, let_go.forward = let_go.forward, None
+            self.close_forward(forward)
             if isinstance(exc, OSError):
                 log.warning("rebuilding the client connection %r failed: %s", key, exc)
                 raise TakeBackFailed(f"rebuild-client-{exc.errno}") from None
             raise
+        entry = taking.entry
         # The client's packets reach the rebuilt socket from here on; leaving
         # repair mode, its probe acknowledges the request.
         self.connections.taken_back(key, entry)
         leave_repair(client, window_probe=True)
+        forward, let_go.forward = let_go.forward, None
         context = TakenBack(
-            profile=ForwardProfile(mss=entry.client_mss, sack=bool(entry.client_opts & WATCH_OPT_SACK),
-                                   timestamps=bool(entry.client_opts & WATCH_OPT_TS)),
-            client_syn_seq=entry.syn_seq, client_tsval=latest.tsval or 0,
-            forward=ReadyForward(forward, forward_key, conn_id, asyncio.get_running_loop().time()),
-            target=target, target_syn_seq=taken.syn_seq)
+            profile=profile_of(entry), client_syn_seq=entry.syn_seq, client_tsval=taking.latest.tsval or 0,
+            forward=forward, target=let_go.target, target_syn_seq=let_go.taken.syn_seq)
         return client, context, entry.requests
 
     def _entry(self, key: FlowKey, conn_id: int) -> FlowEntry:

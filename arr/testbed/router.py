@@ -375,7 +375,8 @@ def handoff_outcomes(router: RouterProcess, agents: Sequence[AgentProcess]) -> s
     """What the router and agents counted of fallbacks, take-backs, ended
     connections and refused control frames: read into a failed network
     test's message, it says which path a connection took before a reset."""
-    router_prefixes = ("arr_handoff_fallbacks_total", "arr_takebacks_total", "arr_router_takebacks_total",
+    router_prefixes = ("arr_handoff_fallbacks_total", "arr_takebacks_total", "arr_handons_total",
+                       "arr_inplace_reroutes_total", "arr_router_takebacks_total",
                        "arr_control_rejected_total", "arr_redispatches_total", "arr_health_transitions_total",
                        "arr_migrations_total")
     agent_prefixes = ("arr_agent_connections_ended", "arr_agent_control_rejected", "arr_agent_handoffs_refused",

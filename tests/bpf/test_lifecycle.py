@@ -395,3 +395,42 @@ def test_agent_looks_at_what_events_name_and_ends_it_at_once(instance, loopback_
         assert (closed.conn_id, closed.flags & CLOSED_TARGET_GONE) == (5, CLOSED_TARGET_GONE)
     finally:
         agent.datapath.close()
+
+
+def test_load_counts_each_connection_once(instance):
+    """Least-connections' load (``handed_off`` per target): an entry written
+    ACTIVE again (a request in place, a take-back undone) is the same
+    connection; a hand-on moves it to its new target; an end counts once."""
+    dp = RouterDatapath(BPF_DIR, instance)
+    try:
+        gc = RouterConnections(dp, HandoffSettings(), Metrics())
+        told: list[tuple[tuple[str, int], int]] = []
+        gc.on_load = lambda target, count: told.append((target, count))
+        t0, t1 = ("10.1.0.11", 8080), ("10.1.0.12", 8080)
+        now = time.monotonic_ns()
+        for n in range(3):
+            dp.ingress.update(client_key(n), router_entry(n, last=now))
+        entry = router_entry(0, last=now)
+        for _ in range(5):  # five requests in place on connection 0
+            dp.ingress.update(client_key(0), entry)
+        assert gc.handed_off == {t0: 3} and gc.metrics.value("arr_handed_off_connections") == 3
+        # Connection 1 handed on to t1: its old conn_id ends, the new one counts there.
+        old = dp.ingress.lookup(client_key(1))
+        gc.handed_on(client_key(1), old)
+        moved = FlowEntry(x=Xlate.of(Translation("10.1.0.1", "10.1.0.12", 50001, 8080, 1, 2, 3, 4, 7, 7)),
+                          state=FLOW_ACTIVE, created_ns=now, conn_id=5001)
+        dp.ingress.update(client_key(1), moved)
+        assert gc.handed_off == {t0: 2, t1: 1}
+        assert gc.metrics.value("arr_handoff_closed_total", {"why": "handed-on"}) == 1
+        # Ending a connection twice (a report after a release) counts once.
+        gc.taken_back(client_key(2), dp.ingress.lookup(client_key(2)) or router_entry(2, last=now))
+        gc.taken_back(client_key(2), router_entry(2, last=now))
+        assert gc.handed_off == {t0: 1, t1: 1} and gc.metrics.value("arr_handed_off_connections") == 2
+        # The sweep's recount agrees, and a connection it found counts once more at most.
+        gc.sweep(now)
+        assert gc.handed_off == {t0: 1, t1: 1}
+        dp.ingress.update(client_key(0), entry)
+        assert gc.handed_off == {t0: 1, t1: 1}
+        assert told[-1] in ((t0, 1), (t1, 1))
+    finally:
+        dp.close()

@@ -15,8 +15,8 @@ from handoff.maps import (FLOW_TAKEBACK, WATCH_OPT_SACK, WATCH_OPT_TS, WATCH_OPT
                           WatchEntry, Xlate)
 from handoff.rebuild import NO_WSCALE, SocketPlan, repair_options
 from handoff.takeback import (DEFAULT_MSS, REBUILT_FORWARD_RTO_MAX_MS, TS_STEP, Segment, Taking, assemble,
-                              plan_client, plan_forward)
-from handoff.translate import Translation
+                              plan_client, plan_forward, plan_hand_on, profile_of)
+from handoff.translate import HandoffInputs, SocketState, Translation, compute_translations
 
 MOD = 1 << 32
 
@@ -308,6 +308,63 @@ def test_plan_invariants_mod_2_32(seq_delta, ack_delta, tsval_delta, take_from, 
     assert ahead(client.ts_clock, tsecr) and ahead(forward.ts_clock, wrap(tsval + tsval_delta))
     for plan in (client, forward):
         assert all(0 <= v < MOD for v in (plan.snd_nxt, plan.rcv_nxt, plan.ts_clock))
+
+
+# ------------------------------------------------------------------ hand-on
+
+
+def test_hand_on_is_the_client_plan_with_the_request_consumed():
+    t = make_taking(received=b"GET /a HTTP/1.1\r\n\r\nGET /b")  # the next request's start captured too
+    on = plan_hand_on(t, request_len=len(b"GET /a HTTP/1.1\r\n\r\n"))
+    plan = plan_client(t)
+    c = on.client
+    assert (c.local, c.remote) == (VIP, CLIENT) and on.client_key == t.client_key
+    assert c.snd_nxt == plan.snd_nxt  # all the old server sent: the client acknowledged it
+    # Past the routed request only: the client sends what follows it again
+    # (nothing acknowledged it), and it is taken back then.
+    assert c.rcv_nxt == wrap(t.entry.take_from + 19) != plan.rcv_end
+    assert on.request_from == t.entry.take_from
+    assert (c.snd_wscale, c.rcv_wscale, c.mss, c.sack, c.timestamps) == (
+        plan.snd_wscale, plan.rcv_wscale, plan.mss, plan.sack, plan.timestamps)
+    assert c.ts_clock == plan.ts_clock and ahead(c.ts_clock, t.latest.tsecr)
+    assert not c.ts_usec
+    assert on.client_tsval == t.latest.tsval and on.client_syn_seq == t.entry.syn_seq == 1234
+    assert on.profile == profile_of(t.entry) and on.profile.mss == 1400 and on.profile.sack
+    assert on.requests == t.entry.requests
+
+
+def test_hand_on_without_a_captured_tsval():
+    t = make_taking(make_entry(client_opts=WATCH_OPT_SACK),
+                    latest=Segment(seq=5, ack=6, window=7, tsval=None, tsecr=None))
+    on = plan_hand_on(t, 3)
+    assert on.client_tsval == 0 and not on.client.timestamps and not on.profile.timestamps
+
+
+@settings(max_examples=200, deadline=None)
+@given(seq_delta=st.integers(0, MOD - 1), ack_delta=st.integers(0, MOD - 1), take_from=st.integers(1, MOD - 1),
+       snd_nxt=st.integers(0, MOD - 1), f_snd=st.integers(0, MOD - 1), f_rcv=st.integers(0, MOD - 1),
+       request_len=st.integers(1, 9000), rewritten_extra=st.integers(-20, 200))
+def test_hand_on_translations_join_both_streams(seq_delta, ack_delta, take_from, snd_nxt, f_snd, f_rcv,
+                                                request_len, rewritten_extra):
+    """The new handoff's translations from a hand-on: the client's first byte
+    after its request is the new server's first after the rewritten one; the
+    new server's first byte reaches the client right after the last byte of
+    the old server's it acknowledged. Nothing in between is lost or doubled."""
+    x = Translation(saddr=ROUTER_FWD[0], daddr=TARGET[0], sport=ROUTER_FWD[1], dport=TARGET[1],
+                    seq_delta=seq_delta, ack_delta=ack_delta, tsval_delta=0, tsecr_delta=0,
+                    wscale_in=2, wscale_out=3)
+    t = make_taking(make_entry(x=Xlate.of(x), take_from=take_from),
+                    taken=Taken(1, TAKEN_OK, snd_nxt=snd_nxt, window=100), received=b"r" * request_len)
+    on = plan_hand_on(t, request_len)
+    rewritten_len = max(1, request_len + rewritten_extra)
+    forward = SocketState(local=("10.0.0.1", 50001), remote=("10.0.0.8", 8080), snd_nxt=f_snd, rcv_nxt=f_rcv,
+                          snd_wscale=7, rcv_wscale=7, ts_clock=1, timestamps=True, sack=True, mss=1460)
+    to_target, to_client = compute_translations(HandoffInputs(
+        client=on.client, forward=forward, request_len=rewritten_len,
+        client_syn_tsval=on.client_tsval, target_tsval=0))
+    assert wrap(take_from + request_len + to_target.seq_delta) == wrap(f_snd + rewritten_len)
+    assert wrap(f_rcv + to_client.seq_delta) == wrap(snd_nxt + ack_delta)
+    assert to_client.ack_delta == to_target.seq_delta and to_target.ack_delta == to_client.seq_delta
 
 
 # ------------------------------------------------------------------ repair_options
