@@ -370,6 +370,125 @@ out:
 	return result;
 }
 
+/* ---------------------------------------------------------- rebuilding */
+
+#define ARR_TCP_REPAIR_OPTIONS 22
+#define ARR_TCP_REPAIR_WINDOW 29
+#define ARR_TCP_RTO_MAX_MS 44
+#define ARR_TCP_RTO_MIN_US 45
+#define ARR_TCP_REPAIR_OFF 0
+#define REPAIR_STAY (-2) /* restore()'s LEAVE: stay in repair mode */
+
+/* struct tcp_repair_window (linux/tcp.h). */
+struct repair_window {
+	unsigned int snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup;
+};
+
+static int ipv4(const char *text, unsigned short port, struct sockaddr_in *out)
+{
+	memset(out, 0, sizeof(*out));
+	out->sin_family = AF_INET;
+	out->sin_port = htons(port);
+	if (inet_pton(AF_INET, text, &out->sin_addr) != 1) {
+		errno = EINVAL;
+		return -1;
+	}
+	return 0;
+}
+
+/* tcpstate.bound_retransmissions: a kernel without the options (before
+ * 6.15) leaves the RTO as it is, which is not an error. */
+static int bound_retransmissions(int fd, int min_us, int max_ms)
+{
+	if ((min_us && set_int(fd, ARR_TCP_RTO_MIN_US, min_us) < 0) ||
+	    (max_ms && set_int(fd, ARR_TCP_RTO_MAX_MS, max_ms) < 0))
+		return (errno == ENOPROTOOPT || errno == EOPNOTSUPP) ? 0 : -1;
+	return 0;
+}
+
+static int set_queue_seq(int fd, int queue, unsigned int seq)
+{
+	if (set_int(fd, ARR_TCP_REPAIR_QUEUE, queue) < 0)
+		return -1;
+	return setsockopt(fd, IPPROTO_TCP, ARR_TCP_QUEUE_SEQ, &seq, sizeof(seq));
+}
+
+PyDoc_STRVAR(restore_doc,
+"restore(fd, local, remote, snd_nxt, rcv_nxt, mss, repair_options, ts_clock, received,\n"
+"        snd_wl1, snd_wnd, rto_min_us, rto_max_ms, leave) -> None\n\n"
+"The steps of handoff/rebuild.py's restore_reference on a fresh TCP socket FD:\n"
+"repair mode, the RTO bounds, bind, both queues' sequence numbers, the MSS,\n"
+"connect, the options, the clock (TS_CLOCK, None without timestamps), RECEIVED\n"
+"queued as received, the peer's window; then LEAVE: 1 out of repair mode with\n"
+"a window probe, 0 without, -2 staying in it. Raises OSError; nothing has been\n"
+"sent then.");
+
+static PyObject *restore(PyObject *self, PyObject *args)
+{
+	const char *local_ip, *remote_ip;
+	unsigned short local_port, remote_port;
+	unsigned int snd_nxt, rcv_nxt, snd_wl1, snd_wnd;
+	int fd, mss, rto_min_us, rto_max_ms, leave;
+	Py_buffer options, received;
+	PyObject *ts_clock;
+	struct sockaddr_in local, remote;
+	struct repair_window window;
+	socklen_t window_len = sizeof(window);
+	unsigned int clock = 0;
+	Py_ssize_t done = 0;
+	int rc = -1;
+
+	if (!PyArg_ParseTuple(args, "i(sH)(sH)IIiy*Oy*IIiii", &fd, &local_ip, &local_port, &remote_ip,
+			      &remote_port, &snd_nxt, &rcv_nxt, &mss, &options, &ts_clock, &received,
+			      &snd_wl1, &snd_wnd, &rto_min_us, &rto_max_ms, &leave))
+		return NULL;
+	if (ts_clock != Py_None) {
+		clock = (unsigned int)PyLong_AsUnsignedLongMask(ts_clock);
+		if (PyErr_Occurred())
+			goto out;
+	}
+	if (ipv4(local_ip, local_port, &local) < 0 || ipv4(remote_ip, remote_port, &remote) < 0 ||
+	    set_int(fd, ARR_TCP_REPAIR, ARR_TCP_REPAIR_ON) < 0 ||
+	    bound_retransmissions(fd, rto_min_us, rto_max_ms) < 0 ||
+	    bind(fd, (struct sockaddr *)&local, sizeof(local)) < 0 ||
+	    set_queue_seq(fd, ARR_TCP_SEND_QUEUE, snd_nxt) < 0 ||
+	    set_queue_seq(fd, ARR_TCP_RECV_QUEUE, rcv_nxt) < 0 ||
+	    setsockopt(fd, IPPROTO_TCP, TCP_MAXSEG, &mss, sizeof(mss)) < 0 ||
+	    connect(fd, (struct sockaddr *)&remote, sizeof(remote)) < 0 ||
+	    setsockopt(fd, IPPROTO_TCP, ARR_TCP_REPAIR_OPTIONS, options.buf, (socklen_t)options.len) < 0 ||
+	    (ts_clock != Py_None && setsockopt(fd, IPPROTO_TCP, ARR_TCP_TIMESTAMP, &clock, sizeof(clock)) < 0))
+		goto failed;
+	/* Still the receive queue: what is "sent" now is queued as received. */
+	while (done < received.len) {
+		ssize_t n = send(fd, (const char *)received.buf + done, (size_t)(received.len - done), 0);
+
+		if (n < 0)
+			goto failed;
+		done += n;
+	}
+	if (set_int(fd, ARR_TCP_REPAIR_QUEUE, ARR_TCP_NO_QUEUE) < 0 ||
+	    getsockopt(fd, IPPROTO_TCP, ARR_TCP_REPAIR_WINDOW, &window, &window_len) < 0)
+		goto failed;
+	window.snd_wl1 = snd_wl1;
+	window.snd_wnd = snd_wnd;
+	window.max_window = snd_wnd;
+	if (setsockopt(fd, IPPROTO_TCP, ARR_TCP_REPAIR_WINDOW, &window, sizeof(window)) < 0)
+		goto failed;
+	if (leave != REPAIR_STAY &&
+	    set_int(fd, ARR_TCP_REPAIR, leave ? ARR_TCP_REPAIR_OFF : ARR_TCP_REPAIR_OFF_NO_WP) < 0)
+		goto failed;
+	rc = 0;
+	goto out;
+failed:
+	os_error();
+out:
+	PyBuffer_Release(&options);
+	PyBuffer_Release(&received);
+	if (rc < 0)
+		return NULL;
+	Py_RETURN_NONE;
+}
+
 /* ---------------------------------------------------------- BPF maps */
 
 static long bpf(int cmd, union bpf_attr *attr)
@@ -460,6 +579,7 @@ static PyMethodDef methods[] = {
 	{"unacked", unacked, METH_VARARGS, unacked_doc},
 	{"drain", drain, METH_VARARGS, drain_doc},
 	{"parse_syn", parse_syn, METH_VARARGS, parse_syn_doc},
+	{"restore", restore, METH_VARARGS, restore_doc},
 	{"map_lookup", map_lookup, METH_VARARGS, map_lookup_doc},
 	{"map_update", map_update, METH_VARARGS, map_update_doc},
 	{"map_delete", map_delete, METH_VARARGS, map_delete_doc},

@@ -131,6 +131,7 @@ class RouterHandoff:
         self._states_at: dict[tuple[str, int], list["TargetState"]] = {}
         self._ok = metrics.handoffs.labels("ok")
         self._fallback = metrics.handoffs.labels("fallback")
+        self._handed_on = metrics.rehandoffs.labels("handed-on")
 
     # ---------------------------------------------------------- lifecycle
 
@@ -426,6 +427,8 @@ class RouterHandoff:
         agent: ControlClient | None = None
         try:
             agent = self._agent(target)
+            if ":" in target.host:
+                raise Fallback("ipv6")  # the BPF programs translate IPv4 only
             await self._connect(attempt, target, on.profile, None)
             to_target, rcv_nxt = await self._install(attempt, agent, on.client, len(request_bytes), on.client_tsval)
             previous = self.datapath.ingress.lookup(on.client_key)
@@ -455,7 +458,7 @@ class RouterHandoff:
             client_opts=(WATCH_OPT_SACK if c.sack else 0) | (WATCH_OPT_TS if c.timestamps else 0),
             requests=min(on.requests + 1, 0xFFFF),
             shift=AckShiftState.of(AckShift(on.request_from, c.rcv_nxt, previous.x.seq_delta))))
-        self.metrics.rehandoffs.labels("handed-on").inc()
+        self._handed_on.inc()
         self._ok.inc()
         self.metrics.handoff_duration.observe(time.perf_counter() - started)
         await self._send(attempt, agent, target, request_bytes)

@@ -1,7 +1,8 @@
 """The handoff's per-connection kernel reads, compiled when possible.
 
 One handoff reads two sockets' state (about a dozen getsockopt/ioctl calls
-each), polls eligibility, drains queues and parses the saved SYN. Through
+each), polls eligibility, drains queues and parses the saved SYN; a take-back
+restores sockets (about fifteen calls each, handoff/rebuild.py). Through
 Python each value is a syscall wrapper plus objects; ``handoff/_fastpath.c``
 does each of these steps in one call. The Python in ``handoff.tcpstate`` is
 the specification: every function here returns exactly what its reference
@@ -13,9 +14,13 @@ generated SYNs), and is the reference itself when the extension is not built
 from __future__ import annotations
 
 import socket
+from typing import TYPE_CHECKING
 
 from handoff import tcpstate
 from handoff.translate import SocketState
+
+if TYPE_CHECKING:
+    from handoff.rebuild import SocketPlan
 
 try:
     from handoff import _fastpath
@@ -84,6 +89,15 @@ if _fastpath is not None:
 
     def parse_syn(headers: bytes) -> tcpstate.SynInfo:
         return tcpstate.SynInfo(*_parse_syn(headers))
+
+    def restore(sock: socket.socket, plan: "SocketPlan", options: bytes, window_probe: bool | None) -> None:
+        """handoff/rebuild.py's ``restore_reference`` in one call (OPTIONS:
+        ``repair_options(plan)``)."""
+        _fastpath.restore(sock.fileno(), plan.local, plan.remote, plan.snd_nxt, plan.rcv_nxt, plan.mss, options,
+                          plan.ts_clock if plan.timestamps else None, plan.received, plan.snd_wl1, plan.snd_wnd,
+                          plan.rto_min_us, plan.rto_max_ms, _LEAVE[window_probe])
+
+    _LEAVE = {True: 1, False: 0, None: -2}
 else:
     snapshot = snapshot_reference
     ineligible = ineligible_reference

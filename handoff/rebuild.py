@@ -15,7 +15,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from handoff import tcpstate
+from handoff import fastpath, tcpstate
 
 TCP_REPAIR_WINDOW = 29
 TCPOPT_MSS, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
@@ -82,41 +82,51 @@ def rebuild_socket(plan: SocketPlan, *, window_probe: bool | None) -> socket.soc
     them) and makes the client announce its window again. False: leave it
     without a probe; None: stay in repair mode (the caller leaves it). Raises
     OSError; nothing has been sent then (a socket closed in repair mode is
-    silent)."""
+    silent). The steps are ``restore_reference``'s, in one compiled call when
+    the accelerator is built (handoff/fastpath.py)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        # Repair mode also forces the bind (SK_FORCE_REUSE; SO_REUSEADDR would
-        # undo it): the router's listener holds the client connection's port.
-        tcpstate.enter_repair(sock)
-        # Before the connect, which derives the first RTO from the floor.
-        tcpstate.bound_retransmissions(sock, min_us=plan.rto_min_us, max_ms=plan.rto_max_ms)
-        sock.bind(plan.local)
-        tcp = socket.IPPROTO_TCP
-        sock.setsockopt(tcp, tcpstate.TCP_REPAIR_QUEUE, tcpstate.TCP_SEND_QUEUE)
-        sock.setsockopt(tcp, tcpstate.TCP_QUEUE_SEQ, _U32.pack(plan.snd_nxt))
-        sock.setsockopt(tcp, tcpstate.TCP_REPAIR_QUEUE, tcpstate.TCP_RECV_QUEUE)
-        sock.setsockopt(tcp, tcpstate.TCP_QUEUE_SEQ, _U32.pack(plan.rcv_nxt))
-        # The MSS before connect: the connect computes the segment size from
-        # it (TCP_REPAIR_OPTIONS later only sets the clamp).
-        sock.setsockopt(tcp, socket.TCP_MAXSEG, plan.mss)
-        sock.connect(plan.remote)
-        sock.setsockopt(tcp, tcpstate.TCP_REPAIR_OPTIONS, repair_options(plan))
-        if plan.timestamps:
-            sock.setsockopt(tcp, tcpstate.TCP_TIMESTAMP, _U32.pack(plan.ts_clock))
-        if plan.received:
-            # Still the receive queue: what is "sent" now is queued as received.
-            view = memoryview(plan.received)
-            while view:
-                view = view[sock.send(view):]
-        sock.setsockopt(tcp, tcpstate.TCP_REPAIR_QUEUE, tcpstate.TCP_NO_QUEUE)
-        _, _, _, rcv_wnd, rcv_wup = _REPAIR_WINDOW.unpack(
-            sock.getsockopt(tcp, TCP_REPAIR_WINDOW, _REPAIR_WINDOW.size))
-        sock.setsockopt(tcp, TCP_REPAIR_WINDOW, _REPAIR_WINDOW.pack(
-            plan.snd_wl1, plan.snd_wnd, plan.snd_wnd, rcv_wnd, rcv_wup))
-        if window_probe is not None:
-            tcpstate.leave_repair(sock, window_probe=window_probe)
+        if fastpath.COMPILED:
+            fastpath.restore(sock, plan, repair_options(plan), window_probe)
+        else:
+            restore_reference(sock, plan, window_probe)
         sock.setblocking(False)
     except BaseException:
         sock.close()  # in repair mode: nothing on the wire
         raise
     return sock
+
+
+def restore_reference(sock: socket.socket, plan: SocketPlan, window_probe: bool | None) -> None:
+    """The specification of a rebuild: a fresh, blocking SOCK put in PLAN's
+    state (``rebuild_socket`` says what WINDOW_PROBE does)."""
+    # Repair mode also forces the bind (SK_FORCE_REUSE; SO_REUSEADDR would
+    # undo it): the router's listener holds the client connection's port.
+    tcpstate.enter_repair(sock)
+    # Before the connect, which derives the first RTO from the floor.
+    tcpstate.bound_retransmissions(sock, min_us=plan.rto_min_us, max_ms=plan.rto_max_ms)
+    sock.bind(plan.local)
+    tcp = socket.IPPROTO_TCP
+    sock.setsockopt(tcp, tcpstate.TCP_REPAIR_QUEUE, tcpstate.TCP_SEND_QUEUE)
+    sock.setsockopt(tcp, tcpstate.TCP_QUEUE_SEQ, _U32.pack(plan.snd_nxt))
+    sock.setsockopt(tcp, tcpstate.TCP_REPAIR_QUEUE, tcpstate.TCP_RECV_QUEUE)
+    sock.setsockopt(tcp, tcpstate.TCP_QUEUE_SEQ, _U32.pack(plan.rcv_nxt))
+    # The MSS before connect: the connect computes the segment size from
+    # it (TCP_REPAIR_OPTIONS later only sets the clamp).
+    sock.setsockopt(tcp, socket.TCP_MAXSEG, plan.mss)
+    sock.connect(plan.remote)
+    sock.setsockopt(tcp, tcpstate.TCP_REPAIR_OPTIONS, repair_options(plan))
+    if plan.timestamps:
+        sock.setsockopt(tcp, tcpstate.TCP_TIMESTAMP, _U32.pack(plan.ts_clock))
+    if plan.received:
+        # Still the receive queue: what is "sent" now is queued as received.
+        view = memoryview(plan.received)
+        while view:
+            view = view[sock.send(view):]
+    sock.setsockopt(tcp, tcpstate.TCP_REPAIR_QUEUE, tcpstate.TCP_NO_QUEUE)
+    _, _, _, rcv_wnd, rcv_wup = _REPAIR_WINDOW.unpack(
+        sock.getsockopt(tcp, TCP_REPAIR_WINDOW, _REPAIR_WINDOW.size))
+    sock.setsockopt(tcp, TCP_REPAIR_WINDOW, _REPAIR_WINDOW.pack(
+        plan.snd_wl1, plan.snd_wnd, plan.snd_wnd, rcv_wnd, rcv_wup))
+    if window_probe is not None:
+        tcpstate.leave_repair(sock, window_probe=window_probe)

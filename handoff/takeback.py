@@ -323,6 +323,10 @@ class TakeBacks:
         for another target is handed on from its captures once the agent let
         go, no socket rebuilt for the client. Neither set: every request is
         taken back and decided on the rebuilt socket."""
+        # The counters of the paths taken on every request (labels() costs
+        # a lookup per call).
+        self._other_target = metrics.inplace.labels("other-target")
+        self._handed_on = metrics.handons.labels("ok")
         self._pending: dict[FlowKey, _Pending] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.closer = ForwardCloser(datapath, connections)
@@ -406,7 +410,7 @@ class TakeBacks:
 
         async def send_on(request: "Request", head: "h11.Request", chosen: "TargetState") -> bool:
             if chosen.target.address != target:
-                self.metrics.inplace.labels("other-target").inc()
+                self._other_target.inc()
                 return self.hand_on is not None and \
                     await self._hand_on(key, pending, len(data), serialize_request(request, head), chosen.target)
             if in_place is None:
@@ -440,9 +444,10 @@ class TakeBacks:
         let_go = await self._let_go(key, pending)
         on = plan_hand_on(let_go.taking, request_len)
         reason = await self.hand_on(on, pending.conn_id, rewritten, target)
-        self.metrics.handons.labels(reason or "ok").inc()
         if reason is not None:
+            self.metrics.handons.labels(reason).inc()
             return False
+        self._handed_on.inc()
         if let_go.forward is not None:
             forward, let_go.forward = let_go.forward, None
             self.close_forward(forward)
