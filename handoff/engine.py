@@ -394,13 +394,8 @@ class RouterHandoff:
         # Step 7, the point of no return: client packets are now rewritten to
         # the target; the router's socket goes away without a FIN or RST.
         c = c_snap.tcp
-        self._go_live(attempt, rcv_nxt, FlowEntry(
-            x=Xlate.of(to_target), state=FLOW_ACTIVE, created_ns=time.monotonic_ns(),
-            syn_seq=client_syn_seq, seq_next=c.rcv_nxt or 1, conn_id=attempt.conn_id,
-            peer_ack=c.snd_nxt,  # the send queue was empty: the client has acknowledged all of it
-            take_from=c.rcv_nxt, client_mss=profile.mss or c.mss, router_wscale=c.rcv_wscale,
-            client_opts=(WATCH_OPT_SACK if c.sack else 0) | (WATCH_OPT_TS if c.timestamps else 0),
-            requests=min(session.requests_served + 1, 0xFFFF)))
+        self._go_live(attempt, rcv_nxt, client_entry(c, to_target, attempt.conn_id, syn_seq=client_syn_seq,
+                                                     mss=profile.mss, requests=session.requests_served + 1))
         tcpstate.close_silently(client)
         if context is not None:
             self.metrics.rehandoffs.labels("same-target" if reused else "other-target").inc()
@@ -448,16 +443,11 @@ class RouterHandoff:
             return f"error-{type(exc).__name__}"
 
         # The point of no return: the client's packets go to TARGET.
-        c = on.client
+        entry = client_entry(on.client, to_target, attempt.conn_id, syn_seq=on.client_syn_seq,
+                             mss=on.profile.mss, requests=on.requests + 1)
+        entry.shift = AckShiftState.of(AckShift(on.request_from, on.client.rcv_nxt, previous.x.seq_delta))
         self.connections.handed_on(on.client_key, previous)
-        self._go_live(attempt, rcv_nxt, FlowEntry(
-            x=Xlate.of(to_target), state=FLOW_ACTIVE, created_ns=time.monotonic_ns(),
-            syn_seq=on.client_syn_seq, seq_next=c.rcv_nxt or 1, conn_id=attempt.conn_id,
-            peer_ack=c.snd_nxt, take_from=c.rcv_nxt, client_mss=on.profile.mss or c.mss,
-            router_wscale=c.rcv_wscale,
-            client_opts=(WATCH_OPT_SACK if c.sack else 0) | (WATCH_OPT_TS if c.timestamps else 0),
-            requests=min(on.requests + 1, 0xFFFF),
-            shift=AckShiftState.of(AckShift(on.request_from, c.rcv_nxt, previous.x.seq_delta))))
+        self._go_live(attempt, rcv_nxt, entry)
         self._handed_on.inc()
         self._ok.inc()
         self.metrics.handoff_duration.observe(time.perf_counter() - started)
@@ -485,11 +475,9 @@ class RouterHandoff:
         return to_target, f_snap.tcp.rcv_nxt
 
     def _go_live(self, attempt: Attempt, forward_rcv_nxt: int, entry: FlowEntry) -> None:
-        """Step 7's map writes. The watch entry keeps what the target's
+        """Step 7's map writes: the watch entry keeps what the target's
         SYN-ACK said (a take-back rebuilds the socket with it); the ingress
-        entry ENTRY what the client's SYN did, and where the bytes routed so
-        far end (take_from: the client's next request is taken back,
-        handoff/takeback.py)."""
+        entry is ENTRY (``client_entry``)."""
         assert self.datapath is not None and self.connections is not None and attempt.watch_key is not None
         handed = attempt.watch if attempt.watch is not None else WatchEntry()
         handed.state, handed.rcv_nxt, handed.conn_id = WATCH_HANDED_OFF, forward_rcv_nxt, attempt.conn_id
@@ -766,6 +754,22 @@ class RouterHandoff:
         # No STOP_MIRROR: the target's program ends the mirror by itself once
         # the request is acknowledged (handoff/bpf/target.bpf.c, a short tail
         # for a lost mirrored ACK), which saves a message per handoff.
+
+
+def client_entry(c: SocketState, to_target: Translation, conn_id: int, *, syn_seq: int, mss: int,
+                 requests: int) -> FlowEntry:
+    """The ingress entry of a connection handed off from the router's side
+    of it, C (read from its socket, or planned by a hand-on): what the
+    client's SYN announced (SYN_SEQ, MSS, its options), where the bytes routed
+    so far end (take_from: the client's next request is taken back,
+    handoff/takeback.py), REQUESTS routed so far."""
+    return FlowEntry(
+        x=Xlate.of(to_target), state=FLOW_ACTIVE, created_ns=time.monotonic_ns(),
+        syn_seq=syn_seq, seq_next=c.rcv_nxt or 1, conn_id=conn_id,
+        peer_ack=c.snd_nxt,  # the send queue was empty: the client has acknowledged all of it
+        take_from=c.rcv_nxt, client_mss=mss or c.mss, router_wscale=c.rcv_wscale,
+        client_opts=(WATCH_OPT_SACK if c.sack else 0) | (WATCH_OPT_TS if c.timestamps else 0),
+        requests=min(requests, 0xFFFF))
 
 
 def send_request(forward: socket.socket, request_bytes: bytes) -> int:
