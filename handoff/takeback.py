@@ -386,10 +386,7 @@ class TakeBacks:
         finally:
             if self._pending.get(key) is pending:
                 del self._pending[key]
-            if pending.let_go is not None and pending.let_go.forward is not None:
-                # Let go, and neither handed on nor taken back: it ends.
-                forward, pending.let_go.forward = pending.let_go.forward, None
-                self.close_forward(forward)
+            self._end_forward(pending)
         self.metrics.takebacks.labels("ok").inc()
         self.metrics.takeback_duration.observe(time.perf_counter() - started)
         await self.resume(sock, key.src, requests, context, decided=decided)
@@ -437,9 +434,10 @@ class TakeBacks:
                        target: "Target") -> bool:
         """The request (REQUEST_LEN captured bytes, REWRITTEN) to another
         target without a socket rebuilt for the client: the agent lets go, the
-        engine hands the captured request on (``RouterHandoff.hand_on``) and
-        the old forwarding connection ends with a FIN. False when the engine
-        fell back (counted): the take-back goes on from where the agent let go."""
+        engine hands the captured request on (``RouterHandoff.hand_on``); the
+        old forwarding connection ends with the take-back (``_end_forward``).
+        False when the engine fell back (counted): the take-back goes on from
+        where the agent let go."""
         assert self.hand_on is not None
         let_go = await self._let_go(key, pending)
         on = plan_hand_on(let_go.taking, request_len)
@@ -448,9 +446,6 @@ class TakeBacks:
             self.metrics.handons.labels(reason).inc()
             return False
         self._handed_on.inc()
-        if let_go.forward is not None:
-            forward, let_go.forward = let_go.forward, None
-            self.close_forward(forward)
         return True
 
     async def take_back_now(self, key: FlowKey, *, probe: Callable[[FlowEntry], object], deadline: float,
@@ -509,6 +504,7 @@ class TakeBacks:
         finally:
             if self._pending.get(key) is pending:
                 del self._pending[key]
+            self._end_forward(pending)
         self.metrics.router_takebacks.labels("ok").inc()
         return sock, context, requests
 
@@ -617,13 +613,9 @@ class TakeBacks:
         try:
             taking = self._taking(key, pending, let_go.taken, let_go.watch)
             client = rebuild_socket(plan_client(taking), window_probe=None)
-        except BaseException as exc:
-            forward, let_go.forward = let_go.forward, None
-            self.close_forward(forward)
-            if isinstance(exc, OSError):
-                log.warning("rebuilding the client connection %r failed: %s", key, exc)
-                raise TakeBackFailed(f"rebuild-client-{exc.errno}") from None
-            raise
+        except OSError as exc:  # the caller's _end_forward closes the forwarding connection
+            log.warning("rebuilding the client connection %r failed: %s", key, exc)
+            raise TakeBackFailed(f"rebuild-client-{exc.errno}") from None
         entry = taking.entry
         # The client's packets reach the rebuilt socket from here on; leaving
         # repair mode, its probe acknowledges the request.
@@ -649,6 +641,14 @@ class TakeBacks:
         entry = self.datapath.ingress.lookup(key)
         if entry is not None and entry.conn_id == conn_id:
             self.connections.abandon(key, entry)
+
+    def _end_forward(self, pending: _Pending) -> None:
+        """The end of a take-back: the forwarding connection rebuilt when the
+        agent let go is closed (a FIN) unless the rebuilt client socket's
+        context took it: the request was handed on, or a later step failed."""
+        if pending.let_go is not None and pending.let_go.forward is not None:
+            forward, pending.let_go.forward = pending.let_go.forward, None
+            self.close_forward(forward)
 
     def drop_forward(self, context: TakenBack) -> None:
         """Close CONTEXT's rebuilt forwarding connection if it still has one:
