@@ -433,13 +433,12 @@ class RouterHandoff:
                 raise Fallback("client-reset")
         except BaseException as exc:
             self._roll_back(attempt, agent)
-            if isinstance(exc, Fallback):
-                self._fallback.inc()
-                return exc.reason
             if not isinstance(exc, Exception):
                 raise
-            log.exception("handing %r on to %s failed", on.client_key, target.name)
             self._fallback.inc()
+            if isinstance(exc, Fallback):
+                return exc.reason
+            log.exception("handing %r on to %s failed", on.client_key, target.name)
             return f"error-{type(exc).__name__}"
 
         # The point of no return: the client's packets go to TARGET.

@@ -278,7 +278,8 @@ class LetGo:
     forward: ReadyForward | None
     """The rebuilt forwarding connection (None once used or closed)."""
     taking: Taking
-    """What the take-back knew when the agent let go."""
+    """What the take-back knew when the agent let go (without the captured
+    bytes: ``received`` is empty)."""
 
 
 @dataclass
@@ -573,7 +574,10 @@ class TakeBacks:
                 await asyncio.sleep(UNACKED_POLL)
             entry = self._entry(key, pending.conn_id)
         watch = self.datapath.watch.lookup(forward_key)
-        taking = self._taking(key, pending, taken, watch)
+        # Without the captured bytes: neither the forwarding connection's plan
+        # nor a hand-on's reads them, and the client socket's rebuild takes
+        # a newer Taking (``_rebuild_client``).
+        taking = self._taking(key, pending, taken, watch, received=False)
         # The forwarding connection first: the server's packets on it reach
         # the router's stack from here on (CONNECTING passes them, and records
         # the server's TSval), where the rebuilt socket takes them.
@@ -595,15 +599,17 @@ class TakeBacks:
                                taking)
         return pending.let_go
 
-    def _taking(self, key: FlowKey, pending: _Pending, taken: Taken, watch: WatchEntry | None) -> Taking:
+    def _taking(self, key: FlowKey, pending: _Pending, taken: Taken, watch: WatchEntry | None, *,
+                received: bool = True) -> Taking:
         """What the take-back knows now: the newest entry (the client's ACK
-        and window), captures and segment."""
+        and window), captures (RECEIVED False: none, b"") and segment."""
         entry = self._entry(key, pending.conn_id)
         latest = pending.latest
         if latest is None:
             raise TakeBackFailed("capture-unreadable")
         return Taking(client_key=key, entry=entry, latest=latest,
-                      received=assemble(entry.take_from, pending.pieces), taken=taken, watch=watch,
+                      received=assemble(entry.take_from, pending.pieces) if received else b"",
+                      taken=taken, watch=watch,
                       elapsed_ms=(time.monotonic_ns() - pending.first_ns) // 1_000_000)
 
     def _rebuild_client(self, key: FlowKey, pending: _Pending) -> tuple[socket.socket, TakenBack, int]:
