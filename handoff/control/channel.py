@@ -571,8 +571,11 @@ class ControlClient:
         established = False
         try:
             while True:
-                async with asyncio.timeout_at(None if conn.established else handshake_deadline):
+                if conn.established:  # no timeout context per frame: a few per handoff
                     data = await reader.read(_READ)
+                else:
+                    async with asyncio.timeout_at(handshake_deadline):
+                        data = await reader.read(_READ)
                 if not data:
                     if established:
                         log.info("control: agent %r at %s:%d closed the connection",
