@@ -29,9 +29,7 @@ and metrics sockets, the spare fd that answers 503 on EMFILE (arr/server.py),
 health probes (one per checked target at a time, arr/health.py), idle upstream
 keep-alive connections (``upstream.keepalive`` per target), ready forwarding
 connections (``handoff.forward_pool`` per target and client profile),
-forwarding sockets of handoffs beyond one per slot, forwarding connections
-closing after a hand-on to another target (each kept open about a second after
-its FIN, handoff/forward_close.py: at a thousand hand-ons a second, a thousand), control channels, BPF maps
+forwarding sockets of handoffs beyond one per slot, control channels, BPF maps
 and programs, logs, and stdio. ``shared_fds`` is the part of that the
 configuration can count; the plan warns when ``reserved_fds`` is below it.
 """

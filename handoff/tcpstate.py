@@ -254,23 +254,6 @@ def tcp_basics(sock: socket.socket) -> TcpBasics:
                      wscale & 0x0F, wscale >> 4, snd_mss)
 
 
-def tcp_state(sock: socket.socket) -> int:
-    """tcpi_state alone (the first byte of TCP_INFO): a few microseconds,
-    where a sock_diag lookup of the same socket costs tens."""
-    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
-
-
-SO_COOKIE = 57
-"""include/uapi/asm-generic/socket.h; not every Python names it."""
-
-
-def socket_cookie(sock: socket.socket) -> int:
-    """The socket's cookie (sock_diag names a socket by it). Read before the
-    connection's TIME_WAIT begins, it is also the TIME_WAIT socket's: the
-    kernel copies a cookie that exists into it, and makes a new one otherwise."""
-    return struct.unpack("=Q", sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
-
-
 # --- Queues ---
 
 def rto_us(sock: socket.socket) -> int:

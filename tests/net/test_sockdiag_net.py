@@ -340,14 +340,12 @@ def test_kept_sock_diag_looks_up_and_destroys_many_on_one_socket(ns, sockets):
     # lookup and a destroy per closed connection, many in a row; a miss or a
     # stale cookie on the way leaves the kept socket usable.
     listener, server = sockets.listener()
-    waiting = []
-    for _ in range(20):
-        client, accepted = sockets.pair(listener)
-        server_end, client_end = ends(accepted)
+    opened = [sockets.pair(listener) for _ in range(20)]  # at once: no port reused meanwhile
+    waiting = [ends(accepted) for _, accepted in opened]
+    for client, accepted in opened:
         accepted.close()
         assert client.recv(1) == b""
         client.close()
-        waiting.append((server_end, client_end))
     for server_end, client_end in waiting:
         wait_for(lambda: state_of(ns, server_end, client_end) == TcpState.TIME_WAIT, "TIME_WAIT")
     diag = netlink.SockDiag(ns)
@@ -363,5 +361,45 @@ def test_kept_sock_diag_looks_up_and_destroys_many_on_one_socket(ns, sockets):
         assert tcp_counters(ns)["OutSegs"] == before["OutSegs"]  # TIME_WAIT ends silently
         assert diag.destroy(server, (LOOPBACK, 1)) is False  # a miss by 4-tuple spares the listener
         assert [s.local for s in netlink.tcp_sockets(ns, states=TcpState)] == [server]
+    finally:
+        diag.close()
+
+
+def test_batched_lookups_and_destroys_answer_each_in_order(ns, sockets):
+    # ForwardCloser's batches (handoff/forward_close.py): 70 TIME_WAIT
+    # sockets, more than two datagrams of requests (_DIAG_BATCH), with a miss
+    # after every tenth (where the kernel answers with the listener) and a
+    # stale cookie among the destroys: each answer lands on its own request.
+    assert netlink._DIAG_BATCH < 35
+    listener, server = sockets.listener()
+    # All open at once, then closed: a client port freed while the loop still
+    # connects could take over an earlier TIME_WAIT's 4-tuple.
+    opened = [sockets.pair(listener) for _ in range(70)]
+    waiting = [ends(accepted) for _, accepted in opened]
+    for client, accepted in opened:
+        accepted.close()
+        assert client.recv(1) == b""
+        client.close()
+    for pair in waiting:
+        wait_for(lambda: state_of(ns, *pair) == TcpState.TIME_WAIT, "TIME_WAIT")
+    missing = [(server, (LOOPBACK, 1 + n)) for n in range(7)]
+    pairs = [p for n, pair in enumerate(waiting) for p in ([pair, missing[n // 10]] if n % 10 == 9 else [pair])]
+    diag = netlink.SockDiag(ns)
+    try:
+        before = tcp_counters(ns)
+        found = diag.sockets_of(pairs)
+        assert list(found) == pairs
+        assert all(found[m] is None for m in missing)
+        assert all(found[p] is not None and found[p].state == TcpState.TIME_WAIT and found[p].local == p[0]
+                   for p in waiting)
+        assert len({found[p].cookie for p in waiting}) == 70
+        stale = [(*p, found[p].cookie + 1) for p in waiting[:5]]
+        done = diag.destroy_each(stale + [(*p, found[p].cookie) for p in waiting])
+        assert done == [False] * 5 + [True] * 70
+        assert diag.destroy_each([(*waiting[0], found[waiting[0]].cookie)]) == [False]  # gone
+        assert set(diag.sockets_of(waiting).values()) == {None}
+        assert diag.sockets_of([]) == {} and diag.destroy_each([]) == []
+        assert tcp_counters(ns)["OutSegs"] == before["OutSegs"]  # TIME_WAIT ends silently
+        assert [s.local for s in netlink.tcp_sockets(ns, states=TcpState)] == [server]  # the listener stays
     finally:
         diag.close()
