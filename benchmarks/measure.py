@@ -21,7 +21,8 @@ from arr.testbed import Cluster
 from arr.testbed.router import histogram_quantile
 from arr.testbed.router import router_interface_bytes, wait_for  # noqa: F401 - re-exported for run.py, systems.py
 
-from benchmarks.stats import cpu_seconds_from_stat, machine_busy_seconds, parse_skmem, router_counts
+from benchmarks.stats import (cpu_seconds_from_stat, machine_busy_seconds, parse_skmem, router_counts,
+                              user_seconds_from_stat)
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -82,6 +83,18 @@ def proc_cpu_seconds(pids: Sequence[int]) -> dict[int, float]:
     return out
 
 
+def proc_user_seconds(pids: Sequence[int]) -> dict[int, float]:
+    """utime of each process (seconds, 10 ms ticks): see ``user_seconds_from_stat``."""
+    out = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                out[pid] = user_seconds_from_stat(f.read(), CLK_TCK)
+        except OSError:
+            pass
+    return out
+
+
 def proc_cpu_ns(pids: Sequence[int]) -> dict[int, float]:
     """CPU seconds of each process at ns resolution: the sum over its live threads
     of /proc/PID/task/TID/schedstat's first field (sum_exec_runtime, the total
@@ -125,6 +138,7 @@ class Snapshot:
     proc_ns: dict[int, float]  # schedstat, ns resolution
     busy: float
     router_bytes: int
+    proc_user: dict[int, float] = field(default_factory=dict)  # utime, seconds (10 ms ticks)
 
 
 @dataclass
@@ -136,6 +150,7 @@ class Window:
     router_cpu_ticks_s: float  # the same from /proc/PID/stat utime+stime (10 ms ticks)
     machine_cpu_s: float  # busy seconds of all CPUs
     router_bytes: int  # bytes across the router namespace's interfaces
+    router_user_s: float = 0.0  # user time alone of the same processes (10 ms ticks)
 
 
 class Sampler:
@@ -148,7 +163,7 @@ class Sampler:
     def snap(self) -> Snapshot:
         pids = process_tree(self.roots)
         return Snapshot(time.monotonic(), proc_cpu_seconds(pids), proc_cpu_ns(pids), machine_busy(),
-                        router_interface_bytes(self.cluster))
+                        router_interface_bytes(self.cluster), proc_user_seconds(pids))
 
     @staticmethod
     def window(a: Snapshot, b: Snapshot) -> Window:
@@ -157,7 +172,8 @@ class Sampler:
         # threads that exited in between are missing from the per-thread sums but
         # not from utime+stime: trust the ticks when they say clearly more
         cpu = ticks if ticks - ns > 2 * len(b.proc_cpu) / CLK_TCK else ns
-        return Window(b.t - a.t, cpu, ticks, b.busy - a.busy, b.router_bytes - a.router_bytes)
+        user = sum(b.proc_user[p] - a.proc_user[p] for p in b.proc_user if p in a.proc_user)
+        return Window(b.t - a.t, cpu, ticks, b.busy - a.busy, b.router_bytes - a.router_bytes, user)
 
 
 # ------------------------------------------------------------------------ wrk

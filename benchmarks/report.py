@@ -435,6 +435,11 @@ def _rehandoff_section(w, systems: Sequence[str], summary: Mapping, raw: Mapping
               f"| {fmt(ratio, '{:.2f}') if phase != 'first' else '1'} "
               f"| {fmt(p.get('agent_cpu_per_request_ms'), '{:.3f}')} | {fmt(p.get('takeback_p50_ms'), '{:.2f}')} "
               f"| {fmt(p.get('handoff_p50_ms'), '{:.2f}')} | {was} |")
+    user_x = (summary.get("arr-nat", {}).get("rehandoff") or {}).get("other_to_first_user")
+    if user_x:
+        w(f"\narr-nat other target over first handoff on the router's user time alone: "
+          f"{fmt(user_x, '{:.2f}')} x (a diagnostic: without the kernel work charged to the router, whose "
+          "share moves from run to run here; goal 9 is on the whole CPU).")
     fell = _window_fallbacks(raw.get("arr-nat", {}))
     if fell:
         w(f"\narr-nat requests that fell back to proxying, per window (all runs): {fell}.")

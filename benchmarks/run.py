@@ -330,6 +330,7 @@ class Bench:
         rec: dict[str, Any] = {
             "requests": lr.requests, "seconds": lr.seconds, "window_s": w.seconds,
             "router_cpu_s": w.router_cpu_s, "router_cpu_ticks_s": w.router_cpu_ticks_s,
+            "router_user_s": w.router_user_s,
             "agent_cpu_s": agent_cpu, "machine_cpu_s": w.machine_cpu_s,
             "errors": {k: v for k, v in lr.errors.items() if v}, **fresh}
         if fresh:  # what this window left behind: one per take-back to another target

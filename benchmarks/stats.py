@@ -74,6 +74,15 @@ def cpu_seconds_from_stat(stat_line: str, clk_tck: int) -> float:
     return (int(rest[11]) + int(rest[12])) / clk_tck
 
 
+def user_seconds_from_stat(stat_line: str, clk_tck: int) -> float:
+    """utime alone (seconds) from the text of /proc/PID/stat: the process's
+    own instructions, without the kernel work its system calls did and
+    without the softirq work (the veth "wire" of other namespaces' packets)
+    that the tick charged to it while it ran. The same fields as
+    :func:`cpu_seconds_from_stat`."""
+    return int(stat_line.rsplit(")", 1)[1].split()[11]) / clk_tck
+
+
 def machine_busy_seconds(proc_stat_cpu_line: str, clk_tck: int) -> float:
     """Busy CPU seconds (all CPUs) from the aggregate ``cpu`` line of /proc/stat:
     user+nice+system+irq+softirq+steal (idle and iowait excluded; guest time is
@@ -429,15 +438,18 @@ def rehandoff_summary(runs: Sequence[Mapping]) -> dict | None:
         return None
     out: dict = {}
     per_request: dict[str, list[float | None]] = {}
+    user_per_request: dict[str, list[float | None]] = {}
     for phase in PHASES:
         def m(key: str) -> list[float | None]:
             return _runs_metric(runs, "rehandoff", phase, key)
 
         reqs, secs = m("requests"), m("seconds")
         per_request[phase] = [_per(c, n, 1000) for c, n in zip(m("router_cpu_s"), reqs)]
+        user_per_request[phase] = [_per(c, n, 1000) for c, n in zip(m("router_user_s"), reqs)]
         counts = [((r.get("rehandoff") or {}).get(phase) or {}).get("counts") for r in runs]
         out[phase] = {
             "router_cpu_per_request_ms": _summ(per_request[phase]),
+            "router_user_per_request_ms": _summ(user_per_request[phase]),
             "agent_cpu_per_request_ms": _summ(_per(c, n, 1000) for c, n in zip(m("agent_cpu_s"), reqs)),
             "rate": _summ(_per(n, s) for n, s in zip(reqs, secs)),
             "router_cpu_util": _summ(_per(c, w) for c, w in zip(m("router_cpu_s"), m("window_s"))),
@@ -449,6 +461,11 @@ def rehandoff_summary(runs: Sequence[Mapping]) -> dict | None:
         }
     out["same_to_first"] = _summ(_per(a, b) for a, b in zip(per_request["same"], per_request["first"]))
     out["other_to_first"] = _summ(_per(a, b) for a, b in zip(per_request["other"], per_request["first"]))
+    # The same ratio on user time alone (a diagnostic, not the goal): it
+    # leaves out the kernel work, whose share of the router's CPU moves from
+    # run to run on a small VM (benchmarks/RESULTS.md).
+    out["other_to_first_user"] = _summ(_per(a, b) for a, b in zip(user_per_request["other"],
+                                                                    user_per_request["first"]))
     return out
 
 

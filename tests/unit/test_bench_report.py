@@ -18,6 +18,7 @@ from benchmarks.stats import (
     per_gib,
     percentile,
     summarize,
+    user_seconds_from_stat,
     verdict,
 )
 
@@ -56,6 +57,7 @@ def test_cpu_seconds_from_stat_handles_spaces_and_parens_in_comm():
     # pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime ...
     line = "1234 (arr (serve) x) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 100"
     assert cpu_seconds_from_stat(line, 100) == pytest.approx(3.0)
+    assert user_seconds_from_stat(line, 100) == pytest.approx(2.5)  # utime alone
 
 
 def test_machine_busy_excludes_idle_and_iowait():
