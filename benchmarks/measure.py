@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from arr.testbed import Cluster
 from arr.testbed.router import histogram_quantile
@@ -72,27 +72,25 @@ def process_tree(roots: Sequence[int]) -> list[int]:
     return sorted(seen)
 
 
-def proc_cpu_seconds(pids: Sequence[int]) -> dict[int, float]:
+def _from_stat(pids: Sequence[int], seconds_of: Callable[[str, int], float]) -> dict[int, float]:
+    """SECONDS_OF(/proc/PID/stat's text, CLK_TCK) for each live PID."""
     out = {}
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
-                out[pid] = cpu_seconds_from_stat(f.read(), CLK_TCK)
+                out[pid] = seconds_of(f.read(), CLK_TCK)
         except OSError:
             pass
     return out
+
+
+def proc_cpu_seconds(pids: Sequence[int]) -> dict[int, float]:
+    return _from_stat(pids, cpu_seconds_from_stat)
 
 
 def proc_user_seconds(pids: Sequence[int]) -> dict[int, float]:
     """utime of each process (seconds, 10 ms ticks): see ``user_seconds_from_stat``."""
-    out = {}
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                out[pid] = user_seconds_from_stat(f.read(), CLK_TCK)
-        except OSError:
-            pass
-    return out
+    return _from_stat(pids, user_seconds_from_stat)
 
 
 def proc_cpu_ns(pids: Sequence[int]) -> dict[int, float]:
