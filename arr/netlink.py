@@ -41,7 +41,7 @@ import socket
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, Mapping, TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2 import netns as _pr_netns
@@ -648,51 +648,12 @@ def _sock_diag_ask(sock: socket.socket, request: bytes, info: bool = False,
     found: list[TcpSocket] = []
     while True:
         size, _, flags, _ = sock.recvmsg_into([buffer])
-        if flags & _MSG_TRUNC:
+        if flags & socket.MSG_TRUNC:
             raise NetlinkOpError(f"sock_diag reply larger than {len(buffer)} bytes")
         sockets, done, err = inet_diag.parse_messages(view[:size], info)
         found += sockets
         if done or err is not None:
             return found, err
-
-
-_MSG_TRUNC = int(socket.MSG_TRUNC)
-"""As a plain int: ``&`` with the IntFlag costs a microsecond, per datagram."""
-
-_DIAG_BATCH = 32
-"""Requests sent in one datagram by :func:`_sock_diag_batch`. The kernel
-answers each with datagrams of its own (a socket, then the ACK) that wait in
-the netlink socket's receive buffer until read: 32 requests' answers take a
-few tens of KB of the ~200 KB it holds by default."""
-
-
-def _sock_diag_batch(sock: socket.socket, requests: Sequence[bytes], info: bool = False,
-                     buffer: bytearray | None = None) -> list[tuple[list[TcpSocket], int]]:
-    """Send REQUESTS (each asking for an ACK), ``_DIAG_BATCH`` to a datagram,
-    and read every one's answer: the sockets it listed and its errno (0: an
-    ACK). The kernel handles a datagram's requests one after the other and
-    answers each in datagrams of its own, the ACK last, so the answers come
-    back in the order of the requests. One system call per batch instead of
-    one per request: the router looks at and destroys every forwarding
-    connection it closes (handoff/forward_close.py)."""
-    if buffer is None:
-        buffer = bytearray(_DIAG_RECV_BUFFER)
-    view = memoryview(buffer)
-    answers: list[tuple[list[TcpSocket], int]] = []
-    for start in range(0, len(requests), _DIAG_BATCH):
-        batch = requests[start:start + _DIAG_BATCH]
-        sock.send(b"".join(batch))
-        listed: list[TcpSocket] = []
-        while len(answers) < start + len(batch):
-            size, _, flags, _ = sock.recvmsg_into([buffer])
-            if flags & _MSG_TRUNC:
-                raise NetlinkOpError(f"sock_diag reply larger than {len(buffer)} bytes")
-            sockets, _, err = inet_diag.parse_messages(view[:size], info)
-            listed += sockets
-            if err is not None:
-                answers.append((listed, err))
-                listed = []
-    return answers
 
 
 def _normal(address: Address) -> Address:
@@ -705,12 +666,6 @@ def _lookup(sock: socket.socket, ns: str | None, local: Address, remote: Address
             info: bool = False, buffer: bytearray | None = None) -> TcpSocket | None:
     found, err = _sock_diag_ask(sock, inet_diag.lookup_request(local, remote, info=info),  # validates the addresses
                                 info, buffer)
-    return _looked_up(ns, local, remote, found, err)
-
-
-def _looked_up(ns: str | None, local: Address, remote: Address, found: list[TcpSocket],
-               err: int | None) -> TcpSocket | None:
-    """The socket of LOCAL -> REMOTE from a lookup's answer (FOUND, ERR)."""
     if err == errno.ENOENT:
         return None
     if err:
@@ -768,16 +723,14 @@ class SockDiag:
         none; INFO: with what tcp_info tells (``TcpSocket.notsent``)."""
         if self._sock is None:
             self._sock = _open_sock_diag(self.ns)
-        pairs = list(pairs)
+        found: dict[tuple[Address, Address], TcpSocket | None] = {}
         try:
-            requests = [inet_diag.lookup_request(local, remote, seq=n, info=info)  # validates the addresses
-                        for n, (local, remote) in enumerate(pairs, 1)]
-            answers = _sock_diag_batch(self._sock, requests, info, self._buffer)
-            return {(local, remote): _looked_up(self.ns, local, remote, listed, err)
-                    for (local, remote), (listed, err) in zip(pairs, answers)}
+            for local, remote in pairs:
+                found[(local, remote)] = _lookup(self._sock, self.ns, local, remote, info, self._buffer)
         except BaseException:
             self.close()
             raise
+        return found
 
     def destroy(self, local: Address, remote: Address, cookie: int | None = None) -> bool:
         """:func:`destroy_tcp_socket` on this kept socket."""
@@ -788,22 +741,6 @@ class SockDiag:
         except BaseException:
             self.close()
             raise
-
-    def destroy_each(self, sockets: Sequence[tuple[Address, Address, int]]) -> list[bool]:
-        """:func:`destroy_tcp_socket` of each (local, remote, cookie), in
-        batches (``_sock_diag_batch``): for each, whether it was destroyed.
-        A refusal other than "no such socket" raises SockDiagError once all
-        the answers are read."""
-        if self._sock is None:
-            self._sock = _open_sock_diag(self.ns)
-        try:
-            requests = [inet_diag.destroy_request(local, remote, cookie, seq=n)
-                        for n, (local, remote, cookie) in enumerate(sockets, 1)]
-            answers = _sock_diag_batch(self._sock, requests, buffer=self._buffer)
-        except BaseException:
-            self.close()
-            raise
-        return [_destroyed(self.ns, local, remote, err) for (local, remote, _), (_, err) in zip(sockets, answers)]
 
     def close(self) -> None:
         if self._sock is not None:
@@ -853,12 +790,6 @@ def _destroy(sock: socket.socket, ns: str | None, local: Address, remote: Addres
             return False
         cookie = target.cookie
     _, err = _sock_diag_ask(sock, inet_diag.destroy_request(local, remote, cookie), buffer=buffer)
-    return _destroyed(ns, local, remote, err)
-
-
-def _destroyed(ns: str | None, local: Address, remote: Address, err: int | None) -> bool:
-    """Whether a SOCK_DESTROY of LOCAL -> REMOTE that the kernel answered
-    with ERR destroyed it; SockDiagError for a refusal."""
     if err == errno.ENOENT:  # gone meanwhile, or no longer the socket of COOKIE
         return False
     if err:

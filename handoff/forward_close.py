@@ -23,27 +23,21 @@ tests/net/test_migrate_net.py). So TIME_WAIT is kept for ``TIME_WAIT_HOLD``,
 which covers the server's first two retransmissions; a thousand take-backs to
 another target a second then hold about a thousand ports. The hold's end is
 also the first look (``LOOKS``): a close costs one sock_diag lookup and the
-destroy, both on the closer's own netlink socket. The router pays that on
-every hand-on (handoff/takeback.py), so the looks due within ``BATCH_WAIT``
-of each other go together: one timer, one batch of lookups and one of
-destroys (``SockDiag.sockets_of``, ``SockDiag.destroy_each``: a system call
-per 32 sockets, not two per socket).
+destroy, both on the closer's own netlink socket.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
 import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from arr import netlink
-from arr.inet_diag import Address, TcpSocket, TcpState
+from arr.inet_diag import TcpState
 from handoff.forward_pool import ReadyForward
-from handoff.maps import WATCH_CLOSED, FlowKey, WatchEntry
+from handoff.maps import WATCH_CLOSED, FlowKey
 
 if TYPE_CHECKING:
     from handoff.datapath import RouterDatapath
@@ -59,13 +53,6 @@ LOOKS = (TIME_WAIT_HOLD, 1.0, 3.0)
 first is at the hold's end: by then almost every server has answered, so one
 look (and the destroy) is all a close costs; a look earlier could only find
 the socket still held (TIME_WAIT) or not done yet."""
-BATCH_WAIT = 0.05
-"""Seconds a due look may wait for the ones due after it, so that one timer
-and one batch of sock_diag requests serve them all (at a thousand closes a
-second, about fifty)."""
-EARLY = 0.001
-"""A look this close to its time goes with the batch (the loop's timers may
-fire that early)."""
 
 
 @dataclass(frozen=True)
@@ -93,24 +80,13 @@ def close_step(state: TcpState | None, look: int, *, answered: bool = True) -> C
     return CloseStep("quarantine") if last else CloseStep("look", LOOKS[look + 1])
 
 
-@dataclass(eq=False)
-class _Closing:
-    key: FlowKey
-    conn_id: int
-    look: int = 0
-
-
 class ForwardCloser:
     def __init__(self, datapath: "RouterDatapath", connections: "RouterConnections") -> None:
         self.datapath = datapath
         self.connections = connections
         self.reclaimed = 0
         self._diag = netlink.SockDiag(None)
-        self._due: list[tuple[float, int, _Closing]] = []
-        """(loop time of the look, order, close): a heap."""
-        self._order = itertools.count()
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
+        self._timers: dict[FlowKey, asyncio.TimerHandle] = {}
 
     def close(self, ready: ReadyForward) -> None:
         """FIN now; the port is free once the exchange is over."""
@@ -119,80 +95,43 @@ class ForwardCloser:
         try:
             ready.sock.close()
         finally:
-            self._schedule(LOOKS[0], _Closing(ready.watch_key, ready.conn_id))
+            self._schedule(ready.watch_key, ready.conn_id, 0)
 
-    def _schedule(self, delay: float, closing: _Closing) -> None:
-        loop = asyncio.get_running_loop()
-        at = loop.time() + delay
-        heapq.heappush(self._due, (at, next(self._order), closing))
-        if self._timer is None or at + BATCH_WAIT < self._timer_at:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer_at = at + BATCH_WAIT
-            self._timer = loop.call_at(self._timer_at, self._look_due)
+    def _schedule(self, key: FlowKey, conn_id: int, look: int) -> None:
+        self._timers[key] = asyncio.get_running_loop().call_later(LOOKS[look], self._look, key, conn_id, look)
 
-    def _look_due(self) -> None:
-        self._timer = None
-        loop = asyncio.get_running_loop()
-        now = loop.time() + EARLY
-        due: list[_Closing] = []
-        while self._due and self._due[0][0] <= now:
-            due.append(heapq.heappop(self._due)[2])
+    def _look(self, key: FlowKey, conn_id: int, look: int) -> None:
+        self._timers.pop(key, None)
+        watch = self.datapath.watch.lookup(key)
+        if watch is None or watch.conn_id != conn_id:
+            self.connections.in_flight.discard(key)
+            return  # the port went another way meanwhile
+        local, remote = key.dst, key.src
+        found = None
         try:
-            self._look(due)
-        except Exception:  # the sweep's recount finds what a failed look left
-            log.exception("looking at %d closed forwarding connections", len(due))
-            for closing in due:
-                self.connections.in_flight.discard(closing.key)
-        if self._due and self._timer is None:
-            self._timer_at = self._due[0][0] + BATCH_WAIT
-            self._timer = loop.call_at(self._timer_at, self._look_due)
-
-    def _look(self, due: list[_Closing]) -> None:
-        watches: list[tuple[_Closing, WatchEntry]] = []
-        for closing in due:
-            watch = self.datapath.watch.lookup(closing.key)
-            if watch is None or watch.conn_id != closing.conn_id:
-                self.connections.in_flight.discard(closing.key)  # the port went another way meanwhile
-            else:
-                watches.append((closing, watch))
-        if not watches:
-            return
-        pairs = [(closing.key.dst, closing.key.src) for closing, _ in watches]  # (local, remote)
-        found: dict[tuple[Address, Address], TcpSocket | None] = {}
-        answered = True
-        try:
-            found = self._diag.sockets_of(pairs)
+            found = self._diag.sockets_of([(local, remote)])[(local, remote)]
+            step = close_step(None if found is None else found.state, look)
         except OSError as exc:
-            log.debug("looking up %d closed forwarding connections: %s", len(pairs), exc)
-            answered = False
-        destroy: list[tuple[Address, Address, int]] = []
-        for (closing, watch), pair in zip(watches, pairs):
-            sock = found.get(pair)
-            step = close_step(None if sock is None else sock.state, closing.look, answered=answered)
-            if step.action == "destroy" and sock is not None:
-                destroy.append((*pair, sock.cookie))
-            if step.action in ("destroy", "free"):
-                self.datapath.watch.delete(closing.key)
-                self.connections.in_flight.discard(closing.key)
-            elif step.action == "look":
-                closing.look += 1
-                self._schedule(step.delay, closing)
-            else:
-                watch.state, watch.closed_ns = WATCH_CLOSED, time.monotonic_ns()
-                self.datapath.watch.update(closing.key, watch)
-                self.connections.in_flight.discard(closing.key)
-        if destroy:
-            # Their watch entries are gone already: a socket the destroy
-            # missed keeps its port from bind() until its TIME_WAIT ends.
+            log.debug("looking up the closed forwarding connection %r: %s", key, exc)
+            step = close_step(None, look, answered=False)
+        if step.action == "destroy" and found is not None:
             try:
-                self.reclaimed += sum(self._diag.destroy_each(destroy))
+                self._diag.destroy(local, remote, found.cookie)
+                self.reclaimed += 1
             except OSError as exc:
-                log.debug("destroying %d forwarding connections in TIME_WAIT: %s", len(destroy), exc)
+                log.debug("destroying %r in TIME_WAIT: %s", key, exc)
+        if step.action in ("destroy", "free"):
+            self.datapath.watch.delete(key)
+            self.connections.in_flight.discard(key)
+        elif step.action == "look":
+            self._schedule(key, conn_id, look + 1)
+        else:
+            watch.state, watch.closed_ns = WATCH_CLOSED, time.monotonic_ns()
+            self.datapath.watch.update(key, watch)
+            self.connections.in_flight.discard(key)
 
     def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._due.clear()
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
         self._diag.close()
