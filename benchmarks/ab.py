@@ -83,10 +83,9 @@ def round_figures(label: str, round_no: int, results: Mapping) -> RoundFigures:
         raise ValueError(f"{label} round {round_no}: no router CPU figure for window(s) {', '.join(missing)}"
                          f" (errors: {results.get('errors') or 'none recorded'})")
     agents = {w: _median_of((summary.get(w) or {}).get("agent_cpu_per_request_ms")) for w in ("first", "same", "other")}
-    user = {w: _median_of((summary.get(w) or {}).get("router_user_per_request_ms")) for w in ("first", "other")}
     return RoundFigures(label, round_no, cpu["first"], cpu["same"], cpu["other"],
                         agents["first"], agents["same"], agents["other"],
-                        user["other"] / user["first"] if user["other"] and user["first"] else None)
+                        _median_of(summary.get("other_to_first_user")))
 
 
 def _median(values: Sequence[float | None]) -> float | None:

@@ -69,9 +69,15 @@ def cpu_seconds_from_stat(stat_line: str, clk_tck: int) -> float:
     The command name (field 2) may contain spaces and parentheses, so fields are
     counted after the last ')': utime and stime are fields 14 and 15 of the line.
     """
+    utime, stime = _stat_times(stat_line)
+    return (utime + stime) / clk_tck
+
+
+def _stat_times(stat_line: str) -> tuple[int, int]:
+    """(utime, stime) in clock ticks from the text of /proc/PID/stat."""
     rest = stat_line.rsplit(")", 1)[1].split()
     # rest[0] is field 3 (state); utime is field 14 -> rest[11], stime rest[12]
-    return (int(rest[11]) + int(rest[12])) / clk_tck
+    return int(rest[11]), int(rest[12])
 
 
 def user_seconds_from_stat(stat_line: str, clk_tck: int) -> float:
@@ -80,7 +86,7 @@ def user_seconds_from_stat(stat_line: str, clk_tck: int) -> float:
     without the softirq work (the veth "wire" of other namespaces' packets)
     that the tick charged to it while it ran. The same fields as
     :func:`cpu_seconds_from_stat`."""
-    return int(stat_line.rsplit(")", 1)[1].split()[11]) / clk_tck
+    return _stat_times(stat_line)[0] / clk_tck
 
 
 def machine_busy_seconds(proc_stat_cpu_line: str, clk_tck: int) -> float:
