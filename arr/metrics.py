@@ -86,6 +86,11 @@ class Metrics:
             "arr_forward_pool", "Forwarding connections asked of the pool, by result "
             "(hit: ready; miss: connected inline; stale: closed unused, aged or closed by the target).",
             ("result",), registry=r)
+        self.forward_closes = Counter(
+            "arr_forward_closes", "Forwarding connections the router closed with a FIN (taken back, then "
+            "routed elsewhere; or pool connections aged out), by how the router's TIME_WAIT socket ended "
+            "(handoff/forward_close.py: proven, destroyed, gone, quarantined, unknown).",
+            ("result",), registry=r)
         self.forward_connect_races = Counter(
             "arr_forward_connect_races", "Forwarding connections opened on a request's path (the pool had "
             "none ready) whose handshake was not over after 100 ms, so that a second attempt raced it "

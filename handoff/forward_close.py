@@ -24,15 +24,24 @@ which covers the server's first two retransmissions; a thousand take-backs to
 another target a second then hold about a thousand ports. The hold's end is
 also the first look (``LOOKS``): a close costs one sock_diag lookup and the
 destroy, both on the closer's own netlink socket.
+
+Most closes skip the lookup. A rebuilt connection has sent nothing, so the
+router knows its FIN's seq (``ReadyForward.fin_seq``); the router's program
+records the ack of the target's FIN in the watch entry (``target_fin_ack``,
+handoff/bpf/router.bpf.c ``record_target``). A FIN from the target that
+acknowledges the router's has put the socket in TIME_WAIT: at the look it is
+destroyed by its cookie (read before the close) at once (``time_wait_proven``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import sys
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from arr import netlink
 from arr.inet_diag import TcpState
@@ -66,6 +75,15 @@ class CloseStep:
     delay: float = 0.0
 
 
+def time_wait_proven(fin_seq: int | None, target_fin_ack: int) -> bool:
+    """Whether the target's FIN (TARGET_FIN_ACK: its ack, 0 for none seen)
+    acknowledged the router's FIN at seq FIN_SEQ: the router's socket went
+    from FIN_WAIT to TIME_WAIT on it. A FIN the target sent before it saw the
+    router's (both closed at once) proves nothing: the socket is CLOSING until
+    the ACK, and is looked up."""
+    return fin_seq is not None and target_fin_ack != 0 and target_fin_ack == (fin_seq + 1) % (1 << 32)
+
+
 def close_step(state: TcpState | None, look: int, *, answered: bool = True) -> CloseStep:
     """The step after look number LOOK (0-based) found the socket in STATE
     (None: no socket). ANSWERED False: sock_diag failed, the state is unknown;
@@ -80,10 +98,20 @@ def close_step(state: TcpState | None, look: int, *, answered: bool = True) -> C
     return CloseStep("quarantine") if last else CloseStep("look", LOOKS[look + 1])
 
 
+CLOSE_RESULTS = ("proven", "destroyed", "gone", "quarantined", "unknown")
+"""How a close ended (``arr_forward_closes_total``): TIME_WAIT proven by the
+target's FIN and destroyed without a lookup; looked up in TIME_WAIT and
+destroyed; no socket left; the target never finished (the port waits out
+its quarantine); sock_diag did not answer (the port counts as free)."""
+
+
 class ForwardCloser:
-    def __init__(self, datapath: "RouterDatapath", connections: "RouterConnections") -> None:
+    def __init__(self, datapath: "RouterDatapath", connections: "RouterConnections",
+                 count: Callable[[str], None] = lambda result: None) -> None:
         self.datapath = datapath
         self.connections = connections
+        self.count = count
+        """Told each close's result (``CLOSE_RESULTS``)."""
         self.reclaimed = 0
         self._diag = netlink.SockDiag(None)
         self._timers: dict[FlowKey, asyncio.TimerHandle] = {}
@@ -92,40 +120,59 @@ class ForwardCloser:
         """FIN now; the port is free once the exchange is over."""
         # Kept "in flight" meanwhile: the lifecycle's sweep leaves its watch entry be.
         self.connections.in_flight.add(ready.watch_key)
+        proof = None
+        if ready.fin_seq is not None:
+            try:
+                proof = (ready.fin_seq, _cookie(ready.sock))
+            except OSError:
+                pass  # looked up instead
         try:
             ready.sock.close()
         finally:
-            self._schedule(ready.watch_key, ready.conn_id, 0)
+            self._schedule(ready.watch_key, ready.conn_id, 0, proof)
 
-    def _schedule(self, key: FlowKey, conn_id: int, look: int) -> None:
-        self._timers[key] = asyncio.get_running_loop().call_later(LOOKS[look], self._look, key, conn_id, look)
+    def _schedule(self, key: FlowKey, conn_id: int, look: int, proof: tuple[int, int] | None = None) -> None:
+        self._timers[key] = asyncio.get_running_loop().call_later(LOOKS[look], self._look, key, conn_id, look,
+                                                                  proof)
 
-    def _look(self, key: FlowKey, conn_id: int, look: int) -> None:
+    def _look(self, key: FlowKey, conn_id: int, look: int, proof: tuple[int, int] | None = None) -> None:
+        """PROOF: (the FIN's seq, the socket's cookie), when the router knows them."""
         self._timers.pop(key, None)
         watch = self.datapath.watch.lookup(key)
         if watch is None or watch.conn_id != conn_id:
             self.connections.in_flight.discard(key)
             return  # the port went another way meanwhile
         local, remote = key.dst, key.src
-        found = None
-        try:
-            found = self._diag.sockets_of([(local, remote)])[(local, remote)]
-            step = close_step(None if found is None else found.state, look)
-        except OSError as exc:
-            log.debug("looking up the closed forwarding connection %r: %s", key, exc)
-            step = close_step(None, look, answered=False)
-        if step.action == "destroy" and found is not None:
+        cookie = None
+        answered = True
+        proven = proof is not None and time_wait_proven(proof[0], watch.target_fin_ack)
+        if proven:
+            assert proof is not None
+            step, cookie = CloseStep("destroy"), proof[1]
+        else:
             try:
-                self._diag.destroy(local, remote, found.cookie)
-                self.reclaimed += 1
+                found = self._diag.sockets_of([(local, remote)])[(local, remote)]
+                step = close_step(None if found is None else found.state, look)
+                cookie = None if found is None else found.cookie
+            except OSError as exc:
+                log.debug("looking up the closed forwarding connection %r: %s", key, exc)
+                step = close_step(None, look, answered=False)
+                answered = False
+        if step.action == "destroy" and cookie is not None:
+            try:
+                if self._diag.destroy(local, remote, cookie):
+                    self.reclaimed += 1
             except OSError as exc:
                 log.debug("destroying %r in TIME_WAIT: %s", key, exc)
         if step.action in ("destroy", "free"):
             self.datapath.watch.delete(key)
             self.connections.in_flight.discard(key)
+            self.count("proven" if proven else "destroyed" if step.action == "destroy"
+                       else "gone" if answered else "unknown")
         elif step.action == "look":
-            self._schedule(key, conn_id, look + 1)
+            self._schedule(key, conn_id, look + 1, proof)
         else:
+            self.count("quarantined")
             watch.state, watch.closed_ns = WATCH_CLOSED, time.monotonic_ns()
             self.datapath.watch.update(key, watch)
             self.connections.in_flight.discard(key)
@@ -135,3 +182,11 @@ class ForwardCloser:
             timer.cancel()
         self._timers.clear()
         self._diag.close()
+
+
+SO_COOKIE = getattr(socket, "SO_COOKIE", 57)
+"""<asm-generic/socket.h>: the socket's cookie, as sock_diag names it."""
+
+
+def _cookie(sock: socket.socket) -> int:
+    return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), sys.byteorder)

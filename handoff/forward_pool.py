@@ -70,6 +70,9 @@ class ReadyForward:
     conn_id: int
     opened: float = 0.0
     """Loop time when the connection was established."""
+    fin_seq: int | None = None
+    """Seq its FIN would carry (its snd_nxt), when known: a rebuilt
+    connection's, which has sent nothing (handoff/forward_close.py)."""
 
 
 def usable(opened: float, now: float, ineligible: str | None) -> bool:

@@ -367,10 +367,12 @@ class RingBuffer:
             code = ctypes.get_errno() or errno.EINVAL
             raise BpfError(code, f"ring buffer: {os.strerror(code)}")
         self._rb: int | None = handle
+        # Asked once: the reader re-arms on it after every batch.
+        self._epoll_fd = _check(self._lib.ring_buffer__epoll_fd(handle), "ring buffer epoll fd")
 
     def fileno(self) -> int:
         assert self._rb is not None
-        return _check(self._lib.ring_buffer__epoll_fd(self._rb), "ring buffer epoll fd")
+        return self._epoll_fd
 
     def consume(self) -> list[V]:
         """Every record waiting, oldest first (never blocks)."""

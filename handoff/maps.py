@@ -9,6 +9,7 @@ cannot drift apart silently.
 from __future__ import annotations
 
 import ctypes
+import functools
 import socket
 import struct
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ EVENTS_BYTES = 1024 * 1024
 CAPTURE_CHUNK = 2048
 CAPTURE_CHUNKS = 32
 """ARR_CAPTURE_*: how a taken-back segment's payload reaches userspace."""
+TCP_HEADER_MAX = 60
+"""A TCP header's largest size, options included (a capture's ``tcp``)."""
 MIRROR_TAIL_ACKS = 8
 MIRROR_TAIL_NS = 4 * 10**9
 """ARR_MIRROR_TAIL_*: the mirror's tail once the request is acknowledged."""
@@ -43,7 +46,10 @@ def _ip(text: str) -> int:
     return struct.unpack("=I", socket.inet_aton(text))[0]
 
 
+@functools.lru_cache(maxsize=4096)
 def _ip_text(value: int) -> str:
+    # Cached: every take-back spells the same few router and target addresses
+    # many times over (FlowKey.src/dst, the plans, the control frames' keys).
     return socket.inet_ntoa(struct.pack("=I", value))
 
 
@@ -140,7 +146,7 @@ class WatchEntry(ctypes.Structure):
                 ("synack_opts", ctypes.c_uint8), ("synacks", ctypes.c_uint32),
                 ("mirrored", ctypes.c_uint64), ("syn_rewrites", ctypes.c_uint64),
                 ("closed_ns", ctypes.c_uint64), ("conn_id", ctypes.c_uint64),
-                ("client", FlowKey), ("pad2", ctypes.c_uint32)]
+                ("client", FlowKey), ("target_fin_ack", ctypes.c_uint32)]
 
 
 class Event(ctypes.Structure):
@@ -154,16 +160,17 @@ class Capture(ctypes.Structure):
 
     _fields_ = [("key", FlowKey), ("kind", ctypes.c_uint32), ("conn_id", ctypes.c_uint64),
                 ("offset", ctypes.c_uint32), ("len", ctypes.c_uint16), ("tcp_len", ctypes.c_uint16),
-                ("tcp", ctypes.c_uint8 * 60), ("data", ctypes.c_uint8 * CAPTURE_CHUNK)]
+                ("tcp", ctypes.c_uint8 * TCP_HEADER_MAX), ("data", ctypes.c_uint8 * CAPTURE_CHUNK)]
 
+    # string_at copies only the bytes used (bytes() of the array would copy all of it first).
     @property
     def header(self) -> bytes:
         """The segment's TCP header, options included."""
-        return bytes(self.tcp)[:self.tcp_len]
+        return ctypes.string_at(ctypes.addressof(self.tcp), min(self.tcp_len, TCP_HEADER_MAX))
 
     @property
     def payload(self) -> bytes:
-        return bytes(self.data)[:self.len]
+        return ctypes.string_at(ctypes.addressof(self.data), min(self.len, CAPTURE_CHUNK))
 
 
 class StatIndex(ctypes.Structure):

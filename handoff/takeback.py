@@ -44,11 +44,11 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, NamedTuple
 
 from arr.http1 import serialize_request
 from handoff.control import (TAKEN_OK, TAKEN_UNACKED, ControlClient, ControlUnavailable, Taken, TakeBack)
-from handoff.forward_close import ForwardCloser
+from handoff.forward_close import CLOSE_RESULTS, ForwardCloser
 from handoff.forward_pool import ForwardProfile, ReadyForward
 from handoff.lifecycle import forward_key_of, target_of, wire_key
 from handoff.maps import (FLOW_ACTIVE, FLOW_F_RST, FLOW_F_WANT_HEADER, FLOW_TAKEBACK, WATCH_CONNECTING,
@@ -92,9 +92,9 @@ go) it ends."""
 
 # ---------------------------------------------------------------- planning
 
-@dataclass(frozen=True)
-class Segment:
-    """The fields of a captured client segment's TCP header the plans use."""
+class Segment(NamedTuple):
+    """The fields of a captured client segment's TCP header the plans use
+    (a tuple: one is parsed per capture)."""
 
     seq: int
     ack: int
@@ -104,10 +104,18 @@ class Segment:
 
     @classmethod
     def parse(cls, header: bytes) -> "Segment":
-        seq, ack = struct.unpack_from("!II", header, 4)
-        (window,) = struct.unpack_from("!H", header, 14)
+        seq, ack, window = _SEQ_ACK_WINDOW.unpack_from(header, 4)
+        if len(header) == 32 and header.startswith(_NOP_NOP_TS, 20):
+            # What Linux puts on every segment of a connection with timestamps.
+            tsval, tsecr = _TSVAL_TSECR.unpack_from(header, 24)
+            return cls(seq, ack, window, tsval, tsecr)
         options = parse_tcp_options(header[20:])
         return cls(seq, ack, window, options.tsval, options.tsecr)
+
+
+_SEQ_ACK_WINDOW = struct.Struct("!II2xH")
+_TSVAL_TSECR = struct.Struct("!II")
+_NOP_NOP_TS = bytes((1, 1, 8, 10))
 
 
 def assemble(start: int, pieces: list[tuple[int, bytes]]) -> bytes:
@@ -176,9 +184,10 @@ def plan_forward(t: Taking, rto_min_us: int = 0) -> SocketPlan:
     e, x, w = t.entry, t.entry.x, t.watch
     opts = w.synack_opts if w is not None else 0
     ts = bool(opts & WATCH_OPT_TS) and t.latest.tsval is not None
+    forward = forward_key_of(e)
     return SocketPlan(
-        local=forward_key_of(e).dst,  # the router's end of it
-        remote=target_of(e),
+        local=forward.dst,  # the router's end of it
+        remote=forward.src,  # the target
         snd_nxt=wrap(e.take_from + x.seq_delta),  # where the server's receive stream stops
         rcv_nxt=t.taken.snd_nxt,
         mss=(w.synack_mss if w is not None and w.synack_mss else DEFAULT_MSS),
@@ -330,7 +339,8 @@ class TakeBacks:
         self._handed_on = metrics.handons.labels("ok")
         self._pending: dict[FlowKey, _Pending] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self.closer = ForwardCloser(datapath, connections)
+        closes = {result: metrics.forward_closes.labels(result) for result in CLOSE_RESULTS}
+        self.closer = ForwardCloser(datapath, connections, count=lambda result: closes[result].inc())
 
     def on_captures(self, captures: list[Capture]) -> None:
         for capture in captures:
@@ -410,7 +420,8 @@ class TakeBacks:
             if chosen.target.address != target:
                 self._other_target.inc()
                 return self.hand_on is not None and \
-                    await self._hand_on(key, pending, len(data), serialize_request(request, head), chosen.target)
+                    await self._hand_on(key, pending, entry, len(data), serialize_request(request, head),
+                                        chosen.target)
             if in_place is None:
                 return False
             reason = await in_place.reroute(key, pending.conn_id, len(data), serialize_request(request, head), latest)
@@ -431,16 +442,17 @@ class TakeBacks:
             self.metrics.inplace.labels("error").inc()
             return None
 
-    async def _hand_on(self, key: FlowKey, pending: _Pending, request_len: int, rewritten: bytes,
-                       target: "Target") -> bool:
+    async def _hand_on(self, key: FlowKey, pending: _Pending, entry: FlowEntry, request_len: int,
+                       rewritten: bytes, target: "Target") -> bool:
         """The request (REQUEST_LEN captured bytes, REWRITTEN) to another
-        target without a socket rebuilt for the client: the agent lets go, the
+        target without a socket rebuilt for the client (ENTRY: the ingress
+        entry the request was read from): the agent lets go, the
         engine hands the captured request on (``RouterHandoff.hand_on``); the
         old forwarding connection ends with the take-back (``_end_forward``).
         False when the engine fell back (counted): the take-back goes on from
         where the agent let go."""
         assert self.hand_on is not None
-        let_go = await self._let_go(key, pending)
+        let_go = await self._let_go(key, pending, entry=entry)
         on = plan_hand_on(let_go.taking, request_len)
         reason = await self.hand_on(on, pending.conn_id, rewritten, target)
         if reason is not None:
@@ -531,16 +543,19 @@ class TakeBacks:
         return self._rebuild_client(key, pending)
 
     async def _let_go(self, key: FlowKey, pending: _Pending, deadline: float | None = None,
-                      wait_unacked: bool = True) -> "LetGo":
+                      wait_unacked: bool = True, entry: FlowEntry | None = None) -> "LetGo":
         """Steps 1 and 2 of the take-back up to the client's socket: the agent
         lets go (TAKEBACK) and the forwarding connection is rebuilt where the
-        server's side of it stands (``pending.let_go``)."""
-        entry = self._entry(key, pending.conn_id)
-        target = target_of(entry)
+        server's side of it stands (``pending.let_go``). ENTRY: the ingress
+        entry as just read (a hand-on's), else it is read now. An entry a
+        moment old asks with an ACK that may be behind: the agent answers
+        UNACKED, and the loop below reads it again."""
+        entry = self._checked(entry) if entry is not None else self._entry(key, pending.conn_id)
+        forward_key = forward_key_of(entry)
+        target = forward_key.src
         agent = self.agent_of(target)
         if agent is None or not agent.connected:
             raise TakeBackFailed("agent-unavailable")
-        forward_key = forward_key_of(entry)
         if deadline is None:
             deadline = time.monotonic() + self.settings.takeback_timeout
         while True:
@@ -595,7 +610,8 @@ class TakeBacks:
         self.connections.in_flight.add(forward_key)
         self.datapath.watch.update(forward_key, _watch_for_rebuilt(watch, conn_id, taking))
         pending.let_go = LetGo(taken, watch, target,
-                               ReadyForward(forward, forward_key, conn_id, asyncio.get_running_loop().time()),
+                               ReadyForward(forward, forward_key, conn_id, asyncio.get_running_loop().time(),
+                                            fin_seq=forward_plan.snd_nxt),
                                taking)
         return pending.let_go
 
@@ -637,6 +653,10 @@ class TakeBacks:
         entry = self.datapath.ingress.lookup(key)
         if entry is None or entry.conn_id != conn_id or entry.state != FLOW_TAKEBACK:
             raise TakeBackFailed("entry-gone")
+        return self._checked(entry)
+
+    @staticmethod
+    def _checked(entry: FlowEntry) -> FlowEntry:
         if entry.flags & FLOW_F_RST:
             raise TakeBackFailed("client-reset")
         return entry
@@ -677,6 +697,7 @@ def _watch_for_rebuilt(watch: WatchEntry | None, conn_id: int, taking: Taking) -
     entry.state = WATCH_CONNECTING
     entry.conn_id = conn_id
     entry.closed_ns = 0
+    entry.target_fin_ack = 0
     entry.target_tsval = taking.target_tsval
     return entry
 

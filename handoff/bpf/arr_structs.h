@@ -159,7 +159,9 @@ struct watch_entry {
 	struct flow_key client; /* userspace: the client's 4-tuple (the ingress entry's key;
 				 * zero: not known), so that the agent's GONE, which names the
 				 * forwarding connection, ends both entries at once */
-	__u32 pad2;
+	__u32 target_fin_ack; /* ack of the target's latest FIN (0: none seen): once it
+			       * covers the router's own FIN, the router's socket is in
+			       * TIME_WAIT (handoff/forward_close.py needs no lookup) */
 };
 
 /* Per-CPU counters of what the programs did; index = enum arr_stat. */

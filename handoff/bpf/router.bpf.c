@@ -13,11 +13,17 @@
 #define ARR_ROLE_ROUTER
 #include "arr_handoff.h"
 
-/* The target's SYN-ACK options and its latest TSval, for the translation. */
+/* The target's SYN-ACK options and its latest TSval, for the translation;
+ * the ack of its FIN, for the close of a rebuilt forwarding connection. */
 static __always_inline void record_target(struct __sk_buff *skb, const struct pkt *p,
 					  struct watch_entry *w)
 {
 	struct opt_walk walk = {};
+	__be32 ack_be;
+
+	if ((p->flags & (TCPF_FIN | TCPF_ACK)) == (TCPF_FIN | TCPF_ACK) &&
+	    bpf_skb_load_bytes(skb, p->l4 + 8, &ack_be, 4) == 0)
+		w->target_fin_ack = bpf_ntohl(ack_be);
 
 	walk.mode = OPT_RECORD;
 	if (opt_load(skb, p, &walk) < 0 || opt_apply(skb, p, &walk) < 0)

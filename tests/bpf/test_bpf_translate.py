@@ -201,6 +201,19 @@ def test_router_records_the_targets_synack(bpf_ns):
     assert (w.target_tsval, w.synack_mss, w.synack_wscale, w.synack_opts) == (31337, 1400, 9, 1 | 2 | 4)
 
 
+@pytest.mark.parametrize("flags, recorded", [("FA", 90001), ("A", 0), ("F", 0)])
+def test_router_records_the_ack_of_the_targets_fin(bpf_ns, flags, recorded):
+    # handoff/forward_close.py: a FIN acknowledging the router's proves TIME_WAIT.
+    ns, ifindex = bpf_ns
+    key = FlowKey.of(*FWD)
+    segment = eth() / IP(src=FWD[0][0], dst=FWD[1][0]) / TCP(
+        sport=FWD[0][1], dport=FWD[1][1], flags=flags, seq=5, ack=90001,
+        options=[("NOP", None), ("NOP", None), ("Timestamp", (31337, 1))])
+    verdict, out, _, watch = run_router(ns, ifindex, segment, watch={key: WatchEntry(state=WATCH_CONNECTING)})
+    assert (verdict, out) == (TC_ACT_OK, bytes(segment))  # passed to the stack untouched
+    assert (watch[key].target_fin_ack, watch[key].target_tsval) == (recorded, 31337)
+
+
 def test_router_egress_normalises_its_syn(bpf_ns):
     ns, ifindex = bpf_ns
     key = FlowKey.of(*FWD)

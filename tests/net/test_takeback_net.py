@@ -206,6 +206,13 @@ def test_one_keep_alive_connection_every_request_routed(cluster, mode):
                 assert "[error]" not in log and "reset by peer" not in log and "timed out" not in log, log
             assert wait_for(lambda: sum(c.nginx_error_log(i).count("closed keepalive connection")
                                         for i in range(2)) >= 94, 3), logs
+            # The router's TIME_WAIT sockets went after their hold; the
+            # target's FIN, noted by the router's BPF, proved TIME_WAIT for
+            # nearly all of them (handoff/forward_close.py): no lookup.
+            assert wait_for(lambda: router.metric_sum("arr_forward_closes_total") >= 94, 5), outcomes
+            closes = {r: router.metric_sum("arr_forward_closes_total", result=r)
+                      for r in ("proven", "destroyed", "gone", "quarantined", "unknown")}
+            assert closes["proven"] >= 90 and closes["quarantined"] == closes["unknown"] == 0, closes
 
 
 def test_consecutive_requests_to_one_target_reuse_its_connection(cluster):

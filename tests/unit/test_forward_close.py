@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from arr.inet_diag import TcpState
-from handoff.forward_close import LOOKS, TIME_WAIT_HOLD, CloseStep, close_step
+from handoff.forward_close import LOOKS, TIME_WAIT_HOLD, CloseStep, close_step, time_wait_proven
 
 
 def test_first_look_is_at_the_end_of_the_time_wait_hold():
@@ -38,3 +38,22 @@ def test_unanswered_looks_retry_then_count_as_gone():
     assert steps[:-1] == [CloseStep("look", delay) for delay in LOOKS[1:]]
     assert steps[-1] == CloseStep("free")
 
+
+
+def test_a_target_fin_that_acknowledges_the_routers_proves_time_wait():
+    # The router's FIN at seq 1000; the target's FIN acknowledges 1001.
+    assert time_wait_proven(1000, 1001)
+    assert time_wait_proven(0xFFFFFFFE, 0xFFFFFFFF)
+    # A FIN at 0xFFFFFFFF is acknowledged by 0, which the entry cannot tell
+    # from "no FIN seen": one close in 2**32 is looked up.
+    assert not time_wait_proven(0xFFFFFFFF, 0)
+
+
+@pytest.mark.parametrize("fin_seq, target_fin_ack", [
+    (1000, 0),      # no FIN from the target yet: looked up
+    (1000, 1000),   # its FIN crossed the router's (CLOSING until the ACK): looked up
+    (1000, 999),    # a FIN acknowledging less (sent before the router's FIN)
+    (None, 1001),   # the FIN's seq is not known (a pool connection closed unused)
+])
+def test_anything_else_is_looked_up(fin_seq, target_fin_ack):
+    assert not time_wait_proven(fin_seq, target_fin_ack)
