@@ -68,7 +68,7 @@ def parse_cookies(headers: Headers) -> dict[str, str]:
     return cookies
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Request:
     """One HTTP/1.1 request as the router read it, before any decision."""
 

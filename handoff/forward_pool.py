@@ -53,7 +53,7 @@ RETRY_AFTER = 1.0
 """After a failed connect, the refill waits this long (the target may be down)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ForwardProfile:
     """What the router's SYN to the target announces for a client like this one."""
 

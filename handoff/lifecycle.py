@@ -147,6 +147,8 @@ class RouterConnections:
         """The connections (conn_id) ``handed_off`` counts, and where: an entry
         written ACTIVE again (a request in place, a take-back undone) is the
         same connection, counted once."""
+        self._closed: dict[str, Any] = {}
+        """``handoff_closed`` by why (labels() costs a lookup per call)."""
         self.on_load: Callable[[Address, int], None] = lambda target, count: None
         """Told each change of ``handed_off``."""
         self.on_captures: Callable[[list[Capture]], None] = lambda captures: None
@@ -473,7 +475,10 @@ class RouterConnections:
     def _counted_end(self, conn_id: int, why: str, target: Address) -> None:
         self.responses.pop(conn_id, None)
         self._checked.pop(conn_id, None)
-        self.metrics.handoff_closed.labels(why).inc()
+        closed = self._closed.get(why)
+        if closed is None:
+            closed = self._closed[why] = self.metrics.handoff_closed.labels(why)
+        closed.inc()
         if self._counted.pop(conn_id, None) is None:
             return  # never counted (a router restarted since): the sweeps' count has it
         self._load(target, -1)

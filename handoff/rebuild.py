@@ -25,7 +25,7 @@ _U32 = struct.Struct("=I")  # sequence numbers and clocks: unsigned, setsockopt'
 NO_WSCALE = 0xFF
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SocketPlan:
     """Everything a rebuilt socket needs; sequence numbers in its own space."""
 

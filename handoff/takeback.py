@@ -138,7 +138,7 @@ def assemble(start: int, pieces: list[tuple[int, bytes]]) -> bytes:
     return bytes(out)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Taking:
     """What one take-back knows: the ingress entry, the captured request, the
     agent's answer, the forwarding connection's watch entry."""
@@ -204,7 +204,7 @@ def plan_forward(t: Taking, rto_min_us: int = 0) -> SocketPlan:
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HandOn:
     """A taken-back connection's client side as a handoff to another target
     needs it, from the map entries, the captures and the agent's answer, with

@@ -128,7 +128,7 @@ def tcp_info_offsets() -> dict[str, int]:
     return offsets
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TcpInfo:
     """``struct tcp_info`` (linux/tcp.h) through ``tcpi_snd_wnd``, ``tcpi_``
     prefix dropped. Times in microseconds, except ``last_*`` (milliseconds)."""
@@ -407,7 +407,7 @@ def saved_syn(sock: socket.socket) -> bytes | None:
     return data or None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TcpOptions:
     """The handshake options of a TCP header (None / False when absent)."""
 
@@ -580,7 +580,7 @@ def ineligible(sock: socket.socket) -> str | None:
     return ineligibility(tcp_basics(sock).state, inq, outq, urgent_pending(sock))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ConnectionSnapshot:
     """One socket read for the handoff: what the translation needs
     (``translate.SocketState``) and what eligibility needs, at one moment."""

@@ -27,7 +27,7 @@ def wrap(value: int) -> int:
     return value % MOD
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Translation:
     """How one direction's packets are rewritten. Matching is by the map key."""
 
@@ -63,7 +63,7 @@ def echo_is_genuine(tsecr: int, floor: int) -> bool:
     return not floor or (tsecr != 0 and (tsecr - floor) % MOD < 1 << 31)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SocketState:
     """What the router read from one of its sockets (TCP_REPAIR, TCP_INFO, ...)."""
 
@@ -91,7 +91,7 @@ def margin_ticks(margin: int, usec: bool) -> int:
     return margin * USEC_PER_MSEC if usec else margin
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HandoffInputs:
     client: SocketState
     """The accepted client connection (local = v_ip:v_port)."""
@@ -145,7 +145,7 @@ def rescale_window(window: int, shift_in: int, shift_out: int) -> int:
     return 1 if scaled == 0 and window != 0 else scaled
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TcpFields:
     """The fields of a TCP/IPv4 segment the translation touches."""
 
@@ -161,7 +161,7 @@ class TcpFields:
     sack: tuple[tuple[int, int], ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AckShift:
     """A re-handoff in place moved the ack translation of the target's packets
     at the end of a rerouted request (``flow_entry.shift`` of the target's

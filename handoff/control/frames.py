@@ -182,7 +182,7 @@ class Established:
     peer_node_id: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FlowKey:
     """A TCP/IPv4 4-tuple; 12 bytes on the wire."""
 
@@ -192,7 +192,7 @@ class FlowKey:
     dport: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HandoffRequest:
     conn_id: int
     key: FlowKey
@@ -204,13 +204,13 @@ class HandoffRequest:
     is no new connection (``flow_entry.syn_seq``)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Release:
     conn_id: int
     key: FlowKey
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Holding:
     connections: tuple[tuple[int, FlowKey], ...]
     """(conn_id, forwarding key) of each connection listed."""
@@ -218,24 +218,24 @@ class Holding:
     last: bool = True
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Ack:
     conn_id: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Nack:
     conn_id: int
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StopMirror:
     conn_id: int
     key: FlowKey
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Closed:
     conn_id: int
     key: FlowKey
@@ -244,7 +244,7 @@ class Closed:
     flags: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TakeBack:
     """The router takes connection CONN_ID back (its client sent a new request):
     if the client has acknowledged every byte the server sent (ACKED, in the
@@ -272,7 +272,7 @@ TAKEN_CLOSED = 3
 TAKEN_STATUSES = (TAKEN_OK, TAKEN_UNACKED, TAKEN_UNKNOWN, TAKEN_CLOSED)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Taken:
     conn_id: int
     status: int
@@ -284,7 +284,7 @@ class Taken:
     """Seq of the server's SYN-ACK on the forwarding connection (for the next HANDOFF)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Shift:
     """A re-handoff in place (the router's next request of CONN_ID goes to
     the same server, on the same connection): the server is about to receive
@@ -306,7 +306,7 @@ class Shift:
     acked: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Ping:
     token: int
     reply: bool = False
