@@ -376,7 +376,8 @@ class TakeBacks:
         started = time.perf_counter()
         decided = None
         try:
-            await asyncio.sleep(0)  # the rest of this batch's captures first
+            # No wait for the rest of this batch's captures: the task first
+            # runs after on_captures has taken the whole batch.
             if self.route is not None and (self.in_place is not None or self.hand_on is not None):
                 if self.in_place is not None:
                     self.in_place.forget(key)  # its previous request is acknowledged or given up
