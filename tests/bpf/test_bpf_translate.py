@@ -7,6 +7,8 @@ bytes must equal what handoff.translate predicts, checksums included.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
@@ -133,7 +135,7 @@ def test_target_egress_ignores_other_flows_and_marks_fin_rst(bpf_ns):
 
 def test_window_never_rounds_to_zero(bpf_ns):
     ns, ifindex = bpf_ns
-    x = Translation(**{**TO_CLIENT.__dict__, "wscale_in": 0, "wscale_out": 14})
+    x = dataclasses.replace(TO_CLIENT, wscale_in=0, wscale_out=14)
     pkt = target_packet(window=5)
     _, out, _ = run_target(ns, ifindex, pkt, x)
     assert Ether(out)[TCP].window == 1
