@@ -16,7 +16,8 @@ Each run is ``python -m benchmarks --systems arr-nat --tests rehandoff
 (PYTHONPATH; the test bed starts the router and agents from the tree that
 imported it, arr/testbed/router.py). The base tree is a detached git
 worktree of BASE, built the way scripts/setup.sh builds (the C accelerator
-in place, the BPF objects) and removed at the end.
+in place, the BPF objects) and removed at the end; its benchmarks/ is this
+checkout's, so that one harness measures both.
 
 Pure parts (``round_figures``, ``render``): tests/unit/test_bench_ab.py.
 """
@@ -137,10 +138,16 @@ def _git(*args: str, cwd: Path = PROJECT_ROOT) -> str:
 
 
 def build_tree(commit: str, where: Path) -> None:
-    """A detached worktree of COMMIT at WHERE, built."""
+    """A detached worktree of COMMIT at WHERE, built, with this checkout's
+    benchmarks/ in place of its own: both trees are measured by one harness
+    (a base older than a change of the harness would otherwise be measured
+    another way), each on its own code (arr/, handoff/)."""
     if where.exists():
         _remove_tree(where)
     _git("worktree", "add", "--detach", str(where), commit)
+    shutil.rmtree(where / "benchmarks")
+    shutil.copytree(PROJECT_ROOT / "benchmarks", where / "benchmarks",
+                    ignore=shutil.ignore_patterns("results", "__pycache__"))
     subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=where, check=True,
                    stdout=subprocess.DEVNULL)
     subprocess.run([sys.executable, "-m", "handoff.build"], cwd=where, check=True, stdout=subprocess.DEVNULL,
@@ -154,10 +161,12 @@ def _remove_tree(where: Path) -> None:
     subprocess.run(["git", "worktree", "prune"], cwd=PROJECT_ROOT, capture_output=True)
 
 
-def run_tree(tree: Path, out: Path, seconds: int | None) -> Mapping:
+def run_tree(tree: Path, out: Path, seconds: int | None, rounds: int | None = None) -> Mapping:
     argv = [sys.executable, "-m", "benchmarks", *BENCH_ARGS, "--out", str(out)]
     if seconds is not None:
         argv += ["--rehandoff-seconds", str(seconds)]
+    if rounds is not None:
+        argv += ["--rehandoff-rounds", str(rounds)]
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "bench.log", "w") as log:
         subprocess.run(argv, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)}, stdout=log,
@@ -172,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.ab", description=__doc__.split("\n\n")[0])
     p.add_argument("--base", required=True, help="the commit to compare this checkout with (any git revision)")
     p.add_argument("--rounds", type=int, default=3, help="rounds, each one run of each tree (default 3)")
-    p.add_argument("--rehandoff-seconds", type=int, help="each window's length (the benchmark's default: 5)")
+    p.add_argument("--rehandoff-seconds", type=int, help="each window's length (the benchmark's default: 2)")
+    p.add_argument("--rehandoff-rounds", type=int,
+                   help="interleaved rounds of the three windows in each run (the benchmark's default: 4)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/ab"), help="output directory")
     return p
 
@@ -212,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             for label in order:
                 print(f"[{time.strftime('%H:%M:%S')}] round {round_no}/{args.rounds}: {label}", file=sys.stderr)
                 try:
-                    results = run_tree(trees[label], out / f"round{round_no}-{label}", args.rehandoff_seconds)
+                    results = run_tree(trees[label], out / f"round{round_no}-{label}", args.rehandoff_seconds,
+                                       args.rehandoff_rounds)
                     rows.append(round_figures(label, round_no, results))
                 except (RuntimeError, ValueError) as exc:
                     errors.append(str(exc))

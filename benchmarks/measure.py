@@ -282,6 +282,14 @@ end
 ROUTE_MODES = ("first", "same", "other")
 
 
+def route_order(round_no: int) -> tuple[str, ...]:
+    """The windows of the keep-alive routing test's round ROUND_NO (from 0):
+    ROUTE_MODES rotated by it, so that over three rounds each kind runs once
+    first, once second and once last."""
+    k = round_no % len(ROUTE_MODES)
+    return ROUTE_MODES[k:] + ROUTE_MODES[:k]
+
+
 def start_wrk_routed(cluster: Cluster, url: str, connections: int, duration: float, mode: str,
                      timeout_s: int = 10) -> list[subprocess.Popen]:
     """One ``wrk -tN -cN`` (one connection per thread) in the client namespace whose
@@ -475,9 +483,16 @@ def histogram_delta_quantile(a: dict[str, float] | None, b: dict[str, float] | N
     came before it."""
     if a is None or b is None:
         return None
+    return histogram_quantile(histogram_delta(a, b, histogram), histogram, q)
+
+
+def histogram_delta(a: dict[str, float] | None, b: dict[str, float] | None, histogram: str) -> dict[str, float]:
+    """HISTOGRAM's bucket counts between two metric reads A and B (empty
+    without both): windows' deltas add up (stats.merge_route_windows)."""
+    if a is None or b is None:
+        return {}
     prefix = histogram + "_bucket"
-    delta = {k: v - a.get(k, 0.0) for k, v in b.items() if k.startswith(prefix)}
-    return histogram_quantile(delta, histogram, q)
+    return {k: v - a.get(k, 0.0) for k, v in b.items() if k.startswith(prefix)}
 
 
 def arr_counts(router) -> tuple[float, float]:

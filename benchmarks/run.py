@@ -29,13 +29,18 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import measure, report
+from arr.testbed.router import histogram_quantile
 from handoff.forward_close import TIME_WAIT_HOLD
 from benchmarks.stats import (by_label, counts_delta, decided_check, htab_elem_bytes, idle_core_pct,
-                              percentile, router_counts, summarize)
+                              merge_route_windows, percentile, router_counts, summarize)
 
 SIZES = {"1KiB": 1 << 10, "64KiB": 64 << 10, "1MiB": 1 << 20, "64MiB": 64 << 20}
 WRK_MAX_SIZE = 64 << 10  # objects up to this size go through wrk, larger through curl
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+ROUTE_TAIL = TIME_WAIT_HOLD + 0.5
+"""How long a keep-alive routing window's CPU is counted past the end of its
+load (Bench.rehandoff): past the look at the last old forwarding connection
+closed in it (handoff/forward_close.py, TIME_WAIT_HOLD after its FIN)."""
 QUICK_SYSTEMS = ("direct", "arr-nat", "arr-proxy", "haproxy")  # haproxy: the goals' peer
 TESTS = ("throughput", "ttfb", "conn", "rehandoff")
 """The per-run tests (``--tests``): throughput per size, TTFB, new connections,
@@ -66,7 +71,8 @@ class Plan:
     sustain_interval: float = 10.0  # how often the router's counters are sampled during it
     idle_seconds: float = 20.0  # goal 6: CPU window while arr-nat's memory test holds connections
     tests: list[str] = field(default_factory=lambda: list(TESTS))
-    rehandoff_seconds: float = 5.0  # goals 8, 9: each window of the keep-alive routing test (whole seconds: wrk)
+    rehandoff_seconds: float = 2.0  # goals 8, 9: each window of the keep-alive routing test (whole seconds: wrk)
+    rehandoff_rounds: int = 4  # its rounds: each kind of window once a round, interleaved (Bench.rehandoff)
     rehandoff_connections: int = 8  # one wrk thread per connection
     profile_test: str = "new-connection"  # what --profile samples: new-connection, or a routing window
 
@@ -78,7 +84,8 @@ def quick_plan(systems: list[str] | None, sizes: list[str] | None, runs: int | N
     return Plan(systems=systems or list(QUICK_SYSTEMS), sizes=sizes or ["1KiB", "1MiB"],
                 runs=runs or 1, wrk_seconds=2.0, curl_bytes=96 << 20, ttfb_n=200, conn_seconds=2.0,
                 memory_ns=[1000], memory_runs=1, profile_seconds=0.0,
-                sustain_seconds=10.0, sustain_interval=2.0, idle_seconds=5.0, rehandoff_seconds=2.0)
+                sustain_seconds=10.0, sustain_interval=2.0, idle_seconds=5.0, rehandoff_seconds=2.0,
+                rehandoff_rounds=1)
 
 
 def full_plan(systems: list[str] | None, sizes: list[str] | None, runs: int | None) -> Plan:
@@ -285,7 +292,7 @@ class Bench:
         """Goals 8 and 9: the router's CPU per request when every request is
         routed. RUNNING routes on measure.ROUTE_HEADER (start_system
         ``by_header``), so the client alone says where each request goes. Three
-        fixed windows of 1 KiB GETs from one ``wrk -tN -cN``:
+        kinds of window of 1 KiB GETs from one ``wrk -tN -cN``:
 
         * ``first``: ``Connection: close``, every request a new connection, so
           for arr-nat a first handoff (the reference);
@@ -296,24 +303,74 @@ class Bench:
           alternating targets: a take-back, the old forwarding connection
           closed, a handoff on a new one.
 
+        The kinds interleave: ``rehandoff_rounds`` rounds of one window each,
+        in an order rotated every round (measure.route_order), each kind's
+        rounds then added up (stats.merge_route_windows). On a VM whose speed
+        drifts over seconds, windows minutes apart measured the VM (a null A/B
+        put one code's ratio at 0.96 and 1.17 x, benchmarks/RESULTS.md); windows
+        seconds apart sample the same moments.
+
         Per window: router processes' CPU (the Sampler, as everywhere) /
-        responses; for arr systems the router's counters over it (decided
-        check; take-backs, re-handoffs by kind: what the window really
-        measured) and the take-back / handoff latency from its histograms."""
+        responses, counted until ROUTE_TAIL after the load ended, so that the
+        work a request leaves behind is charged to it (the old forwarding
+        connection's look a second after its close, handoff/forward_close.py;
+        the ends of the last connections), less the router's CPU at rest over
+        that tail (measured once, before the windows). For arr systems the
+        router's counters over it (decided check; take-backs, re-handoffs by
+        kind: what the window really measured) and the take-back / handoff
+        latency from its histograms."""
         c, plan = self.cluster, self.plan
         info = c.files["1KiB"]
         url = running.urls[0] + info.url_path
         measure.client_ttfb(c, [url], 20, info.sha256)  # warm-up, and a check it serves
+        rest = self._rest_rates(running)
         out: dict[str, Any] = {
             "method": f"wrk -t{plan.rehandoff_connections} -c{plan.rehandoff_connections} "
-                      f"-d{plan.rehandoff_seconds:g}s per window, 1 KiB, routed on {measure.ROUTE_HEADER}"}
-        for mode in measure.ROUTE_MODES:
-            self.progress.describe(f"{running.name}: keep-alive routing, {mode} window")
-            out[mode] = self.route_window(running, url, info.size, mode, plan.rehandoff_seconds)
+                      f"-d{plan.rehandoff_seconds:g}s per window, 1 KiB, routed on {measure.ROUTE_HEADER}; "
+                      f"{plan.rehandoff_rounds} round(s) of the three windows, interleaved in rotated order, "
+                      f"each window's CPU counted {ROUTE_TAIL:g} s past its end less the router's CPU at rest",
+            "rounds": plan.rehandoff_rounds, "rest": rest}
+        windows: dict[str, list[dict[str, Any]]] = {mode: [] for mode in measure.ROUTE_MODES}
+        for round_no in range(plan.rehandoff_rounds):
+            for mode in measure.route_order(round_no):
+                self.progress.describe(f"{running.name}: keep-alive routing, {mode} window, "
+                                       f"round {round_no + 1} of {plan.rehandoff_rounds}")
+                windows[mode].append(self.route_window(running, url, info.size, mode, plan.rehandoff_seconds,
+                                                       tail=ROUTE_TAIL, rest=rest))
+        for mode, recs in windows.items():
+            rec = merge_route_windows(recs)
+            buckets = rec.pop("buckets", None)
+            if buckets is not None:
+                for hist, key in (("arr_takeback_duration_seconds", "takeback"),
+                                  ("arr_handoff_duration_seconds", "handoff")):
+                    for q in (0.5, 0.99):
+                        v = histogram_quantile(buckets.get(hist) or {}, hist, q)
+                        rec[f"{key}_p{int(q * 100)}_ms"] = None if v is None else v * 1000
+            out[mode] = rec
         return out
 
-    def route_window(self, running, url: str, size: int, mode: str, seconds: float) -> dict[str, Any]:
-        """One window of :meth:`rehandoff`."""
+    def _rest_rates(self, running, seconds: float = 2.0) -> dict[str, float | None]:
+        """CPU seconds per second of the router processes (and agents) with no
+        load, once the warm-up's aftermath is over (a take-back's close is
+        looked at TIME_WAIT_HOLD later): health checks, sweeps, timers. What a
+        window's tail adds beyond the work its requests left is this."""
+        time.sleep(TIME_WAIT_HOLD + 0.5)
+        sampler = measure.Sampler(self.cluster, running.roots)
+        agents = measure.Sampler(self.cluster, running.agent_roots) if running.agent_roots else None
+        a, aa = sampler.snap(), agents.snap() if agents else None
+        time.sleep(seconds)
+        w = measure.Sampler.window(a, sampler.snap())
+        wa = measure.Sampler.window(aa, agents.snap()) if agents and aa else None
+        return {"seconds": w.seconds, "router_cpu_per_s": w.router_cpu_s / w.seconds,
+                "router_ticks_per_s": w.router_cpu_ticks_s / w.seconds,
+                "router_user_per_s": w.router_user_s / w.seconds,
+                "agent_cpu_per_s": wa.router_cpu_s / wa.seconds if wa else None}
+
+    def route_window(self, running, url: str, size: int, mode: str, seconds: float, *, tail: float = 0.0,
+                     rest: dict[str, float | None] | None = None) -> dict[str, Any]:
+        """One window of :meth:`rehandoff`: the load for SECONDS, its CPU
+        sampled until TAIL after the load ended, less REST's rates over that
+        tail (:meth:`_rest_rates`)."""
         c, plan = self.cluster, self.plan
         sampler = measure.Sampler(c, running.roots)
         agents = measure.Sampler(c, running.agent_roots) if running.agent_roots else None
@@ -323,20 +380,35 @@ class Bench:
         aa = agents.snap() if agents else None
         procs = measure.start_wrk_routed(c, url, plan.rehandoff_connections, seconds, mode)
         lr = measure.collect_wrk(c, procs, seconds, size)
+        ended = time.monotonic()
+        if tail > 0:
+            time.sleep(tail)
         b = sampler.snap()
-        agent_cpu = measure.Sampler.window(aa, agents.snap()).router_cpu_s if agents and aa else None
+        wa = measure.Sampler.window(aa, agents.snap()) if agents and aa else None
         w = measure.Sampler.window(a, b)
+        tail_s = max(0.0, b.t - ended) if tail > 0 else 0.0
+        rest = rest or {}
+
+        def less_rest(value: float | None, rate_key: str) -> float | None:
+            rate = rest.get(rate_key)
+            return value if value is None or rate is None else value - rate * tail_s
+
         m1 = measure.settled_samples(running.router)
         rec: dict[str, Any] = {
-            "requests": lr.requests, "seconds": lr.seconds, "window_s": w.seconds,
-            "router_cpu_s": w.router_cpu_s, "router_cpu_ticks_s": w.router_cpu_ticks_s,
-            "router_user_s": w.router_user_s,
-            "agent_cpu_s": agent_cpu, "machine_cpu_s": w.machine_cpu_s,
+            "requests": lr.requests, "seconds": lr.seconds, "window_s": w.seconds, "tail_s": tail_s,
+            "router_cpu_s": less_rest(w.router_cpu_s, "router_cpu_per_s"),
+            "router_cpu_ticks_s": less_rest(w.router_cpu_ticks_s, "router_ticks_per_s"),
+            "router_user_s": less_rest(w.router_user_s, "router_user_per_s"),
+            "router_rest_cpu_s": w.router_cpu_s - (less_rest(w.router_cpu_s, "router_cpu_per_s") or 0.0),
+            "agent_cpu_s": less_rest(wa.router_cpu_s if wa else None, "agent_cpu_per_s"),
+            "machine_cpu_s": w.machine_cpu_s,
             "errors": {k: v for k, v in lr.errors.items() if v}, **fresh}
+        if wa is not None:
+            rec["agent_rest_cpu_s"] = wa.router_cpu_s - (rec["agent_cpu_s"] or 0.0)
         if fresh:  # what this window left behind: one per take-back to another target
             # The router keeps each for TIME_WAIT_HOLD, then destroys it
             # (handoff/forward_close.py): count once that is over.
-            time.sleep(TIME_WAIT_HOLD + 0.5)
+            time.sleep(max(0.0, TIME_WAIT_HOLD + 0.5 - (time.monotonic() - ended)))
             rec["forward_time_wait_after"] = measure.forward_time_wait(c, measure.forward_ports_of(running.router))
         if running.router is not None:
             check = self._decided(running, f"keep-alive routing {mode}", lr.requests, m0, m1)
@@ -347,11 +419,8 @@ class Bench:
                                      ("takeback_results", "arr_takebacks_total", "result")):
                 rec[key] = {k: v for k, v in counts_delta(by_label(m0 or {}, name, label),
                                                           by_label(m1 or {}, name, label)).items() if v}
-            for hist, key in (("arr_takeback_duration_seconds", "takeback"),
-                              ("arr_handoff_duration_seconds", "handoff")):
-                for q in (0.5, 0.99):
-                    v = measure.histogram_delta_quantile(m0, m1, hist, q)
-                    rec[f"{key}_p{int(q * 100)}_ms"] = None if v is None else v * 1000
+            rec["buckets"] = {hist: measure.histogram_delta(m0, m1, hist)
+                              for hist in ("arr_takeback_duration_seconds", "arr_handoff_duration_seconds")}
         if lr.requests == 0:
             raise measure.BenchError(f"{running.name} keep-alive routing {mode}: no response "
                                      f"(wrk errors {rec['errors']})")
@@ -627,7 +696,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"per-run tests, subset of {', '.join(TESTS)} (default all; rehandoff: the keep-alive "
                         "routing test of goals 8 and 9)")
     p.add_argument("--rehandoff-seconds", type=int, metavar="SECONDS",
-                   help="goals 8, 9: each window of the keep-alive routing test (default 5, quick 2)")
+                   help="goals 8, 9: each window of the keep-alive routing test (default 2)")
+    p.add_argument("--rehandoff-rounds", type=int, metavar="N",
+                   help="goals 8, 9: rounds of the keep-alive routing test, each running every kind of window "
+                        "once, interleaved (default 4, quick 1)")
     p.add_argument("--profile-test", choices=("new-connection", *measure.ROUTE_MODES),
                    help="what --profile samples: the new-connection test (default) or a window of the "
                         "keep-alive routing test (first, same, other)")
@@ -674,6 +746,8 @@ def main(argv: list[str] | None = None) -> int:
         plan.tests = list(args.tests)
     if args.rehandoff_seconds is not None:
         plan.rehandoff_seconds = float(max(1, args.rehandoff_seconds))
+    if args.rehandoff_rounds is not None:
+        plan.rehandoff_rounds = max(1, args.rehandoff_rounds)
     if args.profile_test:
         plan.profile_test = args.profile_test
     # fds for the load generators and routers (inherited): as high as the hard limit allows

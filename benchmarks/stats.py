@@ -433,6 +433,79 @@ def phase_share(phase: str, counts: Mapping[str, float] | None) -> float | None:
     return part / counts["decided"]
 
 
+ROUTE_WINDOW_SUMS = ("requests", "seconds", "window_s", "tail_s", "router_cpu_s", "router_cpu_ticks_s",
+                     "router_user_s", "router_rest_cpu_s", "agent_cpu_s", "agent_rest_cpu_s", "machine_cpu_s")
+"""The fields of a keep-alive routing window (run.py ``Bench.route_window``)
+that add up over its rounds."""
+
+ROUTE_ROUND_FIELDS = ("requests", "seconds", "router_cpu_s", "router_user_s", "agent_cpu_s", "tail_s")
+"""What :func:`merge_route_windows` keeps of each round, for the ratios round by round."""
+
+
+def _sum_maps(maps: Iterable[Mapping[str, float] | None]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for m in maps:
+        for k, v in (m or {}).items():
+            out[k] = out.get(k, 0.0) + v
+    return out
+
+
+def merge_route_windows(windows: Sequence[Mapping]) -> dict:
+    """One window of the keep-alive routing test from its rounds. The test
+    interleaves its windows (first, same, other, then the next round in
+    another order: run.py ``Bench.rehandoff``) so that every kind samples the
+    same moments of a small shared VM; this adds each kind's rounds up, as if
+    it had been one window: times, CPU, requests and counters summed (a field
+    one round lacks is None), histogram buckets summed (``buckets``, for the
+    quantiles), the "every request decided" checks combined, and each round's
+    own figures kept under ``rounds``."""
+    if not windows:
+        raise ValueError("no window to merge")
+    out: dict = {}
+    for key in ROUTE_WINDOW_SUMS:
+        values = [w.get(key) for w in windows]
+        if any(key in w for w in windows):
+            out[key] = None if any(v is None for v in values) else sum(values)
+    out["errors"] = {k: v for k, v in _sum_maps(w.get("errors") for w in windows).items() if v}
+    for key in ("counts", "fallback_reasons", "takeback_results"):
+        if any(key in w for w in windows):
+            out[key] = _sum_maps(w.get(key) for w in windows)
+    if any("buckets" in w for w in windows):
+        names = {h for w in windows for h in (w.get("buckets") or {})}
+        out["buckets"] = {h: _sum_maps((w.get("buckets") or {}).get(h) for w in windows) for h in sorted(names)}
+    checks = [w["decided_check"] for w in windows if w.get("decided_check")]
+    if checks:
+        handed = [c.get("handed_off") for c in checks]
+        decided = [c.get("decided") for c in checks]
+        out["decided_check"] = {
+            "requests": sum(c.get("requests") or 0 for c in checks),
+            "decided": None if any(d is None for d in decided) else sum(decided),
+            **({"handed_off": sum(h for h in handed if h is not None)} if any(h is not None for h in handed)
+               else {}),
+            "ok": all(c.get("ok") for c in checks),
+            "problems": [f"round {i + 1}: {p}" for i, c in enumerate(checks) for p in c.get("problems", [])]}
+        out["decided"] = out["decided_check"]["decided"]
+    for key, combine in (("forward_time_wait_cleared", sum), ("forward_time_wait_left", max),
+                         ("forward_time_wait_after", max)):
+        values = [w[key] for w in windows if w.get(key) is not None]
+        if values:
+            out[key] = combine(values)
+    out["rounds"] = [{k: w.get(k) for k in ROUTE_ROUND_FIELDS if k in w} for w in windows]
+    return out
+
+
+def round_ratios(rec: Mapping | None, base: Mapping | None) -> list[float]:
+    """Router CPU per request of a routing window over the first-handoff
+    window's, round by round (the rounds of one run, as :func:`merge_route_windows`
+    kept them): how far a single round's ratio strays from the run's."""
+    out = []
+    for a, b in zip((rec or {}).get("rounds") or [], (base or {}).get("rounds") or []):
+        x, y = _per(a.get("router_cpu_s"), a.get("requests")), _per(b.get("router_cpu_s"), b.get("requests"))
+        if x is not None and y:
+            out.append(x / y)
+    return out
+
+
 def rehandoff_summary(runs: Sequence[Mapping]) -> dict | None:
     """The keep-alive routing test over runs: per window, the router's CPU per
     request (ms), the agents' (arr-nat), the rate, the router's CPU utilisation,
@@ -472,6 +545,12 @@ def rehandoff_summary(runs: Sequence[Mapping]) -> dict | None:
     # run to run on a small VM (benchmarks/RESULTS.md).
     out["other_to_first_user"] = _summ(_per(a, b) for a, b in zip(user_per_request["other"],
                                                                     user_per_request["first"]))
+    # Each round's own ratio (a diagnostic): the spread of single 2 s rounds
+    # within runs, against which the run's ratio over all its rounds is read.
+    rounds = [x for r in runs for x in round_ratios((r.get("rehandoff") or {}).get("other"),
+                                                    (r.get("rehandoff") or {}).get("first"))]
+    if rounds:
+        out["other_to_first_rounds"] = _summ(rounds)
     return out
 
 

@@ -298,9 +298,13 @@ def test_histogram_delta_quantile_counts_only_the_window():
 def test_cli_and_plans():
     from benchmarks.run import TESTS, build_parser, full_plan, quick_plan
 
-    a = build_parser().parse_args(["--tests", "rehandoff", "--rehandoff-seconds", "10", "--profile-test", "same"])
+    a = build_parser().parse_args(["--tests", "rehandoff", "--rehandoff-seconds", "10", "--profile-test", "same",
+                                   "--rehandoff-rounds", "6"])
     assert a.tests == ["rehandoff"] and a.rehandoff_seconds == 10 and a.profile_test == "same"
+    assert a.rehandoff_rounds == 6
     q, f = quick_plan(None, None, None), full_plan(None, None, None)
     assert q.tests == list(TESTS) == f.tests and "rehandoff" in TESTS
-    assert 1 <= q.rehandoff_seconds <= 2 and f.rehandoff_seconds == 5
+    assert 1 <= q.rehandoff_seconds <= 2 and f.rehandoff_seconds == 2
+    # the full plan interleaves rounds (each kind of window once a round); the quick one runs one
+    assert q.rehandoff_rounds == 1 and f.rehandoff_rounds >= 3
     assert float(q.rehandoff_seconds).is_integer()  # wrk takes whole seconds
