@@ -440,6 +440,11 @@ def _rehandoff_section(w, systems: Sequence[str], summary: Mapping, raw: Mapping
         w(f"\narr-nat other target over first handoff on the router's user time alone: "
           f"{fmt(user_x, '{:.2f}')} x (a diagnostic: without the kernel work charged to the router, whose "
           "share moves from run to run here; goal 9 is on the whole CPU).")
+    rounds_x = (summary.get("arr-nat", {}).get("rehandoff") or {}).get("other_to_first_rounds")
+    if rounds_x:
+        w(f"\narr-nat other target over first handoff, round by round (a diagnostic: one window of each "
+          f"kind per round, seconds apart): {fmt(rounds_x, '{:.2f}')} x; the goal takes each run's windows "
+          "added up over its rounds.")
     fell = _window_fallbacks(raw.get("arr-nat", {}))
     if fell:
         w(f"\narr-nat requests that fell back to proxying, per window (all runs): {fell}.")
@@ -453,8 +458,11 @@ def _rehandoff_section(w, systems: Sequence[str], summary: Mapping, raw: Mapping
       "(each request a new connection), same target = keep-alive, a connection's requests all to one "
       "target (arr-nat: a re-handoff in place), other target = keep-alive, consecutive "
       "requests alternating targets (arr-nat: take-back, old forwarding connection closed, new handoff). "
-      "Router CPU / request: router processes' CPU over the window / responses; x first: that over the "
-      "first-handoff window's (paired run by run). \"What the window was\": the arr-nat router's own "
+      "The kinds of window interleave: each round runs one of each, in an order rotated every round, and "
+      "each kind's rounds are added up. "
+      "Router CPU / request: router processes' CPU over the window, counted until its deferred work is done "
+      "(1.5 s past the load, less the router's CPU at rest over that tail), / responses; x first: that "
+      "over the first-handoff window's (paired run by run). \"What the window was\": the arr-nat router's own "
       "counters (`arr_handoffs_total`, `arr_rehandoffs_total`) / requests it decided.\n")
 
 
