@@ -497,14 +497,19 @@ def _time_wait_text(data: Mapping) -> str:
     earlier tests had left before it (destroyed before the window)."""
     after: dict[str, list[float]] = {}
     cleared = 0.0
+    closes: dict[str, float] = {}
     for run in data.get("runs", []):
         for phase in PHASES:
             rec = (run.get("rehandoff") or {}).get(phase)
             if isinstance(rec, Mapping) and rec.get("forward_time_wait_after") is not None:
                 after.setdefault(phase, []).append(rec["forward_time_wait_after"])
                 cleared += rec.get("forward_time_wait_cleared") or 0
+            if isinstance(rec, Mapping):
+                for result, n in (rec.get("forward_closes") or {}).items():
+                    closes[result] = closes.get(result, 0.0) + n
     if not after:
         return ""
+    ended = ", ".join(f"{result} {n:,.0f}" for result, n in sorted(closes.items(), key=lambda kv: -kv[1]) if n)
     parts = ", ".join(f"{PHASE_LABELS[p]} {fmt(Summary.of(v).to_json(), '{:,.0f}')}" for p, v in after.items())
     return (f"arr-nat router TIME_WAIT sockets on forward ports left by each window (median over runs): {parts}. "
             "A take-back to another target closes the old forwarding connection from the router; its "
@@ -514,7 +519,11 @@ def _time_wait_text(data: Mapping) -> str:
             "shelf at any time). Left in TIME_WAIT (60 s), 11,000 forward ports would cap "
             "take-backs to another target near 183/s (`no-forward-port` fallbacks). "
             "Each arr-nat start and each window begins without the ones earlier tests left (destroyed; "
-            f"{cleared:,.0f} at window starts).")
+            f"{cleared:,.0f} at window starts)."
+            + (f" How the closes in the windows ended (`arr_forward_closes_total`, over runs): {ended}: "
+               "\"proven\" ones were destroyed by their cookie, the target's FIN having shown TIME_WAIT; "
+               "\"destroyed\" ones were looked up first (sock_diag), which costs more."
+               if ended else ""))
 
 
 def decided_rows(raw: Mapping) -> list[dict[str, Any]]:

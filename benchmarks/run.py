@@ -414,9 +414,12 @@ class Bench:
             check = self._decided(running, f"keep-alive routing {mode}", lr.requests, m0, m1)
             rec.update(decided=check["decided"], decided_check=check,
                        counts=counts_delta(router_counts(m0 or {}), router_counts(m1 or {})))
-            # what else the window held: fallbacks to proxying and failed take-backs, by reason
+            # what else the window held: fallbacks to proxying and failed take-backs, by reason;
+            # how the old forwarding connections it closed ended (a close whose TIME_WAIT the
+            # target's FIN did not prove asks sock_diag first: benchmarks/RESULTS.md, sixth session)
             for key, name, label in (("fallback_reasons", "arr_handoff_fallbacks_total", "reason"),
-                                     ("takeback_results", "arr_takebacks_total", "result")):
+                                     ("takeback_results", "arr_takebacks_total", "result"),
+                                     ("forward_closes", "arr_forward_closes_total", "result")):
                 rec[key] = {k: v for k, v in counts_delta(by_label(m0 or {}, name, label),
                                                           by_label(m1 or {}, name, label)).items() if v}
             rec["buckets"] = {hist: measure.histogram_delta(m0, m1, hist)

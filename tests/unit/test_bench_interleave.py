@@ -37,8 +37,10 @@ def test_merge_adds_rounds_up_as_one_window():
     a = round_window(1000, 1.2, buckets={TAKEBACK + '_bucket{le="0.001"}': 10.0})
     b = round_window(500, 0.5, ok=False, errors={"read": 2},
                      buckets={TAKEBACK + '_bucket{le="0.001"}': 4.0, TAKEBACK + '_bucket{le="+Inf"}': 6.0},
-                     fallback_reasons={"no-forward-port": 3.0})
+                     fallback_reasons={"no-forward-port": 3.0}, forward_closes={"proven": 490.0, "destroyed": 2.0})
+    a["forward_closes"] = {"proven": 10.0}
     m = merge_route_windows([a, b])
+    assert m["forward_closes"] == {"proven": 500.0, "destroyed": 2.0}
     assert m["requests"] == 1500 and m["router_cpu_s"] == pytest.approx(1.7)
     assert m["tail_s"] == pytest.approx(3.0) and m["seconds"] == pytest.approx(4.0)
     assert m["errors"] == {"read": 2}  # zero counts dropped

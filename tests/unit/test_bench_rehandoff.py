@@ -198,7 +198,20 @@ def test_time_wait_left_by_the_windows_is_reported():
     assert ("TIME_WAIT sockets on forward ports left by each window (median over runs): first handoff 0, "
             "same target 0, other target 4,800.") in md
     assert "(destroyed; 300 at window starts)" in md
+    assert "arr_forward_closes_total" not in md  # no counts read: no sentence
     assert "TIME_WAIT" not in report.render_markdown(results(nat_run())).split("## How it is measured")[0]
+
+
+def test_how_the_windows_closes_ended_is_reported():
+    run = nat_run()
+    for phase in ("first", "same", "other"):
+        run["rehandoff"][phase].update(forward_time_wait_after=0, forward_time_wait_cleared=0)
+    run["rehandoff"]["other"]["forward_closes"] = {"proven": 1950.0, "destroyed": 40.0, "gone": 0.0}
+    run["rehandoff"]["same"]["forward_closes"] = {"proven": 8.0}
+    md = report.render_markdown(results(run))
+    assert "How the closes in the windows ended (`arr_forward_closes_total`, over runs): proven 1,958, " \
+           "destroyed 40:" in md
+    assert "gone" not in md.split("arr_forward_closes_total")[1].split(":")[0]
 
 
 def test_forward_time_wait_asks_ss_for_the_forward_range():
