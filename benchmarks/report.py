@@ -501,12 +501,13 @@ def _time_wait_text(data: Mapping) -> str:
     for run in data.get("runs", []):
         for phase in PHASES:
             rec = (run.get("rehandoff") or {}).get(phase)
-            if isinstance(rec, Mapping) and rec.get("forward_time_wait_after") is not None:
+            if not isinstance(rec, Mapping):
+                continue
+            if rec.get("forward_time_wait_after") is not None:
                 after.setdefault(phase, []).append(rec["forward_time_wait_after"])
                 cleared += rec.get("forward_time_wait_cleared") or 0
-            if isinstance(rec, Mapping):
-                for result, n in (rec.get("forward_closes") or {}).items():
-                    closes[result] = closes.get(result, 0.0) + n
+            for result, n in (rec.get("forward_closes") or {}).items():
+                closes[result] = closes.get(result, 0.0) + n
     if not after:
         return ""
     ended = ", ".join(f"{result} {n:,.0f}" for result, n in sorted(closes.items(), key=lambda kv: -kv[1]) if n)
