@@ -16,6 +16,10 @@ A handed-off connection has no socket at the router; to move it
   is the server's ``rcv_nxt`` once it has everything the client sent
   (the seed's spoofed ACK learns it; the router knows it).
 
+And once for a socket it rebuilt: the *ACK* of the request a take-back
+queued as the socket's received bytes, which the kernel does not send
+(handoff/rebuild.py ``received_ack``).
+
 ``tcp_segment`` is pure (tests/unit/test_craft.py); ``RawSender`` is the
 socket.
 """
@@ -28,6 +32,8 @@ import struct
 from handoff.packet import checksum
 
 TCP_ACK, TCP_RST, TCP_PSH = 0x10, 0x04, 0x08
+TCPOPT_NOP, TCPOPT_TIMESTAMP = 1, 8
+_TIMESTAMPS = struct.Struct("!BBBBII")  # NOP NOP TS(kind, length, TSval, TSecr): Linux's own layout
 IP_TTL = 64
 
 
@@ -56,6 +62,15 @@ def probe(service: tuple[str, int], client: tuple[str, int], *, client_acked: in
     """The router's probe to a handed-off client: seq one below what the
     client acknowledged (old, so it is answered, never accepted)."""
     return tcp_segment(service, client, seq=client_acked - 1, ack=client_next, flags=TCP_ACK)
+
+
+def ack(source: tuple[str, int], destination: tuple[str, int], *, seq: int, ack: int, window: int,
+        tsval: int | None = None, tsecr: int = 0) -> bytes:
+    """A pure ACK, with timestamps when TSVAL is given: a rebuilt socket's
+    own, which the kernel does not send (handoff/rebuild.py ``received_ack``)."""
+    options = b"" if tsval is None else _TIMESTAMPS.pack(TCPOPT_NOP, TCPOPT_NOP, TCPOPT_TIMESTAMP, 10,
+                                                         tsval & 0xFFFFFFFF, tsecr & 0xFFFFFFFF)
+    return tcp_segment(source, destination, seq=seq, ack=ack, flags=TCP_ACK, window=window, options=options)
 
 
 def reset(source: tuple[str, int], destination: tuple[str, int], seq: int) -> bytes:

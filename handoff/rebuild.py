@@ -15,7 +15,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from handoff import fastpath, tcpstate
+from handoff import craft, fastpath, tcpstate
 
 TCP_REPAIR_WINDOW = 29
 TCPOPT_MSS, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
@@ -43,7 +43,9 @@ class SocketPlan:
     sack: bool
     timestamps: bool
     ts_clock: int
-    """The TSval it sends from now on (ignored without timestamps)."""
+    """The TSval it sends from now on (ignored without timestamps): even
+    (``ms_clock``), since TCP_TIMESTAMP takes the lowest bit for the clock's
+    unit."""
     snd_wnd: int
     """The peer's receive window, in bytes."""
     snd_wl1: int
@@ -61,6 +63,16 @@ class SocketPlan:
         return (self.rcv_nxt + len(self.received)) % (1 << 32)
 
 
+def ms_clock(tsval: int) -> int:
+    """TSVAL (mod 2**32) as a millisecond clock's value for TCP_TIMESTAMP:
+    since Linux 6.7 the lowest bit of the value set asks for a microsecond
+    clock (tcp_usec_ts), which would run a rebuilt socket's TSvals a thousand
+    times faster than the translations that follow it count on, and make the
+    next handoff's margin (handoff/translate.py ``margin_ticks``) a quarter of
+    the TSval space. One tick lower is within any step a plan takes ahead."""
+    return tsval & 0xFFFFFFFE
+
+
 def repair_options(plan: SocketPlan) -> bytes:
     """TCP_REPAIR_OPTIONS: what the handshake would have negotiated."""
     opts = [(TCPOPT_MSS, plan.mss)]
@@ -73,13 +85,43 @@ def repair_options(plan: SocketPlan) -> bytes:
     return b"".join(_REPAIR_OPT.pack(code, value) for code, value in opts)
 
 
+def receive_window(sock: socket.socket) -> tuple[int, int]:
+    """(rcv_wnd, rcv_wup) of a socket in repair mode: the right edge of the
+    window it last announced is rcv_wup + rcv_wnd."""
+    _, _, _, rcv_wnd, rcv_wup = _REPAIR_WINDOW.unpack(
+        sock.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, _REPAIR_WINDOW.size))
+    return rcv_wnd, rcv_wup
+
+
+def received_ack(plan: SocketPlan, rcv_wnd: int, rcv_wup: int, tsecr: int) -> bytes | None:
+    """The ACK a socket rebuilt from PLAN owes its peer for ``received``
+    (None: nothing received), from the socket's own state (``receive_window``;
+    TSECR: the peer's newest TSval). The kernel sends none: bytes queued in
+    repair mode schedule no ACK, and the window probe that leaving repair
+    mode sends is one below the peer's rcv_nxt, so the peer discards it (its
+    ACK field too) and only answers it. A peer that sent its request in two
+    writes without TCP_NODELAY holds the second (Nagle) until the first is
+    acknowledged, and would wait for its loss probe, 200 ms or more
+    (tests/net/test_takeback_bodies_net.py). This is the ACK the socket would
+    send: seq its snd_nxt, ack past ``received``, the window it has left,
+    its clock (``ts_clock``, the value it was set to a moment ago)."""
+    if not plan.received:
+        return None
+    open_window = (rcv_wup + rcv_wnd - plan.rcv_end) % (1 << 32)
+    if open_window >= 1 << 31:  # a window already past: none left
+        open_window = 0
+    shift = plan.rcv_wscale if plan.snd_wscale != NO_WSCALE else 0
+    window = min(open_window >> shift, 0xFFFF)
+    return craft.ack(plan.local, plan.remote, seq=plan.snd_nxt, ack=plan.rcv_end, window=window,
+                     tsval=plan.ts_clock if plan.timestamps else None, tsecr=tsecr)
+
+
 def rebuild_socket(plan: SocketPlan, *, window_probe: bool | None) -> socket.socket:
     """A connected, non-blocking socket in the state PLAN describes.
 
-    ``window_probe``: leave repair mode with one probe (TCP_REPAIR_OFF). The
-    probe carries the rebuilt socket's ACK: for the client's socket it
-    acknowledges the request bytes at once (the client does not retransmit
-    them) and makes the client announce its window again. False: leave it
+    ``window_probe``: leave repair mode with one probe (TCP_REPAIR_OFF): an
+    ACK one below the peer's rcv_nxt, which makes the peer announce its
+    window again (it acknowledges nothing: ``received_ack``). False: leave it
     without a probe; None: stay in repair mode (the caller leaves it). Raises
     OSError; nothing has been sent then (a socket closed in repair mode is
     silent). The steps are ``restore_reference``'s, in one compiled call when

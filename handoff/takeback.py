@@ -11,8 +11,9 @@ the ring buffer) instead of to the target. The router then:
 2. rebuilds both of its sockets (handoff/rebuild.py), planned here from the
    map entries, the client's segment and the agent's answer:
    * the client's: seq after the last response byte, the request as its
-     receive queue; leaving repair mode with a window probe acknowledges
-     the request at once, so the client never retransmits it;
+     receive queue; leaving repair mode, it sends a window probe and the
+     router the request's ACK (handoff/rebuild.py ``received_ack``), so
+     the client never retransmits it nor waits to send the rest;
    * the forwarding connection's, where the target's server stands: its
      snd_nxt is what the client acknowledged, translated;
 3. deletes the ingress entry (the client's packets reach the rebuilt
@@ -47,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, NamedTuple
 
 from arr.http1 import serialize_request
+from handoff import craft
 from handoff.control import (TAKEN_OK, TAKEN_UNACKED, ControlClient, ControlUnavailable, Taken, TakeBack)
 from handoff.forward_close import CLOSE_RESULTS, ForwardCloser
 from handoff.forward_pool import ForwardProfile, ReadyForward
@@ -54,9 +56,9 @@ from handoff.lifecycle import forward_key_of, target_of, wire_key
 from handoff.maps import (FLOW_ACTIVE, FLOW_F_RST, FLOW_F_WANT_HEADER, FLOW_TAKEBACK, WATCH_CONNECTING,
                           WATCH_OPT_SACK, WATCH_OPT_TS, WATCH_OPT_WSCALE, Capture, FlowEntry, FlowKey,
                           WatchEntry)
-from handoff.rebuild import NO_WSCALE, SocketPlan, rebuild_socket
+from handoff.rebuild import NO_WSCALE, SocketPlan, ms_clock, rebuild_socket, receive_window, received_ack
 from handoff.tcpstate import RTO_MAX_LEAST_MS, leave_repair, parse_tcp_options
-from handoff.translate import SocketState, wrap
+from handoff.translate import SocketState, seq_after, wrap
 
 if TYPE_CHECKING:
     import h11
@@ -159,6 +161,29 @@ class Taking:
         return wrap((self.latest.tsecr or 0) - self.entry.x.tsecr_delta)
 
 
+def client_seen_tsval(t: Taking) -> int:
+    """The newest TSval the client can have taken from the router's side:
+    its echo, or, when newer, the first the target's handoff showed it (the
+    target's TSval then, translated: the router's clock plus the
+    translation's margin, handoff/translate.py ``TS_MARGIN``).
+
+    The echo lags when the server answered before acknowledging all of the
+    request (nginx's ``return`` with a request body it has not read): every
+    segment of that answer carries an ACK the client already had, and Linux
+    takes no TS.Recent from a segment with an old ACK (tcp_ack's old-ack
+    path), so the next request echoes the router's clock from before the
+    handoff. A late ACK of the old server that does acknowledge all of it
+    raises the client's TS.Recent past that clock by the margin, and the
+    rebuilt socket's every segment would be dropped (PAWS): the connection
+    hung (tests/net/test_takeback_bodies_net.py)."""
+    echo = t.latest.tsecr or 0
+    w = t.watch
+    if w is None or not w.target_tsval:
+        return echo
+    shown = wrap(w.target_tsval + t.entry.x.tsecr_delta)
+    return shown if seq_after(shown, echo) else echo
+
+
 def plan_client(t: Taking) -> SocketPlan:
     """The router's side of the client connection: as the client sees it."""
     e, x = t.entry, t.entry.x
@@ -171,7 +196,7 @@ def plan_client(t: Taking) -> SocketPlan:
         mss=e.client_mss or DEFAULT_MSS,
         snd_wscale=x.wscale_in, rcv_wscale=e.router_wscale,
         sack=bool(e.client_opts & WATCH_OPT_SACK), timestamps=ts,
-        ts_clock=wrap((t.latest.tsecr or 0) + t.elapsed_ms + TS_STEP),
+        ts_clock=ms_clock(client_seen_tsval(t) + t.elapsed_ms + TS_STEP),
         snd_wnd=(e.peer_window or t.latest.window) << x.wscale_in,
         snd_wl1=t.latest.seq,
         received=t.received,
@@ -195,7 +220,7 @@ def plan_forward(t: Taking, rto_min_us: int = 0) -> SocketPlan:
         rcv_wscale=x.wscale_out,
         sack=bool(opts & WATCH_OPT_SACK), timestamps=ts,
         # The newest TSval the server saw is the client's, translated.
-        ts_clock=wrap((t.latest.tsval or 0) + x.tsval_delta + t.elapsed_ms + TS_STEP),
+        ts_clock=ms_clock((t.latest.tsval or 0) + x.tsval_delta + t.elapsed_ms + TS_STEP),
         snd_wnd=t.taken.window or 65535,
         snd_wl1=t.taken.snd_nxt,
         # It carries one request across the cluster's network: a lost segment
@@ -341,6 +366,8 @@ class TakeBacks:
         self._tasks: set[asyncio.Task[None]] = set()
         closes = {result: metrics.forward_closes.labels(result) for result in CLOSE_RESULTS}
         self.closer = ForwardCloser(datapath, connections, count=lambda result: closes[result].inc())
+        self.sender = craft.RawSender()
+        """Sends the ACK of a rebuilt client socket's request (``_rebuild_client``)."""
 
     def on_captures(self, captures: list[Capture]) -> None:
         for capture in captures:
@@ -371,6 +398,7 @@ class TakeBacks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.closer.stop()
+        self.sender.close()
 
     async def _take_back(self, key: FlowKey, pending: _Pending) -> None:
         started = time.perf_counter()
@@ -635,15 +663,24 @@ class TakeBacks:
         assert let_go is not None and let_go.forward is not None
         try:
             taking = self._taking(key, pending, let_go.taken, let_go.watch)
-            client = rebuild_socket(plan_client(taking), window_probe=None)
+            plan = plan_client(taking)
+            client = rebuild_socket(plan, window_probe=None)
+            try:
+                ack = received_ack(plan, *receive_window(client), tsecr=taking.latest.tsval or 0)
+            except OSError:
+                client.close()  # still in repair mode: nothing on the wire
+                raise
         except OSError as exc:  # the caller's _end_forward closes the forwarding connection
             log.warning("rebuilding the client connection %r failed: %s", key, exc)
             raise TakeBackFailed(f"rebuild-client-{exc.errno}") from None
         entry = taking.entry
-        # The client's packets reach the rebuilt socket from here on; leaving
-        # repair mode, its probe acknowledges the request.
+        # The client's packets reach the rebuilt socket from here on. Leaving
+        # repair mode, its probe makes the client announce its window; the
+        # request's ACK is the router's own (handoff/rebuild.py ``received_ack``).
         self.connections.taken_back(key, entry)
         leave_repair(client, window_probe=True)
+        if ack is not None and not self.sender.send(ack):
+            log.debug("acknowledging the request of %r: %s", key, self.sender.error or "not sent")
         forward, let_go.forward = let_go.forward, None
         context = TakenBack(
             profile=profile_of(entry), client_syn_seq=entry.syn_seq, client_tsval=taking.latest.tsval or 0,
@@ -693,8 +730,10 @@ class TakeBacks:
 
 def _watch_for_rebuilt(watch: WatchEntry | None, conn_id: int, taking: Taking) -> WatchEntry:
     """CONNECTING (pass the server's packets to the stack, record its TSval),
-    keeping what the server's SYN-ACK said (a later take-back needs it)."""
-    entry = WatchEntry() if watch is None else watch
+    keeping what the server's SYN-ACK said (a later take-back needs it). A
+    copy: WATCH, as the handoff left it, stays the take-back's (its TSval
+    dates the client's clock, ``client_seen_tsval``)."""
+    entry = WatchEntry() if watch is None else WatchEntry.from_buffer_copy(watch)
     entry.state = WATCH_CONNECTING
     entry.conn_id = conn_id
     entry.closed_ns = 0

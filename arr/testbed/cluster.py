@@ -550,6 +550,10 @@ class Cluster:
         except FileNotFoundError:
             return []
 
+    def uploaded(self, i: int, name: str) -> Path:
+        """The file target I's nginx stored for ``PUT /uploads/NAME``."""
+        return self._nginx_paths(i).put_root / "uploads" / name
+
     def nginx_error_log(self, i: int) -> str:
         return _tail(self._nginx_paths(i).error_log, 1 << 20)
 

@@ -40,6 +40,12 @@ class NginxPaths:
     def temp(self) -> Path:
         return self.root / "tmp"
 
+    @property
+    def put_root(self) -> Path:
+        """Where a PUT to ``/uploads/NAME`` stores its body: ``uploads/NAME``
+        under this directory, the target's own."""
+        return self.root / "put"
+
 
 def _quote(s: str) -> str:
     if any(c in s for c in '"\\$;{}\n'):
@@ -95,6 +101,14 @@ http {{
 
         location /files/ {{
             root {_quote(str(www_root))};
+        }}
+        # PUT stores the request's body as a file of this target's own
+        # (``Cluster.uploaded``), for tests that check a request body's bytes.
+        location /uploads/ {{
+            root {_quote(str(paths.put_root))};
+            dav_methods PUT;
+            create_full_put_path on;
+            client_max_body_size 16m;
         }}
         location = /whoami {{
             default_type text/plain;

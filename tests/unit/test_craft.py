@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from handoff import packet
-from handoff.craft import TCP_ACK, TCP_RST, probe, reset, tcp_segment
+from handoff.craft import TCP_ACK, TCP_RST, ack, probe, reset, tcp_segment
 
 MOD = 1 << 32
 ETHERNET = b"\x02\x00\x00\x00\x00\x01" + b"\x02\x00\x00\x00\x00\x02" + b"\x08\x00"
@@ -145,3 +145,35 @@ def test_any_reset_is_well_formed(source, destination, seq):
     assert_well_formed(pkt, source, destination)
     f = fields(pkt)
     assert (f["seq"], f["ack"], f["flags"], f["window"]) == (seq % MOD, 0, TCP_RST, 0)
+
+
+def options_of(pkt: bytes) -> bytes:
+    return pkt[40:20 + (pkt[32] >> 4) * 4]
+
+
+def test_the_ack_of_a_rebuilt_socket_carries_its_timestamps_as_linux_lays_them_out():
+    pkt = ack(SERVICE, CLIENT, seq=1000, ack=2000, window=300, tsval=0xDEADBEEF, tsecr=7)
+    assert len(pkt) == 52
+    parsed = packet.parse(ETHERNET + pkt)
+    assert parsed is not None and parsed.flags == TCP_ACK
+    assert (parsed.tcp_len, parsed.payload_len) == (32, 0)
+    f = fields(pkt)
+    assert (f["seq"], f["ack"], f["window"], f["offset"]) == (1000, 2000, 300, 8 << 4)
+    assert options_of(pkt) == bytes.fromhex("0101080a" "deadbeef" "00000007")  # NOP NOP TS
+    assert rfc1071(pkt[:20]) == 0 and rfc1071(pseudo_header(pkt) + pkt[20:]) == 0
+
+
+def test_the_ack_without_timestamps_is_a_bare_ack():
+    pkt = ack(SERVICE, CLIENT, seq=1, ack=2, window=3)
+    assert assert_well_formed(pkt, SERVICE, CLIENT).flags == TCP_ACK
+    assert (fields(pkt)["seq"], fields(pkt)["ack"], fields(pkt)["window"]) == (1, 2, 3)
+
+
+@given(source=ADDRESSES, destination=ADDRESSES, seq=WIDE, acked=WIDE, window=st.integers(0, 0xFFFF),
+       tsval=WIDE, tsecr=WIDE)
+def test_any_ack_is_well_formed_with_fields_modulo_2_32(source, destination, seq, acked, window, tsval, tsecr):
+    pkt = ack(source, destination, seq=seq, ack=acked, window=window, tsval=tsval, tsecr=tsecr)
+    assert rfc1071(pkt[:20]) == 0 and rfc1071(pseudo_header(pkt) + pkt[20:]) == 0
+    f = fields(pkt)
+    assert (f["seq"], f["ack"], f["window"], f["flags"]) == (seq % MOD, acked % MOD, window, TCP_ACK)
+    assert struct.unpack("!BBBBII", options_of(pkt)) == (1, 1, 8, 10, tsval % MOD, tsecr % MOD)

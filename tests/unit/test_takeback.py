@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from handoff.control import TAKEN_OK, Taken
 from handoff.maps import (FLOW_TAKEBACK, WATCH_OPT_SACK, WATCH_OPT_TS, WATCH_OPT_WSCALE, FlowEntry, FlowKey,
                           WatchEntry, Xlate)
-from handoff.rebuild import NO_WSCALE, SocketPlan, repair_options
+from handoff.rebuild import NO_WSCALE, SocketPlan, ms_clock, repair_options
 from handoff.takeback import (DEFAULT_MSS, REBUILT_FORWARD_RTO_MAX_MS, TS_STEP, Segment, Taking, assemble,
+                              client_seen_tsval,
                               plan_client, plan_forward, plan_hand_on, profile_of)
 from handoff.translate import HandoffInputs, SocketState, Translation, compute_translations
 
@@ -213,7 +214,7 @@ def test_client_plan_stands_where_the_client_sees_the_router():
     assert plan.mss == 1400
     assert (plan.snd_wscale, plan.rcv_wscale) == (TO_TARGET.wscale_in, 6)
     assert plan.sack and plan.timestamps
-    assert plan.ts_clock == wrap(4000 + 25 + TS_STEP)
+    assert plan.ts_clock == ms_clock(4000 + 25 + TS_STEP) == 5048  # even: a millisecond clock
     assert ahead(plan.ts_clock, t.latest.tsecr)  # PAWS at the client: never older than what it saw
     assert plan.snd_wnd == 1000 << TO_TARGET.wscale_in  # the entry's newest window, scaled
     assert plan.snd_wl1 == t.latest.seq
@@ -237,7 +238,50 @@ def test_client_plan_timestamps_need_a_tsecr():
 def test_client_plan_clock_ahead_across_the_wrap():
     t = make_taking(latest=Segment(seq=5, ack=6, window=7, tsval=1, tsecr=MOD - 100), elapsed_ms=0)
     plan = plan_client(t)
-    assert plan.ts_clock == wrap(MOD - 100 + TS_STEP) and ahead(plan.ts_clock, MOD - 100)
+    assert plan.ts_clock == ms_clock(MOD - 100 + TS_STEP) and ahead(plan.ts_clock, MOD - 100)
+
+
+def lagging_echo(target_tsval: int, tsecr: int, margin: int = 1 << 20) -> Taking:
+    """A take-back whose watch entry recorded TARGET_TSVAL at the handoff,
+    whose translation raised the target's TSvals by MARGIN, and whose client
+    echoes TSECR."""
+    x = Translation(saddr=ROUTER_FWD[0], daddr=TARGET[0], sport=ROUTER_FWD[1], dport=TARGET[1],
+                    seq_delta=0, ack_delta=0, tsval_delta=0, tsecr_delta=margin, wscale_in=7, wscale_out=7)
+    return make_taking(make_entry(x=Xlate.of(x)),
+                       latest=Segment(seq=MOD - 10, ack=500, window=900, tsval=1, tsecr=tsecr),
+                       watch=WatchEntry(target_tsval=target_tsval, synack_opts=WATCH_OPT_TS), elapsed_ms=25)
+
+
+def test_client_clock_follows_the_handoffs_first_tsval_when_the_echo_lags():
+    # The server answered before acknowledging the whole request: the client
+    # took no TS.Recent from the answer and still echoes the router's clock
+    # from before the handoff (5000), behind what the answer showed it.
+    t = lagging_echo(target_tsval=1000, tsecr=5000)
+    shown = 1000 + (1 << 20)
+    assert client_seen_tsval(t) == shown
+    plan = plan_client(t)
+    assert plan.ts_clock == ms_clock(shown + 25 + TS_STEP) and ahead(plan.ts_clock, shown)
+
+
+def test_client_clock_keeps_an_echo_newer_than_the_handoffs_first_tsval():
+    t = lagging_echo(target_tsval=1000, tsecr=(1 << 20) + 90_000)
+    assert client_seen_tsval(t) == (1 << 20) + 90_000
+    assert plan_client(t).ts_clock == ms_clock((1 << 20) + 90_000 + 25 + TS_STEP)
+
+
+def test_client_clock_without_a_recorded_target_tsval_is_the_echo():
+    assert client_seen_tsval(lagging_echo(target_tsval=0, tsecr=7)) == 7
+    assert client_seen_tsval(make_taking(watch=None)) == 4000
+
+
+@given(target_tsval=st.integers(1, MOD - 1), margin=st.integers(0, MOD - 1), tsecr=st.integers(0, MOD - 1))
+def test_client_clock_is_ahead_of_the_newer_of_echo_and_first_tsval(target_tsval, margin, tsecr):
+    t = lagging_echo(target_tsval, tsecr, margin)
+    shown = wrap(target_tsval + margin)
+    clock = plan_client(t).ts_clock
+    newest = client_seen_tsval(t)
+    assert newest in (shown, tsecr) and ahead(clock, newest) and clock % 2 == 0
+    assert not ahead(shown if newest == tsecr else tsecr, newest)  # it is the newer one
 
 
 def test_forward_plan_stands_where_the_server_sees_the_router():
@@ -253,7 +297,7 @@ def test_forward_plan_stands_where_the_server_sees_the_router():
     assert plan.sack and plan.timestamps
     # The newest TSval the server saw is the client's, translated.
     server_saw = wrap(t.latest.tsval + TO_TARGET.tsval_delta)
-    assert plan.ts_clock == wrap(server_saw + 25 + TS_STEP) and ahead(plan.ts_clock, server_saw)
+    assert plan.ts_clock == ms_clock(server_saw + 25 + TS_STEP) and ahead(plan.ts_clock, server_saw)
     assert plan.snd_wnd == t.taken.window
     assert plan.snd_wl1 == t.taken.snd_nxt
 
@@ -308,6 +352,7 @@ def test_plan_invariants_mod_2_32(seq_delta, ack_delta, tsval_delta, take_from, 
     assert ahead(client.ts_clock, tsecr) and ahead(forward.ts_clock, wrap(tsval + tsval_delta))
     for plan in (client, forward):
         assert all(0 <= v < MOD for v in (plan.snd_nxt, plan.rcv_nxt, plan.ts_clock))
+        assert plan.ts_clock % 2 == 0  # TCP_TIMESTAMP's lowest bit would ask for microseconds
 
 
 # ------------------------------------------------------------------ hand-on
