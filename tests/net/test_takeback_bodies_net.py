@@ -139,3 +139,45 @@ def test_request_bodies_on_one_keep_alive_connection(cluster, mode, nodelay):
             assert waited == {size: 0 for size in NAGLE_HELD}, (waited, took, outcomes)
         elif mode == "hand-on":  # bodies went on from the captures (8 to 10 of the 10 in runs)
             assert handed_on >= 1, outcomes
+
+
+def test_curl_uploads_on_one_connection(cluster):
+    """curl's PUTs on one keep-alive connection. curl (7.88) sends ``Expect:
+    100-continue`` before each body and waits up to a second for the 100:
+    after the first request's handoff, the head alone is captured, the
+    connection taken back, and the router answers 100 on the rebuilt socket,
+    then proxies the request (2 MiB, over ``body_buffer``) or hands it off
+    (30 kB)."""
+    c = cluster(targets=2, files={"1k": 1024})
+    sections = two_pools(c, hand_on=True)
+    sections["rules"] = [{"path_prefix": "/uploads/", "pool": "files"}, *sections["rules"]]
+    sizes = {"a": 1000, "b": 2 * 1024 * 1024 + 1, "c": 30_000}
+    digests = {}
+    argv = ["curl", "-v", "-sS", "--noproxy", "*", "--max-time", "60"]
+    with handoff_cluster(c, **sections) as (router, agents):
+        router.wait_healthy()
+        for name, size in sizes.items():
+            body = os.urandom(size)
+            digests[name] = hashlib.sha256(body).hexdigest()
+            (c.workdir / name).write_bytes(body)
+            argv += ["-o", "/dev/null", "-T", str(c.workdir / name), f"{router.url}/uploads/curl-{name}"]
+        since = router.log_path.stat().st_size
+        # The uploads, then a GET: curl pairs each -T and -o with a URL in order.
+        trace = c.exec(c.client, [*argv, "-o", str(c.workdir / "whoami"), router.url + "/whoami"]).stderr
+        # curl -v: what it sent ("> ") and read ("< "), and one connection for all.
+        assert trace.count("> Expect: 100-continue") == 3 and trace.count("< HTTP/1.1 100") == 3, trace
+        assert trace.count("Connected to") == 1 and "Re-using existing connection" in trace, trace
+        assert (c.workdir / "whoami").read_bytes() == f"{c.targets[0].name}\n".encode()
+        outcomes = handoff_outcomes(router, agents)
+        for name, digest in digests.items():
+            stored = c.uploaded(1, f"curl-{name}")
+            assert hashlib.sha256(stored.read_bytes()).hexdigest() == digest, (name, outcomes)
+        # Each decided, on one connection (one client port), in order.
+        assert wait_for(lambda: len(access_lines(router, None, since)) == 4, 5), access_lines(router, None, since)
+        records = access_lines(router, None, since)
+        assert len({r["client"] for r in records}) == 1, records
+        assert [(r["target"], r["decision"]) for r in records] == [
+            ("/uploads/curl-a", "handoff"), ("/uploads/curl-b", "proxy"), ("/uploads/curl-c", "handoff"),
+            ("/whoami", "handoff")], outcomes
+        assert router.metric_sum("arr_takebacks_total") == router.metric_sum(
+            "arr_takebacks_total", result="ok"), outcomes

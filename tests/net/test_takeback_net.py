@@ -78,9 +78,10 @@ def get(conn: http.client.HTTPConnection, method: str, path: str, **headers: str
     return response.status, body
 
 
-def access_lines(router, port: int, since: int = 0) -> list[dict]:
-    """The router's access-log records of the client's port PORT, written
-    after byte SINCE of the log (a port an earlier client used is reused)."""
+def access_lines(router, port: int | None, since: int = 0) -> list[dict]:
+    """The router's access-log records of the client's port PORT (None: of
+    any), written after byte SINCE of the log (a port an earlier client used
+    is reused)."""
     records = []
     with router.log_path.open("rb") as log:
         log.seek(since)
@@ -89,7 +90,8 @@ def access_lines(router, port: int, since: int = 0) -> list[dict]:
         if not line.startswith("{"):
             continue  # the application's own log lines (arr/accesslog.py: access lines are bare JSON)
         record = json.loads(line)
-        if record.get("type") in ("request", "rejected") and record.get("client", "").endswith(f":{port}"):
+        if record.get("type") in ("request", "rejected") and (
+                port is None or record.get("client", "").endswith(f":{port}")):
             records.append(record)
     return records
 
