@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from handoff import tcpstate as ts
+from handoff.rebuild import SocketPlan, ms_clock, rebuild_socket
 from handoff.tcpstate import TcpState
 
 LOOPBACK = "127.0.0.1"
@@ -690,3 +691,32 @@ def test_bounds_of_zero_change_nothing_and_the_ceiling_is_kept() -> None:
         # Outside what the kernel accepts: its own error, nothing hidden.
         with pytest.raises(OSError):
             ts.bound_retransmissions(sock, min_us=ts.RTO_MIN_RANGE_US[1] + 1)
+
+
+# --- A rebuilt socket's clock ---
+
+def _rebuilt_clock_rate(clock: int) -> tuple[int, bool]:
+    """Ticks a socket rebuilt with TCP_TIMESTAMP = CLOCK counts in 50 ms, and
+    whether its readings carry the microsecond flag. Repair mode throughout:
+    nothing is sent, the socket closes silently."""
+    plan = SocketPlan(local=(LOOPBACK, 0), remote=(LOOPBACK, 9), snd_nxt=1000, rcv_nxt=2000, mss=1400,
+                      snd_wscale=7, rcv_wscale=7, sack=True, timestamps=True, ts_clock=clock,
+                      snd_wnd=65535, snd_wl1=1999)
+    sock = rebuild_socket(plan, window_probe=None)
+    try:
+        start = ts.ts_clock(sock)
+        time.sleep(0.05)
+        now = ts.ts_clock(sock)
+        return signed_diff(now, start), ts.ts_usec(now)
+    finally:
+        sock.close()
+
+
+def test_a_rebuilt_clock_counts_milliseconds_when_its_value_is_even(root: None) -> None:
+    """TCP_TIMESTAMP's lowest bit picks the unit (Linux 6.7+): the plans make
+    every clock even (handoff/rebuild.py ``ms_clock``); an odd one would run
+    in microseconds, a thousand times too fast for the translations."""
+    ticks, usec = _rebuilt_clock_rate(ms_clock(123457))
+    assert 40 <= ticks <= 200 and not usec
+    ticks, usec = _rebuilt_clock_rate(123457)  # the kernel behaviour ms_clock avoids
+    assert ticks >= 40_000 and usec
