@@ -56,6 +56,20 @@ class EventReader(Generic[R]):
         self.stop()
         self.ring.close()
 
+    def read_now(self) -> None:
+        """Hand over the records waiting now, without waiting for the loop
+        (whose watch and timer stay as they are: their read finds the rest)."""
+        self._deliver()
+
+    def _deliver(self) -> None:
+        try:
+            records = self.ring.consume()
+            if records:
+                self.batches += 1
+                self.on_records(records)
+        except Exception:  # events are hints: the sweeps find what one missed
+            log.exception("reading the programs' events failed")
+
     def _readable(self) -> None:
         assert self._loop is not None
         self._loop.remove_reader(self.ring.fileno())
@@ -65,12 +79,7 @@ class EventReader(Generic[R]):
         assert self._loop is not None
         self._timer = None
         try:
-            records = self.ring.consume()
-            if records:
-                self.batches += 1
-                self.on_records(records)
-        except Exception:  # events are hints: the sweeps find what one missed
-            log.exception("reading the programs' events failed")
+            self._deliver()
         finally:
             if self._loop is not None:
                 self._loop.add_reader(self.ring.fileno(), self._readable)

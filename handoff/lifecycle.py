@@ -445,6 +445,12 @@ class RouterConnections:
         self.gone.pop(entry.conn_id, None)
         self._counted_end(entry.conn_id, why, target_of(entry))
 
+    def read_events_now(self) -> None:
+        """Handle the programs' events waiting in the ring buffer now (a
+        take-back wants every capture before it rebuilds: handoff/takeback.py)."""
+        if self._reader is not None:
+            self._reader.read_now()
+
     def taken_back(self, client_key: FlowKey, entry: FlowEntry) -> None:
         """The router took the connection back (handoff/takeback.py): its
         client's packets go to the router's stack from now on. The agent

@@ -104,7 +104,10 @@ def received_ack(plan: SocketPlan, rcv_wnd: int, rcv_wup: int, tsecr: int) -> by
     acknowledged, and would wait for its loss probe, 200 ms or more
     (tests/net/test_takeback_bodies_net.py). This is the ACK the socket would
     send: seq its snd_nxt, ack past ``received``, the window it has left,
-    its clock (``ts_clock``, the value it was set to a moment ago)."""
+    its clock (``ts_clock``, the value it was set to a moment ago). Sent
+    instead of the probe, from the window read before the socket leaves
+    repair mode: a probe would announce a window of its own, which the
+    socket then counts as the peer's."""
     if not plan.received:
         return None
     open_window = (rcv_wup + rcv_wnd - plan.rcv_end) % (1 << 32)

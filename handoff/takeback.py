@@ -10,10 +10,11 @@ the ring buffer) instead of to the target. The router then:
    waits for the client's ACK and asks again), and ends its egress entry;
 2. rebuilds both of its sockets (handoff/rebuild.py), planned here from the
    map entries, the client's segment and the agent's answer:
-   * the client's: seq after the last response byte, the request as its
-     receive queue; leaving repair mode, it sends a window probe and the
-     router the request's ACK (handoff/rebuild.py ``received_ack``), so
-     the client never retransmits it nor waits to send the rest;
+   * the client's: seq after the last response byte, the request (every
+     capture read so far) as its receive queue; leaving repair mode, the
+     router sends the request's ACK in place of the kernel's window probe
+     (handoff/rebuild.py ``received_ack``), so the client never retransmits
+     it nor waits to send the rest;
    * the forwarding connection's, where the target's server stands: its
      snd_nxt is what the client acknowledged, translated;
 3. deletes the ingress entry (the client's packets reach the rebuilt
@@ -57,7 +58,7 @@ from handoff.maps import (FLOW_ACTIVE, FLOW_F_RST, FLOW_F_WANT_HEADER, FLOW_TAKE
                           WATCH_OPT_SACK, WATCH_OPT_TS, WATCH_OPT_WSCALE, Capture, FlowEntry, FlowKey,
                           WatchEntry)
 from handoff.rebuild import NO_WSCALE, SocketPlan, ms_clock, rebuild_socket, receive_window, received_ack
-from handoff.tcpstate import RTO_MAX_LEAST_MS, leave_repair, parse_tcp_options
+from handoff.tcpstate import RTO_MAX_LEAST_MS, enter_repair, leave_repair, parse_tcp_options
 from handoff.translate import SocketState, seq_after, wrap
 
 if TYPE_CHECKING:
@@ -661,6 +662,10 @@ class TakeBacks:
         """Step 2's client socket and step 3: the connection is the router's again."""
         let_go = pending.let_go
         assert let_go is not None and let_go.forward is not None
+        # Captures the loop has not read yet (the client sends on while the
+        # agent answers): left out, they would reach the rebuilt socket as a
+        # hole, which the client fills by resending (a SACK recovery).
+        self.connections.read_events_now()
         try:
             taking = self._taking(key, pending, let_go.taken, let_go.watch)
             plan = plan_client(taking)
@@ -674,13 +679,20 @@ class TakeBacks:
             log.warning("rebuilding the client connection %r failed: %s", key, exc)
             raise TakeBackFailed(f"rebuild-client-{exc.errno}") from None
         entry = taking.entry
-        # The client's packets reach the rebuilt socket from here on. Leaving
-        # repair mode, its probe makes the client announce its window; the
-        # request's ACK is the router's own (handoff/rebuild.py ``received_ack``).
+        # The client's packets reach the rebuilt socket from here on. The
+        # request's ACK is the router's own (handoff/rebuild.py
+        # ``received_ack``), and it stands for the window probe: a probe would
+        # announce a window of its own, which the client discards with the
+        # probe, while the socket takes it for the one the client knows and
+        # opens no window it did not announce (a full one stayed shut until
+        # the client's persist timer, 200 ms). Nothing to acknowledge, or no
+        # way to send it: the probe, which makes the client announce its window.
         self.connections.taken_back(key, entry)
-        leave_repair(client, window_probe=True)
+        leave_repair(client, window_probe=ack is None)
         if ack is not None and not self.sender.send(ack):
             log.debug("acknowledging the request of %r: %s", key, self.sender.error or "not sent")
+            enter_repair(client)
+            leave_repair(client, window_probe=True)
         forward, let_go.forward = let_go.forward, None
         context = TakenBack(
             profile=profile_of(entry), client_syn_seq=entry.syn_seq, client_tsval=taking.latest.tsval or 0,

@@ -3,7 +3,7 @@
 An API client sends a body on a connection whose previous request was handed
 off: the router's BPF captures the new request, body and all, as far as the
 client sends it without an acknowledgement. A request whole in the captures
-is handed on from them (``hand-on``, when the client writes without Nagle's
+(Content-Length or chunked) is handed on from them (``hand-on``, when the client writes without Nagle's
 wait); an incomplete one has the connection taken back, the captured bytes
 becoming the rebuilt socket's receive queue and the rest read from it
 (handoff/takeback.py); a body over ``limits.body_buffer`` is proxied from
@@ -47,6 +47,9 @@ router's ACK); exactly ``body_buffer`` (still handed off); one byte over and
 far over it (proxied)."""
 
 
+CHUNKED_SIZES = (10, 5000, 200_000)
+"""Bodies sent chunked (in 4,000-byte chunks): read whole and handed off with
+a Content-Length, or relayed as they come (over ``body_buffer``)."""
 NAGLE_HELD = (1, 700)
 """Bodies that leave as one short segment after the head: without TCP_NODELAY
 the client holds it until the head is acknowledged, with the head its only
@@ -105,6 +108,20 @@ def test_request_bodies_on_one_keep_alive_connection(cluster, mode, nodelay):
             took.append((f"POST {size}", time.monotonic() - started))
             if size in NAGLE_HELD:
                 waited[size] = loss_probes(c) - probes
+        for n, size in enumerate(CHUNKED_SIZES, start=len(BODY_SIZES) + 1):
+            body = os.urandom(size)
+            upload = f"chunked{n}-{size}"
+            bodies[upload] = hashlib.sha256(body).hexdigest()
+            started = time.monotonic()
+            conn.request("PUT", f"/uploads/{upload}", body=iter([body[i:i + 4000] for i in range(0, size, 4000)]),
+                         headers={"Host": "arr.test"}, encode_chunked=True)
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 201 and not response.will_close, (size, response.status)
+            expected.append(expected_decision(size))
+            took.append((f"PUT chunked {size}", time.monotonic() - started))
+            assert get(conn, "GET", f"/whoami?n=c{n}") == (200, f"{name}\n".encode())  # back to t0
+            expected.append("handoff")
         assert get(conn, "GET", "/whoami?n=last") == (200, f"{name}\n".encode())
         expected.append("handoff")
         conn.close()

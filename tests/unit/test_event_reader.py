@@ -99,3 +99,28 @@ async def _stop_inside_a_window_cancels_the_batch() -> None:
 
 def test_stop_inside_a_window_cancels_the_batch(on_both_loops) -> None:
     on_both_loops(_stop_inside_a_window_cancels_the_batch())
+
+
+async def _read_now_hands_over_what_waits_and_the_reader_goes_on() -> None:
+    ring = PipeRing()
+    batches: list[list[int]] = []
+    reader = EventReader(ring, batches.append, window=0.05)  # type: ignore[arg-type]
+    reader.start()
+    try:
+        ring.put(1, 2)
+        reader.read_now()  # a take-back before it rebuilds: no wait for the loop
+        assert batches == [[1, 2]]
+        await asyncio.sleep(0.08)  # the loop's read (armed by the same records) finds nothing
+        assert batches == [[1, 2]]
+        ring.put(3)
+        await asyncio.sleep(0.08)
+        assert batches == [[1, 2], [3]]
+        reader.read_now()  # nothing waiting: nothing handed over
+        assert batches == [[1, 2], [3]] and reader.batches == 2
+    finally:
+        reader.stop()
+        ring.close()
+
+
+def test_read_now_hands_over_what_waits_and_the_reader_goes_on(on_both_loops) -> None:
+    on_both_loops(_read_now_hands_over_what_waits_and_the_reader_goes_on())
