@@ -29,10 +29,9 @@ from __future__ import annotations
 import socket
 import struct
 
-from handoff.packet import checksum
+from handoff.packet import OPT_NOP, OPT_TS, checksum
 
 TCP_ACK, TCP_RST, TCP_PSH = 0x10, 0x04, 0x08
-TCPOPT_NOP, TCPOPT_TIMESTAMP = 1, 8
 _TIMESTAMPS = struct.Struct("!BBBBII")  # NOP NOP TS(kind, length, TSval, TSecr): Linux's own layout
 IP_TTL = 64
 
@@ -68,7 +67,7 @@ def ack(source: tuple[str, int], destination: tuple[str, int], *, seq: int, ack:
         tsval: int | None = None, tsecr: int = 0) -> bytes:
     """A pure ACK, with timestamps when TSVAL is given: a rebuilt socket's
     own, which the kernel does not send (handoff/rebuild.py ``received_ack``)."""
-    options = b"" if tsval is None else _TIMESTAMPS.pack(TCPOPT_NOP, TCPOPT_NOP, TCPOPT_TIMESTAMP, 10,
+    options = b"" if tsval is None else _TIMESTAMPS.pack(OPT_NOP, OPT_NOP, OPT_TS, 10,
                                                          tsval & 0xFFFFFFFF, tsecr & 0xFFFFFFFF)
     return tcp_segment(source, destination, seq=seq, ack=ack, flags=TCP_ACK, window=window, options=options)
 

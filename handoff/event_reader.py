@@ -59,9 +59,6 @@ class EventReader(Generic[R]):
     def read_now(self) -> None:
         """Hand over the records waiting now, without waiting for the loop
         (whose watch and timer stay as they are: their read finds the rest)."""
-        self._deliver()
-
-    def _deliver(self) -> None:
         try:
             records = self.ring.consume()
             if records:
@@ -79,7 +76,7 @@ class EventReader(Generic[R]):
         assert self._loop is not None
         self._timer = None
         try:
-            self._deliver()
+            self.read_now()
         finally:
             if self._loop is not None:
                 self._loop.add_reader(self.ring.fileno(), self._readable)

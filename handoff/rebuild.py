@@ -169,8 +169,7 @@ def restore_reference(sock: socket.socket, plan: SocketPlan, window_probe: bool 
         while view:
             view = view[sock.send(view):]
     sock.setsockopt(tcp, tcpstate.TCP_REPAIR_QUEUE, tcpstate.TCP_NO_QUEUE)
-    _, _, _, rcv_wnd, rcv_wup = _REPAIR_WINDOW.unpack(
-        sock.getsockopt(tcp, TCP_REPAIR_WINDOW, _REPAIR_WINDOW.size))
+    rcv_wnd, rcv_wup = receive_window(sock)
     sock.setsockopt(tcp, TCP_REPAIR_WINDOW, _REPAIR_WINDOW.pack(
         plan.snd_wl1, plan.snd_wnd, plan.snd_wnd, rcv_wnd, rcv_wup))
     if window_probe is not None:
