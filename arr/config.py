@@ -136,6 +136,12 @@ class HandoffSettings:
     ``_hand_on``): the old agent lets go, the old forwarding connection ends
     with a FIN, the new handoff starts from the client's state as the maps
     and the captured segment give it, no socket rebuilt for the client."""
+    reuse_forward: bool = False
+    """Give a taken-back connection's forwarding connection whose next request
+    went to another target (or was proxied, answered locally or refused) back
+    to the forward pool (handoff/forward_pool.py ``give_back``): the next
+    handoff to its target takes it instead of connecting, and the FIN waits
+    until the pool drops it unused. Off: it is closed at once with a FIN."""
     migrate_sticky: float = 60.0
     """How long a migration's override sends a moved client's next requests
     (a reset client's new connections too) to its destination (arr/migration.py)."""
@@ -405,6 +411,7 @@ def _handoff(data: Any) -> HandoffSettings:
         takeback_timeout=s.number("takeback_timeout", d.takeback_timeout, allow_zero=False),
         rehandoff_in_place=s.get("rehandoff_in_place", bool, d.rehandoff_in_place),
         rehandoff_hand_on=s.get("rehandoff_hand_on", bool, d.rehandoff_hand_on),
+        reuse_forward=s.get("reuse_forward", bool, d.reuse_forward),
         migrate_sticky=s.number("migrate_sticky", d.migrate_sticky, allow_zero=False),
         migrate_wait=s.number("migrate_wait", d.migrate_wait, allow_zero=False),
         move_on_down=s.get("move_on_down", bool, d.move_on_down),

@@ -203,10 +203,15 @@ class Router:
     def _shared_fds(self) -> int:
         """Fds the configuration can hold outside any client connection (what
         ``limits.reserved_fds`` must cover, arr/fdlimit.py): idle upstream
-        connections, ready forwarding connections (one client profile), one
-        health probe per checked member."""
+        connections, ready forwarding connections (one client profile; with
+        ``handoff.reuse_forward`` a shelf holds up to RETURNED_DEPTH times
+        the pool's depth), one health probe per checked member."""
+        from handoff.forward_pool import RETURNED_DEPTH
+
         targets = {m.target.address for p in self.pools.values() for m in p.members}
-        ready = 0 if isinstance(self.handoff, NoHandoff) else self.config.handoff.forward_pool
+        handoff = self.config.handoff
+        ready = 0 if isinstance(self.handoff, NoHandoff) else \
+            handoff.forward_pool * (RETURNED_DEPTH if handoff.reuse_forward else 1)
         probes = sum(len(p.members) for p in self.pools.values() if p.health is not None)
         return FIXED_FDS + (self.config.upstream.keepalive + ready) * len(targets) + probes
 

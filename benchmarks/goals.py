@@ -189,8 +189,19 @@ def rehandoff_goals(s: Mapping) -> list[Verdict]:
     windows over its CPU per request in the first-handoff window (ratios paired
     run by run, median). n/a when a window's requests were mostly not what it
     measures (stats.phase_share, from the router's own counters). HAProxy's
-    figures for the same windows are in the note for scale."""
-    r = s.get("arr-nat", {}).get("rehandoff") or {}
+    figures for the same windows are in the note for scale. When arr-nat-reuse
+    ran, goal 9 once more for it (``handoff.reuse_forward``: the old forwarding
+    connection back to the pool instead of its FIN)."""
+    out = _rehandoff_goals(s, "arr-nat")
+    if s.get("arr-nat-reuse", {}).get("rehandoff"):
+        reuse = _rehandoff_goals(s, "arr-nat-reuse")[1]
+        out.append(Verdict(reuse.goal + ", with handoff.reuse_forward (arr-nat-reuse)", reuse.target,
+                           reuse.measured, reuse.status, reuse.note))
+    return out
+
+
+def _rehandoff_goals(s: Mapping, system: str) -> list[Verdict]:
+    r = s.get(system, {}).get("rehandoff") or {}
     hap = s.get("haproxy", {}).get("rehandoff") or {}
     first = _med((r.get("first") or {}).get("router_cpu_per_request_ms"))
     hap_first = _med((hap.get("first") or {}).get("router_cpu_per_request_ms"))
@@ -203,12 +214,12 @@ def rehandoff_goals(s: Mapping) -> list[Verdict]:
              "take-backs to another target")):
         target = f"<= {limit:g} x first handoff"
         if not r:
-            out.append(Verdict(goal, target, "not measured", "n/a", "no keep-alive routing test with arr-nat"))
+            out.append(Verdict(goal, target, "not measured", "n/a", f"no keep-alive routing test with {system}"))
             continue
         per = _med((r.get(phase) or {}).get("router_cpu_per_request_ms"))
         notes = []
         if per is not None and first is not None:
-            notes.append(f"arr-nat router CPU per request {per:.3f} ms vs first handoff {first:.3f} ms")
+            notes.append(f"{system} router CPU per request {per:.3f} ms vs first handoff {first:.3f} ms")
         hap_per = _med((hap.get(phase) or {}).get("router_cpu_per_request_ms"))
         if hap_per is not None and hap_first is not None:
             notes.append(f"haproxy, same windows: {hap_per:.3f} ms per keep-alive request vs "

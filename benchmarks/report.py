@@ -16,8 +16,9 @@ from benchmarks.goals import SUSTAIN_RATE, earlier_goals, goal_verdicts
 from benchmarks.stats import KIB, PHASES, Summary
 
 MIB = 1 << 20
-SYSTEM_ORDER = ("direct", "arr-nat", "arr-proxy", "haproxy", "haproxy-splice", "nginx")
-COLORS = {"direct": "#7f7f7f", "arr-nat": "#d62728", "arr-proxy": "#ff9896", "haproxy": "#1f77b4",
+SYSTEM_ORDER = ("direct", "arr-nat", "arr-nat-reuse", "arr-proxy", "haproxy", "haproxy-splice", "nginx")
+COLORS = {"direct": "#7f7f7f", "arr-nat": "#d62728", "arr-nat-reuse": "#8c564b", "arr-proxy": "#ff9896",
+          "haproxy": "#1f77b4",
           "haproxy-splice": "#9ecae1", "nginx": "#2ca02c"}
 
 

@@ -45,7 +45,7 @@ QUICK_SYSTEMS = ("direct", "arr-nat", "arr-proxy", "haproxy")  # haproxy: the go
 TESTS = ("throughput", "ttfb", "conn", "rehandoff")
 """The per-run tests (``--tests``): throughput per size, TTFB, new connections,
 the keep-alive routing test."""
-NO_MEMORY_TEST = ("direct", "haproxy-splice")
+NO_MEMORY_TEST = ("direct", "haproxy-splice", "arr-nat-reuse")
 """direct has no router; haproxy-splice holds idle connections exactly as haproxy does
 (splicing only changes how bodies are forwarded)."""
 
@@ -416,10 +416,13 @@ class Bench:
                        counts=counts_delta(router_counts(m0 or {}), router_counts(m1 or {})))
             # what else the window held: fallbacks to proxying and failed take-backs, by reason;
             # how the old forwarding connections it closed ended (a close whose TIME_WAIT the
-            # target's FIN did not prove asks sock_diag first: benchmarks/RESULTS.md, sixth session)
+            # target's FIN did not prove asks sock_diag first: benchmarks/RESULTS.md, sixth session);
+            # where its forwarding connections came from (hit, miss, stale, returned:
+            # handoff/forward_pool.py)
             for key, name, label in (("fallback_reasons", "arr_handoff_fallbacks_total", "reason"),
                                      ("takeback_results", "arr_takebacks_total", "result"),
-                                     ("forward_closes", "arr_forward_closes_total", "result")):
+                                     ("forward_closes", "arr_forward_closes_total", "result"),
+                                     ("forward_pool", "arr_forward_pool_total", "result")):
                 rec[key] = {k: v for k, v in counts_delta(by_label(m0 or {}, name, label),
                                                           by_label(m1 or {}, name, label)).items() if v}
             rec["buckets"] = {hist: measure.histogram_delta(m0, m1, hist)
@@ -538,7 +541,7 @@ class Bench:
     def run(self, out_dir: Path) -> None:
         from arr.testbed import Cluster, ClusterSpec
         from benchmarks.sustain import sustain_test
-        from benchmarks.systems import bench_targets, start_system
+        from benchmarks.systems import REHANDOFF_ONLY, bench_targets, start_system
 
         plan = self.plan
         files = {name: SIZES[name] for name in dict.fromkeys(["1KiB", *plan.sizes])}
@@ -555,7 +558,8 @@ class Bench:
                     self.raw[system]["runs"].append(rec)
                     try:
                         self.step(f"run {run + 1}/{plan.runs} {system}: starting")
-                        if any(t in plan.tests for t in ("throughput", "ttfb", "conn")):
+                        if any(t in plan.tests for t in ("throughput", "ttfb", "conn")) \
+                                and system not in REHANDOFF_ONLY:
                             with start_system(c, system) as running:
                                 if run == 0:
                                     self.notes.setdefault("configs", {})[system] = running.config
@@ -621,9 +625,11 @@ class Bench:
         self.cluster = None
 
     def steps(self) -> int:
+        from benchmarks.systems import REHANDOFF_ONLY
+
         p = self.plan
-        per_run = len(p.systems) * (1 + (len(p.sizes) if "throughput" in p.tests else 0)
-                                    + ("ttfb" in p.tests) + ("conn" in p.tests))
+        per_run = len([s for s in p.systems if s not in REHANDOFF_ONLY]) * (
+            1 + (len(p.sizes) if "throughput" in p.tests else 0) + ("ttfb" in p.tests) + ("conn" in p.tests))
         if "rehandoff" in p.tests:
             per_run += len([s for s in p.systems if s != "direct"])
         mem = p.memory_runs * len([s for s in p.systems if s not in NO_MEMORY_TEST]) * len(p.memory_ns)

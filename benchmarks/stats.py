@@ -467,7 +467,7 @@ def merge_route_windows(windows: Sequence[Mapping]) -> dict:
         if any(key in w for w in windows):
             out[key] = None if any(v is None for v in values) else sum(values)
     out["errors"] = {k: v for k, v in _sum_maps(w.get("errors") for w in windows).items() if v}
-    for key in ("counts", "fallback_reasons", "takeback_results", "forward_closes"):
+    for key in ("counts", "fallback_reasons", "takeback_results", "forward_closes", "forward_pool"):
         if any(key in w for w in windows):
             out[key] = _sum_maps(w.get(key) for w in windows)
     if any("buckets" in w for w in windows):

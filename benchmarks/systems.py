@@ -2,6 +2,9 @@
 
 ``direct``     the client downloads from the targets themselves (no router)
 ``arr-nat``    ``arr serve`` in nat mode (handoff) + ``arr agent`` on each target
+``arr-nat-reuse``  the same with ``handoff.reuse_forward``: a taken-back
+               connection's old forwarding connection goes back to the forward
+               pool instead of closing (keep-alive routing test only)
 ``arr-proxy``  ``arr serve`` in proxy mode (arr relays every byte)
 ``haproxy``    HAProxy, http mode, ``nbthread 1``, in the router namespace
 ``haproxy-splice``  the same plus ``option splice-response``: response bodies
@@ -26,7 +29,9 @@ from arr.testbed import nginx as tb_nginx
 from arr.testbed.router import BPF_DIR, clear_handoff_programs, handoff_cluster, pin_instance
 from benchmarks.measure import ROUTE_HEADER, BenchError, forward_ports_of, forward_time_wait, wait_for
 
-SYSTEMS = ("direct", "arr-nat", "arr-proxy", "haproxy", "haproxy-splice", "nginx")
+SYSTEMS = ("direct", "arr-nat", "arr-nat-reuse", "arr-proxy", "haproxy", "haproxy-splice", "nginx")
+REHANDOFF_ONLY = ("arr-nat-reuse",)
+"""Run in the keep-alive routing test only: elsewhere they are arr-nat."""
 ROUTER_PORT = 80
 MAX_CONNS = 19000
 
@@ -304,11 +309,13 @@ def start_system(cluster: Cluster, name: str, one_target: bool = False,
     clear_handoff_programs(cluster)
     if name == "direct":
         yield Running(name, [f"http://{t.ip}:{cluster.spec.target_port}" for t in cluster.targets])
-    elif name in ("arr-nat", "arr-proxy"):
+    elif name in ("arr-nat", "arr-nat-reuse", "arr-proxy"):
         mode = name.split("-")[1]
         if mode == "nat":  # an earlier test's take-backs must not take this one's forward ports
             forward_time_wait(cluster, forward_ports_of(None), kill=True)
-        sections = {"limits": ARR_LIMITS}
+        sections: dict = {"limits": ARR_LIMITS}
+        if name == "arr-nat-reuse":
+            sections["handoff"] = {"reuse_forward": True}
         if one_target:
             sections["targets"] = single_target(cluster)
         if health:

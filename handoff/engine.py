@@ -100,6 +100,9 @@ class Attempt:
     kernel_bytes: bytes = b""
     watch: WatchEntry | None = None
     """The forwarding connection's watch entry as its handshake left it."""
+    syn_seq: int | None = None
+    """The server's SYN-ACK seq when the forwarding connection is a rebuilt
+    one (``ReadyForward.syn_seq``)."""
     steps: list[str] = field(default_factory=list)
 
 
@@ -166,13 +169,15 @@ class RouterHandoff:
             self.connections.on_resends = in_place.on_resends
         if self.settings.rehandoff_hand_on:
             self.takebacks.hand_on = self.hand_on
+        self.takebacks.retire = self.retire_taken
         if self.settings.rehandoff_in_place or self.settings.rehandoff_hand_on:
             self.takebacks.route = router.route_captured
         self.deadlines = ResponseDeadlines(self.datapath, self.takebacks, self.metrics, self.migrator.sender,
                                            resume=router.resume)
         self.connections.start()
         self.releaser = ForwardReleaser(self._release_forward, self.settings.request_ack_timeout)
-        counters = {result: self.metrics.forward_pool.labels(result) for result in ("hit", "miss", "stale")}
+        counters = {result: self.metrics.forward_pool.labels(result)
+                    for result in ("hit", "miss", "stale", "returned", "full")}
         self.pool = pool = ForwardPool(self._open_forward, self._retire_forward, self.settings.forward_pool,
                                        count=lambda result: counters[result].inc(), clean=self._clean_handshake)
         self.metrics.forward_pool_ready.set_function(lambda: pool.ready)  # computed at scrape time
@@ -249,6 +254,8 @@ class RouterHandoff:
         SYN-ACK (the router's BPF counts them), the router's own (which may
         have to resend the request) if it resent its SYN."""
         assert self.datapath is not None
+        if ready.syn_seq is not None:
+            return True  # rebuilt after a take-back: its handshake is long past, its RTO measured since
         watch = self.datapath.watch.lookup(ready.watch_key)
         return watch is not None and watch.synacks <= 1 and tcpstate.rto_us(ready.sock) < HANDSHAKE_LOSS_RTO_US
 
@@ -274,10 +281,11 @@ class RouterHandoff:
 
     def forget(self, session: "ClientSession") -> None:
         """A taken-back connection's request went elsewhere than a handoff, or
-        the connection ended: its rebuilt forwarding connection is closed."""
+        the connection ended: its rebuilt forwarding connection is retired
+        (``retire_taken``)."""
         context = session.handoff_context
         if isinstance(context, TakenBack) and self.takebacks is not None:
-            self.takebacks.drop_forward(context)
+            self.takebacks.drop_forward(context, reuse=True)
 
     # ---------------------------------------------------------- the sequence
 
@@ -370,9 +378,8 @@ class RouterHandoff:
             if attempt.kernel_bytes:
                 raise Fallback("pipelined")
             request_bytes = serialize_request(request, head)
-            to_target, rcv_nxt = await self._install(
-                attempt, agent, c_snap.tcp, len(request_bytes), client_tsval,
-                syn_seq=context.target_syn_seq if reused and context is not None else None)
+            to_target, rcv_nxt = await self._install(attempt, agent, c_snap.tcp, len(request_bytes), client_tsval,
+                                                     syn_seq=attempt.syn_seq)
         except BaseException as exc:
             fallback = exc if isinstance(exc, Fallback) else None
             if fallback is None and not isinstance(exc, Exception):
@@ -425,7 +432,8 @@ class RouterHandoff:
             if ":" in target.host:
                 raise Fallback("ipv6")  # the BPF programs translate IPv4 only
             await self._connect(attempt, target, on.profile, None)
-            to_target, rcv_nxt = await self._install(attempt, agent, on.client, len(request_bytes), on.client_tsval)
+            to_target, rcv_nxt = await self._install(attempt, agent, on.client, len(request_bytes), on.client_tsval,
+                                                     syn_seq=attempt.syn_seq)
             previous = self.datapath.ingress.lookup(on.client_key)
             if previous is None or previous.conn_id != conn_id or previous.state != FLOW_TAKEBACK:
                 raise Fallback("entry-gone")
@@ -517,22 +525,37 @@ class RouterHandoff:
         the client's options: the taken-back connection's own when it leads to
         TARGET (True: reused, no new connection at the target), else from the
         pool when one is ready, else now. A taken-back connection's that leads
-        elsewhere is closed (a FIN: an ordinary close for the old target)."""
+        elsewhere is retired (``retire_taken``)."""
         ready = None
         if context is not None and context.forward is not None:
             forward, context.forward = context.forward, None
             if context.target == target.address:
                 ready = forward
             else:
-                assert self.takebacks is not None
-                self.takebacks.close_forward(forward)
+                self.retire_taken(forward, context.target, context.profile)
         reused = ready is not None
         if ready is None and self.pool is not None:
             ready = self.pool.take(target, profile)
         if ready is None:
             ready = await self._open_forward_raced(target, profile)
         attempt.forward, attempt.watch_key, attempt.conn_id = ready.sock, ready.watch_key, ready.conn_id
+        attempt.syn_seq = ready.syn_seq
         return reused
+
+    def retire_taken(self, ready: ReadyForward, target: tuple[str, int], profile: ForwardProfile) -> None:
+        """A taken-back connection's forwarding connection (READY, to TARGET,
+        opened for PROFILE) whose next request went elsewhere: back to the
+        pool for the next handoff to TARGET (``handoff.reuse_forward``) when
+        its shelf has room, else closed (a FIN: an ordinary close for the
+        target, handoff/forward_close.py)."""
+        assert self.takebacks is not None
+        if self.settings.reuse_forward and self.pool is not None and not self._stopping:
+            states = self._states_at.get(target, ())
+            # Not for a target the policies avoid: it would only age out.
+            if any(state.healthy and not state.draining for state in states) and \
+                    self.pool.give_back(target, profile, ready):
+                return
+        self.takebacks.close_forward(ready)
 
     async def _open_forward(self, target: "Target", profile: ForwardProfile) -> ReadyForward:
         """Forwarding socket, watch entry (the BPF normalises the SYN to

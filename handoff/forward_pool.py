@@ -15,6 +15,17 @@ pristine (established, nothing queued either way: ``fastpath.ineligible``).
 A profile unused for ``IDLE_PROFILE`` stops being refilled and its
 connections are closed, so an idle router holds nothing.
 
+A taken-back connection's forwarding connection whose next request went to
+another target can come back to its shelf (``give_back``, setting
+``handoff.reuse_forward``): the router rebuilt its side of it where the
+server's side stands, so it is as ready as a new one, and the next handoff to
+that target takes it instead of a connect. A shelf holds up to
+``RETURNED_DEPTH`` times ``depth`` that way, and its refill connects only below
+``depth``: where clients move between targets about as often one way as the
+other, the connections coming back replace the refill's connects. Back on the
+shelf a connection follows the same rules (``MAX_AGE`` from its return, then
+closed with a FIN as any unused one).
+
 The decisions are pure (``usable``, ``ForwardProfile``); ``ForwardPool`` is
 the I/O: the engine gives it ``open_forward`` (bind, watch entry, connect)
 and ``discard`` (a FIN, its port free once the server answered:
@@ -49,6 +60,13 @@ RFC 6298's 3 s fallback RTO, and a response segment lost then waits that long
 (seen under 2% loss: a 64 KiB response stalled 4.4 s)."""
 IDLE_PROFILE = 60.0
 """A profile not taken from for this long is no longer kept ready."""
+RETURNED_DEPTH = 4
+"""A shelf takes connections back (``give_back``) up to this many times its
+depth: room for the swing between clients leaving a target and clients
+coming to it (clients that move in step leave a target together, then come
+back together), past which the connection is closed ("full"). With 2, eight
+wrk connections alternating between two targets found the shelf full at a
+third of their returns (benchmarks/RESULTS.md)."""
 RETRY_AFTER = 1.0
 """After a failed connect, the refill waits this long (the target may be down)."""
 
@@ -73,6 +91,10 @@ class ReadyForward:
     fin_seq: int | None = None
     """Seq its FIN would carry (its snd_nxt), when known: a rebuilt
     connection's, which has sent nothing (handoff/forward_close.py)."""
+    syn_seq: int | None = None
+    """Seq of the server's SYN-ACK when the router's socket is a rebuilt one
+    (handoff/takeback.py): its rcv_nxt is past the responses it carried, so it
+    no longer tells. None: a connection as its handshake left it."""
 
 
 def usable(opened: float, now: float, ineligible: str | None) -> bool:
@@ -101,9 +123,14 @@ class ForwardPool:
         asks the watch entry): the target's RTO starts at 3 s after one."""
         self.depth = depth
         self.count = count
-        """Told each outcome: "hit", "miss" (connect inline), "stale" (closed unused)."""
-        self.shelves: dict[tuple["Target", ForwardProfile], _Shelf] = {}
-        self.taken = self.missed = self.stale = 0
+        """Told each outcome: "hit", "miss" (connect inline), "stale" (closed
+        unused), "returned" (given back, ``give_back``), "full" (given back to
+        a full shelf: the caller closes it)."""
+        self.shelves: dict[tuple[tuple[str, int], ForwardProfile], _Shelf] = {}
+        """By the target's address, not its ``Target``: a target listed in
+        several pools (its weight or name differing) is one server, and a
+        connection given back for one pool's handoff serves another's."""
+        self.taken = self.missed = self.stale = self.returned = 0
 
     @property
     def ready(self) -> int:
@@ -116,7 +143,7 @@ class ForwardPool:
         if self.depth <= 0:
             return None
         now = asyncio.get_running_loop().time()
-        shelf = self.shelves.setdefault((target, profile), _Shelf())
+        shelf = self.shelves.setdefault((target.address, profile), _Shelf())
         shelf.last_taken = now
         found = None
         while shelf.ready:
@@ -141,6 +168,23 @@ class ForwardPool:
             shelf.alarm.wake()
         return found
 
+    def give_back(self, target: tuple[str, int], profile: ForwardProfile, ready: ReadyForward) -> bool:
+        """Shelve READY, a connection to TARGET (its address) for PROFILE that carried
+        requests and is idle again, for the next handoff there; False (the
+        caller closes it) when the pool is off, no handoff took from this
+        shelf lately (its profile is not kept ready) or the shelf is full."""
+        shelf = self.shelves.get((target, profile))
+        if self.depth <= 0 or shelf is None:
+            return False
+        if len(shelf.ready) >= self.depth * RETURNED_DEPTH:
+            self.count("full")
+            return False
+        ready.opened = asyncio.get_running_loop().time()
+        shelf.ready.append(ready)  # the newest: the deque stays in order of ``opened``
+        self.returned += 1
+        self.count("returned")
+        return True
+
     async def _refill(self, target: "Target", profile: ForwardProfile, shelf: _Shelf) -> None:
         """Keep the shelf at ``depth``: up to that many connects at once, each
         on its own, so that one whose SYN is lost (the kernel resends it after
@@ -157,7 +201,7 @@ class ForwardPool:
                 now = loop.time()
                 if now - shelf.last_taken > IDLE_PROFILE and not opening:
                     self._empty(shelf)
-                    del self.shelves[(target, profile)]
+                    del self.shelves[(target.address, profile)]
                     return
                 while shelf.ready and now - shelf.ready[0].opened >= MAX_AGE:
                     self._stale(shelf.ready.popleft())
@@ -181,7 +225,7 @@ class ForwardPool:
             log.debug("forward pool for %s: %s", target.name, exc)
             await asyncio.sleep(RETRY_AFTER)  # holding its slot: no storm of connects to a dead target
             return
-        if len(shelf.ready) >= self.depth or (target, profile) not in self.shelves:
+        if len(shelf.ready) >= self.depth or (target.address, profile) not in self.shelves:
             self.discard(ready)  # the shelf filled (or went) meanwhile
             return
         ready.opened = asyncio.get_running_loop().time()

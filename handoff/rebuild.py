@@ -110,6 +110,16 @@ def received_ack(plan: SocketPlan, rcv_wnd: int, rcv_wup: int, tsecr: int) -> by
     socket then counts as the peer's."""
     if not plan.received:
         return None
+    return owed_ack(plan, rcv_wnd, rcv_wup, tsecr)
+
+
+def owed_ack(plan: SocketPlan, rcv_wnd: int, rcv_wup: int, tsecr: int) -> bytes:
+    """The ACK of everything a socket rebuilt from PLAN has received (``rcv_end``),
+    as ``received_ack`` builds it. Also owed when nothing is queued: the
+    server of a taken-back forwarding connection has not seen its last
+    response acknowledged (the client's ACK came with its next request, which
+    the router captured) and would resend the tail at its loss-probe timeout
+    should the connection stay idle (handoff/takeback.py ``_let_go``)."""
     open_window = (rcv_wup + rcv_wnd - plan.rcv_end) % (1 << 32)
     if open_window >= 1 << 31:  # a window already past: none left
         open_window = 0

@@ -21,8 +21,10 @@ the ring buffer) instead of to the target. The router then:
    socket) and gives the socket to the router (``Router.resume``), which
    reads the request with h11 and decides it like any other. The rebuilt
    forwarding connection travels with it (``TakenBack``): the engine reuses
-   it for a handoff to the same target, closes it (a FIN: the server sees
-   an ordinary close) otherwise.
+   it for a handoff to the same target; otherwise it goes back to the forward
+   pool for the next handoff to its target (``handoff.reuse_forward``,
+   handoff/forward_pool.py ``give_back``) or is closed (a FIN: the server
+   sees an ordinary close).
 
 Two shortcuts skip the client's socket when the router can decide the
 request from the captured bytes (``Router.route_captured``): a request for
@@ -31,7 +33,7 @@ no take-back at all); one for another target is handed on (``_hand_on``):
 step 1 and the forwarding connection's half of step 2 as above, then the
 engine hands the captured request to the new target from the client's state
 as ``plan_hand_on`` computes it (what ``plan_client`` would rebuild, the
-request consumed), and the old forwarding connection ends with its FIN. Should
+request consumed), and the old forwarding connection is retired as above. Should
 that handoff fall back, the take-back goes on from where the agent let go.
 
 The planning functions are pure (tests/unit/test_takeback.py); ``TakeBacks``
@@ -57,7 +59,8 @@ from handoff.lifecycle import forward_key_of, target_of, wire_key
 from handoff.maps import (FLOW_ACTIVE, FLOW_F_RST, FLOW_F_WANT_HEADER, FLOW_TAKEBACK, WATCH_CONNECTING,
                           WATCH_OPT_SACK, WATCH_OPT_TS, WATCH_OPT_WSCALE, Capture, FlowEntry, FlowKey,
                           WatchEntry)
-from handoff.rebuild import NO_WSCALE, SocketPlan, ms_clock, rebuild_socket, receive_window, received_ack
+from handoff.rebuild import (NO_WSCALE, SocketPlan, ms_clock, owed_ack, rebuild_socket, receive_window,
+                             received_ack)
 from handoff.tcpstate import RTO_MAX_LEAST_MS, enter_repair, leave_repair, parse_tcp_options
 from handoff.translate import SocketState, seq_after, wrap
 
@@ -288,9 +291,7 @@ class TakenBack:
     forward: ReadyForward | None
     """The rebuilt forwarding connection (None once used or closed)."""
     target: tuple[str, int]
-    """Where ``forward`` leads."""
-    target_syn_seq: int
-    """Seq of the server's SYN-ACK on ``forward`` (its egress entry's syn_seq)."""
+    """Where ``forward`` leads (its server's SYN-ACK seq: ``forward.syn_seq``)."""
 
 
 # ---------------------------------------------------------------- I/O
@@ -359,6 +360,10 @@ class TakeBacks:
         for another target is handed on from its captures once the agent let
         go, no socket rebuilt for the client. Neither set: every request is
         taken back and decided on the rebuilt socket."""
+        self.retire: "Callable[[ReadyForward, tuple[str, int], ForwardProfile], None] | None" = None
+        """``RouterHandoff.retire_taken``: a rebuilt forwarding connection
+        whose next request went elsewhere, back to the forward pool or closed
+        (``handoff.reuse_forward``). None: closed (``close_forward``)."""
         # The counters of the paths taken on every request (labels() costs
         # a lookup per call).
         self._other_target = metrics.inplace.labels("other-target")
@@ -489,6 +494,9 @@ class TakeBacks:
             self.metrics.handons.labels(reason).inc()
             return False
         self._handed_on.inc()
+        if let_go.forward is not None:
+            forward, let_go.forward = let_go.forward, None
+            self._retire(forward, let_go.target, on.profile)
         return True
 
     async def take_back_now(self, key: FlowKey, *, probe: Callable[[FlowEntry], object], deadline: float,
@@ -632,7 +640,7 @@ class TakeBacks:
         # release (handoff/release.py): it goes now, its 4-tuple is needed.
         self.release_now(forward_key)
         try:
-            forward = rebuild_socket(forward_plan, window_probe=False)
+            forward = self._rebuild_forward(forward_plan, taking)
         except OSError as exc:
             log.warning("rebuilding the forwarding connection %s -> %s failed: %s", forward_plan.local,
                         forward_plan.remote, exc)
@@ -641,9 +649,34 @@ class TakeBacks:
         self.datapath.watch.update(forward_key, _watch_for_rebuilt(watch, conn_id, taking))
         pending.let_go = LetGo(taken, watch, target,
                                ReadyForward(forward, forward_key, conn_id, asyncio.get_running_loop().time(),
-                                            fin_seq=forward_plan.snd_nxt),
+                                            fin_seq=forward_plan.snd_nxt, syn_seq=taken.syn_seq),
                                taking)
         return pending.let_go
+
+    def _rebuild_forward(self, plan: SocketPlan, taking: Taking) -> socket.socket:
+        """The forwarding connection's socket, leaving repair mode without a
+        probe. With ``handoff.reuse_forward`` it may then wait, idle, for a
+        handoff (on a shelf of the forward pool, or while the router serves
+        the request itself), and the server has not seen its last response
+        acknowledged: the client's ACK came with the request the router
+        captured. So the router sends that ACK (``owed_ack``); else the server
+        resends the response's tail at its loss-probe timeout, about 200 ms
+        later (seen on each connection given back, tests/net/
+        test_reuse_forward_net.py). Without reuse the next segment comes at
+        once (the FIN, or the request of a handoff to the same target) and
+        carries the ACK."""
+        if not self.settings.reuse_forward:
+            return rebuild_socket(plan, window_probe=False)
+        forward = rebuild_socket(plan, window_probe=None)
+        try:
+            ack = owed_ack(plan, *receive_window(forward), tsecr=taking.target_tsval)
+            leave_repair(forward, window_probe=False)
+        except OSError:
+            forward.close()  # still in repair mode: nothing on the wire
+            raise
+        if not self.sender.send(ack):
+            log.debug("acknowledging %s's response: %s", plan.remote, self.sender.error or "not sent")
+        return forward
 
     def _taking(self, key: FlowKey, pending: _Pending, taken: Taken, watch: WatchEntry | None, *,
                 received: bool = True) -> Taking:
@@ -696,7 +729,7 @@ class TakeBacks:
         forward, let_go.forward = let_go.forward, None
         context = TakenBack(
             profile=profile_of(entry), client_syn_seq=entry.syn_seq, client_tsval=taking.latest.tsval or 0,
-            forward=forward, target=let_go.target, target_syn_seq=let_go.taken.syn_seq)
+            forward=forward, target=let_go.target)
         return client, context, entry.requests
 
     def _entry(self, key: FlowKey, conn_id: int) -> FlowEntry:
@@ -721,18 +754,29 @@ class TakeBacks:
     def _end_forward(self, pending: _Pending) -> None:
         """The end of a take-back: the forwarding connection rebuilt when the
         agent let go is closed (a FIN) unless the rebuilt client socket's
-        context took it: the request was handed on, or a later step failed."""
+        context or the hand-on's retirement took it: a later step failed."""
         if pending.let_go is not None and pending.let_go.forward is not None:
             forward, pending.let_go.forward = pending.let_go.forward, None
             self.close_forward(forward)
 
-    def drop_forward(self, context: TakenBack) -> None:
-        """Close CONTEXT's rebuilt forwarding connection if it still has one:
-        its next request went elsewhere, or the router moved the connection
-        (handoff/migrate.py, handoff/deadline.py)."""
+    def drop_forward(self, context: TakenBack, *, reuse: bool = False) -> None:
+        """Retire CONTEXT's rebuilt forwarding connection if it still has one:
+        back to the pool (REUSE: its connection's next request went elsewhere
+        than a handoff, or the connection ended) or closed (the router moved
+        the connection away from its target: handoff/migrate.py,
+        handoff/deadline.py)."""
         if context.forward is not None:
             forward, context.forward = context.forward, None
-            self.close_forward(forward)
+            if reuse:
+                self._retire(forward, context.target, context.profile)
+            else:
+                self.close_forward(forward)
+
+    def _retire(self, ready: ReadyForward, target: tuple[str, int], profile: ForwardProfile) -> None:
+        if self.retire is not None:
+            self.retire(ready, target, profile)
+        else:
+            self.close_forward(ready)
 
     def close_forward(self, ready: ReadyForward) -> None:
         """Close a rebuilt forwarding connection the way any client would: a

@@ -67,7 +67,8 @@ def expected_decision(size: int) -> str:
     return "handoff" if size <= BODY_BUFFER else "proxy"
 
 
-@pytest.mark.parametrize("mode,nodelay", [("take-back", False), ("hand-on", False), ("hand-on", True)])
+@pytest.mark.parametrize("mode,nodelay", [("take-back", False), ("hand-on", False), ("hand-on", True),
+                                          ("hand-on+reuse", False)])
 def test_request_bodies_on_one_keep_alive_connection(cluster, mode, nodelay):
     c = cluster(targets=2, files={"1k": 1024})
     sections = two_pools(c, **MODES[mode])
@@ -156,6 +157,11 @@ def test_request_bodies_on_one_keep_alive_connection(cluster, mode, nodelay):
             assert waited == {size: 0 for size in NAGLE_HELD}, (waited, took, outcomes)
         elif mode == "hand-on":  # bodies went on from the captures (8 to 10 of the 10 in runs)
             assert handed_on >= 1, outcomes
+        if MODES[mode].get("reuse"):
+            # Each move between the pools gave the old forwarding connection back.
+            returned = router.metric_sum("arr_forward_pool_total", result="returned")
+            print(f"forwarding connections given back: {returned:.0f}")
+            assert returned >= len(BODY_SIZES), outcomes
 
 
 def test_curl_uploads_on_one_connection(cluster):

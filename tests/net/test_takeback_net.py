@@ -33,16 +33,18 @@ def target_entry(c: Cluster, i: int) -> dict:
     return {"address": f"{t.ip}:{c.spec.target_port}", "name": t.name, "agent": f"{t.ip}:{AGENT_PORT}"}
 
 
-def two_pools(c: Cluster, in_place: bool = False, hand_on: bool = False, **router: object) -> dict:
+def two_pools(c: Cluster, in_place: bool = False, hand_on: bool = False, reuse: bool = False,
+              **router: object) -> dict:
     """Sections for handoff_cluster: pools ``names`` (t0) and ``files`` (t1),
     rules by path, DELETE refused, access log on. IN_PLACE: a request to the
     same target goes in place (handoff/inplace.py, tests/net/test_inplace_net.py);
     HAND_ON: one to the other target is handed on from its captures
     (handoff/takeback.py ``_hand_on``). Both off by default, so that these
-    tests take every request back."""
+    tests take every request back. REUSE: ``handoff.reuse_forward``, the old
+    forwarding connection back to the pool (tests/net/test_reuse_forward_net.py)."""
     return {
         "router": {"access_log": True, **router},
-        "handoff": {"rehandoff_in_place": in_place, "rehandoff_hand_on": hand_on},
+        "handoff": {"rehandoff_in_place": in_place, "rehandoff_hand_on": hand_on, "reuse_forward": reuse},
         "limits": {"header_bytes": HEADER_BYTES},
         "targets": None, "policy": None, "health": None,
         "pools": {"names": {"targets": [target_entry(c, 0)]}, "files": {"targets": [target_entry(c, 1)]}},
@@ -136,12 +138,14 @@ def wrk_keep_alive(c: Cluster, router, path: str) -> int:
     return done
 
 
-MODES = {"take-back": {}, "hand-on": {"hand_on": True}}
+MODES = {"take-back": {}, "hand-on": {"hand_on": True}, "hand-on+reuse": {"hand_on": True, "reuse": True}}
 """How a request for the other pool goes: taken back and handed off from the
-rebuilt socket, or handed on from its captures (handoff/takeback.py)."""
+rebuilt socket, or handed on from its captures (handoff/takeback.py); and
+handed on with the old forwarding connection given back to the pool rather
+than closed (``handoff.reuse_forward``)."""
 
 
-@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("mode", ["take-back", "hand-on"])  # with reuse: tests/net/test_reuse_forward_net.py
 def test_one_keep_alive_connection_every_request_routed(cluster, mode):
     c = cluster(targets=2, files={"1k": 1024, "1m": MiB})
     sections = two_pools(c, **MODES[mode])

@@ -260,7 +260,8 @@ def test_quick_plan_is_small():
     assert q.runs == 1 and q.memory_ns == [1000] and not q.profile_seconds
     assert 0 < q.sustain_seconds <= 15 and q.idle_seconds <= 5
     f = full_plan(None, None, None)
-    assert f.runs == 3 and len(f.systems) == 6 and "haproxy-splice" in f.systems and len(f.sizes) == 4
+    assert f.runs == 3 and len(f.systems) == 7 and "haproxy-splice" in f.systems and len(f.sizes) == 4
+    assert "arr-nat-reuse" in f.systems  # in the keep-alive routing test only (systems.REHANDOFF_ONLY)
     assert f.sustain_seconds == 300 and f.idle_seconds == 20
     assert f.curl_count(64 << 20) == 16 and f.curl_count(1 << 20) == 1024
 

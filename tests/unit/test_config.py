@@ -30,6 +30,13 @@ def test_handoff_forward_pool_is_read_and_defaults_to_four():
     assert config_from_dict({"handoff": {"forward_pool": 0}}).handoff.forward_pool == 0
 
 
+def test_handoff_reuse_forward_is_read_checked_and_off_by_default():
+    assert Config().handoff.reuse_forward is False  # issue 10 asks for the FIN at once
+    assert config_from_dict({"handoff": {"reuse_forward": True}}).handoff.reuse_forward is True
+    with pytest.raises(ConfigError, match=r"^handoff\.reuse_forward: expected"):
+        config_from_dict({"handoff": {"reuse_forward": "sometimes"}})
+
+
 def test_handoff_rto_min_is_read_checked_and_defaults_to_20_ms():
     assert Config().handoff.rto_min == 0.02 and Config().handoff.rto_min_us == 20_000
     assert config_from_dict({"handoff": {"rto_min": 0}}).handoff.rto_min_us == 0  # the kernel's

@@ -81,10 +81,10 @@ def test_a_miss_connects_inline_then_the_shelf_fills_per_profile(server, on_both
 async def _a_miss_connects_inline_then_the_shelf_fills_per_profile(server: Server) -> None:
     pool = ForwardPool(server.open_forward, server.discard, depth=3)
     assert pool.take(TARGET, PROFILE) is None and pool.missed == 1
-    await settle(lambda: len(pool.shelves[(TARGET, PROFILE)].ready) == 3)
+    await settle(lambda: len(pool.shelves[(TARGET.address, PROFILE)].ready) == 3)
     ready = pool.take(TARGET, PROFILE)
     assert ready is not None and pool.taken == 1
-    await settle(lambda: len(pool.shelves[(TARGET, PROFILE)].ready) == 3)
+    await settle(lambda: len(pool.shelves[(TARGET.address, PROFILE)].ready) == 3)
     assert server.opened == 4
     # Another profile has its own shelf: nothing of PROFILE's is handed out for it.
     assert pool.take(TARGET, OTHER) is None
@@ -102,7 +102,7 @@ def test_a_connection_the_target_closed_is_discarded_not_used(server, on_both_lo
 async def _a_connection_the_target_closed_is_discarded_not_used(server: Server) -> None:
     pool = ForwardPool(server.open_forward, server.discard, depth=1)
     pool.take(TARGET, PROFILE)
-    await settle(lambda: len(pool.shelves[(TARGET, PROFILE)].ready) == 1)
+    await settle(lambda: len(pool.shelves[(TARGET.address, PROFILE)].ready) == 1)
     server.accepted[0].close()  # the target's FIN: the router's side is half-closed now
     await asyncio.sleep(0.02)
     assert pool.take(TARGET, PROFILE) is None
@@ -119,9 +119,9 @@ async def _old_connections_age_out_and_idle_profiles_are_dropped(server: Server,
     monkeypatch.setattr(forward_pool, "IDLE_PROFILE", 0.4)
     pool = ForwardPool(server.open_forward, server.discard, depth=2)
     pool.take(TARGET, PROFILE)
-    await settle(lambda: len(pool.shelves[(TARGET, PROFILE)].ready) == 2)
+    await settle(lambda: len(pool.shelves[(TARGET.address, PROFILE)].ready) == 2)
     await settle(lambda: pool.stale >= 2)  # replaced as they aged
-    await settle(lambda: (TARGET, PROFILE) not in pool.shelves, timeout=3.0)
+    await settle(lambda: (TARGET.address, PROFILE) not in pool.shelves, timeout=3.0)
     assert len(server.discarded) == server.opened  # nothing left open
     await pool.close()
 
@@ -137,7 +137,7 @@ async def _a_target_that_refuses_is_retried_later_and_nothing_leaks(server: Serv
     assert pool.take(TARGET, PROFILE) is None
     await asyncio.sleep(0.12)
     server.fail = False
-    await settle(lambda: len(pool.shelves[(TARGET, PROFILE)].ready) == 2)
+    await settle(lambda: len(pool.shelves[(TARGET.address, PROFILE)].ready) == 2)
     await pool.close()
     assert len(server.discarded) == 2
 
@@ -151,3 +151,113 @@ async def _depth_zero_never_connects_ahead(server: Server) -> None:
     assert pool.take(TARGET, PROFILE) is None
     await asyncio.sleep(0.02)
     assert server.opened == 0 and not pool.shelves
+
+
+def test_connections_given_back_replace_the_refills_connects(server, on_both_loops) -> None:
+    on_both_loops(_connections_given_back_replace_the_refills_connects(server))
+
+
+async def _connections_given_back_replace_the_refills_connects(server: Server) -> None:
+    """Clients moving between two targets: each handoff takes a connection
+    from one shelf and gives the one it left back to the other. Once each
+    shelf has been refilled after its first take, the connections coming
+    back keep both at their depth: no more connects."""
+    other = Target("127.0.0.2", 1)
+    pool = ForwardPool(server.open_forward, server.discard, depth=2)
+    for target in (TARGET, other):
+        pool.take(target, PROFILE)
+        await settle(lambda: len(pool.shelves[(target.address, PROFILE)].ready) == 2)
+    held = {TARGET: pool.take(TARGET, PROFILE)}
+    here, there = TARGET, other
+
+    async def move() -> None:
+        # A request for THERE: its connection from the pool, HERE's back in it.
+        nonlocal here, there
+        taken = pool.take(there, PROFILE)
+        assert taken is not None
+        assert pool.give_back(here.address, PROFILE, held.pop(here))
+        held[there] = taken
+        await asyncio.sleep(0.005)  # a refill, if one started, would connect now
+        here, there = there, here
+
+    for _ in range(2):
+        await move()
+    await settle(lambda: all(len(shelf.ready) >= 2 for shelf in pool.shelves.values()))
+    opened = server.opened
+    for _ in range(20):
+        await move()
+    assert server.opened == opened, "a given-back connection should have saved each connect"
+    assert pool.returned == 22 and pool.stale == 0
+    for ready in held.values():
+        ready.sock.close()
+    await pool.close()
+
+
+def test_give_back_is_refused_without_a_shelf_or_room(server, monkeypatch, on_both_loops) -> None:
+    on_both_loops(_give_back_is_refused_without_a_shelf_or_room(server, monkeypatch))
+
+
+async def _give_back_is_refused_without_a_shelf_or_room(server: Server, monkeypatch) -> None:
+    monkeypatch.setattr(forward_pool, "RETURNED_DEPTH", 2)
+    counted: list[str] = []
+    pool = ForwardPool(server.open_forward, server.discard, depth=1, count=counted.append)
+    loose = [await server.open_forward(TARGET, PROFILE) for _ in range(4)]
+    # No handoff took from this profile's shelf: it is not kept ready.
+    assert not pool.give_back(TARGET.address, PROFILE, loose[0])
+    pool.take(TARGET, PROFILE)
+    await settle(lambda: len(pool.shelves[(TARGET.address, PROFILE)].ready) == 1)
+    # Room up to RETURNED_DEPTH times the depth, then refused ("full": the caller closes it).
+    assert pool.give_back(TARGET.address, PROFILE, loose[1])
+    assert not pool.give_back(TARGET.address, PROFILE, loose[2])
+    assert pool.returned == 1 and counted == ["miss", "returned", "full"]
+    # Taken oldest first: the refill's connection, then the one given back.
+    first, second = pool.take(TARGET, PROFILE), pool.take(TARGET, PROFILE)
+    assert first is not None and second is loose[1]
+    for ready in (first, second, loose[0], loose[2]):
+        ready.sock.close()
+    await pool.close()
+    off = ForwardPool(server.open_forward, server.discard, depth=0)
+    off.take(TARGET, PROFILE)
+    assert not off.give_back(TARGET.address, PROFILE, loose[3])
+    loose[3].sock.close()
+
+
+def test_a_connection_given_back_ages_out_from_its_return(server, monkeypatch, on_both_loops) -> None:
+    on_both_loops(_a_connection_given_back_ages_out_from_its_return(server, monkeypatch))
+
+
+async def _a_connection_given_back_ages_out_from_its_return(server: Server, monkeypatch) -> None:
+    monkeypatch.setattr(forward_pool, "MAX_AGE", 0.2)
+    pool = ForwardPool(server.open_forward, server.discard, depth=1)
+    pool.take(TARGET, PROFILE)
+    await settle(lambda: len(pool.shelves[(TARGET.address, PROFILE)].ready) == 1)
+    ready = await server.open_forward(TARGET, PROFILE)
+    ready.opened = 0.0  # opened long ago: its age counts from the return
+    assert pool.give_back(TARGET.address, PROFILE, ready)
+    assert pool.shelves[(TARGET.address, PROFILE)].ready[-1].opened == pytest.approx(
+        asyncio.get_running_loop().time(), abs=0.05)
+    await settle(lambda: ready.conn_id in server.discarded, timeout=2.0)  # closed unused, as any
+    await pool.close()
+
+
+def test_one_server_listed_in_two_pools_has_one_shelf(server, on_both_loops) -> None:
+    on_both_loops(_one_server_listed_in_two_pools_has_one_shelf(server))
+
+
+async def _one_server_listed_in_two_pools_has_one_shelf(server: Server) -> None:
+    """The same address under another name and weight (a second pool's
+    listing): a connection given back after one pool's handoff serves the
+    other's, and no second shelf connects for it."""
+    pool = ForwardPool(server.open_forward, server.discard, depth=1)
+    pool.take(TARGET, PROFILE)
+    await settle(lambda: len(pool.shelves[(TARGET.address, PROFILE)].ready) == 1)
+    opened = server.opened
+    listed_again = Target(TARGET.host, TARGET.port, weight=3, name="in-another-pool")
+    first = pool.take(listed_again, PROFILE)
+    assert first is not None and len(pool.shelves) == 1
+    assert pool.give_back(TARGET.address, PROFILE, first)
+    assert pool.take(listed_again, PROFILE) is first
+    first.sock.close()
+    await asyncio.sleep(0.02)
+    assert server.opened <= opened + 1  # the refill's one connect, for the shelf they share
+    await pool.close()
