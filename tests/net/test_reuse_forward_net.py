@@ -134,8 +134,11 @@ def test_a_connection_given_back_serves_the_next_client(cluster):
         assert a_requests == 1
         later = [connection_of(nginx_lines(c, 1, f"client={n} ")[0]) for n in range(3)]
         assert (a_connection, 2) in later, (a_connection, later)
-        # Each of those requests was decided by the router, for its own client.
+        # Each of those requests was decided by the router, for its own client
+        # (its access-log line may land a moment after the response).
         for port in others:
-            assert [r["decision"] for r in access_lines(router, port)] == ["handoff"], port
+            assert wait_for(lambda: [r["decision"] for r in access_lines(router, port)] == ["handoff"], 5), \
+                (port, access_lines(router, port))
+        assert wait_for(lambda: [r["decision"] for r in access_lines(router, port_a)] == ["handoff"] * 2, 5)
         assert router.metric_sum("arr_handons_total", result="ok") == 1
         assert "[error]" not in c.nginx_error_log(1)

@@ -148,6 +148,30 @@ def test_goals_8_and_9_show_haproxy_and_refuse_a_window_that_measured_something_
     assert names == ["8.", "9."] and all(g.status == "n/a" for g in rehandoff_goals({}))
 
 
+def test_goal_9_once_more_for_arr_nat_reuse_and_a_report_with_it_in_the_routing_test_only():
+    """arr-nat-reuse (handoff.reuse_forward) runs the keep-alive routing test
+    only (benchmarks/systems.py REHANDOFF_ONLY): goal 9 gets a second line, and
+    the report's other tables leave it out rather than break on its missing
+    sizes."""
+    run = nat_run(first_cpu=1.0, other_cpu=1.02)
+    run["sizes"] = {"1KiB": {"bytes": 1 << 20, "seconds": 2.0, "router_cpu_s": 1.0, "machine_cpu_s": 2.0,
+                             "router_bytes": 1000, "requests": 1024}}
+    raw = {"arr-nat": {"runs": [run]}, "arr-nat-reuse": {"runs": [nat_run(first_cpu=1.0, other_cpu=0.7)]}}
+    r = {"summary": summarize(raw), "raw": raw, "plan": {"runs": 1}, "errors": []}
+    nine = [v for v in goal_verdicts(r) if v.goal.startswith("9.")]
+    assert [(v.status, v.measured) for v in nine] == [("MISS", "1.02 x first handoff"),
+                                                      ("PASS", "0.70 x first handoff")]
+    assert nine[1].goal.endswith("with handoff.reuse_forward (arr-nat-reuse)")
+    assert "arr-nat-reuse router CPU per request 0.350 ms" in nine[1].note
+    assert len(rehandoff_goals(summarize({"arr-nat": {"runs": [run]}}))) == 2  # no reuse run: no third line
+    md = report.render_markdown(r, ["rehandoff.png"])
+    assert "| arr-nat-reuse | other target |" in md
+    for block in md.split("\n\n"):
+        rows = [x for x in block.splitlines() if x.startswith("|")]
+        if rows:
+            assert len({x.count("|") for x in rows}) == 1, block
+
+
 def test_report_shows_the_routing_cost_and_the_decided_checks():
     run = nat_run()
     run["sizes"] = {"1KiB": {"bytes": 1 << 20, "seconds": 2.0, "router_cpu_s": 1.0, "machine_cpu_s": 2.0,
