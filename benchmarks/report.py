@@ -18,8 +18,7 @@ from benchmarks.stats import KIB, PHASES, Summary
 MIB = 1 << 20
 SYSTEM_ORDER = ("direct", "arr-nat", "arr-nat-reuse", "arr-proxy", "haproxy", "haproxy-splice", "nginx")
 COLORS = {"direct": "#7f7f7f", "arr-nat": "#d62728", "arr-nat-reuse": "#8c564b", "arr-proxy": "#ff9896",
-          "haproxy": "#1f77b4",
-          "haproxy-splice": "#9ecae1", "nginx": "#2ca02c"}
+          "haproxy": "#1f77b4", "haproxy-splice": "#9ecae1", "nginx": "#2ca02c"}
 
 
 def _size_key(name: str) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import socket
 import struct
 from dataclasses import dataclass
+from typing import Callable
 
 from handoff import craft, fastpath, tcpstate
 
@@ -119,7 +120,7 @@ def owed_ack(plan: SocketPlan, rcv_wnd: int, rcv_wup: int, tsecr: int) -> bytes:
     server of a taken-back forwarding connection has not seen its last
     response acknowledged (the client's ACK came with its next request, which
     the router captured) and would resend the tail at its loss-probe timeout
-    should the connection stay idle (handoff/takeback.py ``_let_go``)."""
+    should the connection stay idle (handoff/takeback.py ``_rebuild_forward``)."""
     open_window = (rcv_wup + rcv_wnd - plan.rcv_end) % (1 << 32)
     if open_window >= 1 << 31:  # a window already past: none left
         open_window = 0
@@ -127,6 +128,20 @@ def owed_ack(plan: SocketPlan, rcv_wnd: int, rcv_wup: int, tsecr: int) -> bytes:
     window = min(open_window >> shift, 0xFFFF)
     return craft.ack(plan.local, plan.remote, seq=plan.snd_nxt, ack=plan.rcv_end, window=window,
                      tsval=plan.ts_clock if plan.timestamps else None, tsecr=tsecr)
+
+
+def rebuild_owing(plan: SocketPlan, ack_of: Callable[[SocketPlan, int, int, int], bytes | None],
+                  tsecr: int) -> tuple[socket.socket, bytes | None]:
+    """PLAN's socket, still in repair mode (the caller leaves it), and the ACK
+    it owes its peer: ACK_OF (``received_ack`` or ``owed_ack``) from the
+    window the kernel gave it, TSECR the peer's newest TSval. Raises OSError
+    with the socket closed and nothing on the wire."""
+    sock = rebuild_socket(plan, window_probe=None)
+    try:
+        return sock, ack_of(plan, *receive_window(sock), tsecr)
+    except OSError:
+        sock.close()  # still in repair mode: silent
+        raise
 
 
 def rebuild_socket(plan: SocketPlan, *, window_probe: bool | None) -> socket.socket:

@@ -59,7 +59,7 @@ from handoff.lifecycle import forward_key_of, target_of, wire_key
 from handoff.maps import (FLOW_ACTIVE, FLOW_F_RST, FLOW_F_WANT_HEADER, FLOW_TAKEBACK, WATCH_CONNECTING,
                           WATCH_OPT_SACK, WATCH_OPT_TS, WATCH_OPT_WSCALE, Capture, FlowEntry, FlowKey,
                           WatchEntry)
-from handoff.rebuild import (NO_WSCALE, SocketPlan, ms_clock, owed_ack, rebuild_socket, receive_window,
+from handoff.rebuild import (NO_WSCALE, SocketPlan, ms_clock, owed_ack, rebuild_owing, rebuild_socket,
                              received_ack)
 from handoff.tcpstate import RTO_MAX_LEAST_MS, enter_repair, leave_repair, parse_tcp_options
 from handoff.translate import SocketState, seq_after, wrap
@@ -667,9 +667,8 @@ class TakeBacks:
         carries the ACK."""
         if not self.settings.reuse_forward:
             return rebuild_socket(plan, window_probe=False)
-        forward = rebuild_socket(plan, window_probe=None)
+        forward, ack = rebuild_owing(plan, owed_ack, taking.target_tsval)
         try:
-            ack = owed_ack(plan, *receive_window(forward), tsecr=taking.target_tsval)
             leave_repair(forward, window_probe=False)
         except OSError:
             forward.close()  # still in repair mode: nothing on the wire
@@ -702,12 +701,7 @@ class TakeBacks:
         try:
             taking = self._taking(key, pending, let_go.taken, let_go.watch)
             plan = plan_client(taking)
-            client = rebuild_socket(plan, window_probe=None)
-            try:
-                ack = received_ack(plan, *receive_window(client), tsecr=taking.latest.tsval or 0)
-            except OSError:
-                client.close()  # still in repair mode: nothing on the wire
-                raise
+            client, ack = rebuild_owing(plan, received_ack, taking.latest.tsval or 0)
         except OSError as exc:  # the caller's _end_forward closes the forwarding connection
             log.warning("rebuilding the client connection %r failed: %s", key, exc)
             raise TakeBackFailed(f"rebuild-client-{exc.errno}") from None
