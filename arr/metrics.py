@@ -138,6 +138,10 @@ class Metrics:
         self.inplace_resends = Counter(
             "arr_inplace_resends", "Rewritten requests sent again because their client resent the original "
             "(the server had not acknowledged it yet).", registry=r)
+        self.forward_resends = Counter(
+            "arr_forward_resends", "Handed-off requests the router sent again itself, as crafted segments, "
+            "because the target had not acknowledged them after twice handoff.rto_min (handoff/release.py).",
+            registry=r)
         self.proxied_bytes = Counter(
             "arr_proxied_bytes", "Body bytes relayed by the router, by direction.",
             ("direction",), registry=r)

@@ -20,6 +20,11 @@ And once for a socket it rebuilt: the *ACK* of the request a take-back
 queued as the socket's received bytes, which the kernel does not send
 (handoff/rebuild.py ``received_ack``).
 
+Requests go out as crafted *data segments* twice: a request rerouted in
+place (handoff/inplace.py), and a handed-off request the target has not
+acknowledged in time, sent again from the forwarding socket's 4-tuple
+(handoff/release.py ``RequestCopy``).
+
 ``tcp_segment`` is pure (tests/unit/test_craft.py); ``RawSender`` is the
 socket.
 """
@@ -70,6 +75,21 @@ def ack(source: tuple[str, int], destination: tuple[str, int], *, seq: int, ack:
     options = b"" if tsval is None else _TIMESTAMPS.pack(OPT_NOP, OPT_NOP, OPT_TS, 10,
                                                          tsval & 0xFFFFFFFF, tsecr & 0xFFFFFFFF)
     return tcp_segment(source, destination, seq=seq, ack=ack, flags=TCP_ACK, window=window, options=options)
+
+
+def data_segments(source: tuple[str, int], destination: tuple[str, int], *, seq: int, ack: int, window: int,
+                  payload: bytes, segment_size: int) -> list[bytes]:
+    """PAYLOAD from SEQ in segments of at most SEGMENT_SIZE bytes, each an
+    ACK of ACK announcing WINDOW (wire units), the last one with PSH, none
+    with options (``tcp_segment`` says why)."""
+    size = max(1, segment_size)
+    frames = []
+    for offset in range(0, len(payload), size):
+        last = offset + size >= len(payload)
+        frames.append(tcp_segment(source, destination, seq=seq + offset, ack=ack,
+                                  flags=TCP_ACK | (TCP_PSH if last else 0), window=window,
+                                  payload=payload[offset:offset + size]))
+    return frames
 
 
 def reset(source: tuple[str, int], destination: tuple[str, int], seq: int) -> bytes:

@@ -37,7 +37,7 @@ from handoff.datapath import RouterDatapath
 from handoff.forward_pool import ForwardPool, ForwardProfile, ReadyForward
 from handoff.libbpf import BPF_NOEXIST, BpfError
 from handoff.lifecycle import PORT_QUARANTINE_NS, RouterConnections, wire_key
-from handoff.release import ForwardReleaser, PendingRelease
+from handoff.release import ForwardReleaser, PendingRelease, RequestCopy
 from handoff.deadline import ResponseDeadlines
 from handoff.migrate import Migrator
 from handoff.takeback import HandOn, TakenBack, TakeBacks
@@ -73,6 +73,11 @@ lost SYN after 1 s, its initial RTO, which ``handoff.rto_min`` does not
 lower: without the race a SYN or SYN-ACK lost on the cluster's network holds
 the request that long. A handshake there takes well under a millisecond."""
 
+KERNEL_RTO_MIN = 0.2
+"""Linux's RTO floor (TCP_RTO_MIN), the one with ``handoff.rto_min`` 0: the
+router sends an unacknowledged request again after twice the floor
+(handoff/release.py)."""
+
 
 class Fallback(Exception):
     """A handoff step failed before the point of no return; ``reason`` is counted."""
@@ -103,6 +108,9 @@ class Attempt:
     syn_seq: int | None = None
     """The server's SYN-ACK seq when the forwarding connection is a rebuilt
     one (``ReadyForward.syn_seq``)."""
+    forward_state: SocketState | None = None
+    """The forwarding socket as the translations were computed from it,
+    before the request: where a copy of the request goes (``RequestCopy``)."""
     steps: list[str] = field(default_factory=list)
 
 
@@ -175,7 +183,9 @@ class RouterHandoff:
         self.deadlines = ResponseDeadlines(self.datapath, self.takebacks, self.metrics, self.migrator.sender,
                                            resume=router.resume)
         self.connections.start()
-        self.releaser = ForwardReleaser(self._release_forward, self.settings.request_ack_timeout)
+        self.releaser = ForwardReleaser(self._release_forward, self.settings.request_ack_timeout,
+                                        resend=self._resend_request,
+                                        resend_after=2 * (self.settings.rto_min or KERNEL_RTO_MIN))
         counters = {result: self.metrics.forward_pool.labels(result)
                     for result in ("hit", "miss", "stale", "returned", "full")}
         self.pool = pool = ForwardPool(self._open_forward, self._retire_forward, self.settings.forward_pool,
@@ -470,6 +480,7 @@ class RouterHandoff:
         translation, the forwarding connection's rcv_nxt.)"""
         assert self.datapath is not None and attempt.forward is not None and attempt.watch_key is not None
         f_snap = fastpath.snapshot(attempt.forward)
+        attempt.forward_state = f_snap.tcp
         watch = self.datapath.watch.lookup(attempt.watch_key)
         attempt.watch = watch
         to_target, to_client = compute_translations(HandoffInputs(
@@ -505,7 +516,21 @@ class RouterHandoff:
                 await asyncio.get_running_loop().sock_sendall(forward, memoryview(request_bytes)[sent:])
         except OSError as exc:  # the connection is the target's now; it will end it
             log.warning("sending the request to %s after the handoff failed: %s", target.name, exc)
-        self.releaser.add(PendingRelease(attempt.conn_id, forward, attempt.watch_key, agent))
+        f = attempt.forward_state
+        copy = None if f is None else RequestCopy(f.local, f.remote, seq=f.snd_nxt, ack=f.rcv_nxt, mss=f.mss,
+                                                  rcv_wscale=f.rcv_wscale, payload=request_bytes)
+        self.releaser.add(PendingRelease(attempt.conn_id, forward, attempt.watch_key, agent, copy))
+
+    def _resend_request(self, pending: PendingRelease, unacked: int) -> None:
+        """The releaser's resend: the unacknowledged tail of a handed-off
+        request, again, from the router (handoff/release.py says why)."""
+        assert pending.copy is not None and self.migrator is not None
+        window = tcpstate.announced_window(pending.forward)
+        if window is None:
+            return  # Linux before 6.2: the socket's own timer resends
+        self.metrics.forward_resends.inc()
+        for frame in pending.copy.segments(unacked, window):
+            self.migrator.sender.send(frame)
 
     async def _eligible(self, client: socket.socket) -> None:
         """Section 2.1 step 3: everything the router sent is acknowledged, the

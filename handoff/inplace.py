@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from handoff.control import Ack, ControlClient, ControlUnavailable, Nack, Shift
-from handoff.craft import TCP_ACK, TCP_PSH, RawSender, tcp_segment
+from handoff.craft import RawSender, data_segments
 from handoff.lifecycle import forward_key_of, target_of, wire_key
 from handoff.maps import FLOW_ACTIVE, FLOW_F_WANT_HEADER, FLOW_TAKEBACK, AckShiftState, FlowEntry, FlowKey
 from handoff.translate import AckShift, TcpFields, translate_fields, wrap
@@ -106,14 +106,8 @@ def request_segments(entry: FlowEntry, plan: InPlacePlan, rewritten: bytes, late
     and leaves the server's ts_recent to the client's own segments."""
     x = entry.x.translation()
     fields = translate_fields(TcpFields("0.0.0.0", "0.0.0.0", 0, 0, 0, latest.ack, latest.window), x)
-    size = max(1, segment_size)
-    frames = []
-    for offset in range(0, len(rewritten), size):
-        last = offset + size >= len(rewritten)
-        frames.append(tcp_segment((x.saddr, x.sport), (x.daddr, x.dport), seq=wrap(plan.start + offset),
-                                  ack=fields.ack, flags=TCP_ACK | (TCP_PSH if last else 0), window=fields.window,
-                                  payload=rewritten[offset:offset + size]))
-    return frames
+    return data_segments((x.saddr, x.sport), (x.daddr, x.dport), seq=plan.start, ack=fields.ack,
+                         window=fields.window, payload=rewritten, segment_size=segment_size)
 
 
 @dataclass

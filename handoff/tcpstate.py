@@ -229,6 +229,18 @@ def tcp_info(sock: socket.socket) -> TcpInfo:
     return parse_tcp_info(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 512))
 
 
+_RCV_WND = struct.Struct("@I")  # tcpi_rcv_wnd (Linux 6.2+), right after tcpi_snd_wnd
+
+
+def announced_window(sock: socket.socket) -> int | None:
+    """The receive window SOCK announces now, in bytes (tcpi_rcv_wnd); None
+    on a kernel before 6.2, which does not report it."""
+    data = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_MIN_LEN + _RCV_WND.size)
+    if len(data) < TCP_INFO_MIN_LEN + _RCV_WND.size:
+        return None
+    return _RCV_WND.unpack_from(data, TCP_INFO_MIN_LEN)[0]
+
+
 class TcpBasics(NamedTuple):
     """The few TCP_INFO fields the handoff path needs, read without building a
     full ``TcpInfo`` (whose 55 fields cost ~40 us to construct in Python)."""

@@ -400,7 +400,8 @@ def test_1000_keep_alive_requests_under_2_percent_loss_each_way(cluster, mode):
               f"resets of unused connections {watch.empty_resets}, after both closed {watch.closed_resets}, "
               f"drops {drops}, retransmitted segments "
               f"{retrans}, slowest {slowest:.2f}s, over 0.3 s {slow}, take-backs {taken:.0f}, "
-              f"handed on {handed_on:.0f}, "
+              f"handed on {handed_on:.0f}, requests the router resent "
+              f"{router.metric_sum('arr_forward_resends_total'):.0f}, "
               f"take-back p99 "
               f"{router.quantile('arr_takeback_duration_seconds', 0.99)}")
 

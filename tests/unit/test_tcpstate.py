@@ -219,6 +219,19 @@ def test_tcp_info_layout_matches_running_kernel() -> None:
     assert ts.tcp_info_offsets()["_wscale"] == 6
     assert members["tcpi_snd_wscale"] == 48 and members["tcpi_rcv_wscale"] == 52
     assert members["tcpi_delivery_rate_app_limited"] == 56
+    # announced_window reads tcpi_rcv_wnd right after the parsed layout.
+    assert members["tcpi_rcv_wnd"] == ts.TCP_INFO_MIN_LEN * 8
+
+
+def test_announced_window_is_what_the_socket_offers() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        with socket.create_connection(listener.getsockname()) as client:
+            peer, _ = listener.accept()
+            with peer:
+                window = ts.announced_window(client)
+                # The peer saw it (scaled, from the handshake's last ACK) as its send window.
+                assert window is not None and window > 0
+                assert ts.tcp_info(peer).snd_wnd == window
 
 
 # --- TCP_INFO ---
