@@ -483,8 +483,12 @@ def _window_fallbacks(data: Mapping) -> str:
         failed = sum(v for r in recs for k, v in (r.get("takeback_results") or {}).items() if k != "ok")
         total = sum(reasons.values()) or sum(r["counts"].get("fallbacks", 0) for r in recs)
         why = ", ".join(f"{k} {v:.0f}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1]))
+        # A request its target had not acknowledged after 40 ms, sent again
+        # (handoff/release.py): with no loss, a sign of an overloaded target.
+        resent = sum(r["counts"].get("request_resends", 0) for r in recs)
         parts.append(f"{PHASE_LABELS[phase]} {total:.0f} of {decided:,.0f}" + (f" ({why})" if why else "")
-                     + (f", {failed:.0f} failed take-backs" if failed else ""))
+                     + (f", {failed:.0f} failed take-backs" if failed else "")
+                     + (f", {resent:.0f} requests sent again by the router" if resent else ""))
     return "; ".join(parts)
 
 

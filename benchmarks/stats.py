@@ -170,7 +170,7 @@ def split_sample(key: str) -> tuple[str, dict[str, str]]:
 
 
 ROUTER_COUNTS = ("decided", "handoffs", "fallbacks", "takebacks", "takeback_failures",
-                 "rehandoffs_same", "rehandoffs_other")
+                 "rehandoffs_same", "rehandoffs_other", "request_resends")
 
 
 def router_counts(samples: Mapping[str, float]) -> dict[str, float]:
@@ -183,7 +183,9 @@ def router_counts(samples: Mapping[str, float]) -> dict[str, float]:
     re-handoffs of taken-back connections alike); ``fallbacks``:
     ``arr_handoff_fallbacks_total`` over reasons; ``takebacks`` /
     ``takeback_failures``: ``arr_takebacks_total`` ok / any other result;
-    ``rehandoffs_same`` / ``rehandoffs_other``: ``arr_rehandoffs_total`` by target.
+    ``rehandoffs_same`` / ``rehandoffs_other``: ``arr_rehandoffs_total`` by target;
+    ``request_resends``: ``arr_forward_resends_total`` (requests the router sent
+    again, handoff/release.py: none without loss, or the targets were too slow).
     Only the ``_total`` samples count (``_created`` are timestamps)."""
     out = dict.fromkeys(ROUTER_COUNTS, 0.0)
     for key, value in samples.items():
@@ -202,6 +204,8 @@ def router_counts(samples: Mapping[str, float]) -> dict[str, float]:
                 out["rehandoffs_same"] += value
             elif kind in ("other-target", "handed-on"):  # handed on: to another target, from the captures
                 out["rehandoffs_other"] += value
+        elif name == "arr_forward_resends_total":
+            out["request_resends"] += value
     return out
 
 

@@ -39,6 +39,8 @@ arr_rehandoffs_total{target="same-target"} 270.0
 arr_rehandoffs_total{target="in-place"} 700.0
 arr_rehandoffs_total{target="other-target"} 10.0
 arr_takeback_duration_seconds_bucket{le="0.001"} 3.0
+arr_forward_resends_total 4.0
+arr_forward_resends_created 1.7e9
 """
 
 
@@ -46,7 +48,8 @@ def test_router_counts_from_an_exposition():
     # Re-handoffs in place go to the same target: they count with the same-target ones.
     c = router_counts(parse_exposition(EXPOSITION))
     assert c == {"decided": 1000.0, "handoffs": 995.0, "fallbacks": 5.0, "takebacks": 980.0,
-                 "takeback_failures": 2.0, "rehandoffs_same": 970.0, "rehandoffs_other": 10.0}
+                 "takeback_failures": 2.0, "rehandoffs_same": 970.0, "rehandoffs_other": 10.0,
+                 "request_resends": 4.0}
     assert router_counts({}) == dict.fromkeys(c, 0.0)  # a proxy router: nothing handed off
     assert counts_delta({"decided": 10.0}, {"decided": 25.0, "handoffs": 3.0}) == {"decided": 15.0, "handoffs": 3.0}
 

@@ -389,12 +389,16 @@ def test_ts_clock_is_a_millisecond_clock(net: Net) -> None:
 
 
 def test_ts_clock_matches_the_tsval_of_the_syn(net: Net) -> None:
-    """tsoffset is random per address pair: compare within one connection."""
+    """tsoffset is random per address pair: compare within one connection.
+    The clock reads what the SYN carried plus the milliseconds since it left,
+    which a loaded machine can stretch: bounded by the time measured around."""
+    started = time.monotonic()
     client, server = net.pair()
     now = ts.ts_clock(client)
+    elapsed_ms = (time.monotonic() - started) * 1000
     syn = ts.parse_syn(ts.saved_syn(server) or b"")
     assert syn.tsval is not None
-    assert -2 <= signed_diff(now, syn.tsval) <= 20
+    assert -2 <= signed_diff(now, syn.tsval) <= elapsed_ms + 2
 
 
 def test_ts_clock_matches_the_tsval_on_the_wire(net: Net) -> None:
