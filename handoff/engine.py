@@ -31,7 +31,7 @@ from arr.config import HandoffSettings
 from arr.http1 import serialize_request
 from arr.migration import MoveOrder, MoveReport
 from arr.session import DetachError
-from handoff import fastpath, tcpstate
+from handoff import craft, fastpath, tcpstate
 from handoff.control import Ack, ControlClient, ControlUnavailable, HandoffRequest, Nack, Release
 from handoff.datapath import RouterDatapath
 from handoff.forward_pool import ForwardPool, ForwardProfile, ReadyForward
@@ -138,6 +138,9 @@ class RouterHandoff:
         self._outraced: set[asyncio.Task[ReadyForward]] = set()
         """Forwarding connects that lost a race (``_open_forward_raced``), still under way."""
         self.migrator: Migrator | None = None
+        self.sender = craft.RawSender()
+        """The raw socket of every segment the router crafts (take-backs'
+        ACKs, re-handoffs in place, request copies, moves and deadlines' probes)."""
         self.deadlines: ResponseDeadlines | None = None
         self._states_at: dict[tuple[str, int], list["TargetState"]] = {}
         self._ok = metrics.handoffs.labels("ok")
@@ -166,12 +169,12 @@ class RouterHandoff:
         self.connections.on_load = self._publish_load
         self.takebacks = TakeBacks(self.datapath, self.connections, self.settings, self.metrics,
                                    agent_of=self._agent_at, new_conn_id=lambda: next(self._ids),
-                                   release_now=self._release_now, resume=router.resume)
+                                   release_now=self._release_now, resume=router.resume, sender=self.sender)
         self.connections.on_captures = self.takebacks.on_captures
-        self.migrator = Migrator(self.datapath, self.connections, self.takebacks, self.metrics,
+        self.migrator = Migrator(self.datapath, self.connections, self.takebacks, self.metrics, self.sender,
                                  resume=router.resume, steer=router.steer)
         if self.settings.rehandoff_in_place:
-            in_place = InPlace(self.datapath, self.connections, self.settings, self.metrics, self.migrator.sender,
+            in_place = InPlace(self.datapath, self.connections, self.settings, self.metrics, self.sender,
                                self._agent_at)
             self.takebacks.in_place = in_place
             self.connections.on_resends = in_place.on_resends
@@ -180,7 +183,7 @@ class RouterHandoff:
         self.takebacks.retire = self.retire_taken
         if self.settings.rehandoff_in_place or self.settings.rehandoff_hand_on:
             self.takebacks.route = router.route_captured
-        self.deadlines = ResponseDeadlines(self.datapath, self.takebacks, self.metrics, self.migrator.sender,
+        self.deadlines = ResponseDeadlines(self.datapath, self.takebacks, self.metrics, self.sender,
                                            resume=router.resume)
         self.connections.start()
         self.releaser = ForwardReleaser(self._release_forward, self.settings.request_ack_timeout,
@@ -254,6 +257,7 @@ class RouterHandoff:
             await client.stop()
         if self.connections is not None:
             await self.connections.stop()
+        self.sender.close()
         if self.datapath is not None:
             self.datapath.close()  # programs stay attached: handed-off connections live on
 
@@ -524,13 +528,13 @@ class RouterHandoff:
     def _resend_request(self, pending: PendingRelease, unacked: int) -> None:
         """The releaser's resend: the unacknowledged tail of a handed-off
         request, again, from the router (handoff/release.py says why)."""
-        assert pending.copy is not None and self.migrator is not None
+        assert pending.copy is not None
         window = tcpstate.announced_window(pending.forward)
         if window is None:
             return  # Linux before 6.2: the socket's own timer resends
         self.metrics.forward_resends.inc()
         for frame in pending.copy.segments(unacked, window):
-            self.migrator.sender.send(frame)
+            self.sender.send(frame)
 
     async def _eligible(self, client: socket.socket) -> None:
         """Section 2.1 step 3: everything the router sent is acknowledged, the

@@ -87,7 +87,7 @@ def target_reset(entry: FlowEntry) -> bytes:
 
 class Migrator:
     def __init__(self, datapath: "RouterDatapath", connections: "RouterConnections", takebacks: "TakeBacks",
-                 metrics: "Metrics", *,
+                 metrics: "Metrics", sender: craft.RawSender, *,
                  resume: Callable[["socket.socket", Address, int, "TakenBack"], Awaitable[None]],
                  steer: Callable[[str, PortRange | None, Address], None]) -> None:
         self.datapath = datapath
@@ -98,7 +98,7 @@ class Migrator:
         self.steer = steer
         """(client address, its ports (None: all), destination): the
         router's override for the client's next requests (arr/migration.py)."""
-        self.sender = craft.RawSender()
+        self.sender = sender
         self._tasks: set[asyncio.Task[None]] = set()
 
     def candidates(self) -> dict[Candidate, FlowKey]:
@@ -216,4 +216,3 @@ class Migrator:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self.sender.close()

@@ -91,8 +91,8 @@ class PendingRelease:
     next_check: float = 0.0
     interval: float = FIRST_CHECK
     resend_at: float = float("inf")
-    resend_gap: float = 0.0
     resends: int = 0
+    """Copies sent so far: the next comes ``resend_after * 2**resends`` after the last."""
 
 
 class ForwardReleaser:
@@ -118,7 +118,6 @@ class ForwardReleaser:
         pending.deadline = now + self.timeout
         pending.next_check = now + pending.interval
         if pending.copy is not None and self.resend is not None and self.resend_after > 0:
-            pending.resend_gap = self.resend_after
             pending.resend_at = now + self.resend_after
         self.pending.append(pending)
         self._arm(pending.next_check)
@@ -178,8 +177,8 @@ class ForwardReleaser:
 
     def _resend(self, pending: PendingRelease, outstanding: int, now: float) -> None:
         pending.resends += 1
-        pending.resend_gap *= 2
-        pending.resend_at = now + pending.resend_gap if pending.resends < MAX_RESENDS else float("inf")
+        pending.resend_at = (now + self.resend_after * 2 ** pending.resends if pending.resends < MAX_RESENDS
+                             else float("inf"))
         assert self.resend is not None
         try:
             self.resend(pending, outstanding)

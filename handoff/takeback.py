@@ -337,9 +337,11 @@ class TakeBacks:
                  agent_of: Callable[[tuple[str, int]], ControlClient | None],
                  new_conn_id: Callable[[], int],
                  release_now: Callable[[FlowKey], bool],
-                 resume: Callable[..., Awaitable[None]]) -> None:
+                 resume: Callable[..., Awaitable[None]], sender: craft.RawSender) -> None:
         """RESUME(sock, peer, requests, context, decided=...): give the rebuilt
-        socket to the router (``Router.resume``)."""
+        socket to the router (``Router.resume``); SENDER: the engine's raw
+        socket, for the ACK of a rebuilt client socket's request
+        (``_rebuild_client``)."""
         self.datapath = datapath
         self.connections = connections
         self.settings = settings
@@ -372,8 +374,7 @@ class TakeBacks:
         self._tasks: set[asyncio.Task[None]] = set()
         closes = {result: metrics.forward_closes.labels(result) for result in CLOSE_RESULTS}
         self.closer = ForwardCloser(datapath, connections, count=lambda result: closes[result].inc())
-        self.sender = craft.RawSender()
-        """Sends the ACK of a rebuilt client socket's request (``_rebuild_client``)."""
+        self.sender = sender
 
     def on_captures(self, captures: list[Capture]) -> None:
         for capture in captures:
@@ -404,7 +405,6 @@ class TakeBacks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.closer.stop()
-        self.sender.close()
 
     async def _take_back(self, key: FlowKey, pending: _Pending) -> None:
         started = time.perf_counter()
