@@ -24,6 +24,14 @@ way ``--mode`` says:
 * ``post``: a POST of ``--body-size`` bytes (Content-Length), ``Connection:
   close``, read to EOF.
 
+With ``--per-connection K`` (modes close, client-fin and post) a connection
+carries K requests, one after another (the next sent once the previous
+response is read): the first K-1 keep-alive, the last ended as the mode says.
+Consecutive requests go round-robin over the URLs, so a connection's requests
+alternate between them (which must then share one host and port): the short
+keep-alive connections of browsers and API clients, each request of which a
+router must route.
+
 It prints one JSON object: counts (total, ok, failed, timeouts), latencies,
 the first errors and the local ports used. Standard library only, and it
 only ever connects to the URLs it is given.
@@ -45,6 +53,8 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 MODES = ("close", "client-fin", "abort", "abandon", "post")
+KEEP_ALIVE_MODES = ("close", "client-fin", "post")
+"""The modes that read whole responses, so that a connection can carry more than one."""
 TCP_REPAIR = 19  # linux/tcp.h
 RECV_CHUNK = 256 * 1024
 MAX_HEAD = 64 * 1024
@@ -107,6 +117,7 @@ class Options:
     abort_after: int = 65536
     body_size: int = 65536
     rcvbuf: int | None = None
+    per_connection: int = 1
 
 
 # --------------------------------------------------------------- one request
@@ -237,12 +248,13 @@ class Response:
             raise Failure(f"{len(self.buffer)} bytes after the response")
 
 
-def _request_bytes(target: Target, mode: str, body_size: int) -> bytes:
+def _request_bytes(target: Target, mode: str, body_size: int, last: bool = True) -> bytes:
+    """The request as MODE sends it; not LAST: a keep-alive one, more follow on its connection."""
     lines = [f"{'POST' if mode == 'post' else 'GET'} {target.path} HTTP/1.1",
              f"Host: {target.host_header}", "User-Agent: arr-loadclient", "Accept: */*"]
     if mode == "post":
         lines += [f"Content-Length: {body_size}", "Content-Type: application/octet-stream"]
-    if mode != "client-fin":  # client-fin is keep-alive: the client ends the connection
+    if last and mode != "client-fin":  # client-fin is keep-alive: the client ends the connection
         lines.append("Connection: close")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode()
     if mode == "post":
@@ -258,71 +270,106 @@ def _vanish(sock: socket.socket) -> None:
 
 
 def one_request(index: int, target: Target, opts: Options, payload: bytes) -> Result:
-    result = Result(index=index, url=target.url)
-    started = time.monotonic()
+    return one_connection([(index, target, payload)], opts)[0]
+
+
+def one_connection(requests: list[tuple[int, Target, bytes]], opts: Options) -> list[Result]:
+    """REQUESTS (index, target, request bytes) on one connection to the first
+    target's address, one after another; a Result for each. The last ends the
+    connection as the mode says; after a failure the rest are not sent and
+    fail with the reason."""
+    results = [Result(index=index, url=target.url) for index, target, _ in requests]
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     ended = False
+    leftover = bytearray()
+    current = 0
+    started = time.monotonic()
     try:
         sock.settimeout(opts.timeout)
         if opts.rcvbuf:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, opts.rcvbuf)
+        first = requests[0][1]
         try:
-            sock.connect((target.host, target.port))
+            sock.connect((first.host, first.port))
         except socket.timeout:
             raise Timeout("connect") from None
-        result.port = sock.getsockname()[1]
-        try:
-            sock.sendall(payload)
-        except socket.timeout:
-            raise Timeout("send") from None
-        response = Response(sock)
-        response.read_head()
-        result.status = response.status
-        mode = opts.mode
-        if mode in ("abort", "abandon"):
-            want = opts.abort_after if response.length is None else min(opts.abort_after, response.length)
-            response.read_body(at_least=want)
-            result.body_bytes = response.body_bytes
-            if response.body_bytes < want:
-                raise Failure(f"EOF after {response.body_bytes} of {want} body bytes")
-            if mode == "abort":
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                sock.close()
-            else:
-                _vanish(sock)
-            ended = True
-            result.ok = response.status == 200
+        port = sock.getsockname()[1]
+        for current, (_, target, payload) in enumerate(requests):
+            result = results[current]
+            result.port = port
+            if current:
+                started = time.monotonic()
+            last = current == len(requests) - 1
+            ended = _exchange(sock, target, opts, payload, result, leftover, last)
+            result.latency = time.monotonic() - started
             if not result.ok:
-                result.error = f"status {response.status}"
-            return result
-        response.read_body()
-        result.body_bytes = response.body_bytes
-        if mode == "client-fin":
-            if not (response.complete or response.chunked):
-                raise Failure("keep-alive response without a length")
-            sock.shutdown(socket.SHUT_WR)
-        response.expect_eof()
-        digest = response.hash.hexdigest()
-        if response.status != 200:
-            result.error = f"status {response.status}"
-        elif target.sha256 and digest != target.sha256:
-            result.error = f"sha256 mismatch ({response.body_bytes} bytes, {digest[:12]})"
-        else:
-            result.ok = True
-        return result
-    except Timeout as exc:
-        result.error, result.timeout = str(exc), True
-        return result
+                break
+        return results
     except Failure as exc:
-        result.error = str(exc)
-        return result
-    except OSError as exc:
-        result.error = f"{type(exc).__name__}: {exc.strerror or exc}"
-        return result
-    finally:
+        result = results[current]
+        result.error, result.timeout = str(exc), isinstance(exc, Timeout)
         result.latency = time.monotonic() - started
+        return results
+    except OSError as exc:
+        result = results[current]
+        result.error = f"{type(exc).__name__}: {exc.strerror or exc}"
+        result.latency = time.monotonic() - started
+        return results
+    finally:
+        for result in results[current + 1:]:
+            result.error = f"not sent: request {current + 1} of the connection failed"
         if not ended:
             sock.close()
+
+
+def _exchange(sock: socket.socket, target: Target, opts: Options, payload: bytes, result: Result,
+              leftover: bytearray, last: bool) -> bool:
+    """Send one request on SOCK and read its response into RESULT (LEFTOVER:
+    bytes read past the previous response, none expected); True if the socket
+    was closed here (abort, abandon)."""
+    try:
+        sock.sendall(payload)
+    except socket.timeout:
+        raise Timeout("send") from None
+    response = Response(sock)
+    response.buffer = leftover
+    response.read_head()
+    result.status = response.status
+    mode = opts.mode
+    if mode in ("abort", "abandon"):
+        want = opts.abort_after if response.length is None else min(opts.abort_after, response.length)
+        response.read_body(at_least=want)
+        result.body_bytes = response.body_bytes
+        if response.body_bytes < want:
+            raise Failure(f"EOF after {response.body_bytes} of {want} body bytes")
+        if mode == "abort":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        else:
+            _vanish(sock)
+        result.ok = response.status == 200
+        if not result.ok:
+            result.error = f"status {response.status}"
+        return True
+    response.read_body()
+    result.body_bytes = response.body_bytes
+    if not last or mode == "client-fin":
+        if not (response.complete or response.chunked):
+            raise Failure("keep-alive response without a length")
+    if last:
+        if mode == "client-fin":
+            sock.shutdown(socket.SHUT_WR)
+        response.expect_eof()
+    elif response.buffer:
+        raise Failure(f"{len(response.buffer)} bytes after the response")
+    digest = response.hash.hexdigest()
+    if response.status != 200:
+        result.error = f"status {response.status}"
+    elif target.sha256 and digest != target.sha256:
+        result.error = f"sha256 mismatch ({response.body_bytes} bytes, {digest[:12]})"
+    else:
+        result.ok = True
+    return False
 
 
 # ----------------------------------------------------------------- the load
@@ -337,28 +384,33 @@ class Run:
     started: float = 0.0
     elapsed: float = 0.0
 
-    def _next(self) -> int | None:
+    def _next(self) -> range | None:
+        """The indices of the next connection's requests (None: the run is over)."""
         with self.lock:
             if self.issued >= self.opts.count:
                 return None
             if self.opts.duration is not None and time.monotonic() - self.started >= self.opts.duration:
                 return None
-            self.issued += 1
-            return self.issued - 1
+            first = self.issued
+            self.issued = min(self.opts.count, first + self.opts.per_connection)
+            return range(first, self.issued)
 
-    def _worker(self, payloads: list[bytes]) -> None:
+    def _worker(self, payloads: dict[bool, list[bytes]]) -> None:
         targets = self.opts.targets
         mine: list[Result] = []
         try:
-            while (index := self._next()) is not None:
-                i = index % len(targets)
-                mine.append(one_request(index, targets[i], self.opts, payloads[i]))
+            while (indices := self._next()) is not None:
+                mine.extend(one_connection([(index, targets[index % len(targets)],
+                                             payloads[index == indices[-1]][index % len(targets)])
+                                            for index in indices], self.opts))
         finally:
             with self.lock:
                 self.results.extend(mine)
 
     def run(self) -> "Run":
-        payloads = [_request_bytes(t, self.opts.mode, self.opts.body_size) for t in self.opts.targets]
+        # payloads[last]: a connection's last request ends it as the mode says, the others keep it open
+        payloads = {last: [_request_bytes(t, self.opts.mode, self.opts.body_size, last) for t in self.opts.targets]
+                    for last in (False, True)}
         self.started = time.monotonic()
         threads = [threading.Thread(target=self._worker, args=(payloads,), daemon=True)
                    for _ in range(max(1, self.opts.parallel))]
@@ -377,6 +429,7 @@ class Run:
         ports = sorted({r.port for r in results if r.port is not None})
         return {
             "mode": self.opts.mode,
+            "per_connection": self.opts.per_connection,
             "urls": [t.url for t in self.opts.targets],
             "counts": {"total": len(results), "ok": len(results) - len(failed), "failed": len(failed),
                        "timeouts": sum(1 for r in results if r.timeout)},
@@ -419,6 +472,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--duration", type=float, default=None, help="stop issuing requests after this")
     p.add_argument("--abort-after", type=int, default=65536, help="body bytes read before abort/abandon")
     p.add_argument("--body-size", type=int, default=65536, help="POST body bytes (mode post)")
+    p.add_argument("--per-connection", type=int, default=1, metavar="K",
+                   help="requests per connection, round-robin over the URLs (modes close, client-fin, post)")
     p.add_argument("--rcvbuf", type=int, default=None,
                    help="SO_RCVBUF before connect (default: the kernel's; abandon: 65536, so that "
                         "a large response is still being sent when the client vanishes)")
@@ -427,13 +482,20 @@ def parse_args(argv: list[str] | None = None) -> Options:
         p.error("give --sha256 once, or once per --url")
     if a.count < 0 or a.parallel < 1 or a.timeout <= 0 or a.abort_after < 0 or a.body_size < 0:
         p.error("counts must be >= 0, --parallel >= 1, --timeout > 0")
+    if a.per_connection < 1:
+        p.error("--per-connection must be >= 1")
+    if a.per_connection > 1 and a.mode not in KEEP_ALIVE_MODES:
+        p.error(f"--per-connection needs a mode that reads whole responses: {', '.join(KEEP_ALIVE_MODES)}")
     shas = a.sha256 * len(a.url) if len(a.sha256) == 1 else (a.sha256 or [None] * len(a.url))
     try:
         targets = [Target.parse(u, s) for u, s in zip(a.url, shas)]
     except ValueError as exc:
         p.error(str(exc))
+    if a.per_connection > 1 and len({(t.host, t.port) for t in targets}) > 1:
+        p.error("--per-connection sends every URL of a connection to one address: give URLs of one host and port")
     return Options(targets=targets, mode=a.mode, count=a.count, parallel=a.parallel, timeout=a.timeout,
                    duration=a.duration, abort_after=a.abort_after, body_size=a.body_size,
+                   per_connection=a.per_connection,
                    rcvbuf=a.rcvbuf if a.rcvbuf is not None else (65536 if a.mode == "abandon" else None))
 
 

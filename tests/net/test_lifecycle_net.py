@@ -115,15 +115,18 @@ def limit_client_ports(cluster: Cluster, ports: str = CLIENT_PORTS) -> None:
     cluster.exec(cluster.client, ["sysctl", "-q", "-w", f"net.ipv4.ip_local_port_range={ports}"])
 
 
-def load(cluster: Cluster, url: str, count: int, mode: str = "close", parallel: int = 1,
-         sha256: str | None = None, timeout: float = 5.0, duration: float = 150.0, label: str = "",
+def load(cluster: Cluster, url: str | list[str], count: int, mode: str = "close", parallel: int = 1,
+         sha256: str | list[str] | None = None, timeout: float = 5.0, duration: float = 150.0, label: str = "",
          extra: tuple[str, ...] = ()) -> dict:
-    """Run arr.testbed.loadclient in the client namespace; its JSON report."""
-    argv = [sys.executable, "-m", "arr.testbed.loadclient", "--url", url, "--count", str(count),
+    """Run arr.testbed.loadclient in the client namespace; its JSON report.
+    Several URLs (and one SHA256 each, or one for all) go round-robin."""
+    argv = [sys.executable, "-m", "arr.testbed.loadclient", "--count", str(count),
             "--parallel", str(parallel), "--mode", mode, "--timeout", str(timeout),
             "--duration", str(duration), *extra]
-    if sha256:
-        argv += ["--sha256", sha256]
+    for one in [url] if isinstance(url, str) else url:
+        argv += ["--url", one]
+    for one in [sha256] if isinstance(sha256, str) else sha256 or []:
+        argv += ["--sha256", one]
     cp = cluster.exec(cluster.client, argv, timeout=duration + 4 * timeout + 30,
                       env={**os.environ, **python_env()})
     report = json.loads(cp.stdout)

@@ -39,6 +39,7 @@ class Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         sock: socket.socket = self.request
         sock.settimeout(10)
+        self.server.record("connection")
         buffer = b""
         try:
             while True:
@@ -161,6 +162,41 @@ def test_client_fin_mode_sends_keep_alive_requests_and_the_first_fin(server):
     assert events["server-close"] == 0
 
 
+def test_per_connection_sends_several_requests_on_each_connection(server):
+    """--per-connection 3 over two URLs: 12 requests on 4 connections, each
+    connection's requests alternating between the URLs, the first two
+    keep-alive, the last ending the connection as the mode says."""
+    for mode, ending in (("close", "server-close"), ("client-fin", "client-eof")):
+        server.events.clear()
+        report = loadclient("--url", server.url("/small"), "--url", server.url("/chunked"), "--count", "12",
+                            "--parallel", "2", "--mode", mode, "--per-connection", "3", "--sha256", SMALL_SHA)
+        assert report["counts"] == {"total": 12, "ok": 12, "failed": 0, "timeouts": 0}, (mode, report["errors"])
+        assert report["per_connection"] == 3
+        events = server.wait_events(lambda e: e[ending] >= 4)
+        assert events["connection"] == 4, (mode, events)
+        assert events[ending] == 4
+        last = "close" if mode == "close" else "keep-alive"
+        if mode == "close":
+            # indices 0-2, 3-5, ...: /small /chunked /small, then /chunked /small /chunked
+            assert events["request GET /small keep-alive"] + events["request GET /chunked keep-alive"] == 8
+            assert events[f"request GET /small {last}"] + events[f"request GET /chunked {last}"] == 4
+        else:
+            assert events["request GET /small keep-alive"] + events["request GET /chunked keep-alive"] == 12
+        assert events["request GET /small " + last] >= 2 and events["request GET /chunked " + last] >= 2
+
+
+def test_per_connection_failure_fails_the_rest_of_the_connection(server):
+    """A request that times out mid-connection: the ones after it on that
+    connection are not sent, and are counted failed with the reason."""
+    report = loadclient("--url", server.url("/small"), "--url", server.url("/hang"), "--count", "3",
+                        "--per-connection", "3", "--timeout", "0.5", "--sha256", SMALL_SHA)
+    assert report["counts"] == {"total": 3, "ok": 1, "failed": 2, "timeouts": 1}, report
+    assert [e["error"] for e in report["errors"]] == [
+        "timeout (recv)", "not sent: request 2 of the connection failed"]
+    events = server.wait_events(lambda e: e["request GET /hang keep-alive"] >= 1)
+    assert events["connection"] == 1 and events["request GET /small close"] == 0
+
+
 def test_chunked_responses_are_decoded_and_hashed(server):
     for mode in ("close", "client-fin"):
         report = loadclient("--url", server.url("/chunked"), "--count", "5", "--mode", mode,
@@ -252,3 +288,11 @@ def test_bad_arguments_are_refused():
     cp = subprocess.run([sys.executable, "-m", "arr.testbed.loadclient", "--url", "https://x/"],
                         capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert cp.returncode == 2 and "only http://" in cp.stderr
+    for args, message in ((["--url", "http://127.0.0.1:1/", "--per-connection", "0"], "must be >= 1"),
+                          (["--url", "http://127.0.0.1:1/", "--per-connection", "2", "--mode", "abort"],
+                           "reads whole responses"),
+                          (["--url", "http://127.0.0.1:1/", "--url", "http://127.0.0.1:2/", "--per-connection", "2"],
+                           "one host and port")):
+        cp = subprocess.run([sys.executable, "-m", "arr.testbed.loadclient", *args],
+                            capture_output=True, text=True, cwd=ROOT, timeout=30)
+        assert cp.returncode == 2 and message in cp.stderr, (args, cp.stderr)
