@@ -10,6 +10,11 @@ locked route metric, so the kernel would resend after 900 ms (the cached RTT
 plus twice it). The target's nftables drop the first copy of every request
 segment from the router (the kernel's first transmission); the router's copy
 gets through, its retransmissions too.
+
+The other way: an answer the router writes itself on a client socket a
+take-back rebuilt (a refused request), its first copy lost at the client, is
+resent as on a socket the router accepted, because the rebuild gave the
+socket an RTT (handoff/takeback.py ``RTT_PROBE_BYTE``).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import time
 
 import pytest
 
-from arr.testbed.router import handoff_cluster, handoff_outcomes, wait_for
+from arr.testbed.router import ROUTER_PORT, handoff_cluster, handoff_outcomes, wait_for
 
 from test_takeback_net import MODES, access_lines, connect, get, two_pools
 
@@ -119,3 +124,73 @@ def test_a_request_the_target_did_not_get_is_sent_again_by_the_router(cluster, m
         assert slowest < KERNEL_RESEND_S * 2 / 3, (slowest, resends, outcomes)
         print(f"\n{mode}: 30 requests, first copies dropped {dropped}, the router's copies {resends:.0f}, "
               f"slowest {slowest:.3f}s")
+
+
+RESPONSE_TABLE = "arr_first_answer"
+REFUSED = "HTTP/1.1 405"
+"""The start of the router's own answer to a DELETE (the rule's Reject)."""
+
+
+def drop_first_refusals(c, header_bytes: int) -> None:
+    """The client drops the first transmission of every segment from the
+    router that starts the router's 405 (behind a TCP header of HEADER_BYTES:
+    32 with timestamps, 20 without): its retransmission gets through."""
+    c.exec(c.client, ["nft", "-f", "-"], input=f"""
+table inet {RESPONSE_TABLE} {{
+  set seen {{ typeof tcp dport . tcp sequence; flags dynamic; timeout 60s; }}
+  chain incoming {{
+    type filter hook prerouting priority -300; policy accept;
+    ip saddr {c.vip} tcp sport {ROUTER_PORT} @th,{header_bytes * 8},96 0x{REFUSED.encode().hex()} \
+tcp dport . tcp sequence != @seen add @seen {{ tcp dport . tcp sequence }} counter drop
+  }}
+}}
+""")
+
+
+def refusals_dropped(c) -> int:
+    out = c.exec(c.client, ["nft", "list", "chain", "inet", RESPONSE_TABLE, "incoming"]).stdout
+    return int(out.split("counter packets ")[1].split()[0])
+
+
+@pytest.mark.parametrize("timestamps", [True, False], ids=["timestamps", "no-timestamps"])
+def test_the_routers_own_answer_on_a_taken_back_connection_is_resent_in_time(cluster, timestamps):
+    """A request the router answers itself on a handed-off connection (here a
+    refused DELETE, decided from the captures) is answered on the client
+    socket the take-back rebuilt, which has no RTT sample of its own: with
+    the router's TCP metrics empty its kernel would resend a lost answer
+    after 1 s. The router makes the client acknowledge one byte at once
+    (handoff/takeback.py ``RTT_PROBE_BYTE``): the socket has its RTT, and
+    resends as a connection it accepted would (0.2 s, Linux's loss probe
+    for one segment). Four connections, the first copy of each 405 lost at
+    the client; each connection then goes on with a handoff from the
+    router's socket (the probe byte acknowledged by then). Clients with and
+    without TCP timestamps (Windows does not use them)."""
+    c = cluster(targets=2, files={"1k": 1024})
+    info = c.files["1k"]
+    if not timestamps:
+        c.exec(c.client, ["sysctl", "-q", "-w", "net.ipv4.tcp_timestamps=0"])
+    with handoff_cluster(c, **two_pools(c, in_place=True, hand_on=True)) as (router, agents):
+        router.wait_healthy()
+        drop_first_refusals(c, 32 if timestamps else 20)
+        took = []
+        for n in range(4):
+            # Nothing cached for the client: a connection of its that the
+            # router closed would have left an RTT (none does here).
+            c.exec(c.router, ["ip", "tcp_metrics", "flush", "all"])
+            conn, port = connect(c)
+            assert get(conn, "GET", "/whoami") == (200, f"{c.targets[0].name}\n".encode())
+            started = time.monotonic()
+            status, _ = get(conn, "DELETE", f"{info.url_path}?n={n}")
+            took.append(round(time.monotonic() - started, 3))
+            assert status == 405
+            status, body = get(conn, "GET", info.url_path)
+            assert status == 200 and hashlib.sha256(body).hexdigest() == info.sha256
+            conn.close()
+            assert wait_for(lambda: len(access_lines(router, port)) == 3, 5)
+            assert [r["decision"] for r in access_lines(router, port)] == ["handoff", "reject", "handoff"]
+        outcomes = handoff_outcomes(router, agents)
+        assert refusals_dropped(c) == 4, outcomes
+        assert router.metric_sum("arr_takebacks_total", result="ok") == 4, outcomes
+        print(f"\nthe router's 405, its first copy lost ({'' if timestamps else 'no '}timestamps): "
+              f"answered after {took} s")
+        assert max(took) < 0.5, (took, outcomes)

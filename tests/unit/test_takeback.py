@@ -5,6 +5,7 @@ socket plans the router rebuilds from the map entries and the agent's answer."""
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -14,9 +15,8 @@ from handoff.control import TAKEN_OK, Taken
 from handoff.maps import (FLOW_TAKEBACK, WATCH_OPT_SACK, WATCH_OPT_TS, WATCH_OPT_WSCALE, FlowEntry, FlowKey,
                           WatchEntry, Xlate)
 from handoff.rebuild import NO_WSCALE, SocketPlan, ms_clock, repair_options
-from handoff.takeback import (DEFAULT_MSS, REBUILT_FORWARD_RTO_MAX_MS, TS_STEP, Segment, Taking, assemble,
-                              client_seen_tsval,
-                              plan_client, plan_forward, plan_hand_on, profile_of)
+from handoff.takeback import (DEFAULT_MSS, REBUILT_FORWARD_RTO_MAX_MS, RTT_PROBE_BYTE, TS_STEP, Segment, Taking,
+                              assemble, client_seen_tsval, plan_client, plan_forward, plan_hand_on, profile_of)
 from handoff.translate import HandoffInputs, SocketState, Translation, compute_translations
 
 MOD = 1 << 32
@@ -218,6 +218,19 @@ def test_client_plan_stands_where_the_client_sees_the_router():
     assert ahead(plan.ts_clock, t.latest.tsecr)  # PAWS at the client: never older than what it saw
     assert plan.snd_wnd == 1000 << TO_TARGET.wscale_in  # the entry's newest window, scaled
     assert plan.snd_wl1 == t.latest.seq
+
+
+def test_client_plan_for_an_rtt_probe_stands_one_byte_short():
+    """RTT_PROBE_BYTE: the socket sends the response's last byte again, so
+    it is rebuilt one before it, across the wrap too; the rest is the same."""
+    for taken in (Taken(9, TAKEN_OK, snd_nxt=10, window=29200, syn_seq=77),
+                  Taken(9, TAKEN_OK, snd_nxt=wrap(-TO_TARGET.ack_delta), window=29200, syn_seq=77)):
+        t = make_taking(taken=taken)
+        plain, probing = plan_client(t), plan_client(t, rtt_probe=True)
+        assert probing.snd_nxt == wrap(plain.snd_nxt - len(RTT_PROBE_BYTE))
+        assert probing == replace(plain, snd_nxt=probing.snd_nxt)
+    assert plan_client(make_taking(taken=Taken(9, TAKEN_OK, snd_nxt=wrap(-TO_TARGET.ack_delta), window=1,
+                                                syn_seq=77)), rtt_probe=True).snd_nxt == MOD - 1
 
 
 def test_client_plan_without_options():
