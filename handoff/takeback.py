@@ -751,14 +751,10 @@ class TakeBacks:
         leave_repair(client, window_probe=ack is None and not rtt_probe)
         if rtt_probe:
             try:
-                sent = client.send(RTT_PROBE_BYTE)
-            except OSError as exc:  # the client reset meanwhile: nothing to answer
-                sent, error = 0, exc.errno
-            else:
-                error = None
-            if sent != len(RTT_PROBE_BYTE):  # the router's answer would start a byte early
+                client.send(RTT_PROBE_BYTE)  # one byte into an empty buffer: sent whole, or an error
+            except OSError as exc:  # the client reset meanwhile; the answer would start a byte early
                 client.close()
-                raise TakeBackFailed(f"rebuild-client-{error or 'short'}")
+                raise TakeBackFailed(f"rebuild-client-{exc.errno}") from None
         elif ack is not None and not self.sender.send(ack):
             log.debug("acknowledging the request of %r: %s", key, self.sender.error or "not sent")
             enter_repair(client)
