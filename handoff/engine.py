@@ -111,6 +111,9 @@ class Attempt:
     forward_state: SocketState | None = None
     """The forwarding socket as the translations were computed from it,
     before the request: where a copy of the request goes (``RequestCopy``)."""
+    request_end: int = 0
+    """The forwarding socket's snd_nxt once the request is sent: mirrored
+    acks beyond it are lowered to it (``WatchEntry.request_end``)."""
     steps: list[str] = field(default_factory=list)
 
 
@@ -485,6 +488,7 @@ class RouterHandoff:
         assert self.datapath is not None and attempt.forward is not None and attempt.watch_key is not None
         f_snap = fastpath.snapshot(attempt.forward)
         attempt.forward_state = f_snap.tcp
+        attempt.request_end = wrap(f_snap.tcp.snd_nxt + request_len)
         watch = self.datapath.watch.lookup(attempt.watch_key)
         attempt.watch = watch
         to_target, to_client = compute_translations(HandoffInputs(
@@ -492,7 +496,7 @@ class RouterHandoff:
             client_syn_tsval=client_tsval, target_tsval=watch.target_tsval if watch else 0))
         await self._install_at_agent(attempt, agent, HandoffRequest(
             conn_id=attempt.conn_id, key=wire_key(attempt.watch_key), translation=to_client,
-            mirror_from=f_snap.tcp.snd_nxt, mirror_until=wrap(f_snap.tcp.snd_nxt + request_len),
+            mirror_from=f_snap.tcp.snd_nxt, mirror_until=attempt.request_end,
             syn_seq=syn_seq if syn_seq is not None else wrap(f_snap.tcp.rcv_nxt - 1)))
         return to_target, f_snap.tcp.rcv_nxt
 
@@ -503,6 +507,7 @@ class RouterHandoff:
         assert self.datapath is not None and self.connections is not None and attempt.watch_key is not None
         handed = attempt.watch if attempt.watch is not None else WatchEntry()
         handed.state, handed.rcv_nxt, handed.conn_id = WATCH_HANDED_OFF, forward_rcv_nxt, attempt.conn_id
+        handed.request_end = attempt.request_end
         handed.client, handed.closed_ns = attempt.client_key, 0
         self.datapath.watch.update(attempt.watch_key, handed)
         self.datapath.ingress.update(attempt.client_key, entry)

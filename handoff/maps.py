@@ -146,7 +146,7 @@ class WatchEntry(ctypes.Structure):
                 ("synack_opts", ctypes.c_uint8), ("synacks", ctypes.c_uint32),
                 ("mirrored", ctypes.c_uint64), ("syn_rewrites", ctypes.c_uint64),
                 ("closed_ns", ctypes.c_uint64), ("conn_id", ctypes.c_uint64),
-                ("client", FlowKey), ("target_fin_ack", ctypes.c_uint32)]
+                ("client", FlowKey), ("target_fin_ack", ctypes.c_uint32), ("request_end", ctypes.c_uint32)]
 
 
 class Event(ctypes.Structure):

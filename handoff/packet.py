@@ -327,12 +327,13 @@ def normalise_syn(frame: bytes, mss: int, sack_ok: bool, ts_ok: bool) -> tuple[b
 # ------------------------------------------------------------------ mirroring
 
 
-def trim_mirror(frame: bytes, rcv_nxt: int) -> bytes:
+def trim_mirror(frame: bytes, rcv_nxt: int, request_end: int = 0) -> bytes:
     """A mirrored copy of a target packet at the router (watch entry handed
     off): everything after the TCP header is cut (payload and any Ethernet
-    padding), seq becomes ``rcv_nxt``, FIN and PSH are cleared, the IP total
-    length is fixed (IP checksum incrementally), the TCP checksum is computed
-    afresh. A RST is returned unchanged."""
+    padding), seq becomes ``rcv_nxt``, an ack beyond ``request_end`` (the
+    router's snd_nxt; 0: not known) becomes it, FIN and PSH are cleared, the
+    IP total length is fixed (IP checksum incrementally), the TCP checksum is
+    computed afresh. A RST is returned unchanged."""
     p = parse(frame)
     if p is None:
         raise ValueError("not a TCP/IPv4 frame the programs look at")
@@ -347,6 +348,8 @@ def trim_mirror(frame: bytes, rcv_nxt: int) -> bytes:
     struct.pack_into("!H", buf, 24, csum_update(ip_check, old_tot, bytes(buf[16:18])))
     l4 = p.l4
     struct.pack_into("!I", buf, l4 + 4, wrap(rcv_nxt))
+    if request_end and seq_after(struct.unpack_from("!I", buf, l4 + 8)[0], request_end):
+        struct.pack_into("!I", buf, l4 + 8, request_end)
     buf[l4 + 13] &= ~(TCPF_FIN | TCPF_PSH) & 0xFF
     buf[l4 + 16:l4 + 18] = b"\0\0"
     pseudo = bytes(buf[26:34]) + struct.pack("!BBH", 0, IPPROTO_TCP, p.tcp_len)

@@ -33,8 +33,8 @@ capture is gone by then (closed or handed off)."""
 
 # Counters that must not move on a handed-off connection's endpoints.
 BAD_COUNTERS = (
-    "TcpExtPAWSEstab", "TcpExtPAWSActive", "TcpInCsumErrors", "TcpInErrs", "TcpEstabResets",
-    "TcpOutRsts", "TcpExtTCPAbortOnData", "TcpExtTCPAbortOnClose", "TcpExtTCPAbortOnMemory",
+    "TcpExtPAWSEstab", "TcpExtPAWSActive", "TcpExtPAWSTimewait", "TcpInCsumErrors", "TcpInErrs",
+    "TcpEstabResets", "TcpOutRsts", "TcpExtTCPAbortOnData", "TcpExtTCPAbortOnClose", "TcpExtTCPAbortOnMemory",
     "TcpExtTCPAbortOnTimeout", "TcpExtTCPAbortOnLinger", "TcpExtTCPAbortFailed",
 )
 ROUTER_BAD_COUNTERS = ("TcpOutRsts", "TcpInCsumErrors")

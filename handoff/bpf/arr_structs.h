@@ -162,6 +162,12 @@ struct watch_entry {
 	__u32 target_fin_ack; /* ack of the target's latest FIN (0: none seen): once it
 			       * covers the router's own FIN, the router's socket is in
 			       * TIME_WAIT (handoff/forward_close.py needs no lookup) */
+	__u32 request_end;    /* HANDED_OFF: the router's snd_nxt once its request is sent
+			       * (0: not known). A mirrored ack beyond it (the client's FIN
+			       * or next bytes, translated) is lowered to it: Linux answers an
+			       * ack of unsent data with a challenge ACK, in the socket's own
+			       * clock, which the target, whose TS.Recent the translated
+			       * client already raised, drops as PAWS-old */
 };
 
 /* Per-CPU counters of what the programs did; index = enum arr_stat. */

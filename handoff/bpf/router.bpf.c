@@ -40,7 +40,8 @@ static __always_inline void record_target(struct __sk_buff *skb, const struct pk
 }
 
 /* A clone of a target packet that acknowledged the request: keep only what
- * the router's forwarding socket needs (the ACK) and none of the response. */
+ * the router's forwarding socket needs (the ACK, no further than its request:
+ * watch_entry.request_end says why) and none of the response. */
 static __always_inline int trim_mirror(struct __sk_buff *skb, const struct pkt *p,
 				       struct watch_entry *w)
 {
@@ -69,6 +70,8 @@ static __always_inline int trim_mirror(struct __sk_buff *skb, const struct pkt *
 	if (bpf_skb_load_bytes(skb, p->l4, hdr, hlen) < 0)
 		return TC_ACT_SHOT;
 	put_be32(&hdr[4], w->rcv_nxt);
+	if (w->request_end && seq_after(get_be32(&hdr[8]), w->request_end))
+		put_be32(&hdr[8], w->request_end);
 	hdr[13] &= ~(TCPF_FIN | TCPF_PSH);
 	hdr[16] = 0;
 	hdr[17] = 0;

@@ -411,10 +411,14 @@ def test_mirror_trimming_equals_the_model(bpf_env, data):
     frame = data.draw(frames(flags=st.sampled_from(["A", "PA", "FA", "FPA", "UA", "R", "RA"]),
                              payload=st.one_of(st.integers(1, 1400), st.just(0))))
     rcv_nxt = data.draw(u32)
+    # The router's snd_nxt: unknown (0), or near the clone's ack either side.
+    ack = struct.unpack_from("!I", frame, packet.parse(frame).l4 + 8)[0]
+    request_end = data.draw(st.one_of(st.just(0), u32, st.integers(-3, 3).map(lambda d: (ack + d) % 2**32)))
     key = key_of(frame)
     run = bpf_env.run("arr_router_ingress", frame,
-                      {"arr_watch": {key: WatchEntry(state=WATCH_HANDED_OFF, rcv_nxt=rcv_nxt)}})
-    expected = packet.trim_mirror(frame, rcv_nxt)
+                      {"arr_watch": {key: WatchEntry(state=WATCH_HANDED_OFF, rcv_nxt=rcv_nxt,
+                                                     request_end=request_end)}})
+    expected = packet.trim_mirror(frame, rcv_nxt, request_end)
     assert (run.verdict, run.out) == (TC_ACT_OK, expected), (show(run.out), show(expected))
     trimmed = not packet.parse(frame).flags & packet.TCPF_RST
     assert run.maps["arr_watch"][key].mirrored == trimmed

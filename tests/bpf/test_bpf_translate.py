@@ -252,6 +252,27 @@ def test_router_trims_mirrored_copies_to_pure_acks(bpf_ns):
     assert watch[key].mirrored == 1
 
 
+def test_router_lowers_a_mirrored_ack_past_its_request(bpf_ns):
+    """The target's ACK of the client's FIN (translated: one past the
+    router's request) reaches the router's forwarding socket as an ACK of the
+    request exactly; Linux would answer an ack of unsent data with a
+    challenge ACK in the socket's own clock, PAWS-old at the target."""
+    ns, ifindex = bpf_ns
+    key = FlowKey.of(*FWD)
+    for ack, request_end, seen in ((5001, 5000, 5000), (5000, 5000, 5000), (4990, 5000, 4990),
+                                   (3, 2**32 - 2, 2**32 - 2), (7000, 0, 7000)):
+        clone = target_packet(flags="A", ack=ack)
+        verdict, out, _, _ = run_router(
+            ns, ifindex, clone, watch={key: WatchEntry(state=WATCH_HANDED_OFF, rcv_nxt=424242,
+                                                       request_end=request_end)})
+        got = Ether(out)
+        assert verdict == TC_ACT_OK
+        assert (got[TCP].seq, got[TCP].ack) == (424242, seen), (ack, request_end)
+        check = got[TCP].chksum
+        del got[TCP].chksum
+        assert Ether(bytes(got))[TCP].chksum == check
+
+
 def test_target_mirrors_request_acks_once_per_advance(bpf_ns):
     ns, ifindex = bpf_ns
     # Mirroring clones with bpf_clone_redirect; under test_run the clone goes

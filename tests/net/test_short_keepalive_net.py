@@ -13,8 +13,13 @@ request would go to the old target unseen, or be lost.
 
 Checked: every body's SHA-256 (the target's name for ``/whoami``), the
 router's decisions counter against the requests made, the access log's client
-ports, the paths the requests took (counters), and the maps back at their
-baseline afterwards.
+ports, the paths the requests took (counters), the maps back at their
+baseline afterwards, and the client's and targets' TCP counters: each
+connection's end puts the target's socket in TIME_WAIT with the client's
+translated clock, 2^20 ms ahead of the router's, and a segment of the router's
+own forwarding socket arriving after it (it answered a mirrored ACK of the
+client's FIN with a challenge ACK) was refused there as PAWS-old
+(``TcpExtPAWSTimewait``; handoff/bpf/arr_structs.h ``request_end``).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import hashlib
 
 import pytest
 
+from arr.testbed.loss import CounterWatch
 from arr.testbed.router import handoff_cluster, handoff_outcomes, wait_for
 
 from test_lifecycle_net import MAX_WATCH, at_baseline, decisions, limit_client_ports, load, map_counts
@@ -53,6 +59,7 @@ def test_short_keep_alive_connections_from_40_ports_every_request_routed(cluster
             hashlib.sha256(f"{c.targets[0].name}\n".encode()).hexdigest()]
     with handoff_cluster(c, **two_pools(c, **MODES[mode])) as (router, agents):
         router.wait_healthy()
+        watch = CounterWatch(c, (c.client, *c.targets))
         count = CONNECTIONS * PER_CONNECTION
         report = load(c, [router.url + p for p in paths], count, "close", parallel=PARALLEL, sha256=shas,
                       extra=("--per-connection", str(PER_CONNECTION)),
@@ -86,3 +93,4 @@ def test_short_keep_alive_connections_from_40_ports_every_request_routed(cluster
         # Nothing of the connections outlives them.
         assert wait_for(lambda: at_baseline(map_counts(c)), 3), \
             f"maps not at baseline: {map_counts(c)} (watch allowed {MAX_WATCH})"
+        watch.assert_clean(explain=lambda: handoff_outcomes(router, agents))

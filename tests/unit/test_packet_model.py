@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 from scapy.layers.inet import IP, TCP, UDP, IPOption_NOP, IPOption_RR
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
@@ -207,6 +207,21 @@ def test_trim_mirror_equals_scapy(pkt, rcv_nxt, padding):
     new[TCP].flags = int(new[TCP].flags) & ~0x09
     del new[IP].len, new[IP].chksum, new[TCP].chksum
     assert packet.trim_mirror(frame, rcv_nxt) == bytes(new)
+
+
+@settings(database=None, max_examples=200, deadline=None)
+@given(frames(flags=st.sampled_from(["A", "PA", "FA"])), u32, st.integers(-3, 3))
+def test_trim_mirror_acks_no_further_than_the_routers_request(pkt, rcv_nxt, beyond):
+    """An ack past the router's request (the client's FIN or next bytes,
+    translated) is lowered to the request's end; one short of it, or at it,
+    stays; across the sequence wrap too."""
+    ack = pkt[TCP].ack
+    request_end = (ack - beyond) % 2**32
+    assume(request_end != 0)  # 0 means "not known"
+    new = Ether(packet.trim_mirror(bytes(pkt), rcv_nxt, request_end))
+    assert new[TCP].ack == (request_end if beyond > 0 else ack)
+    assert new[TCP].seq == rcv_nxt
+    assert packet.trim_mirror(bytes(pkt), rcv_nxt, 0) == packet.trim_mirror(bytes(pkt), rcv_nxt)
 
 
 def test_trim_mirror_leaves_rsts():
