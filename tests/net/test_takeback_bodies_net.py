@@ -36,7 +36,7 @@ import pytest
 
 from arr.testbed.loss import CounterWatch, tcp_counters
 from arr.testbed.router import handoff_cluster, handoff_outcomes, wait_for
-from test_takeback_net import MODES, access_lines, connect, get, nginx_lines, two_pools
+from test_takeback_net import MODES, access_lines, client_socket, connect, get, nginx_lines, two_pools
 
 pytestmark = pytest.mark.net
 
@@ -162,6 +162,74 @@ def test_request_bodies_on_one_keep_alive_connection(cluster, mode, nodelay):
             returned = router.metric_sum("arr_forward_pool_total", result="returned")
             print(f"forwarding connections given back: {returned:.0f}")
             assert returned >= len(BODY_SIZES), outcomes
+
+
+def post_at_once(sock, path: str, body: bytes) -> tuple[int, bytes]:
+    """A POST written in one send, head and body together (an API client that
+    builds the whole request first); the status and the body of its answer
+    (nginx sends Content-Length)."""
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: arr.test\r\nContent-Length: {len(body)}\r\n"
+                 f"Content-Type: application/octet-stream\r\n\r\n".encode() + body)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"POST {path}: the connection ended"
+        data += chunk
+    head, _, answer = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
+    while len(answer) < length:
+        chunk = sock.recv(65536)
+        assert chunk, f"POST {path}: the connection ended in the answer"
+        answer += chunk
+    return int(head.split()[1]), answer
+
+
+SAME_TARGET_POSTS = 40
+SAME_TARGET_SIZES = (3000, 20_000, 700, 1)
+
+
+def test_bodies_to_the_same_target_in_place_with_the_defaults(cluster):
+    """POSTs with bodies, one after another on one keep-alive connection to
+    the same target, with the router's defaults: each later one is rerouted in
+    place from its captures (handoff/inplace.py) or, when the client's last
+    segment is still held (Nagle), taken back.
+
+    nginx answers a POST to ``return`` before reading its body, and
+    acknowledges the rest of it only with a delayed ACK, about 40 ms later. A
+    client that sent its next request meanwhile had nothing more to
+    acknowledge, and the take-back of that request waited for the client's ACK
+    to move while the agent was waiting for the server's ACK of the rerouted
+    body: the connection hung until ``takeback_timeout`` (10 s) and was ended
+    (3 of 8 requests, 120 of 500 connections of 4 POSTs in an ad hoc run).
+    The take-back now asks again every ``UNACKED_REASK``."""
+    c = cluster(targets=2)
+    name = c.targets[0].name
+    with handoff_cluster(c, **two_pools(c, in_place=True, hand_on=True)) as (router, agents):
+        router.wait_healthy()
+        watch = CounterWatch(c, (c.client, *c.targets))
+        sock = client_socket(c)
+        port = sock.getsockname()[1]
+        took = []
+        for n in range(SAME_TARGET_POSTS):
+            body = os.urandom(SAME_TARGET_SIZES[n % len(SAME_TARGET_SIZES)])
+            started = time.monotonic()
+            assert post_at_once(sock, f"/whoami?n={n}", body) == (200, f"{name}\n".encode()), n
+            took.append(time.monotonic() - started)
+        sock.close()
+        outcomes = handoff_outcomes(router, agents)
+        assert wait_for(lambda: len(access_lines(router, port)) == SAME_TARGET_POSTS, 5), outcomes
+        assert {r["decision"] for r in access_lines(router, port)} == {"handoff"}, outcomes
+        assert wait_for(lambda: nginx_lines(c, 0, f"POST /whoami?n={SAME_TARGET_POSTS - 1} "), 3)
+        for n in range(SAME_TARGET_POSTS):
+            assert len(nginx_lines(c, 0, f"POST /whoami?n={n} ")) == 1, n
+        # The path under test was taken, and no take-back failed.
+        assert router.metric_sum("arr_inplace_reroutes_total", result="ok") > SAME_TARGET_POSTS // 4, outcomes
+        assert router.metric_sum("arr_takebacks_total") == router.metric_sum(
+            "arr_takebacks_total", result="ok"), outcomes
+        print(f"\nslowest {max(took):.3f} s; {outcomes}")
+        assert max(took) < 1.0, (max(took), outcomes)
+        watch.assert_clean(explain=lambda: outcomes)
 
 
 def test_curl_uploads_on_one_connection(cluster):
