@@ -48,6 +48,15 @@ if TYPE_CHECKING:
 DEFAULT_SEGMENT = 1460
 """Payload per crafted segment: an Ethernet MSS (they carry no options). The
 server's own MSS is at least that on any path the cluster uses."""
+SHIFT_UNACKED_RETRY = 0.01
+SHIFT_UNACKED_FOR = 0.2
+"""An agent that refuses a SHIFT as ``unacked`` waits for the server to
+acknowledge all of the previous request: nginx answers a POST to ``return``
+before reading its body, and acknowledges the rest of it a delayed ACK later
+(about 40 ms, at most Linux's 200 ms). The router asks again every
+SHIFT_UNACKED_RETRY seconds for up to SHIFT_UNACKED_FOR, rather than take the
+connection back, which would wait for the same ACK and rebuild two sockets
+besides (tests/net/test_takeback_bodies_net.py)."""
 KEEP_SEGMENTS = 60.0
 """Seconds the router keeps a rerouted request's segments for resends: a
 client that has not heard the server acknowledge it by then has been
@@ -150,15 +159,23 @@ class InPlace:
         acked = wrap(latest.ack - entry.x.ack_delta)
         ask = Shift(conn_id=conn_id, key=wire_key(forward_key_of(entry)), start=plan.start, end=plan.end,
                     delta=plan.seq_delta, acked=acked)
-        try:
-            reply = await agent.request(ask, timeout=self.settings.agent_timeout)
-        except ControlUnavailable:
-            return "agent-unavailable"
-        except (asyncio.TimeoutError, TimeoutError):
-            # The agent may shift yet: harmless, the server's acks stay below
-            # the shifted request until a take-back sends it (the history
-            # rounds them down, and the next SHIFT or TAKEBACK starts afresh).
-            return "agent-timeout"
+        give_up = time.monotonic() + SHIFT_UNACKED_FOR
+        while True:
+            try:
+                reply = await agent.request(ask, timeout=self.settings.agent_timeout)
+            except ControlUnavailable:
+                return "agent-unavailable"
+            except (asyncio.TimeoutError, TimeoutError):
+                # The agent may shift yet: harmless, the server's acks stay below
+                # the shifted request until a take-back sends it (the history
+                # rounds them down, and the next SHIFT or TAKEBACK starts afresh).
+                return "agent-timeout"
+            if not (isinstance(reply, Nack) and reply.reason == "unacked" and time.monotonic() < give_up):
+                break
+            await asyncio.sleep(SHIFT_UNACKED_RETRY)
+            entry = self.datapath.ingress.lookup(key)
+            if entry is None or entry.conn_id != conn_id or entry.state != FLOW_TAKEBACK:
+                return "entry-gone"
         if isinstance(reply, Nack):
             return f"agent-{reply.reason}"
         if not isinstance(reply, Ack):

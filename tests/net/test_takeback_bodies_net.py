@@ -202,7 +202,10 @@ def test_bodies_to_the_same_target_in_place_with_the_defaults(cluster):
     to move while the agent was waiting for the server's ACK of the rerouted
     body: the connection hung until ``takeback_timeout`` (10 s) and was ended
     (3 of 8 requests, 120 of 500 connections of 4 POSTs in an ad hoc run).
-    The take-back now asks again every ``UNACKED_REASK``."""
+    The take-back now asks again every ``UNACKED_REASK``. And a SHIFT the
+    agent refused for the same reason is asked again for a while
+    (handoff/inplace.py ``SHIFT_UNACKED_FOR``) rather than taken back: no
+    refusal left, against 5 of 39 without."""
     c = cluster(targets=2)
     name = c.targets[0].name
     with handoff_cluster(c, **two_pools(c, in_place=True, hand_on=True)) as (router, agents):
@@ -223,8 +226,13 @@ def test_bodies_to_the_same_target_in_place_with_the_defaults(cluster):
         assert wait_for(lambda: nginx_lines(c, 0, f"POST /whoami?n={SAME_TARGET_POSTS - 1} "), 3)
         for n in range(SAME_TARGET_POSTS):
             assert len(nginx_lines(c, 0, f"POST /whoami?n={n} ")) == 1, n
-        # The path under test was taken, and no take-back failed.
-        assert router.metric_sum("arr_inplace_reroutes_total", result="ok") > SAME_TARGET_POSTS // 4, outcomes
+        # The path under test was taken (a request whose last segment the
+        # client held back, Nagle, is taken back: 1 to 8 of 39 in runs), a
+        # SHIFT refused while the server's ACK was late was asked again
+        # (5 refusals of 39 without; at most one if that ACK took over 0.2 s),
+        # and no take-back failed.
+        assert router.metric_sum("arr_inplace_reroutes_total", result="ok") >= SAME_TARGET_POSTS // 2, outcomes
+        assert router.metric_sum("arr_inplace_reroutes_total", result="agent-unacked") <= 1, outcomes
         assert router.metric_sum("arr_takebacks_total") == router.metric_sum(
             "arr_takebacks_total", result="ok"), outcomes
         print(f"\nslowest {max(took):.3f} s; {outcomes}")
