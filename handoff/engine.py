@@ -168,7 +168,7 @@ class RouterHandoff:
         self._route_targets(self.targets)
         self._track_states(router)
         self.metrics.map_capacity.set(self.settings.capacity)
-        self.metrics.registry.register(_ControlRejections(self.agents))
+        self.metrics.registry.register(_ControlClients(self.agents))
         self.connections.on_load = self._publish_load
         self.takebacks = TakeBacks(self.datapath, self.connections, self.settings, self.metrics,
                                    agent_of=self._agent_at, new_conn_id=lambda: next(self._ids),
@@ -860,10 +860,12 @@ def _discard_urgent(client: socket.socket) -> bytes:
         return b""
 
 
-class _ControlRejections:
+class _ControlClients:
     """``arr_control_rejected_total{agent,reason}``: what the router's control
-    clients refused from their agents (handoff/control/channel.py), read at
-    scrape time."""
+    clients refused from their agents (handoff/control/channel.py); and
+    ``arr_agent_connected{agent}``: whether the session with each is up
+    (while it is not, handoffs to its targets fall back, ``agent-unavailable``).
+    Read at scrape time."""
 
     def __init__(self, agents: dict[tuple[str, int], ControlClient]) -> None:
         self.agents = agents
@@ -872,12 +874,17 @@ class _ControlRejections:
         return []
 
     def collect(self) -> Iterator[object]:
-        from prometheus_client.core import CounterMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         family = CounterMetricFamily("arr_control_rejected", "Control frames or connections the router "
                                      "refused from an agent, by reason.", labels=["agent", "reason"])
+        connected = GaugeMetricFamily("arr_agent_connected", "1 while the router's control session with the "
+                                      "agent is up; 0: handoffs to its targets fall back (agent-unavailable).",
+                                      labels=["agent"])
         for (host, port), client in sorted(self.agents.items()):
             for reason, count in sorted(client.rejected.items()):
                 family.add_metric([f"{host}:{port}", reason], count)
+            connected.add_metric([f"{host}:{port}"], float(client.connected))
         yield family
+        yield connected
 

@@ -283,7 +283,8 @@ class RouterProcess(ArrProcess):
         return self
 
     def wait_healthy(self, count: int | None = None, timeout: float = 10.0) -> None:
-        """Until ``count`` targets (default all) report up in the router's metrics."""
+        """Until ``count`` targets (default all) report up in the router's
+        metrics, and the router's control session with every agent is up."""
         want = len(self.cluster.targets) if count is None else count
         deadline = time.monotonic() + timeout
         # The router listens before its metrics endpoint does (start() waits
@@ -296,6 +297,12 @@ class RouterProcess(ArrProcess):
             if time.monotonic() > deadline:
                 raise TestbedError(f"only {self.metric_sum('arr_target_up'):.0f}/{want} targets up")
             time.sleep(0.1)
+        # And the control session with every agent (nat): until it is up, a
+        # handoff falls back (agent-unavailable) and the request is proxied.
+        while down := [k for k, v in self.metrics().items() if k.startswith("arr_agent_connected{") and v < 1]:
+            if time.monotonic() > deadline:
+                raise TestbedError(f"no control session with these agents: {down}")
+            time.sleep(0.05)
 
     def metrics_text(self) -> str:
         cp = self.cluster.exec(self.cluster.router, [

@@ -161,8 +161,11 @@ def test_offloads_on_and_off(cluster, offloads):
 def test_agent_down_falls_back_to_proxy_then_503(cluster):
     c = cluster(targets=1, files={"1m": MiB})
     with handoff_cluster(c) as (router, agents):
-        router.wait_healthy()
+        router.wait_healthy()  # the control session is up too (arr_agent_connected)
+        agent = f"{c.targets[0].ip}:{AGENT_PORT}"
+        assert router.metric_sum("arr_agent_connected", agent=agent) == 1
         agents[0].stop()
+        assert wait_for(lambda: router.metric_sum("arr_agent_connected", agent=agent) == 0, 10)
         assert wait_for(lambda: c.curl(router.url + c.files["1m"].url_path).sha256 == c.files["1m"].sha256
                         and router.metric_sum("arr_handoff_fallbacks_total", reason="agent-unavailable") > 0, 10)
         assert router.metric_sum("arr_requests_total", decision="proxy", status="200") >= 1
