@@ -447,8 +447,6 @@ class TakeBacks:
             # No wait for the rest of this batch's captures: the task first
             # runs after on_captures has taken the whole batch.
             if self.route is not None and (self.in_place is not None or self.hand_on is not None):
-                if self.in_place is not None:
-                    self.in_place.forget(key)  # its previous request is acknowledged or given up
                 decided = await self._route_captured(key, pending)
                 if decided is True:  # handed off again, counted as any handoff
                     return
@@ -649,6 +647,14 @@ class TakeBacks:
             if not isinstance(taken, Taken):
                 raise TakeBackFailed("agent-protocol")
             if taken.status == TAKEN_OK:
+                # The server has all of a request rerouted in place: no resend
+                # of it any more. Not before: a server that answered before it
+                # read the body still needs its lost tail, which the router
+                # resends when the client does (handoff/inplace.py); forgotten
+                # when the next request's take-back began, the tail never came,
+                # and nginx closed the connection after 5 s (1% loss each way).
+                if self.in_place is not None:
+                    self.in_place.forget(key)
                 break
             if taken.status != TAKEN_UNACKED:
                 raise TakeBackFailed("target-closed" if taken.status else "agent-unknown")
