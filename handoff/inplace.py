@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from handoff.control import Ack, ControlClient, ControlUnavailable, Nack, Shift
+from handoff.control import UNACKED_ASK_AGAIN, Ack, ControlClient, ControlUnavailable, Nack, Shift
 from handoff.craft import RawSender, data_segments
 from handoff.lifecycle import forward_key_of, target_of, wire_key
 from handoff.maps import FLOW_ACTIVE, FLOW_F_WANT_HEADER, FLOW_TAKEBACK, AckShiftState, FlowEntry, FlowKey
@@ -48,15 +48,13 @@ if TYPE_CHECKING:
 DEFAULT_SEGMENT = 1460
 """Payload per crafted segment: an Ethernet MSS (they carry no options). The
 server's own MSS is at least that on any path the cluster uses."""
-SHIFT_UNACKED_RETRY = 0.01
 SHIFT_UNACKED_FOR = 0.2
 """An agent that refuses a SHIFT as ``unacked`` waits for the server to
-acknowledge all of the previous request: nginx answers a POST to ``return``
-before reading its body, and acknowledges the rest of it a delayed ACK later
-(about 40 ms, at most Linux's 200 ms). The router asks again every
-SHIFT_UNACKED_RETRY seconds for up to SHIFT_UNACKED_FOR, rather than take the
-connection back, which would wait for the same ACK and rebuild two sockets
-besides (tests/net/test_takeback_bodies_net.py)."""
+acknowledge all of the previous request (handoff/control/frames.py
+``UNACKED_ASK_AGAIN``). The router asks again every UNACKED_ASK_AGAIN seconds
+for up to SHIFT_UNACKED_FOR, rather than take the connection back, which
+would wait for the same ACK and rebuild two sockets besides
+(tests/net/test_takeback_bodies_net.py)."""
 KEEP_SEGMENTS = 60.0
 """Seconds the router keeps a rerouted request's segments for resends: a
 client that has not heard the server acknowledge it by then has been
@@ -172,7 +170,7 @@ class InPlace:
                 return "agent-timeout"
             if not (isinstance(reply, Nack) and reply.reason == "unacked" and time.monotonic() < give_up):
                 break
-            await asyncio.sleep(SHIFT_UNACKED_RETRY)
+            await asyncio.sleep(UNACKED_ASK_AGAIN)
             entry = self.datapath.ingress.lookup(key)
             if entry is None or entry.conn_id != conn_id or entry.state != FLOW_TAKEBACK:
                 return "entry-gone"

@@ -55,7 +55,8 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, NamedTuple
 from arr.decisions import Handoff
 from arr.http1 import serialize_request
 from handoff import craft
-from handoff.control import (TAKEN_OK, TAKEN_UNACKED, ControlClient, ControlUnavailable, Taken, TakeBack)
+from handoff.control import (TAKEN_OK, TAKEN_UNACKED, UNACKED_ASK_AGAIN, ControlClient, ControlUnavailable, Taken,
+                             TakeBack)
 from handoff.forward_close import CLOSE_RESULTS, ForwardCloser
 from handoff.forward_pool import ForwardProfile, ReadyForward
 from handoff.lifecycle import forward_key_of, target_of, wire_key
@@ -90,16 +91,6 @@ allows, for a connection that lives for one request on the cluster's network."""
 UNACKED_POLL = 0.002
 """Seconds between two looks at the client's ACK while a response is still
 on its way to it (a pipelining client)."""
-UNACKED_REASK = 0.01
-"""Seconds after which an UNACKED answer is asked again although the client's
-ACK has not moved: the agent may be waiting for the server instead, to
-acknowledge all of a request rerouted in place (handoff/agent.py
-``_take_back_verdict``), which the router does not see. nginx answers a POST
-to ``return`` before reading its body and acknowledges the rest of the body
-up to a delayed ACK later (about 40 ms); a client that sent its next request
-meanwhile has nothing left to acknowledge, and the take-back waited for the
-client until ``takeback_timeout`` and ended the connection
-(tests/net/test_takeback_bodies_net.py)."""
 PROBE_INTERVAL = 0.5
 """Seconds between two probes of a take-back the router started: a Linux
 client answers one old segment per 500 ms (net.ipv4.tcp_invalid_ratelimit)."""
@@ -664,7 +655,7 @@ class TakeBacks:
             # ACKs still reach the server; ask again once they moved on. Or
             # the server's ACK of a rerouted request: ask again in a moment.
             self.metrics.takeback_waits.inc()
-            reask = time.monotonic() + UNACKED_REASK
+            reask = time.monotonic() + UNACKED_ASK_AGAIN
             while entry.peer_ack == self._entry(key, pending.conn_id).peer_ack:
                 now = time.monotonic()
                 if now > deadline:

@@ -13,7 +13,7 @@ from handoff.control.frames import (
     CLOSED_TARGET_GONE, FRAME_VERSION, MAX_FRAME, MAX_HANDSHAKE_FRAME, MAX_HOLDING_KEYS, PROTOCOL_VERSION,
     REASONS, Ack, Challenge, Closed, ControlConnection, ControlError, Established, FlowKey, HandoffRequest,
     Hello, Holding, Message, MessageType, Nack, Ping, Proof, Release, SeenNonces, StopMirror, TAKEN_CLOSED,
-    TAKEN_OK, TAKEN_UNACKED, TAKEN_UNKNOWN, Shift, Taken, TakeBack,
+    TAKEN_OK, TAKEN_UNACKED, TAKEN_UNKNOWN, UNACKED_ASK_AGAIN, Shift, Taken, TakeBack,
 )
 from handoff.control.outbound import CHANNEL_REASONS, ControlUnavailable, FrameSender
 from handoff.translate import Translation
@@ -24,6 +24,6 @@ __all__ = [
     "ControlUnavailable", "Established", "FRAME_VERSION", "FlowKey", "FrameSender", "HandoffRequest", "Hello",
     "MAX_FRAME", "Message", "MessageType", "Nack", "PROTOCOL_VERSION", "Ping", "Proof", "REASONS",
     "SeenNonces", "ServerSession", "Shift", "StopMirror",
-    "TAKEN_CLOSED", "TAKEN_OK", "TAKEN_UNACKED", "TAKEN_UNKNOWN", "Taken", "TakeBack",
+    "TAKEN_CLOSED", "TAKEN_OK", "TAKEN_UNACKED", "TAKEN_UNKNOWN", "Taken", "TakeBack", "UNACKED_ASK_AGAIN",
     "Translation", "load_psk",
 ]

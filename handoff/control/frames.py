@@ -263,8 +263,18 @@ class TakeBack:
 
 TAKEN_OK = 0
 TAKEN_UNACKED = 1
-"""The server sent bytes the client has not acknowledged yet: the entry stays;
-the router waits for the client's ACK and asks again."""
+"""The server sent bytes the client has not acknowledged yet, or has not yet
+acknowledged all of a request rerouted in place: the entry stays; the router
+asks again once the client's ACK moved, or after ``UNACKED_ASK_AGAIN``."""
+UNACKED_ASK_AGAIN = 0.01
+"""Seconds after which the router asks again when the agent answered unacked
+(TAKEN_UNACKED, or a NACK of a SHIFT with reason ``unacked``), although the
+client's ACK has not moved: the agent may be waiting for the server instead,
+to acknowledge all of a request rerouted in place, which the router does not
+see. nginx answers a POST to ``return`` before reading its body and
+acknowledges the rest of the body a delayed ACK later (about 40 ms, at most
+Linux's 200 ms); waiting for the client instead hung such a connection until
+``takeback_timeout`` (tests/net/test_takeback_bodies_net.py)."""
 TAKEN_UNKNOWN = 2
 """No entry of CONN_ID on the key (ended, or never installed)."""
 TAKEN_CLOSED = 3

@@ -37,7 +37,8 @@ import pytest
 from arr.testbed.loss import CounterWatch, dropped, inject_loss, tcp_counters
 from arr.testbed.router import handoff_cluster, handoff_outcomes, wait_for
 from test_lifecycle_net import limit_client_ports, load
-from test_takeback_net import MODES, access_lines, client_socket, connect, get, nginx_lines, two_pools
+from test_takeback_net import (MODES, access_lines, client_socket, connect, get, nginx_lines, read_response,
+                               two_pools)
 
 pytestmark = pytest.mark.net
 
@@ -167,23 +168,10 @@ def test_request_bodies_on_one_keep_alive_connection(cluster, mode, nodelay):
 
 def post_at_once(sock, path: str, body: bytes) -> tuple[int, bytes]:
     """A POST written in one send, head and body together (an API client that
-    builds the whole request first); the status and the body of its answer
-    (nginx sends Content-Length)."""
+    builds the whole request first); the status and the body of its answer."""
     sock.sendall(f"POST {path} HTTP/1.1\r\nHost: arr.test\r\nContent-Length: {len(body)}\r\n"
                  f"Content-Type: application/octet-stream\r\n\r\n".encode() + body)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, f"POST {path}: the connection ended"
-        data += chunk
-    head, _, answer = data.partition(b"\r\n\r\n")
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                      if line.lower().startswith(b"content-length")))
-    while len(answer) < length:
-        chunk = sock.recv(65536)
-        assert chunk, f"POST {path}: the connection ended in the answer"
-        answer += chunk
-    return int(head.split()[1]), answer
+    return read_response(sock, f"POST {path}")
 
 
 SAME_TARGET_POSTS = 40
@@ -203,7 +191,7 @@ def test_bodies_to_the_same_target_in_place_with_the_defaults(cluster):
     to move while the agent was waiting for the server's ACK of the rerouted
     body: the connection hung until ``takeback_timeout`` (10 s) and was ended
     (3 of 8 requests, 120 of 500 connections of 4 POSTs in an ad hoc run).
-    The take-back now asks again every ``UNACKED_REASK``. And a SHIFT the
+    The take-back now asks again every ``UNACKED_ASK_AGAIN`` (handoff/control/frames.py). And a SHIFT the
     agent refused for the same reason is asked again for a while
     (handoff/inplace.py ``SHIFT_UNACKED_FOR``) rather than taken back: no
     refusal left, against 5 of 39 without."""

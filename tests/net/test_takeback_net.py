@@ -406,17 +406,28 @@ def test_1000_keep_alive_requests_under_2_percent_loss_each_way(cluster, mode):
               f"{router.quantile('arr_takeback_duration_seconds', 0.99)}")
 
 
-def raw_request(sock, path: str) -> bytes:
-    """One GET on a raw keep-alive socket; the body (nginx sends Content-Length)."""
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: arr.test\r\n\r\n".encode())
+def read_response(sock, what: str) -> tuple[int, bytes]:
+    """The status and body of one response on a raw keep-alive socket (nginx
+    sends Content-Length); WHAT names the request in a failure."""
     data = b""
     while b"\r\n\r\n" not in data:
-        data += sock.recv(65536)
+        chunk = sock.recv(65536)
+        assert chunk, f"{what}: the connection ended"
+        data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
     while len(body) < length:
-        body += sock.recv(65536)
-    return body
+        chunk = sock.recv(65536)
+        assert chunk, f"{what}: the connection ended in the answer"
+        body += chunk
+    return int(head.split()[1]), body
+
+
+def raw_request(sock, path: str) -> bytes:
+    """One GET on a raw keep-alive socket; the body."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: arr.test\r\n\r\n".encode())
+    return read_response(sock, f"GET {path}")[1]
 
 
 def test_least_connections_counts_handed_off_connections(cluster):
