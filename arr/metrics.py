@@ -135,6 +135,9 @@ class Metrics:
             "arr_handons", "Requests of handed-off connections handed on to another target from their "
             "captures, by result (ok, or the handoff's fallback reason: the connection was then taken "
             "back and the request decided on the rebuilt socket).", ("result",), registry=r)
+        self.inplace_waits = Counter(
+            "arr_inplace_waits", "Re-handoffs in place asked again because the server had not yet "
+            "acknowledged all of the previous request rerouted in place (handoff/inplace.py).", registry=r)
         self.inplace_resends = Counter(
             "arr_inplace_resends", "Rewritten requests sent again because their client resent the original "
             "(the server had not acknowledged it yet).", registry=r)

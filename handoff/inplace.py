@@ -14,10 +14,11 @@ handoff to the target that already holds the connection, ``InPlace.reroute``:
    take_from after the request, the request's region kept (the program drops
    a retransmission of it and asks for a resend), ACTIVE again;
 3. sends the rewritten request to the server as crafted segments on the
-   forwarding connection's 4-tuple (``request_segments``) and keeps them. The
-   client stays the party that retransmits: nothing acknowledges its request
-   until the server's ACK of the rewritten one, translated, reaches it, and
-   each copy it resends makes the router send the segments again (``resend``).
+   forwarding connection's 4-tuple, the first one last (``request_segments``
+   says why), and keeps them. The client stays the party that retransmits:
+   nothing acknowledges its request until the server's ACK of the rewritten
+   one, translated, reaches it, and each copy it resends makes the router
+   send the segments again (``on_resends``).
 
 One agent exchange and one raw send per request. Whatever else (another
 target, Proxy, Local, Reject, bytes that are not one whole request, an agent
@@ -34,9 +35,10 @@ from typing import TYPE_CHECKING, Callable
 
 from handoff.control import UNACKED_ASK_AGAIN, Ack, ControlClient, ControlUnavailable, Nack, Shift
 from handoff.craft import RawSender, data_segments
+from handoff.event_reader import WINDOW as EVENT_WINDOW
 from handoff.lifecycle import forward_key_of, target_of, wire_key
 from handoff.maps import FLOW_ACTIVE, FLOW_F_WANT_HEADER, FLOW_TAKEBACK, AckShiftState, FlowEntry, FlowKey
-from handoff.translate import AckShift, TcpFields, translate_fields, wrap
+from handoff.translate import AckShift, TcpFields, seq_after, translate_fields, wrap
 
 if TYPE_CHECKING:
     from arr.config import HandoffSettings
@@ -55,6 +57,18 @@ acknowledge all of the previous request (handoff/control/frames.py
 for up to SHIFT_UNACKED_FOR, rather than take the connection back, which
 would wait for the same ACK and rebuild two sockets besides
 (tests/net/test_takeback_bodies_net.py)."""
+RESEND_GAP = 2 * EVENT_WINDOW
+"""Seconds after the router sent a rerouted request (or sent it again) in
+which a client's resend of its own does not make it send again: that resend
+crossed the router's send. A client with more than one segment in flight
+probes for a lost tail (TLP) after twice its RTT and 2 ms, here often before
+the router has rerouted the request; its copy, dropped by the ingress
+program once the entry is ACTIVE again, reaches the router with the next
+batch of events (handoff/event_reader.py ``WINDOW``), and the router's copy
+then went out a few milliseconds after the first, when a server that had
+answered and closed in between answered it with a RST (seen under 1% loss
+each way, tests/net/test_takeback_bodies_net.py). A segment the server did
+lose is sent again on the client's next resend, at its RTO."""
 KEEP_SEGMENTS = 60.0
 """Seconds the router keeps a rerouted request's segments for resends: a
 client that has not heard the server acknowledge it by then has been
@@ -103,7 +117,25 @@ def request_segments(entry: FlowEntry, plan: InPlacePlan, rewritten: bytes, late
                      segment_size: int = DEFAULT_SEGMENT) -> list[bytes]:
     """R' as the client would have sent it on the forwarding connection, from
     ``plan.start``: the client's ack and window of LATEST (a captured segment)
-    translated as the ingress program translates them.
+    translated as the ingress program translates them. In the order to send
+    them: the first segment last.
+
+    The first segment last, so that the server reads no byte of R' before it
+    has all of it, as when a request fits in one segment. In order, a server
+    that answers once it has read the head (nginx's ``return`` does, before
+    the body) answered the client while the rest was still on its way. Its
+    ACK of the rest then waited for its delayed ACK (40 ms up to 200 ms),
+    and so did the client's next request, rerouted only once the server has
+    acknowledged all of R' (handoff/agent.py ``_shift_verdict``). And a client
+    that closed on the answer sent a FIN that could overtake the rest on its
+    way: the server's SACK of it made the client resend R (RACK), and the
+    router's copy of R', sent once the server had closed, drew a RST. Last,
+    the first segment fills the gap below the rest, which Linux acknowledges
+    at once (RFC 5681 4.2: an ACK when a gap is filled). The rest arrives
+    out of order and draws a duplicate ACK each, whose SACK blocks lie inside
+    R' and reach the client empty (``translate.shift_edge``): a client with
+    SACK ignores them (every Linux client; one without SACK counts them as
+    duplicate ACKs, as it does the server's partial ACKs of R' in order).
 
     No timestamps: the server's PAWS check would compare them with the newest
     TSval it saw, and the router cannot know the client's clock at the moment
@@ -113,8 +145,32 @@ def request_segments(entry: FlowEntry, plan: InPlacePlan, rewritten: bytes, late
     and leaves the server's ts_recent to the client's own segments."""
     x = entry.x.translation()
     fields = translate_fields(TcpFields("0.0.0.0", "0.0.0.0", 0, 0, 0, latest.ack, latest.window), x)
-    return data_segments((x.saddr, x.sport), (x.daddr, x.dport), seq=plan.start, ack=fields.ack,
-                         window=fields.window, payload=rewritten, segment_size=segment_size)
+    frames = data_segments((x.saddr, x.sport), (x.daddr, x.dport), seq=plan.start, ack=fields.ack,
+                           window=fields.window, payload=rewritten, segment_size=segment_size)
+    return frames[1:] + frames[:1]
+
+
+def frames_to_resend(frames: list[bytes], answered: bool) -> list[bytes]:
+    """Which of a rerouted request's FRAMES (``request_segments``: the head
+    last) to send again when its client resent the original. ANSWERED: the
+    client has acknowledged bytes of the server's answer, so the server has
+    read the head: a one-segment request needs nothing, a longer one all but
+    the head.
+
+    A copy the server does not need is not harmless once it has closed: its
+    kernel answers it with a RST. Both were seen under 1% loss each way, with
+    the ingress entry still in place a few milliseconds after the close: a
+    client whose answer was lost resent its GET, the server's own resend of
+    the answer reached it, and the client closed before the router's copy,
+    read from the next batch of events, arrived; and a server that answered a
+    POST on its head while a segment of the body was lost closed as soon as
+    the copy's first segment filled the gap, before the head's copy behind
+    it arrived. Without the head, the copy of a two-segment request is just
+    the segment the server lacks. With more, a lost segment that is not the
+    last of them still draws the rest behind it (not seen in the runs)."""
+    if not answered:
+        return frames
+    return frames[:-1]
 
 
 @dataclass
@@ -122,6 +178,8 @@ class _Sent:
     conn_id: int
     frames: list[bytes]
     at: float
+    sent_at: float
+    """When the router last sent them (first or again)."""
 
 
 class InPlace:
@@ -170,6 +228,7 @@ class InPlace:
                 return "agent-timeout"
             if not (isinstance(reply, Nack) and reply.reason == "unacked" and time.monotonic() < give_up):
                 break
+            self.metrics.inplace_waits.inc()
             await asyncio.sleep(UNACKED_ASK_AGAIN)
             entry = self.datapath.ingress.lookup(key)
             if entry is None or entry.conn_id != conn_id or entry.state != FLOW_TAKEBACK:
@@ -187,21 +246,34 @@ class InPlace:
         # acknowledges a byte past it, the request is unanswered (handoff/migrate.py).
         self.connections.responses[conn_id] = latest.ack
         frames = request_segments(entry, plan, rewritten, latest)
-        self._sent[key] = _Sent(conn_id, frames, time.monotonic())
+        now = time.monotonic()
+        self._sent[key] = _Sent(conn_id, frames, now, now)
         for frame in frames:
             self.sender.send(frame)
         self._prune()
         return None
 
     def on_resends(self, keys: list[tuple[FlowKey, int]]) -> None:
-        """Clients resent requests rerouted in place (ARR_EV_RESEND): the
-        server has not acknowledged them yet; send the segments again."""
-        for key, conn_id in keys:
+        """Clients resent requests rerouted in place (ARR_EV_RESEND): they
+        have not heard the server acknowledge them; send the segments the
+        server may lack again (``frames_to_resend``), once per batch of
+        events (a client resends a request's segments together), and not
+        within ``RESEND_GAP`` of their last send."""
+        now = time.monotonic()
+        for key, conn_id in dict.fromkeys(keys):
             sent = self._sent.get(key)
-            if sent is None or sent.conn_id != conn_id:
+            if sent is None or sent.conn_id != conn_id or now - sent.sent_at < RESEND_GAP:
+                continue
+            entry = self.datapath.ingress.lookup(key)
+            if entry is None or entry.conn_id != conn_id:
+                continue  # the connection ended
+            answer_from = self.connections.responses.get(conn_id)
+            frames = frames_to_resend(sent.frames, answer_from is not None and seq_after(entry.peer_ack, answer_from))
+            if not frames:
                 continue
             self.metrics.inplace_resends.inc()
-            for frame in sent.frames:
+            sent.sent_at = now
+            for frame in frames:
                 self.sender.send(frame)
 
     def forget(self, key: FlowKey) -> None:

@@ -9,7 +9,7 @@ import struct
 from hypothesis import given, strategies as st
 from scapy.layers.inet import IP, TCP
 
-from handoff.inplace import moved_on, plan_in_place, request_segments
+from handoff.inplace import frames_to_resend, moved_on, plan_in_place, request_segments
 from handoff.maps import FLOW_ACTIVE, FLOW_F_RST, FLOW_F_WANT_HEADER, FLOW_TAKEBACK, WATCH_OPT_TS, FlowEntry, Xlate
 from handoff.takeback import Segment
 from handoff.translate import MOD, AckShift, Translation, rescale_window, shift_edge, wrap
@@ -71,31 +71,44 @@ def test_segments_carry_the_rewritten_request_as_the_client_would_have():
     latest = Segment(seq=wrap(-100), ack=900_000, window=500, tsval=1234, tsecr=99)
     frames = request_segments(e, plan, rewritten, latest)
     packets = [parsed(f) for f in frames]
-    assert [len(p[TCP].payload) for p in packets] == [1460, 1460, 408]
-    assert b"".join(bytes(p[TCP].payload) for p in packets) == rewritten
-    assert [p[TCP].seq for p in packets] == [plan.start, wrap(plan.start + 1460), wrap(plan.start + 2920)]
+    # The first segment last: the server reads nothing before it has all.
+    assert [len(p[TCP].payload) for p in packets] == [1460, 408, 1460]
+    assert b"".join(bytes(p[TCP].payload) for p in packets[-1:] + packets[:-1]) == rewritten
+    assert [p[TCP].seq for p in packets] == [wrap(plan.start + 1460), wrap(plan.start + 2920), plan.start]
     for i, p in enumerate(packets):
         assert (p.src, p.dst, p[TCP].sport, p[TCP].dport) == ("10.0.0.1", "10.0.0.11", 50123, 8080)
         assert p[TCP].ack == wrap(900_000 - TO_TARGET.ack_delta)  # the client's ack, in the server's space
         assert p[TCP].window == rescale_window(500, 7, 9)
         assert p[TCP].options == []  # no timestamps: PAWS (request_segments says why)
-        assert p[TCP].flags == ("PA" if i == 2 else "A")
+        assert p[TCP].flags == ("PA" if i == 1 else "A")  # PSH on the request's last byte
         assert p.flags == "DF"
 
 
 @given(size=st.integers(1, 5000), segment=st.integers(1, 1460))
-def test_segments_cover_the_request_once_in_order(size, segment):
+def test_segments_cover_the_request_once_the_first_last(size, segment):
     e = entry(1000)
     rewritten = struct.pack("!I", size) * (size // 4) + b"x" * (size % 4)
     plan = plan_in_place(e, 10, size)
     frames = request_segments(e, plan, rewritten, Segment(1000, 1, 1, None, None), segment)
+    seqs = [struct.unpack_from("!I", frame, 24)[0] for frame in frames]
+    assert seqs[-1] == plan.start  # the head last, the rest in order before it
     at = plan.start
     data = b""
-    for frame in frames:
-        seq = struct.unpack_from("!I", frame, 24)[0]
+    for seq, frame in zip(seqs[-1:] + seqs[:-1], frames[-1:] + frames[:-1]):
         assert seq == at and socket.inet_ntoa(frame[16:20]) == "10.0.0.11"
         payload = frame[40:]
         assert 0 < len(payload) <= segment
         data += payload
         at = wrap(at + len(payload))
     assert data == rewritten and at == plan.end
+
+
+def test_a_copy_leaves_out_what_an_answering_server_has():
+    """frames_to_resend: until the server answered, every segment; after, a
+    one-segment request needs none, a longer one all but its head (the last
+    in sending order)."""
+    frames = [b"second", b"third", b"head"]
+    assert frames_to_resend(frames, answered=False) == frames
+    assert frames_to_resend(frames, answered=True) == [b"second", b"third"]
+    assert frames_to_resend([b"head"], answered=False) == [b"head"]
+    assert frames_to_resend([b"head"], answered=True) == []
