@@ -23,6 +23,9 @@ way ``--mode`` says:
   arriving whole before that: the server must still have segments to send.
 * ``post``: a POST of ``--body-size`` bytes (Content-Length), ``Connection:
   close``, read to EOF.
+  With ``--body-apart`` the head and the body go in two sends on a
+  ``TCP_NODELAY`` socket, as Python's http.client writes a request (under
+  requests and urllib3, which set NODELAY): two segments back to back.
 
 With ``--per-connection K`` (modes close, client-fin and post) a connection
 carries K requests, one after another (the next sent once the previous
@@ -118,6 +121,8 @@ class Options:
     body_size: int = 65536
     rcvbuf: int | None = None
     per_connection: int = 1
+    body_apart: bool = False
+    """Mode post: the head and the body in two sends, TCP_NODELAY."""
 
 
 # --------------------------------------------------------------- one request
@@ -263,6 +268,12 @@ def _request_bytes(target: Target, mode: str, body_size: int, last: bool = True)
     return head
 
 
+def _apart(payload: bytes) -> tuple[bytes, bytes]:
+    """A request's head (up to its blank line) and its body."""
+    end = payload.index(b"\r\n\r\n") + 4
+    return payload[:end], payload[end:]
+
+
 def _vanish(sock: socket.socket) -> None:
     """Close without a FIN or a RST: in repair mode the kernel just forgets the socket."""
     sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
@@ -288,6 +299,8 @@ def one_connection(requests: list[tuple[int, Target, bytes]], opts: Options) -> 
         sock.settimeout(opts.timeout)
         if opts.rcvbuf:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, opts.rcvbuf)
+        if opts.body_apart:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         first = requests[0][1]
         try:
             sock.connect((first.host, first.port))
@@ -328,7 +341,12 @@ def _exchange(sock: socket.socket, target: Target, opts: Options, payload: bytes
     bytes read past the previous response, none expected); True if the socket
     was closed here (abort, abandon)."""
     try:
-        sock.sendall(payload)
+        if opts.body_apart:
+            head, body = _apart(payload)
+            sock.sendall(head)
+            sock.sendall(body)
+        else:
+            sock.sendall(payload)
     except socket.timeout:
         raise Timeout("send") from None
     response = Response(sock)
@@ -474,6 +492,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--body-size", type=int, default=65536, help="POST body bytes (mode post)")
     p.add_argument("--per-connection", type=int, default=1, metavar="K",
                    help="requests per connection, round-robin over the URLs (modes close, client-fin, post)")
+    p.add_argument("--body-apart", action="store_true",
+                   help="mode post: the head and the body in two sends, TCP_NODELAY (as http.client)")
     p.add_argument("--rcvbuf", type=int, default=None,
                    help="SO_RCVBUF before connect (default: the kernel's; abandon: 65536, so that "
                         "a large response is still being sent when the client vanishes)")
@@ -484,6 +504,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
         p.error("counts must be >= 0, --parallel >= 1, --timeout > 0")
     if a.per_connection < 1:
         p.error("--per-connection must be >= 1")
+    if a.body_apart and a.mode != "post":
+        p.error("--body-apart needs mode post")
     if a.per_connection > 1 and a.mode not in KEEP_ALIVE_MODES:
         p.error(f"--per-connection needs a mode that reads whole responses: {', '.join(KEEP_ALIVE_MODES)}")
     shas = a.sha256 * len(a.url) if len(a.sha256) == 1 else (a.sha256 or [None] * len(a.url))
@@ -495,7 +517,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         p.error("--per-connection sends every URL of a connection to one address: give URLs of one host and port")
     return Options(targets=targets, mode=a.mode, count=a.count, parallel=a.parallel, timeout=a.timeout,
                    duration=a.duration, abort_after=a.abort_after, body_size=a.body_size,
-                   per_connection=a.per_connection,
+                   per_connection=a.per_connection, body_apart=a.body_apart,
                    rcvbuf=a.rcvbuf if a.rcvbuf is not None else (65536 if a.mode == "abandon" else None))
 
 

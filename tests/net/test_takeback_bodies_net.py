@@ -30,14 +30,13 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import threading
 import time
 
 import pytest
 
 from arr.testbed.loss import CounterWatch, dropped, inject_loss, tcp_counters
 from arr.testbed.router import handoff_cluster, handoff_outcomes, wait_for
-from test_lifecycle_net import decisions, limit_client_ports, load
+from test_lifecycle_net import assert_all_ok, decisions, limit_client_ports, load
 from test_takeback_net import (MODES, access_lines, client_socket, connect, get, nginx_lines, read_response,
                                two_pools)
 
@@ -315,67 +314,34 @@ APART_POSTS = 6
 APART_CLIENTS = 4
 
 
-def post_apart(sock, path: str, body: bytes) -> tuple[int, bytes]:
-    """A POST whose head and body go in two sends on a TCP_NODELAY socket, as
-    Python's http.client (under requests and urllib3, which set NODELAY)
-    writes one: two segments back to back."""
-    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: arr.test\r\nContent-Length: {len(body)}\r\n"
-                 f"Content-Type: application/octet-stream\r\n\r\n".encode())
-    sock.sendall(body)
-    return read_response(sock, f"POST {path}")
-
-
 def test_bodies_sent_apart_from_their_heads_go_in_place_at_once(cluster):
-    """Keep-alive POSTs whose heads and bodies are sent apart (http.client),
-    every one to the same target, from a few clients at once, with the
-    defaults. A later request is rerouted in place as crafted segments
-    (handoff/inplace.py), and nginx answers a POST to ``return`` once it has
-    read the head. Sent in order, the server answered while the rest of the
-    body was on its way and acknowledged it only with its delayed ACK, and
-    the next request waited for that ACK before it could go in place: here
-    428 and 556 waits (``arr_inplace_waits_total``, 10 ms each) for 300
-    requests in two runs, and 9 and 17 requests taken back; ad hoc, 960 such
-    requests (120 connections) took 3.4 s, the slowest 57 ms. And a client
-    that closed on the answer could see its FIN overtake the rest of the body
-    at the server, resend its request on the server's SACK of the FIN, and the
-    router's copy, sent once the server had closed, drew a RST (1 of those
-    ad hoc runs in 7). Now the first segment goes last (``request_segments``):
-    the server reads nothing before it has all of it, and acknowledges at
-    once: no wait, all 300 in place (960: 0.7 s, the slowest 16 ms)."""
+    """Keep-alive POSTs of 3,000 bytes whose heads and bodies are sent apart
+    (``loadclient --body-apart``: as http.client writes them), every one to
+    the same target, from a few clients at once, with the defaults. A later
+    request is rerouted in place as crafted segments (handoff/inplace.py),
+    and nginx answers a POST to ``return`` once it has read the head. Sent
+    in order, the server answered while the rest of the body was on its way
+    and acknowledged it only with its delayed ACK, and the next request
+    waited for that ACK before it could go in place: 579 waits
+    (``arr_inplace_waits_total``, 10 ms each) for 300 requests. And a
+    client that closed on the answer could see its FIN overtake the rest of
+    the body at the server, resend its request on the server's SACK of the
+    FIN, and the router's copy, sent once the server had closed, drew a RST
+    (1 ad hoc run in 7). Now the first segment goes last
+    (``request_segments``): the server reads nothing before it has all of
+    it, and acknowledges at once: no wait in 5 runs, 296 to 300 of the 300
+    in place (the rest taken back)."""
     c = cluster(targets=2)
-    name = c.targets[0].name
+    total = APART_CONNECTIONS * APART_POSTS
     with handoff_cluster(c, **two_pools(c, in_place=True, hand_on=True)) as (router, agents):
         router.wait_healthy()
         watch = CounterWatch(c, (c.client, *c.targets))
-        errors: list[str] = []
-        todo = list(range(APART_CONNECTIONS))
-        lock = threading.Lock()
-
-        def client() -> None:
-            while True:
-                with lock:
-                    if not todo:
-                        return
-                    number = todo.pop()
-                try:
-                    sock = client_socket(c)
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    with sock:
-                        for n in range(APART_POSTS):
-                            answer = post_apart(sock, f"/whoami?c={number}&n={n}", os.urandom(1000 + 700 * n))
-                            if answer != (200, f"{name}\n".encode()):
-                                errors.append(f"connection {number} request {n}: {answer}")
-                except OSError as exc:
-                    errors.append(f"connection {number}: {exc!r}")
-
-        clients = [threading.Thread(target=client) for _ in range(APART_CLIENTS)]
-        for thread in clients:
-            thread.start()
-        for thread in clients:
-            thread.join()
+        report = load(c, router.url + "/whoami", total, "post", parallel=APART_CLIENTS, timeout=10,
+                      sha256=hashlib.sha256(f"{c.targets[0].name}\n".encode()).hexdigest(),
+                      extra=("--per-connection", str(APART_POSTS), "--body-size", "3000", "--body-apart"),
+                      label="POSTs with their bodies apart")
         outcomes = handoff_outcomes(router, agents)
-        assert not errors, (errors[:5], outcomes)
-        total = APART_CONNECTIONS * APART_POSTS
+        assert_all_ok(report, total)
         assert decisions(router) == total, outcomes
         later = APART_CONNECTIONS * (APART_POSTS - 1)
         waits = router.metric_sum("arr_inplace_waits_total") + router.metric_sum("arr_takeback_waits_total")

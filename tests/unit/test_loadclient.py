@@ -218,6 +218,19 @@ def test_post_mode_sends_the_body(server):
     assert report["counts"]["ok"] == 3, report["errors"]
 
 
+def test_body_apart_sends_the_head_then_the_body(server):
+    """--body-apart: the same request in two sends (_apart splits it at the
+    head's blank line), keep-alive requests included."""
+    from arr.testbed.loadclient import _apart, _request_bytes, Target
+
+    head, body = _apart(_request_bytes(Target.parse(server.url("/post"), None), "post", 3000))
+    assert head.endswith(b"\r\n\r\n") and head.startswith(b"POST /post ") and len(body) == 3000
+    report = loadclient("--url", server.url("/post"), "--count", "6", "--parallel", "2", "--mode", "post",
+                        "--body-size", "3000", "--per-connection", "3", "--body-apart")
+    assert report["counts"] == {"total": 6, "ok": 6, "failed": 0, "timeouts": 0}, report["errors"]
+    assert server.posted == [body] * 6
+
+
 def test_abort_mode_resets_after_the_first_bytes(server):
     report = loadclient("--url", server.url("/big"), "--count", "8", "--parallel", "2",
                         "--mode", "abort", "--abort-after", "65536")
@@ -291,6 +304,7 @@ def test_bad_arguments_are_refused():
     for args, message in ((["--url", "http://127.0.0.1:1/", "--per-connection", "0"], "must be >= 1"),
                           (["--url", "http://127.0.0.1:1/", "--per-connection", "2", "--mode", "abort"],
                            "reads whole responses"),
+                          (["--url", "http://127.0.0.1:1/", "--body-apart"], "needs mode post"),
                           (["--url", "http://127.0.0.1:1/", "--url", "http://127.0.0.1:2/", "--per-connection", "2"],
                            "one host and port")):
         cp = subprocess.run([sys.executable, "-m", "arr.testbed.loadclient", *args],
