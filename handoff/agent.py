@@ -43,7 +43,7 @@ from handoff.lifecycle import local_key
 from handoff.maps import (DEFAULT_CAPACITY, FLOW_ACTIVE, FLOW_F_ACKED, FLOW_F_FIN, FLOW_F_RST, FLOW_F_SENT, FLOW_HOLD,
                           AckShiftState, Event, FlowEntry, FlowKey, MirrorState, Xlate)
 from handoff.tcpstate import rto_min_problem
-from handoff.translate import AckShift
+from handoff.translate import AckShift, seq_after
 
 log = logging.getLogger("arr.agent")
 
@@ -186,6 +186,8 @@ class AgentMetrics:
         yield refused
         yield CounterMetricFamily("arr_agent_takeback_unsent", "TAKEBACKs told to wait: the server's socket still "
                                   "held bytes the client's window held back.", value=agent.unsent_waits)
+        yield CounterMetricFamily("arr_agent_takeback_request_unacked", "TAKEBACKs told to wait: the server had "
+                                  "not acknowledged all the router sent it.", value=agent.request_waits)
         ended = CounterMetricFamily("arr_agent_connections_ended",
                                     "Egress entries ended, by why (closed, replaced, released, unlisted).",
                                     labels=["why"])
@@ -223,6 +225,8 @@ class Agent:
         self.unsent_waits = 0
         """TAKEBACKs answered UNACKED because the server's socket still held
         bytes (a response in the middle, held back by the client's window)."""
+        self.request_waits = 0
+        """TAKEBACKs told to wait for the server's ACK of what the router sent."""
         self.shifted = 0
         self.shifts_refused: Counter[str] = Counter()
         """SHIFTs answered NACK, by reason (``shift_refusal``)."""
@@ -364,6 +368,8 @@ class Agent:
             return Taken(conn_id, TAKEN_UNKNOWN)
         verdict = _take_back_verdict(entry, message.acked, message.stream_end)
         if verdict != TAKEN_OK:
+            if verdict == TAKEN_UNACKED and server_lacks_stream(entry, message.stream_end):
+                self.request_waits += 1
             return Taken(conn_id, verdict, snd_nxt=entry.snd_max)
         entry.state = FLOW_HOLD
         self.datapath.egress.update(key, entry)
@@ -460,18 +466,33 @@ def _take_back_verdict(entry: FlowEntry, acked: int, stream_end: int) -> int:
     stream to the server ends (``TakeBack``)."""
     if entry.flags & (FLOW_F_FIN | FLOW_F_RST):
         return TAKEN_CLOSED
-    # A request rerouted in place that the server has not all acknowledged:
-    # the router's rebuilt socket would start after bytes the server lacks
-    # (its resends go on meanwhile). Unless the router never sent it (its
-    # stream ends where the shift starts): then the shift is void.
-    shift = entry.shift
-    if shift.active and stream_end not in (shift.start, entry.peer_ack):
+    if server_lacks_stream(entry, stream_end):
         return TAKEN_UNACKED
     # Not FLOW_F_SENT: the server has sent nothing since the handoff, not
     # even the ACK of the request: too early to tell.
     if not entry.flags & FLOW_F_SENT or entry.snd_max != acked:
         return TAKEN_UNACKED
     return TAKEN_OK
+
+
+def server_lacks_stream(entry: FlowEntry, stream_end: int) -> bool:
+    """The server has not acknowledged all the router sent it, up to
+    STREAM_END: the router's rebuilt forwarding socket would start after
+    bytes the server lacks.
+
+    A request rerouted in place (a shift active): its resends go on
+    meanwhile; unless the router never sent it (its stream ends where the
+    shift starts), and the shift is void. Any other request, sent by a
+    forwarding socket, rebuilt or not: nginx answers a POST on its head, so
+    the client may ask again while a lost tail of the body is still in that
+    socket's send queue. Let go then, and the take-back would release the
+    socket with the tail (``release_now``, handoff/release.py): nginx waits
+    for it and closes after 5 s. Waiting keeps the socket, and the router's
+    copies, resending it."""
+    shift = entry.shift
+    if shift.active:
+        return stream_end not in (shift.start, entry.peer_ack)
+    return not entry.flags & FLOW_F_ACKED or seq_after(stream_end, entry.peer_ack)
 
 
 async def run_agent(settings: AgentSettings) -> None:

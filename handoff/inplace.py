@@ -37,7 +37,8 @@ from handoff.control import UNACKED_ASK_AGAIN, Ack, ControlClient, ControlUnavai
 from handoff.craft import RawSender, data_segments
 from handoff.event_reader import WINDOW as EVENT_WINDOW
 from handoff.lifecycle import forward_key_of, target_of, wire_key
-from handoff.maps import FLOW_ACTIVE, FLOW_F_WANT_HEADER, FLOW_TAKEBACK, AckShiftState, FlowEntry, FlowKey
+from handoff.maps import (FLOW_ACTIVE, FLOW_ENDED, FLOW_F_RST, FLOW_F_WANT_HEADER, FLOW_TAKEBACK, AckShiftState,
+                          FlowEntry, FlowKey)
 from handoff.translate import AckShift, TcpFields, seq_after, translate_fields, wrap
 
 if TYPE_CHECKING:
@@ -148,6 +149,16 @@ def request_segments(entry: FlowEntry, plan: InPlacePlan, rewritten: bytes, late
     frames = data_segments((x.saddr, x.sport), (x.daddr, x.dport), seq=plan.start, ack=fields.ack,
                            window=fields.window, payload=rewritten, segment_size=segment_size)
     return frames[1:] + frames[:1]
+
+
+def connection_stands(entry: FlowEntry | None, conn_id: int) -> bool:
+    """The connection a copy of a rerouted request is for still stands at the
+    router's ingress: its entry (CONN_ID's, not a later connection's on the
+    same 4-tuple) is not ended by a new SYN (FLOW_ENDED) nor by the client's
+    RST. A FIN leaves it standing: the server still reads the request before
+    the client's close."""
+    return (entry is not None and entry.conn_id == conn_id and entry.state != FLOW_ENDED
+            and not entry.flags & FLOW_F_RST)
 
 
 def frames_to_resend(frames: list[bytes], answered: bool) -> list[bytes]:
@@ -265,8 +276,8 @@ class InPlace:
             if sent is None or sent.conn_id != conn_id or now - sent.sent_at < RESEND_GAP:
                 continue
             entry = self.datapath.ingress.lookup(key)
-            if entry is None or entry.conn_id != conn_id:
-                continue  # the connection ended
+            if entry is None or not connection_stands(entry, conn_id):
+                continue
             answer_from = self.connections.responses.get(conn_id)
             frames = frames_to_resend(sent.frames, answer_from is not None and seq_after(entry.peer_ack, answer_from))
             if not frames:

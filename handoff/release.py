@@ -125,8 +125,9 @@ class ForwardReleaser:
     def release_now(self, watch_key: "FlowKey") -> bool:
         """Release the socket of WATCH_KEY at once, if it is still pending
         (True). A take-back needs its 4-tuple for the rebuilt socket: by then
-        the client has acknowledged the whole response, which the target sent
-        after it had all of the request."""
+        the agent has seen the target acknowledge all the router sent on it
+        (``_take_back_verdict``, handoff/agent.py), so nothing of the request
+        is lost with the socket's send queue."""
         for i, pending in enumerate(self.pending):
             if pending.watch_key == watch_key:
                 del self.pending[i]

@@ -156,7 +156,12 @@ def clear_loss(cluster: Cluster, host) -> None:
 
 
 def dropped(cluster: Cluster, host) -> int:
-    out = cluster.exec(host, ["nft", "-j", "list", "table", "inet", LOSS_TABLE]).stdout
+    return _counted(cluster, host, LOSS_TABLE)
+
+
+def _counted(cluster: Cluster, host, table: str) -> int:
+    """Packets the counters of TABLE's rules on HOST counted."""
+    out = cluster.exec(host, ["nft", "-j", "list", "table", "inet", table]).stdout
     total = 0
     for item in json.loads(out)["nftables"]:
         for expr in item.get("rule", {}).get("expr", []):
@@ -165,3 +170,27 @@ def dropped(cluster: Cluster, host) -> int:
     return total
 
 
+DROP_FIRST_TABLE = "arrdropfirst"
+"""The nftables table (family inet) that ``drop_first`` makes in a host."""
+
+
+def drop_first(cluster: Cluster, host, *matches: str) -> None:
+    """Drop, for each of MATCHES (nftables expressions), the first TCP packet
+    entering HOST that it selects, and none after it: lost segments exactly
+    where a test wants them, their retransmissions let through. Each drop
+    adds TCP to a set of its own, which its rule then skips."""
+    sets = "".join(f"  set done{i} {{ type inet_proto; flags dynamic; }}\n" for i in range(len(matches)))
+    rules = "".join(f"    meta l4proto tcp {match} meta l4proto != @done{i} add @done{i} {{ meta l4proto }} counter drop\n"
+                    for i, match in enumerate(matches))
+    cluster.exec(host, ["nft", "-f", "-"], input=f"""
+table inet {DROP_FIRST_TABLE} {{
+{sets}  chain incoming {{
+    type filter hook prerouting priority -300; policy accept;
+{rules}  }}
+}}
+""")
+
+
+def dropped_first(cluster: Cluster, host) -> int:
+    """How many of ``drop_first``'s packets were dropped on HOST."""
+    return _counted(cluster, host, DROP_FIRST_TABLE)

@@ -387,7 +387,7 @@ def handoff_outcomes(router: RouterProcess, agents: Sequence[AgentProcess]) -> s
                        "arr_control_rejected_total", "arr_redispatches_total", "arr_health_transitions_total",
                        "arr_migrations_total")
     agent_prefixes = ("arr_agent_connections_ended", "arr_agent_control_rejected", "arr_agent_handoffs_refused",
-                      "arr_agent_reports_unrouted")
+                      "arr_agent_reports_unrouted", "arr_agent_takeback_")
     parts = [f"router: {_nonzero(router.metrics, router_prefixes)}"]
     for agent in agents:
         parts.append(f"agent {agent.host.name}: {_nonzero(agent.metrics, agent_prefixes)}")

@@ -124,5 +124,10 @@ def test_takeback_waits_while_a_shifted_request_is_unacknowledged():
     shifted.peer_ack = 1000
     # The router never sent R' (its SHIFT timed out): its stream ends where the shift starts.
     assert _take_back_verdict(shifted, 5000, 1000) == TAKEN_OK
-    shifted.shift.active = 0  # the program ended the history: the server has all of it
+    # The program ends the history once the server has acknowledged all of R'
+    # (handoff/bpf/target.bpf.c): then its ack alone decides.
+    shifted.shift.active = 0
+    shifted.peer_ack = 1300
     assert _take_back_verdict(shifted, 5000, 1300) == TAKEN_OK
+    shifted.peer_ack = 1000  # the server lacks the end of the stream all the same
+    assert _take_back_verdict(shifted, 5000, 1300) == TAKEN_UNACKED

@@ -12,7 +12,7 @@ from handoff.control import (TAKEN_CLOSED, TAKEN_OK, TAKEN_UNACKED, TAKEN_UNKNOW
                              ControlError, FlowKey, MessageType, Taken, TakeBack)
 from handoff.control.frames import _Malformed, decode_payload, encode_frame, encode_payload
 from handoff.lifecycle import local_key
-from handoff.maps import FLOW_ACTIVE, FLOW_F_FIN, FLOW_F_RST, FLOW_F_SENT, FLOW_HOLD, FlowEntry, MirrorState, Xlate
+from handoff.maps import FLOW_ACTIVE, FLOW_F_ACKED, FLOW_F_FIN, FLOW_F_RST, FLOW_F_SENT, FLOW_HOLD, FlowEntry, MirrorState, Xlate
 from handoff.translate import Translation
 
 PSK = bytes(range(32))
@@ -142,8 +142,9 @@ def test_taken_arriving_at_the_server_is_refused():
 # ------------------------------------------------------------------ the agent's verdict
 
 
-def entry(snd_max: int, flags: int = FLOW_F_SENT, **fields) -> FlowEntry:
-    """An egress entry whose server has sent something (FLOW_F_SENT) up to SND_MAX."""
+def entry(snd_max: int, flags: int = FLOW_F_SENT | FLOW_F_ACKED, **fields) -> FlowEntry:
+    """An egress entry whose server has sent something (FLOW_F_SENT) up to
+    SND_MAX, and acknowledged (FLOW_F_ACKED) up to its peer_ack (0 unless given)."""
     return FlowEntry(state=FLOW_ACTIVE, flags=flags, snd_max=snd_max, conn_id=5, **fields)
 
 
@@ -172,6 +173,26 @@ def test_verdict_unacked_while_the_ack_is_elsewhere(snd_max, acked):
 @pytest.mark.parametrize("snd_max", [1, 1000, 0xFFFFFFFF])
 def test_verdict_ok_when_all_is_acknowledged(snd_max):
     assert _take_back_verdict(entry(snd_max), snd_max, 0) == TAKEN_OK
+
+
+@pytest.mark.parametrize("peer_ack, verdict", [
+    (1000, TAKEN_UNACKED),     # the server has none of the last request
+    (1299, TAKEN_UNACKED),     # its last byte is missing (a lost tail)
+    (0xFFFFF000, TAKEN_UNACKED),  # far behind, across the wrap
+    (1300, TAKEN_OK),          # all of it
+    (1301, TAKEN_OK),          # and a FIN
+    (1500, TAKEN_OK),          # more than the router knows of: not a lost byte of its
+])
+def test_verdict_waits_for_the_servers_ack_of_the_routers_stream(peer_ack, verdict):
+    """The router's stream to the server ends at 1300: it lets go only once the
+    server acknowledged all of it, else the rebuilt forwarding socket starts
+    after bytes the released one still held (a POST's lost tail)."""
+    assert _take_back_verdict(entry(5000, peer_ack=peer_ack), 5000, 1300) == verdict
+
+
+def test_verdict_unacked_before_the_servers_first_ack():
+    """peer_ack means nothing before FLOW_F_ACKED: too early to tell."""
+    assert _take_back_verdict(entry(5000, flags=FLOW_F_SENT, peer_ack=1300), 5000, 1300) == TAKEN_UNACKED
 
 
 # ------------------------------------------------------------------ Agent._take_back
@@ -242,6 +263,17 @@ def test_agent_take_back_unacked_leaves_the_entry_active():
     taken = agent._take_back(TakeBack(conn_id=5, key=KEY, acked=4000, stream_end=0))
     assert (taken.status, taken.snd_nxt) == (TAKEN_UNACKED, 5000)
     assert datapath.egress.lookup(local_key(KEY)).state == FLOW_ACTIVE and not connections.taken
+
+
+def test_agent_take_back_waits_for_the_servers_ack_of_the_request_and_counts_it():
+    # The client has all of the response (5000), the server lacks the end of the request (1300).
+    agent, datapath, connections = agent_with(entry(5000, x=Xlate.of(TO_CLIENT), peer_ack=1200))
+    taken = agent._take_back(TakeBack(conn_id=5, key=KEY, acked=5000, stream_end=1300))
+    assert taken.status == TAKEN_UNACKED and agent.request_waits == 1
+    assert datapath.egress.lookup(local_key(KEY)).state == FLOW_ACTIVE and not connections.taken
+    # The client's ack alone behind: another wait, not counted as the request's.
+    agent._take_back(TakeBack(conn_id=5, key=KEY, acked=4000, stream_end=1200))
+    assert agent.request_waits == 1
 
 
 @pytest.mark.parametrize("conn_id, state, present", [(6, FLOW_ACTIVE, True), (5, FLOW_HOLD, True),

@@ -6,11 +6,13 @@ from __future__ import annotations
 import socket
 import struct
 
+import pytest
 from hypothesis import given, strategies as st
 from scapy.layers.inet import IP, TCP
 
-from handoff.inplace import frames_to_resend, moved_on, plan_in_place, request_segments
-from handoff.maps import FLOW_ACTIVE, FLOW_F_RST, FLOW_F_WANT_HEADER, FLOW_TAKEBACK, WATCH_OPT_TS, FlowEntry, Xlate
+from handoff.inplace import connection_stands, frames_to_resend, moved_on, plan_in_place, request_segments
+from handoff.maps import (FLOW_ACTIVE, FLOW_ENDED, FLOW_F_FIN, FLOW_F_NEW_SYN, FLOW_F_RST, FLOW_F_WANT_HEADER, FLOW_TAKEBACK,
+                          WATCH_OPT_TS, FlowEntry, Xlate)
 from handoff.takeback import Segment
 from handoff.translate import MOD, AckShift, Translation, rescale_window, shift_edge, wrap
 
@@ -112,3 +114,17 @@ def test_a_copy_leaves_out_what_an_answering_server_has():
     assert frames_to_resend(frames, answered=True) == [b"second", b"third"]
     assert frames_to_resend([b"head"], answered=False) == [b"head"]
     assert frames_to_resend([b"head"], answered=True) == []
+
+
+@pytest.mark.parametrize("state, flags, conn_id, stands", [
+    (FLOW_ACTIVE, 0, 7, True),
+    (FLOW_TAKEBACK, 0, 7, True),       # the next request's take-back waits for the server's ACK of this one
+    (FLOW_ACTIVE, FLOW_F_FIN, 7, True),  # the server still reads the request before the close
+    (FLOW_ENDED, FLOW_F_NEW_SYN, 7, False),  # a new connection on the 4-tuple
+    (FLOW_ACTIVE, FLOW_F_RST, 7, False),
+    (FLOW_ACTIVE, 0, 8, False),        # another connection's entry
+])
+def test_a_copy_goes_only_to_a_connection_that_stands(state, flags, conn_id, stands):
+    entry = FlowEntry(state=state, flags=flags, conn_id=7)
+    assert connection_stands(entry, conn_id) is stands
+    assert connection_stands(None, 7) is False
