@@ -180,8 +180,8 @@ def drop_first(cluster: Cluster, host, *matches: str) -> None:
     where a test wants them, their retransmissions let through. Each drop
     adds TCP to a set of its own, which its rule then skips."""
     sets = "".join(f"  set done{i} {{ type inet_proto; flags dynamic; }}\n" for i in range(len(matches)))
-    rules = "".join(f"    meta l4proto tcp {match} meta l4proto != @done{i} add @done{i} {{ meta l4proto }} counter drop\n"
-                    for i, match in enumerate(matches))
+    rules = "".join(f"    meta l4proto tcp {match} meta l4proto != @done{i} "
+                    f"add @done{i} {{ meta l4proto }} counter drop\n" for i, match in enumerate(matches))
     cluster.exec(host, ["nft", "-f", "-"], input=f"""
 table inet {DROP_FIRST_TABLE} {{
 {sets}  chain incoming {{

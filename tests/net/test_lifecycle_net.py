@@ -138,9 +138,13 @@ def load(cluster: Cluster, url: str | list[str], count: int, mode: str = "close"
     return report
 
 
-def assert_all_ok(report: dict, count: int) -> None:
+def assert_all_ok(report: dict, count: int, explain: str = "") -> None:
+    """Every one of COUNT requests answered right (a 200, and each body's
+    SHA-256 where ``load`` was given one); EXPLAIN (e.g. ``handoff_outcomes``)
+    goes into a failure."""
     assert report["counts"] == {"total": count, "ok": count, "failed": 0, "timeouts": 0}, \
-        f"{report['counts']}: {report['error_counts']} e.g. {report['errors'][:3]}"
+        f"{report['counts']}: {report['error_counts']} e.g. {report['errors'][:3]}" \
+        + (f"; {explain}" if explain else "")
 
 
 def http_get(sock: socket.socket, path: str, host: str) -> tuple[int, str, bytes]:
