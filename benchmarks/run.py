@@ -217,7 +217,8 @@ class Bench:
             lr = measure.run_curl_parallel(c, urls, n, plan.curl_parallel, size)
             method = f"curl -Z --parallel-max {plan.curl_parallel}: {n} downloads, Connection: close"
         b = sampler.snap()
-        agent_cpu = measure.Sampler.window(aa, agents.snap()).router_cpu_s if agents and aa else None
+        wa = measure.Sampler.window(aa, agents.snap()) if agents and aa else None
+        agent_cpu = wa.router_cpu_s if wa else None
         w = measure.Sampler.window(a, b)
         h1, f1 = self._arr_counts(running)
         decided: dict[str, Any] = {}
@@ -268,7 +269,8 @@ class Bench:
         lr = measure.run_wrk(c, urls, plan.conn_connections, seconds or plan.conn_seconds, info.size,
                              close=True)
         b = sampler.snap()
-        agent_cpu = measure.Sampler.window(aa, agents.snap()).router_cpu_s if agents and aa else None
+        wa = measure.Sampler.window(aa, agents.snap()) if agents and aa else None
+        agent_cpu = wa.router_cpu_s if wa else None
         w = measure.Sampler.window(a, b)
         h1, f1 = self._arr_counts(running)
         reasons = self._reason_delta(r0, self._fallback_reasons(running))
@@ -284,7 +286,11 @@ class Bench:
                 "handoff_rate": (h1 - h0) / w.seconds if running.router is not None and h1 > h0 else None,
                 "router_cpu_s": w.router_cpu_s, "router_cpu_ticks_s": w.router_cpu_ticks_s,
                 "router_cpu_util": w.router_cpu_s / w.seconds if running.roots else None,
-                "agent_cpu_s": agent_cpu,
+                # User time apart: on one machine the kernel's work for a packet
+                # the router sends to a target (the veth hands it to the target's
+                # stack at once) counts as the router's system time.
+                "router_user_s": w.router_user_s, "agent_cpu_s": agent_cpu,
+                "agent_user_s": wa.router_user_s if wa else None,
                 "machine_cpu_util": w.machine_cpu_s / w.seconds, "errors": bad,
                 "handoffs": h1 - h0, "fallbacks": f1 - f0, "fallback_reasons": reasons, **fresh}
 
