@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, TypeGuard
 
 from handoff.control import UNACKED_ASK_AGAIN, Ack, ControlClient, ControlUnavailable, Nack, Shift
 from handoff.craft import RawSender, data_segments
@@ -151,7 +151,7 @@ def request_segments(entry: FlowEntry, plan: InPlacePlan, rewritten: bytes, late
     return frames[1:] + frames[:1]
 
 
-def connection_stands(entry: FlowEntry | None, conn_id: int) -> bool:
+def connection_stands(entry: FlowEntry | None, conn_id: int) -> TypeGuard[FlowEntry]:
     """The connection a copy of a rerouted request is for still stands at the
     router's ingress: its entry (CONN_ID's, not a later connection's on the
     same 4-tuple) is not ended by a new SYN (FLOW_ENDED) nor by the client's
@@ -276,7 +276,7 @@ class InPlace:
             if sent is None or sent.conn_id != conn_id or now - sent.sent_at < RESEND_GAP:
                 continue
             entry = self.datapath.ingress.lookup(key)
-            if entry is None or not connection_stands(entry, conn_id):
+            if not connection_stands(entry, conn_id):
                 continue
             answer_from = self.connections.responses.get(conn_id)
             frames = frames_to_resend(sent.frames, answer_from is not None and seq_after(entry.peer_ack, answer_from))

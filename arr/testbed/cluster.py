@@ -554,6 +554,11 @@ class Cluster:
         """The file target I's nginx stored for ``PUT /uploads/NAME``."""
         return self._nginx_paths(i).put_root / "uploads" / name
 
+    def whoami_sha256(self, i: int) -> str:
+        """SHA-256 of target I's answer to ``/whoami`` (its name and a newline,
+        arr/testbed/nginx.py): for clients that check every body they read."""
+        return hashlib.sha256(f"{self.targets[i].name}\n".encode()).hexdigest()
+
     def nginx_error_log(self, i: int) -> str:
         return _tail(self._nginx_paths(i).error_log, 1 << 20)
 

@@ -193,7 +193,7 @@ def test_short_connections_in_place_under_loss_end_without_resets(cluster):
     ingress entry is gone."""
     c = cluster(targets=2, files={"1k": 1024, "64k": 64 * 1024})
     paths = [c.files["1k"].url_path, "/whoami", c.files["64k"].url_path]
-    shas = [c.files["1k"].sha256, hashlib.sha256(f"{c.targets[0].name}\n".encode()).hexdigest(),
+    shas = [c.files["1k"].sha256, c.whoami_sha256(0),
             c.files["64k"].sha256]
     with handoff_cluster(c, **two_pools(c, in_place=True, hand_on=True)) as (router, agents):
         router.wait_healthy()

@@ -24,7 +24,6 @@ client's FIN with a challenge ACK) was refused there as PAWS-old
 
 from __future__ import annotations
 
-import hashlib
 
 import pytest
 
@@ -56,7 +55,7 @@ def test_short_keep_alive_connections_from_40_ports_every_request_routed(cluster
     # start on either pool and go to the same target and to the other one.
     paths = [c.files["1k"].url_path, c.files["1k"].url_path, "/whoami"]
     shas = [c.files["1k"].sha256, c.files["1k"].sha256,
-            hashlib.sha256(f"{c.targets[0].name}\n".encode()).hexdigest()]
+            c.whoami_sha256(0)]
     with handoff_cluster(c, **two_pools(c, **MODES[mode])) as (router, agents):
         router.wait_healthy()
         watch = CounterWatch(c, (c.client, *c.targets))

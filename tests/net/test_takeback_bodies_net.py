@@ -308,8 +308,8 @@ def test_posts_to_the_same_target_under_loss_with_the_defaults(cluster):
         watch = CounterWatch(c, (c.client, *c.targets))
         for host in (c.client, *c.targets):
             inject_loss(c, host, 10)
-        whoami = hashlib.sha256(f"{c.targets[0].name}\n".encode()).hexdigest()
-        report = load(c, router.url + "/whoami", LOSSY_POSTS, "post", parallel=8, timeout=10, sha256=whoami,
+        report = load(c, router.url + "/whoami", LOSSY_POSTS, "post", parallel=8, timeout=10,
+                      sha256=c.whoami_sha256(0),
                       extra=("--per-connection", str(LOSSY_PER_CONNECTION), "--body-size", "3000"),
                       label="POSTs under 1% loss")
         outcomes = handoff_outcomes(router, agents)
@@ -392,7 +392,7 @@ def test_bodies_sent_apart_from_their_heads_go_in_place_at_once(cluster):
         router.wait_healthy()
         watch = CounterWatch(c, (c.client, *c.targets))
         report = load(c, router.url + "/whoami", total, "post", parallel=APART_CLIENTS, timeout=10,
-                      sha256=hashlib.sha256(f"{c.targets[0].name}\n".encode()).hexdigest(),
+                      sha256=c.whoami_sha256(0),
                       extra=("--per-connection", str(APART_POSTS), "--body-size", "3000", "--body-apart"),
                       label="POSTs with their bodies apart")
         outcomes = handoff_outcomes(router, agents)
