@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 ACCESS_LOGGER = "arr.access"
+_logger = logging.getLogger(ACCESS_LOGGER)
 _ids = itertools.count(1)
 _PREFIX = f"{os.getpid():x}-{int(time.time()):x}"
 
@@ -95,7 +96,7 @@ def configure(destination: str | None) -> logging.Logger:
     """Point ``arr.access`` at DESTINATION (None or "off": nowhere)."""
     global _destination
     _destination = destination
-    logger = logging.getLogger(ACCESS_LOGGER)
+    logger = _logger
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
@@ -119,7 +120,12 @@ def configure(destination: str | None) -> logging.Logger:
     return logger
 
 
+def enabled() -> bool:
+    """Whether a record would be written: callers on a hot path ask first,
+    so that no record is built for an access log that is off."""
+    return not _logger.disabled and _logger.isEnabledFor(logging.INFO)
+
+
 def emit(record: dict[str, Any]) -> None:
-    logger = logging.getLogger(ACCESS_LOGGER)
-    if not logger.disabled:
-        logger.info("%s", encode(record))
+    if not _logger.disabled:
+        _logger.info("%s", encode(record))

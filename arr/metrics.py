@@ -20,6 +20,24 @@ log = logging.getLogger("arr.metrics")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
+class Children:
+    """A labelled metric's children by their label values, each looked up
+    once: prometheus_client's ``labels()`` checks the values and takes a lock
+    on every call (about 2 µs, against 1 µs for the count itself)."""
+
+    __slots__ = ("metric", "_children")
+
+    def __init__(self, metric: Any) -> None:
+        self.metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self.metric.labels(*values)
+        return child
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -179,6 +197,14 @@ class Metrics:
         self.build_info = Gauge(
             "arr_build_info", "Always 1; the labels say what runs.", ("version", "python", "fastpath"),
             registry=r)
+        # The children the per-request and per-connection paths count on,
+        # each looked up once (Children).
+        self.requests_of = Children(self.requests)
+        self.pool_requests_of = Children(self.pool_requests)
+        self.latency_of = Children(self.latency)
+        self.handoff_closed_of = Children(self.handoff_closed)
+        self.handed_off_bytes_of = Children(self.handed_off_bytes)
+        self.handed_off_packets_of = Children(self.handed_off_packets)
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         self._target_collector = _TargetCollector()

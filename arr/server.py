@@ -488,12 +488,12 @@ class Router:
                 response_bytes: int | None, reason: str) -> None:
         """One request's metrics and access-log line (STATUS None: handed off)."""
         elapsed = time.perf_counter() - started
-        self.metrics.requests.labels(executed, "" if status is None else str(status), target_name).inc()
+        self.metrics.requests_of(executed, "" if status is None else str(status), target_name).inc()
         if chosen is not None:
             pool = self._pool_of.get(chosen)
             if pool is not None:
-                self.metrics.pool_requests.labels(pool.name, executed).inc()
-        self.metrics.latency.labels(executed).observe(elapsed)
+                self.metrics.pool_requests_of(pool.name, executed).inc()
+        self.metrics.latency_of(executed).observe(elapsed)
         if self.config.router.access_log:
             accesslog.emit(accesslog.request_record(
                 client=peer, method=request.method,

@@ -34,6 +34,7 @@ from arr.session import DetachError
 from handoff import craft, fastpath, tcpstate
 from handoff.control import Ack, ControlClient, ControlUnavailable, HandoffRequest, Nack, Release
 from handoff.datapath import RouterDatapath
+from handoff.connecting import connect
 from handoff.forward_pool import ForwardPool, ForwardProfile, ReadyForward
 from handoff.libbpf import BPF_NOEXIST, BpfError
 from handoff.lifecycle import PORT_QUARANTINE_NS, RouterConnections, wire_key
@@ -615,7 +616,7 @@ class RouterHandoff:
         try:
             tcpstate.bound_retransmissions(forward, min_us=self.settings.rto_min_us)
             async with asyncio.timeout(self.settings.connect_timeout):
-                await asyncio.get_running_loop().sock_connect(forward, target.address)
+                await connect(forward, target.address)
         except (OSError, TimeoutError):
             self._discard_forward(ready)
             raise Fallback("target-connect") from None

@@ -147,14 +147,12 @@ class RouterConnections:
         """The connections (conn_id) ``handed_off`` counts, and where: an entry
         written ACTIVE again (a request in place, a take-back undone) is the
         same connection, counted once."""
-        self._closed: dict[str, Any] = {}
-        """``handoff_closed`` by why (labels() costs a lookup per call)."""
         self.on_load: Callable[[Address, int], None] = lambda target, count: None
         """Told each change of ``handed_off``."""
         self.on_captures: Callable[[list[Capture]], None] = lambda captures: None
+        """Where the ingress program's captures go (handoff/takeback.py)."""
         self.on_resends: Callable[[list[tuple[FlowKey, int]]], None] = lambda resends: None
         """(client key, conn_id) of clients that resent a request rerouted in place (handoff/inplace.py)."""
-        """Where the ingress program's captures go (handoff/takeback.py)."""
         datapath.ingress.on_active = self._installed
 
     def route(self, target: Address, agent_address: Address, agent: ControlClient) -> None:
@@ -182,10 +180,10 @@ class RouterConnections:
     def _installed(self, _key: FlowKey, entry: FlowEntry) -> None:
         if entry.conn_id in self._counted:
             return
-        self._counted[entry.conn_id] = target_of(entry)
+        target = self._counted[entry.conn_id] = target_of(entry)
         self._live += 1
         self.metrics.handed_off.set(self._live)
-        self._load(target_of(entry), +1)
+        self._load(target, +1)
 
     def _load(self, target: Address, change: int) -> None:
         count = max(0, self.handed_off.get(target, 0) + change)
@@ -210,10 +208,12 @@ class RouterConnections:
         """What a handed-off connection cost and how it ended: the client's
         side from the router's ingress entry, the target's (everything it
         served, directly) from the agent's CLOSED."""
-        self.metrics.handed_off_bytes.labels("client").inc(entry.bytes)
-        self.metrics.handed_off_packets.labels("client").inc(entry.packets)
-        self.metrics.handed_off_bytes.labels("target").inc(report.bytes)
-        self.metrics.handed_off_packets.labels("target").inc(report.packets)
+        self.metrics.handed_off_bytes_of("client").inc(entry.bytes)
+        self.metrics.handed_off_packets_of("client").inc(entry.packets)
+        self.metrics.handed_off_bytes_of("target").inc(report.bytes)
+        self.metrics.handed_off_packets_of("target").inc(report.packets)
+        if not accesslog.enabled():
+            return
         how = "rst" if report.flags & FLOW_F_RST else "fin" if report.flags & FLOW_F_FIN else why
         duration = (time.monotonic_ns() - entry.created_ns) / 1e9 if entry.created_ns else None
         accesslog.emit(accesslog.connection_end(
@@ -481,10 +481,7 @@ class RouterConnections:
     def _counted_end(self, conn_id: int, why: str, target: Address) -> None:
         self.responses.pop(conn_id, None)
         self._checked.pop(conn_id, None)
-        closed = self._closed.get(why)
-        if closed is None:
-            closed = self._closed[why] = self.metrics.handoff_closed.labels(why)
-        closed.inc()
+        self.metrics.handoff_closed_of(why).inc()
         if self._counted.pop(conn_id, None) is None:
             return  # never counted (a router restarted since): the sweeps' count has it
         self._load(target, -1)

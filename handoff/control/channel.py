@@ -51,6 +51,7 @@ from handoff.control.frames import (
     Ack, ControlConnection, ControlError, Established, HandoffRequest, Message, Nack, Ping, SeenNonces, Shift,
     Taken, TakeBack,
 )
+from handoff.connecting import connect
 from handoff.tcpstate import bound_retransmissions
 
 log = logging.getLogger("arr.control")
@@ -552,7 +553,7 @@ class ControlClient:
         try:
             sock.setblocking(False)
             bound_retransmissions(sock, min_us=self.rto_min_us)
-            await loop.sock_connect(sock, address)
+            await connect(sock, address)
         except BaseException:
             sock.close()
             raise

@@ -38,8 +38,10 @@ def test_the_logger_is_its_own_and_writes_plain_json_lines(tmp_path, caplog):
         logging.getLogger("arr").setLevel(logging.ERROR)  # the application's level does not apply
         accesslog.emit({"type": "request", "status": 200})
         assert json.loads(path.read_text()) == {"type": "request", "status": 200}
+        assert accesslog.enabled()
         assert not [r for r in caplog.records if r.name == accesslog.ACCESS_LOGGER]  # not propagated
         accesslog.configure(None)
+        assert not accesslog.enabled()  # hot paths build no record then (handoff/lifecycle.py)
         accesslog.emit({"type": "request", "status": 201})
         assert path.read_text().count("\n") == 1
     finally:
