@@ -597,6 +597,8 @@ _DIAG_RECV_BUFFER = 1 << 16
 Kept small because it is zeroed at every allocation: a 1 MiB buffer per
 request was a tenth of the router's CPU in a take-back (benchmarks/RESULTS.md);
 ``SockDiag`` allocates its buffer once."""
+_MSG_TRUNC = int(socket.MSG_TRUNC)
+"""As a plain int: ``int & socket.MSG_TRUNC`` is an enum operation, about 1 µs."""
 _DIAG_TIMEOUT = 5.0  # the kernel answers at once; this only turns a bug into an error
 
 _DIAG_HINTS = {
@@ -648,7 +650,7 @@ def _sock_diag_ask(sock: socket.socket, request: bytes, info: bool = False,
     found: list[TcpSocket] = []
     while True:
         size, _, flags, _ = sock.recvmsg_into([buffer])
-        if flags & socket.MSG_TRUNC:
+        if flags & _MSG_TRUNC:
             raise NetlinkOpError(f"sock_diag reply larger than {len(buffer)} bytes")
         sockets, done, err = inet_diag.parse_messages(view[:size], info)
         found += sockets

@@ -150,6 +150,8 @@ class RouterHandoff:
         self._ok = metrics.handoffs.labels("ok")
         self._fallback = metrics.handoffs.labels("fallback")
         self._handed_on = metrics.rehandoffs.labels("handed-on")
+        self._same_target = metrics.rehandoffs.labels("same-target")
+        self._other_target = metrics.rehandoffs.labels("other-target")
 
     # ---------------------------------------------------------- lifecycle
 
@@ -423,7 +425,7 @@ class RouterHandoff:
                                                      mss=profile.mss, requests=session.requests_served + 1))
         tcpstate.close_silently(client)
         if context is not None:
-            self.metrics.rehandoffs.labels("same-target" if reused else "other-target").inc()
+            (self._same_target if reused else self._other_target).inc()
         await self._send(attempt, agent, target, request_bytes)
         return attempt.client_key, attempt.conn_id, c.snd_nxt
 

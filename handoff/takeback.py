@@ -395,6 +395,10 @@ class TakeBacks:
         # a lookup per call).
         self._other_target = metrics.inplace.labels("other-target")
         self._handed_on = metrics.handons.labels("ok")
+        self._taken_back = metrics.takebacks.labels("ok")
+        self._in_place = metrics.inplace.labels("ok")
+        self._rehandoff_in_place = metrics.rehandoffs.labels("in-place")
+        self._handoff_ok = metrics.handoffs.labels("ok")
         self._pending: dict[FlowKey, _Pending] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         closes = {result: metrics.forward_closes.labels(result) for result in CLOSE_RESULTS}
@@ -458,7 +462,7 @@ class TakeBacks:
             if self._pending.get(key) is pending:
                 del self._pending[key]
             self._end_forward(pending)
-        self.metrics.takebacks.labels("ok").inc()
+        self._taken_back.inc()
         self.metrics.takeback_duration.observe(time.perf_counter() - started)
         await self.resume(sock, key.src, requests, context, decided=decided)
 
@@ -485,11 +489,12 @@ class TakeBacks:
             if in_place is None:
                 return False
             reason = await in_place.reroute(key, pending.conn_id, len(data), serialize_request(request, head), latest)
-            self.metrics.inplace.labels(reason or "ok").inc()
             if reason is not None:
+                self.metrics.inplace.labels(reason).inc()
                 return False
-            self.metrics.rehandoffs.labels("in-place").inc()
-            self.metrics.handoffs.labels("ok").inc()
+            self._in_place.inc()
+            self._rehandoff_in_place.inc()
+            self._handoff_ok.inc()
             self.metrics.handoff_duration.observe((time.monotonic_ns() - pending.first_ns) / 1e9)
             return True
 
