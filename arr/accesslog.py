@@ -127,5 +127,5 @@ def enabled() -> bool:
 
 
 def emit(record: dict[str, Any]) -> None:
-    if not _logger.disabled:
+    if enabled():
         _logger.info("%s", encode(record))

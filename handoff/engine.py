@@ -33,8 +33,8 @@ from arr.migration import MoveOrder, MoveReport
 from arr.session import DetachError
 from handoff import craft, fastpath, tcpstate
 from handoff.control import Ack, ControlClient, ControlUnavailable, HandoffRequest, Nack, Release
-from handoff.datapath import RouterDatapath
 from handoff.connecting import connect
+from handoff.datapath import RouterDatapath
 from handoff.forward_pool import ForwardPool, ForwardProfile, ReadyForward
 from handoff.libbpf import BPF_NOEXIST, BpfError
 from handoff.lifecycle import PORT_QUARANTINE_NS, RouterConnections, wire_key

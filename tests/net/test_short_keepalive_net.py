@@ -24,7 +24,6 @@ client's FIN with a challenge ACK) was refused there as PAWS-old
 
 from __future__ import annotations
 
-
 import pytest
 
 from arr.testbed.loss import CounterWatch
