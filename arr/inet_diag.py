@@ -222,8 +222,9 @@ def dump_request(states: int, local_port: int | None = None, seq: int = 1) -> by
 def lookup_request(local: Address, remote: Address, seq: int = 1, info: bool = False) -> bytes:
     """Exact lookup of the socket LOCAL -> REMOTE.
 
-    Asks for an ACK so that the reply always ends with an NLMSG_ERROR (0, or
-    the errno: ENOENT when there is no such socket). Beware: the kernel falls
+    The kernel answers with one message: the socket, or an NLMSG_ERROR with
+    the errno (ENOENT when there is no such socket). No ACK is asked for: it
+    would be a second datagram to read after every socket found. Beware: the kernel falls
     back to a *listener* on LOCAL when no connection has the 4-tuple (it uses
     the same lookup as an incoming packet); check the reply's addresses.
     The id names no interface, so a socket bound to a device (SO_BINDTODEVICE)
@@ -231,7 +232,7 @@ def lookup_request(local: Address, remote: Address, seq: int = 1, info: bool = F
     INFO: the reply carries tcp_info (``TcpSocket.notsent``; parse it with
     ``parse_messages(..., info=True)``).
     """
-    return _message(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_ACK, seq, ALL_STATES, encode_sockid(local, remote),
+    return _message(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, seq, ALL_STATES, encode_sockid(local, remote),
                     ext=1 << (INET_DIAG_INFO - 1) if info else 0)
 
 

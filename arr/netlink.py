@@ -38,6 +38,7 @@ import functools
 import ipaddress
 import os
 import socket
+import struct
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -600,6 +601,7 @@ request was a tenth of the router's CPU in a take-back (benchmarks/RESULTS.md);
 _MSG_TRUNC = int(socket.MSG_TRUNC)
 """As a plain int: ``int & socket.MSG_TRUNC`` is an enum operation, about 1 µs."""
 _DIAG_TIMEOUT = 5.0  # the kernel answers at once; this only turns a bug into an error
+_TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_RCVTIMEO and SO_SNDTIMEO
 
 _DIAG_HINTS = {
     errno.EOPNOTSUPP: " (kernel built without CONFIG_INET_DIAG_DESTROY?)",
@@ -625,7 +627,14 @@ def _open_sock_diag(ns: str | None) -> socket.socket:
         if not netns_exists(ns):
             raise NetlinkOpError(f"netns {ns!r} does not exist")
         sock = socket_in_netns(ns, *args)
-    sock.settimeout(_DIAG_TIMEOUT)
+    # The kernel's own timeouts, not Python's: a Python timeout polls before
+    # every send and receive (two system calls more per request, and the
+    # agents ask at every ended connection); the socket stays blocking, and
+    # a reply that never comes fails with EAGAIN after _DIAG_TIMEOUT.
+    seconds = int(_DIAG_TIMEOUT)
+    timeval = _TIMEVAL.pack(seconds, int((_DIAG_TIMEOUT - seconds) * 1_000_000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
     return sock
 
 
@@ -636,9 +645,10 @@ def _sock_diag(ns: str | None) -> Iterator[socket.socket]:
 
 
 def _sock_diag_ask(sock: socket.socket, request: bytes, info: bool = False,
-                   buffer: bytearray | None = None) -> tuple[list[TcpSocket], int | None]:
-    """Send REQUEST; read the reply up to its NLMSG_DONE or NLMSG_ERROR,
-    into BUFFER (a new one if None).
+                   buffer: bytearray | None = None, one: bool = False) -> tuple[list[TcpSocket], int | None]:
+    """Send REQUEST; read the reply up to its NLMSG_DONE or NLMSG_ERROR
+    (ONE: up to its first socket, for an exact lookup, which asks for no
+    ACK), into BUFFER (a new one if None).
 
     Returns the sockets listed and the errno of the end (None: a dump's
     DONE, 0: an ACK). One buffer serves every datagram of a dump.
@@ -654,7 +664,7 @@ def _sock_diag_ask(sock: socket.socket, request: bytes, info: bool = False,
             raise NetlinkOpError(f"sock_diag reply larger than {len(buffer)} bytes")
         sockets, done, err = inet_diag.parse_messages(view[:size], info)
         found += sockets
-        if done or err is not None:
+        if done or err is not None or (one and found):
             return found, err
 
 
@@ -667,7 +677,7 @@ def _normal(address: Address) -> Address:
 def _lookup(sock: socket.socket, ns: str | None, local: Address, remote: Address,
             info: bool = False, buffer: bytearray | None = None) -> TcpSocket | None:
     found, err = _sock_diag_ask(sock, inet_diag.lookup_request(local, remote, info=info),  # validates the addresses
-                                info, buffer)
+                                info, buffer, one=True)
     if err == errno.ENOENT:
         return None
     if err:

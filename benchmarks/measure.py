@@ -308,7 +308,6 @@ def start_wrk_routed(cluster: Cluster, url: str, connections: int, duration: flo
 
 
 # ----------------------------------------------------------------------- curl
-# ----------------------------------------------------------------------- curl
 
 def run_curl_parallel(cluster: Cluster, urls: Sequence[str], count: int, parallel: int,
                       body_size: int) -> LoadResult:

@@ -9,7 +9,9 @@ are handed over in one batch, and the reader watches the ring buffer again.
 An idle ring buffer costs nothing (the fd is watched, no timer runs); a busy
 one costs at most one wake-up per window. Events are hints (the lifecycle
 checks each against the kernel), so a few milliseconds of delay change
-nothing but when a port is free again.
+nothing but when a port is free again. The router's reader has no window
+(handoff/lifecycle.py: a capture is a client waiting for its answer), and
+reads the records as the loop finds them.
 """
 
 from __future__ import annotations
@@ -69,6 +71,12 @@ class EventReader(Generic[R]):
 
     def _readable(self) -> None:
         assert self._loop is not None
+        if self.window <= 0:
+            # No window (the router: a capture is a client waiting): read
+            # now and keep watching, rather than unwatch, arm a timer of 0
+            # and watch again, two epoll_ctl calls and a timer per batch.
+            self.read_now()
+            return
         self._loop.remove_reader(self.ring.fileno())
         self._timer = self._loop.call_later(self.window, self._drain)
 

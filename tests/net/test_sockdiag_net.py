@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import struct
 import time
 import uuid
 from typing import Callable, Iterator
@@ -364,3 +365,19 @@ def test_kept_sock_diag_looks_up_and_destroys_many_on_one_socket(ns, sockets):
     finally:
         diag.close()
 
+
+
+def test_a_sock_diag_socket_waits_in_the_kernel_and_a_missing_reply_is_an_error(ns, monkeypatch):
+    # Blocking, with the kernel's receive and send timeouts: Python's own
+    # timeout would poll before every send and receive (the agents ask at
+    # every ended connection). A reply that never comes still ends the wait.
+    monkeypatch.setattr(netlink, "_DIAG_TIMEOUT", 0.2)
+    with netlink._open_sock_diag(ns) as sock:
+        assert sock.gettimeout() is None
+        timeval = struct.Struct("@ll")
+        for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+            assert timeval.unpack(sock.getsockopt(socket.SOL_SOCKET, option, timeval.size)) == (0, 200_000)
+        started = time.monotonic()
+        with pytest.raises(BlockingIOError):
+            sock.recv(64)  # nothing asked: nothing comes
+        assert 0.15 < time.monotonic() - started < 2.0

@@ -124,3 +124,35 @@ async def _read_now_hands_over_what_waits_and_the_reader_goes_on() -> None:
 
 def test_read_now_hands_over_what_waits_and_the_reader_goes_on(on_both_loops) -> None:
     on_both_loops(_read_now_hands_over_what_waits_and_the_reader_goes_on())
+
+
+async def _without_a_window_each_wake_up_is_read_and_the_reader_stays() -> None:
+    ring = PipeRing()
+    batches: list[list[int]] = []
+
+    def handle(records: list[int]) -> None:
+        batches.append(records)
+        if records == [2]:
+            raise RuntimeError("boom")  # logged; the reader goes on
+
+    reader = EventReader(ring, handle, window=0.0)  # type: ignore[arg-type]
+    reader.start()
+    try:
+        ring.put(1)
+        await asyncio.sleep(0.01)
+        assert batches == [[1]]
+        ring.put(2)
+        await asyncio.sleep(0.01)
+        ring.put(3, 4)
+        await asyncio.sleep(0.01)
+        assert batches == [[1], [2], [3, 4]] and reader.batches == 3
+    finally:
+        reader.stop()
+    ring.put(5)  # stopped: the fd is no longer watched
+    await asyncio.sleep(0.01)
+    assert batches == [[1], [2], [3, 4]]
+    ring.close()
+
+
+def test_without_a_window_each_wake_up_is_read_and_the_reader_stays(on_both_loops) -> None:
+    on_both_loops(_without_a_window_each_wake_up_is_read_and_the_reader_stays())

@@ -135,7 +135,8 @@ def test_dump_request_with_local_port_carries_the_port_filter():
 
 
 def test_lookup_request_bytes():
-    expected = (nlmsghdr(72, 20, d.NLM_F_REQUEST | d.NLM_F_ACK, seq=9) + TCP_REQUEST_HEAD + u32(ALL)
+    # No ACK: the one reply (the socket or an NLMSG_ERROR) ends the exchange.
+    expected = (nlmsghdr(72, 20, d.NLM_F_REQUEST, seq=9) + TCP_REQUEST_HEAD + u32(ALL)
                 + sockid(SERVER, CLIENT, cookie=NOCOOKIE))
     assert d.lookup_request(SERVER, CLIENT, seq=9) == expected
     # network order on the wire: 8080 = 0x1f90, 10.0.0.1
