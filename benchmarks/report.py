@@ -309,7 +309,8 @@ METHOD_TEXT = """\
   resolution as the sum of `/proc/PID/task/*/schedstat` (sum_exec_runtime, the total that
   `/proc/PID/stat` reports as utime+stime in 10 ms ticks; the tick figure is in the JSON as
   `router_cpu_ticks_s` and used instead if threads exited). The arr-nat agents run on the targets
-  and are not router CPU.
+  and are not router CPU; they run with their own defaults (`agent.linger` 0, not the test bed's
+  1 s: `ARR_AGENT` in benchmarks/systems.py).
 * **Machine CPU s/GiB**: busy time of all CPUs (`/proc/stat`: user+nice+system+irq+softirq+steal) over
   the window, per GiB. **Marginal CPU** = machine CPU/GiB of the system minus that of `direct` in the
   same run and size: what putting the router in the path costs the whole machine (load generator,

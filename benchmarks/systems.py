@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import subprocess
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterator
 
@@ -28,6 +28,7 @@ from arr.testbed import Cluster
 from arr.testbed import nginx as tb_nginx
 from arr.testbed.router import BPF_DIR, clear_handoff_programs, handoff_cluster, pin_instance
 from benchmarks.measure import ROUTE_HEADER, BenchError, forward_ports_of, forward_time_wait, wait_for
+from handoff.agent import AgentSettings
 
 SYSTEMS = ("direct", "arr-nat", "arr-nat-reuse", "arr-proxy", "haproxy", "haproxy-splice", "nginx")
 REHANDOFF_ONLY = ("arr-nat-reuse",)
@@ -43,6 +44,13 @@ idle client connections share a few server connections, so 10k fit."""
 ARR_LIMITS = {"max_connections": MAX_CONNS, "keepalive_timeout": 300}
 """arr defaults to 10,000 connections and a 60 s keep-alive; the memory test holds
 up to 10,000 idle connections for longer than that."""
+
+ARR_AGENT = {"linger": next(f.default for f in fields(AgentSettings) if f.name == "linger")}
+"""The agents run with their own default linger (0: an entry goes with its
+connection), not the test bed's 1 s (arr/testbed/router.py ``AgentProcess``),
+which costs each ended connection a second sock_diag lookup, at the linger's end
+(handoff/agent_lifecycle.py): 17% of the agents' CPU per handoff in the
+new-connection test (0.465 against 0.388 ms, benchmarks/RESULTS.md)."""
 
 
 @dataclass
@@ -323,10 +331,13 @@ def start_system(cluster: Cluster, name: str, one_target: bool = False,
         if by_header:
             sections.update(header_routing(cluster, health))
         try:
-            with handoff_cluster(cluster, mode, **sections) as (router, agents):
+            with handoff_cluster(cluster, mode, agent=ARR_AGENT, **sections) as (router, agents):
                 router.wait_healthy(count=1 if one_target else None, timeout=15)
                 cfg_path = cluster.workdir / f"{router.name}.toml"
                 cfg = cfg_path.read_text() if cfg_path.exists() else ""
+                if agents:  # theirs too (one per target, the same but for its addresses)
+                    agent_path = agents[0].config_path
+                    cfg += f"\n# {agent_path.name}\n{agent_path.read_text()}" if agent_path.exists() else ""
                 yield Running(name, [router.url] * 2, [router.proc.pid], router, cfg,
                               [a.proc.pid for a in agents if a.proc is not None])
         finally:

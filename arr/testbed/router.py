@@ -361,13 +361,16 @@ class AgentProcess(ArrProcess):
     def log_path(self) -> Path:
         return self.cluster.workdir / f"agent-{self.host.name}.log"
 
+    @property
+    def config_path(self) -> Path:
+        return self.cluster.workdir / f"agent-{self.host.name}.toml"
+
     def start(self, timeout: float = 15.0) -> "AgentProcess":
         settings = {"listen": f"{self.host.ip}:{AGENT_PORT}", "secret_file": str(secret_file(self.cluster)),
                     "bpf_dir": BPF_DIR, "instance": pin_instance(self.cluster, self.host),
                     "linger": 1.0, "metrics": f"127.0.0.1:{AGENT_METRICS_PORT}", **self.overrides}
-        config_path = self.cluster.workdir / f"agent-{self.host.name}.toml"
-        config_path.write_text(to_toml({"agent": settings}))
-        self.proc = start_arr(self.cluster, self.host, ["agent", "--config", str(config_path)],
+        self.config_path.write_text(to_toml({"agent": settings}))
+        self.proc = start_arr(self.cluster, self.host, ["agent", "--config", str(self.config_path)],
                               self.log_path, (self.host.ip, AGENT_PORT), timeout,
                               f"arr agent on {self.host.name}", self.install)
         return self

@@ -678,3 +678,49 @@ def test_a_forwarding_port_is_reused_within_a_second(cluster, ending):
         assert len(gaps) >= count - 16
         assert gaps[0] < 1.0, "no forwarding port was reused within a second"
         assert wait_for(lambda: at_baseline(map_counts(c)), 2), map_counts(c)
+
+
+CLIENT_CLOSE_DELAY = 0.01
+"""How long after the target's close the client closes: a round trip's worth
+(the test bed's is far under a millisecond, and has no netem to lengthen it)."""
+
+
+def test_a_connection_the_target_closes_costs_its_agent_one_look(cluster):
+    """The usual HTTP close: nginx closes first (``Connection: close``), the
+    client a round trip later. The target's FIN alone is looked at only after
+    ``FIN_LOOK_NS`` (handoff/agent_lifecycle.py ``look_delays``), and the ACK
+    of the client's FIN brings the look forward: one sock_diag lookup per
+    ended connection. Looked at when the FIN came, each found its socket
+    still in FIN_WAIT2 and was looked at again after the client's FIN: two.
+    With the agents' default linger (0), which ends an entry at that look."""
+    if not NAT:
+        pytest.skip("proxy mode: no agents")
+    count = 20
+    c = cluster(targets=2, files={"1k": 1024})
+    info = c.files["1k"]
+    with lifecycle_cluster(c, agent={"linger": 0.0}) as (router, agents):
+        router.wait_healthy()
+        for i in range(count):
+            sock = netlink.socket_in_netns(c.client.ns)
+            with sock:
+                sock.settimeout(5.0)
+                sock.connect((c.vip, ROUTER_PORT))
+                sock.sendall(f"GET {info.url_path}?n={i} HTTP/1.1\r\nHost: {c.vip}\r\n"
+                             "Connection: close\r\n\r\n".encode())
+                response = Response(sock)
+                response.read_head()
+                response.read_body()
+                assert (response.status, response.hash.hexdigest()) == (200, info.sha256)
+                assert sock.recv(1) == b"", "nginx did not close first"
+                time.sleep(CLIENT_CLOSE_DELAY)
+        assert decisions(router) == count
+        assert wait_for(lambda: at_baseline(map_counts(c)), 5), map_counts(c)
+        ended = looks = 0.0
+        for agent in agents:
+            metrics = agent.metrics()
+            ended += sum(v for k, v in metrics.items() if k.startswith("arr_agent_connections_ended_total"))
+            looks += metrics.get("arr_agent_socket_lookups_total", 0)
+        print(f"\n  {looks:.0f} lookups for {ended:.0f} ended connections")
+        assert ended == count, handoff_outcomes(router, agents)
+        # One each; a client descheduled past FIN_LOOK_NS costs its connection a second.
+        assert looks <= 1.25 * count, (looks, handoff_outcomes(router, agents))
