@@ -335,9 +335,12 @@ def start_system(cluster: Cluster, name: str, one_target: bool = False,
                 router.wait_healthy(count=1 if one_target else None, timeout=15)
                 cfg_path = cluster.workdir / f"{router.name}.toml"
                 cfg = cfg_path.read_text() if cfg_path.exists() else ""
-                if agents:  # theirs too (one per target, the same but for its addresses)
-                    agent_path = agents[0].config_path
-                    cfg += f"\n# {agent_path.name}\n{agent_path.read_text()}" if agent_path.exists() else ""
+                # The agents' too (one per target, the same but for its addresses). An
+                # older tree's test bed has no config_path (benchmarks.ab runs this
+                # harness on it).
+                agent_path = getattr(agents[0], "config_path", None) if agents else None
+                if agent_path is not None and agent_path.exists():
+                    cfg += f"\n# {agent_path.name}\n{agent_path.read_text()}"
                 yield Running(name, [router.url] * 2, [router.proc.pid], router, cfg,
                               [a.proc.pid for a in agents if a.proc is not None])
         finally:

@@ -94,7 +94,8 @@ YIELD_EVERY = 32
 """Entries ended between two returns to the event loop: a sweep that ends
 thousands at once must not hold up the HANDOFFs waiting for an answer."""
 FIRST_LOOK_NS = 20 * 10**6
-"""A suspect's first look is at once; the next after this, then doubling."""
+"""A suspect's first look is at once (a lone FIN's ``FIN_LOOK_NS`` later); the
+next after this, then doubling."""
 FIN_LOOK_NS = FIRST_LOOK_NS
 """The first look after a target's FIN that came alone (``look_delays``)."""
 LOOKS = 8
