@@ -80,7 +80,7 @@ from handoff.alarm import Alarm
 from handoff.control import CLOSED_TARGET_GONE, Closed, Holding, Release
 from handoff.control import FlowKey as WireKey
 from handoff.lifecycle import local_key, wire_key
-from handoff.maps import EV_FIN, FLOW_ENDED, Event, FlowEntry, FlowKey
+from handoff.maps import FLOW_ENDED, Event, FlowEntry, FlowKey
 
 if TYPE_CHECKING:
     from handoff.control import ServerSession
@@ -94,10 +94,7 @@ YIELD_EVERY = 32
 """Entries ended between two returns to the event loop: a sweep that ends
 thousands at once must not hold up the HANDOFFs waiting for an answer."""
 FIRST_LOOK_NS = 20 * 10**6
-"""A suspect's first look is at once (a lone FIN's ``FIN_LOOK_NS`` later); the
-next after this, then doubling."""
-FIN_LOOK_NS = FIRST_LOOK_NS
-"""The first look after a target's FIN that came alone (``look_delays``)."""
+"""A suspect's first look is at once; the next after this, then doubling."""
 LOOKS = 8
 """Looks at a socket in LAST_ACK or CLOSING before it is left to the next
 event (20 ms, 40, ... : about 5 s of a connection's closing handshake)."""
@@ -148,26 +145,6 @@ def next_look(state: TcpState | None, looks: int, cap_ns: int, budget: int = LOO
     if looks >= budget or not (any_state or state in WAITING_ON_CLIENT):
         return None
     return min(FIRST_LOOK_NS << max(0, looks - 1), cap_ns)
-
-
-def look_delays(events: Iterable[tuple[FlowKey, int]]) -> dict[FlowKey, int]:
-    """Nanoseconds until the first look at each connection a batch of EVENTS
-    ((key, kind) of the egress program's records) names. A target's FIN says
-    its socket is closing, not closed: looked at then, it is in FIN_WAIT
-    (the server closed first, the usual HTTP close), which ends with the ACK
-    of the client's FIN, an event of its own (EV_AFTER_FIN), or in LAST_ACK
-    (the client closed first), which the client's ACK ends a round trip
-    later, with no event. Either way a look at once finds the socket alive
-    and a second look ends it. So a FIN that came alone is looked at
-    ``FIN_LOOK_NS`` later, by when most have ended (the ACK of the client's
-    FIN brings the look forward): one sock_diag lookup per ended connection
-    instead of two. Any other event (that ACK, a RST, a new SYN) is looked at
-    at once."""
-    delays: dict[FlowKey, int] = {}
-    for key, kind in events:
-        delay = FIN_LOOK_NS if kind == EV_FIN else 0
-        delays[key] = min(delays.get(key, delay), delay)
-    return delays
 
 
 def not_held(conn_id: int, key: WireKey) -> Closed:
@@ -226,11 +203,10 @@ class TargetConnections:
         return None
 
     def _take_due(self, now_ns: int) -> list[FlowKey]:
-        # A key rescheduled to the time it was due has two valid items: taken once.
-        keys: dict[FlowKey, None] = {}
+        keys: list[FlowKey] = []
         while (when := self._next_due()) is not None and when <= now_ns:
-            keys[heapq.heappop(self._due)[2]] = None
-        return list(keys)
+            keys.append(heapq.heappop(self._due)[2])
+        return keys
 
     def close(self) -> None:
         self._diag.close()
@@ -255,29 +231,23 @@ class TargetConnections:
 
     # ---------------------------------------------------------- events
 
-    def suspect(self, keys: Iterable[FlowKey], at_ns: int | None = None, looks: int = LOOKS,
+    def suspect(self, keys: Iterable[FlowKey], now_ns: int | None = None, looks: int = LOOKS,
                 any_state: bool = False) -> None:
-        """Look at these connections' sockets at AT_NS (monotonic; default
-        now) or at their earlier look already due, and again (LOOKS times in
+        """Look at these connections' sockets now, and again (LOOKS times in
         all) while they wait on the client, or ANY_STATE while they live."""
-        at_ns = time.monotonic_ns() if at_ns is None else at_ns
+        now_ns = time.monotonic_ns() if now_ns is None else now_ns
         added = False
         for key in keys:
             due, done, budget, anyway = self.suspects.get(key, (None, 0, 0, False))
-            if due is None or due > at_ns or budget - done < looks or any_state > anyway:
-                when = at_ns if due is None else min(due, at_ns)
-                self._schedule(key, (when, 0, max(looks, budget - done), any_state or anyway))
+            if due is None or due > now_ns or budget - done < looks or any_state > anyway:
+                self._schedule(key, (now_ns, 0, max(looks, budget - done), any_state or anyway))
                 added = True
         if added:
             self._alarm.wake()
 
     def on_events(self, events: Iterable[Event]) -> None:
-        """Records of the egress program's ring buffer: hints, checked against
-        the kernel, at once or a moment later (``look_delays``)."""
-        now_ns = time.monotonic_ns()
-        delays = look_delays((FlowKey.from_buffer_copy(e.key), e.kind) for e in events)
-        self.suspect((key for key, delay in delays.items() if not delay), now_ns)
-        self.suspect((key for key, delay in delays.items() if delay), now_ns + FIN_LOOK_NS)
+        """Records of the egress program's ring buffer: hints, checked against the kernel."""
+        self.suspect(FlowKey.from_buffer_copy(e.key) for e in events)
 
     async def run(self) -> None:
         """Look at the suspects when they are due (the agent's task). Waits on

@@ -1,20 +1,17 @@
 """The pure parts of the lifecycle: forwarding port choice and reservation
-(handoff/ports.py), the agent's verdict on an entry and when it looks at one
-(handoff/agent_lifecycle.py),
+(handoff/ports.py), the agent's verdict on an entry (handoff/agent_lifecycle.py),
 the timestamp margin in a connection's own clock units (handoff/translate.py)."""
 
 from __future__ import annotations
 
 import random
-import time
 
 import pytest
 from hypothesis import given, strategies as st
 
 from arr.inet_diag import TcpState
-from handoff.agent_lifecycle import FIN_LOOK_NS, FIRST_LOOK_NS, LOOKS, TargetConnections, Verdict, look_delays, \
-    next_look, verdict
-from handoff.maps import EV_AFTER_FIN, EV_FIN, EV_NEW_SYN, EV_RST, FLOW_ACTIVE, FLOW_ENDED, Event, FlowKey
+from handoff.agent_lifecycle import FIRST_LOOK_NS, LOOKS, Verdict, next_look, verdict
+from handoff.maps import FLOW_ACTIVE, FLOW_ENDED
 from handoff.ports import PortRange, choose_port, merge, parse_port_list, reservation_text
 from handoff.translate import TS_MARGIN, HandoffInputs, SocketState, compute_translations
 
@@ -144,60 +141,25 @@ def test_timestamp_margin_is_the_same_time_in_each_connections_ticks(client_usec
 
 
 def test_suspects_due_at_the_same_time_are_all_taken_once() -> None:
+    from handoff.agent_lifecycle import TargetConnections
+    from handoff.maps import FlowKey
+
     agent = TargetConnections(datapath=None)  # type: ignore[arg-type]  # the schedule touches no map
     keys = [FlowKey.of(("10.0.0.11", 8080), ("10.0.0.1", 50000 + i)) for i in range(5)]
-    agent.suspect(keys, at_ns=1000)  # equal times: keys are never compared
-    agent.suspect(keys[:2], at_ns=1000)  # again: nothing new, nothing twice
+    agent.suspect(keys, now_ns=1000)  # equal times: keys are never compared
+    agent.suspect(keys[:2], now_ns=1000)  # again: nothing new, nothing twice
     assert agent._next_due() == 1000
     assert sorted(agent._take_due(1000), key=lambda k: k.sport) == sorted(keys, key=lambda k: k.sport)
     assert agent._take_due(10**12) == []
 
 
 def test_a_rescheduled_suspect_is_taken_at_its_new_time_only() -> None:
+    from handoff.agent_lifecycle import TargetConnections
+    from handoff.maps import FlowKey
+
     agent = TargetConnections(datapath=None)  # type: ignore[arg-type]
     key = FlowKey.of(("10.0.0.11", 8080), ("10.0.0.1", 50000))
     agent._schedule(key, (100, 0, 8, False))
     agent._schedule(key, (500, 1, 8, False))  # the item at 100 is stale now
     assert agent._take_due(200) == []
     assert agent._take_due(500) == [key]
-
-
-def _key(i: int) -> FlowKey:
-    return FlowKey.of(("10.0.0.11", 8080), ("10.0.0.1", 50000 + i))
-
-
-@given(st.lists(st.tuples(st.integers(0, 3), st.sampled_from([EV_FIN, EV_RST, EV_NEW_SYN, EV_AFTER_FIN])),
-                max_size=12))
-def test_a_connection_waits_for_its_look_only_when_all_it_said_was_a_fin(events) -> None:
-    delays = look_delays((_key(i), kind) for i, kind in events)
-    assert set(delays) == {_key(i) for i, _ in events}
-    for i in {i for i, _ in events}:
-        kinds = {kind for j, kind in events if j == i}
-        assert delays[_key(i)] == (FIN_LOOK_NS if kinds == {EV_FIN} else 0)
-
-
-def test_a_fin_alone_is_looked_at_later_and_what_follows_it_at_once() -> None:
-    agent = TargetConnections(datapath=None)  # type: ignore[arg-type]  # the schedule touches no map
-    fin, both, rst = _key(1), _key(2), _key(3)
-    before = time.monotonic_ns()
-    agent.on_events([Event(key=fin, kind=EV_FIN), Event(key=both, kind=EV_FIN), Event(key=both, kind=EV_AFTER_FIN),
-                     Event(key=rst, kind=EV_RST)])
-    after = time.monotonic_ns()
-    assert sorted(agent._take_due(after), key=lambda k: k.sport) == [both, rst]
-    assert agent._take_due(before + FIN_LOOK_NS - 1) == []
-    assert agent._take_due(after + FIN_LOOK_NS) == [fin]
-    # The ACK of the client's FIN brings a waiting look forward; a later FIN never delays one.
-    agent.on_events([Event(key=fin, kind=EV_FIN)])
-    agent.on_events([Event(key=fin, kind=EV_AFTER_FIN)])
-    agent.on_events([Event(key=fin, kind=EV_FIN)])
-    assert agent._take_due(time.monotonic_ns()) == [fin]
-    assert agent._take_due(time.monotonic_ns() + 10 * FIN_LOOK_NS) == []
-
-
-def test_a_look_rescheduled_to_its_own_time_is_taken_once() -> None:
-    agent = TargetConnections(datapath=None)  # type: ignore[arg-type]
-    key = _key(1)
-    agent._schedule(key, (1000, 5, LOOKS, False))  # 3 looks left: a new suspicion refreshes the budget
-    agent.suspect([key], at_ns=5000)
-    assert agent.suspects[key] == (1000, 0, LOOKS, False)  # not later than it was due
-    assert agent._take_due(1000) == [key]
