@@ -121,6 +121,11 @@ class HandoffSettings:
     forward_pool: int = 4
     """Forwarding connections kept ready per target and client profile, so
     that no handshake sits in a request's path (0: connect on demand)."""
+    forward_pool_max: int = 16
+    """The most a shelf of the pool grows to: each handoff that found it
+    empty adds one, each connection that aged out unused takes one away
+    (handoff/forward_pool.py ``ShelfDepth``). Never below ``forward_pool``,
+    nor above a sixteenth of ``forward_ports``."""
     takeback_timeout: float = 10.0
     """Longest a handed-off connection's next request waits for the client to
     acknowledge the previous response before the router takes it back (a
@@ -397,6 +402,11 @@ def _upstream(data: Any) -> Upstream:
 def _handoff(data: Any) -> HandoffSettings:
     s = _Section(data, "handoff")
     d = HandoffSettings()
+    forward_pool = s.number("forward_pool", d.forward_pool, integer=True)
+    forward_pool_max = s.number("forward_pool_max", max(d.forward_pool_max, forward_pool), integer=True)
+    if forward_pool_max < forward_pool:
+        raise ConfigError(f"{s.path('forward_pool_max')}: must be >= handoff.forward_pool ({forward_pool}), "
+                          f"got {forward_pool_max!r}")
     settings = HandoffSettings(
         bpf_dir=s.get("bpf_dir", str, d.bpf_dir),
         instance=s.get("instance", str),
@@ -407,7 +417,8 @@ def _handoff(data: Any) -> HandoffSettings:
         idle_timeout=s.number("idle_timeout", d.idle_timeout, allow_zero=False),
         capacity=s.number("capacity", d.capacity, minimum=1, integer=True),
         forward_ports=_port_range(s, "forward_ports", d.forward_ports),
-        forward_pool=s.number("forward_pool", d.forward_pool, integer=True),
+        forward_pool=forward_pool,
+        forward_pool_max=forward_pool_max,
         takeback_timeout=s.number("takeback_timeout", d.takeback_timeout, allow_zero=False),
         rehandoff_in_place=s.get("rehandoff_in_place", bool, d.rehandoff_in_place),
         rehandoff_hand_on=s.get("rehandoff_hand_on", bool, d.rehandoff_hand_on),

@@ -100,6 +100,10 @@ class Metrics:
         self.forward_pool_ready = Gauge(
             "arr_forward_pool_ready",
             "Forwarding connections established ahead of need, waiting for a handoff.", registry=r)
+        self.forward_pool_depth = Gauge(
+            "arr_forward_pool_depth",
+            "Forwarding connections the pool's shelves keep ready, all shelves: each starts at "
+            "handoff.forward_pool and grows with its misses up to handoff.forward_pool_max.", registry=r)
         self.forward_pool = Counter(
             "arr_forward_pool", "Forwarding connections asked of the pool, by result "
             "(hit: ready; miss: connected inline; stale: closed unused, aged or closed by the target).",

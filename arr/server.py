@@ -203,15 +203,20 @@ class Router:
     def _shared_fds(self) -> int:
         """Fds the configuration can hold outside any client connection (what
         ``limits.reserved_fds`` must cover, arr/fdlimit.py): idle upstream
-        connections, ready forwarding connections (one client profile; with
-        ``handoff.reuse_forward`` a shelf holds up to RETURNED_DEPTH times
-        the pool's depth), one health probe per checked member."""
-        from handoff.forward_pool import RETURNED_DEPTH
+        connections, ready forwarding connections (one client profile, its
+        shelf grown to its ceiling; with ``handoff.reuse_forward`` a shelf
+        holds up to RETURNED_DEPTH times the pool's depth), one health probe
+        per checked member."""
+        from handoff.forward_pool import RETURNED_DEPTH, shelf_ceiling
+        from handoff.ports import PortRange
 
         targets = {m.target.address for p in self.pools.values() for m in p.members}
         handoff = self.config.handoff
+        # A shelf grows up to its ceiling (handoff/forward_pool.py ShelfDepth).
+        ceiling = shelf_ceiling(handoff.forward_pool, handoff.forward_pool_max,
+                                len(PortRange(*handoff.forward_ports)))
         ready = 0 if isinstance(self.handoff, NoHandoff) else \
-            handoff.forward_pool * (RETURNED_DEPTH if handoff.reuse_forward else 1)
+            max(ceiling, handoff.forward_pool * (RETURNED_DEPTH if handoff.reuse_forward else 1))
         probes = sum(len(p.members) for p in self.pools.values() if p.health is not None)
         return FIXED_FDS + (self.config.upstream.keepalive + ready) * len(targets) + probes
 

@@ -161,12 +161,15 @@ def _remove_tree(where: Path) -> None:
     subprocess.run(["git", "worktree", "prune"], cwd=PROJECT_ROOT, capture_output=True)
 
 
-def run_tree(tree: Path, out: Path, seconds: int | None, rounds: int | None = None) -> Mapping:
+def run_tree(tree: Path, out: Path, seconds: int | None, rounds: int | None = None,
+             connections: int | None = None) -> Mapping:
     argv = [sys.executable, "-m", "benchmarks", *BENCH_ARGS, "--out", str(out)]
     if seconds is not None:
         argv += ["--rehandoff-seconds", str(seconds)]
     if rounds is not None:
         argv += ["--rehandoff-rounds", str(rounds)]
+    if connections is not None:
+        argv += ["--rehandoff-connections", str(connections)]
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "bench.log", "w") as log:
         subprocess.run(argv, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)}, stdout=log,
@@ -184,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rehandoff-seconds", type=int, help="each window's length (the benchmark's default: 2)")
     p.add_argument("--rehandoff-rounds", type=int,
                    help="interleaved rounds of the three windows in each run (the benchmark's default: 4)")
+    p.add_argument("--rehandoff-connections", type=int,
+                   help="keep-alive connections of each window (the benchmark's default: 8)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/ab"), help="output directory")
     return p
 
@@ -224,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{time.strftime('%H:%M:%S')}] round {round_no}/{args.rounds}: {label}", file=sys.stderr)
                 try:
                     results = run_tree(trees[label], out / f"round{round_no}-{label}", args.rehandoff_seconds,
-                                       args.rehandoff_rounds)
+                                       args.rehandoff_rounds, args.rehandoff_connections)
                     rows.append(round_figures(label, round_no, results))
                 except (RuntimeError, ValueError) as exc:
                     errors.append(str(exc))

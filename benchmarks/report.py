@@ -452,6 +452,9 @@ def _rehandoff_section(w, systems: Sequence[str], summary: Mapping, raw: Mapping
     tw = _time_wait_text(raw.get("arr-nat", {}))
     if tw:
         w(f"\n{tw}")
+    misses = _pool_misses_text(raw.get("arr-nat", {}))
+    if misses:
+        w(f"\n{misses}")
     method = next((run["rehandoff"].get("method") for data in raw.values() for run in data.get("runs", [])
                    if isinstance(run.get("rehandoff"), Mapping)), "")
     w(f"\n{method}. Each router routes on that header (one target per value), so the client decides "
@@ -491,6 +494,24 @@ def _window_fallbacks(data: Mapping) -> str:
                      + (f", {failed:.0f} failed take-backs" if failed else "")
                      + (f", {resent:.0f} requests sent again by the router" if resent else ""))
     return "; ".join(parts)
+
+
+def _pool_misses_text(data: Mapping) -> str:
+    """Handoffs of each keep-alive routing window whose forwarding connection
+    was connected inline, the forward pool's shelf empty (handoff/forward_pool.py):
+    a handshake in that request's path."""
+    parts = []
+    for phase in PHASES:
+        recs = [(run.get("rehandoff") or {}).get(phase) for run in data.get("runs", [])]
+        pools = [r["forward_pool"] for r in recs if isinstance(r, Mapping) and "forward_pool" in r]
+        asked = sum(pool.get("hit", 0) + pool.get("miss", 0) for pool in pools)
+        if asked:
+            missed = sum(pool.get("miss", 0) for pool in pools)
+            parts.append(f"{PHASE_LABELS[phase]} {missed:,.0f} of {asked:,.0f} ({100 * missed / asked:.1f}%)")
+    if not parts:
+        return ""
+    return ("arr-nat forwarding connections connected inline, the forward pool's shelf empty (all runs): "
+            + "; ".join(parts) + ".")
 
 
 def _time_wait_text(data: Mapping) -> str:

@@ -715,6 +715,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rehandoff-rounds", type=int, metavar="N",
                    help="goals 8, 9: rounds of the keep-alive routing test, each running every kind of window "
                         "once, interleaved (default 4, quick 1)")
+    p.add_argument("--rehandoff-connections", type=int, metavar="N",
+                   help="goals 8, 9: keep-alive connections of the keep-alive routing test, one wrk thread "
+                        "each (default 8; more: clients that reach a target together, which the forward "
+                        "pool's shelves must keep up with)")
     p.add_argument("--profile-test", choices=("new-connection", *measure.ROUTE_MODES),
                    help="what --profile samples: the new-connection test (default) or a window of the "
                         "keep-alive routing test (first, same, other)")
@@ -763,6 +767,8 @@ def main(argv: list[str] | None = None) -> int:
         plan.rehandoff_seconds = float(max(1, args.rehandoff_seconds))
     if args.rehandoff_rounds is not None:
         plan.rehandoff_rounds = max(1, args.rehandoff_rounds)
+    if args.rehandoff_connections is not None:
+        plan.rehandoff_connections = max(1, args.rehandoff_connections)
     if args.profile_test:
         plan.profile_test = args.profile_test
     # fds for the load generators and routers (inherited): as high as the hard limit allows

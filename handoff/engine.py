@@ -35,7 +35,7 @@ from handoff import craft, fastpath, tcpstate
 from handoff.control import Ack, ControlClient, ControlUnavailable, HandoffRequest, Nack, Release
 from handoff.connecting import connect
 from handoff.datapath import RouterDatapath
-from handoff.forward_pool import ForwardPool, ForwardProfile, ReadyForward
+from handoff.forward_pool import ForwardPool, ForwardProfile, ReadyForward, shelf_ceiling
 from handoff.libbpf import BPF_NOEXIST, BpfError
 from handoff.lifecycle import PORT_QUARANTINE_NS, RouterConnections, wire_key
 from handoff.release import ForwardReleaser, PendingRelease, RequestCopy
@@ -197,9 +197,12 @@ class RouterHandoff:
                                         resend_after=2 * (self.settings.rto_min or KERNEL_RTO_MIN))
         counters = {result: self.metrics.forward_pool.labels(result)
                     for result in ("hit", "miss", "stale", "returned", "full")}
+        ceiling = shelf_ceiling(self.settings.forward_pool, self.settings.forward_pool_max, len(self.forward_ports))
         self.pool = pool = ForwardPool(self._open_forward, self._retire_forward, self.settings.forward_pool,
-                                       count=lambda result: counters[result].inc(), clean=self._clean_handshake)
+                                       ceiling=ceiling, count=lambda result: counters[result].inc(),
+                                       clean=self._clean_handshake)
         self.metrics.forward_pool_ready.set_function(lambda: pool.ready)  # computed at scrape time
+        self.metrics.forward_pool_depth.set_function(lambda: pool.kept)
         for client in self.agents.values():
             await client.start()
 

@@ -9,6 +9,15 @@ timestamps), since a connection's options are fixed at its handshake. Most
 clients of a site share a handful of profiles; a new profile is connected
 inline once, and its pool fills behind it.
 
+A shelf's depth follows its demand (``ShelfDepth``): it starts at
+``handoff.forward_pool``, grows by one at each miss (a handoff that found the
+shelf empty: one more connection would have served it) up to
+``handoff.forward_pool_max``, and shrinks by one each time a connection ages
+out unused (it was one too many). Clients that arrive together (32 keep-alive
+clients moving between two targets in step, or 32 reconnecting clients on a
+busy router) drained a shelf of 4 faster than its refill connects: half of
+their handoffs connected inline (benchmarks/RESULTS.md, fourteenth session).
+
 A ready connection is used only while it is young (``MAX_AGE``: servers
 close connections that send no request, nginx after 60 s) and still
 pristine (established, nothing queued either way: ``fastpath.ineligible``).
@@ -20,13 +29,13 @@ another target can come back to its shelf (``give_back``, setting
 ``handoff.reuse_forward``): the router rebuilt its side of it where the
 server's side stands, so it is as ready as a new one, and the next handoff to
 that target takes it instead of a connect. A shelf holds up to
-``RETURNED_DEPTH`` times ``depth`` that way, and its refill connects only below
-``depth``: where clients move between targets about as often one way as the
+``RETURNED_DEPTH`` times ``handoff.forward_pool`` that way (or its grown depth,
+if more), and its refill connects only below its depth: where clients move between targets about as often one way as the
 other, the connections coming back replace the refill's connects. Back on the
 shelf a connection follows the same rules (``MAX_AGE`` from its return, then
 closed with a FIN as any unused one).
 
-The decisions are pure (``usable``, ``ForwardProfile``); ``ForwardPool`` is
+The decisions are pure (``usable``, ``ShelfDepth``, ``ForwardProfile``); ``ForwardPool`` is
 the I/O: the engine gives it ``open_forward`` (bind, watch entry, connect)
 and ``discard`` (a FIN, its port free once the server answered:
 handoff/forward_close.py, so pool churn leaves no TIME_WAIT behind).
@@ -61,12 +70,16 @@ RFC 6298's 3 s fallback RTO, and a response segment lost then waits that long
 IDLE_PROFILE = 60.0
 """A profile not taken from for this long is no longer kept ready."""
 RETURNED_DEPTH = 4
-"""A shelf takes connections back (``give_back``) up to this many times its
-depth: room for the swing between clients leaving a target and clients
+"""A shelf takes connections back (``give_back``) up to this many times
+``handoff.forward_pool`` (or its grown depth, if more): room for the swing between clients leaving a target and clients
 coming to it (clients that move in step leave a target together, then come
 back together), past which the connection is closed ("full"). With 2, eight
 wrk connections alternating between two targets found the shelf full at a
 third of their returns (benchmarks/RESULTS.md)."""
+PORT_SHARE = 16
+"""A shelf grows to at most this fraction of the forward ports (1/16): the
+pool's ports are taken from the handoffs' (a router given few ports keeps
+its floor, ``shelf_ceiling``)."""
 RETRY_AFTER = 1.0
 """After a failed connect, the refill waits this long (the target may be down)."""
 
@@ -79,6 +92,44 @@ class ForwardProfile:
     """The client's MSS (0: leave the router's own)."""
     sack: bool
     timestamps: bool
+
+
+def shelf_ceiling(floor: int, configured: int, ports: int) -> int:
+    """The most a shelf grows to: ``handoff.forward_pool_max`` (CONFIGURED),
+    no more than PORTS (the forward port range's size) / ``PORT_SHARE``, and
+    never below FLOOR (``handoff.forward_pool``)."""
+    return max(floor, min(configured, ports // PORT_SHARE))
+
+
+@dataclass(slots=True)
+class ShelfDepth:
+    """How many ready connections a shelf keeps: additive increase at a
+    miss, decrease at an age-out, between ``floor`` and ``ceiling``. Pure; the
+    pool tells it what happened."""
+
+    floor: int
+    """``handoff.forward_pool``: what an idle or new shelf keeps."""
+    ceiling: int
+    """The most it grows to (``handoff.forward_pool_max``, at least ``floor``)."""
+    current: int = -1
+
+    def __post_init__(self) -> None:
+        self.ceiling = max(self.floor, self.ceiling)
+        if not self.floor <= self.current <= self.ceiling:
+            self.current = self.floor
+
+    def missed(self) -> None:
+        """A handoff found the shelf empty and connected inline."""
+        self.current = min(self.ceiling, self.current + 1)
+
+    def aged_out(self) -> None:
+        """A connection waited ``MAX_AGE`` unused."""
+        self.current = max(self.floor, self.current - 1)
+
+    def failed(self) -> None:
+        """A connect failed: the target may be down, and a deep shelf would
+        keep that many connects at it (each slot retries after ``RETRY_AFTER``)."""
+        self.current = self.floor
 
 
 @dataclass(slots=True)
@@ -104,6 +155,7 @@ def usable(opened: float, now: float, ineligible: str | None) -> bool:
 
 @dataclass
 class _Shelf:
+    depth: ShelfDepth
     ready: deque[ReadyForward] = field(default_factory=deque)
     last_taken: float = 0.0
     refill: asyncio.Task[None] | None = None
@@ -113,7 +165,7 @@ class _Shelf:
 
 class ForwardPool:
     def __init__(self, open_forward: Callable[["Target", ForwardProfile], Awaitable[ReadyForward]],
-                 discard: Callable[[ReadyForward], None], depth: int, *,
+                 discard: Callable[[ReadyForward], None], depth: int, *, ceiling: int = 0,
                  count: Callable[[str], None] = lambda result: None,
                  clean: Callable[[ReadyForward], bool] = lambda ready: True) -> None:
         self.open_forward = open_forward
@@ -122,6 +174,9 @@ class ForwardPool:
         """Whether a connection's handshake went without a loss (the engine
         asks the watch entry): the target's RTO starts at 3 s after one."""
         self.depth = depth
+        """A new shelf's depth (``handoff.forward_pool``); 0: no pool."""
+        self.ceiling = max(depth, ceiling)
+        """The most a shelf's depth grows to (``ShelfDepth``)."""
         self.count = count
         """Told each outcome: "hit", "miss" (connect inline), "stale" (closed
         unused), "returned" (given back, ``give_back``), "full" (given back to
@@ -137,13 +192,21 @@ class ForwardPool:
         """Connections waiting on all shelves (each holds a socket and a watch entry)."""
         return sum(len(shelf.ready) for shelf in self.shelves.values())
 
+    @property
+    def kept(self) -> int:
+        """The depths of all shelves: how many connections they keep ready now."""
+        return sum(shelf.depth.current for shelf in self.shelves.values())
+
     def take(self, target: "Target", profile: ForwardProfile) -> ReadyForward | None:
         """A ready connection for this target and profile, or None (connect
         inline); either way the shelf is refilled behind the caller."""
         if self.depth <= 0:
             return None
         now = asyncio.get_running_loop().time()
-        shelf = self.shelves.setdefault((target.address, profile), _Shelf())
+        shelf = self.shelves.get((target.address, profile))
+        new = shelf is None
+        if shelf is None:
+            shelf = self.shelves[(target.address, profile)] = _Shelf(ShelfDepth(self.depth, self.ceiling))
         shelf.last_taken = now
         found = None
         while shelf.ready:
@@ -155,10 +218,12 @@ class ForwardPool:
             if usable(candidate.opened, now, reason) and self.clean(candidate):
                 found = candidate
                 break
-            self._stale(candidate)
+            self._stale(candidate, shelf if now - candidate.opened >= MAX_AGE else None)
         if found is None:
             self.missed += 1
             self.count("miss")
+            if not new:  # a new shelf's first miss is no measure of its demand
+                shelf.depth.missed()
         else:
             self.taken += 1
             self.count("hit")
@@ -176,7 +241,7 @@ class ForwardPool:
         shelf = self.shelves.get((target, profile))
         if self.depth <= 0 or shelf is None:
             return False
-        if len(shelf.ready) >= self.depth * RETURNED_DEPTH:
+        if len(shelf.ready) >= max(self.depth * RETURNED_DEPTH, shelf.depth.current):
             self.count("full")
             return False
         ready.opened = asyncio.get_running_loop().time()
@@ -204,8 +269,8 @@ class ForwardPool:
                     del self.shelves[(target.address, profile)]
                     return
                 while shelf.ready and now - shelf.ready[0].opened >= MAX_AGE:
-                    self._stale(shelf.ready.popleft())
-                for _ in range(self.depth - len(shelf.ready) - len(opening)):
+                    self._stale(shelf.ready.popleft(), shelf)
+                for _ in range(shelf.depth.current - len(shelf.ready) - len(opening)):
                     task = loop.create_task(self._open_one(target, profile, shelf))
                     opening.add(task)
                     task.add_done_callback(opened)
@@ -223,18 +288,23 @@ class ForwardPool:
             raise
         except Exception as exc:  # the target is down or the ports are taken: inline connects say why
             log.debug("forward pool for %s: %s", target.name, exc)
+            shelf.depth.failed()
             await asyncio.sleep(RETRY_AFTER)  # holding its slot: no storm of connects to a dead target
             return
-        if len(shelf.ready) >= self.depth or (target.address, profile) not in self.shelves:
+        if len(shelf.ready) >= shelf.depth.current or (target.address, profile) not in self.shelves:
             self.discard(ready)  # the shelf filled (or went) meanwhile
             return
         ready.opened = asyncio.get_running_loop().time()
         shelf.ready.append(ready)
 
-    def _stale(self, ready: ReadyForward) -> None:
+    def _stale(self, ready: ReadyForward, aged_on: _Shelf | None = None) -> None:
+        """READY closed unused; AGED_ON: the shelf it aged out of (not one the
+        target closed or whose handshake lost a packet), which shrinks."""
         self.stale += 1
         self.count("stale")
         self.discard(ready)
+        if aged_on is not None:
+            aged_on.depth.aged_out()
 
     def _empty(self, shelf: _Shelf) -> None:
         while shelf.ready:

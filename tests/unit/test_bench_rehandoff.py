@@ -241,6 +241,16 @@ def test_how_the_windows_closes_ended_is_reported():
     assert "gone" not in md.split("arr_forward_closes_total")[1].split(":")[0]
 
 
+def test_forwarding_connections_connected_inline_are_reported_per_window():
+    run = nat_run()
+    run["rehandoff"]["first"]["forward_pool"] = {"hit": 1960.0, "miss": 40.0, "stale": 8.0}
+    run["rehandoff"]["other"]["forward_pool"] = {"hit": 1000.0, "miss": 1000.0}
+    md = report.render_markdown(results(run))
+    assert ("arr-nat forwarding connections connected inline, the forward pool's shelf empty (all runs): "
+            "first handoff 40 of 2,000 (2.0%); other target 1,000 of 2,000 (50.0%).") in md
+    assert "connected inline, the forward pool" not in report.render_markdown(results(nat_run()))
+
+
 def test_forward_time_wait_asks_ss_for_the_forward_range():
     from benchmarks.measure import forward_ports_of, forward_time_wait
 
@@ -342,9 +352,12 @@ def test_cli_and_plans():
                                    "--rehandoff-rounds", "6"])
     assert a.tests == ["rehandoff"] and a.rehandoff_seconds == 10 and a.profile_test == "same"
     assert a.rehandoff_rounds == 6
+    assert a.rehandoff_connections is None  # the plan's 8
+    assert build_parser().parse_args(["--rehandoff-connections", "32"]).rehandoff_connections == 32
     q, f = quick_plan(None, None, None), full_plan(None, None, None)
     assert q.tests == list(TESTS) == f.tests and "rehandoff" in TESTS
     assert 1 <= q.rehandoff_seconds <= 2 and f.rehandoff_seconds == 2
     # the full plan interleaves rounds (each kind of window once a round); the quick one runs one
     assert q.rehandoff_rounds == 1 and f.rehandoff_rounds >= 3
+    assert q.rehandoff_connections == f.rehandoff_connections == 8
     assert float(q.rehandoff_seconds).is_integer()  # wrk takes whole seconds

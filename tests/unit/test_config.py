@@ -30,6 +30,14 @@ def test_handoff_forward_pool_is_read_and_defaults_to_four():
     assert config_from_dict({"handoff": {"forward_pool": 0}}).handoff.forward_pool == 0
 
 
+def test_handoff_forward_pool_max_defaults_to_sixteen_and_never_below_the_pool():
+    assert Config().handoff.forward_pool_max == 16
+    assert config_from_dict({"handoff": {"forward_pool_max": 8}}).handoff.forward_pool_max == 8
+    # A deeper pool without a ceiling of its own: it keeps its depth, no growth.
+    deep = config_from_dict({"handoff": {"forward_pool": 32}}).handoff
+    assert (deep.forward_pool, deep.forward_pool_max) == (32, 32)
+
+
 def test_handoff_reuse_forward_is_read_checked_and_off_by_default():
     assert Config().handoff.reuse_forward is False  # issue 10 asks for the FIN at once
     assert config_from_dict({"handoff": {"reuse_forward": True}}).handoff.reuse_forward is True
@@ -309,6 +317,9 @@ ERRORS = [
     ({"handoff": {"forward_pool": -1}}, "handoff.forward_pool: must be >= 0"),
     ({"handoff": {"forward_pool": 2.5}}, "handoff.forward_pool: expected an integer"),
     ({"handoff": {"forward_pool": True}}, "handoff.forward_pool: expected an integer, got a boolean"),
+    ({"handoff": {"forward_pool": 8, "forward_pool_max": 4}},
+     "handoff.forward_pool_max: must be >= handoff.forward_pool (8), got 4"),
+    ({"handoff": {"forward_pool_max": -1}}, "handoff.forward_pool_max: must be >= 0"),
     # top level
     ({"tragets": []}, "top level: unknown key 'tragets'"),
     ({"default_pool": 1}, "default_pool: expected a string"),

@@ -9,10 +9,12 @@ import socket
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from arr.pool import Target
 from handoff import forward_pool
-from handoff.forward_pool import ForwardPool, ForwardProfile, ReadyForward, usable
+from handoff.forward_pool import ForwardPool, ForwardProfile, ReadyForward, ShelfDepth, shelf_ceiling, usable
 
 PROFILE = ForwardProfile(mss=1460, sack=True, timestamps=True)
 OTHER = ForwardProfile(mss=1400, sack=False, timestamps=True)
@@ -260,4 +262,94 @@ async def _one_server_listed_in_two_pools_has_one_shelf(server: Server) -> None:
     first.sock.close()
     await asyncio.sleep(0.02)
     assert server.opened <= opened + 1  # the refill's one connect, for the shelf they share
+    await pool.close()
+
+
+@given(floor=st.integers(0, 20), extra=st.integers(-5, 40),
+       events=st.lists(st.sampled_from(["missed", "aged_out", "failed"]), max_size=200))
+def test_a_shelf_depth_stays_between_its_floor_and_ceiling(floor, extra, events) -> None:
+    depth = ShelfDepth(floor, floor + extra)
+    assert depth.current == floor and depth.ceiling == max(floor, floor + extra)
+    for event in events:
+        before = depth.current
+        getattr(depth, event)()
+        assert floor <= depth.current <= depth.ceiling
+        if event == "missed":
+            assert depth.current == min(depth.ceiling, before + 1)
+        elif event == "aged_out":
+            assert depth.current == max(floor, before - 1)
+        else:
+            assert depth.current == floor
+
+
+def test_a_shelf_depth_grows_a_connection_per_miss_and_gives_them_back_as_they_age() -> None:
+    depth = ShelfDepth(4, 16)
+    for _ in range(12):  # a burst 12 deeper than the shelf
+        depth.missed()
+    assert depth.current == 16
+    depth.missed()
+    assert depth.current == 16  # the ceiling
+    for _ in range(5):
+        depth.aged_out()
+    assert depth.current == 11
+    depth.failed()
+    assert depth.current == 4
+
+
+def test_a_shelf_ceiling_is_the_setting_within_a_sixteenth_of_the_ports() -> None:
+    assert shelf_ceiling(4, 16, 11000) == 16  # the defaults
+    assert shelf_ceiling(4, 64, 512) == 32  # 512 ports: 32 at most
+    assert shelf_ceiling(4, 16, 16) == 4  # a handful of ports: the floor, no growth
+    assert shelf_ceiling(8, 4, 11000) == 8  # never below the floor
+    assert shelf_ceiling(0, 16, 11000) == 16
+
+
+def test_misses_deepen_the_shelf_and_age_outs_shallow_it(server, monkeypatch, on_both_loops) -> None:
+    on_both_loops(_misses_deepen_the_shelf_and_age_outs_shallow_it(server, monkeypatch))
+
+
+async def _misses_deepen_the_shelf_and_age_outs_shallow_it(server: Server, monkeypatch) -> None:
+    """A burst that empties the shelf: each handoff beyond it connected inline
+    and the shelf keeps one more from then on, so the same burst again finds
+    a connection for every handoff; unused, they age out one by one and the
+    shelf is back at its floor."""
+    monkeypatch.setattr(forward_pool, "MAX_AGE", 0.3)
+    counted: list[str] = []
+    pool = ForwardPool(server.open_forward, server.discard, depth=2, ceiling=6, count=counted.append)
+    key = (TARGET.address, PROFILE)
+    assert pool.take(TARGET, PROFILE) is None  # a new shelf: its first miss says nothing of demand
+    assert pool.shelves[key].depth.current == 2 and pool.kept == 2
+    await settle(lambda: len(pool.shelves[key].ready) == 2)
+    burst = [pool.take(TARGET, PROFILE) for _ in range(5)]  # 2 ready, 3 missed
+    assert sum(ready is not None for ready in burst) == 2
+    assert pool.shelves[key].depth.current == 5 and pool.kept == 5
+    await settle(lambda: len(pool.shelves[key].ready) == 5)
+    again = [pool.take(TARGET, PROFILE) for _ in range(5)]
+    assert all(ready is not None for ready in again), "the deeper shelf should have served the same burst"
+    assert counted.count("miss") == 4
+    taken = [ready for ready in [*burst, *again] if ready is not None]
+    for ready in taken:
+        ready.sock.close()
+    # Left alone, the connections age out unused, each taking the depth one back.
+    await settle(lambda: pool.shelves[key].depth.current == 2, timeout=3.0)
+    await settle(lambda: len(pool.shelves[key].ready) == 2, timeout=3.0)
+    await pool.close()
+    assert len(server.discarded) == server.opened - len(taken)  # all that no handoff took
+
+
+def test_a_target_that_refuses_keeps_its_shelf_at_the_floor(server, monkeypatch, on_both_loops) -> None:
+    on_both_loops(_a_target_that_refuses_keeps_its_shelf_at_the_floor(server, monkeypatch))
+
+
+async def _a_target_that_refuses_keeps_its_shelf_at_the_floor(server: Server, monkeypatch) -> None:
+    """Handoffs that miss because the target is down would deepen the shelf;
+    a failed connect puts it back at its floor, so a dead target gets the
+    floor's connects per RETRY_AFTER, not the ceiling's."""
+    monkeypatch.setattr(forward_pool, "RETRY_AFTER", 0.05)
+    server.fail = True
+    pool = ForwardPool(server.open_forward, server.discard, depth=1, ceiling=8)
+    for _ in range(6):
+        assert pool.take(TARGET, PROFILE) is None
+    await asyncio.sleep(0.02)
+    assert pool.shelves[(TARGET.address, PROFILE)].depth.current == 1
     await pool.close()
