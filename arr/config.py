@@ -120,12 +120,13 @@ class HandoffSettings:
     own choice (``net.ipv4.ip_local_reserved_ports``)."""
     forward_pool: int = 4
     """Forwarding connections kept ready per target and client profile, so
-    that no handshake sits in a request's path (0: connect on demand)."""
+    that no handshake sits in a request's path (0: connect on demand): what a
+    shelf keeps at first; then it follows its demand (``forward_pool_max``)."""
     forward_pool_max: int = 16
     """The most a shelf of the pool grows to: each handoff that found it
-    empty adds one, each connection that aged out unused takes one away
-    (handoff/forward_pool.py ``ShelfDepth``). Never below ``forward_pool``,
-    nor above a sixteenth of ``forward_ports``."""
+    empty adds one, each connection that aged out unused takes one away, down
+    to one (handoff/forward_pool.py ``ShelfDepth``). Never below
+    ``forward_pool``, nor above a sixteenth of ``forward_ports``."""
     takeback_timeout: float = 10.0
     """Longest a handed-off connection's next request waits for the client to
     acknowledge the previous response before the router takes it back (a

@@ -103,7 +103,8 @@ class Metrics:
         self.forward_pool_depth = Gauge(
             "arr_forward_pool_depth",
             "Forwarding connections the pool's shelves keep ready, all shelves: each starts at "
-            "handoff.forward_pool and grows with its misses up to handoff.forward_pool_max.", registry=r)
+            "handoff.forward_pool, grows by its misses up to handoff.forward_pool_max and shrinks by its "
+            "connections aged out unused, down to one.", registry=r)
         self.forward_pool = Counter(
             "arr_forward_pool", "Forwarding connections asked of the pool, by result "
             "(hit: ready; miss: connected inline; stale: closed unused, aged or closed by the target).",

@@ -198,6 +198,10 @@ class RouterHandoff:
         counters = {result: self.metrics.forward_pool.labels(result)
                     for result in ("hit", "miss", "stale", "returned", "full")}
         ceiling = shelf_ceiling(self.settings.forward_pool, self.settings.forward_pool_max, len(self.forward_ports))
+        if ceiling < self.settings.forward_pool_max:
+            log.warning("handoff.forward_pool_max %d: a shelf grows to %d at most (a sixteenth of the %d "
+                        "handoff.forward_ports, and no less than handoff.forward_pool)",
+                        self.settings.forward_pool_max, ceiling, len(self.forward_ports))
         self.pool = pool = ForwardPool(self._open_forward, self._retire_forward, self.settings.forward_pool,
                                        ceiling=ceiling, count=lambda result: counters[result].inc(),
                                        clean=self._clean_handshake)

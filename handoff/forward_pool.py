@@ -13,7 +13,7 @@ A shelf's depth follows its demand (``ShelfDepth``): it starts at
 ``handoff.forward_pool``, grows by one at each miss (a handoff that found the
 shelf empty: one more connection would have served it) up to
 ``handoff.forward_pool_max``, and shrinks by one each time a connection ages
-out unused (it was one too many). Clients that arrive together (32 keep-alive
+out unused (it was one too many), down to ``MIN_DEPTH``. Clients that arrive together (32 keep-alive
 clients moving between two targets in step, or 32 reconnecting clients on a
 busy router) drained a shelf of 4 faster than its refill connects: half of
 their handoffs connected inline (benchmarks/RESULTS.md, fourteenth session).
@@ -76,10 +76,16 @@ coming to it (clients that move in step leave a target together, then come
 back together), past which the connection is closed ("full"). With 2, eight
 wrk connections alternating between two targets found the shelf full at a
 third of their returns (benchmarks/RESULTS.md)."""
+MIN_DEPTH = 1
+"""The least a shelf in use keeps: its connections age out unused below
+about one handoff per ``MAX_AGE``, and each one kept then is a connect and a
+FIN exchange every 0.9 s for nothing (4 of them doubled an idle router's CPU,
+benchmarks/RESULTS.md, fourteenth session); one still serves such a trickle
+of handoffs."""
 PORT_SHARE = 16
 """A shelf grows to at most this fraction of the forward ports (1/16): the
 pool's ports are taken from the handoffs' (a router given few ports keeps
-its floor, ``shelf_ceiling``)."""
+its ``handoff.forward_pool``, ``shelf_ceiling``)."""
 RETRY_AFTER = 1.0
 """After a failed connect, the refill waits this long (the target may be down)."""
 
@@ -94,42 +100,44 @@ class ForwardProfile:
     timestamps: bool
 
 
-def shelf_ceiling(floor: int, configured: int, ports: int) -> int:
+def shelf_ceiling(start: int, configured: int, ports: int) -> int:
     """The most a shelf grows to: ``handoff.forward_pool_max`` (CONFIGURED),
     no more than PORTS (the forward port range's size) / ``PORT_SHARE``, and
-    never below FLOOR (``handoff.forward_pool``)."""
-    return max(floor, min(configured, ports // PORT_SHARE))
+    never below START (``handoff.forward_pool``)."""
+    return max(start, min(configured, ports // PORT_SHARE))
 
 
 @dataclass(slots=True)
 class ShelfDepth:
-    """How many ready connections a shelf keeps: additive increase at a
-    miss, decrease at an age-out, between ``floor`` and ``ceiling``. Pure; the
-    pool tells it what happened."""
+    """How many ready connections a shelf keeps: ``start`` at first, one
+    more at each miss (up to ``ceiling``), one less at each age-out (down to
+    ``MIN_DEPTH``). Pure; the pool tells it what happened."""
 
-    floor: int
-    """``handoff.forward_pool``: what an idle or new shelf keeps."""
+    start: int
+    """``handoff.forward_pool``: what a new shelf keeps."""
     ceiling: int
-    """The most it grows to (``handoff.forward_pool_max``, at least ``floor``)."""
-    current: int = -1
+    """The most it grows to (``handoff.forward_pool_max``, at least ``start``)."""
+    current: int = 0
 
     def __post_init__(self) -> None:
-        self.ceiling = max(self.floor, self.ceiling)
-        if not self.floor <= self.current <= self.ceiling:
-            self.current = self.floor
+        self.start = max(MIN_DEPTH, self.start)
+        self.ceiling = max(self.start, self.ceiling)
+        if not MIN_DEPTH <= self.current <= self.ceiling:
+            self.current = self.start
 
     def missed(self) -> None:
         """A handoff found the shelf empty and connected inline."""
         self.current = min(self.ceiling, self.current + 1)
 
     def aged_out(self) -> None:
-        """A connection waited ``MAX_AGE`` unused."""
-        self.current = max(self.floor, self.current - 1)
+        """A connection waited ``MAX_AGE`` unused: one too many for the demand."""
+        self.current = max(MIN_DEPTH, self.current - 1)
 
     def failed(self) -> None:
-        """A connect failed: the target may be down, and a deep shelf would
-        keep that many connects at it (each slot retries after ``RETRY_AFTER``)."""
-        self.current = self.floor
+        """A connect failed: the target may be down, and a grown shelf would
+        keep that many connects at it (each slot retries after
+        ``RETRY_AFTER``): no more than ``start``."""
+        self.current = min(self.current, self.start)
 
 
 @dataclass(slots=True)

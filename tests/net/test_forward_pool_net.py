@@ -6,7 +6,8 @@ refill connects: a handoff that finds it empty connects inline, its handshake
 in the request's path. With the shelf free to grow (``handoff.forward_pool_max``,
 16 by default) each such miss makes the shelf keep one more, and the misses
 stop; held at 4 (``forward_pool_max = 4``, the pool before it could grow) they
-go on. Each run checks every body's SHA-256 and that the policy decided every
+go on. Once the burst is over, each shelf's connections age out unused and it
+keeps one. Each run checks every body's SHA-256 and that the policy decided every
 request (a handed-off path can answer without the router seeing it).
 """
 
@@ -61,9 +62,11 @@ def burst(cluster, ceiling: int) -> tuple[int, int, float]:
         print(f"  forward_pool_max {ceiling}: {misses} misses in {REQUESTS} handoffs, "
               f"shelves kept up to {deepest:.0f} connections")
         # Unused once the burst is over, the connections age out (0.9 s) and
-        # each takes its shelf's depth one back, to the floor.
-        assert wait_for(lambda: router.metric_sum("arr_forward_pool_depth") == 2 * FLOOR, 5), \
+        # each takes its shelf's depth one back: each shelf keeps one.
+        assert wait_for(lambda: router.metric_sum("arr_forward_pool_depth") == 2, 5), \
             router.metric_sum("arr_forward_pool_depth")
+        assert wait_for(lambda: router.metric_sum("arr_forward_pool_ready") == 2, 5), \
+            router.metric_sum("arr_forward_pool_ready")
         return misses, handoffs, deepest
 
 

@@ -265,21 +265,21 @@ async def _one_server_listed_in_two_pools_has_one_shelf(server: Server) -> None:
     await pool.close()
 
 
-@given(floor=st.integers(0, 20), extra=st.integers(-5, 40),
+@given(start=st.integers(1, 20), extra=st.integers(-5, 40),
        events=st.lists(st.sampled_from(["missed", "aged_out", "failed"]), max_size=200))
-def test_a_shelf_depth_stays_between_its_floor_and_ceiling(floor, extra, events) -> None:
-    depth = ShelfDepth(floor, floor + extra)
-    assert depth.current == floor and depth.ceiling == max(floor, floor + extra)
+def test_a_shelf_depth_stays_between_one_and_its_ceiling(start, extra, events) -> None:
+    depth = ShelfDepth(start, start + extra)
+    assert depth.current == start and depth.ceiling == max(start, start + extra)
     for event in events:
         before = depth.current
         getattr(depth, event)()
-        assert floor <= depth.current <= depth.ceiling
+        assert forward_pool.MIN_DEPTH <= depth.current <= depth.ceiling
         if event == "missed":
             assert depth.current == min(depth.ceiling, before + 1)
         elif event == "aged_out":
-            assert depth.current == max(floor, before - 1)
+            assert depth.current == max(forward_pool.MIN_DEPTH, before - 1)
         else:
-            assert depth.current == floor
+            assert depth.current == min(before, depth.start)
 
 
 def test_a_shelf_depth_grows_a_connection_per_miss_and_gives_them_back_as_they_age() -> None:
@@ -292,8 +292,17 @@ def test_a_shelf_depth_grows_a_connection_per_miss_and_gives_them_back_as_they_a
     for _ in range(5):
         depth.aged_out()
     assert depth.current == 11
+    for _ in range(20):  # a trickle of handoffs: its connections age out, one is kept
+        depth.aged_out()
+    assert depth.current == 1
+    depth.missed()
+    assert depth.current == 2
     depth.failed()
-    assert depth.current == 4
+    assert depth.current == 2  # a failure never deepens it
+    for _ in range(10):
+        depth.missed()
+    depth.failed()
+    assert depth.current == 4  # back to where it started
 
 
 def test_a_shelf_ceiling_is_the_setting_within_a_sixteenth_of_the_ports() -> None:
@@ -312,7 +321,7 @@ async def _misses_deepen_the_shelf_and_age_outs_shallow_it(server: Server, monke
     """A burst that empties the shelf: each handoff beyond it connected inline
     and the shelf keeps one more from then on, so the same burst again finds
     a connection for every handoff; unused, they age out one by one and the
-    shelf is back at its floor."""
+    shelf keeps one."""
     monkeypatch.setattr(forward_pool, "MAX_AGE", 0.3)
     counted: list[str] = []
     pool = ForwardPool(server.open_forward, server.discard, depth=2, ceiling=6, count=counted.append)
@@ -331,25 +340,36 @@ async def _misses_deepen_the_shelf_and_age_outs_shallow_it(server: Server, monke
     for ready in taken:
         ready.sock.close()
     # Left alone, the connections age out unused, each taking the depth one back.
-    await settle(lambda: pool.shelves[key].depth.current == 2, timeout=3.0)
-    await settle(lambda: len(pool.shelves[key].ready) == 2, timeout=3.0)
+    await settle(lambda: pool.shelves[key].depth.current == 1, timeout=3.0)
+    await settle(lambda: len(pool.shelves[key].ready) == 1, timeout=3.0)
     await pool.close()
     assert len(server.discarded) == server.opened - len(taken)  # all that no handoff took
 
 
-def test_a_target_that_refuses_keeps_its_shelf_at_the_floor(server, monkeypatch, on_both_loops) -> None:
-    on_both_loops(_a_target_that_refuses_keeps_its_shelf_at_the_floor(server, monkeypatch))
+def test_a_target_that_refuses_gets_the_first_depths_connects(server, monkeypatch, on_both_loops) -> None:
+    on_both_loops(_a_target_that_refuses_gets_the_first_depths_connects(server, monkeypatch))
 
 
-async def _a_target_that_refuses_keeps_its_shelf_at_the_floor(server: Server, monkeypatch) -> None:
+async def _a_target_that_refuses_gets_the_first_depths_connects(server: Server, monkeypatch) -> None:
     """Handoffs that miss because the target is down would deepen the shelf;
-    a failed connect puts it back at its floor, so a dead target gets the
-    floor's connects per RETRY_AFTER, not the ceiling's."""
+    a failed connect puts it back where it started, so a dead target gets
+    that many connects per RETRY_AFTER, not the ceiling's."""
     monkeypatch.setattr(forward_pool, "RETRY_AFTER", 0.05)
+    attempts = 0
+    open_forward = server.open_forward
+
+    async def counting(target: Target, profile: ForwardProfile) -> ReadyForward:
+        nonlocal attempts
+        attempts += 1
+        return await open_forward(target, profile)
+
     server.fail = True
-    pool = ForwardPool(server.open_forward, server.discard, depth=1, ceiling=8)
+    pool = ForwardPool(counting, server.discard, depth=3, ceiling=8)
     for _ in range(6):
         assert pool.take(TARGET, PROFILE) is None
     await asyncio.sleep(0.02)
-    assert pool.shelves[(TARGET.address, PROFILE)].depth.current == 1
+    assert pool.shelves[(TARGET.address, PROFILE)].depth.current == 3
+    first = attempts
+    await asyncio.sleep(0.3)  # six RETRY_AFTERs: three connects each
+    assert attempts - first <= 3 * 7, f"{attempts - first} connects at a target that refuses"
     await pool.close()
