@@ -13,10 +13,11 @@ A shelf's depth follows its demand (``ShelfDepth``): it starts at
 ``handoff.forward_pool``, grows by one at each miss (a handoff that found the
 shelf empty: one more connection would have served it) up to
 ``handoff.forward_pool_max``, and shrinks by one each time a connection ages
-out unused (it was one too many), down to ``MIN_DEPTH``. Clients that arrive together (32 keep-alive
-clients moving between two targets in step, or 32 reconnecting clients on a
-busy router) drained a shelf of 4 faster than its refill connects: half of
-their handoffs connected inline (benchmarks/RESULTS.md, fourteenth session).
+out unused (it was one too many), down to ``MIN_DEPTH``. Clients that arrive
+together (32 keep-alive clients moving between two targets in step, or 32
+reconnecting clients on a busy router) drained a shelf of 4 faster than its
+refill connects: half of their handoffs connected inline
+(benchmarks/RESULTS.md, fourteenth session).
 
 A ready connection is used only while it is young (``MAX_AGE``: servers
 close connections that send no request, nginx after 60 s) and still
@@ -29,16 +30,18 @@ another target can come back to its shelf (``give_back``, setting
 ``handoff.reuse_forward``): the router rebuilt its side of it where the
 server's side stands, so it is as ready as a new one, and the next handoff to
 that target takes it instead of a connect. A shelf holds up to
-``RETURNED_DEPTH`` times ``handoff.forward_pool`` that way (or its grown depth,
-if more), and its refill connects only below its depth: where clients move between targets about as often one way as the
-other, the connections coming back replace the refill's connects. Back on the
-shelf a connection follows the same rules (``MAX_AGE`` from its return, then
-closed with a FIN as any unused one).
+``RETURNED_DEPTH`` times ``handoff.forward_pool`` that way (or its grown
+depth, if more), and its refill connects only below its depth: where clients
+move between targets about as often one way as the other, the connections
+coming back replace the refill's connects. Back on the shelf a connection
+follows the same rules (``MAX_AGE`` from its return, then closed with a FIN
+as any unused one).
 
-The decisions are pure (``usable``, ``ShelfDepth``, ``ForwardProfile``); ``ForwardPool`` is
-the I/O: the engine gives it ``open_forward`` (bind, watch entry, connect)
-and ``discard`` (a FIN, its port free once the server answered:
-handoff/forward_close.py, so pool churn leaves no TIME_WAIT behind).
+The decisions are pure (``usable``, ``ShelfDepth``, ``shelf_ceiling``,
+``ForwardProfile``); ``ForwardPool`` is the I/O: the engine gives it
+``open_forward`` (bind, watch entry, connect) and ``discard`` (a FIN, its
+port free once the server answered: handoff/forward_close.py, so pool churn
+leaves no TIME_WAIT behind).
 """
 
 from __future__ import annotations
@@ -71,11 +74,12 @@ IDLE_PROFILE = 60.0
 """A profile not taken from for this long is no longer kept ready."""
 RETURNED_DEPTH = 4
 """A shelf takes connections back (``give_back``) up to this many times
-``handoff.forward_pool`` (or its grown depth, if more): room for the swing between clients leaving a target and clients
-coming to it (clients that move in step leave a target together, then come
-back together), past which the connection is closed ("full"). With 2, eight
-wrk connections alternating between two targets found the shelf full at a
-third of their returns (benchmarks/RESULTS.md)."""
+``handoff.forward_pool`` (or its grown depth, if more): room for the swing
+between clients leaving a target and clients coming to it (clients that move
+in step leave a target together, then come back together), past which the
+connection is closed ("full"). With 2, eight wrk connections alternating
+between two targets found the shelf full at a third of their returns
+(benchmarks/RESULTS.md)."""
 MIN_DEPTH = 1
 """The least a shelf in use keeps: its connections age out unused below
 about one handoff per ``MAX_AGE``, and each one kept then is a connect and a

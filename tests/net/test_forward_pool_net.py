@@ -25,7 +25,8 @@ pytestmark = pytest.mark.net
 
 REQUESTS = 1200
 PARALLEL = 16
-FLOOR = 4
+START = 4
+"""``handoff.forward_pool``: what each shelf keeps at first."""
 
 
 def burst(cluster, ceiling: int) -> tuple[int, int, float]:
@@ -33,7 +34,8 @@ def burst(cluster, ceiling: int) -> tuple[int, int, float]:
     turn, through a router whose shelves grow up to CEILING: (misses, handoffs,
     the deepest the shelves were seen, summed, while the load ran)."""
     info = cluster.files["1k"]
-    with handoff_cluster(cluster, handoff={"forward_pool": FLOOR, "forward_pool_max": ceiling}) as (router, agents):
+    settings = {"forward_pool": START, "forward_pool_max": ceiling}
+    with handoff_cluster(cluster, handoff=settings) as (router, agents):
         router.wait_healthy()
         deepest = 0.0
         done = threading.Event()
@@ -72,11 +74,11 @@ def burst(cluster, ceiling: int) -> tuple[int, int, float]:
 
 def test_a_burst_deepens_the_shelves_and_their_misses_stop(cluster):
     c = cluster(targets=2, files={"1k": 1024})
-    held_misses, _, held_deepest = burst(c, ceiling=FLOOR)
+    held_misses, _, held_deepest = burst(c, ceiling=START)
     grown_misses, _, grown_deepest = burst(c, ceiling=16)
-    # Held at the floor: the two targets' shelves (one client profile) never keep more.
-    assert held_deepest <= 2 * FLOOR
-    assert grown_deepest > 2 * FLOOR, "the shelves should have grown with their misses"
+    # Held at their start: the two targets' shelves (one client profile) never keep more.
+    assert held_deepest <= 2 * START
+    assert grown_deepest > 2 * START, "the shelves should have grown with their misses"
     # The burst emptied the held shelves again and again; the grown ones kept up.
-    assert held_misses >= REQUESTS // 10, f"the load was no burst for a shelf of {FLOOR} ({held_misses} misses)"
+    assert held_misses >= REQUESTS // 10, f"the load was no burst for a shelf of {START} ({held_misses} misses)"
     assert grown_misses * 3 <= held_misses, (grown_misses, held_misses)
