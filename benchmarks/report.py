@@ -470,13 +470,19 @@ def _rehandoff_section(w, systems: Sequence[str], summary: Mapping, raw: Mapping
       "counters (`arr_handoffs_total`, `arr_rehandoffs_total`) / requests it decided.\n")
 
 
+def _phase_records(data: Mapping, phase: str) -> list[Mapping]:
+    """Each run's record of one keep-alive routing window (PHASE) in DATA (a
+    system's raw results), where the run has one."""
+    recs = [(run.get("rehandoff") or {}).get(phase) for run in data.get("runs", [])]
+    return [r for r in recs if isinstance(r, Mapping)]
+
+
 def _window_fallbacks(data: Mapping) -> str:
     """Fallbacks to proxying (and failed take-backs) in each keep-alive routing
     window, over runs, by reason: what else than a handoff the window held."""
     parts = []
     for phase in PHASES:
-        recs = [(run.get("rehandoff") or {}).get(phase) for run in data.get("runs", [])]
-        recs = [r for r in recs if isinstance(r, Mapping) and r.get("counts")]
+        recs = [r for r in _phase_records(data, phase) if r.get("counts")]
         if not recs:
             continue
         decided = sum(r["counts"].get("decided", 0) for r in recs)
@@ -502,8 +508,7 @@ def _pool_misses_text(data: Mapping) -> str:
     a handshake in that request's path."""
     parts = []
     for phase in PHASES:
-        recs = [(run.get("rehandoff") or {}).get(phase) for run in data.get("runs", [])]
-        pools = [r["forward_pool"] for r in recs if isinstance(r, Mapping) and "forward_pool" in r]
+        pools = [r["forward_pool"] for r in _phase_records(data, phase) if "forward_pool" in r]
         asked = sum(pool.get("hit", 0) + pool.get("miss", 0) for pool in pools)
         if asked:
             missed = sum(pool.get("miss", 0) for pool in pools)

@@ -160,9 +160,14 @@ class ReadyForward:
     no longer tells. None: a connection as its handshake left it."""
 
 
+def aged(opened: float, now: float) -> bool:
+    """Whether a connection ready since OPENED is too old to use at NOW (``MAX_AGE``)."""
+    return now - opened >= MAX_AGE
+
+
 def usable(opened: float, now: float, ineligible: str | None) -> bool:
     """Whether a ready connection may carry a handoff now."""
-    return now - opened < MAX_AGE and ineligible is None
+    return not aged(opened, now) and ineligible is None
 
 
 @dataclass
@@ -187,8 +192,8 @@ class ForwardPool:
         asks the watch entry): the target's RTO starts at 3 s after one."""
         self.depth = depth
         """A new shelf's depth (``handoff.forward_pool``); 0: no pool."""
-        self.ceiling = max(depth, ceiling)
-        """The most a shelf's depth grows to (``ShelfDepth``)."""
+        self.ceiling = ceiling
+        """The most a shelf's depth grows to (``ShelfDepth``; never below ``depth``)."""
         self.count = count
         """Told each outcome: "hit", "miss" (connect inline), "stale" (closed
         unused), "returned" (given back, ``give_back``), "full" (given back to
@@ -230,7 +235,7 @@ class ForwardPool:
             if usable(candidate.opened, now, reason) and self.clean(candidate):
                 found = candidate
                 break
-            self._stale(candidate, shelf if now - candidate.opened >= MAX_AGE else None)
+            self._stale(candidate, shelf if aged(candidate.opened, now) else None)
         if found is None:
             self.missed += 1
             self.count("miss")
@@ -280,7 +285,7 @@ class ForwardPool:
                     self._empty(shelf)
                     del self.shelves[(target.address, profile)]
                     return
-                while shelf.ready and now - shelf.ready[0].opened >= MAX_AGE:
+                while shelf.ready and aged(shelf.ready[0].opened, now):
                     self._stale(shelf.ready.popleft(), shelf)
                 for _ in range(shelf.depth.current - len(shelf.ready) - len(opening)):
                     task = loop.create_task(self._open_one(target, profile, shelf))

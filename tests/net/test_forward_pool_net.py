@@ -29,10 +29,10 @@ START = 4
 """``handoff.forward_pool``: what each shelf keeps at first."""
 
 
-def burst(cluster, ceiling: int) -> tuple[int, int, float]:
+def burst(cluster, ceiling: int) -> tuple[int, float]:
     """REQUESTS one-request connections, PARALLEL at a time, both targets in
-    turn, through a router whose shelves grow up to CEILING: (misses, handoffs,
-    the deepest the shelves were seen, summed, while the load ran)."""
+    turn, through a router whose shelves grow up to CEILING: (misses, the
+    deepest the shelves were seen, summed, while the load ran)."""
     info = cluster.files["1k"]
     settings = {"forward_pool": START, "forward_pool_max": ceiling}
     with handoff_cluster(cluster, handoff=settings) as (router, agents):
@@ -69,13 +69,13 @@ def burst(cluster, ceiling: int) -> tuple[int, int, float]:
             router.metric_sum("arr_forward_pool_depth")
         assert wait_for(lambda: router.metric_sum("arr_forward_pool_ready") == 2, 5), \
             router.metric_sum("arr_forward_pool_ready")
-        return misses, handoffs, deepest
+        return misses, deepest
 
 
 def test_a_burst_deepens_the_shelves_and_their_misses_stop(cluster):
     c = cluster(targets=2, files={"1k": 1024})
-    held_misses, _, held_deepest = burst(c, ceiling=START)
-    grown_misses, _, grown_deepest = burst(c, ceiling=16)
+    held_misses, held_deepest = burst(c, ceiling=START)
+    grown_misses, grown_deepest = burst(c, ceiling=16)
     # Held at their start: the two targets' shelves (one client profile) never keep more.
     assert held_deepest <= 2 * START
     assert grown_deepest > 2 * START, "the shelves should have grown with their misses"
