@@ -130,6 +130,31 @@ def owed_ack(plan: SocketPlan, rcv_wnd: int, rcv_wup: int, tsecr: int) -> bytes:
                      tsval=plan.ts_clock if plan.timestamps else None, tsecr=tsecr)
 
 
+def parked_ack(plan: SocketPlan, rcv_wnd: int, rcv_wup: int, tsecr: int) -> bytes:
+    """``owed_ack`` for a forwarding connection that waits for another
+    client (``handoff.reuse_forward``, handoff/takeback.py ``_rebuild_forward``),
+    announcing a zero window.
+
+    Why zero: the server's idea of its peer's window is the last client's,
+    which grows to megabytes over a download, and the next client's request
+    cannot make it smaller. Linux takes a window from a segment only when its
+    ack or its seq moves on (``tcp_may_update_window``) or when it announces
+    more, or zero; this ACK's seq is where the server's window update stands
+    (nothing was sent since), and the next request's is this ACK's. So that
+    request, from the router's socket, could only make the window larger,
+    and the server sent its first flight into the last client's window: the
+    new client dropped what lay past its own (``TcpExtBeyondWindow``) and the
+    server resent it at its RTO, about 210 ms later (on one download in 16
+    of tests/net/test_leaving_net.py's reused connections, every one in
+    a sequential run). A zero window is always taken, and then the request's
+    window is more: the server starts from the router's window, as on a
+    connection the pool opened, and the client's ACKs (translated) take it on
+    from there. A server with nothing to send does not probe a zero window."""
+    del rcv_wnd, rcv_wup  # the window announced is zero, whatever the socket has left
+    return craft.ack(plan.local, plan.remote, seq=plan.snd_nxt, ack=plan.rcv_end, window=0,
+                     tsval=plan.ts_clock if plan.timestamps else None, tsecr=tsecr)
+
+
 def rebuild_owing(plan: SocketPlan, ack_of: Callable[[SocketPlan, int, int, int], bytes | None],
                   tsecr: int) -> tuple[socket.socket, bytes | None]:
     """PLAN's socket, still in repair mode (the caller leaves it), and the ACK

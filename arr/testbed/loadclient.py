@@ -21,15 +21,20 @@ way ``--mode`` says:
   the server's next segment with a RST (needs CAP_NET_ADMIN). A small receive
   buffer (``--rcvbuf``, 64 KiB unless given) keeps a large response from
   arriving whole before that: the server must still have segments to send.
+* ``abort-sent``: send the request and close at once with a RST, reading
+  nothing: the client is gone while the server (or a router taking the
+  connection back) is still busy with its request. Counted ok once sent.
 * ``post``: a POST of ``--body-size`` bytes (Content-Length), ``Connection:
   close``, read to EOF.
   With ``--body-apart`` the head and the body go in two sends on a
   ``TCP_NODELAY`` socket, as Python's http.client writes a request (under
   requests and urllib3, which set NODELAY): two segments back to back.
 
-With ``--per-connection K`` (modes close, client-fin and post) a connection
-carries K requests, one after another (the next sent once the previous
-response is read): the first K-1 keep-alive, the last ended as the mode says.
+With ``--per-connection K`` a connection carries K requests, one after
+another (the next sent once the previous response is read): the first K-1
+keep-alive and read whole, the last ended as the mode says (abort, abandon
+and abort-sent: the client leaves a connection whose earlier requests a
+router may have handed off and taken back).
 Consecutive requests go round-robin over the URLs, so a connection's requests
 alternate between them (which must then share one host and port): the short
 keep-alive connections of browsers and API clients, each request of which a
@@ -55,9 +60,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-MODES = ("close", "client-fin", "abort", "abandon", "post")
-KEEP_ALIVE_MODES = ("close", "client-fin", "post")
-"""The modes that read whole responses, so that a connection can carry more than one."""
+MODES = ("close", "client-fin", "abort", "abandon", "abort-sent", "post")
 TCP_REPAIR = 19  # linux/tcp.h
 RECV_CHUNK = 256 * 1024
 MAX_HEAD = 64 * 1024
@@ -280,6 +283,12 @@ def _vanish(sock: socket.socket) -> None:
     sock.close()
 
 
+def _reset(sock: socket.socket) -> None:
+    """Close with a RST (SO_LINGER {1, 0}), whatever is queued either way."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
 def one_request(index: int, target: Target, opts: Options, payload: bytes) -> Result:
     return one_connection([(index, target, payload)], opts)[0]
 
@@ -339,7 +348,7 @@ def _exchange(sock: socket.socket, target: Target, opts: Options, payload: bytes
               leftover: bytearray, last: bool) -> bool:
     """Send one request on SOCK and read its response into RESULT (LEFTOVER:
     bytes read past the previous response, none expected); True if the socket
-    was closed here (abort, abandon)."""
+    was closed here (the LAST request of a leaving mode)."""
     try:
         if opts.body_apart:
             head, body = _apart(payload)
@@ -349,20 +358,23 @@ def _exchange(sock: socket.socket, target: Target, opts: Options, payload: bytes
             sock.sendall(payload)
     except socket.timeout:
         raise Timeout("send") from None
+    mode = opts.mode
+    if last and mode == "abort-sent":
+        _reset(sock)
+        result.ok = True
+        return True
     response = Response(sock)
     response.buffer = leftover
     response.read_head()
     result.status = response.status
-    mode = opts.mode
-    if mode in ("abort", "abandon"):
+    if last and mode in ("abort", "abandon"):
         want = opts.abort_after if response.length is None else min(opts.abort_after, response.length)
         response.read_body(at_least=want)
         result.body_bytes = response.body_bytes
         if response.body_bytes < want:
             raise Failure(f"EOF after {response.body_bytes} of {want} body bytes")
         if mode == "abort":
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            sock.close()
+            _reset(sock)
         else:
             _vanish(sock)
         result.ok = response.status == 200
@@ -491,7 +503,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--abort-after", type=int, default=65536, help="body bytes read before abort/abandon")
     p.add_argument("--body-size", type=int, default=65536, help="POST body bytes (mode post)")
     p.add_argument("--per-connection", type=int, default=1, metavar="K",
-                   help="requests per connection, round-robin over the URLs (modes close, client-fin, post)")
+                   help="requests per connection, round-robin over the URLs; the last ends it as --mode says")
     p.add_argument("--body-apart", action="store_true",
                    help="mode post: the head and the body in two sends, TCP_NODELAY (as http.client)")
     p.add_argument("--rcvbuf", type=int, default=None,
@@ -506,8 +518,6 @@ def parse_args(argv: list[str] | None = None) -> Options:
         p.error("--per-connection must be >= 1")
     if a.body_apart and a.mode != "post":
         p.error("--body-apart needs mode post")
-    if a.per_connection > 1 and a.mode not in KEEP_ALIVE_MODES:
-        p.error(f"--per-connection needs a mode that reads whole responses: {', '.join(KEEP_ALIVE_MODES)}")
     shas = a.sha256 * len(a.url) if len(a.sha256) == 1 else (a.sha256 or [None] * len(a.url))
     try:
         targets = [Target.parse(u, s) for u, s in zip(a.url, shas)]

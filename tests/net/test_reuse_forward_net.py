@@ -106,15 +106,24 @@ def test_one_keep_alive_connection_across_two_pools_reuses_the_targets_connectio
 
 
 def test_a_connection_given_back_serves_the_next_client(cluster):
-    """Client A's request to t1, then to t0: A's connection at t1 goes back to
-    the pool. New clients' requests to t1 then take it, so one of them is
-    request 2 of that nginx connection, from another client port, its body's
-    SHA-256 intact. With the pool one deep: the shelf holds the refill's
-    connection and A's, and they are taken oldest first."""
-    c = cluster(targets=2, files={"1k": 1024})
+    """Client A's download from t1, then its request to t0: A's connection at
+    t1 goes back to the pool. New clients' downloads from t1 then take it, so
+    one of them is request 2 of that nginx connection, from another client
+    port, its body's SHA-256 intact. With the pool one deep: the shelf holds
+    the refill's connection and A's, and they are taken oldest first.
+
+    And the new client's download goes within its own window. Over A's
+    download the server's idea of its peer's window grew to megabytes (A's,
+    translated), and the next client's request could not make it smaller
+    (handoff/rebuild.py ``parked_ack``): the server sent its first flight
+    into A's window, the new client dropped what lay past its own
+    (``TcpExtBeyondWindow``), and the server resent it at its RTO, 210 ms
+    later, on every download that took A's connection."""
+    c = cluster(targets=2, files={"1m": MiB})
     with handoff_cluster(c, **reuse_pools(c, hand_on=True, depth=1)) as (router, agents):
         router.wait_healthy()
-        file = c.files["1k"]
+        file = c.files["1m"]
+        watch = CounterWatch(c, (c.client, *c.targets))
         conn, port_a = connect(c)
         status, body = get(conn, "GET", f"{file.url_path}?client=a")
         assert status == 200 and hashlib.sha256(body).hexdigest() == file.sha256
@@ -142,3 +151,8 @@ def test_a_connection_given_back_serves_the_next_client(cluster):
         assert wait_for(lambda: [r["decision"] for r in access_lines(router, port_a)] == ["handoff"] * 2, 5)
         assert router.metric_sum("arr_handons_total", result="ok") == 1
         assert "[error]" not in c.nginx_error_log(1)
+        deltas = watch.assert_clean(explain=lambda: handoff_outcomes(router, agents))
+        beyond = deltas[c.client.name].get("TcpExtBeyondWindow", 0)
+        timeouts = {t.name: deltas[t.name].get("TcpExtTCPTimeouts", 0) for t in c.targets}
+        print(f"\n  beyond the client's window {beyond}, targets' RTO timeouts {timeouts}")
+        assert beyond == 0 and not any(timeouts.values()), (beyond, timeouts)

@@ -1,8 +1,9 @@
 """The ACK the router sends for a rebuilt client socket's received bytes
 (handoff/rebuild.py ``received_ack``): where the socket stands, the window
 it has left, its clock; nothing when nothing was received. And the one a
-rebuilt forwarding socket owes its server for the last response
-(``owed_ack``, handoff/takeback.py ``_rebuild_forward``), received or not."""
+rebuilt forwarding socket owes its server for the last response when it
+waits for another client (``parked_ack``, handoff/takeback.py
+``_rebuild_forward``): received or not, with a zero window."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import struct
 from hypothesis import given, strategies as st
 
 from handoff.craft import TCP_ACK
-from handoff.rebuild import NO_WSCALE, SocketPlan, owed_ack, received_ack
+from handoff.rebuild import NO_WSCALE, SocketPlan, owed_ack, parked_ack, received_ack
 
 MOD = 1 << 32
 VIP, CLIENT = ("10.0.0.1", 80), ("10.0.0.100", 40000)
@@ -34,7 +35,7 @@ def test_nothing_received_nothing_to_acknowledge():
     assert received_ack(plan_with(received=b""), rcv_wnd=65536, rcv_wup=9000, tsecr=1) is None
 
 
-def test_the_ack_a_forwarding_socket_owes_needs_nothing_received():
+def test_the_ack_a_parked_forwarding_socket_owes_needs_nothing_received():
     # The server's side: everything up to rcv_nxt (its last response) acknowledged.
     plan = plan_with(received=b"", local=("10.0.0.1", 50001), remote=("10.0.0.12", 8080))
     h = header(owed_ack(plan, rcv_wnd=64 * 1024, rcv_wup=9000, tsecr=4242))
@@ -42,6 +43,12 @@ def test_the_ack_a_forwarding_socket_owes_needs_nothing_received():
     assert (h["seq"], h["ack"]) == (5000, 9000)
     assert h["window"] == (64 * 1024) >> 7
     assert h["options"] == struct.pack("!BBBBII", 1, 1, 8, 10, 123456, 4242)
+    # Parked for the next client: the same ACK, announcing no window at all,
+    # whatever the socket has left (the server then takes the next request's).
+    parked = header(parked_ack(plan, rcv_wnd=64 * 1024, rcv_wup=9000, tsecr=4242))
+    assert parked == {**h, "window": 0}
+    assert header(parked_ack(plan_with(snd_wscale=NO_WSCALE, rcv_wscale=0), rcv_wnd=1 << 20, rcv_wup=9000,
+                             tsecr=0))["window"] == 0
     # With bytes received it is received_ack's.
     assert owed_ack(plan_with(), rcv_wnd=65536, rcv_wup=9000, tsecr=1) == received_ack(
         plan_with(), rcv_wnd=65536, rcv_wup=9000, tsecr=1)
