@@ -14,7 +14,7 @@ from __future__ import annotations
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TypeVar
 
 from handoff import craft, fastpath, tcpstate
 
@@ -24,6 +24,7 @@ _REPAIR_OPT = struct.Struct("=II")  # struct tcp_repair_opt
 _REPAIR_WINDOW = struct.Struct("=IIIII")  # struct tcp_repair_window
 _U32 = struct.Struct("=I")  # sequence numbers and clocks: unsigned, setsockopt's int is not
 NO_WSCALE = 0xFF
+Owed = TypeVar("Owed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,37 +131,44 @@ def owed_ack(plan: SocketPlan, rcv_wnd: int, rcv_wup: int, tsecr: int) -> bytes:
                      tsval=plan.ts_clock if plan.timestamps else None, tsecr=tsecr)
 
 
-def parked_ack(plan: SocketPlan, rcv_wnd: int, rcv_wup: int, tsecr: int) -> bytes:
-    """``owed_ack`` for a forwarding connection that waits for another
-    client (``handoff.reuse_forward``, handoff/takeback.py ``_rebuild_forward``),
-    announcing a zero window.
+def parked_acks(plan: SocketPlan, rcv_wnd: int, rcv_wup: int, tsecr: int) -> tuple[bytes, bytes]:
+    """The ACKs a forwarding socket rebuilt from PLAN sends when it waits for
+    another client (``handoff.reuse_forward``, handoff/takeback.py
+    ``_rebuild_forward``): ``owed_ack`` announcing a zero window, then
+    ``owed_ack`` itself, announcing the window the socket has.
 
-    Why zero: the server's idea of its peer's window is the last client's,
+    Why both: the server's idea of its peer's window is the last client's,
     which grows to megabytes over a download, and the next client's request
     cannot make it smaller. Linux takes a window from a segment only when its
     ack or its seq moves on (``tcp_may_update_window``) or when it announces
-    more, or zero; this ACK's seq is where the server's window update stands
-    (nothing was sent since), and the next request's is this ACK's. So that
-    request, from the router's socket, could only make the window larger,
-    and the server sent its first flight into the last client's window: the
-    new client dropped what lay past its own (``TcpExtBeyondWindow``) and the
-    server resent it at its RTO, about 210 ms later (on one download in 16
-    of tests/net/test_leaving_net.py's reused connections, every one in
-    a sequential run). A zero window is always taken, and then the request's
-    window is more: the server starts from the router's window, as on a
-    connection the pool opened, and the client's ACKs (translated) take it on
-    from there. A server with nothing to send does not probe a zero window."""
-    del rcv_wnd, rcv_wup  # the window announced is zero, whatever the socket has left
-    return craft.ack(plan.local, plan.remote, seq=plan.snd_nxt, ack=plan.rcv_end, window=0,
+    more, or zero; these ACKs' seq is where the server's window update stands
+    (nothing was sent since), and the next request's is theirs. With the
+    owed ACK alone (or none), the server sent the next client's first flight
+    into the last client's window: that client dropped what lay past its own
+    (``TcpExtBeyondWindow``) and the server resent it at its RTO, about 210 ms
+    later (one download in 16 of tests/net/test_leaving_net.py's, every one
+    in a sequential run). A zero window is always taken, and the second ACK's
+    is more: the server then holds the router's window, as on a connection
+    the pool opened, and the client's ACKs (translated) take it on from there.
+    Not left at zero: a server still writing a response the take-back did
+    not see the end of (a client that pipelined, README "Every request
+    routed") would hold the rest until the next client's request opened the
+    window, and then send it to that client; with a window open it comes to
+    this socket, where the pool may still see it (``ForwardPool.clean``:
+    unread bytes). That does not close the defect: the rest also reached
+    other clients with both ACKs (benchmarks/RESULTS.md, fifteenth session)."""
+    reopen = owed_ack(plan, rcv_wnd, rcv_wup, tsecr)
+    zero = craft.ack(plan.local, plan.remote, seq=plan.snd_nxt, ack=plan.rcv_end, window=0,
                      tsval=plan.ts_clock if plan.timestamps else None, tsecr=tsecr)
+    return zero, reopen
 
 
-def rebuild_owing(plan: SocketPlan, ack_of: Callable[[SocketPlan, int, int, int], bytes | None],
-                  tsecr: int) -> tuple[socket.socket, bytes | None]:
-    """PLAN's socket, still in repair mode (the caller leaves it), and the ACK
-    it owes its peer: ACK_OF (``received_ack`` or ``owed_ack``) from the
-    window the kernel gave it, TSECR the peer's newest TSval. Raises OSError
-    with the socket closed and nothing on the wire."""
+def rebuild_owing(plan: SocketPlan, ack_of: Callable[[SocketPlan, int, int, int], Owed],
+                  tsecr: int) -> tuple[socket.socket, Owed]:
+    """PLAN's socket, still in repair mode (the caller leaves it), and what it
+    owes its peer: ACK_OF (``received_ack``, ``parked_acks``) from the window
+    the kernel gave it, TSECR the peer's newest TSval. Raises OSError with
+    the socket closed and nothing on the wire."""
     sock = rebuild_socket(plan, window_probe=None)
     try:
         return sock, ack_of(plan, *receive_window(sock), tsecr)

@@ -63,7 +63,7 @@ from handoff.lifecycle import forward_key_of, target_of, wire_key
 from handoff.maps import (FLOW_ACTIVE, FLOW_F_RST, FLOW_F_WANT_HEADER, FLOW_TAKEBACK, WATCH_CONNECTING,
                           WATCH_OPT_SACK, WATCH_OPT_TS, WATCH_OPT_WSCALE, Capture, FlowEntry, FlowKey,
                           WatchEntry)
-from handoff.rebuild import (NO_WSCALE, SocketPlan, ms_clock, parked_ack, rebuild_owing, rebuild_socket,
+from handoff.rebuild import (NO_WSCALE, SocketPlan, ms_clock, parked_acks, rebuild_owing, rebuild_socket,
                              received_ack)
 from handoff.tcpstate import RTO_MAX_LEAST_MS, enter_repair, leave_repair, parse_tcp_options
 from handoff.translate import SocketState, seq_after, wrap
@@ -705,19 +705,20 @@ class TakeBacks:
         captured. So the router sends that ACK; else the server resends the
         response's tail at its loss-probe timeout, about 200 ms later (seen on
         each connection given back, tests/net/test_reuse_forward_net.py). It
-        announces a zero window (``parked_ack`` says why). Without reuse the
+        goes twice, first with a zero window (``parked_acks`` says why). Without reuse the
         next segment comes at once (the FIN, or the request of a handoff to
         the same target) and carries the ACK."""
         if not self.settings.reuse_forward:
             return rebuild_socket(plan, window_probe=False)
-        forward, ack = rebuild_owing(plan, parked_ack, taking.target_tsval)
+        forward, acks = rebuild_owing(plan, parked_acks, taking.target_tsval)
         try:
             leave_repair(forward, window_probe=False)
         except OSError:
             forward.close()  # still in repair mode: nothing on the wire
             raise
-        if not self.sender.send(ack):
-            log.debug("acknowledging %s's response: %s", plan.remote, self.sender.error or "not sent")
+        for ack in acks:
+            if not self.sender.send(ack):
+                log.debug("acknowledging %s's response: %s", plan.remote, self.sender.error or "not sent")
         return forward
 
     def _taking(self, key: FlowKey, pending: _Pending, taken: Taken, watch: WatchEntry | None, *,

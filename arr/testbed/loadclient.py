@@ -24,6 +24,10 @@ way ``--mode`` says:
 * ``abort-sent``: send the request and close at once with a RST, reading
   nothing: the client is gone while the server (or a router taking the
   connection back) is still busy with its request. Counted ok once sent.
+* ``pipeline``: as ``close``, but with ``--per-connection K`` each request
+  after the first is sent once ``--abort-after`` bytes of the previous
+  response's body have arrived (or all of it, if less): HTTP/1.1
+  pipelining, the next request on its way while a response still is.
 * ``post``: a POST of ``--body-size`` bytes (Content-Length), ``Connection:
   close``, read to EOF.
   With ``--body-apart`` the head and the body go in two sends on a
@@ -60,7 +64,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-MODES = ("close", "client-fin", "abort", "abandon", "abort-sent", "post")
+MODES = ("close", "client-fin", "abort", "abandon", "abort-sent", "pipeline", "post")
 TCP_REPAIR = 19  # linux/tcp.h
 RECV_CHUNK = 256 * 1024
 MAX_HEAD = 64 * 1024
@@ -316,13 +320,17 @@ def one_connection(requests: list[tuple[int, Target, bytes]], opts: Options) -> 
         except socket.timeout:
             raise Timeout("connect") from None
         port = sock.getsockname()[1]
+        sent_ahead = False
         for current, (_, target, payload) in enumerate(requests):
             result = results[current]
             result.port = port
             if current:
                 started = time.monotonic()
             last = current == len(requests) - 1
-            ended = _exchange(sock, target, opts, payload, result, leftover, last)
+            following = requests[current + 1][2] if opts.mode == "pipeline" and not last else None
+            ended = _exchange(sock, target, opts, None if sent_ahead else payload, result, leftover, last,
+                              following)
+            sent_ahead = following is not None
             result.latency = time.monotonic() - started
             if not result.ok:
                 break
@@ -344,13 +352,17 @@ def one_connection(requests: list[tuple[int, Target, bytes]], opts: Options) -> 
             sock.close()
 
 
-def _exchange(sock: socket.socket, target: Target, opts: Options, payload: bytes, result: Result,
-              leftover: bytearray, last: bool) -> bool:
-    """Send one request on SOCK and read its response into RESULT (LEFTOVER:
-    bytes read past the previous response, none expected); True if the socket
-    was closed here (the LAST request of a leaving mode)."""
+def _exchange(sock: socket.socket, target: Target, opts: Options, payload: bytes | None, result: Result,
+              leftover: bytearray, last: bool, following: bytes | None = None) -> bool:
+    """Send one request on SOCK (PAYLOAD; None: it was sent already) and read
+    its response into RESULT (LEFTOVER: bytes read past the previous
+    response, none expected); FOLLOWING, the next request, goes once
+    ``abort_after`` bytes of this body arrived (mode pipeline). True if the
+    socket was closed here (the LAST request of a leaving mode)."""
     try:
-        if opts.body_apart:
+        if payload is None:
+            pass
+        elif opts.body_apart:
             head, body = _apart(payload)
             sock.sendall(head)
             sock.sendall(body)
@@ -381,6 +393,12 @@ def _exchange(sock: socket.socket, target: Target, opts: Options, payload: bytes
         if not result.ok:
             result.error = f"status {response.status}"
         return True
+    if following is not None:
+        response.read_body(at_least=opts.abort_after)
+        try:
+            sock.sendall(following)
+        except socket.timeout:
+            raise Timeout("send") from None
     response.read_body()
     result.body_bytes = response.body_bytes
     if not last or mode == "client-fin":
@@ -390,7 +408,7 @@ def _exchange(sock: socket.socket, target: Target, opts: Options, payload: bytes
         if mode == "client-fin":
             sock.shutdown(socket.SHUT_WR)
         response.expect_eof()
-    elif response.buffer:
+    elif response.buffer and following is None:  # pipelined: the next response's start
         raise Failure(f"{len(response.buffer)} bytes after the response")
     digest = response.hash.hexdigest()
     if response.status != 200:
@@ -500,7 +518,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
                    help="expected body SHA-256: one for every URL, or one per --url in order")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds, for connect and each recv")
     p.add_argument("--duration", type=float, default=None, help="stop issuing requests after this")
-    p.add_argument("--abort-after", type=int, default=65536, help="body bytes read before abort/abandon")
+    p.add_argument("--abort-after", type=int, default=65536,
+                   help="body bytes read before abort/abandon, or before the next request (pipeline)")
     p.add_argument("--body-size", type=int, default=65536, help="POST body bytes (mode post)")
     p.add_argument("--per-connection", type=int, default=1, metavar="K",
                    help="requests per connection, round-robin over the URLs; the last ends it as --mode says")

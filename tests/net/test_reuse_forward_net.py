@@ -115,7 +115,7 @@ def test_a_connection_given_back_serves_the_next_client(cluster):
     And the new client's download goes within its own window. Over A's
     download the server's idea of its peer's window grew to megabytes (A's,
     translated), and the next client's request could not make it smaller
-    (handoff/rebuild.py ``parked_ack``): the server sent its first flight
+    (handoff/rebuild.py ``parked_acks``): the server sent its first flight
     into A's window, the new client dropped what lay past its own
     (``TcpExtBeyondWindow``), and the server resent it at its RTO, 210 ms
     later, on every download that took A's connection."""

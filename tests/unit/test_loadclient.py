@@ -278,6 +278,21 @@ def test_leaving_modes_end_a_connections_last_request(server):
     assert events["reset"] + events["server-close"] == 4 and events["client-eof"] == 0, events
 
 
+def test_pipeline_mode_sends_the_next_request_mid_response(server):
+    """Mode pipeline: each next request of a connection goes once --abort-after
+    bytes of the previous body arrived, while the rest of it is still coming;
+    every body is read whole and hashed, in order."""
+    report = loadclient("--url", server.url("/big"), "--url", server.url("/small"), "--count", "6",
+                        "--parallel", "2", "--mode", "pipeline", "--per-connection", "3", "--abort-after", "65536",
+                        "--sha256", BIG_SHA, "--sha256", SMALL_SHA)
+    assert report["counts"] == {"total": 6, "ok": 6, "failed": 0, "timeouts": 0}, report["errors"]
+    # /big /small /big, then /small /big /small: every body whole.
+    assert report["body_bytes"] == 3 * len(BIG) + 3 * len(SMALL)
+    events = server.wait_events(lambda e: e["server-close"] >= 2)
+    assert events["connection"] == 2 and events["server-close"] == 2
+    assert events["request GET /big keep-alive"] + events["request GET /small keep-alive"] == 4
+
+
 def test_wrong_sha256_counts_as_failed(server):
     report = loadclient("--url", server.url("/small"), "--count", "5", "--mode", "close",
                         "--sha256", "0" * 64)

@@ -2,8 +2,8 @@
 (handoff/rebuild.py ``received_ack``): where the socket stands, the window
 it has left, its clock; nothing when nothing was received. And the one a
 rebuilt forwarding socket owes its server for the last response when it
-waits for another client (``parked_ack``, handoff/takeback.py
-``_rebuild_forward``): received or not, with a zero window."""
+waits for another client (``parked_acks``, handoff/takeback.py
+``_rebuild_forward``): received or not, with a zero window and then with its own."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import struct
 from hypothesis import given, strategies as st
 
 from handoff.craft import TCP_ACK
-from handoff.rebuild import NO_WSCALE, SocketPlan, owed_ack, parked_ack, received_ack
+from handoff.rebuild import NO_WSCALE, SocketPlan, owed_ack, parked_acks, received_ack
 
 MOD = 1 << 32
 VIP, CLIENT = ("10.0.0.1", 80), ("10.0.0.100", 40000)
@@ -43,12 +43,15 @@ def test_the_ack_a_parked_forwarding_socket_owes_needs_nothing_received():
     assert (h["seq"], h["ack"]) == (5000, 9000)
     assert h["window"] == (64 * 1024) >> 7
     assert h["options"] == struct.pack("!BBBBII", 1, 1, 8, 10, 123456, 4242)
-    # Parked for the next client: the same ACK, announcing no window at all,
-    # whatever the socket has left (the server then takes the next request's).
-    parked = header(parked_ack(plan, rcv_wnd=64 * 1024, rcv_wup=9000, tsecr=4242))
-    assert parked == {**h, "window": 0}
-    assert header(parked_ack(plan_with(snd_wscale=NO_WSCALE, rcv_wscale=0), rcv_wnd=1 << 20, rcv_wup=9000,
-                             tsecr=0))["window"] == 0
+    # Parked for the next client: the same ACK announcing no window at all
+    # (whatever the socket has left: the server drops the last client's),
+    # then the same ACK again, announcing the socket's (it is taken: more
+    # than zero).
+    zero, reopen = parked_acks(plan, rcv_wnd=64 * 1024, rcv_wup=9000, tsecr=4242)
+    assert header(zero) == {**h, "window": 0} and header(reopen) == h
+    no_scaling = plan_with(received=b"", snd_wscale=NO_WSCALE, rcv_wscale=0)
+    assert [header(a)["window"] for a in parked_acks(no_scaling, rcv_wnd=1 << 20, rcv_wup=9000, tsecr=0)] == \
+        [0, 0xFFFF]
     # With bytes received it is received_ack's.
     assert owed_ack(plan_with(), rcv_wnd=65536, rcv_wup=9000, tsecr=1) == received_ack(
         plan_with(), rcv_wnd=65536, rcv_wup=9000, tsecr=1)
