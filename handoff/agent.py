@@ -32,6 +32,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from arr import netlink
 from arr.config import ConfigError, parse_address
 from arr.metrics import serve_metrics
+from handoff import framing
 from handoff.agent_lifecycle import TargetConnections
 from handoff.control import (TAKEN_CLOSED, TAKEN_OK, TAKEN_UNACKED, TAKEN_UNKNOWN, Ack, ControlServer,
                              HandoffRequest, Holding, Nack, Release, Shift, StopMirror, Taken, TakeBack, load_psk)
@@ -46,6 +47,14 @@ from handoff.tcpstate import rto_min_problem
 from handoff.translate import AckShift, seq_after
 
 log = logging.getLogger("arr.agent")
+
+RESPONSE_PATIENCE_NS = 50_000_000
+"""How long a response whose framing says it is unfinished holds a take-back
+after the server's last packet (``_response_unfinished``): a server between
+two writes of a file sends again within a moment of the client's ACK; one
+that stays silent this long has finished, or its framing misled (a HEAD
+response), and TCP's view stands. The router asks again every 10 ms
+(``UNACKED_ASK_AGAIN``), so a HEAD's next request waits at most this."""
 
 
 @dataclass(frozen=True)
@@ -188,6 +197,9 @@ class AgentMetrics:
                                   "held bytes the client's window held back.", value=agent.unsent_waits)
         yield CounterMetricFamily("arr_agent_takeback_request_unacked", "TAKEBACKs told to wait: the server had "
                                   "not acknowledged all the router sent it.", value=agent.request_waits)
+        yield CounterMetricFamily("arr_agent_takeback_unfinished", "TAKEBACKs told to wait: the response the "
+                                  "server is writing is longer than what it sent (a pipelining client).",
+                                  value=agent.unfinished_waits)
         ended = CounterMetricFamily("arr_agent_connections_ended",
                                     "Egress entries ended, by why (closed, replaced, released, unlisted).",
                                     labels=["why"])
@@ -227,6 +239,9 @@ class Agent:
         bytes (a response in the middle, held back by the client's window)."""
         self.request_waits = 0
         """TAKEBACKs told to wait for the server's ACK of what the router sent."""
+        self.unfinished_waits = 0
+        """TAKEBACKs told to wait: the response the server is writing is not all
+        written yet (its framing says so, ``_response_unfinished``)."""
         self.shifted = 0
         self.shifts_refused: Counter[str] = Counter()
         """SHIFTs answered NACK, by reason (``shift_refusal``)."""
@@ -367,6 +382,9 @@ class Agent:
         if entry is None or entry.conn_id != conn_id or entry.state != FLOW_ACTIVE:
             return Taken(conn_id, TAKEN_UNKNOWN)
         verdict = _take_back_verdict(entry, message.acked, message.stream_end)
+        if verdict == TAKEN_OK and self._response_unfinished(key, entry):
+            self.unfinished_waits += 1
+            verdict = TAKEN_UNACKED
         if verdict != TAKEN_OK:
             if verdict == TAKEN_UNACKED and server_lacks_stream(entry, message.stream_end):
                 self.request_waits += 1
@@ -393,6 +411,30 @@ class Agent:
         return Taken(conn_id, TAKEN_OK, snd_nxt=paused.snd_max,
                      window=paused.peer_window << paused.x.wscale_in, syn_seq=paused.syn_seq)
 
+    def _response_unfinished(self, key: FlowKey, entry: FlowEntry) -> bool:
+        """The server's latest response is longer than what it has sent, by its
+        framing (handoff/framing.py, from the start the egress program kept),
+        and the server sent something within ``RESPONSE_PATIENCE_NS``: it is
+        between two writes of that response. All it sent is acknowledged and
+        its socket holds nothing more, which TCP alone took for the end: a
+        client that pipelined its next request mid-download had that download
+        cut short there, and the next response spliced in (README "A client
+        that pipelines", tests/net/test_pipelining_net.py). Past the patience
+        the framing is not trusted (a HEAD response, whose Content-Length
+        counts no body: the agent cannot see the request)."""
+        assert self.datapath is not None
+        head = self.datapath.responses.lookup(key)
+        if head is None:
+            return False
+        length = framing.body_end(head.head())
+        if length is None:
+            return False
+        if seq_after(head.seq, entry.snd_max):
+            return False  # a start past what the server sent: an older connection's
+        if not seq_after((head.seq + length) % (1 << 32), entry.snd_max):
+            return False  # all of it sent
+        return time.monotonic_ns() - entry.last_seen_ns < RESPONSE_PATIENCE_NS
+
     def _shift(self, message: Shift) -> Ack | Nack:
         """A re-handoff in place: from the end of the rerouted request on, the
         server's acks take the router's new delta; up to its start, the old
@@ -407,6 +449,10 @@ class Agent:
         key = local_key(message.key)
         entry = self.datapath.egress.lookup(key)
         refusal = shift_refusal(entry, message)
+        if refusal is None and self._response_unfinished(key, entry):
+            # Between two writes of the response: the router would count the
+            # new one from where the rest of this one goes (shift_refusal).
+            refusal = "responding"
         if refusal is not None:
             self.shifts_refused[refusal] += 1
             log.info("refused to shift connection %d: %s", message.conn_id, refusal)

@@ -27,7 +27,7 @@ from handoff.instances import forget_owner, record_owner
 from handoff.libbpf import BpfMap, BpfObject, RingBuffer
 from handoff.ports import PortRange, reservation_text
 from handoff.maps import (DEFAULT_CAPACITY, Capture, FLOW_ACTIVE, STAT_NAMES, Event, FlowEntry, FlowKey, MirrorState,
-                          StatIndex, WatchEntry)
+                          ResponseHead, StatIndex, WatchEntry)
 
 log = logging.getLogger("arr.handoff")
 
@@ -239,13 +239,15 @@ class RouterDatapath(Datapath):
 
 class TargetDatapath(Datapath):
     role = "target"
-    connection_maps = ("arr_egress", "arr_mirror")
+    connection_maps = ("arr_egress", "arr_mirror", "arr_response")
 
     def __init__(self, bpf_dir: str | Path = DEFAULT_BPF_DIR, instance: str | None = None,
                  capacity: int = DEFAULT_CAPACITY) -> None:
         super().__init__(bpf_dir, instance, capacity)
         self.egress: BpfMap[FlowKey, FlowEntry] = BpfMap(self.obj.map_fd("arr_egress"), FlowKey, FlowEntry)
         self.mirror: BpfMap[FlowKey, MirrorState] = BpfMap(self.obj.map_fd("arr_mirror"), FlowKey, MirrorState)
+        self.responses: BpfMap[FlowKey, ResponseHead] = BpfMap(self.obj.map_fd("arr_response"), FlowKey,
+                                                              ResponseHead)
 
     def attach_interfaces(self, ifnames: list[str]) -> None:
         for ifname in dict.fromkeys(ifnames):

@@ -138,6 +138,19 @@ class MirrorState(ctypes.Structure):
                 ("tail_acks", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("acked_ns", ctypes.c_uint64)]
 
 
+HEAD_BYTES = 512
+"""ARR_HEAD_BYTES: bytes of a response's start the target program keeps."""
+
+
+class ResponseHead(ctypes.Structure):
+    """struct response_head: the start of the server's latest response."""
+    _fields_ = [("seq", ctypes.c_uint32), ("len", ctypes.c_uint16), ("pad", ctypes.c_uint16),
+                ("bytes", ctypes.c_uint8 * HEAD_BYTES)]
+
+    def head(self) -> bytes:
+        return bytes(self.bytes)[:min(self.len, HEAD_BYTES)]
+
+
 class WatchEntry(ctypes.Structure):
     _fields_ = [("state", ctypes.c_uint32), ("client_mss", ctypes.c_uint16),
                 ("client_sack", ctypes.c_uint8), ("client_ts", ctypes.c_uint8),

@@ -151,12 +151,11 @@ def parked_acks(plan: SocketPlan, rcv_wnd: int, rcv_wup: int, tsecr: int) -> tup
     is more: the server then holds the router's window, as on a connection
     the pool opened, and the client's ACKs (translated) take it on from there.
     Not left at zero: a server still writing a response the take-back did
-    not see the end of (a client that pipelined, README "Every request
-    routed") would hold the rest until the next client's request opened the
-    window, and then send it to that client; with a window open it comes to
-    this socket, where the pool may still see it (``ForwardPool.clean``:
-    unread bytes). That does not close the defect: the rest also reached
-    other clients with both ACKs (benchmarks/RESULTS.md, fifteenth session)."""
+    not see the end of (one whose framing the agent cannot read, README "A
+    client that pipelines") would hold the rest until the next client's
+    request opened the window, and then send it to that client; with a window
+    open it comes to this socket, where the pool may still see it
+    (``ForwardPool.clean``: unread bytes)."""
     reopen = owed_ack(plan, rcv_wnd, rcv_wup, tsecr)
     zero = craft.ack(plan.local, plan.remote, seq=plan.snd_nxt, ack=plan.rcv_end, window=0,
                      tsval=plan.ts_clock if plan.timestamps else None, tsecr=tsecr)

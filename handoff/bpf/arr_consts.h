@@ -32,6 +32,9 @@
 #define ARR_CAPTURE_CHUNK 2048
 #define ARR_CAPTURE_CHUNKS 32
 
+#define ARR_HEAD_BYTES 512 /* target: bytes of a response's start kept for the agent, which reads
+			    * its framing from them (struct response_head); nginx's head for a
+			    * static file is about 260 */
 #define ARR_MIRROR_TAIL_ACKS 8
 #define ARR_MIRROR_TAIL_NS (4ULL * 1000 * 1000 * 1000) /* the router's RTOs 0.2+0.4+0.8+1.6 s */
 

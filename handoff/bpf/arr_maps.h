@@ -84,6 +84,21 @@ struct {
 	__type(key, struct flow_key);
 	__type(value, struct mirror_state);
 } arr_mirror SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, ARR_DEFAULT_CAPACITY);
+	__type(key, struct flow_key);
+	__type(value, struct response_head);
+} arr_response SEC(".maps");
+
+/* A blank response_head to insert from: the value is larger than the stack. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct response_head);
+} arr_response_blank SEC(".maps");
 #endif
 
 #endif /* ARR_MAPS_H */

@@ -131,6 +131,19 @@ struct mirror_state {
 	__u64 acked_ns;     /* bpf_ktime_get_ns() when it was (0: not yet) */
 };
 
+/* Target: the start of the server's latest response on a connection (its
+ * first payload segment, which begins "HTTP/"), kept for the agent: it reads
+ * the response's framing from it (handoff/framing.py) so that a take-back
+ * waits while that response is still being written (handoff/agent.py
+ * ``_response_unfinished``). A map of its own, LRU: the agent never deletes
+ * it, a later connection's response overwrites it. */
+struct response_head {
+	__u32 seq;   /* server seq of bytes[0] */
+	__u16 len;   /* bytes held (0: none) */
+	__u16 pad;
+	__u8 bytes[ARR_HEAD_BYTES];
+};
+
 enum watch_state {
 	WATCH_CONNECTING = 1, /* record the target's SYN-ACK, normalise our SYN */
 	WATCH_HANDED_OFF = 2, /* turn mirrored copies into pure ACKs at rcv_nxt */

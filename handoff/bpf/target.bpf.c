@@ -88,6 +88,44 @@ static __always_inline void note_sent(struct __sk_buff *skb, const struct pkt *p
 		e->peer_window = bpf_ntohs(win_be);
 }
 
+/* A payload segment that starts a response ("HTTP/"): its first bytes, for
+ * the agent (struct response_head). A retransmission of that start finds
+ * them kept; a body that happens to begin a segment with "HTTP/" is kept too,
+ * and the agent, finding no framing in it, goes by TCP alone, as without. */
+static __always_inline void note_response(struct __sk_buff *skb, const struct pkt *p)
+{
+	struct response_head *h;
+	__u32 len = payload_len(p), off = p->l4 + p->tcp_len, seq, n, zero = 0;
+	__be32 seq_be;
+	char magic[5];
+
+	if (len < sizeof(magic) || bpf_skb_load_bytes(skb, off, magic, sizeof(magic)) < 0)
+		return;
+	if (magic[0] != 'H' || magic[1] != 'T' || magic[2] != 'T' || magic[3] != 'P' || magic[4] != '/')
+		return;
+	if (bpf_skb_load_bytes(skb, p->l4 + 4, &seq_be, 4) < 0)
+		return;
+	seq = bpf_ntohl(seq_be);
+	h = bpf_map_lookup_elem(&arr_response, &p->key);
+	if (!h) {
+		struct response_head *blank = bpf_map_lookup_elem(&arr_response_blank, &zero);
+
+		if (!blank || bpf_map_update_elem(&arr_response, &p->key, blank, BPF_ANY) < 0)
+			return;
+		h = bpf_map_lookup_elem(&arr_response, &p->key);
+		if (!h)
+			return;
+	} else if (h->len && h->seq == seq) {
+		return;
+	}
+	n = len > ARR_HEAD_BYTES ? ARR_HEAD_BYTES : len;
+	h->len = 0;
+	h->seq = seq;
+	if (n < 1 || n > ARR_HEAD_BYTES || bpf_skb_load_bytes(skb, off, h->bytes, n) < 0)
+		return;
+	h->len = n;
+}
+
 SEC("tc")
 int arr_target_egress(struct __sk_buff *skb)
 {
@@ -134,6 +172,7 @@ int arr_target_egress(struct __sk_buff *skb)
 	 * the socket then (handoff/agent_lifecycle.py). */
 	account(e, skb, &p, ARR_EVM_FIN | ARR_EVM_RST | ARR_EVM_AFTER_FIN);
 	note_sent(skb, &p, e);
+	note_response(skb, &p);
 	/* The server has all of the rerouted request: every later ack takes the
 	 * new delta, and the history goes before sequence numbers wrap around. */
 	if (shift.active && (e->flags & FLOW_F_ACKED) && !seq_after(shift.end, e->peer_ack))

@@ -31,7 +31,7 @@ from arr import netlink
 from handoff.build import object_path
 from handoff.datapath import read_stats
 from handoff.libbpf import BpfMap, BpfObject, test_run
-from handoff.maps import FlowEntry, FlowKey, MirrorState, StatIndex, WatchEntry
+from handoff.maps import FlowEntry, FlowKey, MirrorState, ResponseHead, StatIndex, WatchEntry
 
 T = TypeVar("T")
 
@@ -104,8 +104,8 @@ class BpfEnv:
         self.objects = self.call(lambda: {
             "router": Loaded("router", {"arr_ingress": FlowEntry, "arr_watch": WatchEntry},
                              "arr_stats"),
-            "target": Loaded("target", {"arr_egress": FlowEntry, "arr_mirror": MirrorState},
-                             "arr_stats"),
+            "target": Loaded("target", {"arr_egress": FlowEntry, "arr_mirror": MirrorState,
+                                        "arr_response": ResponseHead}, "arr_stats"),
         })
 
     def sent(self, wait: float = 0.0) -> list[bytes]:

@@ -66,9 +66,12 @@ def egress(bpf_env):
         egress_map.delete(key)
 
 
-def agent_on(egress_map) -> Agent:
+def agent_on(bpf_env, egress_map) -> Agent:
+    """An agent on the target object's real maps (the responses' starts too:
+    handoff/agent.py ``_response_unfinished`` reads them)."""
     agent = Agent(AgentSettings(listen=("127.0.0.1", 0), secret_file="/nonexistent"))
-    agent.datapath = SimpleNamespace(egress=egress_map)  # type: ignore[assignment]
+    agent.datapath = SimpleNamespace(  # type: ignore[assignment]
+        egress=egress_map, responses=bpf_env.objects["target"].maps["arr_response"])
     return agent
 
 
@@ -84,7 +87,7 @@ def step(bpf_env, egress_map, frame: bytes, shift: AckShift | None) -> tuple[int
 
 def test_one_request_rerouted_in_place(bpf_env, egress):
     egress.update(FWD_KEY, FlowEntry(x=Xlate.of(TO_CLIENT), state=FLOW_ACTIVE, conn_id=CONN_ID))
-    agent = agent_on(egress)
+    agent = agent_on(bpf_env, egress)
     ask = Shift(conn_id=CONN_ID, key=WIRE_KEY, start=S, end=wrap(S + R2), delta=NEW, acked=9300)
 
     # Before the server acknowledged the previous request, the agent refuses.
@@ -125,7 +128,7 @@ def test_one_request_rerouted_in_place(bpf_env, egress):
 def test_shift_of_another_connection_on_the_key_is_refused(bpf_env, egress):
     egress.update(FWD_KEY, FlowEntry(x=Xlate.of(TO_CLIENT), state=FLOW_ACTIVE, conn_id=CONN_ID,
                                      flags=FLOW_F_ACKED, peer_ack=S))
-    agent = agent_on(egress)
+    agent = agent_on(bpf_env, egress)
     before = bytes(egress.lookup(FWD_KEY))
     assert agent._shift(Shift(conn_id=CONN_ID + 1, key=WIRE_KEY, start=S, end=wrap(S + 1), delta=0,
                               acked=0)) == Nack(conn_id=CONN_ID + 1, reason="unknown")

@@ -24,7 +24,7 @@ from handoff import packet
 from handoff.datapath import read_stats
 from handoff.libbpf import RingBuffer
 from handoff.maps import (CAPTURE_CHUNK, EV_CAPTURE, EV_RESEND, EV_RST, FLOW_ACTIVE, FLOW_F_FIN, FLOW_F_RST,
-                          FLOW_TAKEBACK, AckShiftState, Capture, Event, FlowEntry, FlowKey, Xlate)
+                          FLOW_TAKEBACK, HEAD_BYTES, AckShiftState, Capture, Event, FlowEntry, FlowKey, Xlate)
 from handoff.packet import TC_ACT_REDIRECT, TC_ACT_SHOT
 from handoff.takeback import assemble
 from handoff.translate import Translation
@@ -381,6 +381,33 @@ def run_egress(bpf_env, frame: bytes, entry: FlowEntry) -> FlowEntry:
     run = bpf_env.run("arr_target_egress", frame, {"arr_egress": {FWD_KEY: entry}})
     assert run.verdict == TC_ACT_REDIRECT
     return run.maps["arr_egress"][FWD_KEY]
+
+
+def response_frame(seq: int, payload: bytes) -> bytes:
+    return bytes(eth() / IP(src=FWD[0][0], dst=FWD[1][0]) / TCP(
+        sport=FWD[0][1], dport=FWD[1][1], flags="PA", seq=seq, ack=1, window=1000) / payload)
+
+
+def test_target_keeps_the_start_of_each_response(bpf_env):
+    """A segment that begins "HTTP/": its first ARR_HEAD_BYTES for the agent
+    (handoff/agent.py ``_response_unfinished``); other segments leave it."""
+    nginx = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 1048576\r\n\r\n"
+    first = nginx + b"b" * 2000
+    run = bpf_env.run("arr_target_egress", response_frame(7000, first), {"arr_egress": {FWD_KEY: egress_entry()}})
+    assert run.verdict == TC_ACT_REDIRECT
+    head = run.maps["arr_response"][FWD_KEY]
+    assert (head.seq, head.len, head.head()) == (7000, HEAD_BYTES, first[:HEAD_BYTES])
+    # The body's next segment, and a segment shorter than "HTTP/", leave it.
+    kept = {"arr_egress": {FWD_KEY: egress_entry()}, "arr_response": {FWD_KEY: head}}
+    for frame in (response_frame(wrap(7000 + len(first)), b"b" * 1000), response_frame(9000, b"HTTP")):
+        assert bpf_env.run("arr_target_egress", frame, kept).maps["arr_response"][FWD_KEY].seq == 7000
+    # The next response (a short one: all of it kept) replaces it.
+    short = b"HTTP/1.1 204 No Content\r\n\r\n"
+    head = bpf_env.run("arr_target_egress", response_frame(MOD - 10, short), kept).maps["arr_response"][FWD_KEY]
+    assert (head.seq, head.len, head.head()) == (MOD - 10, len(short), short)
+    # A connection the agent has no entry for: nothing kept.
+    run = bpf_env.run("arr_target_egress", response_frame(7000, first), {})
+    assert run.maps["arr_response"] == {}
 
 
 @pytest.mark.parametrize("seq", [5000, MOD - 30])

@@ -478,7 +478,7 @@ class FakeMap:
 
 class FakeDatapath:
     def __init__(self) -> None:
-        self.egress, self.mirror = FakeMap(), FakeMap()
+        self.egress, self.mirror, self.responses = FakeMap(), FakeMap(), FakeMap()
 
 
 class InstallingAgent:

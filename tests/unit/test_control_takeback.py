@@ -3,16 +3,19 @@ agent's answer to a TAKEBACK (handoff/agent.py)."""
 
 from __future__ import annotations
 
+import ctypes
 import struct
+import time
 
 import pytest
 
 from handoff.agent import Agent, AgentSettings, _take_back_verdict
 from handoff.control import (TAKEN_CLOSED, TAKEN_OK, TAKEN_UNACKED, TAKEN_UNKNOWN, ControlConnection,
-                             ControlError, FlowKey, MessageType, Taken, TakeBack)
+                             ControlError, FlowKey, MessageType, Shift, Taken, TakeBack)
 from handoff.control.frames import _Malformed, decode_payload, encode_frame, encode_payload
 from handoff.lifecycle import local_key
-from handoff.maps import FLOW_ACTIVE, FLOW_F_ACKED, FLOW_F_FIN, FLOW_F_RST, FLOW_F_SENT, FLOW_HOLD, FlowEntry, MirrorState, Xlate
+from handoff.maps import (FLOW_ACTIVE, FLOW_F_ACKED, FLOW_F_FIN, FLOW_F_RST, FLOW_F_SENT, FLOW_HOLD, HEAD_BYTES, FlowEntry,
+                          MirrorState, ResponseHead, Xlate)
 from handoff.translate import Translation
 
 PSK = bytes(range(32))
@@ -222,6 +225,7 @@ class FakeDatapath:
     def __init__(self) -> None:
         self.egress = FakeMap(FlowEntry)
         self.mirror = FakeMap(MirrorState)
+        self.responses = FakeMap(ResponseHead)
 
 
 class FakeConnections:
@@ -274,6 +278,56 @@ def test_agent_take_back_waits_for_the_servers_ack_of_the_request_and_counts_it(
     # The client's ack alone behind: another wait, not counted as the request's.
     agent._take_back(TakeBack(conn_id=5, key=KEY, acked=4000, stream_end=1200))
     assert agent.request_waits == 1
+
+
+def response_head(seq: int, start: bytes) -> ResponseHead:
+    head = ResponseHead(seq=seq, len=min(len(start), HEAD_BYTES))
+    ctypes.memmove(head.bytes, start, head.len)
+    return head
+
+
+NGINX_HEAD = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 10000\r\nConnection: keep-alive\r\n\r\n"
+
+
+@pytest.mark.parametrize("sent, quiet_ms, waits", [
+    (3000, 1, True),       # the server is between two writes of its 10,000-byte body
+    (3000, 60, False),     # silent past the patience: its framing is not trusted (a HEAD's)
+    (1000 + len(NGINX_HEAD) + 10000, 1, False),  # all of it sent
+])
+def test_agent_take_back_waits_for_the_rest_of_a_framed_response(sent, quiet_ms, waits):
+    # The response began at server seq 1000; the client has acknowledged all
+    # the server sent (SENT), and its socket holds nothing more.
+    e = entry(sent, x=Xlate.of(TO_CLIENT), last_seen_ns=time.monotonic_ns() - quiet_ms * 1_000_000)
+    agent, datapath, connections = agent_with(e)
+    datapath.responses.update(local_key(KEY), response_head(1000, NGINX_HEAD))
+    taken = agent._take_back(TakeBack(conn_id=5, key=KEY, acked=sent, stream_end=0))
+    assert (taken.status == TAKEN_UNACKED) == waits and agent.unfinished_waits == int(waits)
+    assert (datapath.egress.lookup(local_key(KEY)) is not None) == waits
+
+
+@pytest.mark.parametrize("quiet_ms, refused", [(1, True), (60, False)])
+def test_agent_refuses_a_shift_between_two_writes_of_a_framed_response(quiet_ms, refused):
+    # In place, the router would count the new response from the client's
+    # ack (shift_refusal), where the rest of this one goes.
+    e = entry(3000, x=Xlate.of(TO_CLIENT), peer_ack=400, last_seen_ns=time.monotonic_ns() - quiet_ms * 1_000_000)
+    agent, datapath, _ = agent_with(e)
+    datapath.responses.update(local_key(KEY), response_head(1000, NGINX_HEAD))
+    answer = agent._shift(Shift(conn_id=5, key=KEY, start=400, end=450, delta=9, acked=3000))
+    assert (getattr(answer, "reason", None) == "responding") == refused, answer
+    assert agent.shifts_refused["responding"] == int(refused)
+
+
+@pytest.mark.parametrize("start, seq", [
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", 1000),  # no length to go by
+    (b"\x00binary that is no head", 1000),
+    (NGINX_HEAD, 3500),  # a start past what the server sent: another connection's
+])
+def test_agent_take_back_goes_by_tcp_where_the_framing_does_not_tell(start, seq):
+    e = entry(3000, x=Xlate.of(TO_CLIENT), last_seen_ns=time.monotonic_ns())
+    agent, datapath, _ = agent_with(e)
+    datapath.responses.update(local_key(KEY), response_head(seq, start))
+    assert agent._take_back(TakeBack(conn_id=5, key=KEY, acked=3000, stream_end=0)).status == TAKEN_OK
+    assert agent.unfinished_waits == 0
 
 
 @pytest.mark.parametrize("conn_id, state, present", [(6, FLOW_ACTIVE, True), (5, FLOW_HOLD, True),
