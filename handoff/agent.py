@@ -200,6 +200,9 @@ class AgentMetrics:
         yield CounterMetricFamily("arr_agent_takeback_unfinished", "TAKEBACKs told to wait: the response the "
                                   "server is writing is longer than what it sent (a pipelining client).",
                                   value=agent.unfinished_waits)
+        yield CounterMetricFamily("arr_agent_takeback_sent_while_pausing", "TAKEBACKs told to wait: the server "
+                                  "sent a segment while the agent paused the entry, and pausing wrote over "
+                                  "its record.", value=agent.pausing_waits)
         ended = CounterMetricFamily("arr_agent_connections_ended",
                                     "Egress entries ended, by why (closed, replaced, released, unlisted).",
                                     labels=["why"])
@@ -242,6 +245,9 @@ class Agent:
         self.unfinished_waits = 0
         """TAKEBACKs told to wait: the response the server is writing is not all
         written yet (its framing says so, ``_response_unfinished``)."""
+        self.pausing_waits = 0
+        """TAKEBACKs told to wait: the server sent while the entry was being
+        paused (``_sent_while_pausing``)."""
         self.shifted = 0
         self.shifts_refused: Counter[str] = Counter()
         """SHIFTs answered NACK, by reason (``shift_refusal``)."""
@@ -389,10 +395,20 @@ class Agent:
             if verdict == TAKEN_UNACKED and server_lacks_stream(entry, message.stream_end):
                 self.request_waits += 1
             return Taken(conn_id, verdict, snd_nxt=entry.snd_max)
-        entry.state = FLOW_HOLD
-        self.datapath.egress.update(key, entry)
+        # Paused from a fresh read, as close to the write as can be: the map
+        # takes a whole value, and the entry read above, written back, would
+        # undo what the program recorded since (snd_max past segments the
+        # server sent meanwhile, which the router would then send again).
+        current = self.datapath.egress.lookup(key)
+        if current is None or current.conn_id != conn_id or current.state != FLOW_ACTIVE:
+            return Taken(conn_id, TAKEN_UNKNOWN)
+        current.state = FLOW_HOLD
+        self.datapath.egress.update(key, current)
         paused = self.datapath.egress.lookup(key)
         verdict = TAKEN_UNKNOWN if paused is None else _take_back_verdict(paused, message.acked, message.stream_end)
+        if verdict == TAKEN_OK and self._sent_while_pausing(key, paused):
+            verdict = TAKEN_UNACKED
+            self.pausing_waits += 1
         if verdict == TAKEN_OK and self._unsent(key):
             # All it sent is acknowledged, but the server has written more
             # that the client's window holds back (a response in the middle):
@@ -411,28 +427,34 @@ class Agent:
         return Taken(conn_id, TAKEN_OK, snd_nxt=paused.snd_max,
                      window=paused.peer_window << paused.x.wscale_in, syn_seq=paused.syn_seq)
 
-    def _response_unfinished(self, key: FlowKey, entry: FlowEntry) -> bool:
-        """The server's latest response is longer than what it has sent, by its
-        framing (handoff/framing.py, from the start the egress program kept),
-        and the server sent something within ``RESPONSE_PATIENCE_NS``: it is
-        between two writes of that response. All it sent is acknowledged and
-        its socket holds nothing more, which TCP alone took for the end: a
-        client that pipelined its next request mid-download had that download
-        cut short there, and the next response spliced in (README "A client
-        that pipelines", tests/net/test_pipelining_net.py). Past the patience
-        the framing is not trusted (a HEAD response, whose Content-Length
-        counts no body: the agent cannot see the request)."""
+    def _sent_while_pausing(self, key: FlowKey, paused: FlowEntry) -> bool:
+        """The server sent payload past PAUSED's snd_max: between the agent's
+        last read of the entry and its write of HOLD, which wrote over the
+        program's record of it. The response record (another map) still has
+        it: the end of the last payload the program saw leave (tail_end, kept
+        for every response since its start)."""
         assert self.datapath is not None
         head = self.datapath.responses.lookup(key)
-        if head is None:
+        return (head is not None and not seq_after(head.seq, paused.snd_max)
+                and seq_after(head.tail_end, paused.snd_max))
+
+    def _response_unfinished(self, key: FlowKey, entry: FlowEntry) -> bool:
+        """The server's latest response has more to come than what it has sent,
+        by its framing (handoff/framing.py, from the start and the last bytes
+        the egress program kept), and the server sent something within
+        ``RESPONSE_PATIENCE_NS``: it is between two writes of that response.
+        All it sent is acknowledged and its socket holds nothing more, which
+        TCP alone took for the end: a client that pipelined its next request
+        mid-download had that download cut short there, and the next response
+        spliced in (README "A client that pipelines",
+        tests/net/test_pipelining_net.py). Past the patience the framing is
+        not trusted (a HEAD response, whose Content-Length counts no body: the
+        agent cannot see the request)."""
+        assert self.datapath is not None
+        head = self.datapath.responses.lookup(key)
+        if head is None or not framing.response_unfinished(head.head(), head.seq, head.tail_bytes(),
+                                                            head.tail_end, entry.snd_max):
             return False
-        length = framing.body_end(head.head())
-        if length is None:
-            return False
-        if seq_after(head.seq, entry.snd_max):
-            return False  # a start past what the server sent: an older connection's
-        if not seq_after((head.seq + length) % (1 << 32), entry.snd_max):
-            return False  # all of it sent
         return time.monotonic_ns() - entry.last_seen_ns < RESPONSE_PATIENCE_NS
 
     def _shift(self, message: Shift) -> Ack | Nack:

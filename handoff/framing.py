@@ -1,4 +1,5 @@
-"""Where an HTTP/1.1 response ends, from its start: the framing a take-back
+"""Where an HTTP/1.1 response ends, from its start (and, chunked, its last
+bytes sent): the framing a take-back
 needs to know that the server has written all of the previous response
 (handoff/agent.py ``_response_unfinished``). Pure, no I/O.
 
@@ -7,12 +8,46 @@ go out (struct response_head in handoff/bpf/arr_structs.h). The agent cannot
 see the request they answer, so a ``HEAD`` response, whose Content-Length
 counts a body that never comes, reads here as unfinished: the agent's
 patience bounds what that costs (``RESPONSE_PATIENCE_NS`` in handoff/agent.py).
+
+A chunked body's end is in its last bytes, not its start: the program keeps
+those too (response_head.tail), and a body that ends in the last chunk with
+neither extension nor trailer (``CHUNKED_END``, all nginx writes) is over.
+One with trailers or a last-chunk extension reads as unfinished and costs
+the patience as a HEAD response does.
 """
 
 from __future__ import annotations
 
+from handoff.translate import seq_after
+
 NO_BODY_STATUSES = frozenset({204, 304})
 HEAD_END = b"\r\n\r\n"
+CHUNKED_END = b"\r\n0\r\n\r\n"
+"""The last chunk and the empty trailer after a chunk's data (or after the
+head, for a body with no chunk): how every complete chunked body without
+trailers ends (RFC 9112 7.1)."""
+SEQ_SPACE = 1 << 32
+
+
+def _head(start: bytes) -> tuple[int, int, list[tuple[bytes, bytes]]] | None:
+    """START's head length, status and header fields (names lowercased); None
+    when START holds no whole head or it is unreadable."""
+    if not start.startswith(b"HTTP/1."):
+        return None
+    end = start.find(HEAD_END)
+    if end < 0:
+        return None
+    lines = start[:end].split(b"\r\n")
+    status_parts = lines[0].split(b" ", 2)
+    if len(status_parts) < 2 or len(status_parts[1]) != 3 or not status_parts[1].isdigit():
+        return None
+    fields = []
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep:
+            return None
+        fields.append((name.strip().lower(), value.strip()))
+    return end + len(HEAD_END), int(status_parts[1]), fields
 
 
 def body_end(start: bytes) -> int | None:
@@ -20,32 +55,56 @@ def body_end(start: bytes) -> int | None:
     byte of START, a response's first bytes; None when START does not tell
     (a head longer than START, an interim 1xx, a chunked or close-delimited
     body, an unreadable or contradictory head)."""
-    if not start.startswith(b"HTTP/1."):
+    head = _head(start)
+    if head is None:
         return None
-    end = start.find(HEAD_END)
-    if end < 0:
-        return None
-    head_len = end + len(HEAD_END)
-    lines = start[:end].split(b"\r\n")
-    status_parts = lines[0].split(b" ", 2)
-    if len(status_parts) < 2 or len(status_parts[1]) != 3 or not status_parts[1].isdigit():
-        return None
-    status = int(status_parts[1])
+    head_len, status, fields = head
     if status < 200:
         return None  # an interim response: the real one follows
     if status in NO_BODY_STATUSES:
         return head_len
     length: int | None = None
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep:
-            return None
-        name = name.strip().lower()
+    for name, value in fields:
         if name == b"transfer-encoding":
             return None
         if name == b"content-length":
-            value = value.strip()
             if not value.isdigit() or (length is not None and int(value) != length):
                 return None
             length = int(value)
     return None if length is None else head_len + length
+
+
+def is_chunked(start: bytes) -> bool:
+    """START begins a final response whose body is chunked: its last transfer
+    coding is ``chunked`` (which then frames it, whatever Content-Length says)."""
+    head = _head(start)
+    if head is None:
+        return False
+    _, status, fields = head
+    if status < 200 or status in NO_BODY_STATUSES:
+        return False
+    codings = [c.strip().lower() for name, value in fields if name == b"transfer-encoding"
+               for c in value.split(b",")]
+    return bool(codings) and codings[-1] == b"chunked"
+
+
+def response_unfinished(start: bytes, start_seq: int, tail: bytes, tail_end: int, snd_max: int) -> bool:
+    """The response whose first bytes START are at server sequence number
+    START_SEQ has more to come than the server sent up to SND_MAX (its
+    snd_nxt as it left, a FIN counted): by its length, or, chunked, because
+    TAIL, its last bytes sent up to TAIL_END, do not end the body; or because
+    TAIL_END is past SND_MAX (read before it: the server has sent more since).
+    False when the framing does not tell, or START is not the latest
+    response's."""
+    if seq_after(start_seq, snd_max):
+        return False  # a start past what the server sent: an older connection's
+    if seq_after(tail_end, snd_max):
+        return True  # sent since SND_MAX was read (the record is read after it)
+    length = body_end(start)
+    if length is not None:
+        return seq_after((start_seq + length) % SEQ_SPACE, snd_max)
+    if not is_chunked(start):
+        return False
+    if snd_max not in (tail_end, (tail_end + 1) % SEQ_SPACE):
+        return False  # the tail is not where the server's stream ends: no telling
+    return not tail.endswith(CHUNKED_END)

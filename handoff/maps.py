@@ -142,13 +142,23 @@ HEAD_BYTES = 512
 """ARR_HEAD_BYTES: bytes of a response's start the target program keeps."""
 
 
+TAIL_BYTES = 8
+"""ARR_TAIL_BYTES: the last bytes sent of a response the target program keeps."""
+
+
 class ResponseHead(ctypes.Structure):
-    """struct response_head: the start of the server's latest response."""
-    _fields_ = [("seq", ctypes.c_uint32), ("len", ctypes.c_uint16), ("pad", ctypes.c_uint16),
+    """struct response_head: the start of the server's latest response, and
+    the last bytes it has sent of it."""
+    _fields_ = [("seq", ctypes.c_uint32), ("len", ctypes.c_uint16), ("tail_len", ctypes.c_uint16),
+                ("tail_end", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("tail", ctypes.c_uint64),
                 ("bytes", ctypes.c_uint8 * HEAD_BYTES)]
 
     def head(self) -> bytes:
         return bytes(self.bytes)[:min(self.len, HEAD_BYTES)]
+
+    def tail_bytes(self) -> bytes:
+        """The bytes just before ``tail_end``, oldest first."""
+        return self.tail.to_bytes(TAIL_BYTES, "big")[TAIL_BYTES - min(self.tail_len, TAIL_BYTES):]
 
 
 class WatchEntry(ctypes.Structure):

@@ -12,6 +12,8 @@ from typing import Mapping
 
 BLOCK = 1 << 20
 FILES_URL_PREFIX = "/files/"
+CHUNKED_URL_PREFIX = "/chunked/"
+"""The same files, sent chunked (arr/testbed/nginx.py): no Content-Length."""
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -22,6 +24,11 @@ class FileInfo:
     size: int
     sha256: str
     url_path: str
+
+    @property
+    def chunked_url_path(self) -> str:
+        """Where the targets send this file's bytes with ``Transfer-Encoding: chunked``."""
+        return CHUNKED_URL_PREFIX + self.name
 
 
 def _seed(name: str, size: int, block: int) -> int:

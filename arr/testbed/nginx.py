@@ -102,6 +102,13 @@ http {{
         location /files/ {{
             root {_quote(str(www_root))};
         }}
+        # The same files chunked: SSI drops the length and, with no SSI
+        # command in them, passes their bytes unchanged (files.CHUNKED_URL_PREFIX).
+        location /chunked/ {{
+            alias {_quote(str(www_root / "files") + "/")};
+            ssi on;
+            ssi_types *;
+        }}
         # PUT stores the request's body as a file of this target's own
         # (``Cluster.uploaded``), for tests that check a request body's bytes.
         location /uploads/ {{

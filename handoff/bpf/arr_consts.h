@@ -35,6 +35,8 @@
 #define ARR_HEAD_BYTES 512 /* target: bytes of a response's start kept for the agent, which reads
 			    * its framing from them (struct response_head); nginx's head for a
 			    * static file is about 260 */
+#define ARR_TAIL_BYTES 8 /* target: the last bytes sent of a response, kept with its start
+			 * (response_head.tail, a __u64) */
 #define ARR_MIRROR_TAIL_ACKS 8
 #define ARR_MIRROR_TAIL_NS (4ULL * 1000 * 1000 * 1000) /* the router's RTOs 0.2+0.4+0.8+1.6 s */
 

@@ -138,9 +138,13 @@ struct mirror_state {
  * ``_response_unfinished``). A map of its own, LRU: the agent never deletes
  * it, a later connection's response overwrites it. */
 struct response_head {
-	__u32 seq;   /* server seq of bytes[0] */
-	__u16 len;   /* bytes held (0: none) */
-	__u16 pad;
+	__u32 seq;      /* server seq of bytes[0] */
+	__u16 len;      /* bytes held (0: none) */
+	__u16 tail_len; /* how many of tail's low bytes are the response's (0..ARR_TAIL_BYTES) */
+	__u32 tail_end; /* server seq just past the last payload byte sent since seq */
+	__u32 pad;
+	__u64 tail;     /* the bytes before tail_end, the last one lowest: where a
+			 * chunked body ends, "\r\n0\r\n\r\n" (handoff/framing.py) */
 	__u8 bytes[ARR_HEAD_BYTES];
 };
 

@@ -88,10 +88,60 @@ static __always_inline void note_sent(struct __sk_buff *skb, const struct pkt *p
 		e->peer_window = bpf_ntohs(win_be);
 }
 
+/* The last bytes the server has sent of its latest response: the agent
+ * finds a chunked body's end in them (handoff/framing.py). They are a shift
+ * register, each segment's new bytes pushed in at the low end, so that a
+ * segment shorter than the terminator (nginx often writes the last chunk
+ * alone) still leaves the bytes before it. Only bytes past tail_end are new;
+ * a retransmission moves nothing. */
+static __always_inline void note_tail(struct __sk_buff *skb, __u32 off, __u32 seq, __u32 len,
+				      struct response_head *h)
+{
+	union {
+		__u8 b[ARR_TAIL_BYTES];
+		__u64 v;
+	} buf = {};
+	__u32 end = seq + len, fresh, i;
+	__u8 byte;
+
+	if (!seq_after(end, h->tail_end))
+		return;
+	if (seq_after(seq, h->tail_end)) {
+		/* A gap (the program saw every segment leave, so only after a
+		 * lost update): what lay before this segment is unknown. */
+		h->tail_len = 0;
+		fresh = len;
+	} else {
+		fresh = end - h->tail_end;
+	}
+	h->tail_end = end;
+	if (fresh >= ARR_TAIL_BYTES) {
+		if (bpf_skb_load_bytes(skb, off + len - ARR_TAIL_BYTES, buf.b, ARR_TAIL_BYTES) < 0)
+			goto unknown;
+		h->tail = bpf_be64_to_cpu(buf.v);
+		h->tail_len = ARR_TAIL_BYTES;
+		return;
+	}
+	/* Byte by byte: a load of a variable size the verifier cannot bound
+	 * away from zero. Short segments are few (a chunk's last lines). */
+	for (i = 0; i < ARR_TAIL_BYTES - 1; i++) {
+		if (i >= fresh)
+			break;
+		if (bpf_skb_load_bytes(skb, off + len - fresh + i, &byte, 1) < 0)
+			goto unknown;
+		h->tail = (h->tail << 8) | byte;
+	}
+	h->tail_len = h->tail_len + fresh > ARR_TAIL_BYTES ? ARR_TAIL_BYTES : h->tail_len + fresh;
+	return;
+unknown:
+	h->tail_len = 0;
+}
+
 /* A payload segment that starts a response ("HTTP/"): its first bytes, for
- * the agent (struct response_head). A retransmission of that start finds
- * them kept; a body that happens to begin a segment with "HTTP/" is kept too,
- * and the agent, finding no framing in it, goes by TCP alone, as without. */
+ * the agent (struct response_head); every payload segment after it: its last
+ * bytes (note_tail). A retransmission of that start finds them kept; a body
+ * that happens to begin a segment with "HTTP/" is kept too, and the agent,
+ * finding no framing in it, goes by TCP alone, as without. */
 static __always_inline void note_response(struct __sk_buff *skb, const struct pkt *p)
 {
 	struct response_head *h;
@@ -99,14 +149,17 @@ static __always_inline void note_response(struct __sk_buff *skb, const struct pk
 	__be32 seq_be;
 	char magic[5];
 
-	if (len < sizeof(magic) || bpf_skb_load_bytes(skb, off, magic, sizeof(magic)) < 0)
-		return;
-	if (magic[0] != 'H' || magic[1] != 'T' || magic[2] != 'T' || magic[3] != 'P' || magic[4] != '/')
-		return;
-	if (bpf_skb_load_bytes(skb, p->l4 + 4, &seq_be, 4) < 0)
+	if (len < 1 || bpf_skb_load_bytes(skb, p->l4 + 4, &seq_be, 4) < 0)
 		return;
 	seq = bpf_ntohl(seq_be);
 	h = bpf_map_lookup_elem(&arr_response, &p->key);
+	if (len < sizeof(magic) || bpf_skb_load_bytes(skb, off, magic, sizeof(magic)) < 0 ||
+	    magic[0] != 'H' || magic[1] != 'T' || magic[2] != 'T' || magic[3] != 'P' || magic[4] != '/' ||
+	    (h && h->len && h->seq == seq)) {
+		if (h)
+			note_tail(skb, off, seq, len, h);
+		return;
+	}
 	if (!h) {
 		struct response_head *blank = bpf_map_lookup_elem(&arr_response_blank, &zero);
 
@@ -115,9 +168,10 @@ static __always_inline void note_response(struct __sk_buff *skb, const struct pk
 		h = bpf_map_lookup_elem(&arr_response, &p->key);
 		if (!h)
 			return;
-	} else if (h->len && h->seq == seq) {
-		return;
 	}
+	h->tail_end = seq;
+	h->tail_len = 0;
+	note_tail(skb, off, seq, len, h);
 	n = len > ARR_HEAD_BYTES ? ARR_HEAD_BYTES : len;
 	h->len = 0;
 	h->seq = seq;

@@ -24,7 +24,7 @@ from handoff import packet
 from handoff.datapath import read_stats
 from handoff.libbpf import RingBuffer
 from handoff.maps import (CAPTURE_CHUNK, EV_CAPTURE, EV_RESEND, EV_RST, FLOW_ACTIVE, FLOW_F_FIN, FLOW_F_RST,
-                          FLOW_TAKEBACK, HEAD_BYTES, AckShiftState, Capture, Event, FlowEntry, FlowKey, Xlate)
+                          FLOW_TAKEBACK, HEAD_BYTES, TAIL_BYTES, AckShiftState, Capture, Event, FlowEntry, FlowKey, Xlate)
 from handoff.packet import TC_ACT_REDIRECT, TC_ACT_SHOT
 from handoff.takeback import assemble
 from handoff.translate import Translation
@@ -408,6 +408,34 @@ def test_target_keeps_the_start_of_each_response(bpf_env):
     # A connection the agent has no entry for: nothing kept.
     run = bpf_env.run("arr_target_egress", response_frame(7000, first), {})
     assert run.maps["arr_response"] == {}
+
+
+@pytest.mark.parametrize("start", [7000, MOD - 300])
+def test_target_keeps_the_last_bytes_sent_of_a_response(bpf_env, start):
+    """Each segment's new bytes go into the response's tail (note_tail), a
+    segment shorter than the tail's 8 bytes keeping the ones before it: where
+    a chunked body ends (handoff/framing.py). A retransmission adds nothing;
+    a segment that overlaps what was sent adds only what lies past it."""
+    stream = (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nTransfer-Encoding: chunked\r\n\r\n"
+              + b"7d0\r\n" + b"c" * 2000 + b"\r\n" + b"3\r\nxyz\r\n" + b"0\r\n\r\n")
+    # (from, to) offsets into the stream, in the order the server sends them.
+    segments = [(0, 1200), (1200, 2060), (700, 1000), (2060, 2062), (2062, 2070), (2065, 2072),
+                (2072, 2073), (2073, len(stream))]
+    maps = {"arr_egress": {FWD_KEY: egress_entry()}}
+    sent = 0
+    for begin, end in segments:
+        maps = bpf_env.run("arr_target_egress", response_frame(wrap(start + begin), stream[begin:end]), maps).maps
+        sent = max(sent, end)
+        h = maps["arr_response"][FWD_KEY]
+        assert (h.seq, h.tail_end, h.tail_bytes()) == (start, wrap(start + sent), stream[:sent][-TAIL_BYTES:]), \
+            (begin, end)
+    assert h.tail_bytes().endswith(b"\r\n0\r\n\r\n")
+    # The next response starts its own tail.
+    nxt = b"HTTP/1.1 204 No Content\r\n\r\n"
+    maps = bpf_env.run("arr_target_egress", response_frame(wrap(start + sent), nxt), maps).maps
+    h = maps["arr_response"][FWD_KEY]
+    assert (h.seq, h.tail_end, h.tail_bytes()) == (wrap(start + sent), wrap(start + sent + len(nxt)),
+                                                   nxt[-TAIL_BYTES:])
 
 
 @pytest.mark.parametrize("seq", [5000, MOD - 30])

@@ -280,8 +280,9 @@ def test_agent_take_back_waits_for_the_servers_ack_of_the_request_and_counts_it(
     assert agent.request_waits == 1
 
 
-def response_head(seq: int, start: bytes) -> ResponseHead:
-    head = ResponseHead(seq=seq, len=min(len(start), HEAD_BYTES))
+def response_head(seq: int, start: bytes, tail: bytes = b"", tail_end: int = 0) -> ResponseHead:
+    head = ResponseHead(seq=seq, len=min(len(start), HEAD_BYTES), tail_len=len(tail), tail_end=tail_end,
+                        tail=int.from_bytes(tail, "big"))
     ctypes.memmove(head.bytes, start, head.len)
     return head
 
@@ -317,8 +318,95 @@ def test_agent_refuses_a_shift_between_two_writes_of_a_framed_response(quiet_ms,
     assert agent.shifts_refused["responding"] == int(refused)
 
 
+class ServerSendsDuring(FakeMap):
+    """The egress map of a server that sends 500 more bytes at a given moment
+    of the agent's take-back: at its Nth lookup (AT_LOOKUP) or just before
+    its Nth update lands (AT_UPDATE), the program records the segment in the
+    entry (snd_max) and in the response record (tail_end), as
+    handoff/bpf/target.bpf.c note_sent and note_tail do."""
+
+    def __init__(self, responses: FakeMap, at_lookup: int = 0, at_update: int = 0) -> None:
+        super().__init__(FlowEntry)
+        self.responses, self.at_lookup, self.at_update = responses, at_lookup, at_update
+        self.lookups = self.writes = 0
+
+    def _server_sends(self, key) -> None:
+        e = super().lookup(key)
+        e.snd_max += 500
+        FakeMap.update(self, key, e)
+        self.updates.pop()
+        head = self.responses.lookup(key)
+        head.tail_end += 500
+        self.responses.update(key, head)
+
+    def lookup(self, key):
+        self.lookups += 1
+        if self.lookups == self.at_lookup:
+            self._server_sends(key)
+        return super().lookup(key)
+
+    def update(self, key, value) -> None:
+        self.writes += 1
+        if self.writes == self.at_update:
+            self._server_sends(key)
+        super().update(key, value)
+
+
+def racing_agent(**when) -> tuple[Agent, FakeDatapath, ServerSendsDuring]:
+    # A response of 2,000 bytes from server seq 1000, all sent and acknowledged.
+    head = NGINX_HEAD.replace(b"10000", str(2000 - len(NGINX_HEAD) + 1).encode())
+    agent, datapath, _ = agent_with(None)
+    datapath.egress = egress = ServerSendsDuring(datapath.responses, **when)
+    datapath.responses.update(local_key(KEY), response_head(1000, head, b"", 3000))
+    FakeMap.update(egress, local_key(KEY), entry(3000, x=Xlate.of(TO_CLIENT), last_seen_ns=time.monotonic_ns()))
+    egress.updates.clear()
+    return agent, datapath, egress
+
+
+def test_agent_take_back_sees_a_segment_sent_while_it_paused_the_entry():
+    # Pausing writes the whole entry, over the program's record of a segment
+    # sent a moment before: the response record, another map, still has it.
+    # Taken back anyway, the router would send its next response from the
+    # server's old snd_nxt, over bytes the client has.
+    agent, datapath, egress = racing_agent(at_update=1)
+    taken = agent._take_back(TakeBack(conn_id=5, key=KEY, acked=3000, stream_end=0))
+    assert taken.status == TAKEN_UNACKED and agent.pausing_waits == 1
+    assert [state for _, state in egress.updates] == [FLOW_HOLD, FLOW_ACTIVE]
+    assert datapath.egress.lookup(local_key(KEY)).state == FLOW_ACTIVE
+
+
+def test_agent_take_back_pauses_the_entry_as_the_program_left_it():
+    # The server sends after the agent's first read: the entry paused and
+    # restored is the program's, snd_max past the segment (not the first read's).
+    agent, datapath, egress = racing_agent(at_lookup=2)
+    taken = agent._take_back(TakeBack(conn_id=5, key=KEY, acked=3000, stream_end=0))
+    assert taken.status == TAKEN_UNACKED
+    restored = datapath.egress.lookup(local_key(KEY))
+    assert (restored.state, restored.snd_max) == (FLOW_ACTIVE, 3500)
+
+
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize("tail, tail_end, waits", [
+    (b"\xaa\xbb\r\n0\r\n\r\n"[-8:], 3000, False),  # the last chunk: all of it sent
+    (b"\r\n0\r\n\r\n", 2999, False),                 # ... and the server's FIN after it
+    (b"\xaa" * 8, 3000, True),                          # between two writes of a chunk
+    (b"\r\n4000\r\n", 3000, True),                     # a chunk's size line, its data to come
+    (b"\n0\r\n\r\n", 3000, True),                     # too few bytes kept to tell: the patience decides
+])
+def test_agent_take_back_waits_for_the_last_chunk_of_a_chunked_response(tail, tail_end, waits):
+    # The server's snd_max is 3000 (all acknowledged); its last bytes, kept by
+    # the egress program, say whether the body is over (handoff/framing.py).
+    e = entry(3000, x=Xlate.of(TO_CLIENT), last_seen_ns=time.monotonic_ns())
+    agent, datapath, _ = agent_with(e)
+    datapath.responses.update(local_key(KEY), response_head(1000, CHUNKED_HEAD, tail, tail_end))
+    taken = agent._take_back(TakeBack(conn_id=5, key=KEY, acked=3000, stream_end=0))
+    assert (taken.status == TAKEN_UNACKED) == waits and agent.unfinished_waits == int(waits)
+
+
 @pytest.mark.parametrize("start, seq", [
-    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", 1000),  # no length to go by
+    (CHUNKED_HEAD, 1000),  # chunked, but the kept tail is not where the server's stream ends
     (b"\x00binary that is no head", 1000),
     (NGINX_HEAD, 3500),  # a start past what the server sent: another connection's
 ])
