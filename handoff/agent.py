@@ -52,9 +52,10 @@ RESPONSE_PATIENCE_NS = 50_000_000
 """How long a response whose framing says it is unfinished holds a take-back
 after the server's last packet (``_response_unfinished``): a server between
 two writes of a file sends again within a moment of the client's ACK; one
-that stays silent this long has finished, or its framing misled (a HEAD
-response), and TCP's view stands. The router asks again every 10 ms
-(``UNACKED_ASK_AGAIN``), so a HEAD's next request waits at most this."""
+that stays silent this long has finished, or its framing misled (a chunked
+body with trailers), and TCP's view stands. The router asks again every
+10 ms (``UNACKED_ASK_AGAIN``), so such a response's next request waits at
+most this. (A HEAD response the router names: ``TakeBack.answers_head``.)"""
 
 
 @dataclass(frozen=True)
@@ -388,7 +389,7 @@ class Agent:
         if entry is None or entry.conn_id != conn_id or entry.state != FLOW_ACTIVE:
             return Taken(conn_id, TAKEN_UNKNOWN)
         verdict = _take_back_verdict(entry, message.acked, message.stream_end)
-        if verdict == TAKEN_OK and self._response_unfinished(key, entry):
+        if verdict == TAKEN_OK and self._response_unfinished(key, entry, message.answers_head):
             self.unfinished_waits += 1
             verdict = TAKEN_UNACKED
         if verdict != TAKEN_OK:
@@ -438,7 +439,7 @@ class Agent:
         return (head is not None and not seq_after(head.seq, paused.snd_max)
                 and seq_after(head.tail_end, paused.snd_max))
 
-    def _response_unfinished(self, key: FlowKey, entry: FlowEntry) -> bool:
+    def _response_unfinished(self, key: FlowKey, entry: FlowEntry, answers_head: bool) -> bool:
         """The server's latest response has more to come than what it has sent,
         by its framing (handoff/framing.py, from the start and the last bytes
         the egress program kept), and the server sent something within
@@ -447,13 +448,14 @@ class Agent:
         TCP alone took for the end: a client that pipelined its next request
         mid-download had that download cut short there, and the next response
         spliced in (README "A client that pipelines",
-        tests/net/test_pipelining_net.py). Past the patience the framing is
-        not trusted (a HEAD response, whose Content-Length counts no body: the
-        agent cannot see the request)."""
+        tests/net/test_pipelining_net.py). ANSWERS_HEAD: the router says the
+        response answers a HEAD, over at its head. Past the patience the
+        framing is not trusted (a server that pauses that long, or a HEAD
+        response from a router that did not say so)."""
         assert self.datapath is not None
         head = self.datapath.responses.lookup(key)
         if head is None or not framing.response_unfinished(head.head(), head.seq, head.tail_bytes(),
-                                                            head.tail_end, entry.snd_max):
+                                                            head.tail_end, entry.snd_max, answers_head):
             return False
         return time.monotonic_ns() - entry.last_seen_ns < RESPONSE_PATIENCE_NS
 
@@ -471,7 +473,7 @@ class Agent:
         key = local_key(message.key)
         entry = self.datapath.egress.lookup(key)
         refusal = shift_refusal(entry, message)
-        if refusal is None and self._response_unfinished(key, entry):
+        if refusal is None and self._response_unfinished(key, entry, message.answers_head):
             # Between two writes of the response: the router would count the
             # new one from where the rest of this one goes (shift_refusal).
             refusal = "responding"

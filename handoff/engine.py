@@ -31,7 +31,7 @@ from arr.config import HandoffSettings
 from arr.http1 import serialize_request
 from arr.migration import MoveOrder, MoveReport
 from arr.session import DetachError
-from handoff import craft, fastpath, tcpstate
+from handoff import craft, fastpath, framing, tcpstate
 from handoff.control import Ack, ControlClient, ControlUnavailable, HandoffRequest, Nack, Release
 from handoff.connecting import connect
 from handoff.datapath import RouterDatapath
@@ -115,6 +115,8 @@ class Attempt:
     request_end: int = 0
     """The forwarding socket's snd_nxt once the request is sent: mirrored
     acks beyond it are lowered to it (``WatchEntry.request_end``)."""
+    asks_head: bool = False
+    """The request is a HEAD (``RouterConnections.answering``)."""
     steps: list[str] = field(default_factory=list)
 
 
@@ -405,6 +407,7 @@ class RouterHandoff:
             if attempt.kernel_bytes:
                 raise Fallback("pipelined")
             request_bytes = serialize_request(request, head)
+            attempt.asks_head = framing.asks_head(request_bytes)
             to_target, rcv_nxt = await self._install(attempt, agent, c_snap.tcp, len(request_bytes), client_tsval,
                                                      syn_seq=attempt.syn_seq)
         except BaseException as exc:
@@ -452,7 +455,7 @@ class RouterHandoff:
         the client's."""
         assert self.datapath is not None and self.connections is not None
         started = time.perf_counter()
-        attempt = Attempt(client_key=on.client_key)
+        attempt = Attempt(client_key=on.client_key, asks_head=framing.asks_head(request_bytes))
         agent: ControlClient | None = None
         try:
             agent = self._agent(target)
@@ -521,7 +524,7 @@ class RouterHandoff:
         handed.client, handed.closed_ns = attempt.client_key, 0
         self.datapath.watch.update(attempt.watch_key, handed)
         self.datapath.ingress.update(attempt.client_key, entry)
-        self.connections.responses[attempt.conn_id] = entry.peer_ack
+        self.connections.answering(attempt.conn_id, entry.peer_ack, attempt.asks_head)
 
     async def _send(self, attempt: Attempt, agent: ControlClient, target: "Target", request_bytes: bytes) -> None:
         """Step 8: the request, as the target will see it; step 9 (the release

@@ -5,9 +5,11 @@ needs to know that the server has written all of the previous response
 
 The target's egress program keeps the first bytes of each response it sees
 go out (struct response_head in handoff/bpf/arr_structs.h). The agent cannot
-see the request they answer, so a ``HEAD`` response, whose Content-Length
-counts a body that never comes, reads here as unfinished: the agent's
-patience bounds what that costs (``RESPONSE_PATIENCE_NS`` in handoff/agent.py).
+see the request they answer; a ``HEAD`` response, whose Content-Length counts
+a body that never comes, is over at its head because the router says the
+request was one (``asks_head``, ``TakeBack.answers_head``). Without that it
+would read as unfinished until the agent's patience ran out
+(``RESPONSE_PATIENCE_NS`` in handoff/agent.py).
 
 A chunked body's end is in its last bytes, not its start: the program keeps
 those too (response_head.tail), and a body that ends in the last chunk with
@@ -27,6 +29,15 @@ CHUNKED_END = b"\r\n0\r\n\r\n"
 head, for a body with no chunk): how every complete chunked body without
 trailers ends (RFC 9112 7.1)."""
 SEQ_SPACE = 1 << 32
+HEAD_METHOD = b"HEAD "
+
+
+def asks_head(request: bytes) -> bool:
+    """REQUEST, as the router sends it (arr/http1.py ``serialize_request``:
+    its method as h11 read it, one space), is a HEAD, whose response ends
+    with its head whatever its length says. The router tells the agent
+    (``TakeBack.answers_head``): the agent sees responses only."""
+    return request.startswith(HEAD_METHOD)
 
 
 def _head(start: bytes) -> tuple[int, int, list[tuple[bytes, bytes]]] | None:
@@ -88,18 +99,23 @@ def is_chunked(start: bytes) -> bool:
     return bool(codings) and codings[-1] == b"chunked"
 
 
-def response_unfinished(start: bytes, start_seq: int, tail: bytes, tail_end: int, snd_max: int) -> bool:
+def response_unfinished(start: bytes, start_seq: int, tail: bytes, tail_end: int, snd_max: int,
+                        answers_head: bool = False) -> bool:
     """The response whose first bytes START are at server sequence number
     START_SEQ has more to come than the server sent up to SND_MAX (its
     snd_nxt as it left, a FIN counted): by its length, or, chunked, because
     TAIL, its last bytes sent up to TAIL_END, do not end the body; or because
     TAIL_END is past SND_MAX (read before it: the server has sent more since).
+    ANSWERS_HEAD: the response answers a HEAD request, and ends with its head.
     False when the framing does not tell, or START is not the latest
     response's."""
     if seq_after(start_seq, snd_max):
         return False  # a start past what the server sent: an older connection's
     if seq_after(tail_end, snd_max):
         return True  # sent since SND_MAX was read (the record is read after it)
+    if answers_head:
+        head = _head(start)
+        return head is not None and seq_after((start_seq + head[0]) % SEQ_SPACE, snd_max)
     length = body_end(start)
     if length is not None:
         return seq_after((start_seq + length) % SEQ_SPACE, snd_max)

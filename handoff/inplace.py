@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, TypeGuard
 
+from handoff import framing
 from handoff.control import UNACKED_ASK_AGAIN, Ack, ControlClient, ControlUnavailable, Nack, Shift
 from handoff.craft import RawSender, data_segments
 from handoff.event_reader import WINDOW as EVENT_WINDOW
@@ -225,7 +226,7 @@ class InPlace:
         # The client's ack on its request: all the server sent, or the agent says no.
         acked = wrap(latest.ack - entry.x.ack_delta)
         ask = Shift(conn_id=conn_id, key=wire_key(forward_key_of(entry)), start=plan.start, end=plan.end,
-                    delta=plan.seq_delta, acked=acked)
+                    delta=plan.seq_delta, acked=acked, answers_head=conn_id in self.connections.answering_head)
         give_up = time.monotonic() + SHIFT_UNACKED_FOR
         while True:
             try:
@@ -255,7 +256,7 @@ class InPlace:
         self.datapath.ingress.update(key, moved_on(entry, plan))
         # The response starts where the client's ack stands: until the client
         # acknowledges a byte past it, the request is unanswered (handoff/migrate.py).
-        self.connections.responses[conn_id] = latest.ack
+        self.connections.answering(conn_id, latest.ack, framing.asks_head(rewritten))
         frames = request_segments(entry, plan, rewritten, latest)
         now = time.monotonic()
         self._sent[key] = _Sent(conn_id, frames, now, now)

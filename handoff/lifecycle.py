@@ -139,6 +139,10 @@ class RouterConnections:
         client's ack is still there, that request is unanswered, and the
         connection must not be moved (handoff/migrate.py). Unknown after a
         router restart (moved as if answered)."""
+        self.answering_head: set[int] = set()
+        """Connections (conn_id) whose last request sent to the target is a
+        HEAD: TAKEBACK and SHIFT tell the agent (``answers_head``), which
+        cannot see requests and would read the response's length as a body."""
         self.handed_off: dict[Address, int] = {}
         """Live handed-off connections per target (least-connections and
         LARD count them as load): kept as they start and end, recounted by
@@ -478,8 +482,18 @@ class RouterConnections:
         server's side; the client's next packet meets the router's stack)."""
         self._release(client_key, entry, "takeback-failed")
 
+    def answering(self, conn_id: int, response_from: int, head: bool) -> None:
+        """CONN_ID's target has a request to answer (HEAD: a HEAD request),
+        its response from client-space seq RESPONSE_FROM (``responses``)."""
+        self.responses[conn_id] = response_from
+        if head:
+            self.answering_head.add(conn_id)
+        else:
+            self.answering_head.discard(conn_id)
+
     def _counted_end(self, conn_id: int, why: str, target: Address) -> None:
         self.responses.pop(conn_id, None)
+        self.answering_head.discard(conn_id)
         self._checked.pop(conn_id, None)
         self.metrics.handoff_closed_of(why).inc()
         if self._counted.pop(conn_id, None) is None:

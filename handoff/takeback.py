@@ -632,7 +632,8 @@ class TakeBacks:
                 # The whole take-back's time, not one handoff's agent_timeout:
                 # the alternative to waiting is ending the connection.
                 ask = TakeBack(entry.conn_id, wire_key(forward_key), acked,
-                               stream_end=wrap(entry.take_from + entry.x.seq_delta))
+                               stream_end=wrap(entry.take_from + entry.x.seq_delta),
+                               answers_head=entry.conn_id in self.connections.answering_head)
                 taken = await agent.request(ask,
                                             timeout=max(self.settings.agent_timeout, deadline - time.monotonic()))
             except ControlUnavailable:

@@ -84,10 +84,12 @@ from handoff.control.handshake import SeenNonces, SessionKeys, hello_key, transc
 from handoff.translate import Translation
 
 FRAME_VERSION = 2
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 """2: the challenge-response handshake (HELLO, CHALLENGE, PROOF) and keys per
 direction. 3: SHIFT (a re-handoff in place), which an agent of protocol 2
-would take for an unknown type and end the session over. A peer of another
+would take for an unknown type and end the session over. 4: TAKEBACK and
+SHIFT end in a flags byte (``ANSWERS_HEAD``), one byte longer than protocol
+3's, which would take them for malformed. A peer of another
 protocol is refused with ``version`` at the handshake, which names both."""
 MAX_FRAME = 64 * 1024
 """The largest frame, its length field included."""
@@ -141,6 +143,9 @@ CLOSED_TARGET_GONE = 0x100
 side is over and the agent's entry deleted."""
 HOLDING_COMPLETE = 1
 HOLDING_LAST = 2
+ANSWERS_HEAD = 1
+"""TAKEBACK and SHIFT flag: the server's latest response answers a HEAD
+request, so it has no body whatever its head says (handoff/framing.py)."""
 MAX_HOLDING_KEYS = 3000
 """Connections per HOLDING frame (20 bytes each: well under MAX_FRAME)."""
 
@@ -259,6 +264,9 @@ class TakeBack:
     """Where the router's stream to the server ends (server seq space): a
     request rerouted in place (SHIFT) is over once the server acknowledged up
     to here; a SHIFT that starts here was void (its request never sent)."""
+    answers_head: bool = False
+    """The last request the router sent the server was a HEAD: its response
+    ends with its head (``ANSWERS_HEAD``); the agent cannot see requests."""
 
 
 TAKEN_OK = 0
@@ -314,6 +322,9 @@ class Shift:
     end: int
     delta: int
     acked: int
+    answers_head: bool = False
+    """As ``TakeBack.answers_head``: the response the server may still be
+    writing answers a HEAD."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,9 +354,9 @@ _HANDOFF_TAIL = struct.Struct(">III")
 _HOLDING_HEAD = struct.Struct(">BH")
 _CLOSED_TAIL = struct.Struct(">QQI")
 _PING = struct.Struct(">QB")
-_TAKEBACK_TAIL = struct.Struct(">II")
+_TAKEBACK_TAIL = struct.Struct(">IIB")
 _TAKEN = struct.Struct(">QBIII")
-_SHIFT_TAIL = struct.Struct(">IIII")
+_SHIFT_TAIL = struct.Struct(">IIIIB")
 _HELLO_HEAD = struct.Struct(">HH")
 
 
@@ -451,11 +462,12 @@ def encode_payload(message: Message) -> tuple[MessageType, bytes]:
                                                 for conn_id, key in message.connections))
     if isinstance(message, TakeBack):
         return MessageType.TAKEBACK, (_encode_conn_key(message.conn_id, message.key)
-                                      + _pack(_TAKEBACK_TAIL, message.acked, message.stream_end))
+                                      + _pack(_TAKEBACK_TAIL, message.acked, message.stream_end,
+                                              ANSWERS_HEAD if message.answers_head else 0))
     if isinstance(message, Shift):
         return MessageType.SHIFT, (_encode_conn_key(message.conn_id, message.key)
                                    + _pack(_SHIFT_TAIL, message.start, message.end, message.delta,
-                                           message.acked))
+                                           message.acked, ANSWERS_HEAD if message.answers_head else 0))
     if isinstance(message, Taken):
         return MessageType.TAKEN, _pack(_TAKEN, message.conn_id, message.status, message.snd_nxt,
                                         message.window, message.syn_seq)
@@ -502,6 +514,12 @@ def _decode_conn_key(data: bytes) -> tuple[int, FlowKey]:
 def _done(data: bytes, offset: int) -> None:
     if offset != len(data):
         raise _Malformed(f"{len(data) - offset} trailing bytes in payload")
+
+
+def _answers_head(flags: int, what: str) -> bool:
+    if flags & ~ANSWERS_HEAD:
+        raise _Malformed(f"{what} flags {flags:#x}")
+    return bool(flags & ANSWERS_HEAD)
 
 
 def decode_payload(mtype: MessageType, data: bytes) -> Message:
@@ -561,17 +579,17 @@ def decode_payload(mtype: MessageType, data: bytes) -> Message:
     if mtype is MessageType.TAKEBACK:
         head = _U64.size + _KEY.size
         conn_id, key = _decode_conn_key(data[:head])
-        acked, stream_end = _unpack(_TAKEBACK_TAIL, data, head)
+        acked, stream_end, flags = _unpack(_TAKEBACK_TAIL, data, head)
         _done(data, head + _TAKEBACK_TAIL.size)
-        return TakeBack(conn_id, key, acked, stream_end)
+        return TakeBack(conn_id, key, acked, stream_end, _answers_head(flags, "TAKEBACK"))
     if mtype is MessageType.SHIFT:
         head = _U64.size + _KEY.size
         conn_id, key = _decode_conn_key(data[:head])
-        start, end, delta, acked = _unpack(_SHIFT_TAIL, data, head)
+        start, end, delta, acked, flags = _unpack(_SHIFT_TAIL, data, head)
         _done(data, head + _SHIFT_TAIL.size)
         if start == end:
             raise _Malformed("SHIFT of an empty request")
-        return Shift(conn_id, key, start, end, delta, acked)
+        return Shift(conn_id, key, start, end, delta, acked, _answers_head(flags, "SHIFT"))
     if mtype is MessageType.TAKEN:
         conn_id, status, snd_nxt, window, syn_seq = _unpack(_TAKEN, data, 0)
         _done(data, _TAKEN.size)

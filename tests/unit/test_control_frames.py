@@ -124,13 +124,13 @@ def test_handshake_frames_are_as_specified():
     handshake_key = hmac.new(PSK, b"arr control v2 handshake", hashlib.sha256).digest()
     frame = client.start()
     assert frame[4:16] == bytes([2, MessageType.HELLO, 0, 0]) + bytes(8)
-    hello = struct.pack(">HH", 3, 3) + b"rtr" + b"N" * 32  # protocol 3, a node id of 3 bytes
+    hello = struct.pack(">HH", 4, 3) + b"rtr" + b"N" * 32  # protocol 4, a node id of 3 bytes
     assert frame[16:-32] == hello
     assert frame[-32:] == hmac.new(handshake_key, frame[:-32], hashlib.sha256).digest()
     server.receive_data(frame)
     challenge = server.data_to_send()
     assert challenge[4:16] == bytes([2, MessageType.CHALLENGE, 0, 0]) + bytes(8)
-    core = struct.pack(">HH", 3, 3) + b"agt" + b"S" * 32
+    core = struct.pack(">HH", 4, 3) + b"agt" + b"S" * 32
     transcript = hashlib.sha256(b"arr control v2" + hello + core).digest()
     s2c = hmac.new(PSK, b"arr control v2 server to client" + transcript, hashlib.sha256).digest()
     c2s = hmac.new(PSK, b"arr control v2 client to server" + transcript, hashlib.sha256).digest()
@@ -498,7 +498,7 @@ def test_second_hello_is_handshake():
 
 
 def test_version_mismatch():
-    _, payload = encode_payload(Hello("r", b"n" * 32, version=4))
+    _, payload = encode_payload(Hello("r", b"n" * 32, version=5))
     assert reason_of(ControlConnection("server", PSK, "a"),
                      encode_frame(MessageType.HELLO, 0, payload, hello_key(PSK))) == "version"
     _, payload = encode_payload(Hello("r", b"n" * 32))
@@ -506,15 +506,18 @@ def test_version_mismatch():
                      encode_frame(MessageType.HELLO, 0, payload, hello_key(PSK), version=3)) == "version"
 
 
-def test_a_protocol_2_peer_is_refused_by_name():
-    """Protocol 3 added SHIFT: an agent of protocol 2 would end the session
-    over it, so the handshake refuses such a peer at once, naming both."""
-    _, payload = encode_payload(Hello("r", b"n" * 32, version=2))
+@pytest.mark.parametrize("old", [2, 3])
+def test_an_older_protocol_peer_is_refused_by_name(old):
+    """Protocol 3 added SHIFT, which an agent of protocol 2 would end the
+    session over; protocol 4 made TAKEBACK and SHIFT a byte longer, which one
+    of protocol 3 would refuse as malformed. So the handshake refuses such a
+    peer at once, naming both."""
+    _, payload = encode_payload(Hello("r", b"n" * 32, version=old))
     server = ControlConnection("server", PSK, "a")
     with pytest.raises(ControlError) as info:
         server.receive_data(encode_frame(MessageType.HELLO, 0, payload, hello_key(PSK)))
     assert info.value.reason == "version"
-    assert "protocol 2" in info.value.detail and "protocol 3" in info.value.detail
+    assert f"protocol {old}" in info.value.detail and "protocol 4" in info.value.detail
 
 
 def test_a_protocol_1_hello_is_version():

@@ -17,7 +17,8 @@ from handoff.translate import AckShift
 PSK = bytes(range(32))
 KEY = FlowKey(saddr="10.0.0.9", daddr="192.168.1.7", sport=8080, dport=51234)
 SHIFTS = [Shift(conn_id=7, key=KEY, start=1000, end=1300, delta=0xFFFFFFFF, acked=5000),
-          Shift(conn_id=(1 << 64) - 1, key=KEY, start=0xFFFFFF00, end=0x10, delta=0, acked=0xFFFFFFFF)]
+          Shift(conn_id=(1 << 64) - 1, key=KEY, start=0xFFFFFF00, end=0x10, delta=0, acked=0xFFFFFFFF,
+                answers_head=True)]
 
 
 def pair() -> tuple[ControlConnection, ControlConnection]:
@@ -46,18 +47,22 @@ def test_round_trip_through_a_connection(message):
 def test_wire_layout():
     _, payload = encode_payload(Shift(conn_id=0x0102030405060708, key=KEY, start=1, end=2, delta=3, acked=4))
     assert payload == (bytes.fromhex("0102030405060708") + bytes([10, 0, 0, 9, 192, 168, 1, 7])
-                       + struct.pack(">HHIIII", 8080, 51234, 1, 2, 3, 4))
+                       + struct.pack(">HHIIIIB", 8080, 51234, 1, 2, 3, 4, 0))
 
 
-@pytest.mark.parametrize("change", ["truncate", "extend", "empty request"])
+@pytest.mark.parametrize("change", ["truncate", "extend", "empty request", "unknown flag"])
 def test_malformed_shift_is_refused_and_named(change):
     mtype, payload = encode_payload(SHIFTS[0])
     if change == "truncate":
         payload = payload[:-1]
     elif change == "extend":
         payload += b"\0"
+    elif change == "unknown flag":
+        payload = payload[:-1] + b"\x02"
+        with pytest.raises(_Malformed, match="SHIFT flags"):
+            decode_payload(mtype, payload)
     else:
-        payload = payload[:-16] + struct.pack(">IIII", 5, 5, 0, 0)
+        payload = payload[:-17] + struct.pack(">IIIIB", 5, 5, 0, 0, 0)
         with pytest.raises(_Malformed, match="empty"):
             decode_payload(mtype, payload)
     client, server = pair()

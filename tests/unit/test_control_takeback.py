@@ -12,7 +12,7 @@ import pytest
 from handoff.agent import Agent, AgentSettings, _take_back_verdict
 from handoff.control import (TAKEN_CLOSED, TAKEN_OK, TAKEN_UNACKED, TAKEN_UNKNOWN, ControlConnection,
                              ControlError, FlowKey, MessageType, Shift, Taken, TakeBack)
-from handoff.control.frames import _Malformed, decode_payload, encode_frame, encode_payload
+from handoff.control.frames import ANSWERS_HEAD, _Malformed, decode_payload, encode_frame, encode_payload
 from handoff.lifecycle import local_key
 from handoff.maps import (FLOW_ACTIVE, FLOW_F_ACKED, FLOW_F_FIN, FLOW_F_RST, FLOW_F_SENT, FLOW_HOLD, HEAD_BYTES, FlowEntry,
                           MirrorState, ResponseHead, Xlate)
@@ -22,7 +22,7 @@ PSK = bytes(range(32))
 KEY = FlowKey(saddr="10.0.0.9", daddr="192.168.1.7", sport=8080, dport=51234)
 
 TAKEBACKS = [TakeBack(conn_id=7, key=KEY, acked=0xFFFFFFFF, stream_end=0),
-             TakeBack(conn_id=(1 << 64) - 1, key=KEY, acked=0, stream_end=0xFFFFFFFF)]
+             TakeBack(conn_id=(1 << 64) - 1, key=KEY, acked=0, stream_end=0xFFFFFFFF, answers_head=True)]
 TAKENS = [Taken(conn_id=7, status=TAKEN_OK, snd_nxt=0xFFFFFFFF, window=29200 << 7, syn_seq=0xFFFFFFFE),
           Taken(conn_id=1, status=TAKEN_UNACKED, snd_nxt=5),
           Taken(conn_id=(1 << 64) - 1, status=TAKEN_UNKNOWN),
@@ -58,9 +58,20 @@ def test_payload_round_trip(message):
 
 def test_takeback_wire_layout():
     _, payload = encode_payload(TakeBack(conn_id=0x0102030405060708, key=KEY, acked=0xA0B0C0D0,
-                                         stream_end=0x01020304))
+                                         stream_end=0x01020304, answers_head=True))
     assert payload == (bytes.fromhex("0102030405060708") + bytes([10, 0, 0, 9, 192, 168, 1, 7])
-                       + struct.pack(">HHII", 8080, 51234, 0xA0B0C0D0, 0x01020304))
+                       + struct.pack(">HHIIB", 8080, 51234, 0xA0B0C0D0, 0x01020304, ANSWERS_HEAD))
+
+
+@pytest.mark.parametrize("flags", [2, 0x80, 0xFF])
+def test_takeback_flags_unknown_are_malformed(flags):
+    # A flag this side does not know would be a request it cannot honour.
+    mtype, payload = encode_payload(TAKEBACKS[0])
+    payload = payload[:-1] + bytes([flags])
+    with pytest.raises(_Malformed, match="TAKEBACK flags"):
+        decode_payload(mtype, payload)
+    client, server = pair()
+    assert reason_of(server, encode_frame(mtype, 1, payload, server._recv_key)) == "malformed"
 
 
 def test_taken_wire_layout():
@@ -304,6 +315,25 @@ def test_agent_take_back_waits_for_the_rest_of_a_framed_response(sent, quiet_ms,
     taken = agent._take_back(TakeBack(conn_id=5, key=KEY, acked=sent, stream_end=0))
     assert (taken.status == TAKEN_UNACKED) == waits and agent.unfinished_waits == int(waits)
     assert (datapath.egress.lookup(local_key(KEY)) is not None) == waits
+
+
+@pytest.mark.parametrize("answers_head", [False, True])
+def test_agent_take_back_after_a_head_response_waits_only_when_not_told(answers_head):
+    # The server sent the head of a 10,000-byte resource and nothing more:
+    # a GET's response would go on, a HEAD's is over. The router knows which.
+    e = entry(1000 + len(NGINX_HEAD), x=Xlate.of(TO_CLIENT), last_seen_ns=time.monotonic_ns())
+    agent, datapath, _ = agent_with(e)
+    datapath.responses.update(local_key(KEY), response_head(1000, NGINX_HEAD, b"", 1000 + len(NGINX_HEAD)))
+    taken = agent._take_back(TakeBack(conn_id=5, key=KEY, acked=e.snd_max, stream_end=0, answers_head=answers_head))
+    assert taken.status == (TAKEN_OK if answers_head else TAKEN_UNACKED)
+    assert agent.unfinished_waits == int(not answers_head)
+    # And a SHIFT after it.
+    agent, datapath, _ = agent_with(entry(e.snd_max, x=Xlate.of(TO_CLIENT), peer_ack=400,
+                                          last_seen_ns=time.monotonic_ns()))
+    datapath.responses.update(local_key(KEY), response_head(1000, NGINX_HEAD, b"", e.snd_max))
+    answer = agent._shift(Shift(conn_id=5, key=KEY, start=400, end=450, delta=9, acked=e.snd_max,
+                                answers_head=answers_head))
+    assert (getattr(answer, "reason", None) == "responding") == (not answers_head), answer
 
 
 @pytest.mark.parametrize("quiet_ms, refused", [(1, True), (60, False)])

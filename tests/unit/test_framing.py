@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from hypothesis import given, strategies as st
 
-from handoff.framing import body_end, is_chunked, response_unfinished
+from handoff.framing import asks_head, body_end, is_chunked, response_unfinished
 
 MOD = 1 << 32
 TAIL = 8  # ARR_TAIL_BYTES
@@ -114,3 +114,19 @@ def test_a_chunked_body_is_over_at_its_end_and_nowhere_before(pieces, start, dat
     cut = data.draw(st.integers(min_value=1, max_value=len(stream)))
     end = (start + cut) % MOD
     assert response_unfinished(h, start, stream[:cut][-TAIL:], end, end) == (cut < len(stream))
+
+
+def test_a_response_to_a_head_ends_with_its_head():
+    # What the length says is the body a GET would have had.
+    for h in (head("200 OK", "Content-Length: 1048576"), head("200 OK", "Transfer-Encoding: chunked")):
+        assert not response_unfinished(h, 1000, b"", 1000 + len(h), 1000 + len(h), answers_head=True)
+        assert response_unfinished(h, 1000, b"", 1000 + len(h), 1000 + len(h), answers_head=False)
+        assert response_unfinished(h, 1000, b"", 1000 + len(h) - 1, 1000 + len(h) - 1, answers_head=True)
+    long_head = head("200 OK", "X: " + "y" * 600)[:512]  # not all of it kept: no telling
+    assert not response_unfinished(long_head, 1000, b"", 1100, 1100, answers_head=True)
+
+
+def test_the_routers_request_says_whether_it_is_a_head():
+    assert asks_head(b"HEAD /files/1m HTTP/1.1\r\nHost: x\r\n\r\n")
+    for request in (b"GET / HTTP/1.1\r\n\r\n", b"HEADER / HTTP/1.1\r\n\r\n", b"head / HTTP/1.1\r\n\r\n", b""):
+        assert not asks_head(request)
