@@ -465,10 +465,13 @@ class Agent:
         one (``translate.AckShift``). The router sends the request only after
         this ACK, so no ack of it can leave with the old delta.
 
-        The entry is read, changed and written back whole: a counter or a
-        field the program wrote in between is lost. None that matters here:
-        the server is idle while its next request waits for this answer, and
-        the program moves ``peer_ack`` and ``snd_max`` on with its next packet."""
+        The entry is read, changed and written back whole: a field the
+        program writes in between is lost. So it is read again right before
+        the write and checked again (as ``_take_back`` pauses): the server
+        should be idle while its next request waits for this answer, but one
+        that sent meanwhile (its keep-alive timer's FIN, say) is refused
+        rather than written over; the program moves ``peer_ack`` and
+        ``snd_max`` on with its next packet."""
         assert self.datapath is not None
         key = local_key(message.key)
         entry = self.datapath.egress.lookup(key)
@@ -477,6 +480,9 @@ class Agent:
             # Between two writes of the response: the router would count the
             # new one from where the rest of this one goes (shift_refusal).
             refusal = "responding"
+        if refusal is None:
+            entry = self.datapath.egress.lookup(key)
+            refusal = shift_refusal(entry, message)
         if refusal is not None:
             self.shifts_refused[refusal] += 1
             log.info("refused to shift connection %d: %s", message.conn_id, refusal)

@@ -415,6 +415,15 @@ def test_agent_take_back_pauses_the_entry_as_the_program_left_it():
     assert (restored.state, restored.snd_max) == (FLOW_ACTIVE, 3500)
 
 
+def test_agent_shift_is_written_over_the_entry_as_the_program_left_it():
+    # The server sends between the agent's first read and its write: the
+    # fresh read sees it, and the SHIFT is refused rather than written over it.
+    agent, datapath, egress = racing_agent(at_lookup=2)
+    answer = agent._shift(Shift(conn_id=5, key=KEY, start=0, end=50, delta=9, acked=3000))
+    assert getattr(answer, "reason", None) == "responding", answer
+    assert egress.updates == [] and datapath.egress.lookup(local_key(KEY)).snd_max == 3500
+
+
 CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nTransfer-Encoding: chunked\r\n\r\n"
 
 
