@@ -385,8 +385,8 @@ class Agent:
         assert self.datapath is not None and self.connections is not None
         key = local_key(message.key)
         conn_id = message.conn_id
-        entry = self.datapath.egress.lookup(key)
-        if entry is None or entry.conn_id != conn_id or entry.state != FLOW_ACTIVE:
+        entry = self._active_entry(key, conn_id)
+        if entry is None:
             return Taken(conn_id, TAKEN_UNKNOWN)
         verdict = _take_back_verdict(entry, message.acked, message.stream_end)
         if verdict == TAKEN_OK and self._response_unfinished(key, entry, message.answers_head):
@@ -400,8 +400,8 @@ class Agent:
         # takes a whole value, and the entry read above, written back, would
         # undo what the program recorded since (snd_max past segments the
         # server sent meanwhile, which the router would then send again).
-        current = self.datapath.egress.lookup(key)
-        if current is None or current.conn_id != conn_id or current.state != FLOW_ACTIVE:
+        current = self._active_entry(key, conn_id)
+        if current is None:
             return Taken(conn_id, TAKEN_UNKNOWN)
         current.state = FLOW_HOLD
         self.datapath.egress.update(key, current)
@@ -436,8 +436,13 @@ class Agent:
         for every response since its start)."""
         assert self.datapath is not None
         head = self.datapath.responses.lookup(key)
-        return (head is not None and not seq_after(head.seq, paused.snd_max)
-                and seq_after(head.tail_end, paused.snd_max))
+        return head is not None and framing.sent_since(head.seq, head.tail_end, paused.snd_max)
+
+    def _active_entry(self, key: FlowKey, conn_id: int) -> FlowEntry | None:
+        """KEY's egress entry if it is CONN_ID's and translating (FLOW_ACTIVE)."""
+        assert self.datapath is not None
+        entry = self.datapath.egress.lookup(key)
+        return entry if entry is not None and entry.conn_id == conn_id and entry.state == FLOW_ACTIVE else None
 
     def _response_unfinished(self, key: FlowKey, entry: FlowEntry, answers_head: bool) -> bool:
         """The server's latest response has more to come than what it has sent,

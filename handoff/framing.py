@@ -20,6 +20,8 @@ the patience as a HEAD response does.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from handoff.translate import seq_after
 
 NO_BODY_STATUSES = frozenset({204, 304})
@@ -40,9 +42,15 @@ def asks_head(request: bytes) -> bool:
     return request.startswith(HEAD_METHOD)
 
 
-def _head(start: bytes) -> tuple[int, int, list[tuple[bytes, bytes]]] | None:
-    """START's head length, status and header fields (names lowercased); None
-    when START holds no whole head or it is unreadable."""
+class _Head(NamedTuple):
+    length: int
+    status: int
+    fields: list[tuple[bytes, bytes]]
+    """Header fields, names lowercased, values stripped."""
+
+
+def _head(start: bytes) -> _Head | None:
+    """START's head; None when START holds no whole head or it is unreadable."""
     if not start.startswith(b"HTTP/1."):
         return None
     end = start.find(HEAD_END)
@@ -58,7 +66,7 @@ def _head(start: bytes) -> tuple[int, int, list[tuple[bytes, bytes]]] | None:
         if not sep:
             return None
         fields.append((name.strip().lower(), value.strip()))
-    return end + len(HEAD_END), int(status_parts[1]), fields
+    return _Head(end + len(HEAD_END), int(status_parts[1]), fields)
 
 
 def body_end(start: bytes) -> int | None:
@@ -67,36 +75,49 @@ def body_end(start: bytes) -> int | None:
     (a head longer than START, an interim 1xx, a chunked or close-delimited
     body, an unreadable or contradictory head)."""
     head = _head(start)
-    if head is None:
-        return None
-    head_len, status, fields = head
-    if status < 200:
+    return None if head is None else _length(head)
+
+
+def _length(head: _Head) -> int | None:
+    """``body_end`` of a parsed HEAD."""
+    if head.status < 200:
         return None  # an interim response: the real one follows
-    if status in NO_BODY_STATUSES:
-        return head_len
+    if head.status in NO_BODY_STATUSES:
+        return head.length
     length: int | None = None
-    for name, value in fields:
+    for name, value in head.fields:
         if name == b"transfer-encoding":
             return None
         if name == b"content-length":
             if not value.isdigit() or (length is not None and int(value) != length):
                 return None
             length = int(value)
-    return None if length is None else head_len + length
+    return None if length is None else head.length + length
 
 
 def is_chunked(start: bytes) -> bool:
     """START begins a final response whose body is chunked: its last transfer
     coding is ``chunked`` (which then frames it, whatever Content-Length says)."""
     head = _head(start)
-    if head is None:
+    return head is not None and _chunked(head)
+
+
+def _chunked(head: _Head) -> bool:
+    """``is_chunked`` of a parsed HEAD."""
+    if head.status < 200 or head.status in NO_BODY_STATUSES:
         return False
-    _, status, fields = head
-    if status < 200 or status in NO_BODY_STATUSES:
-        return False
-    codings = [c.strip().lower() for name, value in fields if name == b"transfer-encoding"
+    codings = [c.strip().lower() for name, value in head.fields if name == b"transfer-encoding"
                for c in value.split(b",")]
     return bool(codings) and codings[-1] == b"chunked"
+
+
+def sent_since(start_seq: int, tail_end: int, snd_max: int) -> bool:
+    """A response record (its start at START_SEQ, its last payload sent up to
+    TAIL_END) read after SND_MAX shows payload past it: the server sent more
+    since SND_MAX was read, or a write of the entry undid the program's record
+    of it (handoff/agent.py ``_sent_while_pausing``). False for a record whose
+    start is past SND_MAX: an older connection's."""
+    return not seq_after(start_seq, snd_max) and seq_after(tail_end, snd_max)
 
 
 def response_unfinished(start: bytes, start_seq: int, tail: bytes, tail_end: int, snd_max: int,
@@ -109,17 +130,17 @@ def response_unfinished(start: bytes, start_seq: int, tail: bytes, tail_end: int
     ANSWERS_HEAD: the response answers a HEAD request, and ends with its head.
     False when the framing does not tell, or START is not the latest
     response's."""
+    if sent_since(start_seq, tail_end, snd_max):
+        return True
     if seq_after(start_seq, snd_max):
         return False  # a start past what the server sent: an older connection's
-    if seq_after(tail_end, snd_max):
-        return True  # sent since SND_MAX was read (the record is read after it)
-    if answers_head:
-        head = _head(start)
-        return head is not None and seq_after((start_seq + head[0]) % SEQ_SPACE, snd_max)
-    length = body_end(start)
+    head = _head(start)
+    if head is None:
+        return False
+    length = head.length if answers_head else _length(head)
     if length is not None:
         return seq_after((start_seq + length) % SEQ_SPACE, snd_max)
-    if not is_chunked(start):
+    if not _chunked(head):
         return False
     if snd_max not in (tail_end, (tail_end + 1) % SEQ_SPACE):
         return False  # the tail is not where the server's stream ends: no telling
